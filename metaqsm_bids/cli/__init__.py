@@ -1,0 +1,1 @@
+"""Command-line entry points: ``metaqsm``, ``metaqsm-simulate``, ``metaqsm-train``."""

@@ -1,0 +1,93 @@
+"""Command-line arguments of ``metaqsm`` (BIDS-Apps convention)."""
+import argparse
+import os
+from pathlib import Path
+
+from .. import __version__
+from ..qsm.inversion import INVERSIONS
+
+
+def _existing_dir(value):
+    path = Path(value).expanduser().resolve()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: not a directory")
+    return path
+
+
+def _existing_file(value):
+    path = Path(value).expanduser().resolve()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{value}: no such file")
+    return path
+
+
+def _positive_float(value):
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be > 0")
+    return number
+
+
+def build_parser():
+    """The ``metaqsm`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="metaqsm",
+        description="Quantitative susceptibility mapping (ppm) from multi-echo GRE BIDS data. "
+                    "The output directory becomes a BIDS derivatives dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("bids_dir", type=_existing_dir, help="the root of the input BIDS dataset")
+    parser.add_argument("output_dir", type=lambda p: Path(p).expanduser().resolve(),
+                        help="the derivatives dataset to write (created if missing)")
+    parser.add_argument("analysis_level", choices=["participant", "group"],
+                        help="'participant' reconstructs each run; 'group' writes a dataset-level summary table "
+                             "(group_summary.tsv) of the runs found in output_dir")
+    parser.add_argument("--version", action="version", version=f"metaqsm {__version__}")
+
+    bids = parser.add_argument_group("Selecting data")
+    bids.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
+                      help="participants to process (with or without 'sub-'); default: all")
+    bids.add_argument("--session-label", nargs="+", metavar="LABEL", help="sessions to process; default: all")
+    bids.add_argument("--bids-filter-file", type=_existing_file, metavar="FILE",
+                      help="JSON object of pybids entity filters applied to the MEGRE files, "
+                           "e.g. {\"acquisition\": \"highres\"}")
+    bids.add_argument("--brain-mask-dir", type=_existing_dir, metavar="DIR",
+                      help="a derivatives dataset with *_desc-brain_mask.nii[.gz] files named like the runs; "
+                           "those masks replace the computed ones")
+
+    qsm = parser.add_argument_group("Reconstruction")
+    qsm.add_argument("--inversion", choices=sorted(INVERSIONS), default="tkd", help="dipole inversion method")
+    qsm.add_argument("--tkd-threshold", type=_positive_float, default=0.2,
+                     help="TKD truncation threshold of the dipole kernel")
+    qsm.add_argument("--bfr-radius-mm", type=_positive_float, default=6.0,
+                     help="RESHARP spherical kernel radius (mm)")
+
+    perf = parser.add_argument_group("Execution")
+    perf.add_argument("-w", "--work-dir", type=lambda p: Path(p).expanduser().resolve(),
+                      default=Path("work").resolve(), help="nipype working directory (reruns reuse it)")
+    perf.add_argument("--nprocs", "--nthreads", type=int, default=os.cpu_count(),
+                      help="processes nipype's MultiProc plugin may run at once (1 = Linear plugin)")
+    perf.add_argument("--omp-nthreads", type=int, default=None,
+                      help="threads per process for FFTs and torch (default: --nprocs, capped at 8)")
+    perf.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                      help="where torch-based inversions run; auto = CUDA when available")
+    perf.add_argument("--stop-on-first-crash", action="store_true",
+                      help="stop at the first failing participant instead of processing the rest")
+    perf.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeat for more)")
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse and cross-check the arguments."""
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    if opts.output_dir == opts.bids_dir or opts.bids_dir in opts.output_dir.parents and \
+            "derivatives" not in opts.output_dir.relative_to(opts.bids_dir).parts:
+        parser.error("output_dir must not be the BIDS dataset itself (use e.g. <bids_dir>/derivatives/metaqsm)")
+    if opts.nprocs < 1:
+        parser.error("--nprocs must be >= 1")
+    if opts.omp_nthreads is None:
+        opts.omp_nthreads = min(opts.nprocs, 8)
+    if opts.omp_nthreads < 1:
+        parser.error("--omp-nthreads must be >= 1")
+    return opts

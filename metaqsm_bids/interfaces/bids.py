@@ -1,0 +1,146 @@
+"""The sink that writes one run's derivatives with their sidecars."""
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    Directory,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from ..io.derivatives import bids_uri, derivative_path, software_versions, write_json, write_nifti
+
+
+class _WriteRunDerivativesInputSpec(BaseInterfaceInputSpec):
+    output_dir = Directory(mandatory=True, desc="the derivatives dataset root")
+    bids_dir = Directory(exists=True, mandatory=True, desc="the raw dataset root")
+    entities = traits.Dict(mandatory=True, desc="run entities (pybids names)")
+    source_files = InputMultiObject(File(exists=True), mandatory=True, desc="raw magnitude and phase files")
+    brain_mask_file = File(exists=True, mandatory=True)
+    magnitude_rss_file = File(exists=True, mandatory=True)
+    total_field_file = File(exists=True, mandatory=True)
+    local_field_file = File(exists=True, mandatory=True)
+    qsm_mask_file = File(exists=True, mandatory=True)
+    chimap_file = File(exists=True, mandatory=True)
+    mask_provenance = traits.Dict(mandatory=True)
+    phase_provenance = traits.Dict(mandatory=True)
+    field_provenance = traits.Dict(mandatory=True)
+    bfr_provenance = traits.Dict(mandatory=True)
+    inversion_provenance = traits.Dict(mandatory=True)
+    acquisition = traits.Dict(mandatory=True, desc="EchoTime (s), MagneticFieldStrength (T)")
+
+
+class _WriteRunDerivativesOutputSpec(TraitedSpec):
+    out_files = traits.Dict(desc="output kind -> written path")
+
+
+class WriteRunDerivatives(SimpleInterface):
+    """Write the run's mask, field maps and Chimap with provenance sidecars.
+
+    Runs only after every step has succeeded, loads every image before writing
+    the first one, and writes each file atomically: a failed run leaves nothing.
+    """
+
+    input_spec = _WriteRunDerivativesInputSpec
+    output_spec = _WriteRunDerivativesOutputSpec
+
+    def _run_interface(self, runtime):
+        inputs = self.inputs
+        out = Path(inputs.output_dir)
+        bids_dir = Path(inputs.bids_dir).resolve()
+        raw_sources = [bids_uri("raw", Path(f).resolve().relative_to(bids_dir)) for f in inputs.source_files]
+
+        def path(suffix, datatype, desc=None):
+            return derivative_path(out, {**inputs.entities, "desc": desc}, suffix, datatype)
+
+        paths = {
+            "brain_mask": path("mask", "anat", "brain"),
+            "magnitude": path("magnitude", "fmap", "total"),
+            "total_field": path("fieldmap", "fmap", "total"),
+            "local_magnitude": path("magnitude", "fmap", "local"),
+            "local_field": path("fieldmap", "fmap", "local"),
+            "qsm_mask": path("mask", "anat", "qsm"),
+            "chimap": path("Chimap", "anat"),
+        }
+
+        def own(kind):
+            return bids_uri("", paths[kind].relative_to(out))
+
+        common = {"SoftwareVersions": software_versions(), **inputs.acquisition}
+        steps = {
+            "PhaseScaling": inputs.phase_provenance,
+            "BrainMask": inputs.mask_provenance,
+            "TotalField": inputs.field_provenance,
+            "BackgroundFieldRemoval": inputs.bfr_provenance,
+            "DipoleInversion": inputs.inversion_provenance,
+        }
+        chain = list(steps)
+
+        def steps_upto(name):
+            return {k: steps[k] for k in chain[: chain.index(name) + 1]}
+
+        def load(path_in, dtype=np.float32):
+            return np.asarray(nib.load(path_in).dataobj, dtype=dtype)
+
+        reference = nib.load(inputs.chimap_file)
+        qsm_mask = load(inputs.qsm_mask_file, np.uint8)
+        magnitude = load(inputs.magnitude_rss_file)
+        images = {
+            "brain_mask": (load(inputs.brain_mask_file, np.uint8), np.uint8),
+            "magnitude": (magnitude, np.float32),
+            "total_field": (load(inputs.total_field_file), np.float32),
+            "local_magnitude": (magnitude * qsm_mask, np.float32),
+            "local_field": (load(inputs.local_field_file), np.float32),
+            "qsm_mask": (qsm_mask, np.uint8),
+            "chimap": (load(inputs.chimap_file), np.float32),
+        }
+        sidecars = {
+            "brain_mask": {
+                "Description": "Brain mask computed from the magnitude images.",
+                "Type": "Brain", "SkullStripped": False, "Sources": raw_sources,
+                **steps_upto("BrainMask"),
+            },
+            "magnitude": {
+                "Description": "Root-sum-of-squares magnitude over echoes (the total field map's magnitude).",
+                "SkullStripped": False, "Sources": raw_sources, **steps_upto("PhaseScaling"),
+            },
+            "total_field": {
+                "Description": "Total field map: multi-echo fit of the unwrapped phase, "
+                               "phase offset at TE=0 removed.",
+                "Units": "Hz", "SkullStripped": False, "Sources": raw_sources,
+                **steps_upto("TotalField"),
+            },
+            "local_magnitude": {
+                "Description": "Root-sum-of-squares magnitude inside the mask where the local field is defined.",
+                "SkullStripped": True, "Sources": [own("magnitude"), own("qsm_mask")],
+                **steps_upto("BackgroundFieldRemoval"),
+            },
+            "local_field": {
+                "Description": "Local field map after background field removal.",
+                "Units": "Hz", "SkullStripped": True, "Sources": [own("total_field"), own("brain_mask")],
+                **steps_upto("BackgroundFieldRemoval"),
+            },
+            "qsm_mask": {
+                "Description": "Brain mask eroded by the background-removal kernel: where the local field "
+                               "and the susceptibility map are defined.",
+                "Type": "Brain", "SkullStripped": True, "Sources": [own("brain_mask")],
+                **steps_upto("BackgroundFieldRemoval"),
+            },
+            "chimap": {
+                "Description": "Magnetic susceptibility map relative to the mean inside the mask.",
+                "Units": "ppm", "SkullStripped": True,
+                "Sources": [own("local_field"), own("qsm_mask"), *raw_sources],
+                **steps,
+            },
+        }
+        for kind, target in paths.items():
+            data, dtype = images[kind]
+            write_nifti(target, data, reference.affine, dtype)
+            write_json(target.with_name(target.name.replace(".nii.gz", ".json")), {**common, **sidecars[kind]})
+        self._results["out_files"] = {k: str(v) for k, v in paths.items()}
+        return runtime

@@ -1,0 +1,1 @@
+"""BIDS input collection and derivatives writing."""

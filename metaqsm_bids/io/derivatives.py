@@ -1,0 +1,181 @@
+"""Writing the derivatives dataset: BIDS names, sidecars with provenance, atomic files.
+
+The output directory is itself the derivatives dataset (as in fMRIPrep). File names
+come from pybids' ``build_path`` with this module's patterns, because niworkflows'
+DerivativesDataSink has no patterns for Chimap, field maps with ``desc`` in ``fmap/``,
+or the MEGRE entities. Every file is written to a temporary name in its final folder
+and renamed into place, so an interrupted run never leaves a half-written derivative,
+and concurrent jobs (SLURM array tasks) never see each other's partial files.
+"""
+import json
+import os
+import platform
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from bids.layout.writing import build_path
+
+from .. import __version__
+
+CODE_URL = "https://github.com/metaqsm/metaqsm"
+BIDS_VERSION = "1.10.0"
+
+_ENTITIES = (
+    "[_ses-{session}][_acq-{acquisition}][_rec-{reconstruction}][_run-{run}][_space-{space}][_desc-{desc}]"
+)
+PATH_PATTERNS = [
+    "sub-{subject}[/ses-{session}]/{datatype<anat>}/sub-{subject}" + _ENTITIES
+    + "_{suffix<Chimap|mask>}{extension<.nii.gz|.json>|.nii.gz}",
+    "sub-{subject}[/ses-{session}]/{datatype<fmap>}/sub-{subject}" + _ENTITIES
+    + "_{suffix<fieldmap|magnitude>}{extension<.nii.gz|.json>|.nii.gz}",
+]
+
+#: Key packages whose versions go into every sidecar.
+_PACKAGES = ("numpy", "scipy", "nibabel", "nipype", "pybids", "torch")
+
+
+def software_versions():
+    """Versions of metaqsm and the packages whose numbers shape its output."""
+    versions = {"metaqsm": __version__, "python": platform.python_version()}
+    for package in _PACKAGES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def derivative_path(output_dir, entities, suffix, datatype, extension=".nii.gz"):
+    """Absolute path of a derivative named from run ``entities`` (pybids names) plus ``suffix``."""
+    ents = {k: v for k, v in entities.items() if v is not None}
+    ents.update(suffix=suffix, datatype=datatype, extension=extension)
+    relative = build_path(ents, PATH_PATTERNS, strict=True)
+    if relative is None:
+        raise ValueError(f"no BIDS derivative pattern matches {ents}")
+    return Path(output_dir) / relative
+
+
+def bids_uri(dataset, relative_path):
+    """A BIDS URI such as ``bids:raw:sub-01/anat/x.nii.gz`` (empty dataset = this dataset)."""
+    return f"bids:{dataset}:{Path(relative_path).as_posix()}"
+
+
+def _atomic_write(path, writer):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # keep the final extension: nibabel picks gzip compression from it
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-", suffix="".join(path.suffixes))
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, data):
+    """Write JSON atomically (sorted keys, so reruns produce identical files)."""
+    text = json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n"
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {value!r}")
+
+
+def write_nifti(path, data, affine, dtype=np.float32, header=None):
+    """Write a NIfTI image atomically, with spatial units mm (the validator checks them)."""
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine, header)
+    img.header.set_data_dtype(dtype)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    _atomic_write(path, lambda tmp: nib.save(img, tmp))
+
+
+def dataset_description(raw_dir):
+    """The ``dataset_description.json`` content of a metaqsm derivatives dataset."""
+    generated_by = {"Name": "metaqsm", "Version": __version__, "CodeURL": CODE_URL}
+    container = os.environ.get("METAQSM_CONTAINER")  # set in the Docker/Singularity images
+    if container:
+        kind, _, tag = container.partition(":")
+        generated_by["Container"] = {"Type": kind, "Tag": tag or __version__}
+    return {
+        "Name": "metaqsm: quantitative susceptibility maps",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [generated_by],
+        "DatasetLinks": {"raw": Path(raw_dir).resolve().as_uri()},
+        "HowToAcknowledge": "Cite the Meta-QSM method paper and the methods named in each sidecar.",
+    }
+
+
+def ensure_dataset_description(output_dir, raw_dir):
+    """Create or refresh the derivatives dataset's top-level files, safely under concurrency."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    desc = dataset_description(raw_dir)
+    path = output_dir / "dataset_description.json"
+    if path.exists():
+        try:
+            current = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            current = None
+        if current == desc:
+            return path
+    write_json(path, desc)
+    readme = output_dir / "README"
+    if not readme.exists():
+        _atomic_write(readme, lambda tmp: Path(tmp).write_text(
+            "Quantitative susceptibility maps (Chimap, ppm) and intermediate field maps computed by metaqsm.\n"
+            "Each file's JSON sidecar lists its Sources (BIDS URIs) and the parameters of the step that made it.\n"
+        ))
+    return path
+
+
+def group_summary(output_dir, bids_dir):
+    """Write ``group_summary.tsv``: one row per Chimap found, and one per participant without any.
+
+    Returns the path and the rows (dicts). The mean and standard deviation of the
+    susceptibility are taken inside each run's ``desc-qsm_mask``.
+    """
+    output_dir, bids_dir = Path(output_dir), Path(bids_dir)
+    rows = []
+    for chimap in sorted(output_dir.glob("sub-*/**/anat/*_Chimap.nii.gz")):
+        mask_path = chimap.with_name(chimap.name.replace("_Chimap.nii.gz", "_desc-qsm_mask.nii.gz"))
+        sidecar = json.loads(chimap.with_name(chimap.name.replace(".nii.gz", ".json")).read_text())
+        chi = np.asarray(nib.load(chimap).dataobj, dtype=np.float32)
+        mask = np.asarray(nib.load(mask_path).dataobj) > 0 if mask_path.exists() else np.isfinite(chi)
+        rows.append({
+            "participant_id": chimap.name.split("_")[0],
+            "run": chimap.name.replace("_Chimap.nii.gz", ""),
+            "status": "processed",
+            "inversion": sidecar.get("DipoleInversion", {}).get("Method", "n/a"),
+            "mask_voxels": int(mask.sum()),
+            "chi_mean_ppm": round(float(chi[mask].mean()), 6) if mask.any() else "n/a",
+            "chi_std_ppm": round(float(chi[mask].std()), 6) if mask.any() else "n/a",
+            "chimap": chimap.relative_to(output_dir).as_posix(),
+        })
+    done = {row["participant_id"] for row in rows}
+    for subject_dir in sorted(bids_dir.glob("sub-*")):
+        if subject_dir.is_dir() and subject_dir.name not in done:
+            rows.append({"participant_id": subject_dir.name, "run": "n/a", "status": "no output",
+                         "inversion": "n/a", "mask_voxels": "n/a", "chi_mean_ppm": "n/a",
+                         "chi_std_ppm": "n/a", "chimap": "n/a"})
+    columns = ["participant_id", "run", "status", "inversion", "mask_voxels", "chi_mean_ppm", "chi_std_ppm",
+               "chimap"]
+    text = "\t".join(columns) + "\n" + "".join("\t".join(str(r[c]) for c in columns) + "\n" for r in rows)
+    path = output_dir / "group_summary.tsv"
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path, rows

@@ -1,0 +1,98 @@
+"""Dipole inversion: local field (ppm) -> susceptibility (ppm).
+
+Every method has the signature ``f(local_field_ppm, mask, voxel_size_mm, b0_dir, **params)``
+and returns only the susceptibility map (float32, ppm, zero outside ``mask``, mean 0
+inside it: QSM is relative because the dipole kernel vanishes at k = 0). Methods are
+registered by name in :data:`INVERSIONS` and called through :func:`invert`; the caller
+records the method and parameters it used.
+"""
+import numpy as np
+import scipy.fft as sfft
+
+from .dipole import dipole_kernel, padded_shape
+
+
+def check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir):
+    """Validate an inversion's inputs.
+
+    Returns the field as float32 set to 0 outside the mask (it is only known
+    inside), the mask as bool, the voxel sizes (mm) and the unit B0 vector.
+    """
+    field = np.asarray(local_field_ppm)
+    mask = np.asarray(mask)
+    if field.ndim != 3:
+        raise ValueError(f"local field must be a 3D array, got shape {field.shape}")
+    if mask.shape != field.shape:
+        raise ValueError(f"mask shape {mask.shape} does not match local field shape {field.shape}")
+    mask = mask != 0
+    if not mask.any():
+        raise ValueError("mask is empty: no voxel to invert")
+    if not np.all(np.isfinite(field[mask])):
+        raise ValueError("local field has NaN or infinite values inside the mask")
+    voxel = np.asarray(voxel_size_mm, dtype=float)
+    if voxel.shape != (3,) or not np.all(voxel > 0):
+        raise ValueError(f"voxel_size_mm must be 3 positive lengths, got {voxel_size_mm!r}")
+    b0 = np.asarray(b0_dir, dtype=float)
+    if b0.shape != (3,) or not np.all(np.isfinite(b0)) or not np.linalg.norm(b0) > 0:
+        raise ValueError(f"b0_dir must be a non-zero 3-vector, got {b0_dir!r}")
+    field = np.where(mask, field.astype(np.float32, copy=False), np.float32(0))
+    return field, mask, tuple(voxel), b0 / np.linalg.norm(b0)
+
+
+def _mask_bounding_box(mask):
+    """Slices of the smallest box holding every voxel of ``mask``."""
+    return tuple(
+        slice(int(idx.min()), int(idx.max()) + 1)
+        for idx in (np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3))
+    )
+
+
+def tkd(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), threshold=0.2, pad_voxels=None):
+    """Truncated k-space division (Shmueli 2009; Wharton 2010).
+
+    ``chi = IFFT(FFT(field) / D)`` with ``1/D`` replaced by ``sign(D)/threshold`` where
+    ``|D| <= threshold`` (D in [-2/3, 1/3]); the unknown D(0) term is dropped and the
+    mean of the result inside the mask is set to 0. The estimate is biased low:
+    on a sphere phantom the means scale by about ``1 - threshold`` (0.81 at 0.2).
+
+    The FFT runs on the mask's bounding box zero-padded by ``pad_voxels`` per side
+    (default: a quarter of the box on each axis), so the periodic wrap does not
+    fold the inverse kernel's long-range tails from one edge of the mask onto the
+    other. On the test phantoms the wrap then changes the result by 8-10% of
+    TKD's own RMS error (25-28% unpadded; 2-5% with half the box, which costs
+    2.4x the FFT volume).
+    """
+    field, mask, voxel, b0 = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
+    if not 0 < threshold <= 2.0 / 3.0:
+        raise ValueError(f"TKD threshold must be in (0, 2/3], got {threshold!r}")
+    box = _mask_bounding_box(mask)
+    box_field = field[box]
+    if pad_voxels is None:
+        pad_voxels = [n // 4 for n in box_field.shape]
+    fshape = padded_shape(box_field.shape, pad_voxels)
+    kernel = dipole_kernel(fshape, voxel, b0)[..., : fshape[2] // 2 + 1]
+    small = np.abs(kernel) <= threshold
+    inverse = np.where(small, np.sign(kernel) / np.float32(threshold), 1.0 / np.where(small, 1.0, kernel))
+    spectrum = sfft.rfftn(box_field, s=fshape)
+    spectrum *= inverse.astype(np.float32)
+    box_chi = sfft.irfftn(spectrum, s=fshape)[tuple(slice(0, n) for n in box_field.shape)]
+    chi = np.zeros(field.shape, dtype=np.float32)
+    chi[box] = box_chi
+    chi[mask] -= chi[mask].mean(dtype=np.float64)
+    chi[~mask] = 0.0
+    return chi
+
+
+#: Dipole inversion methods by name.
+INVERSIONS = {"tkd": tkd}
+
+
+def invert(method, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), **params):
+    """Susceptibility (ppm) from the local field (ppm) by the registered ``method``."""
+    try:
+        function = INVERSIONS[method]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown dipole inversion {method!r}; choose one of: {', '.join(sorted(INVERSIONS))}"
+        ) from None
+    return function(local_field_ppm, mask, voxel_size_mm, b0_dir, **params)

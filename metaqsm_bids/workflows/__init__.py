@@ -1,0 +1,1 @@
+"""nipype graph builders (``init_*_wf``); no numerical code lives here."""

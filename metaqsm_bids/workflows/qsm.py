@@ -1,0 +1,80 @@
+"""The per-run QSM workflow: phase scaling -> brain mask -> total field -> RESHARP -> inversion -> sink."""
+import nibabel as nib
+import numpy as np
+from nipype.pipeline import engine as pe
+
+from ..interfaces.bids import WriteRunDerivatives
+from ..interfaces.qsm import BackgroundRemoval, BrainMask, DipoleInversion, PrepareMEGRE, TotalField
+
+
+def _memory_gb(run):
+    """Peak-memory hint (GB) of the heaviest node, for MultiProc/SLURM packing.
+
+    The echo fit holds a few complex64 copies of all echoes; RESHARP and the
+    inversion hold ~10 float32 volumes on the padded grid.
+    """
+    shape = nib.load(run.magnitude_files[0]).shape[:3]
+    voxels = float(np.prod(shape))
+    echoes = len(run.echo_times_s)
+    return round(max(voxels * echoes * 8 * 4, voxels * 1.5 * 4 * 12) / 1e9 + 0.3, 2)
+
+
+def init_qsm_wf(run, *, bids_dir, output_dir, inversion="tkd", inversion_params=None, bfr_radius_mm=6.0,
+                user_mask_file=None, device="auto", omp_nthreads=1, name=None):
+    """Build the workflow for one :class:`~metaqsm_bids.io.bids.MEGRERun`.
+
+    Parameters
+    ----------
+    run : MEGRERun
+        Files and acquisition facts collected from the BIDS dataset.
+    bids_dir, output_dir : path
+        The raw dataset and the derivatives dataset (``output_dir``).
+    inversion : str
+        Dipole inversion method (see :data:`metaqsm_bids.qsm.inversion.INVERSIONS`).
+    inversion_params : dict
+        Parameters of that method (e.g. ``{"threshold": 0.2}`` for TKD).
+    bfr_radius_mm : float
+        RESHARP spherical kernel radius in mm.
+    user_mask_file : path or None
+        A brain mask on the run's grid to use instead of computing one.
+    """
+    wf = pe.Workflow(name=name or f"qsm_{run.name.replace('-', '_')}_wf")
+    mem_gb = _memory_gb(run)
+    source = run.phase_files[0]
+
+    prep = pe.Node(PrepareMEGRE(magnitude_files=run.magnitude_files, phase_files=run.phase_files,
+                                phase_units=run.phase_units), name="phase_scaling", mem_gb=mem_gb)
+    mask = pe.Node(BrainMask(source_file=run.magnitude_files[0], num_threads=omp_nthreads),
+                   name="brain_mask", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
+    if user_mask_file:
+        mask.inputs.user_mask_file = str(user_mask_file)
+    field = pe.Node(TotalField(echo_times_s=list(run.echo_times_s), num_threads=omp_nthreads),
+                    name="total_field", mem_gb=mem_gb, n_procs=omp_nthreads)
+    bfr = pe.Node(BackgroundRemoval(source_file=source, radius_mm=bfr_radius_mm, num_threads=omp_nthreads),
+                  name="resharp", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
+    invert = pe.Node(DipoleInversion(field_strength_t=run.field_strength_t, method=inversion,
+                                     parameters=dict(inversion_params or {}), device=device,
+                                     num_threads=omp_nthreads),
+                     name="dipole_inversion", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
+    sink = pe.Node(WriteRunDerivatives(
+        output_dir=str(output_dir), bids_dir=str(bids_dir), entities=run.entities,
+        source_files=run.magnitude_files + run.phase_files,
+        acquisition={"EchoTime": list(run.echo_times_s), "MagneticFieldStrength": run.field_strength_t},
+    ), name="ds_run", run_without_submitting=True)
+
+    wf.connect([
+        (prep, mask, [("magnitude_file", "magnitude_file")]),
+        (prep, field, [("magnitude_file", "magnitude_file"), ("phase_file", "phase_file")]),
+        (field, bfr, [("field_file", "field_file")]),
+        (mask, bfr, [("mask_file", "mask_file")]),
+        (bfr, invert, [("local_field_file", "local_field_file"), ("mask_file", "mask_file")]),
+        (prep, invert, [("magnitude_file", "magnitude_file")]),
+        (prep, sink, [("provenance", "phase_provenance")]),
+        (mask, sink, [("mask_file", "brain_mask_file"), ("provenance", "mask_provenance")]),
+        (field, sink, [("field_file", "total_field_file"), ("magnitude_rss_file", "magnitude_rss_file"),
+                       ("provenance", "field_provenance")]),
+        (bfr, sink, [("local_field_file", "local_field_file"), ("mask_file", "qsm_mask_file"),
+                     ("provenance", "bfr_provenance")]),
+        (invert, sink, [("chimap_file", "chimap_file"), ("provenance", "inversion_provenance")]),
+    ])
+    return wf
