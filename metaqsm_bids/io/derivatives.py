@@ -38,14 +38,17 @@ _PACKAGES = ("numpy", "scipy", "nibabel", "nipype", "pybids", "torch")
 
 
 def software_versions():
-    """Versions of metaqsm and the packages whose numbers shape its output."""
+    """Versions of metaqsm and the packages whose numbers shape its output, as BIDS ``SoftwareVersions``.
+
+    BIDS defines ``SoftwareVersions`` as one string, e.g. ``"metaqsm 0.1.0, numpy 2.1.0, ..."``.
+    """
     versions = {"metaqsm": __version__, "python": platform.python_version()}
     for package in _PACKAGES:
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
-            versions[package] = None
-    return versions
+            continue
+    return ", ".join(f"{name} {ver}" for name, ver in versions.items())
 
 
 def derivative_path(output_dir, entities, suffix, datatype, extension=".nii.gz"):

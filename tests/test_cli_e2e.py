@@ -1,0 +1,224 @@
+"""End-to-end runs of the real ``metaqsm`` CLI on small simulated BIDS datasets."""
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from metaqsm_bids import __version__
+from metaqsm_bids.qsm.physics import b0_direction_voxel
+from metaqsm_bids.sim.bids import RunSpec, simulate_dataset
+
+from .conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+TRUTH = Path("derivatives") / "metaqsm-simulate"
+RUNS = [
+    # anisotropic voxels everywhere; ses-2 is oblique and stores Siemens-style integer phase
+    RunSpec("01", session="1", shape=(64, 64, 32), voxel_size_mm=(1.0, 1.0, 2.0), seed=1),
+    RunSpec("01", session="2", shape=(64, 64, 32), voxel_size_mm=(1.0, 1.0, 2.0), oblique_deg=20.0,
+            phase_units="arbitrary", seed=2),
+    RunSpec("02", shape=(64, 60, 36), voxel_size_mm=(1.1, 1.1, 1.8), echo_times_s=(0.005, 0.010, 0.015), seed=3),
+]
+PREFIXES = ["sub-01/ses-1/{dt}/sub-01_ses-1", "sub-01/ses-2/{dt}/sub-01_ses-2", "sub-02/{dt}/sub-02"]
+OUTPUTS = {  # datatype, suffix of each derivative of a run
+    "brain_mask": ("anat", "desc-brain_mask"), "qsm_mask": ("anat", "desc-qsm_mask"), "chimap": ("anat", "Chimap"),
+    "total_field": ("fmap", "desc-total_fieldmap"), "magnitude": ("fmap", "desc-total_magnitude"),
+    "local_field": ("fmap", "desc-local_fieldmap"), "local_magnitude": ("fmap", "desc-local_magnitude"),
+}
+
+
+def _path(root, prefix, kind, ext=".nii.gz"):
+    datatype, suffix = OUTPUTS[kind]
+    return Path(root) / (prefix.format(dt=datatype) + f"_{suffix}{ext}")
+
+
+def _digest(root):
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    bids_dir, out, work = root / "bids", root / "out", root / "work"
+    simulate_dataset(bids_dir, RUNS)
+    result = run_cli("metaqsm", bids_dir, out, "participant", "-w", work, "--nprocs", "2", "--omp-nthreads", "1")
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    return bids_dir, out, work, result
+
+
+def test_every_derivative_and_sidecar(processed):
+    bids_dir, out, _, result = processed
+    assert "sub-01: OK (2 run(s))" in result.stdout and "sub-02: OK (1 run(s))" in result.stdout
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    generated = description["GeneratedBy"][0]
+    assert generated["Name"] == "metaqsm" and generated["Version"] == __version__ and generated["CodeURL"]
+    assert Path(description["DatasetLinks"]["raw"].removeprefix("file://")) == bids_dir.resolve()
+
+    for prefix in PREFIXES:
+        for kind in OUTPUTS:
+            image, sidecar_path = _path(out, prefix, kind), _path(out, prefix, kind, ".json")
+            assert image.exists() and sidecar_path.exists(), image
+            sidecar = json.loads(sidecar_path.read_text())
+            assert isinstance(sidecar["SkullStripped"], bool)
+            assert sidecar["SoftwareVersions"].startswith(f"metaqsm {__version__}, ")
+            assert sidecar["MagneticFieldStrength"] == 3.0 and len(sidecar["EchoTime"]) in (3, 4)
+            for uri in sidecar["Sources"]:  # every Source resolves to a file that exists
+                dataset, _, relative = uri.removeprefix("bids:").partition(":")
+                assert (bids_dir if dataset == "raw" else out).joinpath(relative).exists(), uri
+        chimap = json.loads(_path(out, prefix, "chimap", ".json").read_text())
+        assert chimap["Units"] == "ppm"
+        assert chimap["DipoleInversion"]["Method"] == "tkd" and chimap["DipoleInversion"]["threshold"] == 0.2
+        assert chimap["BackgroundFieldRemoval"]["Method"] == "RESHARP"
+        assert chimap["BackgroundFieldRemoval"]["RadiusMm"] == 6.0
+        assert chimap["BackgroundFieldRemoval"]["Iterations"] > 0
+        assert any(s.startswith("bids:raw:") and "part-phase" in s for s in chimap["Sources"])
+        for kind in ("total_field", "local_field"):
+            assert json.loads(_path(out, prefix, kind, ".json").read_text())["Units"] == "Hz"
+
+
+def test_chimap_matches_truth(processed):
+    bids_dir, out, _, _ = processed
+    for spec, prefix in zip(RUNS, PREFIXES):
+        chimap = nib.load(_path(out, prefix, "chimap"))
+        mask = np.asarray(nib.load(_path(out, prefix, "qsm_mask")).dataobj) > 0
+        truth_img = nib.load(bids_dir / TRUTH / (prefix.format(dt="anat") + "_Chimap.nii.gz"))
+        raw = nib.load(bids_dir / (prefix.format(dt="anat") + "_echo-1_part-phase_MEGRE.nii.gz"))
+        assert np.allclose(chimap.affine, raw.affine, atol=1e-4) and chimap.shape == raw.shape
+        chi, truth = chimap.get_fdata()[mask], truth_img.get_fdata()[mask]
+        assert mask.sum() > 0.3 * (truth_img.get_fdata() != 0).sum()
+        corr = np.corrcoef(chi, truth)[0, 1]
+        assert corr > 0.6, (prefix, corr)
+        sidecar = json.loads(_path(out, prefix, "chimap", ".json").read_text())
+        b0 = sidecar["DipoleInversion"]["B0DirectionVoxel"]
+        assert np.allclose(b0, b0_direction_voxel(raw.affine), atol=1e-5)
+        if spec.oblique_deg:
+            assert abs(b0[2]) < 0.95  # the oblique run really has B0 off the slice axis
+
+
+def test_outputs_pass_bids_validator(processed, bids_validator):
+    bids_dir, out, _, _ = processed
+    for dataset in (bids_dir, out):
+        result = subprocess.run([bids_validator, str(dataset)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-4000:]
+        assert "[ERROR]" not in result.stdout
+
+
+def test_rerun_is_idempotent_and_group_summary(processed):
+    bids_dir, out, work, _ = processed
+    before = _digest(out)
+    result = run_cli("metaqsm", bids_dir, out, "participant", "-w", work, "--nprocs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _digest(out) == before
+
+    result = run_cli("metaqsm", bids_dir, out, "group")
+    assert result.returncode == 0, result.stderr
+    rows = (out / "group_summary.tsv").read_text().splitlines()
+    assert rows[0].startswith("participant_id\trun\tstatus")
+    assert len(rows) == 1 + len(RUNS) and all("\tprocessed\ttkd\t" in r for r in rows[1:])
+
+
+# --- bad input: one clear message naming the file, non-zero exit, nothing partial written -------------------
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    simulate_dataset(root / "bids", [RunSpec("01", shape=(48, 48, 24), voxel_size_mm=(1.2, 1.2, 2.4), seed=5),
+                                     RunSpec("02", shape=(48, 48, 24), voxel_size_mm=(1.2, 1.2, 2.4), seed=6)])
+    return root / "bids"
+
+
+def _broken_copy(small_dataset, tmp_path, breaker):
+    bids_dir = tmp_path / "bids"
+    shutil.copytree(small_dataset, bids_dir)
+    anat = bids_dir / "sub-02" / "anat"
+    culprit = breaker(anat)
+    return bids_dir, culprit
+
+
+def _set_sidecar(path, **changes):
+    meta = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    path.write_text(json.dumps(meta))
+
+
+def _nan_phase(anat):
+    path = anat / "sub-02_echo-2_part-phase_MEGRE.nii.gz"
+    img = nib.load(path)
+    data = img.get_fdata()
+    data[10:12, 10:12, 5] = np.nan
+    nib.save(nib.Nifti1Image(data.astype(np.float32), img.affine), path)
+    return path
+
+
+def _shape_mismatch(anat):
+    path = anat / "sub-02_echo-3_part-mag_MEGRE.nii.gz"
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(img.get_fdata()[:-2], img.affine), path)
+    return path
+
+
+BREAKERS = {
+    "missing phase": (lambda anat: [p.unlink() for p in anat.glob("*echo-2_part-phase*")]
+                      and anat / "sub-02_echo-2_part-mag_MEGRE.nii.gz", "no matching part-phase file"),
+    "no EchoTime": (lambda anat: _set_sidecar(anat / "sub-02_echo-3_part-phase_MEGRE.json", EchoTime=None)
+                    or anat / "sub-02_echo-3_part-phase_MEGRE.nii.gz", "no EchoTime"),
+    "no field strength": (lambda anat: [_set_sidecar(p, MagneticFieldStrength=None, ImagingFrequency=None)
+                                        for p in anat.glob("*.json")] and anat / "sub-02_echo-1_part-mag_MEGRE.nii.gz",
+                          "neither MagneticFieldStrength nor ImagingFrequency"),
+    "shape mismatch": (_shape_mismatch, "differs from"),
+    "NaN phase": (_nan_phase, "NaN"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BREAKERS))
+def test_bad_input_fails_that_participant_only(case, small_dataset, tmp_path):
+    breaker, expected = BREAKERS[case]
+    bids_dir, culprit = _broken_copy(small_dataset, tmp_path, breaker)
+    out = tmp_path / "out"
+    result = run_cli("metaqsm", bids_dir, out, "participant", "-w", tmp_path / "work", "--nprocs", "1")
+    assert result.returncode == 1
+    failure = [line for line in result.stderr.splitlines() if line.startswith("sub-02: FAILED")]
+    assert len(failure) == 1, result.stderr[-3000:]
+    assert expected in failure[0] and culprit.name in failure[0], failure[0]
+    assert "sub-01: OK" in result.stdout
+    assert not (out / "sub-02").exists()  # nothing partial
+    assert (out / "sub-01" / "anat" / "sub-01_Chimap.nii.gz").exists()
+
+
+def test_stop_on_first_crash_and_unknown_label(small_dataset, tmp_path):
+    bids_dir, _ = _broken_copy(small_dataset, tmp_path, BREAKERS["missing phase"][0])
+    out = tmp_path / "out"
+    result = run_cli("metaqsm", bids_dir, out, "participant", "-w", tmp_path / "work", "--participant-label",
+                     "02", "01", "--stop-on-first-crash")
+    assert result.returncode == 1 and "no matching part-phase file" in result.stderr
+    assert not list(out.glob("sub-*"))
+
+    result = run_cli("metaqsm", bids_dir, out, "participant", "--participant-label", "sub-07")
+    assert result.returncode == 1
+    assert "['07'] not found" in result.stderr and "['01', '02']" in result.stderr
+
+
+def test_empty_user_mask(small_dataset, tmp_path):
+    masks = tmp_path / "masks" / "sub-01" / "anat"
+    masks.mkdir(parents=True)
+    ref = nib.load(small_dataset / "sub-01" / "anat" / "sub-01_echo-1_part-mag_MEGRE.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(ref.shape, np.uint8), ref.affine), masks / "sub-01_desc-brain_mask.nii.gz")
+    out = tmp_path / "out"
+    result = run_cli("metaqsm", small_dataset, out, "participant", "--participant-label", "01",
+                     "--brain-mask-dir", tmp_path / "masks", "-w", tmp_path / "work", "--nprocs", "1")
+    assert result.returncode == 1
+    assert "sub-01: FAILED" in result.stderr and "brain mask is empty" in result.stderr
+    assert not (out / "sub-01").exists()
