@@ -28,7 +28,7 @@ def build_parser():
     parser.add_argument("out_dir", type=Path, help="dataset folder: new, empty, or an existing BIDS dataset")
     parser.add_argument("--participants", nargs="+", default=["01", "02"], metavar="LABEL",
                         help="participant labels (with or without 'sub-')")
-    parser.add_argument("--sessions", nargs="+", metavar="LABEL", help="session labels; default: no sessions")
+    parser.add_argument("--sessions", nargs="+", metavar="LABEL", help="session labels (None: no ses- level)")
     parser.add_argument("--shape", nargs=3, type=_positive(int), default=[80, 80, 40], metavar="N",
                         help="voxels along i, j, k")
     parser.add_argument("--voxel-size", nargs=3, type=_positive(float), default=[1.0, 1.0, 2.0], metavar="MM",
@@ -43,7 +43,7 @@ def build_parser():
     parser.add_argument("--phase-units", choices=["rad", "arbitrary"], default="rad",
                         help="'rad': float radians; 'arbitrary': int16 -4096..4095 (Siemens style)")
     parser.add_argument("--head-scale", type=_positive(float), metavar="FACTOR",
-                        help="size of the head relative to an adult's; default: shrink to fit the in-plane FOV")
+                        help="size of the head relative to an adult's (None: shrink it to fit the in-plane FOV)")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed of the first run (noise, phase offset); each next run adds 1")
     parser.add_argument("--name", default="metaqsm simulated MEGRE", help="dataset name")

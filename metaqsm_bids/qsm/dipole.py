@@ -20,23 +20,30 @@ def kspace_grid(shape, voxel_size_mm):
     ]
 
 
-def dipole_kernel(shape, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0)):
-    """Unit dipole kernel (float32, FFT order, no fftshift) for an array of ``shape``."""
+def dipole_kernel(shape, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), half=False):
+    """Unit dipole kernel (float32, FFT order, no fftshift) for an array of ``shape``.
+
+    ``half=True`` returns only the ``rfftn`` half spectrum (last axis ``n//2 + 1``),
+    half the memory and time of the full kernel.
+    """
     b0 = np.asarray(b0_dir, float)
-    b0 = b0 / np.linalg.norm(b0)
+    b0 = (b0 / np.linalg.norm(b0)).astype(np.float32)  # float32: numpy 2 would promote the grid to float64
     ki, kj, kk = kspace_grid(shape, voxel_size_mm)
+    if half:
+        kk = kk[..., : shape[2] // 2 + 1]
     # On an even axis the Nyquist bin stands for both +-1/(2d). The cross terms of
     # (k.b0)^2 are odd in it, so they are averaged away there (k_sym has that bin
     # zeroed): this keeps D(k) = D(-k), without which an oblique B0 gives a
     # non-real field whose irfftn depends on the axis order.
     k_sym = [
-        k * (np.arange(k.size).reshape(k.shape) != k.size // 2) if k.size % 2 == 0 else k for k in (ki, kj, kk)
+        k * (np.arange(k.size).reshape(k.shape) != n // 2) if n % 2 == 0 else k
+        for k, n in zip((ki, kj, kk), shape)
     ]
     k_dot_b_sq = sum(k * b for k, b in zip(k_sym, b0)) ** 2
     k_dot_b_sq += sum((k ** 2 - ks ** 2) * b ** 2 for k, ks, b in zip((ki, kj, kk), k_sym, b0))
     k2 = ki ** 2 + kj ** 2 + kk ** 2
     k2[0, 0, 0] = 1.0  # avoid 0/0; the DC term is set below
-    kernel = (1.0 / 3.0 - k_dot_b_sq / k2).astype(np.float32)
+    kernel = (np.float32(1.0 / 3.0) - k_dot_b_sq / k2).astype(np.float32, copy=False)
     kernel[0, 0, 0] = 0.0
     return kernel
 
@@ -58,9 +65,8 @@ def forward_field_ppm(chi_ppm, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), pad_voxels
     if pad_voxels is None:
         pad_voxels = [n // 2 for n in chi.shape]
     fshape = padded_shape(chi.shape, pad_voxels)
-    kernel = dipole_kernel(fshape, voxel_size_mm, b0_dir)
     spectrum = sfft.rfftn(chi, s=fshape)
-    spectrum *= kernel[..., : fshape[2] // 2 + 1]
+    spectrum *= dipole_kernel(fshape, voxel_size_mm, b0_dir, half=True)
     field = sfft.irfftn(spectrum, s=fshape)
     return np.ascontiguousarray(field[: chi.shape[0], : chi.shape[1], : chi.shape[2]], dtype=np.float32)
 

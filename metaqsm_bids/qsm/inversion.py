@@ -70,7 +70,7 @@ def tkd(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), threshold=
     if pad_voxels is None:
         pad_voxels = [n // 4 for n in box_field.shape]
     fshape = padded_shape(box_field.shape, pad_voxels)
-    kernel = dipole_kernel(fshape, voxel, b0)[..., : fshape[2] // 2 + 1]
+    kernel = dipole_kernel(fshape, voxel, b0, half=True)
     small = np.abs(kernel) <= threshold
     inverse = np.where(small, np.sign(kernel) / np.float32(threshold), 1.0 / np.where(small, 1.0, kernel))
     spectrum = sfft.rfftn(box_field, s=fshape)

@@ -50,18 +50,22 @@ def _prefix(entities):
     return "_".join(parts), Path(*folder)
 
 
-def _save_nifti(path, data, affine):
-    image = nib.Nifti1Image(data, affine)
-    image.header.set_xyzt_units("mm", "sec")
-    image.set_qform(affine, code=1)  # scanner coordinates
-    image.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, path)
-
-
 def _save_json(path, content):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def _save_pair(stem, data, affine, sidecar):
+    """Write ``stem``.nii.gz (scanner-coordinate affine, mm) and its ``stem``.json; returns both paths."""
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_xyzt_units("mm", "sec")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nifti, json_path = stem.with_name(stem.name + ".nii.gz"), stem.with_name(stem.name + ".json")
+    nifti.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, nifti)
+    _save_json(json_path, sidecar)
+    return [nifti, json_path]
 
 
 def phase_to_arbitrary(phase_rad):
@@ -110,17 +114,14 @@ def write_megre_run(bids_dir, entities, magnitude, phase_rad, affine, echo_times
     for n, te in enumerate(tes):
         meta = dict(common, EchoTime=te, EchoNumber=n + 1)
         for part, image_type in (("mag", "M"), ("phase", "P")):
-            stem = anat / f"{prefix}_echo-{n + 1}_part-{part}_MEGRE"
+            sidecar = dict(meta, ImageType=["ORIGINAL", "PRIMARY", image_type])
             if part == "mag":
                 data = magnitude[..., n].astype(np.float32)
-                sidecar = meta
             else:
                 data = (phase_rad[..., n].astype(np.float32) if phase_units == "rad"
                         else phase_to_arbitrary(phase_rad[..., n]))
-                sidecar = dict(meta, Units=phase_units)
-            _save_nifti(stem.with_name(stem.name + ".nii.gz"), data, affine)
-            _save_json(stem.with_name(stem.name + ".json"), dict(sidecar, ImageType=["ORIGINAL", "PRIMARY", image_type]))
-            written += [stem.with_name(stem.name + ".nii.gz"), stem.with_name(stem.name + ".json")]
+                sidecar["Units"] = phase_units
+            written += _save_pair(anat / f"{prefix}_echo-{n + 1}_part-{part}_MEGRE", data, affine, sidecar)
     return written
 
 
@@ -140,8 +141,9 @@ def write_ground_truth(bids_dir, entities, phantom, truth, magnitude_te1, b0_tes
     tissue = phantom.m0 > 0
     items = [
         ("anat", "Chimap", (phantom.chi_ppm * phantom.brain_mask).astype(np.float32),
-         {"Units": "ppm", "SkullStripped": True, "Description": "true magnetic susceptibility relative to CSF in the brain mask, "
-                                         "0 outside it; partial-volume averages at edges"}),
+         {"Units": "ppm", "SkullStripped": True,
+          "Description": "true magnetic susceptibility relative to CSF in the brain mask, 0 outside it; "
+                         "partial-volume averages at edges"}),
         ("anat", "dseg", phantom.seg.astype(np.uint8),
          {"Description": "tissue labels of the QSM challenge 2.0 (dseg.tsv), each voxel labelled with the "
                          "last painted structure covering at least half of it"}),
@@ -154,14 +156,13 @@ def write_ground_truth(bids_dir, entities, phantom, truth, magnitude_te1, b0_tes
           "Description": "true total field (tissue, air and bone susceptibility, after a 2nd-order shim) "
                          "whose phase was simulated; 0 where there is no tissue"}),
         ("fmap", "desc-total_magnitude", np.asarray(magnitude_te1, np.float32),
-         {"SkullStripped": False, "Description": "M0 exp(-TE1 R2*) of the phantom: first-echo magnitude without noise"}),
+         {"SkullStripped": False,
+          "Description": "M0 exp(-TE1 R2*) of the phantom: first-echo magnitude without noise"}),
     ]
     written = []
     for datatype, suffix, data, sidecar in items:
-        stem = root / datatype / f"{prefix}_{suffix}"
-        _save_nifti(stem.with_name(stem.name + ".nii.gz"), data, phantom.affine)
-        _save_json(stem.with_name(stem.name + ".json"), dict(sidecar, HeadScale=phantom.scale))
-        written += [stem.with_name(stem.name + ".nii.gz"), stem.with_name(stem.name + ".json")]
+        written += _save_pair(root / datatype / f"{prefix}_{suffix}", data, phantom.affine,
+                              dict(sidecar, HeadScale=phantom.scale))
     return written
 
 
@@ -197,7 +198,8 @@ def write_dataset_files(bids_dir, name):
             "Authors": ["metaqsm-simulate"], "GeneratedBy": [_GENERATED_BY],
         },
         bids_dir / "participants.json": {
-            "participant_id": {"Description": "simulated participant (the same phantom, its own noise and phase offset)"},
+            "participant_id": {
+                "Description": "simulated participant (the same phantom, its own noise and phase offset)"},
         },
         deriv / "dataset_description.json": {
             "Name": f"{name}: ground truth", "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",

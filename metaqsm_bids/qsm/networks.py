@@ -1,0 +1,240 @@
+"""Meta-QSM and Mesa-QSM: a 3D U-Net whose convolutions are weight-predicting (WP-Conv) or plain.
+
+A WP-Conv layer (Meta-QSM, after Meta-SR) owns a small fully connected network that
+maps the acquisition geometry -- the voxel size (mm) and, optionally, the B0
+direction in voxel axes -- to that layer's kernel and bias. The kernels are predicted
+once per input volume and then applied as an ordinary ``F.conv3d``, so one model
+serves every resolution and, with B0 conditioning, every slab obliquity. Mesa-QSM is
+the same U-Net with plain convolutions (one model per resolution), the control.
+
+Both kinds expose ``kernel(cond) -> (weight, bias)`` so the U-Net code is shared;
+:meth:`UNet3d.predict_weights` computes every layer's kernel and
+:meth:`UNet3d.run` applies them, which lets patch-wise inference reuse one prediction.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONDITIONINGS = {"voxel": 3, "voxel+b0": 6}
+#: Voxel-size normalisation (mm): centre and half-width of the training range (0.5-1.2, 0.5-1.2, 0.6-4.0).
+VOXEL_CENTRE_MM = (0.85, 0.85, 2.3)
+VOXEL_HALF_RANGE_MM = (0.35, 0.35, 1.7)
+
+
+def encode_condition(voxel_size_mm, b0_dir, conditioning, voxel_centre_mm=VOXEL_CENTRE_MM,
+                     voxel_half_range_mm=VOXEL_HALF_RANGE_MM):
+    """Predictor input (float32 vector): normalised voxel size, plus the B0 direction for ``voxel+b0``.
+
+    The dipole kernel depends on B0 only up to its sign, so the direction is flipped to
+    make its largest component positive; the network then never sees two codes for one geometry.
+    """
+    if conditioning not in CONDITIONINGS:
+        raise ValueError(f"conditioning must be one of {sorted(CONDITIONINGS)}, got {conditioning!r}")
+    voxel = np.asarray(voxel_size_mm, dtype=np.float64)
+    if voxel.shape != (3,) or not np.all(voxel > 0):
+        raise ValueError(f"voxel_size_mm must be 3 positive lengths, got {voxel_size_mm!r}")
+    parts = [(voxel - np.asarray(voxel_centre_mm)) / np.asarray(voxel_half_range_mm)]
+    if conditioning == "voxel+b0":
+        b0 = np.asarray(b0_dir, dtype=np.float64)
+        if b0.shape != (3,) or not np.linalg.norm(b0) > 0:
+            raise ValueError(f"b0_dir must be a non-zero 3-vector, got {b0_dir!r}")
+        b0 = b0 / np.linalg.norm(b0)
+        parts.append(b0 * np.sign(b0[np.argmax(np.abs(b0))]))
+    return torch.from_numpy(np.concatenate(parts).astype(np.float32))
+
+
+def _conv(x, weight, bias):
+    """``F.conv3d`` with 'same' padding; ``weight`` (B|1, out, in, k, k, k) and ``bias`` (B|1, out) per sample."""
+    pad = weight.shape[-1] // 2
+    if weight.shape[0] == 1:
+        return F.conv3d(x, weight[0], bias[0], padding=pad)
+    # different kernels per sample: fold the batch into channel groups, one conv call
+    b, c = x.shape[:2]
+    out = weight.shape[1]
+    y = F.conv3d(x.reshape(1, b * c, *x.shape[2:]), weight.reshape(b * out, *weight.shape[2:]),
+                 bias.reshape(-1), padding=pad, groups=b)
+    return y.view(b, out, *y.shape[2:])
+
+
+class WPConv3d(nn.Module):
+    """Weight-predicting 3D convolution: a per-layer MLP maps the condition vector to kernel and bias.
+
+    The output head's bias is initialised to a Kaiming-uniform kernel and its weights
+    near zero, so training starts from a well-scaled ordinary convolution whose
+    dependence on the condition is learnt.
+    """
+
+    def __init__(self, in_channels, out_channels, cond_dim, hidden=32, kernel_size=3):
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.mlp = nn.Sequential(nn.Linear(cond_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        n_weight = out_channels * in_channels * kernel_size ** 3
+        self.weight_head = nn.Linear(hidden, n_weight)
+        self.bias_head = nn.Linear(hidden, out_channels)
+        fan_in = in_channels * kernel_size ** 3
+        bound = math.sqrt(6.0 / ((1 + 0.1 ** 2) * fan_in))  # Kaiming uniform for LeakyReLU(0.1)
+        with torch.no_grad():
+            self.weight_head.bias.uniform_(-bound, bound)
+            self.weight_head.weight.uniform_(-0.1 * bound / math.sqrt(hidden), 0.1 * bound / math.sqrt(hidden))
+            self.bias_head.bias.zero_()
+            self.bias_head.weight.uniform_(-0.01, 0.01)
+
+    def kernel(self, cond):
+        """Kernel (B, out, in, k, k, k) and bias (B, out) for a condition batch (B, cond_dim)."""
+        h = self.mlp(cond)
+        k = self.kernel_size
+        weight = self.weight_head(h).view(-1, self.out_channels, self.in_channels, k, k, k)
+        return weight, self.bias_head(h)
+
+    def regularised_parameters(self):
+        """The predictor's weight matrices (the paper's L2-regularised WP-Conv weights)."""
+        return [m.weight for m in (*self.mlp, self.weight_head, self.bias_head) if isinstance(m, nn.Linear)]
+
+    def forward(self, x, cond):
+        return _conv(x, *self.kernel(cond))
+
+
+class PlainConv3d(nn.Module):
+    """Ordinary 3D convolution with the WP-Conv interface (the condition is ignored): Mesa-QSM."""
+
+    def __init__(self, in_channels, out_channels, cond_dim=0, hidden=0, kernel_size=3):
+        super().__init__()
+        conv = nn.Conv3d(in_channels, out_channels, kernel_size)
+        fan_in = in_channels * kernel_size ** 3
+        bound = math.sqrt(6.0 / ((1 + 0.1 ** 2) * fan_in))
+        self.weight = nn.Parameter(conv.weight.detach().uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+
+    def kernel(self, cond=None):
+        return self.weight[None], self.bias[None]
+
+    def regularised_parameters(self):
+        return [self.weight]
+
+    def forward(self, x, cond=None):
+        return _conv(x, *self.kernel(cond))
+
+
+class UNet3d(nn.Module):
+    """3D U-Net (``levels`` resolutions, two 3x3x3 convs per level, max-pool down, nearest-up + conv).
+
+    ``config`` keys: ``arch`` ('meta' or 'mesa'), ``channels`` (base width, doubled per
+    level), ``levels``, ``hidden`` (predictor width), ``conditioning`` ('voxel' or
+    'voxel+b0'), ``fixed_voxel_size_mm`` (mesa: the one resolution it was trained for,
+    else None). Input and output are (B, 1, I, J, K) with each spatial size a multiple
+    of :attr:`multiple`; the output is in the input's (normalised) units.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = normalise_config(config)
+        cfg = self.config
+        conv = WPConv3d if cfg["arch"] == "meta" else PlainConv3d
+        cond_dim, hidden = CONDITIONINGS[cfg["conditioning"]], cfg["hidden"]
+        widths = [cfg["channels"] * 2 ** level for level in range(cfg["levels"])]
+
+        def make(cin, cout, k=3):
+            return conv(cin, cout, cond_dim, hidden, k)
+
+        self.encoder = nn.ModuleList()
+        cin = 1
+        for w in widths:
+            self.encoder.append(nn.ModuleList([make(cin, w), make(w, w)]))
+            cin = w
+        self.up = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        for w_low, w in zip(widths[::-1][:-1], widths[::-1][1:]):
+            self.up.append(make(w_low, w))
+            self.decoder.append(nn.ModuleList([make(2 * w, w), make(w, w)]))
+        self.head = make(widths[0], 1, k=1)
+
+    @property
+    def multiple(self):
+        """Each spatial size must be a multiple of this (one factor 2 per pooling)."""
+        return 2 ** (self.config["levels"] - 1)
+
+    @property
+    def receptive_radius(self):
+        """Upper bound on the input voxels on each side that can influence one output voxel (for patching)."""
+        levels = self.config["levels"]
+        # per level above the bottom: 2 encoder convs, the pool, the nearest upsample, the up-conv and
+        # 2 decoder convs each reach one voxel of that level; the bottom has 2 convs
+        return sum(7 * 2 ** level for level in range(levels - 1)) + 2 * 2 ** (levels - 1)
+
+    def convs(self):
+        """Every convolution in a fixed order (the order of :meth:`predict_weights`)."""
+        layers = [c for pair in self.encoder for c in pair]
+        for up, pair in zip(self.up, self.decoder):
+            layers += [up, *pair]
+        return layers + [self.head]
+
+    def regularised_parameters(self):
+        return [p for c in self.convs() for p in c.regularised_parameters()]
+
+    def predict_weights(self, cond):
+        """All layers' (weight, bias) for a condition batch (B, cond_dim), or None for mesa."""
+        if cond is not None and cond.dim() == 1:
+            cond = cond[None]
+        return [c.kernel(cond) for c in self.convs()]
+
+    def run(self, x, weights):
+        """Apply the U-Net to ``x`` (B, 1, I, J, K) with precomputed ``weights``."""
+        weights = iter(weights)
+
+        def conv(t):
+            return F.leaky_relu(_conv(t, *next(weights)), 0.1)
+
+        skips = []
+        for level in range(self.config["levels"]):
+            if level:
+                x = F.max_pool3d(x, 2)
+            x = conv(conv(x))
+            skips.append(x)
+        for skip in skips[-2::-1]:
+            x = conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+            x = conv(conv(torch.cat([x, skip], dim=1)))
+        weight, bias = next(weights)
+        return _conv(x, weight, bias)
+
+    def forward(self, x, cond=None):
+        return self.run(x, self.predict_weights(cond))
+
+
+def normalise_config(config):
+    """Fill defaults and validate a network config dict (the dict saved with the weights)."""
+    cfg = {"arch": "meta", "channels": 8, "levels": 3, "hidden": 32, "conditioning": "voxel+b0",
+           "fixed_voxel_size_mm": None, **config}
+    if cfg["arch"] not in ("meta", "mesa"):
+        raise ValueError(f"arch must be 'meta' or 'mesa', got {cfg['arch']!r}")
+    if cfg["conditioning"] not in CONDITIONINGS:
+        raise ValueError(f"conditioning must be one of {sorted(CONDITIONINGS)}, got {cfg['conditioning']!r}")
+    if cfg["arch"] == "mesa" and cfg["fixed_voxel_size_mm"] is None:
+        raise ValueError("a mesa network needs fixed_voxel_size_mm (the resolution it is trained for)")
+    if cfg["fixed_voxel_size_mm"] is not None:
+        cfg["fixed_voxel_size_mm"] = [float(v) for v in cfg["fixed_voxel_size_mm"]]
+    for key in ("channels", "levels", "hidden"):
+        cfg[key] = int(cfg[key])
+    if cfg["levels"] < 1 or cfg["channels"] < 1:
+        raise ValueError("levels and channels must be at least 1")
+    return cfg
+
+
+def build_network(config):
+    """A new, randomly initialised :class:`UNet3d` for ``config``."""
+    return UNet3d(config)
+
+
+def save_network(model, path):
+    """Write ``{'config', 'state_dict'}`` to ``path`` (loadable with ``torch.load(weights_only=True)``)."""
+    torch.save({"config": model.config, "state_dict": model.state_dict()}, path)
+
+
+def load_network(path, map_location="cpu"):
+    """Rebuild a network saved by :func:`save_network`, in eval mode."""
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    model = UNet3d(blob["config"])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()
