@@ -116,6 +116,9 @@ def run_participant(opts):
                 "stop_on_first_crash": opts.stop_on_first_crash,
                 "create_report": False,
                 "write_provenance": False,
+                # nipype's default 2 s scheduler poll dominates small runs (25 s -> 6 s for the demo);
+                # cluster plugins poll the scheduler on their own interval
+                "poll_sleep_duration": 0.1,
             },
             "monitoring": {"enabled": False},
         })

@@ -1,0 +1,186 @@
+"""Deep-learning dipole inversion with the shipped Meta-QSM (or Mesa-QSM) networks.
+
+Models live in package data as ``metaqsm_bids/data/models/<name>.pt`` (config and
+weights, see :func:`metaqsm_bids.qsm.networks.save_network`) next to
+``<name>.json`` (the config again, the ``.pt``'s sha256, the training recipe, the
+exact training command, steps, wall time, hardware and validation scores).
+
+The network sees the local field normalised per volume: demeaned inside the mask
+(``D(0) = 0``, so the mean field carries no susceptibility information) and divided
+by its RMS there. The problem is linear, so the output is multiplied back by that
+RMS; the network therefore does not depend on the field's overall scale (field
+strength, units, contrast).
+"""
+import hashlib
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .networks import encode_condition, load_network
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
+#: The model the pipeline uses unless told otherwise.
+DEFAULT_MODEL = "metaqsm-v1"
+#: Voxels above which inference runs in overlapping patches (about 2.5 GiB peak for 8 channels).
+MAX_PATCH_VOXELS = 256 * 256 * 96
+
+
+def normalise_field(local_field_ppm, mask):
+    """Demeaned, RMS-normalised field inside ``mask`` (zero outside) and the RMS (ppm) it was divided by."""
+    field = np.asarray(local_field_ppm, dtype=np.float32)
+    inside = field[mask]
+    centred = inside - inside.mean(dtype=np.float64)
+    scale = float(np.sqrt(np.mean(centred.astype(np.float64) ** 2)))
+    out = np.zeros_like(field)
+    if scale > 0:
+        out[mask] = centred / scale
+    return out, scale
+
+
+def _model_files(name, models_dir=None):
+    directory = Path(models_dir) if models_dir is not None else MODELS_DIR
+    pt, meta = directory / f"{name}.pt", directory / f"{name}.json"
+    if not pt.exists() or not meta.exists():
+        available = sorted(p.stem for p in directory.glob("*.pt"))
+        raise ValueError(f"no model {name!r} in {directory} (available: {', '.join(available) or 'none'})")
+    return pt, meta
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_sha256(name, models_dir=None):
+    """sha256 (hex) of the model's ``.pt`` file, as recorded in provenance."""
+    return _sha256(_model_files(name, models_dir)[0])
+
+
+def model_info(name, models_dir=None):
+    """The model's ``.json`` metadata (config, sha256, recipe, command, validation)."""
+    return json.loads(_model_files(name, models_dir)[1].read_text())
+
+
+def load_model(name=DEFAULT_MODEL, device="cpu", models_dir=None):
+    """Load a shipped model in eval mode on ``device``, checking the ``.pt`` against its recorded sha256."""
+    pt, _ = _model_files(name, models_dir)
+    expected = model_info(name, models_dir)["sha256"]
+    actual = _sha256(pt)
+    if actual != expected:
+        raise ValueError(f"model file {pt} has sha256 {actual}, but {pt.with_suffix('.json').name} "
+                         f"records {expected}: the file is corrupt or was replaced")
+    return load_network(pt, map_location=device).to(device)
+
+
+def _tiles(n, q, margin, blend, multiple):
+    """Patch starts along one axis of padded length ``n`` for patches of length ``q``."""
+    if q >= n:
+        return [0]
+    step = max((q - 2 * margin - blend) // multiple * multiple, multiple)
+    return sorted(set(range(0, n - q, step)) | {n - q})
+
+
+def _window(start, q, n, margin, blend):
+    """Blending weight along one axis: 0 where the patch edge's zero padding reaches (``margin``
+    voxels from an edge inside the volume), a raised-cosine ramp over ``blend`` voxels, then 1."""
+    w = np.ones(q, dtype=np.float32)
+    ramp = (0.5 - 0.5 * np.cos(np.pi * (np.arange(blend) + 0.5) / blend)).astype(np.float32)
+    if start > 0:
+        w[:margin] = 0
+        w[margin:margin + blend] = ramp
+    if start + q < n:
+        w[q - margin:] = 0
+        w[q - margin - blend:q - margin] = ramp[::-1]
+    return w
+
+
+def _patch_shape(shape, max_voxels, margin, blend, multiple):
+    """Largest patch (multiples of ``multiple``) within ``max_voxels``, shrinking the longest axis first."""
+    smallest = [min(n, -(-(2 * margin + blend + multiple) // multiple) * multiple) for n in shape]
+    q = list(shape)
+    while math.prod(q) > max_voxels:
+        axis = max((a for a in range(3) if q[a] - multiple >= smallest[a]), key=lambda a: q[a], default=None)
+        if axis is None:
+            break
+        q[axis] -= multiple
+    return q
+
+
+def predict_chi(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), device="cpu",
+                max_patch_voxels=MAX_PATCH_VOXELS, blend_voxels=8):
+    """Susceptibility (ppm, float32, zero outside ``mask``) from a local field (ppm) with a network.
+
+    Any matrix size: the volume is zero-padded to the U-Net's multiple and cropped back.
+    Above ``max_patch_voxels`` (padded) it runs in overlapping patches whose outputs are
+    blended with raised-cosine weights; each patch carries a context margin of the
+    network's receptive radius, so the result equals whole-volume inference to float
+    precision. Kernels are predicted once per call. Deterministic on CPU.
+    """
+    field = np.asarray(local_field_ppm)
+    mask = np.asarray(mask, dtype=bool)
+    if field.ndim != 3 or field.shape != mask.shape:
+        raise ValueError(f"local field {field.shape} and mask {mask.shape} must be 3D arrays of one shape")
+    if not mask.any():
+        raise ValueError("the brain mask is empty")
+    if not np.all(np.isfinite(field[mask])):
+        raise ValueError("the local field has NaN or infinite values inside the mask")
+    cfg = model.config
+    voxel = np.asarray(voxel_size_mm, dtype=float)
+    if cfg["arch"] == "mesa":
+        trained = np.asarray(cfg["fixed_voxel_size_mm"])
+        if not np.allclose(voxel, trained, rtol=0.05):
+            warnings.warn(f"this Mesa-QSM model was trained for {tuple(trained)} mm voxels only, "
+                          f"not {tuple(voxel)} mm: expect degraded susceptibility", stacklevel=2)
+        cond = None
+    else:
+        cond = encode_condition(voxel, b0_dir, cfg["conditioning"]).to(device)
+        if cfg["conditioning"] == "voxel":
+            b0 = np.abs(np.asarray(b0_dir, float)) / np.linalg.norm(b0_dir)
+            if b0[2] < np.cos(np.radians(5)):
+                warnings.warn("this model assumes B0 along the k axis but B0 is oblique to the slices",
+                              stacklevel=2)
+
+    x, scale = normalise_field(field, mask)
+    chi = np.zeros(field.shape, dtype=np.float32)
+    if scale == 0:
+        return chi
+    m = model.multiple
+    padded = [-(-n // m) * m for n in field.shape]
+    xp = np.zeros(padded, dtype=np.float32)
+    xp[: field.shape[0], : field.shape[1], : field.shape[2]] = x
+    model = model.to(device)
+
+    with torch.no_grad():
+        weights = model.predict_weights(cond)
+
+        def run(block):
+            t = torch.from_numpy(np.ascontiguousarray(block))[None, None].to(device)
+            return model.run(t, weights)[0, 0].float().cpu().numpy()
+
+        if math.prod(padded) <= max_patch_voxels:
+            out = run(xp)
+        else:
+            margin = model.receptive_radius
+            q = _patch_shape(padded, max_patch_voxels, margin, blend_voxels, m)
+            out = np.zeros(padded, dtype=np.float32)
+            total = np.zeros(padded, dtype=np.float32)
+            starts = [_tiles(n, qa, margin, blend_voxels, m) for n, qa in zip(padded, q)]
+            for i in starts[0]:
+                for j in starts[1]:
+                    for k in starts[2]:
+                        sl = (slice(i, i + q[0]), slice(j, j + q[1]), slice(k, k + q[2]))
+                        wi, wj, wk = (_window(s, qa, n, margin, blend_voxels)
+                                      for s, qa, n in zip((i, j, k), q, padded))
+                        w = wi[:, None, None] * wj[None, :, None] * wk[None, None, :]
+                        out[sl] += w * run(xp[sl])
+                        total[sl] += w
+            out /= total
+    chi[mask] = out[: field.shape[0], : field.shape[1], : field.shape[2]][mask] * scale
+    return chi
