@@ -50,7 +50,8 @@ def _model_files(name, models_dir=None):
     return pt, meta
 
 
-def _sha256(path):
+def file_sha256(path):
+    """sha256 (hex) of a file."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -60,7 +61,7 @@ def _sha256(path):
 
 def model_sha256(name, models_dir=None):
     """sha256 (hex) of the model's ``.pt`` file, as recorded in provenance."""
-    return _sha256(_model_files(name, models_dir)[0])
+    return file_sha256(_model_files(name, models_dir)[0])
 
 
 def model_info(name, models_dir=None):
@@ -72,7 +73,7 @@ def load_model(name=DEFAULT_MODEL, device="cpu", models_dir=None):
     """Load a shipped model in eval mode on ``device``, checking the ``.pt`` against its recorded sha256."""
     pt, _ = _model_files(name, models_dir)
     expected = model_info(name, models_dir)["sha256"]
-    actual = _sha256(pt)
+    actual = file_sha256(pt)
     if actual != expected:
         raise ValueError(f"model file {pt} has sha256 {actual}, but {pt.with_suffix('.json').name} "
                          f"records {expected}: the file is corrupt or was replaced")

@@ -9,7 +9,8 @@ records the method and parameters it used.
 import numpy as np
 import scipy.fft as sfft
 
-from .dipole import dipole_kernel, padded_shape
+from .dipole import dipole_kernel
+from .grid import PaddedBox
 
 
 def check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir):
@@ -39,14 +40,6 @@ def check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir):
     return field, mask, tuple(voxel), b0 / np.linalg.norm(b0)
 
 
-def _mask_bounding_box(mask):
-    """Slices of the smallest box holding every voxel of ``mask``."""
-    return tuple(
-        slice(int(idx.min()), int(idx.max()) + 1)
-        for idx in (np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3))
-    )
-
-
 def tkd(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), threshold=0.2, pad_voxels=None):
     """Truncated k-space division (Shmueli 2009; Wharton 2010).
 
@@ -65,19 +58,13 @@ def tkd(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), threshold=
     field, mask, voxel, b0 = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
     if not 0 < threshold <= 2.0 / 3.0:
         raise ValueError(f"TKD threshold must be in (0, 2/3], got {threshold!r}")
-    box = _mask_bounding_box(mask)
-    box_field = field[box]
-    if pad_voxels is None:
-        pad_voxels = [n // 4 for n in box_field.shape]
-    fshape = padded_shape(box_field.shape, pad_voxels)
-    kernel = dipole_kernel(fshape, voxel, b0, half=True)
+    box = PaddedBox(mask, pad_voxels)
+    kernel = dipole_kernel(box.shape, voxel, b0, half=True)
     small = np.abs(kernel) <= threshold
     inverse = np.where(small, np.sign(kernel) / np.float32(threshold), 1.0 / np.where(small, 1.0, kernel))
-    spectrum = sfft.rfftn(box_field, s=fshape)
+    spectrum = sfft.rfftn(box.embed(field))
     spectrum *= inverse.astype(np.float32)
-    box_chi = sfft.irfftn(spectrum, s=fshape)[tuple(slice(0, n) for n in box_field.shape)]
-    chi = np.zeros(field.shape, dtype=np.float32)
-    chi[box] = box_chi
+    chi = box.extract(sfft.irfftn(spectrum, s=box.shape).astype(np.float32, copy=False))
     chi[mask] -= chi[mask].mean(dtype=np.float64)
     chi[~mask] = 0.0
     return chi

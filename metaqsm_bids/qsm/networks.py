@@ -227,9 +227,15 @@ def build_network(config):
     return UNet3d(config)
 
 
-def save_network(model, path):
-    """Write ``{'config', 'state_dict'}`` to ``path`` (loadable with ``torch.load(weights_only=True)``)."""
-    torch.save({"config": model.config, "state_dict": model.state_dict()}, path)
+def save_network(model, path, half=False):
+    """Write ``{'config', 'state_dict'}`` to ``path`` (loadable with ``torch.load(weights_only=True)``).
+
+    ``half`` stores the weights as float16 (half the size; they are cast back to float32 on load).
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    torch.save({"config": model.config, "state_dict": state}, path)
 
 
 def load_network(path, map_location="cpu"):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft as sfft
 
-from .dipole import padded_shape
+from .grid import PaddedBox
 
 
 @dataclass
@@ -84,30 +84,6 @@ def smv_kernel(shape, voxel_size_mm, radius_mm, rfft=False):
     return np.ascontiguousarray(spectrum.real, dtype=np.float32)
 
 
-class _PaddedBox:
-    """The mask's bounding box padded by the sphere's half extent, on a fast FFT grid."""
-
-    def __init__(self, mask, half):
-        nonzero = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
-        self.crop = tuple(slice(int(nz[0]), int(nz[-1]) + 1) for nz in nonzero)
-        cropped = [s.stop - s.start for s in self.crop]
-        self.shape = padded_shape(cropped, half)
-        self.inner = tuple(slice(int(h), int(h) + n) for h, n in zip(half, cropped))
-        self.full_shape = mask.shape
-
-    def embed(self, array, dtype=np.float32):
-        """Copy the bounding box of ``array`` into a zero array of the padded shape."""
-        out = np.zeros(self.shape, dtype=dtype)
-        out[self.inner] = array[self.crop]
-        return out
-
-    def extract(self, padded):
-        """Place the box of ``padded`` back into a zero array of the original shape."""
-        out = np.zeros(self.full_shape, dtype=padded.dtype)
-        out[self.crop] = padded[self.inner]
-        return out
-
-
 def _check_mask(mask):
     mask = np.asarray(mask)
     if mask.ndim != 3:
@@ -121,7 +97,7 @@ def _check_mask(mask):
 def _erode_in_box(mask, voxel_size_mm, radius_mm):
     """Erode ``mask`` by the SMV sphere; return the padded box, its SMV half spectrum and the eroded box."""
     _, half = _sphere_half_extent(voxel_size_mm, radius_mm)
-    box = _PaddedBox(mask, half)
+    box = PaddedBox(mask, half)
     ball, n_ball = _smv_ball(box.shape, voxel_size_mm, radius_mm)
     smv_half = sfft.rfftn(ball).real
     # float64 here: the sphere mean drops by 1/n_ball when a single voxel is missing,

@@ -1,0 +1,35 @@
+"""Cropping a volume to its mask and padding it for FFTs: every FFT-based step works in such a box."""
+import numpy as np
+
+from .dipole import padded_shape
+
+
+class PaddedBox:
+    """The mask's bounding box, zero-padded by ``pad_voxels`` on each side, on a fast FFT grid.
+
+    ``pad_voxels`` (one int per axis) defaults to a quarter of the box along each axis.
+    Working in the box instead of the whole field of view is exact for operators
+    that only see the masked data, and much smaller.
+    """
+
+    def __init__(self, mask, pad_voxels=None):
+        nonzero = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+        self.crop = tuple(slice(int(nz[0]), int(nz[-1]) + 1) for nz in nonzero)
+        cropped = [s.stop - s.start for s in self.crop]
+        if pad_voxels is None:
+            pad_voxels = [n // 4 for n in cropped]
+        self.shape = padded_shape(cropped, pad_voxels)
+        self.inner = tuple(slice(int(p), int(p) + n) for p, n in zip(pad_voxels, cropped))
+        self.full_shape = mask.shape
+
+    def embed(self, array, dtype=np.float32):
+        """Copy the bounding box of ``array`` into a zero array of the padded shape."""
+        out = np.zeros(self.shape, dtype=dtype)
+        out[self.inner] = array[self.crop]
+        return out
+
+    def extract(self, padded):
+        """Place the box of ``padded`` back into a zero array of the original shape."""
+        out = np.zeros(self.full_shape, dtype=padded.dtype)
+        out[self.crop] = padded[self.inner]
+        return out

@@ -1,0 +1,255 @@
+"""The training loop: synthetic batches, L1 + L2 loss, RMSprop, checkpoints, resume, validation, export.
+
+A run directory holds ``run.json`` (training config and every command that ran in it),
+``log.jsonl`` (one line per step), ``val.jsonl`` (one line per validation),
+``last.pt`` (everything needed to resume) and ``best.pt`` (the network with the lowest
+mean validation NRMSE). Batches are a pure function of ``(seed, step)``, so a resumed
+run sees exactly the data an uninterrupted one would have.
+"""
+import json
+import math
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..qsm.deepqsm import file_sha256, normalise_field
+from ..qsm.networks import build_network, encode_condition, load_network, save_network
+from .synth import make_sample
+
+#: Held-out validation resolutions (mm): clinical 2D-like, the paper's SWI protocol, isotropic research data.
+VALIDATION_VOXELS = ((0.5, 0.5, 2.0), (0.76, 0.76, 3.0), (1.0, 1.0, 1.0), (0.75, 0.75, 1.5))
+NETWORK_KEYS = ("arch", "channels", "levels", "hidden", "conditioning", "fixed_voxel_size_mm")
+DEFAULTS = {
+    "arch": "meta", "channels": 8, "levels": 3, "hidden": 32, "conditioning": "voxel+b0",
+    "fixed_voxel_size_mm": None, "steps": 20000, "batch_size": 2, "patch": [64, 64, 32],
+    "lr": 1e-4, "lr_decay": 0.98, "lr_decay_steps": 200, "l2": 0.01, "rmsprop_alpha": 0.9,
+    "val_every": 250, "ckpt_every": 250, "val_samples": 2, "seed": 0, "supersample": 2,
+}
+
+
+def _as_tensors(samples, conditioning, arch):
+    """Stack samples into normalised network inputs, labels, masks and condition vectors."""
+    xs, ys, ms, conds = [], [], [], []
+    for s in samples:
+        x, scale = normalise_field(s.field_ppm, s.mask)
+        xs.append(x)
+        ys.append(s.chi_ppm / scale if scale > 0 else np.zeros_like(s.chi_ppm))
+        ms.append(s.mask.astype(np.float32))
+        conds.append(encode_condition(s.voxel_size_mm, s.b0_dir, conditioning))
+    batch = {k: torch.from_numpy(np.stack(v))[:, None] for k, v in (("x", xs), ("y", ys), ("mask", ms))}
+    batch["cond"] = torch.stack(conds) if arch == "meta" else None
+    return batch
+
+
+def training_batch(cfg, step):
+    """The batch for ``step``: a pure function of ``cfg['seed']`` and ``step``."""
+    rng = np.random.default_rng([cfg["seed"], step])
+    samples = [make_sample(rng, cfg["patch"], voxel_size_mm=cfg["fixed_voxel_size_mm"],
+                           conditioning=cfg["conditioning"], supersample=cfg["supersample"])
+               for _ in range(cfg["batch_size"])]
+    return _as_tensors(samples, cfg["conditioning"], cfg["arch"])
+
+
+def validation_set(cfg):
+    """Held-out samples at :data:`VALIDATION_VOXELS` (or the mesa resolution), from a seed stream
+    disjoint from training's (different entropy length)."""
+    voxels = [tuple(cfg["fixed_voxel_size_mm"])] if cfg["arch"] == "mesa" else VALIDATION_VOXELS
+    out = {}
+    for v_idx, voxel in enumerate(voxels):
+        rng = np.random.default_rng([cfg["seed"], 7919, v_idx])
+        samples = [make_sample(rng, cfg["patch"], voxel_size_mm=voxel, conditioning=cfg["conditioning"],
+                               supersample=cfg["supersample"]) for _ in range(cfg["val_samples"])]
+        out["x".join(f"{x:g}" for x in voxel)] = _as_tensors(samples, cfg["conditioning"], cfg["arch"])
+    return out
+
+
+def masked_l1(pred, batch):
+    """Mean absolute error (normalised units) inside the masks."""
+    return ((pred - batch["y"]).abs() * batch["mask"]).sum() / batch["mask"].sum().clamp_min(1)
+
+
+def evaluate(model, val_set, device):
+    """Per resolution: masked L1 and NRMSE (%, demeaned, as the 2016 challenge) of the network output."""
+    model.eval()
+    scores = {}
+    with torch.no_grad():
+        for key, batch in val_set.items():
+            batch = _to(batch, device)
+            pred = model(batch["x"], batch["cond"])
+            m = batch["mask"] > 0
+            errs = []
+            for b in range(pred.shape[0]):
+                p, y = pred[b][m[b]], batch["y"][b][m[b]]
+                p, y = p - p.mean(), y - y.mean()
+                errs.append(100 * float((p - y).norm() / y.norm().clamp_min(1e-12)))
+            scores[key] = {"l1": float(masked_l1(pred, batch)), "nrmse": float(np.mean(errs))}
+    model.train()
+    return scores
+
+
+def _to(batch, device):
+    return {k: (v.to(device) if v is not None else None) for k, v in batch.items()}
+
+
+def hardware_description(device):
+    """One line: CPU, thread count, torch version and the GPU if used."""
+    cpu = platform.processor() or platform.machine()
+    text = f"{cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    if str(device).startswith("cuda"):
+        text += f", {torch.cuda.get_device_name(0)}"
+    return text
+
+
+class _Progress:
+    """tqdm when installed, else a plain bar printed every few percent."""
+
+    def __init__(self, start, total, enabled):
+        self.bar = None
+        self.total, self.enabled, self.shown = total, enabled, start
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, step, loss):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+        elif step == self.total or step - self.shown >= max(self.total // 50, 1):
+            self.shown = step
+            done = int(30 * step / self.total)
+            print(f"\r[{'#' * done}{'.' * (30 - done)}] {step}/{self.total} loss {loss:.4f}", end="", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            print()
+
+
+def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None):
+    """Train (or continue) a network in ``out_dir`` up to ``cfg['steps']`` steps; returns the final state.
+
+    With ``resume`` the run continues from ``last.pt`` (network settings must match;
+    ``steps`` and the logging cadence may change). ``command`` (the command line) is appended
+    to ``run.json`` for provenance.
+    """
+    cfg = {**DEFAULTS, **cfg}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run_file, last = out / "run.json", out / "last.pt"
+    if resume and last.exists():
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        old = ckpt["train_cfg"]
+        changed = [k for k in NETWORK_KEYS + ("patch", "batch_size", "seed", "supersample")
+                   if _norm(old[k]) != _norm(cfg[k])]
+        if changed:
+            raise ValueError(f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}")
+        cfg = {**old, **{k: cfg[k] for k in ("steps", "val_every", "ckpt_every")}}
+        model = build_network({k: cfg[k] for k in NETWORK_KEYS})
+        model.load_state_dict(ckpt["model"])
+        step, best, wall = ckpt["step"], ckpt["best_nrmse"], ckpt["wall_s"]
+    elif last.exists():
+        raise ValueError(f"{out} already holds a run (last.pt): pass --resume to continue it or choose another --out")
+    else:
+        torch.manual_seed(cfg["seed"])
+        model = build_network({k: cfg[k] for k in NETWORK_KEYS})
+        ckpt, step, best, wall = None, 0, math.inf, 0.0
+    model.to(device).train()
+    optimiser = torch.optim.RMSprop(model.parameters(), lr=cfg["lr"], alpha=cfg["rmsprop_alpha"])
+    if ckpt is not None:
+        optimiser.load_state_dict(ckpt["optimizer"])
+    run = json.loads(run_file.read_text()) if run_file.exists() else {"train_cfg": cfg, "commands": []}
+    run["train_cfg"] = cfg
+    run["commands"].append({"command": command or " ".join(sys.argv), "start_step": step,
+                            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            "hardware": hardware_description(device)})
+    run_file.write_text(json.dumps(run, indent=2))
+
+    val_set = validation_set(cfg)
+    reg_params = model.regularised_parameters()
+    bar = _Progress(step, cfg["steps"], progress)
+    t_start = time.time()
+    with open(out / "log.jsonl", "a") as log:
+        while step < cfg["steps"]:
+            lr = cfg["lr"] * cfg["lr_decay"] ** (step // cfg["lr_decay_steps"])
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+            t0 = time.time()
+            batch = _to(training_batch(cfg, step), device)
+            t_data = time.time() - t0
+            l1 = masked_l1(model(batch["x"], batch["cond"]), batch)
+            reg = sum(p.pow(2).sum() for p in reg_params)
+            loss = l1 + cfg["l2"] * reg
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            step += 1
+            log.write(json.dumps({"step": step, "loss": float(loss), "l1": float(l1), "l2": float(reg),
+                                  "lr": lr, "data_s": round(t_data, 3), "step_s": round(time.time() - t0, 3)}) + "\n")
+            bar.update(step, float(loss))
+            if step % cfg["val_every"] == 0 or step == cfg["steps"]:
+                log.flush()
+                scores = evaluate(model, val_set, device)
+                mean_nrmse = float(np.mean([s["nrmse"] for s in scores.values()]))
+                with open(out / "val.jsonl", "a") as vlog:
+                    vlog.write(json.dumps({"step": step, "mean_nrmse": mean_nrmse, "scores": scores}) + "\n")
+                if mean_nrmse < best:
+                    best = mean_nrmse
+                    _save(out / "best.pt", model, optimiser, cfg, step, best, wall + time.time() - t_start, scores)
+            if step % cfg["ckpt_every"] == 0 or step == cfg["steps"]:
+                _save(last, model, optimiser, cfg, step, best, wall + time.time() - t_start, None)
+    bar.close()
+    return {"step": step, "best_nrmse": best, "wall_s": wall + time.time() - t_start}
+
+
+def _norm(value):
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _save(path, model, optimiser, cfg, step, best, wall, scores):
+    tmp = path.with_suffix(".tmp")  # write then rename: an interrupted save never corrupts a checkpoint
+    torch.save({"model": model.state_dict(), "optimizer": optimiser.state_dict(), "train_cfg": cfg, "step": step,
+                "best_nrmse": best, "wall_s": wall, "val_scores": scores, "network": model.config}, tmp)
+    os.replace(tmp, path)
+
+
+def export_model(run_dir, name, models_dir, checkpoint="best"):
+    """Write ``<name>.pt`` (float16 weights, config) and ``<name>.json`` (provenance) from a run's checkpoint."""
+    run_dir, models_dir = Path(run_dir), Path(models_dir)
+    source = run_dir / f"{checkpoint}.pt"
+    if not source.exists():
+        source = run_dir / "last.pt"
+    if not source.exists():
+        raise ValueError(f"{run_dir} has no checkpoint to export")
+    ckpt = torch.load(source, map_location="cpu", weights_only=False)
+    model = build_network(ckpt["network"])
+    model.load_state_dict(ckpt["model"])
+    models_dir.mkdir(parents=True, exist_ok=True)
+    pt = models_dir / f"{name}.pt"
+    save_network(model, pt, half=True)
+    load_network(pt)  # fail here, not at the user's, if the file does not load
+    run = json.loads((run_dir / "run.json").read_text())
+    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+    meta = {
+        "name": name, "sha256": file_sha256(pt), "config": model.config,
+        "recipe": {k: v for k, v in ckpt["train_cfg"].items() if k not in NETWORK_KEYS},
+        "commands": run["commands"], "exported_checkpoint": checkpoint if source.stem == checkpoint else "last",
+        "steps": ckpt["step"], "steps_trained_in_run": last["step"], "wall_time_s": round(last["wall_s"], 1),
+        "hardware": run["commands"][-1]["hardware"], "validation": {"mean_nrmse": ckpt["best_nrmse"],
+                                                                    "scores": ckpt["val_scores"]},
+        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (models_dir / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return pt
