@@ -222,3 +222,35 @@ def test_empty_user_mask(small_dataset, tmp_path):
     assert result.returncode == 1
     assert "sub-01: FAILED" in result.stderr and "brain mask is empty" in result.stderr
     assert not (out / "sub-01").exists()
+
+
+def test_single_echo_run(tmp_path):
+    bids_dir, out = tmp_path / "bids", tmp_path / "out"
+    simulate_dataset(bids_dir, [RunSpec("01", shape=(48, 48, 24), voxel_size_mm=(1.2, 1.2, 2.4),
+                                        echo_times_s=(0.015,), seed=8)])
+    result = run_cli("metaqsm", bids_dir, out, "participant", "-w", tmp_path / "work", "--nprocs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    prefix = "sub-01/{dt}/sub-01"
+    sidecar = json.loads(_path(out, prefix, "total_field", ".json").read_text())
+    assert sidecar["EchoTime"] == [0.015] and "single echo" in sidecar["TotalField"]["Method"]
+    chi = nib.load(_path(out, prefix, "chimap")).get_fdata()
+    mask = np.asarray(nib.load(_path(out, prefix, "qsm_mask")).dataobj) > 0
+    truth = nib.load(bids_dir / TRUTH / "sub-01/anat/sub-01_Chimap.nii.gz").get_fdata()
+    assert np.corrcoef(chi[mask], truth[mask])[0, 1] > 0.4
+
+
+def test_session_label_and_bids_filter_file(processed, tmp_path):
+    bids_dir, _, _, _ = processed
+    out = tmp_path / "out"
+    result = run_cli("metaqsm", bids_dir, out, "participant", "--participant-label", "01", "--session-label", "2",
+                     "-w", tmp_path / "work", "--nprocs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.rglob("*_Chimap.nii.gz")) == ["sub-01_ses-2_Chimap.nii.gz"]
+
+    filters = tmp_path / "filters.json"
+    filters.write_text(json.dumps({"megre": {"session": "1"}}))
+    out = tmp_path / "out_filtered"
+    result = run_cli("metaqsm", bids_dir, out, "participant", "--participant-label", "01", "--bids-filter-file",
+                     filters, "-w", tmp_path / "work", "--nprocs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.rglob("*_Chimap.nii.gz")) == ["sub-01_ses-1_Chimap.nii.gz"]
