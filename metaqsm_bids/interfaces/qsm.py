@@ -53,6 +53,7 @@ def _save(data, reference, name, dtype=np.float32):
 
 class _QSMInputSpec(BaseInterfaceInputSpec):
     num_threads = traits.Int(1, usedefault=True, desc="FFT/torch threads for this node")
+    source_file = traits.Str(desc="input file named in error messages")
 
 
 class _QSMInterface(SimpleInterface):
@@ -60,8 +61,14 @@ class _QSMInterface(SimpleInterface):
 
     def _run_interface(self, runtime):
         start = time.perf_counter()
-        with _threads(self.inputs.num_threads):
-            provenance = self._compute()
+        source = self.inputs.source_file if isdefined(self.inputs.source_file) else None
+        try:
+            with _threads(self.inputs.num_threads):
+                provenance = self._compute()
+        except ValueError as err:  # name the input, so the user knows which run to look at
+            if source and source not in str(err):
+                raise ValueError(f"{source}: {err}") from err
+            raise
         provenance["ElapsedSeconds"] = round(time.perf_counter() - start, 3)
         self._results["provenance"] = provenance
         return runtime
@@ -109,7 +116,6 @@ class PrepareMEGRE(_QSMInterface):
 
 class _BrainMaskInputSpec(_QSMInputSpec):
     magnitude_file = File(exists=True, mandatory=True, desc="4D magnitude")
-    source_file = traits.Str(mandatory=True, desc="name used in error messages")
     user_mask_file = File(exists=True, desc="a mask to use instead of computing one")
 
 
@@ -144,7 +150,7 @@ class BrainMask(_QSMInterface):
             provenance = {"Method": "magnitude threshold + morphology (metaqsm.qsm.masking.brain_mask)",
                           "Input": "root-sum-of-squares magnitude over echoes"}
         if not mask.any():
-            raise ValueError(f"{self.inputs.source_file}: the brain mask is empty")
+            raise ValueError("the brain mask is empty")
         provenance["Voxels"] = int(mask.sum())
         self._results["mask_file"] = _save(mask, img, "brain_mask.nii", np.uint8)
         return provenance
@@ -189,7 +195,6 @@ class TotalField(_QSMInterface):
 class _BackgroundRemovalInputSpec(_QSMInputSpec):
     field_file = File(exists=True, mandatory=True, desc="total field (Hz)")
     mask_file = File(exists=True, mandatory=True, desc="brain mask")
-    source_file = traits.Str(mandatory=True, desc="name used in error messages")
     radius_mm = traits.Float(6.0, usedefault=True, desc="SMV kernel radius (mm)")
     tikhonov = traits.Float(desc="Tikhonov regularisation weight")
     tolerance = traits.Float(desc="CG relative residual tolerance")
@@ -218,11 +223,8 @@ class BackgroundRemoval(_QSMInterface):
         params = {k: getattr(self.inputs, k) for k in ("tikhonov", "tolerance", "max_iterations")
                   if isdefined(getattr(self.inputs, k))}
         names = {"tolerance": "tol", "max_iterations": "max_iter"}
-        try:
-            result = resharp(field_hz, mask, voxel_size, radius_mm=self.inputs.radius_mm,
-                             **{names.get(k, k): v for k, v in params.items()})
-        except ValueError as err:
-            raise ValueError(f"{self.inputs.source_file}: {err}") from err
+        result = resharp(field_hz, mask, voxel_size, radius_mm=self.inputs.radius_mm,
+                         **{names.get(k, k): v for k, v in params.items()})
         self._results["local_field_file"] = _save(result.local_field, img, "local_field_hz.nii")
         self._results["mask_file"] = _save(result.mask, img, "qsm_mask.nii", np.uint8)
         return {

@@ -90,8 +90,12 @@ class WPConv3d(nn.Module):
         return weight, self.bias_head(h)
 
     def regularised_parameters(self):
-        """The predictor's weight matrices (the paper's L2-regularised WP-Conv weights)."""
-        return [m.weight for m in (*self.mlp, self.weight_head, self.bias_head) if isinstance(m, nn.Linear)]
+        """The weights mapping predictor features to kernel and bias (the paper's L2-regularised weights).
+
+        The kernel that does not depend on the condition lives in the head's bias and is not
+        penalised, so the L2 term limits how much the kernels vary with the condition.
+        """
+        return [self.weight_head.weight, self.bias_head.weight]
 
     def forward(self, x, cond):
         return _conv(x, *self.kernel(cond))

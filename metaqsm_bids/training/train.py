@@ -196,9 +196,9 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None)
             loss.backward()
             optimiser.step()
             step += 1
-            log.write(json.dumps({"step": step, "loss": float(loss), "l1": float(l1), "l2": float(reg),
+            log.write(json.dumps({"step": step, "loss": loss.item(), "l1": l1.item(), "l2": reg.item(),
                                   "lr": lr, "data_s": round(t_data, 3), "step_s": round(time.time() - t0, 3)}) + "\n")
-            bar.update(step, float(loss))
+            bar.update(step, loss.item())
             if step % cfg["val_every"] == 0 or step == cfg["steps"]:
                 log.flush()
                 scores = evaluate(model, val_set, device)

@@ -48,11 +48,11 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="tkd", inversion_params=
                    name="brain_mask", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
     if user_mask_file:
         mask.inputs.user_mask_file = str(user_mask_file)
-    field = pe.Node(TotalField(echo_times_s=list(run.echo_times_s), num_threads=omp_nthreads),
+    field = pe.Node(TotalField(source_file=source, echo_times_s=list(run.echo_times_s), num_threads=omp_nthreads),
                     name="total_field", mem_gb=mem_gb, n_procs=omp_nthreads)
     bfr = pe.Node(BackgroundRemoval(source_file=source, radius_mm=bfr_radius_mm, num_threads=omp_nthreads),
                   name="resharp", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
-    invert = pe.Node(DipoleInversion(field_strength_t=run.field_strength_t, method=inversion,
+    invert = pe.Node(DipoleInversion(source_file=source, field_strength_t=run.field_strength_t, method=inversion,
                                      parameters=dict(inversion_params or {}), device=device,
                                      num_threads=omp_nthreads),
                      name="dipole_inversion", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
