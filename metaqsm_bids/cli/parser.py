@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..qsm.inversion import INVERSIONS
+from .plugins import plugin_settings
 
 
 def _existing_dir(value):
@@ -67,6 +68,9 @@ def build_parser():
                       default=Path("work").resolve(), help="nipype working directory (reruns reuse it)")
     perf.add_argument("--nprocs", "--nthreads", type=int, default=os.cpu_count(),
                       help="processes nipype's MultiProc plugin may run at once (1 = Linear plugin)")
+    perf.add_argument("--nipype-plugin-file", type=_existing_file, metavar="FILE",
+                      help="YAML file {plugin: MultiProc|Linear|SLURM|SLURMGraph, plugin_args: {...}} "
+                           "(as in fMRIPrep); overrides the MultiProc/Linear choice of --nprocs")
     perf.add_argument("--omp-nthreads", type=int, default=None,
                       help="threads per process for FFTs and torch (default: --nprocs, capped at 8)")
     perf.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -90,4 +94,8 @@ def parse_args(argv=None):
         opts.omp_nthreads = min(opts.nprocs, 8)
     if opts.omp_nthreads < 1:
         parser.error("--omp-nthreads must be >= 1")
+    try:
+        opts.plugin, opts.plugin_args = plugin_settings(opts.nprocs, opts.nipype_plugin_file)
+    except ValueError as err:
+        parser.error(str(err))
     return opts

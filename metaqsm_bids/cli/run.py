@@ -98,6 +98,7 @@ def run_participant(opts):
     from ..io.derivatives import ensure_dataset_description
     from ..qsm.device import resolve_device
     from ..workflows.base import init_metaqsm_wf
+    from .plugins import add_resource_hints
 
     layout = BIDSLayout(str(opts.bids_dir), validate=False)
     subjects = participant_labels(layout, opts.participant_label)
@@ -129,11 +130,10 @@ def run_participant(opts):
             inversion_params=inversion_params, bfr_radius_mm=opts.bfr_radius_mm,
             device=resolve_device(opts.device), omp_nthreads=opts.omp_nthreads,
         )
-        plugin, plugin_args = ("Linear", {}) if opts.nprocs == 1 else (
-            "MultiProc", {"n_procs": opts.nprocs, "raise_insufficient": False})
+        add_resource_hints(wf, opts.plugin)
         started = time.time() - 1
         try:
-            wf.run(plugin=plugin, plugin_args=plugin_args)
+            wf.run(plugin=opts.plugin, plugin_args=opts.plugin_args)
         except RuntimeError as err:
             reasons = _crash_reasons(crash_dir, started)
             if not reasons:

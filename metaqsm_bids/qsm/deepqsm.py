@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .networks import encode_condition, load_network
+from .inversion import check_inputs
+from .networks import VOXEL_CENTRE_MM, VOXEL_HALF_RANGE_MM, encode_condition, load_network
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
 #: The model the pipeline uses unless told otherwise.
@@ -122,18 +123,13 @@ def predict_chi(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1
     Above ``max_patch_voxels`` (padded) it runs in overlapping patches whose outputs are
     blended with raised-cosine weights; each patch carries a context margin of the
     network's receptive radius, so the result equals whole-volume inference to float
-    precision. Kernels are predicted once per call. Deterministic on CPU.
+    precision. Kernels are predicted once per call. Deterministic on CPU. Unlike the
+    analytic inversions the output is not demeaned: the network was trained on absolute
+    susceptibility (CSF near 0 ppm).
     """
-    field = np.asarray(local_field_ppm)
-    mask = np.asarray(mask, dtype=bool)
-    if field.ndim != 3 or field.shape != mask.shape:
-        raise ValueError(f"local field {field.shape} and mask {mask.shape} must be 3D arrays of one shape")
-    if not mask.any():
-        raise ValueError("the brain mask is empty")
-    if not np.all(np.isfinite(field[mask])):
-        raise ValueError("the local field has NaN or infinite values inside the mask")
+    field, mask, voxel, b0_dir = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
     cfg = model.config
-    voxel = np.asarray(voxel_size_mm, dtype=float)
+    voxel = np.asarray(voxel, dtype=float)
     if cfg["arch"] == "mesa":
         trained = np.asarray(cfg["fixed_voxel_size_mm"])
         if not np.allclose(voxel, trained, rtol=0.05):
@@ -142,9 +138,13 @@ def predict_chi(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1
         cond = None
     else:
         cond = encode_condition(voxel, b0_dir, cfg["conditioning"]).to(device)
+        low = np.subtract(VOXEL_CENTRE_MM, VOXEL_HALF_RANGE_MM)
+        high = np.add(VOXEL_CENTRE_MM, VOXEL_HALF_RANGE_MM)
+        if np.any(voxel < 0.9 * low) or np.any(voxel > 1.1 * high):
+            warnings.warn(f"voxel size {tuple(voxel)} mm is outside the training range "
+                          f"{tuple(low)}-{tuple(high)} mm: the network extrapolates", stacklevel=2)
         if cfg["conditioning"] == "voxel":
-            b0 = np.abs(np.asarray(b0_dir, float)) / np.linalg.norm(b0_dir)
-            if b0[2] < np.cos(np.radians(5)):
+            if abs(b0_dir[2]) < np.cos(np.radians(5)):
                 warnings.warn("this model assumes B0 along the k axis but B0 is oblique to the slices",
                               stacklevel=2)
 

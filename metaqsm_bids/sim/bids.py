@@ -174,7 +174,7 @@ nuclei, veins and a calcification, with literature susceptibility, M0 and R2* va
 
 The field is the dipole forward model of the whole head (air +9.4 ppm relative to tissue) with B0
 along the scanner z axis, minus a 2nd-order shim fitted over the brain, computed on a grid twice as
-fine in-plane; the complex signal `m0 exp(-TE R2*) exp(i(phi0 + 2 pi f TE))` with a smooth phase
+fine along every axis; the complex signal `m0 exp(-TE R2*) exp(i(phi0 + 2 pi f TE))` with a smooth phase
 offset `phi0` was averaged back to the acquisition grid and complex Gaussian noise added.
 
 The ground truth is in `derivatives/{derivative}/`: susceptibility (`Chimap`, ppm relative to CSF),

@@ -395,25 +395,26 @@ class SimulationTruth:
 
 
 def _block_mean(array, oversample):
-    """Mean over ``oversample`` x ``oversample`` in-plane blocks (axes 0 and 1)."""
+    """Mean over ``oversample``^3 blocks."""
     if oversample == 1:
         return array
-    total = sum(array[di::oversample, dj::oversample] for di in range(oversample) for dj in range(oversample))
-    return total / np.float32(oversample ** 2)
+    o = oversample
+    total = sum(array[i::o, j::o, k::o] for i in range(o) for j in range(o) for k in range(o))
+    return total / np.float32(o ** 3)
 
 
 def _fine_field_ppm(phantom, oversample, shim):
-    """Total field (ppm) on the in-plane ``oversample``-times finer grid, plus that grid's maps.
+    """Total field (ppm) on the ``oversample``-times finer grid (all three axes), plus that grid's maps.
 
     The susceptibility is painted on a grid that extends the field of view to hold the whole head,
     with air as zero (chi - AIR_CHI_PPM) so that the FFT zero padding is air too.
     """
     shape = phantom.chi_ppm.shape
-    fine_shape = (shape[0] * oversample, shape[1] * oversample, shape[2])
+    fine_shape = tuple(n * oversample for n in shape)
     # sub-voxel d of voxel i sits at index i + (d + 1/2) / oversample - 1/2 of the phantom's grid
     affine = phantom.affine.copy()
-    affine[:3, :3] = phantom.affine[:3, :3] @ np.diag([1 / oversample, 1 / oversample, 1])
-    affine[:3, 3] += phantom.affine[:3, :3] @ np.array([0.5 / oversample - 0.5, 0.5 / oversample - 0.5, 0])
+    affine[:3, :3] = phantom.affine[:3, :3] / oversample
+    affine[:3, 3] += phantom.affine[:3, :3] @ np.full(3, 0.5 / oversample - 0.5)
     vox = physics.voxel_size_mm(affine)
     fov = _Grid(fine_shape, affine, phantom.scale)
     lo, hi, pad = [], [], []
@@ -462,8 +463,12 @@ def simulate_megre(phantom, echo_times_s, b0_tesla, peak_snr, rng, oversample=2,
     ``physics.b0_direction_voxel(affine)`` in voxel axes), minus a 2nd-order shim fitted over the
     brain; the signal of each sub-voxel is ``m0 exp(-TE R2*) exp(i (phi0 + 2 pi f TE))``, R2*
     scaled linearly from 3 T to ``b0_tesla``, ``phi0`` a smooth random phase offset of a few rad.
-    Against the inverse crime, all this is computed on a grid ``oversample`` times finer in-plane
-    and the complex signal averaged back. Complex Gaussian noise has a standard deviation of
+    Against the inverse crime, all this is computed on a grid ``oversample`` times finer along
+    every axis and the complex signal averaged back. Refining all three axes matters for oblique
+    B0: the sampled dipole kernel is discontinuous at the Nyquist faces when B0 is off-axis, and
+    the field of a sharp 9.4 ppm air/tissue edge then rings in a way no real (voxel-averaged)
+    field does; RESHARP cannot remove that ringing (measured: TKD correlation 0.75 at 25 deg
+    with a 1x grid vs 0.85 with a 2x grid averaged down, 0.86 straight). Complex Gaussian noise has a standard deviation of
     (max |signal| at the first echo) / ``peak_snr`` per channel (None: no noise); air gets noise only.
     ``return_truth`` also returns a :class:`SimulationTruth`.
     """

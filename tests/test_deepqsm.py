@@ -1,0 +1,82 @@
+"""Inference: padding to any matrix size, patch-wise = whole-volume, scale/offset behaviour, model files."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from metaqsm_bids.qsm import deepqsm
+from metaqsm_bids.qsm.deepqsm import load_model, model_sha256, normalise_field, predict_chi
+from metaqsm_bids.qsm.networks import UNet3d, save_network
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return UNet3d({"channels": 2, "levels": 3, "hidden": 4}).eval()
+
+
+def field_and_mask(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    field = rng.normal(0, 0.02, shape).astype(np.float32)
+    ii, jj, kk = np.indices(shape)
+    centre = [(n - 1) / 2 for n in shape]
+    mask = sum(((g - c) / (0.45 * n)) ** 2 for g, c, n in zip((ii, jj, kk), centre, shape)) <= 1
+    return field, mask
+
+
+@pytest.mark.parametrize("shape", [(23, 17, 11), (9, 30, 5)])
+def test_odd_matrix_sizes(net, shape):
+    field, mask = field_and_mask(shape)
+    chi = predict_chi(net, field, mask, (0.7, 0.9, 2.1), (0.1, 0.0, 0.99))
+    assert chi.shape == shape and chi.dtype == np.float32
+    assert np.all(np.isfinite(chi)) and np.all(chi[~mask] == 0) and np.any(chi[mask] != 0)
+
+
+def test_patches_match_whole_volume(net):
+    field, mask = field_and_mask((110, 100, 11), seed=1)
+    whole = predict_chi(net, field, mask, (0.5, 0.5, 2.0), max_patch_voxels=10 ** 9)
+    patched = predict_chi(net, field, mask, (0.5, 0.5, 2.0), max_patch_voxels=80 * 80 * 12)
+    # several patches were needed along the first two axes (padded shape 112 x 100 x 12)
+    q = deepqsm._patch_shape([112, 100, 12], 80 * 80 * 12, net.receptive_radius, 8, 4)
+    assert q[0] < 112 and q[1] < 100
+    np.testing.assert_allclose(patched, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+
+
+def test_deterministic_linear_in_scale_and_blind_to_offset(net):
+    field, mask = field_and_mask((24, 24, 12), seed=2)
+    chi = predict_chi(net, field, mask, (1.0, 1.0, 1.0))
+    assert np.array_equal(chi, predict_chi(net, field, mask, (1.0, 1.0, 1.0)))
+    # D(0) = 0: a constant field holds no susceptibility; the inverse is linear in the field
+    np.testing.assert_allclose(predict_chi(net, 3 * field + 0.5, mask, (1.0, 1.0, 1.0)), 3 * chi,
+                               rtol=1e-4, atol=1e-6)
+    x, scale = normalise_field(field, mask)
+    assert abs(x[mask].mean()) < 1e-5 and abs(np.sqrt(np.mean(x[mask] ** 2)) - 1) < 1e-5
+    assert np.all(predict_chi(net, np.full(mask.shape, 0.3, np.float32), mask, (1, 1, 1)) == 0)
+
+
+def test_bad_inputs(net):
+    field, mask = field_and_mask((16, 16, 8))
+    with pytest.raises(ValueError, match="empty"):
+        predict_chi(net, field, np.zeros_like(mask), (1, 1, 1))
+    bad = field.copy()
+    bad[8, 8, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        predict_chi(net, bad, mask, (1, 1, 1))
+    with pytest.raises(ValueError, match="shape"):
+        predict_chi(net, field, mask[:, :, :4], (1, 1, 1))
+
+
+def test_load_model_checks_sha256(tmp_path, net):
+    save_network(net, tmp_path / "m.pt")
+    (tmp_path / "m.json").write_text(json.dumps({"sha256": deepqsm.file_sha256(tmp_path / "m.pt")}))
+    assert model_sha256("m", tmp_path) == deepqsm.file_sha256(tmp_path / "m.pt")
+    loaded = load_model("m", "cpu", tmp_path)
+    field, mask = field_and_mask((16, 16, 8))
+    assert np.array_equal(predict_chi(loaded, field, mask, (1, 1, 1)), predict_chi(net, field, mask, (1, 1, 1)))
+    with open(tmp_path / "m.pt", "ab") as fh:
+        fh.write(b"tampered")
+    with pytest.raises(ValueError, match="sha256"):
+        load_model("m", "cpu", tmp_path)
+    with pytest.raises(ValueError, match="no model"):
+        load_model("absent", "cpu", tmp_path)

@@ -1,0 +1,97 @@
+"""WP-Conv and the U-Net: shapes, conditioning, per-sample kernels, receptive field, save/load."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metaqsm_bids.qsm.networks import (PlainConv3d, UNet3d, WPConv3d, encode_condition, load_network,
+                                       save_network)
+
+
+def cond(voxel, b0=(0.0, 0.0, 1.0), conditioning="voxel+b0"):
+    return encode_condition(voxel, b0, conditioning)[None]
+
+
+@pytest.mark.parametrize("cin,cout,k", [(1, 4, 3), (4, 8, 3), (8, 3, 3), (6, 1, 1)])
+def test_wpconv_shapes(cin, cout, k):
+    torch.manual_seed(0)
+    layer = WPConv3d(cin, cout, cond_dim=6, hidden=16, kernel_size=k)
+    weight, bias = layer.kernel(cond((0.5, 0.5, 2.0)))
+    assert weight.shape == (1, cout, cin, k, k, k) and bias.shape == (1, cout)
+    y = layer(torch.randn(1, cin, 9, 8, 7), cond((0.5, 0.5, 2.0)))
+    assert y.shape == (1, cout, 9, 8, 7)
+
+
+def test_predicted_weights_depend_on_voxel_size_and_b0_only():
+    torch.manual_seed(0)
+    layer = WPConv3d(4, 4, cond_dim=6, hidden=16)
+    w_a, b_a = layer.kernel(cond((0.5, 0.5, 2.0)))
+    w_a2, b_a2 = layer.kernel(cond((0.5, 0.5, 2.0)))
+    w_b, _ = layer.kernel(cond((1.0, 1.0, 1.0)))
+    w_c, _ = layer.kernel(cond((0.5, 0.5, 2.0), b0=(0.0, 0.5, 0.866)))
+    assert torch.equal(w_a, w_a2) and torch.equal(b_a, b_a2)
+    assert (w_a - w_b).abs().max() > 1e-4
+    assert (w_a - w_c).abs().max() > 1e-4
+
+
+def test_condition_encoding():
+    # the dipole kernel is the same for B0 and -B0: so must the code be
+    assert torch.equal(encode_condition((1, 1, 2), (0.1, 0.2, -0.97), "voxel+b0"),
+                       encode_condition((1, 1, 2), (-0.1, -0.2, 0.97), "voxel+b0"))
+    assert encode_condition((1, 1, 2), (0, 0, 1), "voxel").shape == (3,)
+    with pytest.raises(ValueError):
+        encode_condition((1, 0, 2), (0, 0, 1), "voxel")
+    with pytest.raises(ValueError):
+        encode_condition((1, 1, 2), (0, 0, 1), "b0")
+
+
+def test_per_sample_kernels_match_separate_convolutions():
+    """A batch with different voxel sizes (grouped conv) equals running each sample alone."""
+    torch.manual_seed(0)
+    layer = WPConv3d(3, 5, cond_dim=6, hidden=8)
+    x = torch.randn(2, 3, 8, 8, 6)
+    conds = torch.cat([cond((0.5, 0.5, 2.0)), cond((1.2, 0.9, 3.5))])
+    both = layer(x, conds)
+    for b in range(2):
+        weight, bias = layer.kernel(conds[b:b + 1])
+        alone = F.conv3d(x[b:b + 1], weight[0], bias[0], padding=1)
+        torch.testing.assert_close(both[b:b + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["meta", "mesa"])
+def test_unet_shapes_and_receptive_radius(arch):
+    torch.manual_seed(0)
+    net = UNet3d({"arch": arch, "channels": 2, "levels": 3, "hidden": 4, "fixed_voxel_size_mm": [0.76, 0.76, 3]})
+    assert net.multiple == 4
+    x = torch.zeros(1, 1, 64, 64, 64, requires_grad=True)
+    c = cond((0.76, 0.76, 3.0)) if arch == "meta" else None
+    y = net(x, c)
+    assert y.shape == x.shape
+    y[0, 0, 32, 32, 32].backward()
+    reach = (x.grad[0, 0].abs() > 0).nonzero()
+    # the bound used for patching must cover the true dependence, and not grossly overstate it
+    assert (reach - 32).abs().max() <= net.receptive_radius
+    assert (reach - 32).abs().max() >= net.receptive_radius - 6
+
+
+def test_mesa_needs_its_resolution():
+    with pytest.raises(ValueError, match="fixed_voxel_size_mm"):
+        UNet3d({"arch": "mesa"})
+    assert isinstance(UNet3d({"arch": "mesa", "fixed_voxel_size_mm": [1, 1, 1]}).head, PlainConv3d)
+
+
+def test_save_then_load_gives_identical_output(tmp_path):
+    torch.manual_seed(0)
+    net = UNet3d({"channels": 4, "levels": 2, "hidden": 8, "conditioning": "voxel"}).eval()
+    x, c = torch.randn(1, 1, 12, 10, 8), cond((0.6, 0.6, 1.2), conditioning="voxel")
+    save_network(net, tmp_path / "net.pt")
+    again = load_network(tmp_path / "net.pt")
+    assert again.config == net.config
+    with torch.no_grad():
+        assert torch.equal(net(x, c), again(x, c))
+        # float16 storage: same network to within half-precision rounding of the weights
+        save_network(net, tmp_path / "half.pt", half=True)
+        half = load_network(tmp_path / "half.pt")
+        ref = net(x, c)
+        assert (half(x, c) - ref).abs().max() <= 5e-3 * ref.abs().max()
+    assert (tmp_path / "half.pt").stat().st_size < 0.6 * (tmp_path / "net.pt").stat().st_size
