@@ -96,7 +96,6 @@ def run_participant(opts):
 
     from ..io.bids import participant_labels
     from ..io.derivatives import ensure_dataset_description
-    from ..qsm.device import resolve_device
     from ..workflows.base import init_metaqsm_wf
     from .plugins import add_resource_hints
 
@@ -128,7 +127,7 @@ def run_participant(opts):
             runs_by_subject, work_dir=opts.work_dir, user_masks=user_masks,
             bids_dir=opts.bids_dir, output_dir=opts.output_dir, inversion=opts.inversion,
             inversion_params=inversion_params, bfr_radius_mm=opts.bfr_radius_mm,
-            device=resolve_device(opts.device), omp_nthreads=opts.omp_nthreads,
+            device=opts.device, omp_nthreads=opts.omp_nthreads,
         )
         add_resource_hints(wf, opts.plugin)
         started = time.time() - 1

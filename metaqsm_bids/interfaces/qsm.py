@@ -244,7 +244,8 @@ class _DipoleInversionInputSpec(_QSMInputSpec):
     field_strength_t = traits.Float(mandatory=True, desc="B0 (T)")
     method = traits.Str("tkd", usedefault=True, desc="inversion method")
     parameters = traits.Dict(desc="method parameters")
-    device = traits.Enum("auto", "cpu", "cuda", usedefault=True)
+    device = traits.Enum("auto", "cpu", "cuda", usedefault=True,
+                         desc="torch device; 'auto' is resolved on the machine that runs the node")
 
 
 class _DipoleInversionOutputSpec(TraitedSpec):

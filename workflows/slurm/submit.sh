@@ -51,19 +51,26 @@ state_dir=$(realpath -m "${state_dir:-${out_dir}_slurm}")
 work_dir=$(realpath -m "${work_dir:-$state_dir/work}")
 runner=${METAQSM_RUNNER:-singularity}
 case "$runner" in
-    native) command -v "${METAQSM_CMD:-metaqsm}" >/dev/null || die "METAQSM_RUNNER=native: ${METAQSM_CMD:-metaqsm} is not on PATH" ;;
+    native)
+        command -v "${METAQSM_CMD:-metaqsm}" >/dev/null \
+            || die "METAQSM_RUNNER=native: ${METAQSM_CMD:-metaqsm} is not on PATH" ;;
     singularity|apptainer)
-        [ -f "${METAQSM_SIF:-}" ] || die "METAQSM_SIF='${METAQSM_SIF:-}' is not a file: point it at the metaqsm .sif image (or set METAQSM_RUNNER=native)"
+        [ -f "${METAQSM_SIF:-}" ] \
+            || die "METAQSM_SIF='${METAQSM_SIF:-}' is not a file: point it at the metaqsm .sif image" \
+                   "(or set METAQSM_RUNNER=native)"
         METAQSM_SIF=$(realpath "$METAQSM_SIF") ;;
     *) die "METAQSM_RUNNER=$runner: use singularity, apptainer or native" ;;
 esac
 
 if [ ${#participants[@]} = 0 ]; then
     if [ -f "$bids_dir/participants.tsv" ]; then  # the participant_id column, wherever it is
-        mapfile -t participants < <(awk -F'\t' 'NR == 1 {for (i = 1; i <= NF; i++) if ($i == "participant_id") c = i; next}
-                                                c && $c != "" {print $c}' "$bids_dir/participants.tsv")
+        mapfile -t participants < <(awk -F'\t' '
+            {sub(/\r$/, "")}
+            NR == 1 {for (i = 1; i <= NF; i++) if ($i == "participant_id") c = i; next}
+            c && $c != "" {print $c}' "$bids_dir/participants.tsv")
     else
-        mapfile -t participants < <(find "$bids_dir" -mindepth 1 -maxdepth 1 -type d -name 'sub-*' -printf '%f\n' | sort)
+        mapfile -t participants < <(find "$bids_dir" -mindepth 1 -maxdepth 1 -type d -name 'sub-*' -printf '%f\n' \
+                                    | sort)
     fi
 fi
 participants=("${participants[@]#sub-}")
