@@ -15,8 +15,11 @@ def main(argv=None):
     from .parser import parse_args
 
     opts = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * min(opts.verbose + 1, 2),
-                        format="%(asctime)s [metaqsm] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    # our own logger only: a root handler would print every nipype line twice (nipype has its own)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s [metaqsm] %(levelname)s: %(message)s", "%H:%M:%S"))
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.WARNING - 10 * min(opts.verbose + 1, 2))
     from ..io.bids import BIDSInputError
 
     try:
@@ -93,6 +96,7 @@ def run_participant(opts):
     """Participant level: reconstruct every selected run; one failure does not stop the others."""
     from bids import BIDSLayout
     from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
 
     from ..io.bids import participant_labels
     from ..io.derivatives import ensure_dataset_description
@@ -121,7 +125,10 @@ def run_participant(opts):
                 "poll_sleep_duration": 0.1,
             },
             "monitoring": {"enabled": False},
+            "logging": {level: ("WARNING", "INFO", "DEBUG")[min(opts.verbose, 2)]
+                        for level in ("workflow_level", "interface_level", "utils_level")},
         })
+        nipype_logging.update_logging(nipype_config)
         inversion_params = {"threshold": opts.tkd_threshold} if opts.inversion == "tkd" else {}
         wf = init_metaqsm_wf(
             runs_by_subject, work_dir=opts.work_dir, user_masks=user_masks,
