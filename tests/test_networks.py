@@ -1,5 +1,4 @@
 """WP-Conv and the U-Net: shapes, conditioning, per-sample kernels, receptive field, save/load."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

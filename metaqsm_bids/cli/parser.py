@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 from .. import __version__
+from ..qsm.background import BACKGROUND_REMOVALS
 from ..qsm.inversion import INVERSIONS
 from .plugins import plugin_settings
 
@@ -52,6 +53,8 @@ def build_parser():
     bids.add_argument("--bids-filter-file", type=_existing_file, metavar="FILE",
                       help="JSON object of pybids entity filters applied to the MEGRE files, "
                            "e.g. {\"acquisition\": \"highres\"}")
+    bids.add_argument("--skip-bids-validation", action="store_true",
+                      help="do not validate the input dataset (bids-validator-deno if installed, else pybids)")
     bids.add_argument("--brain-mask-dir", type=_existing_dir, metavar="DIR",
                       help="a derivatives dataset with *_desc-brain_mask.nii[.gz] files named like the runs; "
                            "those masks replace the computed ones")
@@ -60,6 +63,10 @@ def build_parser():
     qsm.add_argument("--inversion", choices=sorted(INVERSIONS), default="tkd", help="dipole inversion method")
     qsm.add_argument("--tkd-threshold", type=_positive_float, default=0.2,
                      help="TKD truncation threshold of the dipole kernel")
+    qsm.add_argument("--medi-lambda", type=_positive_float, default=1000.0,
+                     help="MEDI regularisation weight (MEDI toolbox convention; see metaqsm_bids.qsm.medi)")
+    qsm.add_argument("--bfr", choices=sorted(BACKGROUND_REMOVALS), default="resharp",
+                     help="background field removal method")
     qsm.add_argument("--bfr-radius-mm", type=_positive_float, default=6.0,
                      help="RESHARP spherical kernel radius (mm)")
 

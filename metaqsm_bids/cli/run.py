@@ -98,11 +98,21 @@ def run_participant(opts):
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
-    from ..io.bids import participant_labels
+    from ..io.bids import BIDSInputError, participant_labels
+    from ..io.validation import format_findings, validate_input
+    from ..reports import write_subject_report
     from ..io.derivatives import ensure_dataset_description
     from ..workflows.base import init_metaqsm_wf
     from .plugins import add_resource_hints
 
+    if not opts.skip_bids_validation:
+        findings = validate_input(opts.bids_dir)
+        for finding in findings:
+            (LOGGER.error if finding.severity == "error" else LOGGER.warning)("%s", finding)
+        dataset_errors = [f for f in findings if f.subject is None and f.severity == "error"]
+        if dataset_errors:
+            raise BIDSInputError(f"{opts.bids_dir} is not a valid BIDS dataset:\n{format_findings(dataset_errors)}"
+                                 "\n(--skip-bids-validation skips this check)")
     layout = BIDSLayout(str(opts.bids_dir), validate=False)
     subjects = participant_labels(layout, opts.participant_label)
     runs_by_subject, user_masks, failed = _collect(opts, layout, subjects)
@@ -129,11 +139,12 @@ def run_participant(opts):
                         for level in ("workflow_level", "interface_level", "utils_level")},
         })
         nipype_logging.update_logging(nipype_config)
-        inversion_params = {"threshold": opts.tkd_threshold} if opts.inversion == "tkd" else {}
+        inversion_params = {"tkd": {"threshold": opts.tkd_threshold},
+                            "medi": {"lambda_": opts.medi_lambda}}.get(opts.inversion, {})
         wf = init_metaqsm_wf(
             runs_by_subject, work_dir=opts.work_dir, user_masks=user_masks,
             bids_dir=opts.bids_dir, output_dir=opts.output_dir, inversion=opts.inversion,
-            inversion_params=inversion_params, bfr_radius_mm=opts.bfr_radius_mm,
+            inversion_params=inversion_params, bfr=opts.bfr, bfr_radius_mm=opts.bfr_radius_mm,
             device=opts.device, omp_nthreads=opts.omp_nthreads,
         )
         add_resource_hints(wf, opts.plugin)
@@ -150,6 +161,8 @@ def run_participant(opts):
                 runs_by_subject.pop(subject, None)
 
     for subject in sorted(set(runs_by_subject) | set(failed)):
+        if (opts.output_dir / f"sub-{subject}").exists():
+            write_subject_report(opts.output_dir, subject, opts.bids_dir)
         if subject in failed:
             print(f"sub-{subject}: FAILED: {failed[subject]}", file=sys.stderr)
         else:
@@ -159,12 +172,12 @@ def run_participant(opts):
 
 def run_group(opts):
     """Group level: tabulate every Chimap found in ``output_dir``, and participants with none."""
-    from ..io.derivatives import group_summary
+    from ..reports import write_group_report
 
-    path, rows = group_summary(opts.output_dir, opts.bids_dir)
-    for row in rows:
-        print("\t".join(str(row[k]) for k in row))
-    print(f"wrote {path}")
+    report = write_group_report(opts.output_dir, opts.bids_dir)  # also writes group_summary.tsv
+    summary = opts.output_dir / "group_summary.tsv"
+    print(summary.read_text(), end="")
+    print(f"wrote {summary} and {report}")
     return 0
 
 

@@ -195,10 +195,9 @@ class TotalField(_QSMInterface):
 class _BackgroundRemovalInputSpec(_QSMInputSpec):
     field_file = File(exists=True, mandatory=True, desc="total field (Hz)")
     mask_file = File(exists=True, mandatory=True, desc="brain mask")
-    radius_mm = traits.Float(6.0, usedefault=True, desc="SMV kernel radius (mm)")
-    tikhonov = traits.Float(desc="Tikhonov regularisation weight")
-    tolerance = traits.Float(desc="CG relative residual tolerance")
-    max_iterations = traits.Int(desc="CG iteration cap")
+    magnitude_file = File(exists=True, desc="RSS magnitude, for methods that weight by it (PDF)")
+    method = traits.Enum("resharp", "vsharp", "pdf", usedefault=True, desc="background field removal method")
+    radius_mm = traits.Float(6.0, usedefault=True, desc="RESHARP spherical kernel radius (mm)")
 
 
 class _BackgroundRemovalOutputSpec(TraitedSpec):
@@ -214,23 +213,24 @@ class BackgroundRemoval(_QSMInterface):
     output_spec = _BackgroundRemovalOutputSpec
 
     def _compute(self):
-        from ..qsm.resharp import resharp
+        from ..qsm.background import remove_background
 
         img = nib.load(self.inputs.field_file)
         field_hz = np.asarray(img.dataobj, dtype=np.float32)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
-        voxel_size, _ = _geometry(img)
-        params = {k: getattr(self.inputs, k) for k in ("tikhonov", "tolerance", "max_iterations")
-                  if isdefined(getattr(self.inputs, k))}
-        names = {"tolerance": "tol", "max_iterations": "max_iter"}
-        result = resharp(field_hz, mask, voxel_size, radius_mm=self.inputs.radius_mm,
-                         **{names.get(k, k): v for k, v in params.items()})
+        voxel_size, b0_dir = _geometry(img)
+        params = {}
+        if self.inputs.method == "resharp":
+            params["radius_mm"] = self.inputs.radius_mm
+        if self.inputs.method == "pdf" and isdefined(self.inputs.magnitude_file):
+            params["magnitude"] = np.asarray(nib.load(self.inputs.magnitude_file).dataobj, dtype=np.float32)
+        result = remove_background(self.inputs.method, field_hz, mask, voxel_size, b0_dir=b0_dir, **params)
         self._results["local_field_file"] = _save(result.local_field, img, "local_field_hz.nii")
         self._results["mask_file"] = _save(result.mask, img, "qsm_mask.nii", np.uint8)
         return {
-            "Method": "RESHARP",
-            "RadiusMm": self.inputs.radius_mm,
-            **result.parameters,
+            "Method": self.inputs.method.upper().replace("VSHARP", "V-SHARP"),
+            **({"RadiusMm": self.inputs.radius_mm} if self.inputs.method == "resharp" else {}),
+            **(result.parameters or {}),
             "Iterations": int(result.iterations),
             "RelativeResidual": float(result.relative_residual),
             "Units": "Hz",
@@ -240,7 +240,8 @@ class BackgroundRemoval(_QSMInterface):
 class _DipoleInversionInputSpec(_QSMInputSpec):
     local_field_file = File(exists=True, mandatory=True, desc="local field (Hz)")
     mask_file = File(exists=True, mandatory=True, desc="mask where the local field is valid")
-    magnitude_file = File(exists=True, desc="4D magnitude, for methods that use it")
+    magnitude_file = File(exists=True, desc="RSS magnitude, for methods that use it (MEDI)")
+    echo_times_s = traits.List(traits.Float, desc="echo times (s), for MEDI's noise scaling")
     field_strength_t = traits.Float(mandatory=True, desc="B0 (T)")
     method = traits.Str("tkd", usedefault=True, desc="inversion method")
     parameters = traits.Dict(desc="method parameters")
@@ -267,11 +268,19 @@ class DipoleInversion(_QSMInterface):
         local_ppm = physics.field_hz_to_ppm(np.asarray(img.dataobj, dtype=np.float32), self.inputs.field_strength_t)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
         params = dict(self.inputs.parameters) if isdefined(self.inputs.parameters) else {}
-        chi = invert(self.inputs.method, local_ppm, mask, voxel_size, b0_dir, **params)
+        extra = {}
+        if self.inputs.method == "medi":
+            tes = self.inputs.echo_times_s
+            extra = {"magnitude": np.asarray(nib.load(self.inputs.magnitude_file).dataobj, dtype=np.float32),
+                     "b0_tesla": self.inputs.field_strength_t,
+                     "delta_te_s": float(np.diff(tes).mean()) if len(tes) > 1 else float(tes[0])}
+        info = {}
+        chi = invert(self.inputs.method, local_ppm, mask, voxel_size, b0_dir, info=info, **params, **extra)
         self._results["chimap_file"] = _save(chi, img, "chimap_ppm.nii")
         return {
             "Method": self.inputs.method,
             **params,
+            **info,
             "B0DirectionVoxel": [round(float(v), 6) for v in b0_dir],
             "VoxelSizeMm": [round(float(v), 6) for v in voxel_size],
             "MagneticFieldStrength": self.inputs.field_strength_t,

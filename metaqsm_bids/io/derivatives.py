@@ -66,7 +66,7 @@ def bids_uri(dataset, relative_path):
     return f"bids:{dataset}:{Path(relative_path).as_posix()}"
 
 
-def _atomic_write(path, writer):
+def atomic_write(path, writer):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # keep the final extension: nibabel picks gzip compression from it
@@ -84,7 +84,7 @@ def _atomic_write(path, writer):
 def write_json(path, data):
     """Write JSON atomically (sorted keys, so reruns produce identical files)."""
     text = json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _jsonable(value):
@@ -104,7 +104,7 @@ def write_nifti(path, data, affine, dtype=np.float32, header=None):
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
-    _atomic_write(path, lambda tmp: nib.save(img, tmp))
+    atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 def dataset_description(raw_dir):
@@ -140,7 +140,7 @@ def ensure_dataset_description(output_dir, raw_dir):
     write_json(path, desc)
     readme = output_dir / "README"
     if not readme.exists():
-        _atomic_write(readme, lambda tmp: Path(tmp).write_text(
+        atomic_write(readme, lambda tmp: Path(tmp).write_text(
             "Quantitative susceptibility maps (Chimap, ppm) and intermediate field maps computed by metaqsm.\n"
             "Each file's JSON sidecar lists its Sources (BIDS URIs) and the parameters of the step that made it.\n"
         ))
@@ -180,5 +180,5 @@ def group_summary(output_dir, bids_dir):
                "chimap"]
     text = "\t".join(columns) + "\n" + "".join("\t".join(str(r[c]) for c in columns) + "\n" for r in rows)
     path = output_dir / "group_summary.tsv"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path, rows

@@ -6,11 +6,16 @@ inside it: QSM is relative because the dipole kernel vanishes at k = 0). Methods
 registered by name in :data:`INVERSIONS` and called through :func:`invert`; the caller
 records the method and parameters it used.
 """
+import inspect
+
 import numpy as np
 import scipy.fft as sfft
 
 from .dipole import dipole_kernel
 from .grid import PaddedBox
+from .ilsqr import ilsqr
+from .l2 import l2
+from .medi import medi
 
 
 def check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir):
@@ -71,15 +76,21 @@ def tkd(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), threshold=
 
 
 #: Dipole inversion methods by name.
-INVERSIONS = {"tkd": tkd}
+INVERSIONS = {"tkd": tkd, "l2": l2, "ilsqr": ilsqr, "medi": medi}
 
 
-def invert(method, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), **params):
-    """Susceptibility (ppm) from the local field (ppm) by the registered ``method``."""
+def invert(method, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), info=None, **params):
+    """Susceptibility (ppm) from the local field (ppm) by the registered ``method``.
+
+    ``info`` (a dict) receives the iterative methods' diagnostics (iterations, residuals);
+    closed-form methods leave it empty.
+    """
     try:
         function = INVERSIONS[method]
     except (KeyError, TypeError):
         raise ValueError(
             f"unknown dipole inversion {method!r}; choose one of: {', '.join(sorted(INVERSIONS))}"
         ) from None
+    if info is not None and "info" in inspect.signature(function).parameters:
+        params["info"] = info
     return function(local_field_ppm, mask, voxel_size_mm, b0_dir, **params)

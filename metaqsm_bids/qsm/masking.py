@@ -1,11 +1,22 @@
 """Brain mask from a GRE magnitude image (scipy.ndimage only).
 
-The brain is the largest bright region once thin bright bridges to the scalp
-(through skull, dura, vessels and nerves) are cut by an erosion; all radii are in
-mm, so anisotropic voxels are handled exactly through Euclidean distance maps.
+The brain is the bright region around the centre of the head once two kinds of bridge
+are cut by openings (erosion, then dilation back within the bright region): thin
+bridges to the scalp through the skull (vessels, nerves, dura), by a few mm, and the
+brainstem down through the foramen magnum into the neck, by a fraction of the head's
+size; what the second opening cut off is kept when skull and scalp enclose it. All
+radii are in mm, so anisotropic voxels are handled exactly through Euclidean
+distance maps.
 """
 import numpy as np
 from scipy import ndimage as ndi
+
+#: Steps at the scale of the head run on a grid of voxels about this size (mm) or the largest voxel edge.
+_COARSE_MM = 2.0
+
+#: Closing radius (mm) of the head's outline: bridges gaps of up to twice this in a scalp that
+#: thresholding broke (thin, tangent to the slices, or dark where the coil's sensitivity fades).
+_HEAD_CLOSING_MM = 8.0
 
 
 def _otsu_threshold(values, bins=256):
@@ -22,25 +33,77 @@ def _otsu_threshold(values, bins=256):
     return float(edges[int(np.argmax(between[:-1])) + 1])
 
 
-def _largest_component(mask):
+def _edt(mask, voxel):
+    """Distance (mm) from each True voxel of ``mask`` to the nearest False one."""
+    return ndi.distance_transform_edt(mask, sampling=voxel)
+
+
+def _nearest_voxel(mask, point, voxel):
+    """Index (tuple) of the True voxel of ``mask`` nearest ``point`` (voxel indices), in mm."""
+    index = np.nonzero(mask)
+    distance2 = sum(((i - p) * v) ** 2 for i, p, v in zip(index, point, voxel))
+    nearest = int(np.argmin(distance2))
+    return tuple(i[nearest] for i in index)
+
+
+def _component_nearest(mask, point, voxel):
+    """The connected component of ``mask`` holding the voxel nearest ``point`` (voxel indices, mm metric)."""
     labels, _ = ndi.label(mask)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    return labels == labels[_nearest_voxel(mask, point, voxel)]
 
 
-def brain_mask(magnitude, voxel_size_mm, smoothing_mm=1.0, erosion_mm=4.0):
+def _box(mask, margin):
+    """Bounding box (slices) of ``mask`` grown by ``margin`` voxels per axis, within the array."""
+    found = ndi.find_objects(mask.astype(np.uint8))[0]
+    return tuple(slice(max(f.start - m, 0), min(f.stop + m, n)) for f, m, n in zip(found, margin, mask.shape))
+
+
+def _fill_slices(mask):
+    """Fill the holes of each ``(i, j)`` slice of ``mask`` (in place) and return it."""
+    for k in range(mask.shape[2]):
+        mask[:, :, k] = ndi.binary_fill_holes(mask[:, :, k])
+    return mask
+
+
+def brain_mask(magnitude, voxel_size_mm, smoothing_mm=1.0, erosion_mm=4.0, neck_fraction=0.3):
     """Boolean brain mask from a 3D magnitude image.
 
-    ``magnitude`` is one 3D volume (the root-sum-of-squares over echoes, or the
-    first echo); ``voxel_size_mm`` its voxel edges. Steps: Gaussian smoothing
-    (sigma ``smoothing_mm``), Otsu threshold of the smoothed intensities (clipped at
-    their 99.9th percentile so that a few hot voxels do not stretch the histogram),
-    erosion by ``erosion_mm`` to cut bridges to the scalp (thinner than twice that),
-    largest connected component, dilation back by ``erosion_mm`` within the
-    thresholded region, then hole filling in 3D (dark structures enclosed by brain,
-    such as iron-rich nuclei) and in each ``(i, j)`` slice (dark veins that open
-    onto the surface in 3D). Raises ValueError when no brain is found.
+    ``magnitude`` is one 3D volume (the root-sum-of-squares over echoes, or the first
+    echo); ``voxel_size_mm`` its voxel edges. Steps:
+
+    1. Gaussian smoothing (sigma ``smoothing_mm``) and Otsu threshold of the smoothed
+       intensities (clipped at their 99.9th percentile so that a few hot voxels do not
+       stretch the histogram): the bright region, brain and CSF, scalp, face and neck.
+    2. The head, on a grid of about ``max(largest voxel edge, 2 mm)``: the bright region
+       closed by 8 mm (which bridges gaps that thresholding leaves in a thin scalp) with
+       the holes of each ``(i, j)`` slice filled (skull, sinuses). Its centre is its
+       deepest point and its radius that depth, the array's edge counting as outside.
+       A neck in the field of view is thinner than the cranium, so the centre lies in
+       the brain, which the centre of gravity of a head with its neck does not.
+    3. Scalp cut: erosion by ``erosion_mm`` (bridges thinner than twice that break),
+       the component nearest the centre, dilation back by ``erosion_mm`` within the
+       bright region.
+    4. Neck cut, on the coarse grid: the same opening with a radius of
+       ``neck_fraction`` times the head's radius, i.e. 18-22 mm for an adult head
+       (inscribed radius 60-75 mm), which breaks the brainstem at the foramen magnum
+       (about 35 mm wide with its CSF) but leaves a core in the cerebrum (over 100 mm
+       across); it is capped at half the depth of the step-3 region so that a thin
+       slab keeps a core. The eroded region splits into cores, and each voxel of the
+       opening goes to its nearest core. Kept: the central core's part and what lies
+       within ``erosion_mm`` of it (the brainstem just below the cut, cortex that the
+       wide balls rounded off), and every other piece, thick (another core's part:
+       a cerebellum behind a dark tentorium) or thin (not in the opening: temporal
+       poles), that stays over ``erosion_mm`` (and one coarse voxel) from the outside
+       of the head, as all brain does under skull and scalp; the neck and face reach
+       the skin and are dropped. Where the central part itself lies at the outside
+       over half its surface, the image is skull-stripped (or simulated with no tissue
+       outside the brain): there is no neck to cut, and this step is skipped.
+    5. The component nearest the centre, hole filling in 3D (dark structures enclosed
+       by brain, such as iron-rich nuclei) and in each ``(i, j)`` slice (dark veins
+       that open onto the surface in 3D).
+
+    The extra-cerebral CSF is as bright as tissue and stays in the mask. Raises
+    ValueError when no brain is found.
     """
     image = np.asarray(magnitude, dtype=np.float32)
     if image.ndim != 3:
@@ -57,21 +120,63 @@ def brain_mask(magnitude, voxel_size_mm, smoothing_mm=1.0, erosion_mm=4.0):
         raise ValueError("magnitude is constant (below its 99.9th percentile): no brain to mask")
     foreground = smooth > _otsu_threshold(values)
 
-    # distances on the foreground's bounding box padded by one background voxel,
+    # work on the foreground's bounding box padded by one background voxel,
     # so that voxels beyond the array edge count as background
     box = ndi.find_objects(foreground.astype(np.uint8))[0]
     region = np.pad(foreground[box], 1)
-    core = ndi.distance_transform_edt(region, sampling=voxel) > erosion_mm
+    depth = _edt(region, voxel)
+
+    stride = np.maximum(1, np.floor(max(voxel.max(), _COARSE_MM) / voxel)).astype(int)
+    coarse = tuple(slice(None, None, s) for s in stride)
+    coarse_voxel = voxel * stride
+    # the head: a closing bridges the gaps that thresholding and sampling leave in a thin scalp,
+    # then the skull and sinuses are filled in each slice; on a grid padded with background so
+    # that the array's edge counts as outside
+    pad = np.ceil(_HEAD_CLOSING_MM / coarse_voxel).astype(int) + 1
+    crop = tuple(slice(p, -p) for p in pad)
+    grown = _edt(~np.pad(region[coarse], [(p, p) for p in pad]), coarse_voxel) <= _HEAD_CLOSING_MM
+    head = _fill_slices(_edt(grown, coarse_voxel) > _HEAD_CLOSING_MM)
+    head_depth = _edt(head, coarse_voxel)[crop]
+    # near the background of each slice outside the head (slices beyond the field of view excluded):
+    # within erosion_mm, as the opening's balls may stop short of the skin, and one voxel at least
+    outside = _edt(head | ~head.any(axis=(0, 1)), coarse_voxel) <= max(erosion_mm, coarse_voxel.max())
+    outside = outside[crop]
+    centre_coarse = np.unravel_index(np.argmax(head_depth), head_depth.shape)
+    head_radius = head_depth[centre_coarse]
+    centre = np.array(centre_coarse) * stride
+
+    core = depth > erosion_mm
     if not core.any():
         raise ValueError(
             f"brain mask is empty: nothing above the Otsu threshold is thicker than 2 x {erosion_mm} mm"
         )
-    core = _largest_component(core)
-    brain = (ndi.distance_transform_edt(~core, sampling=voxel) <= erosion_mm) & region
-    brain = _largest_component(brain)
-    brain = ndi.binary_fill_holes(brain)
-    for k in range(brain.shape[2]):
-        brain[:, :, k] = ndi.binary_fill_holes(brain[:, :, k])
+    core = _component_nearest(core, centre, voxel)
+    # the dilation back reaches erosion_mm beyond the core: distances on that box only
+    near = _box(core, np.ceil(erosion_mm / voxel).astype(int) + 1)
+    brain = np.zeros_like(region)
+    brain[near] = (_edt(~core[near], voxel) <= erosion_mm) & region[near]
+
+    brain_coarse = brain[coarse]
+    depth_coarse = np.where(brain_coarse, depth[coarse], 0.0)
+    radius = min(neck_fraction * head_radius, 0.5 * depth_coarse.max())
+    cores, _ = ndi.label(depth_coarse > radius)
+    # the opening split among the cores: each voxel goes to its nearest core, whose balls can touch
+    to_core, nearest = ndi.distance_transform_edt(cores == 0, sampling=coarse_voxel, return_indices=True)
+    owner = np.where((to_core <= radius) & brain_coarse, cores[tuple(nearest)], 0)
+    central = owner == owner[_nearest_voxel(cores > 0, centre_coarse, coarse_voxel)]
+    surface = central & ~ndi.binary_erosion(central)
+    # in a skull-stripped image the brain's surface is the head's: no skull, so no neck to cut
+    if np.count_nonzero(surface & outside) < 0.5 * np.count_nonzero(surface):
+        keep = _edt(~central, coarse_voxel) <= erosion_mm
+        thin, _ = ndi.label(brain_coarse & (owner == 0) & ~keep)
+        for pieces in (np.where(keep, 0, owner), thin):
+            keep |= (pieces > 0) & ~np.isin(pieces, pieces[outside])
+        brain &= keep[np.ix_(*(np.arange(n) // s for n, s in zip(region.shape, stride)))]
+
+    brain = _component_nearest(brain, centre, voxel)
+    # the box keeps one background voxel around the brain for the filling
+    inner = _box(brain, (1, 1, 1))
+    brain[inner] = _fill_slices(ndi.binary_fill_holes(brain[inner]))
 
     mask = np.zeros(image.shape, dtype=bool)
     mask[box] = brain[1:-1, 1:-1, 1:-1]

@@ -1,4 +1,4 @@
-"""The per-run QSM workflow: phase scaling -> brain mask -> total field -> RESHARP -> inversion -> sink."""
+"""The per-run QSM workflow: phase scaling -> brain mask -> total field -> background removal -> inversion -> sink."""
 import nibabel as nib
 import numpy as np
 from nipype.pipeline import engine as pe
@@ -19,7 +19,7 @@ def _memory_gb(run):
     return round(max(voxels * echoes * 8 * 4, voxels * 1.5 * 4 * 12) / 1e9 + 0.3, 2)
 
 
-def init_qsm_wf(run, *, bids_dir, output_dir, inversion="tkd", inversion_params=None, bfr_radius_mm=6.0,
+def init_qsm_wf(run, *, bids_dir, output_dir, inversion="tkd", inversion_params=None, bfr="resharp", bfr_radius_mm=6.0,
                 user_mask_file=None, device="auto", omp_nthreads=1, name=None):
     """Build the workflow for one :class:`~metaqsm_bids.io.bids.MEGRERun`.
 
@@ -33,6 +33,8 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="tkd", inversion_params=
         Dipole inversion method (see :data:`metaqsm_bids.qsm.inversion.INVERSIONS`).
     inversion_params : dict
         Parameters of that method (e.g. ``{"threshold": 0.2}`` for TKD).
+    bfr : str
+        Background field removal method (see :data:`metaqsm_bids.qsm.background.BACKGROUND_REMOVALS`).
     bfr_radius_mm : float
         RESHARP spherical kernel radius in mm.
     user_mask_file : path or None
@@ -50,9 +52,11 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="tkd", inversion_params=
         mask.inputs.user_mask_file = str(user_mask_file)
     field = pe.Node(TotalField(source_file=source, echo_times_s=list(run.echo_times_s), num_threads=omp_nthreads),
                     name="total_field", mem_gb=mem_gb, n_procs=omp_nthreads)
-    bfr = pe.Node(BackgroundRemoval(source_file=source, radius_mm=bfr_radius_mm, num_threads=omp_nthreads),
-                  name="resharp", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
-    invert = pe.Node(DipoleInversion(source_file=source, field_strength_t=run.field_strength_t, method=inversion,
+    bfr = pe.Node(BackgroundRemoval(source_file=source, method=bfr, radius_mm=bfr_radius_mm,
+                                    num_threads=omp_nthreads),
+                  name="background_removal", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
+    invert = pe.Node(DipoleInversion(source_file=source, field_strength_t=run.field_strength_t,
+                                     echo_times_s=list(run.echo_times_s), method=inversion,
                                      parameters=dict(inversion_params or {}), device=device,
                                      num_threads=omp_nthreads),
                      name="dipole_inversion", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
@@ -67,8 +71,9 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="tkd", inversion_params=
         (prep, field, [("magnitude_file", "magnitude_file"), ("phase_file", "phase_file")]),
         (field, bfr, [("field_file", "field_file")]),
         (mask, bfr, [("mask_file", "mask_file")]),
+        (field, bfr, [("magnitude_rss_file", "magnitude_file")]),
         (bfr, invert, [("local_field_file", "local_field_file"), ("mask_file", "mask_file")]),
-        (prep, invert, [("magnitude_file", "magnitude_file")]),
+        (field, invert, [("magnitude_rss_file", "magnitude_file")]),
         (prep, sink, [("provenance", "phase_provenance")]),
         (mask, sink, [("mask_file", "brain_mask_file"), ("provenance", "mask_provenance")]),
         (field, sink, [("field_file", "total_field_file"), ("magnitude_rss_file", "magnitude_rss_file"),

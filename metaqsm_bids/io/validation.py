@@ -1,0 +1,173 @@
+"""Validating the input BIDS dataset before processing, and keeping the output dataset valid.
+
+:func:`validate_input` runs the official BIDS validator (``bids-validator-deno``, offline, JSON
+output) when it is installed, else pybids' file-name validation, then metaqsm's own checks of
+every MEGRE run (:func:`metaqsm_bids.io.bids.find_megre_runs`: phase without magnitude, missing
+echoes, echoes of different shapes or grids, missing EchoTime or field strength). It returns
+findings and never raises for a problem in the data: the caller decides what stops the run.
+"""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .bids import RUN_ENTITIES, find_megre_runs
+
+#: Dataset-level files: a validator error in them is an error for metaqsm too.
+_DATASET_LEVEL = re.compile(r"^/?(dataset_description\.json|participants\.(tsv|json))$")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem found in the input dataset.
+
+    severity: "error" (metaqsm cannot use the file or dataset) or "warning" (not BIDS-valid,
+    but metaqsm does not need it); path: relative to the dataset root, None for the whole
+    dataset; subject: participant label, None for dataset-level findings; source:
+    "bids-validator", "pybids" or "metaqsm"; code: the validator's issue code (with its sub-code
+    after a slash), or metaqsm's: MEGRE_RUN, NO_MEGRE, INVALID_NAME, DATASET_DESCRIPTION, VALIDATOR_FAILED.
+    """
+
+    severity: str
+    message: str
+    path: str = None
+    subject: str = None
+    source: str = "metaqsm"
+    code: str = None
+
+    def __str__(self):
+        return f"[{self.severity.upper()}] {self.message}"
+
+
+def find_validator():
+    """Path of ``bids-validator-deno`` on PATH or next to this Python, or None."""
+    exe = shutil.which("bids-validator-deno") or Path(sys.executable).with_name("bids-validator-deno")
+    return str(exe) if Path(exe).exists() else None
+
+
+def validate_input(bids_dir, validator="auto", timeout_s=600):
+    """Findings about ``bids_dir`` that matter for QSM, errors first; an empty list means all is well.
+
+    ``validator``: "auto" (the official validator if installed, else pybids), a path to
+    ``bids-validator-deno``, or None (pybids only). Validator warnings (recommended metadata)
+    are dropped; validator errors in MEGRE files or dataset-level files stay errors, those in
+    other files become warnings (metaqsm ignores those files). Raises ValueError only if
+    ``bids_dir`` is not a directory.
+    """
+    bids_dir = Path(bids_dir).resolve()
+    if not bids_dir.is_dir():
+        raise ValueError(f"{bids_dir}: the BIDS dataset folder does not exist")
+    validator = find_validator() if validator == "auto" else validator
+    findings = []
+    if validator:
+        try:
+            findings += _official_validator(bids_dir, validator, timeout_s)
+        except (OSError, subprocess.SubprocessError, ValueError) as err:
+            findings.append(Finding("warning", f"the BIDS validator could not run ({err}); "
+                                    "checked file names with pybids instead", code="VALIDATOR_FAILED"))
+            findings += _pybids_names(bids_dir)
+    else:
+        findings += _pybids_names(bids_dir)
+    own = _qsm_checks(bids_dir)
+    # a missing required key that metaqsm's check already names in its own words is said once
+    findings = [f for f in findings if not (f.source == "bids-validator" and "/" in (f.code or "") and any(
+        o.path == f.path and f.code.split("/", 1)[1] in o.message for o in own))]
+    unique = list(dict.fromkeys(findings + own))
+    return sorted(unique, key=lambda f: f.severity != "error")
+
+
+def format_findings(findings):
+    """One line per finding, for logs and error messages."""
+    return "\n".join(str(f) for f in findings)
+
+
+def _subject_of(path):
+    match = re.match(r"^/?sub-([A-Za-z0-9]+)/", path or "")
+    return match.group(1) if match else None
+
+
+def _official_validator(bids_dir, validator, timeout_s):
+    result = subprocess.run([validator, "--format", "json", "--no-color", str(bids_dir)], capture_output=True,
+                            text=True, timeout=timeout_s)
+    try:
+        report = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        raise ValueError(f"exit status {result.returncode}, no JSON output: {result.stderr.strip()[-500:]}") from None
+    issues, messages = report["issues"]["issues"], report["issues"].get("codeMessages", {})
+    findings = []
+    for issue in issues:
+        if issue.get("severity") != "error":
+            continue
+        location = issue.get("location")
+        what = (messages.get(issue["code"]) or issue["code"]).strip().splitlines()[0].rstrip(".")
+        sub = f" ({issue['subCode']})" if issue.get("subCode") else ""
+        relevant = location is None or "_MEGRE." in location or _DATASET_LEVEL.match(location)
+        where = location.lstrip("/") if location else None
+        message = f"{where or bids_dir}: {what}{sub} [bids-validator {issue['code']}]"
+        if not relevant:
+            message += "; metaqsm does not read this file"
+        code = issue["code"] + (f"/{issue['subCode']}" if issue.get("subCode") else "")
+        findings.append(Finding("error" if relevant else "warning", message, where, _subject_of(location),
+                                "bids-validator", code))
+    return findings
+
+
+def _pybids_names(bids_dir):
+    """pybids' validation: dataset_description.json readable, every file under sub-* named per BIDS."""
+    from bids_validator import BIDSValidator
+
+    findings = []
+    description = bids_dir / "dataset_description.json"
+    try:
+        json.loads(description.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        findings.append(Finding("error", f"{description}: missing or not valid JSON ({err}); "
+                                "a BIDS dataset needs it", "dataset_description.json", None, "pybids",
+                                "DATASET_DESCRIPTION"))
+    checker = BIDSValidator()
+    for path in sorted(bids_dir.glob("sub-*/**/*")):
+        relative = "/" + path.relative_to(bids_dir).as_posix()
+        if path.is_file() and not checker.is_bids(relative):
+            megre = "MEGRE" in path.name or "part-" in path.name
+            findings.append(Finding(
+                "error" if megre else "warning",
+                f"{relative[1:]}: not a valid BIDS file name; pybids and metaqsm ignore it",
+                relative[1:], _subject_of(relative), "pybids", "INVALID_NAME"))
+    return findings
+
+
+def _qsm_checks(bids_dir):
+    """metaqsm's own checks of every MEGRE run (the same ones the participant level applies)."""
+    from bids import BIDSLayout
+
+    layout = BIDSLayout(str(bids_dir), validate=False)
+    findings = []
+    for subject in sorted(layout.get_subjects()):
+        runs = find_megre_runs(layout, subject)
+        if not runs:
+            findings.append(Finding("warning", f"sub-{subject}: no *_part-mag/_part-phase_MEGRE files; "
+                                    "metaqsm has nothing to process for this participant", f"sub-{subject}", subject,
+                                    code="NO_MEGRE"))
+        for entities, result in runs:
+            if isinstance(result, Exception):
+                path = str(result).split(": ", 1)[0]
+                relative = Path(path).relative_to(bids_dir).as_posix() if Path(path).is_absolute() \
+                    and Path(path).is_relative_to(bids_dir) else None
+                findings.append(Finding("error", str(result), relative, entities[RUN_ENTITIES[0]], code="MEGRE_RUN"))
+    return findings
+
+
+def ensure_bidsignore(dataset_dir, patterns):
+    """Add ``patterns`` missing from ``<dataset_dir>/.bidsignore`` (e.g. reports, transforms); returns the path."""
+    from .derivatives import atomic_write
+
+    path = Path(dataset_dir) / ".bidsignore"
+    lines = path.read_text().splitlines() if path.exists() else []
+    missing = [p for p in patterns if p not in lines]
+    if missing:
+        text = "\n".join(lines + missing) + "\n"
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path

@@ -1,0 +1,216 @@
+"""MEDI: morphology enabled dipole inversion (Liu J et al. 2012, NeuroImage 59:2560; Liu T et al. 2011, MRM 66:777).
+
+    chi = argmin ||M_G grad(chi)||_1 + lambda ||w (exp(i D*chi) - exp(i phi))||_2^2
+
+``phi`` is the local field as a phase (rad), ``w`` the noise weight (signal magnitude,
+mean 1 in the mask, as the field's noise s.d. is ~ 1 / magnitude), ``M_G`` the edge
+mask: 0 for the gradient components where the magnitude image has an edge (left
+unpenalised, so the map may have edges there), 1 elsewhere. The exponential data
+term (Liu T et al. 2013, MRM 69:467) is what the MEDI toolbox's ``MEDI_L1`` minimises;
+the L1 norm is smoothed as ``sqrt(|.|^2 + beta)`` and the cost minimised by
+Gauss-Newton steps (lagged diffusivity), each solved by conjugate gradient.
+
+This module also holds the finite differences and the conjugate-gradient solver that
+the other iterative modules (iLSQR, PDF) share.
+"""
+import logging
+
+import numpy as np
+import scipy.fft as sfft
+
+from .dipole import dipole_kernel
+from .grid import PaddedBox
+from .physics import GAMMA_HZ_PER_T
+
+log = logging.getLogger(__name__)
+
+
+def gradient(x, voxel_size_mm):
+    """Forward differences (per mm) along each axis, stacked as ``(3, *x.shape)``; 0 on the last plane."""
+    out = np.zeros((3, *x.shape), dtype=x.dtype)
+    for axis, d in enumerate(voxel_size_mm):
+        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
+        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
+        np.subtract(x[hi], x[lo], out=out[axis][lo])
+        out[axis] *= x.dtype.type(1.0 / d)
+    return out
+
+
+def gradient_adjoint(g, voxel_size_mm):
+    """Adjoint of :func:`gradient` (minus the backward-difference divergence), same shape as one component."""
+    out = np.zeros(g.shape[1:], dtype=g.dtype)
+    for axis, d in enumerate(voxel_size_mm):
+        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
+        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
+        scaled = g[axis][lo] * g.dtype.type(1.0 / d)
+        out[lo] -= scaled
+        out[hi] += scaled
+    return out
+
+
+def conjugate_gradient(apply_a, b, tol, max_iter, x0=None, dot=None):
+    """Solve ``A x = b`` (A symmetric positive semi-definite) by conjugate gradient.
+
+    Stops once ``||b - A x|| <= tol ||b||`` (the recursive residual) or after ``max_iter``
+    iterations. ``dot(x, y)`` is the inner product (default: the real one, accumulated in
+    float64). Returns ``(x, iterations, relative residual)``.
+    """
+    if dot is None:
+        def dot(x, y):
+            return float(np.vdot(x, y).real)
+    x = np.zeros_like(b) if x0 is None else x0.copy()
+    residual = b - apply_a(x) if x0 is not None else b.copy()
+    b_norm = np.sqrt(dot(b, b))
+    if b_norm == 0:
+        return x, 0, 0.0
+    direction = residual.copy()
+    rr = dot(residual, residual)
+    iterations = 0
+    while iterations < max_iter and np.sqrt(rr) > tol * b_norm:
+        a_dir = apply_a(direction)
+        alpha = rr / dot(direction, a_dir)
+        x += alpha * direction
+        residual -= alpha * a_dir
+        rr_next = dot(residual, residual)
+        direction *= rr_next / rr
+        direction += residual
+        rr = rr_next
+        iterations += 1
+    return x, iterations, float(np.sqrt(rr) / b_norm)
+
+
+def edge_mask(magnitude, mask, voxel_size_mm, edge_percentage=0.9):
+    """MEDI's binary gradient weight ``M_G`` (bool, ``(3, *shape)``): False on edges, True elsewhere.
+
+    The components of the magnitude gradient (of ``magnitude * mask``, per mm) larger
+    than a threshold are edges; the threshold makes the number of edge components
+    ``edge_percentage`` times the number of mask voxels (fewer when too few components
+    are non-zero, as in a noise-free image). That is the MEDI toolbox's
+    ``gradient_mask`` convention (its default 0.9, "the percentage of voxels considered
+    to be edges"): with three components per voxel, 0.9 marks 30 % of the gradient
+    components as edges. The toolbox reaches the threshold by 5 % steps; here it is exact.
+    """
+    grad = np.abs(gradient(np.where(mask, magnitude, 0).astype(np.float32), voxel_size_mm))
+    n_edges = int(round(edge_percentage * np.count_nonzero(mask)))
+    if not 0 < n_edges < grad.size:
+        raise ValueError(f"edge_percentage {edge_percentage!r} leaves no edge or no smooth gradient component")
+    threshold = np.partition(grad.ravel(), grad.size - n_edges)[grad.size - n_edges]
+    return grad <= threshold
+
+
+def medi(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None, delta_te_s=None,
+         b0_tesla=None, lambda_=1000.0, edge_percentage=0.9, max_iter=10, tol=0.1, cg_max_iter=100, cg_tol=0.01,
+         beta=1e-6, pad_voxels=None, dtype=np.float32, info=None):
+    """MEDI dipole inversion (MEDI toolbox ``MEDI_L1`` defaults); ppm in, ppm out.
+
+    ``magnitude`` (3D, same shape; e.g. the root-sum-of-squares over echoes) gives the
+    edge mask (:func:`edge_mask`, ``edge_percentage``) and the noise weight ``w``
+    (magnitude in the mask divided by its mean there). Both are required.
+
+    Lambda's scale: as in the toolbox, the unknown and the data are phases in rad
+    accumulated over ``delta_te_s`` (the echo spacing of the field fit; the echo time
+    for one echo) at ``b0_tesla``: ``phi = 2 pi delta_te gamma B0 f_ppm 1e-6``, the
+    gradient is per mm and ``w`` has mean 1, and the cost is
+    ``||M_G grad x||_1 + lambda ||w (exp(i D*x) - exp(i phi))||^2`` with ``x`` in rad.
+    The L1 term scales linearly with ``x`` and the data term quadratically, so the
+    same ``lambda`` regularises less when ``delta_te * B0`` grows: in ppm units the
+    weight is ``lambda * 2 pi delta_te gamma B0 1e-6`` (about 4000 for lambda 1000 at
+    3 T and 5 ms). Hence ``delta_te_s`` and ``b0_tesla`` are required, and
+    ``lambda_ = 1000`` (Liu J et al. 2012; the toolbox default) means what it means
+    there. ``beta`` (rad^2/mm^2, toolbox 1e-6) smooths the L1 norm.
+
+    Iterations: Gauss-Newton until the update's norm is below ``tol`` (0.1) times the
+    solution's, at most ``max_iter`` (10); each step by conjugate gradient to a
+    relative residual of ``cg_tol`` (0.01), at most ``cg_max_iter`` (100) iterations:
+    the toolbox's values. The FFT box is the mask's bounding box padded by
+    ``pad_voxels`` per side, by default none (nor does the toolbox pad): the map is
+    free outside the mask, where it absorbs the periodic wrap (on the 0.76x0.76x3 mm
+    benchmark head, padding by 1/8 of the box per side changed NRMSE by < 1 % of itself
+    and doubled the run time). ``dtype``: the working precision (float32, or float64
+    to check float32's round-off).
+
+    Returns chi (float32, ppm, 0 outside the mask, mean 0 inside). ``info``, when
+    given, receives ``Iterations`` (Gauss-Newton steps), ``CGIterations`` (per step),
+    ``UpdateRatio`` (per step), ``DataResidual`` (``||w (exp(i D*x) - exp(i phi))|| /
+    ||w||`` before each step and after the last) and ``Lambda``.
+    """
+    from .inversion import check_inputs  # here, not at the top: inversion.py imports this module
+
+    field, mask, voxel, b0 = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
+    if magnitude is None:
+        raise ValueError("MEDI needs the magnitude image (keyword `magnitude`) for its edge mask and noise weighting")
+    magnitude = np.asarray(magnitude)
+    if magnitude.shape != mask.shape:
+        raise ValueError(f"magnitude shape {magnitude.shape} does not match the local field shape {mask.shape}")
+    if not np.all(np.isfinite(magnitude[mask])) or np.any(magnitude[mask] < 0):
+        raise ValueError("magnitude has NaN, infinite or negative values inside the mask")
+    if not magnitude[mask].mean() > 0:
+        raise ValueError("magnitude is zero everywhere in the mask")
+    if delta_te_s is None or b0_tesla is None:
+        raise ValueError("MEDI needs delta_te_s (echo spacing, s) and b0_tesla: its lambda is defined on the phase "
+                         "in rad accumulated over delta_te_s at b0_tesla")
+    if not (delta_te_s > 0 and b0_tesla > 0 and lambda_ > 0):
+        raise ValueError(f"MEDI needs positive delta_te_s, b0_tesla and lambda_, got {delta_te_s!r}, "
+                         f"{b0_tesla!r}, {lambda_!r}")
+
+    dtype = np.dtype(dtype).type
+    rad_per_ppm = 2 * np.pi * delta_te_s * GAMMA_HZ_PER_T * b0_tesla * 1e-6
+    box = PaddedBox(mask, (0, 0, 0) if pad_voxels is None else pad_voxels)
+    shape = box.shape
+    kernel = dipole_kernel(shape, voxel, b0, half=True).astype(dtype)
+    phase = box.embed(field.astype(dtype) * rad_per_ppm, dtype)
+    weight = box.embed(np.where(mask, magnitude / magnitude[mask].mean(dtype=np.float64), 0), dtype)
+    weight2 = weight ** 2
+    smooth = edge_mask(box.embed(magnitude), box.embed(mask) > 0, voxel, edge_percentage).astype(dtype)
+    lam2 = dtype(2.0 * lambda_)
+    weight_norm = float(np.linalg.norm(weight))
+
+    def convolve(x):
+        spectrum = sfft.rfftn(x)
+        spectrum *= kernel
+        return sfft.irfftn(spectrum, s=shape)
+
+    def data_residual(dx_phase):
+        return float(np.linalg.norm(weight * np.abs(np.exp(1j * (dx_phase - phase)) - 1))) / weight_norm
+
+    x = np.zeros(shape, dtype)
+    dipole_x = np.zeros(shape, dtype)
+    residuals, cg_counts, ratios = [data_residual(dipole_x)], [], []
+    for iteration in range(1, max_iter + 1):
+        # lagged diffusivity: |g| ~ g^2 / sqrt(g_prev^2 + beta), a quadratic the CG solves
+        tv_weight = smooth / np.sqrt((smooth * gradient(x, voxel)) ** 2 + dtype(beta))
+
+        def normal_operator(dx):
+            grad = gradient(dx, voxel)
+            grad *= tv_weight
+            out = gradient_adjoint(grad, voxel)
+            data = convolve(dx)
+            data *= weight2
+            data = convolve(data)
+            data *= lam2
+            out += data
+            return out
+
+        # gradient of the cost at x: the data term's is D^T (w^2 sin(D*x - phi)) (|exp| = 1)
+        rhs = gradient_adjoint(tv_weight * gradient(x, voxel), voxel)
+        rhs += lam2 * convolve(weight2 * np.sin(dipole_x - phase))
+        dx, cg_iterations, cg_residual = conjugate_gradient(normal_operator, -rhs, cg_tol, cg_max_iter)
+        x += dx
+        dipole_x = convolve(x)
+        x_norm = float(np.linalg.norm(x))
+        ratio = float(np.linalg.norm(dx)) / x_norm if x_norm else 0.0  # x = 0: a zero field, solved
+        residuals.append(data_residual(dipole_x))
+        cg_counts.append(cg_iterations)
+        ratios.append(ratio)
+        log.info("MEDI Gauss-Newton %d: %d CG iterations (relative residual %.2g), update ratio %.3g, "
+                 "data residual %.4g", iteration, cg_iterations, cg_residual, ratio, residuals[-1])
+        if ratio < tol:
+            break
+
+    chi = box.extract((x / rad_per_ppm).astype(np.float32))
+    chi[mask] -= chi[mask].mean(dtype=np.float64)
+    chi[~mask] = 0.0
+    if info is not None:
+        info.update(Iterations=len(cg_counts), CGIterations=cg_counts, UpdateRatio=ratios, DataResidual=residuals,
+                    Lambda=float(lambda_))
+    return chi

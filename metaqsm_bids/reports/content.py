@@ -1,0 +1,345 @@
+"""What a report says about a run, read back from the derivatives dataset: files, checks, timings, methods.
+
+Everything is read post hoc from the output directory (and optionally the raw dataset),
+so a report can be written after a crash-resume, for one session, or long after the run.
+"""
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+#: Derivative kinds of a run: (datatype folder, file-name tail after the run prefix).
+KINDS = {
+    "magnitude": ("fmap", "desc-total_magnitude"),
+    "brain_mask": ("anat", "desc-brain_mask"),
+    "qsm_mask": ("anat", "desc-qsm_mask"),
+    "total_field_hz": ("fmap", "desc-total_fieldmap"),
+    "local_field_hz": ("fmap", "desc-local_fieldmap"),
+    "chi_ppm": ("anat", "Chimap"),
+}
+_TAIL_TO_KIND = {tail: kind for kind, (_, tail) in KINDS.items()}
+_DERIVATIVE = re.compile(r"^(sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*?)_(" + "|".join(_TAIL_TO_KIND)
+                         + r")\.nii(?:\.gz)?$")
+
+#: Pipeline steps in processing order (sidecar keys holding each step's parameters).
+STEP_ORDER = ("PhaseScaling", "BrainMask", "TotalField", "BackgroundFieldRemoval", "DipoleInversion")
+
+# QC thresholds. A brain mask below 1% of the field of view is a failed mask; above 60% it
+# holds background or scalp (a whole-head FOV puts the brain at 10-40%). RESHARP erodes the
+# mask by its kernel radius: keeping under half the brain means the radius is large for the
+# FOV. Brain tissue lies within +-0.5 ppm (veins and iron-rich nuclei included), so more than
+# 0.5% of the QSM mask beyond +-1 ppm points at unwrapping errors, streaks or bad masking.
+MASK_FRACTION_RANGE = (0.01, 0.60)
+QSM_MASK_MIN_FRACTION_OF_BRAIN = 0.5
+CHI_EXTREME_PPM = 1.0
+CHI_EXTREME_MAX_FRACTION = 0.005
+
+
+@dataclass
+class RunOutputs:
+    """The derivatives of one run found in an output directory.
+
+    name: run prefix such as ``sub-01_ses-2_run-1``; entities: its BIDS key -> label (``{"sub": "01", ...}``);
+    paths: kind (see :data:`KINDS`) -> NIfTI path or None; sidecars: kind -> parsed JSON sidecar ({} if absent).
+    """
+
+    name: str
+    entities: dict
+    paths: dict
+    sidecars: dict = field(default_factory=dict)
+
+    @property
+    def session(self):
+        """Session label, or None."""
+        return self.entities.get("ses")
+
+    @property
+    def provenance(self):
+        """The sidecar with every step's parameters: the Chimap's, else the most complete one found."""
+        candidates = [self.sidecars.get(kind) or {} for kind in ("chi_ppm", "qsm_mask", "local_field_hz",
+                                                                 "brain_mask", "total_field_hz", "magnitude")]
+        return max(candidates, key=lambda s: sum(key in s for key in STEP_ORDER))
+
+
+def run_entities(name):
+    """``sub-01_ses-2_run-1`` -> ``{"sub": "01", "ses": "2", "run": "1"}``."""
+    return dict(part.split("-", 1) for part in name.split("_"))
+
+
+def subject_label(subject):
+    """``"sub-01"`` or ``"01"`` -> ``"01"``; raises ValueError on labels BIDS does not allow."""
+    label = re.sub(r"^sub-", "", str(subject))
+    if not re.fullmatch(r"[A-Za-z0-9]+", label):
+        raise ValueError(f"invalid participant label {subject!r}: BIDS labels are letters and digits only")
+    return label
+
+
+def find_run_outputs(output_dir, subject):
+    """Runs of ``subject`` with at least one derivative in ``output_dir`` (orig space only), sorted by name."""
+    output_dir = Path(output_dir)
+    label = subject_label(subject)
+    found = {}
+    for path in sorted((output_dir / f"sub-{label}").glob("**/*.nii*")):
+        match = _DERIVATIVE.match(path.name)
+        if not match or "_space-" in path.name:
+            continue
+        prefix, tail = match.groups()
+        found.setdefault(prefix, {})[_TAIL_TO_KIND[tail]] = path
+    runs = []
+    for prefix, paths in sorted(found.items()):
+        sidecars = {}
+        for kind, path in paths.items():
+            sidecar = path.with_name(re.sub(r"\.nii(\.gz)?$", ".json", path.name))
+            sidecars[kind] = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+        runs.append(RunOutputs(prefix, run_entities(prefix), {k: paths.get(k) for k in KINDS}, sidecars))
+    return runs
+
+
+def find_raw_runs(bids_dir, subject):
+    """Names (``sub-01_ses-2_run-1``) of the MEGRE runs of ``subject`` in the raw dataset, sorted."""
+    label = subject_label(subject)
+    names = set()
+    for path in Path(bids_dir).glob(f"sub-{label}/**/anat/sub-{label}_*_MEGRE.nii*"):
+        stem = re.sub(r"\.nii(\.gz)?$", "", path.name)
+        names.add("_".join(p for p in stem.split("_")[:-1] if not p.startswith(("echo-", "part-"))))
+    return sorted(names)
+
+
+def step_timings(sidecar):
+    """``[(step, seconds)]`` for every step with ``ElapsedSeconds`` in ``sidecar``, in processing order."""
+    steps = [(key, float(value["ElapsedSeconds"])) for key, value in sidecar.items()
+             if isinstance(value, dict) and "ElapsedSeconds" in value]
+    order = {name: n for n, name in enumerate(STEP_ORDER)}
+    return sorted(steps, key=lambda item: (order.get(item[0], len(order)), item[0]))
+
+
+def sidecar_warnings(run):
+    """Messages from ``Warnings`` entries (a string or list) at the top level or inside any step of any sidecar."""
+    messages = []
+
+    def collect(value, where):
+        for message in [value] if isinstance(value, str) else value or []:
+            text = f"{where}: {message}" if where else str(message)
+            if text not in messages:
+                messages.append(text)
+
+    for sidecar in run.sidecars.values():
+        collect(sidecar.get("Warnings"), "")
+        for key, value in sidecar.items():
+            if isinstance(value, dict):
+                collect(value.get("Warnings"), key)
+    return messages
+
+
+def run_checks(run, images):
+    """Statistics of a run's maps and the warnings they raise (see the thresholds in this module).
+
+    ``images`` is the run's :class:`~metaqsm_bids.reports.figures.RunImages`. Returns ``(stats, warnings)``:
+    stats holds mask sizes (voxels, mL, fractions) and chi statistics in the QSM mask (ppm).
+    """
+    warnings = [f"missing derivative: {KINDS[kind][1]}" for kind, path in run.paths.items() if path is None]
+    stats = {}
+    voxel_ml = float(np.prod(images.zooms_mm)) / 1000.0
+    brain, qsm, chi = images.brain_mask, images.qsm_mask, images.chi_ppm
+    if brain is not None:
+        stats["brain_mask_voxels"] = int(brain.sum())
+        stats["brain_volume_ml"] = stats["brain_mask_voxels"] * voxel_ml
+        stats["brain_fraction_of_fov"] = float(brain.mean())
+        low, high = MASK_FRACTION_RANGE
+        if stats["brain_fraction_of_fov"] < low:
+            warnings.append(f"brain mask covers only {100 * brain.mean():.2f}% of the field of view "
+                            f"(expected >= {100 * low:g}%): masking probably failed")
+        elif stats["brain_fraction_of_fov"] > high:
+            warnings.append(f"brain mask covers {100 * brain.mean():.0f}% of the field of view (expected <= "
+                            f"{100 * high:g}%): it probably includes scalp or background")
+    if qsm is not None:
+        stats["qsm_mask_voxels"] = int(qsm.sum())
+        if brain is not None and brain.any():
+            stats["qsm_fraction_of_brain"] = float(qsm.sum() / brain.sum())
+            if stats["qsm_fraction_of_brain"] < QSM_MASK_MIN_FRACTION_OF_BRAIN:
+                warnings.append(f"the QSM mask keeps only {100 * stats['qsm_fraction_of_brain']:.0f}% of the brain "
+                                "mask: the background-removal kernel is large for this field of view "
+                                "(try a smaller --bfr-radius-mm)")
+        if not qsm.any():
+            warnings.append("the QSM mask is empty: no susceptibility values")
+    for kind in ("total_field_hz", "local_field_hz", "chi_ppm"):
+        volume = getattr(images, kind)
+        if volume is not None and not np.isfinite(volume).all():
+            warnings.append(f"{KINDS[kind][1]} holds {int((~np.isfinite(volume)).sum())} NaN or infinite voxels")
+    if chi is not None and qsm is not None and qsm.any():
+        values = chi[qsm & np.isfinite(chi)]
+        stats.update(chi_mean_ppm=float(values.mean()), chi_sd_ppm=float(values.std()),
+                     chi_p1_ppm=float(np.percentile(values, 1)), chi_p99_ppm=float(np.percentile(values, 99)),
+                     chi_extreme_fraction=float((np.abs(values) > CHI_EXTREME_PPM).mean()))
+        if stats["chi_extreme_fraction"] > CHI_EXTREME_MAX_FRACTION:
+            warnings.append(f"{100 * stats['chi_extreme_fraction']:.1f}% of the QSM mask lies beyond "
+                            f"+-{CHI_EXTREME_PPM:g} ppm (tissue is within +-0.5 ppm): look for phase-unwrapping "
+                            "errors, streaking or a mask that includes non-brain tissue")
+    resharp = run.provenance.get("BackgroundFieldRemoval", {})
+    if resharp.get("Iterations") is not None and resharp.get("MaxIterations") is not None \
+            and resharp["Iterations"] >= resharp["MaxIterations"]:
+        warnings.append(f"background field removal stopped at its iteration limit ({resharp['MaxIterations']}) "
+                        f"with relative residual {resharp.get('RelativeResidual', float('nan')):.2g}")
+    return stats, warnings + sidecar_warnings(run)
+
+
+#: References cited by the methods paragraph, by key.
+CITATIONS = {
+    "metaqsm": "Meta-QSM: An Image-Resolution-Arbitrary Network for QSM Reconstruction "
+               "(the Meta-QSM method paper; correspondence: K. M. Koch, Medical College of Wisconsin).",
+    "schofield2003": "Schofield MA, Zhu Y. Fast phase unwrapping algorithm for interferometric applications. "
+                     "Opt Lett. 2003;28(14):1194-1196.",
+    "sun2014": "Sun H, Wilman AH. Background field removal using spherical mean value filtering and Tikhonov "
+               "regularization. Magn Reson Med. 2014;71(3):1151-1157.",
+    "li2011": "Li W, Wu B, Liu C. Quantitative susceptibility mapping of human brain reflects spatial variation "
+              "in tissue composition. NeuroImage. 2011;55(4):1645-1656.",
+    "wu2012": "Wu B, Li W, Guidon A, Liu C. Whole brain susceptibility mapping using compressed sensing. "
+              "Magn Reson Med. 2012;67(1):137-147.",
+    "liu2011pdf": "Liu T, Khalidov I, de Rochefort L, Spincemaille P, Liu J, Tsiouris AJ, Wang Y. A novel background "
+                  "field removal method for MRI using projection onto dipole fields (PDF). NMR Biomed. "
+                  "2011;24(9):1129-1136.",
+    "shmueli2009": "Shmueli K, de Zwart JA, van Gelderen P, Li TQ, Dodd SJ, Duyn JH. Magnetic susceptibility "
+                   "mapping of brain tissue in vivo using MRI phase data. Magn Reson Med. 2009;62(6):1510-1522.",
+    "bilgic2014": "Bilgic B, Fan AP, Polimeni JR, Cauley SF, Bianciardi M, Adalsteinsson E, Wald LL, Setsompop K. "
+                  "Fast quantitative susceptibility mapping with L1-regularization and automatic parameter "
+                  "selection. Magn Reson Med. 2014;72(5):1444-1459.",
+    "li2015": "Li W, Wang N, Yu F, Han H, Cao W, Romero R, Tantiwongkosi B, Duong TQ, Liu C. A method for "
+              "estimating and removing streaking artifacts in quantitative susceptibility mapping. NeuroImage. "
+              "2015;108:111-122.",
+    "liu2011": "Liu T, Liu J, de Rochefort L, Spincemaille P, Khalidov I, Ledoux JR, Wang Y. Morphology enabled "
+               "dipole inversion (MEDI) from a single-angle acquisition: comparison with COSMOS in human brain "
+               "imaging. Magn Reson Med. 2011;66(3):777-783.",
+    "liu2012": "Liu J, Liu T, de Rochefort L, Ledoux J, Khalidov I, Chen W, Tsiouris AJ, Wisnieff C, "
+               "Spincemaille P, Prince MR, Wang Y. Morphology enabled dipole inversion for quantitative "
+               "susceptibility mapping using structural consistency between the magnitude image and the "
+               "susceptibility map. NeuroImage. 2012;59(3):2560-2568.",
+}
+
+#: Background field removals by the ``BackgroundFieldRemoval.Method`` of the sidecar (lower case).
+BACKGROUND_METHODS = {
+    "resharp": ("RESHARP", ["sun2014"]),
+    "vsharp": ("V-SHARP", ["li2011", "wu2012"]),
+    "pdf": ("projection onto dipole fields (PDF)", ["liu2011pdf"]),
+}
+
+#: Dipole inversions by the ``DipoleInversion.Method`` of the sidecar: (description, citation keys).
+INVERSION_METHODS = {
+    "tkd": ("truncated k-space division (TKD)", ["shmueli2009"]),
+    "l2": ("closed-form L2 inversion with gradient regularisation", ["bilgic2014"]),
+    "ilsqr": ("iLSQR with streaking-artifact removal", ["li2015"]),
+    "medi": ("morphology enabled dipole inversion (MEDI)", ["liu2011", "liu2012"]),
+    "metaqsm": ("the Meta-QSM network", ["metaqsm"]),
+}
+
+#: Step keys that are bookkeeping, not user-chosen parameters.
+_NOT_PARAMETERS = {"Method", "Units", "ElapsedSeconds", "B0DirectionVoxel", "VoxelSizeMm", "MagneticFieldStrength",
+                   "Warnings", "EchoTime", "Input", "Voxels", "Iterations", "RelativeResidual"}
+
+
+def format_value(value):
+    """A sidecar value as text: floats with %g, lists comma-separated."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_value(v) for v in value)
+    return str(value)
+
+
+#: How some step parameters read in prose: key -> (words before, unit after).
+_PARAMETER_WORDS = {"RadiusMm": ("kernel radius", " mm"), "Tikhonov": ("Tikhonov regularisation", ""),
+                    "Tolerance": ("tolerance", ""), "MaxIterations": ("at most", " iterations")}
+
+
+def _parameters_text(step):
+    items = []
+    keys = [k for k in _PARAMETER_WORDS if k in step] + sorted(k for k in step if k not in _PARAMETER_WORDS)
+    for key, value in ((k, step[k]) for k in keys):
+        if key not in _NOT_PARAMETERS:
+            words, unit = _PARAMETER_WORDS.get(key, (key, ""))
+            items.append(f"{words} {format_value(value)}{unit}")
+    return f" ({'; '.join(items)})" if items else ""
+
+
+def methods_paragraph(sidecar):
+    """A pasteable methods paragraph for one run and the citation keys it cites, in order of citation.
+
+    Built from the provenance sidecar (see :attr:`RunOutputs.provenance`); citations appear as
+    ``[key]`` placeholders, numbered by :func:`number_citations`.
+    """
+    cited = ["metaqsm"]
+    version = _software_version(sidecar.get("SoftwareVersions", ""), "metaqsm")
+    echo_times = sidecar.get("EchoTime") or sidecar.get("TotalField", {}).get("EchoTime") or []
+    echo_times = echo_times if isinstance(echo_times, list) else [echo_times]
+    te_text = ", ".join(f"{1000 * te:g}" for te in echo_times)
+    field = sidecar.get("MagneticFieldStrength")
+    parts = [f"Quantitative susceptibility maps were reconstructed with metaqsm{' ' + version if version else ''} "
+             f"[metaqsm] from {len(echo_times)} echo{'es' if len(echo_times) != 1 else ''} (TE = {te_text} ms) of a "
+             f"{'multi-echo ' if len(echo_times) > 1 else ''}gradient-echo acquisition"
+             f"{f' at {field:g} T' if field else ''}."]
+    scaling = sidecar.get("PhaseScaling")
+    if scaling:
+        units = scaling.get("PhaseUnits", "unrecorded units")
+        parts.append("Phase images were stored in radians." if units == "rad" else
+                     f"Phase images stored in {'vendor integer units' if units == 'arbitrary' else units} "
+                     "were scaled to radians.")
+    mask = sidecar.get("BrainMask")
+    if mask:
+        if mask.get("Method") == "user-provided":
+            parts.append("The brain mask was provided by the user.")
+        else:
+            # prose without the trailing code reference, e.g. "(metaqsm.qsm.masking.brain_mask)"
+            method = re.sub(r"\s*\([\w.]+\)$", "", mask.get("Method", "method not recorded")).replace(" + ", " and ")
+            parts.append(f"A brain mask was computed from the {mask.get('Input', 'magnitude')} ({method}).")
+    total = sidecar.get("TotalField")
+    if total:
+        method = total.get("Method", "a method not recorded")
+        cite = ""
+        if "laplacian" in method.lower():
+            cite = " [schofield2003]"
+            cited.append("schofield2003")
+        method = method.replace(" + ", " and ")
+        parts.append(f"The total field map was estimated from all echoes by {method}{cite}.")
+    bfr = sidecar.get("BackgroundFieldRemoval")
+    if bfr:
+        method = str(bfr.get("Method", "a method not recorded"))
+        description, keys = BACKGROUND_METHODS.get(method.lower().replace("-", ""), (method, []))
+        cite = "".join(f" [{key}]" for key in keys)
+        cited += [key for key in keys if key not in cited]
+        parts.append(f"Background fields were removed with {description}{cite}{_parameters_text(bfr)}.")
+    inversion = sidecar.get("DipoleInversion")
+    if inversion:
+        method = str(inversion.get("Method", "unknown"))
+        description, keys = INVERSION_METHODS.get(method.lower(), (f"the '{method}' dipole inversion", []))
+        cite = "".join(f" [{key}]" for key in keys)
+        cited += [key for key in keys if key not in cited]
+        b0 = " with the B0 direction in voxel axes taken from the image orientation" \
+            if "B0DirectionVoxel" in inversion else ""
+        parts.append(f"Susceptibility was computed by {description}{cite}{_parameters_text(inversion)}{b0}, "
+                     "and is reported in ppm relative to its mean within the mask where the local field is "
+                     "defined.")
+    return " ".join(parts), cited
+
+
+def number_citations(paragraphs):
+    """Replace ``[key]`` placeholders by ``[n]`` numbered in order of first citation.
+
+    ``paragraphs``: list of ``(text, keys)`` from :func:`methods_paragraph`. Returns the numbered
+    texts and the reference list ``[(n, reference text)]``.
+    """
+    order = []
+    for _, keys in paragraphs:
+        order += [key for key in keys if key not in order]
+    numbers = {key: n + 1 for n, key in enumerate(order)}
+    texts = []
+    for text, _ in paragraphs:
+        for key, n in numbers.items():
+            text = text.replace(f"[{key}]", f"[{n}]")
+        texts.append(re.sub(r"\[(\d+)\] \[(\d+)\]", r"[\1, \2]", text))  # "[3] [4]" -> "[3, 4]"
+    return texts, [(numbers[key], CITATIONS[key]) for key in order]
+
+
+def _software_version(versions, name):
+    match = re.search(rf"(?:^|, ){re.escape(name)} ([^,]+)", versions or "")
+    return match.group(1) if match else ""

@@ -1,0 +1,218 @@
+"""HTML reports written post hoc from a derivatives dataset made by the real CLI."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from metaqsm_bids.reports import write_group_report, write_subject_report
+from metaqsm_bids.reports.content import (CHI_EXTREME_PPM, find_run_outputs, methods_paragraph, number_citations,
+                                          run_checks)
+from metaqsm_bids.reports.figures import RunImages, load_run_images, plot_overview, section
+from metaqsm_bids.sim.bids import RunSpec, simulate_dataset
+
+from .conftest import run_cli
+
+RENDER = Path(__file__).resolve().parents[1] / "benchmarks" / "render_report.py"
+RUNS = [
+    RunSpec("01", session="1", shape=(40, 40, 20), voxel_size_mm=(1.8, 1.8, 3.0), seed=1),
+    RunSpec("01", session="2", shape=(40, 40, 20), voxel_size_mm=(1.8, 1.8, 3.0), oblique_deg=20.0, seed=2),
+    RunSpec("02", shape=(40, 40, 20), voxel_size_mm=(1.8, 1.8, 3.0), seed=3),  # left unprocessed
+]
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reports")
+    bids_dir, out = root / "bids", root / "out"
+    simulate_dataset(bids_dir, RUNS)
+    result = run_cli("metaqsm", bids_dir, out, "participant", "-w", root / "work", "--participant-label", "01",
+                     "--nprocs", "2", "--omp-nthreads", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = write_subject_report(out, "sub-01", bids_dir)
+    return bids_dir, out, report
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links = []
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [value for key, value in attrs if key in ("src", "href")]
+
+
+def _links(html_path):
+    parser = _Links()
+    parser.feed(html_path.read_text())
+    return parser.links
+
+
+def test_reports_and_figures_exist_and_links_resolve(processed):
+    _, out, report = processed
+    assert report == out / "sub-01.html"
+    pages = [report, out / "sub-01_ses-1.html", out / "sub-01_ses-2.html"]
+    for page in pages:
+        links = _links(page)
+        images = [link for link in links if link.endswith(".png")]
+        assert len(images) == (4 if page == report else 2), page  # overview + mosaic per run
+        for link in links:
+            if link.startswith("#"):
+                assert f'id="{link[1:]}"' in page.read_text(), link
+                continue
+            assert not re.match(r"^[a-z]+:", link) and not link.startswith("/"), f"not relative: {link}"
+            assert (out / link).is_file(), link
+        for link in images:
+            with Image.open(out / link) as img:
+                pixels = np.asarray(img.convert("L"), dtype=np.float32)
+            assert img.format == "PNG" and min(img.size) > 300 and pixels.std() > 20, link
+    # a session's report holds that session's runs only
+    session_2 = (out / "sub-01_ses-2.html").read_text()
+    assert "sub-01_ses-2" in session_2 and "sub-01_ses-1_desc-overview" not in session_2
+
+
+def test_report_states_ranges_parameters_timings_and_citations(processed):
+    _, out, report = processed
+    text = report.read_text()
+    assert "fixed range -0.15 to 0.15 ppm" in text
+    assert "neurological convention" in text
+    sidecar = json.loads((out / "sub-01/ses-1/anat/sub-01_ses-1_Chimap.json").read_text())
+    for step in ("PhaseScaling", "BrainMask", "TotalField", "BackgroundFieldRemoval", "DipoleInversion"):
+        assert f"<td>{step}</td><td class=\"num\">{sidecar[step]['ElapsedSeconds']:.2f}</td>" in text, step
+    assert "threshold 0.2" in text and "kernel radius 6 mm" in text  # TKD and RESHARP parameters, in prose
+    assert sidecar["SoftwareVersions"] in text
+    for reference in ("Meta-QSM", "Sun H, Wilman AH", "Shmueli K", "Schofield MA, Zhu Y"):
+        assert reference in text, reference
+    # citations are numbered in order: the method paper first
+    assert re.search(r"metaqsm \S+ \[1\]", text) and "RESHARP [3]" in text and "(TKD) [4]" in text
+
+
+def test_methods_follow_the_sidecar():
+    sidecar = {"SoftwareVersions": "metaqsm 9.9, numpy 2", "EchoTime": [0.005], "MagneticFieldStrength": 7.0,
+               "PhaseScaling": {"PhaseUnits": "arbitrary"}, "BrainMask": {"Method": "user-provided"},
+               "BackgroundFieldRemoval": {"Method": "pdf", "Iterations": 50},
+               "DipoleInversion": {"Method": "medi", "lambda": 1000.0, "ElapsedSeconds": 3.0}}
+    (text,), references = number_citations([methods_paragraph(sidecar)])
+    assert text.startswith("Quantitative susceptibility maps were reconstructed with metaqsm 9.9 [1] from 1 echo "
+                           "(TE = 5 ms) of a gradient-echo acquisition at 7 T.")
+    assert "vendor integer units were scaled to radians" in text and "provided by the user" in text
+    assert "(PDF) [2]" in text and "(MEDI) [3, 4] (lambda 1000)" in text and "Iterations" not in text
+    assert [n for n, _ in references] == [1, 2, 3, 4] and "projection onto dipole fields" in references[1][1]
+
+
+def test_report_statistics_match_the_maps(processed):
+    _, out, report = processed
+    anat = out / "sub-01/ses-2/anat"
+    chi = nib.load(anat / "sub-01_ses-2_Chimap.nii.gz").get_fdata()
+    qsm = nib.load(anat / "sub-01_ses-2_desc-qsm_mask.nii.gz").get_fdata() > 0
+    expected = f"SD {chi[qsm].std():.4f} ppm"
+    assert expected in (out / "sub-01_ses-2.html").read_text()
+    assert "oblique slab tilted 20" not in report.read_text()  # said on the figure, not in the HTML
+    images = load_run_images({"chi_ppm": anat / "sub-01_ses-2_Chimap.nii.gz"})
+    assert images.oblique_deg == pytest.approx(20.0, abs=0.1)
+
+
+def test_unprocessed_runs_are_listed(processed):
+    bids_dir, out, _ = processed
+    text = write_subject_report(out, "02", bids_dir).read_text()
+    assert "sub-02" in text and "no output" in text and ".png" not in text
+    with pytest.raises(ValueError, match="no derivatives"):
+        write_subject_report(out, "02")
+
+
+def test_rewriting_gives_identical_files(processed):
+    bids_dir, out, report = processed
+    before = {p: p.read_bytes() for p in [report, *sorted((out / "sub-01" / "figures").iterdir())]}
+    write_subject_report(out, "01", bids_dir)
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_checks_flag_extreme_susceptibility_and_sidecar_warnings(processed, tmp_path):
+    _, out, _ = processed
+    original = find_run_outputs(out, "01")[0]
+    _, baseline = run_checks(original, load_run_images(original.paths))
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    anat = copy / "sub-01/ses-1/anat"
+    chimap = nib.load(anat / "sub-01_ses-1_Chimap.nii.gz")
+    nib.save(nib.Nifti1Image(chimap.get_fdata() * 50, chimap.affine, chimap.header),
+             anat / "sub-01_ses-1_Chimap.nii.gz")
+    sidecar = json.loads((anat / "sub-01_ses-1_Chimap.json").read_text())
+    sidecar["DipoleInversion"]["Warnings"] = ["threshold below the noise floor"]
+    (anat / "sub-01_ses-1_Chimap.json").write_text(json.dumps(sidecar))
+    run = find_run_outputs(copy, "01")[0]
+    stats, warnings = run_checks(run, load_run_images(run.paths))
+    assert stats["chi_extreme_fraction"] > 0.005
+    added = [w for w in warnings if w not in baseline]
+    assert len(added) == 2 and f"+-{CHI_EXTREME_PPM:g} ppm" in added[0], added
+    assert added[1] == "DipoleInversion: threshold below the noise floor"
+    text = write_subject_report(copy, "01").read_text()
+    assert "threshold below the noise floor" in text and f"{len(warnings)} warnings" in text
+
+
+def test_orientation_follows_the_affine(tmp_path):
+    """A marker at the subject's right-posterior, stored in LPS order, is drawn right and at the bottom."""
+    data = np.zeros((20, 24, 10), np.float32)
+    data[2:5, 18:21, 4:6] = 1.0
+    lps = np.diag([-2.0, -2.0, 3.0, 1.0])  # i runs right to left, j anterior to posterior
+    lps[:3, 3] = [19.0, 23.0, -15.0]
+    path = tmp_path / "chi.nii.gz"
+    nib.save(nib.Nifti1Image(data, lps), path)
+    world = lps @ np.array([3.0, 19.0, 4.5, 1.0])
+    assert world[0] > 0 and world[1] < 0  # right (+x) and posterior (-y) in RAS world coordinates
+    images = load_run_images({"chi_ppm": path})
+    axial = section(images.chi_ppm, "axial", int(np.argwhere(images.chi_ppm > 0)[:, 2].mean()))
+    rows, cols = np.nonzero(axial)
+    # neurological display (subject's right on the right), anterior up: row 0 is drawn at the bottom
+    assert cols.mean() > axial.shape[1] / 2 and rows.mean() < axial.shape[0] / 2
+    coronal = section(images.chi_ppm, "coronal", int(np.argwhere(images.chi_ppm > 0)[:, 1].mean()))
+    assert np.nonzero(coronal)[1].mean() > coronal.shape[1] / 2  # right on the right in the coronal view too
+    assert images.zooms_mm == (2.0, 2.0, 3.0)
+
+
+def test_overview_of_a_run_without_maps(tmp_path):
+    """Missing maps leave labelled empty panels instead of failing."""
+    magnitude = np.random.default_rng(0).random((16, 16, 8)).astype(np.float32)
+    ranges = plot_overview(RunImages(magnitude=magnitude), tmp_path / "x.png")
+    assert ranges["chi_ppm"] == (-0.15, 0.15) and Image.open(tmp_path / "x.png").size[0] > 500
+
+
+def test_group_report(processed):
+    bids_dir, out, _ = processed
+    path = write_group_report(out, bids_dir, failures={"sub-02": "TotalField failed: NaN in phase"})
+    text = path.read_text()
+    tsv = (out / "group_summary.tsv").read_text().splitlines()
+    processed_rows = [row.split("\t") for row in tsv[1:] if "\tprocessed\t" in row]
+    assert len(processed_rows) == 2
+    for row in processed_rows:  # the group summary's means, per run
+        assert f"<td>{row[1]}</td><td>processed</td>" in text and f"{row[5]} ± {row[6]}" in text
+    assert "failed</span>: TotalField failed: NaN in phase" in text and "2 processed, 1 failed" in text
+    assert "not processed" in write_group_report(out, bids_dir).read_text()
+    for link in _links(path):
+        page, _, anchor = link.partition("#")
+        assert (out / page).is_file(), link
+        assert not anchor or f'id="{anchor}"' in (out / page).read_text(), link
+
+
+def test_reports_keep_the_dataset_valid(processed, bids_validator):
+    _, out, _ = processed
+    result = subprocess.run([bids_validator, str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_report_renders_in_chromium(processed, tmp_path):
+    _, out, report = processed
+    png = tmp_path / "page.png"
+    result = subprocess.run([sys.executable, str(RENDER), str(report), "--png", str(png), "--height", "3000"],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pixels = np.asarray(Image.open(png).convert("L"))
+    assert (pixels < 30).mean() > 0.05  # the figures' black panels are on the page: the images loaded

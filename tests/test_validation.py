@@ -1,0 +1,130 @@
+"""Input validation: clean datasets pass, each QSM-relevant defect is named with its file and participant."""
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from metaqsm_bids.io.validation import ensure_bidsignore, find_validator, format_findings, validate_input
+from metaqsm_bids.sim.bids import RunSpec, simulate_dataset
+
+RUNS = [RunSpec(label, shape=(24, 24, 12), voxel_size_mm=(2.0, 2.0, 3.0), echo_times_s=(0.005, 0.01, 0.015), seed=n)
+        for n, label in enumerate(("01", "02", "03", "04"))]
+#: Both back ends: the official validator (installed by the test extras) and pybids' file-name checks.
+BACK_ENDS = ["auto", None]
+
+
+def _drop_magnitude(root):  # sub-01: echo-2 phase without its magnitude
+    for path in root.glob("sub-01/anat/sub-01_echo-2_part-mag_MEGRE.*"):
+        path.unlink()
+
+
+def _drop_echo_time(root):  # sub-02: no EchoTime in one sidecar
+    sidecar = root / "sub-02/anat/sub-02_echo-1_part-phase_MEGRE.json"
+    meta = json.loads(sidecar.read_text())
+    del meta["EchoTime"]
+    sidecar.write_text(json.dumps(meta))
+
+
+def _crop_echo(root):  # sub-03: one echo with fewer slices
+    path = root / "sub-03/anat/sub-03_echo-3_part-mag_MEGRE.nii.gz"
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, :10], img.affine, img.header), path)
+
+
+def _misname(root):  # sub-04: a MEGRE file with a broken name, and a stray non-BIDS file
+    anat = root / "sub-04" / "anat"
+    (anat / "sub-04_echo-1_part-phase_MEGRE.nii.gz").rename(anat / "sub-04_echo1_phase_MEGRE.nii.gz")
+    (anat / "notes_about_sub-04.txt").write_text("not BIDS")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("validation") / "bids"
+    simulate_dataset(root, RUNS)
+    shutil.rmtree(root / "derivatives")  # the ground truth is not part of the input
+    return root
+
+
+@pytest.fixture(scope="module", params=BACK_ENDS, ids=["bids-validator", "pybids"])
+def broken_findings(request, dataset, tmp_path_factory):
+    """Findings on a copy of the dataset with one defect per participant, for each back end."""
+    root = tmp_path_factory.mktemp("broken") / "bids"
+    shutil.copytree(dataset, root)
+    for breaker in (_drop_magnitude, _drop_echo_time, _crop_echo, _misname):
+        breaker(root)
+    return validate_input(root, validator=request.param)
+
+
+def _errors(findings):
+    return [f for f in findings if f.severity == "error"]
+
+
+def _broken(dataset, tmp_path, breaker):
+    copy = tmp_path / "bids"
+    shutil.copytree(dataset, copy)
+    breaker(copy)
+    return copy
+
+
+def test_official_validator_is_found():
+    assert find_validator() is not None, "bids-validator-deno is part of the test extras"
+
+
+@pytest.mark.parametrize("validator", BACK_ENDS)
+def test_clean_dataset_has_no_errors(dataset, validator):
+    findings = validate_input(dataset, validator=validator)
+    assert not _errors(findings), format_findings(findings)
+
+
+@pytest.mark.parametrize("subject, path, words", [
+    ("01", "sub-01/anat/sub-01_echo-2_part-phase_MEGRE.nii.gz", "no matching part-mag"),
+    ("02", "sub-02/anat/sub-02_echo-1_part-phase_MEGRE.nii.gz", "no EchoTime"),
+    ("03", "sub-03/anat/sub-03_echo-3_part-mag_MEGRE.nii.gz", "shape (24, 24, 10) differs"),
+    ("04", "sub-04/anat/sub-04_echo-1_part-mag_MEGRE.nii.gz", "no matching part-phase"),
+], ids=["phase-without-magnitude", "missing-EchoTime", "echo-shape-differs", "magnitude-without-phase"])
+def test_broken_run_is_named_once(broken_findings, subject, path, words):
+    errors = [f for f in _errors(broken_findings) if f.subject == subject and f.code == "MEGRE_RUN"]
+    assert len(errors) == 1, format_findings(broken_findings)
+    assert errors[0].path == path and words in errors[0].message and errors[0].source == "metaqsm"
+
+
+@pytest.mark.parametrize("subject", ["01", "02", "03"])
+def test_each_defect_is_said_once(broken_findings, subject):
+    # the validator also reports the missing EchoTime of sub-02: metaqsm's message replaces it
+    assert len([f for f in broken_findings if f.subject == subject]) == 1, format_findings(broken_findings)
+
+
+def test_misnamed_megre_file_is_an_error_other_files_a_warning(broken_findings):
+    by_path = {f.path: f for f in broken_findings}
+    assert by_path["sub-04/anat/sub-04_echo1_phase_MEGRE.nii.gz"].severity == "error"
+    assert by_path["sub-04/anat/notes_about_sub-04.txt"].severity == "warning"
+    assert broken_findings[0].severity == "error" and broken_findings[-1].severity == "warning"  # errors first
+
+
+@pytest.mark.parametrize("validator", BACK_ENDS)
+def test_missing_dataset_description_is_a_dataset_error(dataset, tmp_path, validator):
+    root = _broken(dataset, tmp_path, lambda r: (r / "dataset_description.json").unlink())
+    errors = _errors(validate_input(root, validator=validator))
+    assert [e.subject for e in errors] == [None]
+    assert "dataset_description.json" in errors[0].message
+
+
+def test_unrunnable_validator_falls_back_to_pybids(dataset, tmp_path):
+    broken = _broken(dataset, tmp_path, _drop_magnitude)
+    findings = validate_input(broken, validator=str(tmp_path / "no-such-validator"))
+    assert findings[0].code == "MEGRE_RUN"
+    assert any(f.code == "VALIDATOR_FAILED" and f.severity == "warning" for f in findings)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        validate_input(tmp_path / "missing")
+
+
+def test_ensure_bidsignore_appends_once(tmp_path):
+    (tmp_path / ".bidsignore").write_text("extra/\n")
+    ensure_bidsignore(tmp_path, ["*.html", "**/figures"])
+    ensure_bidsignore(tmp_path, ["*.html"])
+    assert (tmp_path / ".bidsignore").read_text() == "extra/\n*.html\n**/figures\n"
