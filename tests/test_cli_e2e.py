@@ -278,3 +278,20 @@ def test_other_methods_through_cli(inversion, bfr, min_corr, small_dataset, tmp_
     corr = np.corrcoef(chi[mask], truth[mask])[0, 1]
     assert corr > min_corr, corr
     assert (out / "sub-01.html").exists()
+
+
+def test_metaqsm_inversion_through_cli(small_dataset, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("metaqsm", small_dataset, out, "participant", "--participant-label", "01", "--inversion",
+                     "metaqsm", "--device", "cpu", "-w", tmp_path / "work", "--nprocs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    prefix = "sub-01/{dt}/sub-01"
+    inversion = json.loads(_path(out, prefix, "chimap", ".json").read_text())["DipoleInversion"]
+    from metaqsm_bids.qsm.deepqsm import model_sha256
+
+    assert inversion["Method"] == "metaqsm" and inversion["ModelSHA256"] == model_sha256("metaqsm-v1")
+    chi = nib.load(_path(out, prefix, "chimap")).get_fdata()
+    mask = np.asarray(nib.load(_path(out, prefix, "qsm_mask")).dataobj) > 0
+    mask &= np.asarray(nib.load(small_dataset / TRUTH / "sub-01/anat/sub-01_desc-brain_mask.nii.gz").dataobj) > 0
+    truth = nib.load(small_dataset / TRUTH / "sub-01/anat/sub-01_Chimap.nii.gz").get_fdata()
+    assert np.corrcoef(chi[mask], truth[mask])[0, 1] > 0.5

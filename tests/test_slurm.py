@@ -205,8 +205,10 @@ def _task_times(log):
 def _assert_complete(out, subject):
     expected = {f"sub-{subject}/{datatype}/sub-{subject}_{suffix}{ext}"
                 for datatype, suffix in DERIVATIVES for ext in (".nii.gz", ".json")}
-    found = {p.relative_to(out).as_posix() for p in (out / f"sub-{subject}").rglob("*") if p.is_file()}
+    found = {p.relative_to(out).as_posix() for p in (out / f"sub-{subject}").rglob("*")
+             if p.is_file() and p.parent.name != "figures"}  # the report's figures
     assert found == expected
+    assert (out / f"sub-{subject}.html").is_file()
 
 
 @pytest.mark.slow
@@ -283,9 +285,9 @@ def test_nipype_slurm_plugin_submits_each_step(slurm, tmp_path):
             mem_mb = float(tres["mem"][:-1]) * {"M": 1, "G": 1024, "T": 1024 ** 2}[tres["mem"][-1]]
             jobs[fields["JobName"].split(".")[0]] = (fields["JobState"], int(tres["cpu"]), mem_mb)
     # one batch job per step (the sink runs in the submitting process), each with its own request
-    assert set(jobs) == {"phase_scaling", "brain_mask", "total_field", "resharp", "dipole_inversion"}, jobs
+    assert set(jobs) == {"phase_scaling", "brain_mask", "total_field", "background_removal", "dipole_inversion"}, jobs
     assert all(state == "COMPLETED" for state, _, _ in jobs.values()), jobs
     cpus = {step: cpu for step, (_, cpu, _) in jobs.items()}
-    assert cpus == {"phase_scaling": 1, "brain_mask": 2, "total_field": 2, "resharp": 2, "dipole_inversion": 2}
+    assert cpus == {"phase_scaling": 1, "brain_mask": 2, "total_field": 2, "background_removal": 2, "dipole_inversion": 2}
     mem_mb = {step: mem for step, (_, _, mem) in jobs.items()}
     assert min(mem_mb.values()) >= 512 and mem_mb["total_field"] > mem_mb["brain_mask"], mem_mb

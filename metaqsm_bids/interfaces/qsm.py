@@ -274,6 +274,8 @@ class DipoleInversion(_QSMInterface):
             extra = {"magnitude": np.asarray(nib.load(self.inputs.magnitude_file).dataobj, dtype=np.float32),
                      "b0_tesla": self.inputs.field_strength_t,
                      "delta_te_s": float(np.diff(tes).mean()) if len(tes) > 1 else float(tes[0])}
+        if self.inputs.method == "metaqsm":
+            extra = {"device": self.inputs.device}  # resolved here, on the machine that runs the node
         info = {}
         chi = invert(self.inputs.method, local_ppm, mask, voxel_size, b0_dir, info=info, **params, **extra)
         self._results["chimap_file"] = _save(chi, img, "chimap_ppm.nii")

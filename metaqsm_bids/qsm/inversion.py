@@ -76,7 +76,28 @@ def tkd(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), threshold=
 
 
 #: Dipole inversion methods by name.
-INVERSIONS = {"tkd": tkd, "l2": l2, "ilsqr": ilsqr, "medi": medi}
+def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model="metaqsm-v1", device="auto",
+            info=None):
+    """Meta-QSM: the shipped weight-predicting U-Net (one model for every voxel size and B0 direction).
+
+    ``model`` names weights in the package data; ``device`` is ``auto``, ``cpu`` or ``cuda``.
+    Like the other methods the result is demeaned inside the mask. ``info`` receives the
+    model name, its sha256 and the device used. torch and the model load only when called.
+    """
+    from .deepqsm import load_model, model_sha256, predict_chi
+    from .device import resolve_device
+
+    device = resolve_device(device)
+    net = load_model(model, device=device)
+    chi = predict_chi(net, local_field_ppm, mask, voxel_size_mm, b0_dir, device=device)
+    inside = np.asarray(mask, bool)
+    chi[inside] -= chi[inside].mean(dtype=np.float64)
+    if info is not None:
+        info.update({"Model": model, "ModelSHA256": model_sha256(model), "Device": device})
+    return chi
+
+
+INVERSIONS = {"tkd": tkd, "l2": l2, "ilsqr": ilsqr, "medi": medi, "metaqsm": metaqsm}
 
 
 def invert(method, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), info=None, **params):
