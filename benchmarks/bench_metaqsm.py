@@ -1,8 +1,8 @@
 """Benchmark a Meta-QSM/Mesa-QSM model against TKD on held-out simulated volumes.
 
-python /work/train_runs/bench_metaqsm.py MODEL_NAME_OR_RUN_CKPT [--shape 128 128 48] [--n 3]
+python benchmarks/bench_metaqsm.py MODEL_NAME_OR_RUN_CKPT [--shape 128 128 48] [--n 3]
 """
-import argparse, json, time, sys
+import argparse, json, time
 import numpy as np, torch
 from qsm_ci.qsm_eval import hfen, nrmse_challenge
 from metaqsm_bids.qsm.deepqsm import load_model, predict_chi

@@ -8,7 +8,7 @@ clinical SWI protocol: TE1 12.6 ms, spacing 4.1 ms, 3 T), then
    forked process, printing its wall time and peak RSS (the process high-water mark,
    which includes the ~0.3-0.4 GB of the interpreter and its imports);
 2. runs the real ``metaqsm`` CLI on the dataset, printing its total wall time and peak RSS;
-3. scores the Chimap against the ground truth with qsm-ci's challenge metrics.
+3. scores the Chimap against the ground truth with qsm-ci's challenge metrics (benchmarks/score.py).
 
 Usage: python benchmarks/bench_pipeline.py [--threads 2] [--keep DIR]
 Targets (issue 2, 2-core CPU, TKD): < 60 s total and < 4 GiB peak RSS.
@@ -23,8 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 
 from metaqsm_bids.interfaces.qsm import BackgroundRemoval, BrainMask, DipoleInversion, PrepareMEGRE, TotalField
 from metaqsm_bids.sim.bids import RunSpec, simulate_dataset
@@ -123,17 +121,11 @@ def main(argv=None):
     print(f"{'metaqsm CLI, whole participant run':<40} {wall:>8.2f} {peak:>13.2f}")
     print("(includes Python start-up, imports, pybids indexing, nipype and writing 7 gzipped derivatives)\n")
 
-    from qsm_ci.qsm_eval import challenge_metrics
+    sys.path.insert(0, str(Path(__file__).parent))
+    from score import print_table, score_dataset
 
-    truth_dir = bids_dir / "derivatives" / "metaqsm-simulate" / "sub-01" / "anat"
-    truth = nib.load(truth_dir / "sub-01_Chimap.nii.gz").get_fdata()
-    seg = np.asarray(nib.load(truth_dir / "sub-01_dseg.nii.gz").dataobj).astype(int)
-    chi = nib.load(out / "sub-01" / "anat" / "sub-01_Chimap.nii.gz").get_fdata()
-    mask = np.asarray(nib.load(out / "sub-01" / "anat" / "sub-01_desc-qsm_mask.nii.gz").dataobj) > 0
-    metrics = challenge_metrics(chi, truth, mask.astype(np.uint8), seg * mask)
-    print("accuracy of TKD against the ground truth, inside the qsm mask (qsm-ci challenge_metrics):")
-    for key in ("nrmse", "nrmse_detrend", "hfen", "xsim", "correlation", "dgm_linearity", "calc_streak"):
-        print(f"  {key:<15} {metrics[key]:8.3f}")
+    print("accuracy of TKD against the ground truth (qsm-ci challenge_metrics, qsm mask & true brain):")
+    print_table(score_dataset(bids_dir, out))
     if not opts.keep:
         print(f"\n(outputs in {root}; pass --keep DIR to choose where)")
 
