@@ -21,7 +21,7 @@ import scipy.fft as sfft
 from .dipole import dipole_kernel
 from .grid import PaddedBox
 from .medi import conjugate_gradient
-from .resharp import BackgroundRemoval, _check_mask
+from .resharp import BackgroundRemoval, check_field_and_mask
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,7 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     Returns a :class:`~metaqsm_bids.qsm.resharp.BackgroundRemoval` whose ``mask`` is ``mask``
     (PDF needs no erosion) and whose ``relative_residual`` is CG's.
     """
-    field = np.asarray(total_field)
-    mask = _check_mask(mask)
-    if field.shape != mask.shape:
-        raise ValueError(f"total field shape {field.shape} does not match mask shape {mask.shape}")
-    if not np.all(np.isfinite(field[mask])):
-        raise ValueError("total field has NaN or infinite values inside the mask")
+    field, mask = check_field_and_mask(total_field, mask)
     voxel = np.asarray(voxel_size_mm, dtype=float)
     if voxel.shape != (3,) or not np.all(voxel > 0):
         raise ValueError(f"voxel_size_mm must be 3 positive lengths, got {voxel_size_mm!r}")

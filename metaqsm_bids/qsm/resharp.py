@@ -122,6 +122,17 @@ def erode_mask(mask, voxel_size_mm, radius_mm):
     return box.extract(eroded)
 
 
+def check_field_and_mask(total_field, mask):
+    """The field as an array and the mask as bool, checked: same shape, mask not empty, finite in the mask."""
+    field = np.asarray(total_field)
+    mask = _check_mask(mask)
+    if field.shape != mask.shape:
+        raise ValueError(f"total field shape {field.shape} does not match mask shape {mask.shape}")
+    if not np.all(np.isfinite(field[mask])):
+        raise ValueError("total field has NaN or infinite values inside the mask")
+    return field, mask
+
+
 def _half_spectrum_dot(x, y, last_axis_even):
     """Real-space inner product of two real fields (times their size), from their rfftn half spectra.
 
@@ -150,12 +161,7 @@ def resharp(total_field, mask, voxel_size_mm, radius_mm=6.0, tikhonov=1e-3, tol=
 
     Returns a :class:`BackgroundRemoval` whose ``mask`` is the eroded mask.
     """
-    field = np.asarray(total_field)
-    mask = _check_mask(mask)
-    if field.shape != mask.shape:
-        raise ValueError(f"total field shape {field.shape} does not match mask shape {mask.shape}")
-    if not np.all(np.isfinite(field[mask])):
-        raise ValueError("total field has NaN or infinite values inside the mask")
+    field, mask = check_field_and_mask(total_field, mask)
     if not tikhonov > 0:
         raise ValueError(f"tikhonov must be positive, got {tikhonov!r}")
 

@@ -22,7 +22,7 @@ import numpy as np
 import scipy.fft as sfft
 
 from .grid import PaddedBox
-from .resharp import BackgroundRemoval, _check_mask, _smv_ball, _sphere_half_extent
+from .resharp import BackgroundRemoval, _smv_ball, _sphere_half_extent, check_field_and_mask
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,7 @@ def vsharp(total_field, mask, voxel_size_mm, b0_dir=None, radii_mm=DEFAULT_RADII
     ``relative_residual`` is ``||M_R ((1 - S_R) * f_local - h)|| / ||M_R h||`` on the mask
     eroded by the largest radius, where ``h`` is the filtered field: what the truncation lost.
     """
-    field = np.asarray(total_field)
-    mask = _check_mask(mask)
-    if field.shape != mask.shape:
-        raise ValueError(f"total field shape {field.shape} does not match mask shape {mask.shape}")
-    if not np.all(np.isfinite(field[mask])):
-        raise ValueError("total field has NaN or infinite values inside the mask")
+    field, mask = check_field_and_mask(total_field, mask)
     if not 0 < threshold < 1:
         raise ValueError(f"V-SHARP threshold must be in (0, 1), got {threshold!r}")
     voxel = np.asarray(voxel_size_mm, dtype=float)
