@@ -26,11 +26,12 @@ RUN apt-get update \
 ENV PATH=/opt/metaqsm/bin:$PATH
 
 # As the README installs it: torch first (from PyPI this is the CUDA build; the check stops a
-# CPU-only wheel from slipping in), then the package with its weights (package data).
+# CPU-only wheel from slipping in), then the package with its weights (package data) and the
+# templates extra (antspyx, templateflow) for --output-spaces.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" \
  && python -c "import sys, torch; sys.exit(None if torch.version.cuda else 'torch is not a CUDA build')"
 COPY . /tmp/metaqsm-src
-RUN pip install --no-cache-dir /tmp/metaqsm-src \
+RUN pip install --no-cache-dir "/tmp/metaqsm-src[templates]" \
  && python -c "import filecmp, pathlib, metaqsm_bids; \
 src = pathlib.Path('/tmp/metaqsm-src/metaqsm_bids/data/models'); \
 names = [p.name for p in src.glob('*') if p.suffix in ('.pt', '.json')]; \
@@ -39,9 +40,17 @@ assert not bad + missing, f'weights not installed: {bad + missing}'" \
  && rm -rf /tmp/metaqsm-src \
  && metaqsm --version
 
+# The templates of --output-spaces, fetched now so that runs need no network: MNI152NLin2009cAsym
+# (fMRIPrep's default) T1w and brain mask at 1 and 2 mm, readable by any user. Other templates
+# are fetched at run time when the network allows, or from a TEMPLATEFLOW_HOME mounted over this one.
+ENV TEMPLATEFLOW_HOME=/opt/templateflow
+RUN python -c "from templateflow.api import get; \
+[get('MNI152NLin2009cAsym', resolution=r, suffix=s, desc=d) for r in (1, 2) for s, d in (('T1w', None), ('mask', 'brain'))]" \
+ && chmod -R a+rX /opt/templateflow
+
 # Runs as any user (docker run -u): a world-writable HOME for caches and a writable working
-# directory for the default work dir (./work). Nothing is fetched at run time: metaqsm needs no
-# templates, the weights are inside, and nipype's online version check is off.
+# directory for the default work dir (./work). Nothing is fetched at run time: the weights and the
+# default template are inside, and nipype's online version check is off.
 RUN mkdir -p /home/metaqsm && chmod 1777 /home/metaqsm
 ENV HOME=/home/metaqsm \
     NIPYPE_NO_ET=1 \

@@ -7,6 +7,8 @@
   weights inside. One substitution: the image's torch line (the CUDA build from PyPI) becomes
   the README's ``pip install torch==<same version>``, which this machine's pip resolves to the
   local CPU wheel (fast, offline); the image's check that torch is a CUDA build is not run.
+  Only ``pip install`` commands are replayed: the image's template fetch (network) is not; its
+  Python code runs against a stand-in ``templateflow.api.get`` that records what it would fetch.
 """
 import configparser
 import json
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from metaqsm_bids.io.derivatives import dataset_description
+from metaqsm_bids.spatial.template import DEFAULT_TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,18 +155,56 @@ def _copy_build_context(destination):
     shutil.copytree(ROOT, destination, ignore=ignore)
 
 
+def _local(word, context_copies):
+    """A COPY destination, with or without ``[extras]``, -> the local copy (other words unchanged)."""
+    path, extras = re.fullmatch(r"(.*?)(\[[\w,-]+\])?", word).groups()
+    return context_copies[path] + (extras or "") if path in context_copies else word
+
+
+def _run_commands(instructions):
+    """Every command of the RUN instructions (split at ``&&``) as words, with ARGs expanded."""
+    variables = _args(instructions)
+    return [shlex.split(_expand(command, variables)) for keyword, arg in instructions if keyword == "RUN"
+            for command in re.split(r"\s*&&\s*", arg)]
+
+
 def _pip_commands(instructions, context_copies):
     """The Dockerfile's pip install commands, with COPY destinations mapped to local copies."""
-    variables = _args(instructions)
-    commands = []
-    for keyword, arg in instructions:
-        if keyword != "RUN":
-            continue
-        for command in re.split(r"\s*&&\s*", arg):
-            words = shlex.split(_expand(command, variables))
-            if words[:2] == ["pip", "install"]:
-                commands.append([context_copies.get(w, w) for w in words[2:]])
-    return commands
+    return [[_local(w, context_copies) for w in words[2:]] for words in _run_commands(instructions)
+            if words[:2] == ["pip", "install"]]
+
+
+def test_templates_installed_and_fetched_at_build(tmp_path):
+    """The package is installed with the templates extra, and MNI152NLin2009cAsym's T1w and brain mask
+    at res-1 and res-2 (what template_files reads) are fetched into the image's TEMPLATEFLOW_HOME."""
+    instructions = _dockerfile()
+    commands = _run_commands(instructions)
+    assert any(words[:2] == ["pip", "install"] and any(w.endswith("[templates]") for w in words)
+               for words in commands)
+    fetch = [words for words in commands if words[:2] == ["python", "-c"] and "templateflow.api" in words[2]]
+    assert len(fetch) == 1
+    home = _key_values(instructions, "ENV", _args(instructions))["TEMPLATEFLOW_HOME"]
+
+    def position(keyword, text):
+        return next(n for n, (kw, arg) in enumerate(instructions) if kw == keyword and text in arg)
+
+    assert position("ENV", "TEMPLATEFLOW_HOME=") < position("RUN", "templateflow.api")  # fetched into it
+    assert f"export TEMPLATEFLOW_HOME={home}" in _singularity()[1]["environment"]
+
+    stub = tmp_path / "stub" / "templateflow"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("")
+    (stub / "api.py").write_text("import json, os\n\ndef get(template, **query):\n"
+                                 "    with open(os.environ['CALLS'], 'a') as f:\n"
+                                 "        f.write(json.dumps([template, query]) + '\\n')\n")
+    calls = tmp_path / "calls.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(stub.parent), "CALLS": str(calls)}
+    result = subprocess.run([sys.executable, "-c", fetch[0][2]], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    fetched = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert sorted(map(json.dumps, fetched)) == sorted(json.dumps([DEFAULT_TEMPLATE, {
+        "resolution": resolution, "suffix": suffix, "desc": desc}]) for resolution in (1, 2)
+        for suffix, desc in (("T1w", None), ("mask", "brain")))
 
 
 @pytest.mark.slow
@@ -179,7 +220,7 @@ def test_dockerfile_install_gives_working_entrypoint(tmp_path):
     torch_version = _args(instructions)["TORCH_VERSION"]
     commands = _pip_commands(instructions, copies)
     assert any(f"torch=={torch_version}" in c for c in commands)
-    assert any(copies[d] in c for c in commands for d in copies)
+    assert any(w.startswith(copies[d]) for c in commands for w in c for d in copies)
     context = tmp_path / "context"
     assert (context / "README.md").exists() and not (context / ".git").exists()
     assert not list(context.rglob("__pycache__"))

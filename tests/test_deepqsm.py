@@ -7,6 +7,7 @@ import torch
 
 from metaqsm_bids.qsm import deepqsm
 from metaqsm_bids.qsm.deepqsm import load_model, model_sha256, normalise_field, predict_chi
+from metaqsm_bids.qsm.inversion import MESAQSM_MODEL, METAQSM_MODEL
 from metaqsm_bids.qsm.networks import UNet3d, save_network
 
 
@@ -90,25 +91,30 @@ def test_load_model_checks_sha256(tmp_path, net):
         load_model("absent", "cpu", tmp_path)
 
 
-def test_shipped_model_beats_tkd_on_thick_slices():
-    """The shipped model on held-out synthetic crops (64x64x32) at the paper's two clinical resolutions.
-
-    Measured for metaqsm-v1 (3750 steps): mean NRMSE 61.2 % vs TKD (threshold 0.2) 69.0 % on these
-    four crops. At near-isotropic resolutions v1 does not beat TKD yet.
-    """
+@pytest.mark.parametrize("name, voxels", [
+    (METAQSM_MODEL, ((0.5, 0.5, 2.0), (0.76, 0.76, 3.0), (1.0, 1.0, 1.0), (0.75, 0.75, 1.5))),
+    (MESAQSM_MODEL, ((0.76, 0.76, 3.0),)),
+])
+def test_shipped_models_beat_tkd(name, voxels):
+    """The shipped networks on held-out synthetic crops (64x64x32, a seed stream training never uses),
+    B0 within 30 deg of the slice axis: lower NRMSE and HFEN than TKD (threshold 0.2) at every
+    resolution they serve (metaqsm-v2: validation NRMSE 49.2 % mean vs TKD 60.5 %, see its .json)."""
     pytest.importorskip("nilearn")
-    from qsm_ci.qsm_eval import nrmse_challenge
+    from qsm_ci.qsm_eval import hfen, nrmse_challenge
 
     from metaqsm_bids.qsm.inversion import tkd
     from metaqsm_bids.training.synth import make_sample
 
-    model = load_model(deepqsm.DEFAULT_MODEL)
-    assert deepqsm.model_info(deepqsm.DEFAULT_MODEL)["sha256"] == model_sha256(deepqsm.DEFAULT_MODEL)
-    net_err, tkd_err = [], []
-    for seed in (0, 1):
-        for voxel in ((0.5, 0.5, 2.0), (0.76, 0.76, 3.0)):
-            s = make_sample(np.random.default_rng([2024, seed]), (64, 64, 32), voxel_size_mm=voxel)
-            chi = predict_chi(model, s.field_ppm, s.mask, voxel, s.b0_dir)
-            net_err.append(nrmse_challenge(chi, s.chi_ppm, s.mask)[0])
-            tkd_err.append(nrmse_challenge(tkd(s.field_ppm, s.mask, voxel, s.b0_dir), s.chi_ppm, s.mask)[0])
-    assert np.mean(net_err) < 65 and np.mean(net_err) < np.mean(tkd_err) - 4
+    model = load_model(name)
+    assert deepqsm.model_info(name)["sha256"] == model_sha256(name)
+    conditioning = model.config["conditioning"]
+    for voxel in voxels:
+        scores = {"net": [], "tkd": []}
+        for seed in (0, 1):
+            s = make_sample(np.random.default_rng([2024, seed]), (64, 64, 32), voxel_size_mm=voxel,
+                            conditioning=conditioning)
+            for key, chi in (("net", predict_chi(model, s.field_ppm, s.mask, voxel, s.b0_dir)),
+                             ("tkd", tkd(s.field_ppm, s.mask, voxel, s.b0_dir))):
+                scores[key].append((nrmse_challenge(chi, s.chi_ppm, s.mask)[0], hfen(chi, s.chi_ppm, s.mask)))
+        net, ref = np.mean(scores["net"], axis=0), np.mean(scores["tkd"], axis=0)
+        assert np.all(net < ref), (name, voxel, net, ref)

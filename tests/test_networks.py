@@ -94,3 +94,21 @@ def test_save_then_load_gives_identical_output(tmp_path):
         ref = net(x, c)
         assert (half(x, c) - ref).abs().max() <= 5e-3 * ref.abs().max()
     assert (tmp_path / "half.pt").stat().st_size < 0.6 * (tmp_path / "net.pt").stat().st_size
+
+
+@pytest.mark.parametrize("arch", ["meta", "mesa"])
+def test_residual_tkd_network_starts_as_its_tkd_channel(arch):
+    """``input='field+tkd'``: two input channels, output = channel 1 + U-Net, with a zeroed last layer."""
+    torch.manual_seed(0)
+    net = UNet3d({"arch": arch, "channels": 2, "levels": 2, "hidden": 4, "input": "field+tkd",
+                  "fixed_voxel_size_mm": [1, 1, 1]})
+    x = torch.randn(2, 2, 8, 8, 6)
+    c = torch.cat([cond((1, 1, 1)), cond((0.5, 0.5, 2))]) if arch == "meta" else None
+    assert torch.equal(net(x, c), x[:, 1:2])
+    # one optimiser step moves it away from TKD (the zero layer still gets gradients)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net(x, c).pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(net(x, c), x[:, 1:2])
+    with pytest.raises(ValueError, match="input"):
+        UNet3d({"input": "phase"})

@@ -34,7 +34,7 @@ def processed(tmp_path_factory):
     bids_dir, out = root / "bids", root / "out"
     simulate_dataset(bids_dir, RUNS)
     result = run_cli("metaqsm", bids_dir, out, "participant", "-w", root / "work", "--participant-label", "01",
-                     "--nprocs", "2", "--omp-nthreads", "1")
+                     "--nprocs", "2", "--omp-nthreads", "1", "--inversion", "tkd")
     assert result.returncode == 0, result.stderr[-3000:]
     report = write_subject_report(out, "sub-01", bids_dir)
     return bids_dir, out, report

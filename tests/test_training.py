@@ -12,7 +12,7 @@ from metaqsm_bids.qsm.deepqsm import load_model, predict_chi  # noqa: E402
 from metaqsm_bids.qsm.dipole import forward_field_ppm  # noqa: E402
 from metaqsm_bids.qsm.networks import build_network  # noqa: E402
 from metaqsm_bids.training.synth import VOXEL_RANGE_MM, make_sample, random_b0_dir  # noqa: E402
-from metaqsm_bids.training.train import DEFAULTS, masked_l1, train, training_batch  # noqa: E402
+from metaqsm_bids.training.train import DEFAULTS, NETWORK_KEYS, masked_l1, train, training_batch  # noqa: E402
 
 TINY = {"channels": 2, "levels": 2, "hidden": 4, "batch_size": 2, "patch": [16, 16, 8], "val_samples": 1,
         "val_every": 2, "ckpt_every": 2}
@@ -22,7 +22,7 @@ TINY = {"channels": 2, "levels": 2, "hidden": 4, "batch_size": 2, "patch": [16, 
 def test_sample_geometry_and_physics(voxel):
     b0 = (0.2, 0.0, 0.98)
     s = make_sample(np.random.default_rng(5), shape=(32, 32, 16), voxel_size_mm=voxel, b0_dir=b0,
-                    noise_ppm=(0, 0))
+                    noise_ppm=(0, 0), background=(0, 0))
     assert s.voxel_size_mm == voxel and s.field_ppm.shape == s.chi_ppm.shape == s.mask.shape == (32, 32, 16)
     assert s.field_ppm.dtype == s.chi_ppm.dtype == np.float32
     assert np.all(np.isfinite(s.field_ppm)) and np.all(np.isfinite(s.chi_ppm)) and s.mask.sum() > 1000
@@ -43,6 +43,30 @@ def test_sample_geometry_and_physics(voxel):
     assert agreement((1.0, 0.0, 0.0))[0] < 0.5  # the sample really used the requested B0
 
 
+def test_background_is_harmonic_and_scaled():
+    """The added background (what background removal leaves) has zero Laplacian, the requested RMS
+    relative to the local field, and is not part of the label."""
+    voxel = (0.6, 0.8, 2.0)
+
+    def sample(background):
+        return make_sample(np.random.default_rng(9), shape=(32, 32, 16), voxel_size_mm=voxel, noise_ppm=(0, 0),
+                           background=background)
+
+    clean, shifted = sample((0, 0)), sample((0.3, 0.3))
+    assert np.array_equal(clean.chi_ppm, shifted.chi_ppm)
+    m = clean.mask
+    bg = np.where(m, shifted.field_ppm - clean.field_ppm, 0).astype(np.float64)
+    rms = lambda a: np.sqrt(np.mean(a[m] ** 2))  # noqa: E731
+    assert rms(bg) == pytest.approx(0.3 * rms(clean.field_ppm), rel=1e-3)
+    # rebuild it on the whole grid from its values in the mask: a harmonic quadratic has zero Laplacian
+    coords = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * d for n, d in zip(m.shape, voxel)], indexing="ij")
+    x, y, z = (c[m] for c in coords)
+    basis = np.stack([np.ones_like(x), x, y, z, x * x, y * y, z * z, x * y, x * z, y * z], 1)
+    coef = np.linalg.lstsq(basis, bg[m], rcond=None)[0]
+    assert np.abs(basis @ coef - bg[m]).max() < 1e-5 * np.abs(bg[m]).max()  # a quadratic polynomial
+    assert abs(coef[4] + coef[5] + coef[6]) < 1e-4 * np.abs(coef[4:7]).max()  # its Laplacian 2(a + b + c) = 0
+
+
 def test_random_draws_stay_in_range():
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -58,7 +82,7 @@ def test_random_draws_stay_in_range():
 def test_a_few_steps_reduce_the_loss():
     cfg = {**DEFAULTS, **TINY, "channels": 4}
     torch.manual_seed(0)
-    net = build_network({k: cfg[k] for k in ("arch", "channels", "levels", "hidden", "conditioning")})
+    net = build_network({k: cfg[k] for k in NETWORK_KEYS})
     batch = training_batch(cfg, 0)
     optimiser = torch.optim.RMSprop(net.parameters(), lr=1e-3, alpha=0.9)
     losses = []

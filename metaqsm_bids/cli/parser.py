@@ -30,6 +30,16 @@ def _positive_float(value):
     return number
 
 
+def _output_space(value):
+    from ..spatial.template import parse_output_space
+
+    try:
+        parse_output_space(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return value
+
+
 def build_parser():
     """The ``metaqsm`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -60,7 +70,9 @@ def build_parser():
                            "those masks replace the computed ones")
 
     qsm = parser.add_argument_group("Reconstruction")
-    qsm.add_argument("--inversion", choices=sorted(INVERSIONS), default="tkd", help="dipole inversion method")
+    qsm.add_argument("--inversion", choices=sorted(INVERSIONS), default="metaqsm",
+                     help="dipole inversion method (default: the shipped Meta-QSM network; mesaqsm is its "
+                          "single-resolution control, trained at 0.76x0.76x3 mm)")
     qsm.add_argument("--tkd-threshold", type=_positive_float, default=0.2,
                      help="TKD truncation threshold of the dipole kernel")
     qsm.add_argument("--medi-lambda", type=_positive_float, default=1000.0,
@@ -69,6 +81,14 @@ def build_parser():
                      help="background field removal method")
     qsm.add_argument("--bfr-radius-mm", type=_positive_float, default=6.0,
                      help="RESHARP spherical kernel radius (mm)")
+
+    spaces = parser.add_argument_group("Output spaces")
+    spaces.add_argument("--output-spaces", nargs="+", default=["orig"], type=_output_space, metavar="SPACE",
+                        help="'orig' (the run's grid; always written) and/or templateflow templates as "
+                             "NAME[:res-N] (e.g. MNI152NLin2009cAsym:res-2; res-2 when omitted): the magnitude is "
+                             "registered to each template with ANTs and the Chimap, masks and magnitude are "
+                             "resampled there (space-<NAME>_res-<N> files, *_xfm.* transforms). Needs "
+                             "pip install 'metaqsm[templates]' and the template in TEMPLATEFLOW_HOME (or network)")
 
     perf = parser.add_argument_group("Execution")
     perf.add_argument("-w", "--work-dir", type=lambda p: Path(p).expanduser().resolve(),
@@ -105,4 +125,24 @@ def parse_args(argv=None):
         opts.plugin, opts.plugin_args = plugin_settings(opts.nprocs, opts.nipype_plugin_file)
     except ValueError as err:
         parser.error(str(err))
+    opts.output_spaces = _check_output_spaces(parser, opts.output_spaces)
     return opts
+
+
+def _check_output_spaces(parser, values):
+    """``--output-spaces`` values -> ``[(name, resolution)]`` without repeats ("X" and "X:res-2" are one space).
+
+    Template spaces are checked here, before any processing: antspyx, templateflow and the files.
+    """
+    if values == ["orig"]:  # the default: nothing to import
+        return [("orig", None)]
+    from ..spatial.template import check_output_spaces, parse_output_space
+
+    spaces = list(dict.fromkeys(map(parse_output_space, values)))
+    templates = [space for space in spaces if space[0] != "orig"]
+    if templates:
+        try:
+            check_output_spaces(templates)
+        except ValueError as err:
+            parser.error(f"--output-spaces: {err}")
+    return spaces

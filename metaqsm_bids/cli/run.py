@@ -145,7 +145,7 @@ def run_participant(opts):
             runs_by_subject, work_dir=opts.work_dir, user_masks=user_masks,
             bids_dir=opts.bids_dir, output_dir=opts.output_dir, inversion=opts.inversion,
             inversion_params=inversion_params, bfr=opts.bfr, bfr_radius_mm=opts.bfr_radius_mm,
-            device=opts.device, omp_nthreads=opts.omp_nthreads,
+            device=opts.device, omp_nthreads=opts.omp_nthreads, output_spaces=opts.output_spaces,
         )
         add_resource_hints(wf, opts.plugin)
         started = time.time() - 1

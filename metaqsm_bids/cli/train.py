@@ -27,6 +27,9 @@ def build_parser():
                    help="train at this voxel size (mm) only (required for --arch mesa)")
     p.add_argument("--conditioning", choices=("voxel", "voxel+b0"), default=DEFAULTS["conditioning"],
                    help="what the weight predictor sees: voxel size, or voxel size and B0 direction")
+    p.add_argument("--input", choices=("field", "field+tkd"), default=DEFAULTS["input"],
+                   help="network input: the local field (the paper's), or the field and its TKD inverse "
+                        "with the network learning TKD's correction (residual)")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="initial RMSprop learning rate")
     p.add_argument("--lr-decay", type=float, default=DEFAULTS["lr_decay"], help="learning-rate factor per decay period")
     p.add_argument("--lr-decay-steps", type=int, default=DEFAULTS["lr_decay_steps"], help="decay period (steps)")
@@ -58,7 +61,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     cfg = {
         "arch": args.arch, "channels": args.channels, "levels": args.levels, "hidden": args.hidden,
-        "conditioning": args.conditioning, "fixed_voxel_size_mm": args.fixed_voxel_size, "steps": args.steps,
+        "conditioning": args.conditioning, "fixed_voxel_size_mm": args.fixed_voxel_size, "input": args.input, "steps": args.steps,
         "batch_size": args.batch_size, "patch": list(args.patch), "lr": args.lr, "lr_decay": args.lr_decay,
         "lr_decay_steps": args.lr_decay_steps, "l2": args.l2, "val_every": args.val_every,
         "ckpt_every": args.ckpt_every, "val_samples": args.val_samples, "seed": args.seed,

@@ -261,7 +261,7 @@ class DipoleInversion(_QSMInterface):
     output_spec = _DipoleInversionOutputSpec
 
     def _compute(self):
-        from ..qsm.inversion import invert
+        from ..qsm.inversion import NETWORK_INVERSIONS, invert
 
         img = nib.load(self.inputs.local_field_file)
         voxel_size, b0_dir = _geometry(img)
@@ -274,7 +274,7 @@ class DipoleInversion(_QSMInterface):
             extra = {"magnitude": np.asarray(nib.load(self.inputs.magnitude_file).dataobj, dtype=np.float32),
                      "b0_tesla": self.inputs.field_strength_t,
                      "delta_te_s": float(np.diff(tes).mean()) if len(tes) > 1 else float(tes[0])}
-        if self.inputs.method == "metaqsm":
+        if self.inputs.method in NETWORK_INVERSIONS:
             extra = {"device": self.inputs.device}  # resolved here, on the machine that runs the node
         info = {}
         chi = invert(self.inputs.method, local_ppm, mask, voxel_size, b0_dir, info=info, **params, **extra)

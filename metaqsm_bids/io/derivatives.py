@@ -156,6 +156,8 @@ def group_summary(output_dir, bids_dir):
     output_dir, bids_dir = Path(output_dir), Path(bids_dir)
     rows = []
     for chimap in sorted(output_dir.glob("sub-*/**/anat/*_Chimap.nii.gz")):
+        if "_space-" in chimap.name:  # template-space copies of a run, not runs
+            continue
         mask_path = chimap.with_name(chimap.name.replace("_Chimap.nii.gz", "_desc-qsm_mask.nii.gz"))
         sidecar = json.loads(chimap.with_name(chimap.name.replace(".nii.gz", ".json")).read_text())
         chi = np.asarray(nib.load(chimap).dataobj, dtype=np.float32)

@@ -7,9 +7,10 @@ exact training command, steps, wall time, hardware and validation scores).
 
 The network sees the local field normalised per volume: demeaned inside the mask
 (``D(0) = 0``, so the mean field carries no susceptibility information) and divided
-by its RMS there. The problem is linear, so the output is multiplied back by that
-RMS; the network therefore does not depend on the field's overall scale (field
-strength, units, contrast).
+by its RMS there -- plus, for ``input='field+tkd'`` models, the TKD inverse of that
+normalised field as a second channel. The problem is linear, so the output is
+multiplied back by that RMS; the network therefore does not depend on the field's
+overall scale (field strength, units, contrast).
 """
 import hashlib
 import json
@@ -20,12 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .inversion import check_inputs
+from .grid import PaddedBox
+from .inversion import METAQSM_MODEL, check_inputs, tkd
 from .networks import VOXEL_CENTRE_MM, VOXEL_HALF_RANGE_MM, encode_condition, load_network
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
-#: The model the pipeline uses unless told otherwise.
-DEFAULT_MODEL = "metaqsm-v1"
+#: TKD threshold of the ``field+tkd`` input channel (the TKD baseline's).
+TKD_THRESHOLD = 0.2
+#: Voxels of context kept around the mask's bounding box (the network only runs there).
+CONTEXT_VOXELS = 8
 #: Voxels above which inference runs in overlapping patches (8 channels: 1.6 GiB peak RSS measured at 256x256x64).
 MAX_PATCH_VOXELS = 256 * 256 * 96
 
@@ -40,6 +44,20 @@ def normalise_field(local_field_ppm, mask):
     if scale > 0:
         out[mask] = centred / scale
     return out, scale
+
+
+def network_input(local_field_ppm, mask, voxel_size_mm, b0_dir, input_kind):
+    """Input channels (C, I, J, K float32) for a network with config ``input`` and the RMS (ppm) divided out.
+
+    Channel 0 is :func:`normalise_field`; ``field+tkd`` adds TKD (threshold
+    :data:`TKD_THRESHOLD`) of that normalised field.
+    """
+    x, scale = normalise_field(local_field_ppm, mask)
+    channels = [x]
+    if input_kind == "field+tkd":
+        channels.append(tkd(x, mask, voxel_size_mm, b0_dir, threshold=TKD_THRESHOLD) if scale > 0
+                        else np.zeros_like(x))
+    return np.stack(channels), scale
 
 
 def _model_files(name, models_dir=None):
@@ -70,7 +88,7 @@ def model_info(name, models_dir=None):
     return json.loads(_model_files(name, models_dir)[1].read_text())
 
 
-def load_model(name=DEFAULT_MODEL, device="cpu", models_dir=None):
+def load_model(name=METAQSM_MODEL, device="cpu", models_dir=None):
     """Load a shipped model in eval mode on ``device``, checking the ``.pt`` against its recorded sha256."""
     pt, _ = _model_files(name, models_dir)
     expected = model_info(name, models_dir)["sha256"]
@@ -150,21 +168,22 @@ def predict_chi(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1
                           f"what this model was trained for ({max_tilt:.0f} deg): consider resampling to the "
                           "B0-aligned frame", stacklevel=2)
 
-    x, scale = normalise_field(field, mask)
+    x, scale = network_input(field, mask, voxel, b0_dir, cfg["input"])
     chi = np.zeros(field.shape, dtype=np.float32)
     if scale == 0:
         return chi
+    # only the mask's bounding box (plus context) is run, zero-padded to the U-Net's multiple
+    box = PaddedBox(mask, CONTEXT_VOXELS, multiple=model.multiple)
+    xp = np.stack([box.embed(c) for c in x])
+    padded = list(box.shape)
     m = model.multiple
-    padded = [-(-n // m) * m for n in field.shape]
-    xp = np.zeros(padded, dtype=np.float32)
-    xp[: field.shape[0], : field.shape[1], : field.shape[2]] = x
     model = model.to(device)
 
     with torch.no_grad():
         weights = model.predict_weights(cond)
 
         def run(block):
-            t = torch.from_numpy(np.ascontiguousarray(block))[None, None].to(device)
+            t = torch.from_numpy(np.ascontiguousarray(block))[None].to(device)
             return model.run(t, weights)[0, 0].float().cpu().numpy()
 
         if math.prod(padded) <= max_patch_voxels:
@@ -182,8 +201,8 @@ def predict_chi(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1
                         wi, wj, wk = (_window(s, qa, n, margin, blend_voxels)
                                       for s, qa, n in zip((i, j, k), q, padded))
                         w = wi[:, None, None] * wj[None, :, None] * wk[None, None, :]
-                        out[sl] += w * run(xp[sl])
+                        out[sl] += w * run(xp[(slice(None),) + sl])
                         total[sl] += w
             out /= total
-    chi[mask] = out[: field.shape[0], : field.shape[1], : field.shape[2]][mask] * scale
+    chi[mask] = box.extract(out)[mask] * scale
     return chi

@@ -5,20 +5,26 @@ from .dipole import padded_shape
 
 
 class PaddedBox:
-    """The mask's bounding box, zero-padded by ``pad_voxels`` on each side, on a fast FFT grid.
+    """The mask's bounding box, zero-padded by ``pad_voxels`` on each side, on a fast FFT grid
+    (or, with ``multiple``, on the next multiple of it: a U-Net's pooling grid).
 
-    ``pad_voxels`` (one int per axis) defaults to a quarter of the box along each axis.
+    ``pad_voxels`` (an int, or one per axis) defaults to a quarter of the box along each axis.
     Working in the box instead of the whole field of view is exact for operators
     that only see the masked data, and much smaller.
     """
 
-    def __init__(self, mask, pad_voxels=None):
+    def __init__(self, mask, pad_voxels=None, multiple=None):
         nonzero = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
         self.crop = tuple(slice(int(nz[0]), int(nz[-1]) + 1) for nz in nonzero)
         cropped = [s.stop - s.start for s in self.crop]
         if pad_voxels is None:
             pad_voxels = [n // 4 for n in cropped]
-        self.shape = padded_shape(cropped, pad_voxels)
+        elif np.ndim(pad_voxels) == 0:
+            pad_voxels = [int(pad_voxels)] * 3
+        if multiple is None:
+            self.shape = padded_shape(cropped, pad_voxels)
+        else:
+            self.shape = tuple(-(-(n + 2 * int(p)) // multiple) * multiple for n, p in zip(cropped, pad_voxels))
         self.inner = tuple(slice(int(p), int(p) + n) for p, n in zip(pad_voxels, cropped))
         self.full_shape = mask.shape
 

@@ -75,8 +75,13 @@ def tkd(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), threshold=
     return chi
 
 
-#: Dipole inversion methods by name.
-def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model="metaqsm-v1", device="auto",
+#: Shipped networks (metaqsm_bids/data/models): Meta-QSM, one model for every voxel size and B0
+#: direction, and its Mesa-QSM control, trained for 0.76x0.76x3 mm only.
+METAQSM_MODEL = "metaqsm-v2"
+MESAQSM_MODEL = "mesaqsm-v2"
+
+
+def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=METAQSM_MODEL, device="auto",
             info=None):
     """Meta-QSM: the shipped weight-predicting U-Net (one model for every voxel size and B0 direction).
 
@@ -97,7 +102,17 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
     return chi
 
 
-INVERSIONS = {"tkd": tkd, "l2": l2, "ilsqr": ilsqr, "medi": medi, "metaqsm": metaqsm}
+def mesaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=MESAQSM_MODEL, device="auto",
+            info=None):
+    """Mesa-QSM, the control: the same U-Net with plain convolutions, trained at one voxel size
+    (warns at any other); see :func:`metaqsm`."""
+    return metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir, model=model, device=device, info=info)
+
+
+#: Dipole inversion methods by name.
+INVERSIONS = {"tkd": tkd, "l2": l2, "ilsqr": ilsqr, "medi": medi, "metaqsm": metaqsm, "mesaqsm": mesaqsm}
+#: The methods that run a network (they take a ``device``).
+NETWORK_INVERSIONS = ("metaqsm", "mesaqsm")
 
 
 def invert(method, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), info=None, **params):

@@ -7,6 +7,14 @@ once per input volume and then applied as an ordinary ``F.conv3d``, so one model
 serves every resolution and, with B0 conditioning, every slab obliquity. Mesa-QSM is
 the same U-Net with plain convolutions (one model per resolution), the control.
 
+Network input (config ``input``): ``field`` is the paper's (the normalised local field
+only); ``field+tkd`` adds a second channel, the TKD estimate of the same field, and
+adds the network's output to it (residual learning around the closed-form inverse, with
+a zero-initialised last layer so an untrained network returns TKD). The dipole physics
+-- including the voxel size and the B0 direction -- is then in the input as well as in
+the predicted kernels, and the network learns the correction TKD needs (its
+underestimation, streaks, noise), which a small network learns in CPU-hours.
+
 Both kinds expose ``kernel(cond) -> (weight, bias)`` so the U-Net code is shared;
 :meth:`UNet3d.predict_weights` computes every layer's kernel and
 :meth:`UNet3d.run` applies them, which lets patch-wise inference reuse one prediction.
@@ -19,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 CONDITIONINGS = {"voxel": 3, "voxel+b0": 6}
+#: Network input variants -> input channels.
+INPUTS = {"field": 1, "field+tkd": 2}
 #: Voxel-size normalisation (mm): centre and half-width of the training range (0.5-1.2, 0.5-1.2, 0.6-4.0).
 VOXEL_CENTRE_MM = (0.85, 0.85, 2.3)
 VOXEL_HALF_RANGE_MM = (0.35, 0.35, 1.7)
@@ -97,6 +107,12 @@ class WPConv3d(nn.Module):
         """
         return [self.weight_head.weight, self.bias_head.weight]
 
+    def zero_(self):
+        """Make the layer output exactly zero for every condition (the residual head's start)."""
+        with torch.no_grad():
+            for p in (self.weight_head.weight, self.weight_head.bias, self.bias_head.weight, self.bias_head.bias):
+                p.zero_()
+
     def forward(self, x, cond):
         return _conv(x, *self.kernel(cond))
 
@@ -118,6 +134,11 @@ class PlainConv3d(nn.Module):
     def regularised_parameters(self):
         return [self.weight]
 
+    def zero_(self):
+        with torch.no_grad():
+            self.weight.zero_()
+            self.bias.zero_()
+
     def forward(self, x, cond=None):
         return _conv(x, *self.kernel(cond))
 
@@ -128,8 +149,9 @@ class UNet3d(nn.Module):
     ``config`` keys: ``arch`` ('meta' or 'mesa'), ``channels`` (base width, doubled per
     level), ``levels``, ``hidden`` (predictor width), ``conditioning`` ('voxel' or
     'voxel+b0'), ``fixed_voxel_size_mm`` (mesa: the one resolution it was trained for,
-    else None). Input and output are (B, 1, I, J, K) with each spatial size a multiple
-    of :attr:`multiple`; the output is in the input's (normalised) units.
+    else None), ``input`` ('field' or 'field+tkd'). Input is (B, C, I, J, K) with C from
+    :data:`INPUTS` and each spatial size a multiple of :attr:`multiple`; output is
+    (B, 1, I, J, K) in the input's (normalised) units.
     """
 
     def __init__(self, config):
@@ -144,7 +166,7 @@ class UNet3d(nn.Module):
             return conv(cin, cout, cond_dim, hidden, k)
 
         self.encoder = nn.ModuleList()
-        cin = 1
+        cin = INPUTS[cfg["input"]]
         for w in widths:
             self.encoder.append(nn.ModuleList([make(cin, w), make(w, w)]))
             cin = w
@@ -154,6 +176,8 @@ class UNet3d(nn.Module):
             self.up.append(make(w_low, w))
             self.decoder.append(nn.ModuleList([make(2 * w, w), make(w, w)]))
         self.head = make(widths[0], 1, k=1)
+        if cfg["input"] == "field+tkd":
+            self.head.zero_()
 
     @property
     def multiple(self):
@@ -185,8 +209,13 @@ class UNet3d(nn.Module):
         return [c.kernel(cond) for c in self.convs()]
 
     def run(self, x, weights):
-        """Apply the U-Net to ``x`` (B, 1, I, J, K) with precomputed ``weights``."""
+        """Apply the U-Net to ``x`` (B, C, I, J, K) with precomputed ``weights``.
+
+        Runs channels-last (measured 1.6-1.9x faster for 3D convolutions on CPU).
+        """
         weights = iter(weights)
+        base = x[:, 1:2] if self.config["input"] == "field+tkd" else None
+        x = x.contiguous(memory_format=torch.channels_last_3d)
 
         def conv(t):
             return F.leaky_relu(_conv(t, *next(weights)), 0.1)
@@ -201,7 +230,8 @@ class UNet3d(nn.Module):
             x = conv(F.interpolate(x, scale_factor=2, mode="nearest"))
             x = conv(conv(torch.cat([x, skip], dim=1)))
         weight, bias = next(weights)
-        return _conv(x, weight, bias)
+        out = _conv(x, weight, bias).contiguous()
+        return out + base if base is not None else out
 
     def forward(self, x, cond=None):
         return self.run(x, self.predict_weights(cond))
@@ -210,11 +240,13 @@ class UNet3d(nn.Module):
 def normalise_config(config):
     """Fill defaults and validate a network config dict (the dict saved with the weights)."""
     cfg = {"arch": "meta", "channels": 8, "levels": 3, "hidden": 32, "conditioning": "voxel+b0",
-           "fixed_voxel_size_mm": None, **config}
+           "fixed_voxel_size_mm": None, "input": "field", **config}
     if cfg["arch"] not in ("meta", "mesa"):
         raise ValueError(f"arch must be 'meta' or 'mesa', got {cfg['arch']!r}")
     if cfg["conditioning"] not in CONDITIONINGS:
         raise ValueError(f"conditioning must be one of {sorted(CONDITIONINGS)}, got {cfg['conditioning']!r}")
+    if cfg["input"] not in INPUTS:
+        raise ValueError(f"input must be one of {sorted(INPUTS)}, got {cfg['input']!r}")
     if cfg["arch"] == "mesa" and cfg["fixed_voxel_size_mm"] is None:
         raise ValueError("a mesa network needs fixed_voxel_size_mm (the resolution it is trained for)")
     if cfg["fixed_voxel_size_mm"] is not None:

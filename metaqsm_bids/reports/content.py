@@ -22,6 +22,10 @@ KINDS = {
 _TAIL_TO_KIND = {tail: kind for kind, (_, tail) in KINDS.items()}
 _DERIVATIVE = re.compile(r"^(sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*?)_(" + "|".join(_TAIL_TO_KIND)
                          + r")\.nii(?:\.gz)?$")
+#: A template-space derivative's prefix (run, space, resolution) and a transform's name (run, template).
+_SPACE_PREFIX = re.compile(r"^(.+?)_space-([A-Za-z0-9]+)((?:_res-[0-9]+)?)$")
+_TRANSFORM = re.compile(r"^(sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*?)_from-orig_to-([A-Za-z0-9]+)_mode-image_xfm"
+                        r"\.(?:mat|h5)$")
 
 #: Pipeline steps in processing order (sidecar keys holding each step's parameters).
 STEP_ORDER = ("PhaseScaling", "BrainMask", "TotalField", "BackgroundFieldRemoval", "DipoleInversion")
@@ -43,12 +47,16 @@ class RunOutputs:
 
     name: run prefix such as ``sub-01_ses-2_run-1``; entities: its BIDS key -> label (``{"sub": "01", ...}``);
     paths: kind (see :data:`KINDS`) -> NIfTI path or None; sidecars: kind -> parsed JSON sidecar ({} if absent).
+    spaces: template space (``<template>_res-<n>``) -> {kind: NIfTI path} of the maps resampled there;
+    transforms: template -> (transform path, its parsed JSON sidecar).
     """
 
     name: str
     entities: dict
     paths: dict
     sidecars: dict = field(default_factory=dict)
+    spaces: dict = field(default_factory=dict)
+    transforms: dict = field(default_factory=dict)
 
     @property
     def session(self):
@@ -76,24 +84,35 @@ def subject_label(subject):
     return label
 
 
+def _sidecar(path):
+    sidecar = path.with_name(re.sub(r"\.(nii(\.gz)?|mat|h5)$", ".json", path.name))
+    return json.loads(sidecar.read_text()) if sidecar.exists() else {}
+
+
 def find_run_outputs(output_dir, subject):
-    """Runs of ``subject`` with at least one derivative in ``output_dir`` (orig space only), sorted by name."""
+    """Runs of ``subject`` with at least one orig-space derivative in ``output_dir``, sorted by name,
+    with their template-space maps and transforms."""
     output_dir = Path(output_dir)
     label = subject_label(subject)
-    found = {}
-    for path in sorted((output_dir / f"sub-{label}").glob("**/*.nii*")):
-        match = _DERIVATIVE.match(path.name)
-        if not match or "_space-" in path.name:
+    found, spaces, transforms = {}, {}, {}
+    for path in sorted((output_dir / f"sub-{label}").glob("**/*")):
+        match, transform = _DERIVATIVE.match(path.name), _TRANSFORM.match(path.name)
+        if transform:
+            transforms.setdefault(transform.group(1), {})[transform.group(2)] = (path, _sidecar(path))
+        if not match:
             continue
         prefix, tail = match.groups()
-        found.setdefault(prefix, {})[_TAIL_TO_KIND[tail]] = path
+        space = _SPACE_PREFIX.match(prefix)
+        if space:
+            run, template, resolution = space.groups()
+            spaces.setdefault(run, {}).setdefault(template + resolution, {})[_TAIL_TO_KIND[tail]] = path
+        else:
+            found.setdefault(prefix, {})[_TAIL_TO_KIND[tail]] = path
     runs = []
     for prefix, paths in sorted(found.items()):
-        sidecars = {}
-        for kind, path in paths.items():
-            sidecar = path.with_name(re.sub(r"\.nii(\.gz)?$", ".json", path.name))
-            sidecars[kind] = json.loads(sidecar.read_text()) if sidecar.exists() else {}
-        runs.append(RunOutputs(prefix, run_entities(prefix), {k: paths.get(k) for k in KINDS}, sidecars))
+        sidecars = {kind: _sidecar(path) for kind, path in paths.items()}
+        runs.append(RunOutputs(prefix, run_entities(prefix), {k: paths.get(k) for k in KINDS}, sidecars,
+                               spaces.get(prefix, {}), transforms.get(prefix, {})))
     return runs
 
 
@@ -115,6 +134,13 @@ def step_timings(sidecar):
     return sorted(steps, key=lambda item: (order.get(item[0], len(order)), item[0]))
 
 
+def run_timings(run):
+    """:func:`step_timings` of the run's provenance, then each template space's registration and resampling."""
+    return step_timings(run.provenance) + [
+        (f"Template space {template}", float(sidecar["ElapsedSeconds"]))
+        for template, (_, sidecar) in sorted(run.transforms.items()) if "ElapsedSeconds" in sidecar]
+
+
 def sidecar_warnings(run):
     """Messages from ``Warnings`` entries (a string or list) at the top level or inside any step of any sidecar."""
     messages = []
@@ -125,7 +151,7 @@ def sidecar_warnings(run):
             if text not in messages:
                 messages.append(text)
 
-    for sidecar in run.sidecars.values():
+    for sidecar in [*run.sidecars.values(), *(sidecar for _, sidecar in run.transforms.values())]:
         collect(sidecar.get("Warnings"), "")
         for key, value in sidecar.items():
             if isinstance(value, dict):
@@ -230,7 +256,10 @@ INVERSION_METHODS = {
     "l2": ("closed-form L2 inversion with gradient regularisation", ["bilgic2014"]),
     "ilsqr": ("iLSQR with streaking-artifact removal", ["li2015"]),
     "medi": ("morphology enabled dipole inversion (MEDI)", ["liu2011", "liu2012"]),
-    "metaqsm": ("the Meta-QSM network", ["metaqsm"]),
+    "metaqsm": ("the Meta-QSM network (weight-predicting U-Net refining TKD, threshold 0.2)",
+                ["metaqsm", "shmueli2009"]),
+    "mesaqsm": ("the Mesa-QSM network (the Meta-QSM U-Net with plain convolutions, one resolution, "
+                "refining TKD, threshold 0.2)", ["metaqsm", "shmueli2009"]),
 }
 
 #: Step keys that are bookkeeping, not user-chosen parameters.

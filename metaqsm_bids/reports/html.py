@@ -116,8 +116,13 @@ def _run_section(run, stats, warnings, figures, ranges, output_dir):
         ("χ in the QSM mask", f"mean {stat('chi_mean_ppm', '.4f')} ppm, SD {stat('chi_sd_ppm', '.4f')} ppm, "
                               f"1st-99th percentile {stat('chi_p1_ppm', '.3f')} to {stat('chi_p99_ppm', '.3f')} ppm"),
     ]
+    for template, (_, xfm) in sorted(run.transforms.items()):
+        registration = xfm.get("Registration", {})
+        rows.append((_e(f"Registration to {template}"), _e(
+            f"{', '.join(registration.get('Stages', []))}; Dice of the brain mask with the template's "
+            f"{_fmt(registration.get('BrainMaskDice'), '.3f')}")))
     parts.append("<h3>Checks</h3>\n" + _table(["Quantity", "Value"], rows))
-    timings = content.step_timings(sidecar)
+    timings = content.run_timings(run)
     if timings:
         total = sum(seconds for _, seconds in timings)
         rows = [(_e(step), f"{seconds:.2f}") for step, seconds in timings]
@@ -135,8 +140,15 @@ def _run_section(run, stats, warnings, figures, ranges, output_dir):
                          _e(content.format_value(sidecar[key]))))
     if rows:
         parts.append("<h3>Parameters and versions</h3>\n" + _table(["Step", "Parameter", "Value"], rows))
-    files = [(_e(kind), f"<a href=\"{_e(path.relative_to(output_dir).as_posix())}\">{_e(path.name)}</a>"
-              if path is not None else "<span class=\"fail\">missing</span>") for kind, path in run.paths.items()]
+    def link(path):
+        return f"<a href=\"{_e(path.relative_to(output_dir).as_posix())}\">{_e(path.name)}</a>"
+
+    files = [(_e(kind), link(path) if path is not None else "<span class=\"fail\">missing</span>")
+             for kind, path in run.paths.items()]
+    files += [(_e(f"{kind} (space-{space})"), link(path))
+              for space, paths in sorted(run.spaces.items()) for kind, path in paths.items()]
+    files += [(_e(f"transform orig to {template}"), link(path))
+              for template, (path, _) in sorted(run.transforms.items())]
     parts.append("<h3>Files</h3>\n" + _table(["Map", "File"], files))
     return "".join(parts)
 
@@ -179,7 +191,7 @@ def _subject_page(title, label, runs, results, missing, output_dir):
             _fmt(stats.get("brain_volume_ml"), ".0f"),
             f"{_fmt(stats.get('chi_mean_ppm'), '.4f')} ± {_fmt(stats.get('chi_sd_ppm'), '.4f')}",
             f"<span class=\"fail\">{len(warnings)}</span>" if warnings else "0",
-            f"{sum(s for _, s in content.step_timings(run.provenance)):.1f}",
+            f"{sum(s for _, s in content.run_timings(run)):.1f}",
         ))
     for name in missing:
         summary_rows.append((_e(name), "<span class=\"fail\">no output</span>", "", "", "", "", ""))

@@ -12,7 +12,11 @@ brain hull minus GM and WM). Each sample follows the Meta-QSM recipe:
   bleeds and calcifications;
 * the local field by the forward dipole model on the fine grid, then block-averaged
   to the sample grid (so the inverse problem is not solved with the kernel that made
-  the data -- no inverse crime), plus Gaussian noise.
+  the data -- no inverse crime), plus Gaussian noise;
+* a random harmonic polynomial (degree <= 2) added to the field but not to the label:
+  what background removal leaves behind (SHARP-type methods remove harmonic fields
+  only up to their boundary errors), so the network learns not to turn it into
+  susceptibility.
 
 nilearn is a train/test dependency only; nothing at runtime imports this module.
 """
@@ -172,12 +176,27 @@ def _paint_veins(chi, axes, rng, n_veins, value_range):
         chi[dist2 <= radius ** 2] = float(rng.uniform(*value_range))
 
 
+def _harmonic_background(shape, voxel_size_mm, mask, rng):
+    """A random harmonic polynomial of degree <= 2 (x, y, z, x^2 - y^2, 2z^2 - x^2 - y^2, xy, xz, yz; mm)
+    with unit RMS inside ``mask``."""
+    x, y, z = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * d for n, d in zip(shape, voxel_size_mm)],
+                          indexing="ij", sparse=True)
+    terms = (x, y, z, x * x - y * y, 2 * z * z - x * x - y * y, x * y, x * z, y * z)
+    out = np.zeros(shape, dtype=np.float64)
+    for term, c in zip(terms, rng.normal(size=len(terms))):
+        t = np.broadcast_to(term, shape)
+        out += c * t / max(float(np.sqrt(np.mean(t[mask] ** 2))), 1e-12)
+    out -= out[mask].mean()
+    return out / max(float(np.sqrt(np.mean(out[mask] ** 2))), 1e-12)
+
+
 def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, conditioning="voxel+b0",
-                supersample=2, noise_ppm=(0.0, 0.004), max_shapes=6, max_veins=4):
+                supersample=2, noise_ppm=(0.0, 0.004), max_shapes=6, max_veins=4, background=(0.0, 0.5)):
     """One synthetic (local field, susceptibility, mask) crop of ``shape`` voxels.
 
     ``voxel_size_mm``/``b0_dir`` default to random draws (B0 stays +k for ``conditioning='voxel'``);
-    ``noise_ppm`` is the range of the field noise standard deviation (ppm). Fields are demeaned
+    ``noise_ppm`` is the range of the field noise standard deviation (ppm); ``background`` the range
+    of the harmonic background's RMS relative to the local field's (inside the mask). Fields are demeaned
     inside the mask (the mean local field is not determined by the susceptibility). Deterministic
     for a given ``rng`` state.
     """
@@ -232,5 +251,7 @@ def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, condit
     field_s = _block_mean(field, factor) + rng.normal(0, rng.uniform(*noise_ppm), shape)
     if mask.any():
         field_s -= field_s[mask].mean()
+        rms = float(np.sqrt(np.mean(field_s[mask] ** 2)))
+        field_s += rng.uniform(*background) * rms * _harmonic_background(shape, voxel, mask, rng)
     return Sample(field_ppm=(field_s * mask).astype(np.float32), chi_ppm=(chi_s * mask).astype(np.float32),
                   mask=mask, voxel_size_mm=voxel, b0_dir=tuple(float(x) for x in b0))

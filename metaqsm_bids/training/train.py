@@ -18,32 +18,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..qsm.deepqsm import file_sha256, normalise_field
+from ..qsm.deepqsm import file_sha256, network_input
 from ..qsm.networks import build_network, encode_condition, load_network, save_network
 from .synth import make_sample
 
 #: Held-out validation resolutions (mm): clinical 2D-like, the paper's SWI protocol, isotropic research data.
 VALIDATION_VOXELS = ((0.5, 0.5, 2.0), (0.76, 0.76, 3.0), (1.0, 1.0, 1.0), (0.75, 0.75, 1.5))
-NETWORK_KEYS = ("arch", "channels", "levels", "hidden", "conditioning", "fixed_voxel_size_mm")
+NETWORK_KEYS = ("arch", "channels", "levels", "hidden", "conditioning", "fixed_voxel_size_mm", "input")
 DEFAULTS = {
     "arch": "meta", "channels": 8, "levels": 3, "hidden": 32, "conditioning": "voxel+b0",
-    "fixed_voxel_size_mm": None, "steps": 20000, "batch_size": 2, "patch": [64, 64, 32],
+    "fixed_voxel_size_mm": None, "input": "field+tkd", "steps": 20000, "batch_size": 2, "patch": [64, 64, 32],
     "lr": 1e-4, "lr_decay": 0.98, "lr_decay_steps": 200, "l2": 0.01, "rmsprop_alpha": 0.9,
     "val_every": 250, "ckpt_every": 250, "val_samples": 2, "seed": 0, "supersample": 2,
 }
 
 
-def _as_tensors(samples, conditioning, arch):
+def _as_tensors(samples, cfg):
     """Stack samples into normalised network inputs, labels, masks and condition vectors."""
     xs, ys, ms, conds = [], [], [], []
     for s in samples:
-        x, scale = normalise_field(s.field_ppm, s.mask)
+        x, scale = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, cfg["input"])
         xs.append(x)
         ys.append(s.chi_ppm / scale if scale > 0 else np.zeros_like(s.chi_ppm))
         ms.append(s.mask.astype(np.float32))
-        conds.append(encode_condition(s.voxel_size_mm, s.b0_dir, conditioning))
-    batch = {k: torch.from_numpy(np.stack(v))[:, None] for k, v in (("x", xs), ("y", ys), ("mask", ms))}
-    batch["cond"] = torch.stack(conds) if arch == "meta" else None
+        conds.append(encode_condition(s.voxel_size_mm, s.b0_dir, cfg["conditioning"]))
+    batch = {k: torch.from_numpy(np.stack(v))[:, None] for k, v in (("y", ys), ("mask", ms))}
+    batch["x"] = torch.from_numpy(np.stack(xs))
+    batch["cond"] = torch.stack(conds) if cfg["arch"] == "meta" else None
     return batch
 
 
@@ -53,7 +54,7 @@ def training_batch(cfg, step):
     samples = [make_sample(rng, cfg["patch"], voxel_size_mm=cfg["fixed_voxel_size_mm"],
                            conditioning=cfg["conditioning"], supersample=cfg["supersample"])
                for _ in range(cfg["batch_size"])]
-    return _as_tensors(samples, cfg["conditioning"], cfg["arch"])
+    return _as_tensors(samples, cfg)
 
 
 def validation_set(cfg):
@@ -65,7 +66,7 @@ def validation_set(cfg):
         rng = np.random.default_rng([cfg["seed"], 7919, v_idx])
         samples = [make_sample(rng, cfg["patch"], voxel_size_mm=voxel, conditioning=cfg["conditioning"],
                                supersample=cfg["supersample"]) for _ in range(cfg["val_samples"])]
-        out["x".join(f"{x:g}" for x in voxel)] = _as_tensors(samples, cfg["conditioning"], cfg["arch"])
+        out["x".join(f"{x:g}" for x in voxel)] = _as_tensors(samples, cfg)
     return out
 
 
@@ -151,7 +152,7 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None)
     run_file, last = out / "run.json", out / "last.pt"
     if resume and last.exists():
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        old = ckpt["train_cfg"]
+        old = {"input": "field", **ckpt["train_cfg"]}  # runs from before the input switch
         changed = [k for k in NETWORK_KEYS + ("patch", "batch_size", "seed", "supersample")
                    if _norm(old[k]) != _norm(cfg[k])]
         if changed:

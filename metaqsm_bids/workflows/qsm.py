@@ -5,6 +5,7 @@ from nipype.pipeline import engine as pe
 
 from ..interfaces.bids import WriteRunDerivatives
 from ..interfaces.qsm import BackgroundRemoval, BrainMask, DipoleInversion, PrepareMEGRE, TotalField
+from .spaces import init_template_wf
 
 
 def _memory_gb(run):
@@ -20,7 +21,7 @@ def _memory_gb(run):
 
 
 def init_qsm_wf(run, *, bids_dir, output_dir, inversion="tkd", inversion_params=None, bfr="resharp", bfr_radius_mm=6.0,
-                user_mask_file=None, device="auto", omp_nthreads=1, name=None):
+                user_mask_file=None, device="auto", omp_nthreads=1, output_spaces=None, name=None):
     """Build the workflow for one :class:`~metaqsm_bids.io.bids.MEGRERun`.
 
     Parameters
@@ -39,6 +40,9 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="tkd", inversion_params=
         RESHARP spherical kernel radius in mm.
     user_mask_file : path or None
         A brain mask on the run's grid to use instead of computing one.
+    output_spaces : list of (str, int or None)
+        ``(space, resolution)`` pairs; template spaces (all but ``orig``) get the maps resampled
+        there once the run's derivatives are written (:func:`~metaqsm_bids.workflows.spaces.init_template_wf`).
     """
     wf = pe.Workflow(name=name or f"qsm_{run.name.replace('-', '_')}_wf")
     mem_gb = _memory_gb(run)
@@ -82,4 +86,8 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="tkd", inversion_params=
                      ("provenance", "bfr_provenance")]),
         (invert, sink, [("chimap_file", "chimap_file"), ("provenance", "inversion_provenance")]),
     ])
+    templates = [space for space in output_spaces or () if space[0] != "orig"]
+    if templates:
+        template_wf = init_template_wf(run, templates, output_dir=output_dir, omp_nthreads=omp_nthreads)
+        wf.connect(sink, "out_files", template_wf, "inputnode.derivatives")
     return wf
