@@ -77,7 +77,7 @@ def test_every_derivative_and_sidecar(processed):
                 assert (bids_dir if dataset == "raw" else out).joinpath(relative).exists(), uri
         chimap = json.loads(_path(out, prefix, "chimap", ".json").read_text())
         assert chimap["Units"] == "ppm"
-        assert chimap["DipoleInversion"]["Method"] == "tkd" and chimap["DipoleInversion"]["threshold"] == 0.2
+        assert chimap["DipoleInversion"]["Method"] == "metaqsm" and chimap["DipoleInversion"]["Model"] == METAQSM_MODEL
         assert chimap["BackgroundFieldRemoval"]["Method"] == "RESHARP"
         assert chimap["BackgroundFieldRemoval"]["RadiusMm"] == 6.0
         assert chimap["BackgroundFieldRemoval"]["Iterations"] > 0
@@ -127,7 +127,7 @@ def test_rerun_is_idempotent_and_group_summary(processed):
     assert result.returncode == 0, result.stderr
     rows = (out / "group_summary.tsv").read_text().splitlines()
     assert rows[0].startswith("participant_id\trun\tstatus")
-    assert len(rows) == 1 + len(RUNS) and all("\tprocessed\ttkd\t" in r for r in rows[1:])
+    assert len(rows) == 1 + len(RUNS) and all("\tprocessed\tmetaqsm\t" in r for r in rows[1:])
 
 
 # --- bad input: one clear message naming the file, non-zero exit, nothing partial written -------------------

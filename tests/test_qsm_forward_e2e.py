@@ -74,10 +74,10 @@ def test_metaqsm_reconstructs_qsm_forward_data(qsm_forward_dataset, tmp_path):
     assert score_mask.sum() > 0.5 * truth_mask.sum()
     metrics = challenge_metrics(recon, truth, score_mask.astype(np.uint8), seg * score_mask)
     print(json.dumps({k: round(float(v), 4) for k, v in metrics.items()}))
-    # TKD on this noisy peer simulation measured correlation 0.714 and NRMSE 73.8 %; TKD applied to
-    # qsm-forward's own noise-free local field reaches only 0.82, so these bounds leave little slack
-    assert metrics["correlation"] > 0.65
-    assert metrics["nrmse"] < 80.0
+    # the default Meta-QSM (metaqsm-v2) measured correlation 0.799 and NRMSE 60.1 % on this noisy peer
+    # simulation (TKD: 0.714 and 73.8 %; TKD on qsm-forward's own noise-free local field reaches 0.82)
+    assert metrics["correlation"] > 0.76
+    assert metrics["nrmse"] < 66.0
     sidecar = json.loads((out / "sub-1" / "anat" / "sub-1_Chimap.json").read_text())
-    assert sidecar["DipoleInversion"]["Method"] == "tkd"
+    assert sidecar["DipoleInversion"]["Method"] == "metaqsm"
     assert sidecar["MagneticFieldStrength"] == 3
