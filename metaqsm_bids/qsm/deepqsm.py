@@ -30,7 +30,7 @@ MODELS_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
 TKD_THRESHOLD = 0.2
 #: Voxels of context kept around the mask's bounding box (the network only runs there).
 CONTEXT_VOXELS = 8
-#: Voxels above which inference runs in overlapping patches (8 channels: 1.6 GiB peak RSS measured at 256x256x64).
+#: Padded box voxels above which inference runs in overlapping patches (metaqsm-v2 on the 256x256x64 benchmark head: 0.76 GiB peak).
 MAX_PATCH_VOXELS = 256 * 256 * 96
 
 
@@ -137,7 +137,8 @@ def predict_chi(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1
                 max_patch_voxels=MAX_PATCH_VOXELS, blend_voxels=8):
     """Susceptibility (ppm, float32, zero outside ``mask``) from a local field (ppm) with a network.
 
-    Any matrix size: the volume is zero-padded to the U-Net's multiple and cropped back.
+    Any matrix size: the mask's bounding box plus :data:`CONTEXT_VOXELS` is zero-padded to the U-Net's
+    multiple, run, and placed back.
     Above ``max_patch_voxels`` (padded) it runs in overlapping patches whose outputs are
     blended with raised-cosine weights; each patch carries a context margin of the
     network's receptive radius, so the result equals whole-volume inference to float
