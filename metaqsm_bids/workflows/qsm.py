@@ -20,7 +20,7 @@ def _memory_gb(run):
     return round(max(voxels * echoes * 8 * 4, voxels * 1.5 * 4 * 12) / 1e9 + 0.3, 2)
 
 
-def init_qsm_wf(run, *, bids_dir, output_dir, inversion="tkd", inversion_params=None, bfr="resharp", bfr_radius_mm=6.0,
+def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_params=None, bfr="resharp", bfr_radius_mm=6.0,
                 user_mask_file=None, device="auto", omp_nthreads=1, output_spaces=None, name=None):
     """Build the workflow for one :class:`~metaqsm_bids.io.bids.MEGRERun`.
 
