@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metaqsm_bids.qsm.networks import (PlainConv3d, UNet3d, WPConv3d, encode_condition, load_network,
-                                       save_network)
+from metaqsm_bids.qsm.networks import (PlainConv3d, UNet3d, WPConv3d, encode_condition, fold_blocks, load_network,
+                                       save_network, unfold_blocks)
 
 
 def cond(voxel, b0=(0.0, 0.0, 1.0), conditioning="voxel+b0"):
@@ -57,20 +57,32 @@ def test_per_sample_kernels_match_separate_convolutions():
         torch.testing.assert_close(both[b:b + 1], alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["meta", "mesa"])
-def test_unet_shapes_and_receptive_radius(arch):
+@pytest.mark.parametrize("arch, fold", [("meta", 1), ("meta", 2), ("mesa", 2)])
+def test_unet_shapes_and_receptive_radius(arch, fold):
     torch.manual_seed(0)
-    net = UNet3d({"arch": arch, "channels": 2, "levels": 3, "hidden": 4, "fixed_voxel_size_mm": [0.76, 0.76, 3]})
-    assert net.multiple == 4
-    x = torch.zeros(1, 1, 64, 64, 64, requires_grad=True)
+    net = UNet3d({"arch": arch, "channels": [2, 3, 4], "fold": fold, "hidden": 4,
+                  "fixed_voxel_size_mm": [0.76, 0.76, 3]})
+    assert net.multiple == 4 * fold
+    n = 64 * fold
+    x = torch.zeros(1, 1, n, n, n, requires_grad=True)
     c = cond((0.76, 0.76, 3.0)) if arch == "meta" else None
     y = net(x, c)
     assert y.shape == x.shape
-    y[0, 0, 32, 32, 32].backward()
+    y[0, 0, n // 2, n // 2, n // 2].backward()
     reach = (x.grad[0, 0].abs() > 0).nonzero()
     # the bound used for patching must cover the true dependence, and not grossly overstate it
-    assert (reach - 32).abs().max() <= net.receptive_radius
-    assert (reach - 32).abs().max() >= net.receptive_radius - 6
+    assert (reach - n // 2).abs().max() <= net.receptive_radius
+    assert (reach - n // 2).abs().max() >= 0.75 * net.receptive_radius
+
+
+def test_fold_blocks_is_a_lossless_space_to_depth():
+    x = torch.arange(2 * 3 * 4 * 6 * 2, dtype=torch.float32).view(2, 3, 4, 6, 2)
+    folded = fold_blocks(x, 2)
+    assert folded.shape == (2, 24, 2, 3, 1)
+    # channel c * 8 + (a * 4 + b * 2 + d) of block (i, j, k) holds voxel (2i + a, 2j + b, 2k + d) of channel c
+    assert folded[1, 2 * 8 + 5, 1, 2, 0] == x[1, 2, 3, 4, 1]
+    assert torch.equal(unfold_blocks(folded, 2), x)
+    assert torch.equal(fold_blocks(x, 1), x)
 
 
 def test_mesa_needs_its_resolution():
@@ -81,8 +93,8 @@ def test_mesa_needs_its_resolution():
 
 def test_save_then_load_gives_identical_output(tmp_path):
     torch.manual_seed(0)
-    net = UNet3d({"channels": 4, "levels": 2, "hidden": 8, "conditioning": "voxel"}).eval()
-    x, c = torch.randn(1, 1, 12, 10, 8), cond((0.6, 0.6, 1.2), conditioning="voxel")
+    net = UNet3d({"channels": [4, 6], "hidden": 8, "conditioning": "voxel"}).eval()
+    x, c = torch.randn(1, 1, 12, 16, 8), cond((0.6, 0.6, 1.2), conditioning="voxel")
     save_network(net, tmp_path / "net.pt")
     again = load_network(tmp_path / "net.pt")
     assert again.config == net.config
@@ -100,9 +112,9 @@ def test_save_then_load_gives_identical_output(tmp_path):
 def test_residual_tkd_network_starts_as_its_tkd_channel(arch):
     """``input='field+tkd'``: two input channels, output = channel 1 + U-Net, with a zeroed last layer."""
     torch.manual_seed(0)
-    net = UNet3d({"arch": arch, "channels": 2, "levels": 2, "hidden": 4, "input": "field+tkd",
+    net = UNet3d({"arch": arch, "channels": [2, 3], "hidden": 4, "input": "field+tkd",
                   "fixed_voxel_size_mm": [1, 1, 1]})
-    x = torch.randn(2, 2, 8, 8, 6)
+    x = torch.randn(2, 2, 8, 8, 4)
     c = torch.cat([cond((1, 1, 1)), cond((0.5, 0.5, 2))]) if arch == "meta" else None
     assert torch.equal(net(x, c), x[:, 1:2])
     # one optimiser step moves it away from TKD (the zero layer still gets gradients)
@@ -112,3 +124,11 @@ def test_residual_tkd_network_starts_as_its_tkd_channel(arch):
     assert not torch.equal(net(x, c), x[:, 1:2])
     with pytest.raises(ValueError, match="input"):
         UNet3d({"input": "phase"})
+    with pytest.raises(ValueError, match="list of widths"):
+        UNet3d({"channels": 8})
+
+
+def test_input_shape_must_fit_the_pooling_grid():
+    net = UNet3d({"channels": [2, 3], "fold": 2, "hidden": 4})
+    with pytest.raises(ValueError, match="multiple of 4"):
+        net(torch.zeros(1, 1, 8, 8, 6), cond((1, 1, 1)))

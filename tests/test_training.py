@@ -14,7 +14,7 @@ from metaqsm_bids.qsm.networks import build_network  # noqa: E402
 from metaqsm_bids.training.synth import VOXEL_RANGE_MM, make_sample, random_b0_dir  # noqa: E402
 from metaqsm_bids.training.train import DEFAULTS, NETWORK_KEYS, masked_l1, train, training_batch  # noqa: E402
 
-TINY = {"channels": 2, "levels": 2, "hidden": 4, "batch_size": 2, "patch": [16, 16, 8], "val_samples": 1,
+TINY = {"channels": [2, 3], "fold": 2, "hidden": 4, "batch_size": 2, "patch": [16, 16, 8], "val_samples": 1,
         "val_every": 2, "ckpt_every": 2}
 
 
@@ -80,7 +80,7 @@ def test_random_draws_stay_in_range():
 
 
 def test_a_few_steps_reduce_the_loss():
-    cfg = {**DEFAULTS, **TINY, "channels": 4}
+    cfg = {**DEFAULTS, **TINY, "channels": [4, 6]}
     torch.manual_seed(0)
     net = build_network({k: cfg[k] for k in NETWORK_KEYS})
     batch = training_batch(cfg, 0)
@@ -103,7 +103,7 @@ def test_resume_continues_exactly(tmp_path):
     with pytest.raises(ValueError, match="--resume"):
         train({**TINY, "steps": 5}, tmp_path / "b", progress=False)
     with pytest.raises(ValueError, match="channels"):
-        train({**TINY, "steps": 5, "channels": 3}, tmp_path / "b", resume=True, progress=False)
+        train({**TINY, "steps": 5, "channels": [3, 3]}, tmp_path / "b", resume=True, progress=False)
     resumed = train({**TINY, "steps": 5}, tmp_path / "b", resume=True, progress=False, command="test")
     assert straight["step"] == resumed["step"] == 5
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
@@ -117,12 +117,12 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_cli_trains_and_exports(tmp_path):
-    args = ["--out", str(tmp_path / "run"), "--steps", "2", "--patch", "16", "16", "8", "--channels", "2",
-            "--levels", "2", "--hidden", "4", "--val-every", "2", "--val-samples", "1", "--threads", "1",
+    args = ["--out", str(tmp_path / "run"), "--steps", "2", "--patch", "16", "16", "8", "--channels", "2", "3",
+            "--fold", "2", "--hidden", "4", "--val-every", "2", "--val-samples", "1", "--threads", "1",
             "--device", "cpu", "--no-progress", "--export", "tiny", "--export-dir", str(tmp_path / "models")]
     assert train_main(args) == 0
     meta = json.loads((tmp_path / "models" / "tiny.json").read_text())
-    assert meta["steps"] == 2 and meta["config"]["channels"] == 2 and meta["recipe"]["lr"] == 1e-4
+    assert meta["steps"] == 2 and meta["config"]["channels"] == [2, 3] and meta["recipe"]["lr"] == 1e-4
     assert meta["commands"][0]["command"].startswith("metaqsm-train --out")
     assert set(meta["validation"]["scores"]) == {"0.5x0.5x2", "0.76x0.76x3", "1x1x1", "0.75x0.75x1.5"}
     model = load_model("tiny", "cpu", tmp_path / "models")

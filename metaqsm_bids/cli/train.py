@@ -17,9 +17,11 @@ def build_parser():
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="train until this many steps in total")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--patch", type=int, nargs=3, default=DEFAULTS["patch"], metavar=("I", "J", "K"),
-                   help="training crop size in voxels (each a multiple of 2**(levels-1))")
-    p.add_argument("--channels", type=int, default=DEFAULTS["channels"], help="base channel count of the U-Net")
-    p.add_argument("--levels", type=int, default=DEFAULTS["levels"], help="U-Net resolution levels")
+                   help="training crop size in voxels (each a multiple of fold * 2**(levels - 1))")
+    p.add_argument("--channels", type=int, nargs="+", default=DEFAULTS["channels"],
+                   help="U-Net width of each level, top first (their number is the number of levels)")
+    p.add_argument("--fold", type=int, default=DEFAULTS["fold"],
+                   help="voxel block edge folded into channels before the first convolution (1: none)")
     p.add_argument("--hidden", type=int, default=DEFAULTS["hidden"], help="WP-Conv predictor hidden width")
     p.add_argument("--arch", choices=("meta", "mesa"), default=DEFAULTS["arch"],
                    help="meta: weight-predicting convolutions; mesa: plain convolutions at one resolution")
@@ -60,15 +62,16 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = {
-        "arch": args.arch, "channels": args.channels, "levels": args.levels, "hidden": args.hidden,
+        "arch": args.arch, "channels": args.channels, "fold": args.fold, "hidden": args.hidden,
         "conditioning": args.conditioning, "fixed_voxel_size_mm": args.fixed_voxel_size, "input": args.input, "steps": args.steps,
         "batch_size": args.batch_size, "patch": list(args.patch), "lr": args.lr, "lr_decay": args.lr_decay,
         "lr_decay_steps": args.lr_decay_steps, "l2": args.l2, "val_every": args.val_every,
         "ckpt_every": args.ckpt_every, "val_samples": args.val_samples, "seed": args.seed,
     }
-    multiple = 2 ** (args.levels - 1)
+    multiple = args.fold * 2 ** (len(args.channels) - 1)
     if any(n % multiple for n in args.patch):
-        print(f"metaqsm-train: --patch sizes must be multiples of {multiple} for {args.levels} levels", file=sys.stderr)
+        print(f"metaqsm-train: --patch sizes must be multiples of {multiple} for --fold {args.fold} and "
+              f"{len(args.channels)} levels", file=sys.stderr)
         return 2
     command = shlex.join(["metaqsm-train", *(sys.argv[1:] if argv is None else argv)])
     try:

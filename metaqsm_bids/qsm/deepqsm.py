@@ -30,7 +30,7 @@ MODELS_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
 TKD_THRESHOLD = 0.2
 #: Voxels of context kept around the mask's bounding box (the network only runs there).
 CONTEXT_VOXELS = 8
-#: Padded box voxels above which inference runs in overlapping patches (metaqsm-v2 on the 256x256x64 benchmark head: 0.76 GiB peak).
+#: Padded box voxels above which inference runs in overlapping patches (metaqsm-v3 on the 256x256x64 benchmark head: 0.49 GiB peak).
 MAX_PATCH_VOXELS = 256 * 256 * 96
 
 

@@ -77,8 +77,8 @@ def tkd(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), threshold=
 
 #: Shipped networks (metaqsm_bids/data/models): Meta-QSM, one model for every voxel size and B0
 #: direction, and its Mesa-QSM control, trained for 0.76x0.76x3 mm only.
-METAQSM_MODEL = "metaqsm-v2"
-MESAQSM_MODEL = "mesaqsm-v2"
+METAQSM_MODEL = "metaqsm-v3"
+MESAQSM_MODEL = "mesaqsm-v3"
 
 
 def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=METAQSM_MODEL, device="auto",
@@ -89,7 +89,7 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
     Like the other methods the result is demeaned inside the mask. ``info`` receives the
     model name, its sha256 and the device used. torch and the model load only when called.
     """
-    from .deepqsm import load_model, model_sha256, predict_chi
+    from .deepqsm import load_model, model_info, predict_chi
     from .device import resolve_device
 
     device = resolve_device(device)
@@ -98,7 +98,8 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
     inside = np.asarray(mask, bool)
     chi[inside] -= chi[inside].mean(dtype=np.float64)
     if info is not None:
-        info.update({"Model": model, "ModelSHA256": model_sha256(model), "Device": device})
+        # load_model checked the file against this recorded sha256
+        info.update({"Model": model, "ModelSHA256": model_info(model)["sha256"], "Device": device})
     return chi
 
 

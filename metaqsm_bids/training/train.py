@@ -24,9 +24,9 @@ from .synth import make_sample
 
 #: Held-out validation resolutions (mm): clinical 2D-like, the paper's SWI protocol, isotropic research data.
 VALIDATION_VOXELS = ((0.5, 0.5, 2.0), (0.76, 0.76, 3.0), (1.0, 1.0, 1.0), (0.75, 0.75, 1.5))
-NETWORK_KEYS = ("arch", "channels", "levels", "hidden", "conditioning", "fixed_voxel_size_mm", "input")
+NETWORK_KEYS = ("arch", "channels", "fold", "hidden", "conditioning", "fixed_voxel_size_mm", "input")
 DEFAULTS = {
-    "arch": "meta", "channels": 8, "levels": 3, "hidden": 32, "conditioning": "voxel+b0",
+    "arch": "meta", "channels": [16, 32, 64], "fold": 2, "hidden": 16, "conditioning": "voxel+b0",
     "fixed_voxel_size_mm": None, "input": "field+tkd", "steps": 20000, "batch_size": 2, "patch": [64, 64, 32],
     "lr": 1e-4, "lr_decay": 0.98, "lr_decay_steps": 200, "l2": 0.01, "rmsprop_alpha": 0.9,
     "val_every": 250, "ckpt_every": 250, "val_samples": 2, "seed": 0, "supersample": 2,
