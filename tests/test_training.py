@@ -130,3 +130,14 @@ def test_cli_trains_and_exports(tmp_path):
     chi = predict_chi(model, s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir)
     assert chi.shape == (20, 18, 10) and np.all(np.isfinite(chi))
     assert train_main(["--out", str(tmp_path / "m"), "--arch", "mesa"]) == 2
+
+
+def test_resume_refuses_a_checkpoint_without_a_network_setting(tmp_path):
+    """A run from before a network setting existed (here: no ``fold``) is not resumed with today's default."""
+    torch.set_num_threads(1)
+    train({**TINY, "steps": 2}, tmp_path, progress=False, command="test")
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    del ckpt["train_cfg"]["fold"]
+    torch.save(ckpt, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="differ from the checkpoint's: fold"):
+        train({**TINY, "steps": 3}, tmp_path, resume=True, progress=False)

@@ -152,9 +152,10 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None)
     run_file, last = out / "run.json", out / "last.pt"
     if resume and last.exists():
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        old = {"input": "field", **ckpt["train_cfg"]}  # runs from before the input switch
+        old = ckpt["train_cfg"]
+        # a key the checkpoint lacks (a run from before that setting existed) counts as changed
         changed = [k for k in NETWORK_KEYS + ("patch", "batch_size", "seed", "supersample")
-                   if _norm(old[k]) != _norm(cfg[k])]
+                   if k not in old or _norm(old[k]) != _norm(cfg[k])]
         if changed:
             raise ValueError(f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}")
         cfg = {**old, **{k: cfg[k] for k in ("steps", "val_every", "ckpt_every")}}
