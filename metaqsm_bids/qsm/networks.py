@@ -270,10 +270,14 @@ class UNet3d(nn.Module):
         return self.run(x, self.predict_weights(cond))
 
 
+#: The network config keys and their defaults (the shipped metaqsm-v3's architecture, the paper's input).
+DEFAULT_CONFIG = {"arch": "meta", "channels": (16, 32, 64), "fold": 2, "hidden": 16, "conditioning": "voxel+b0",
+                  "fixed_voxel_size_mm": None, "input": "field"}
+
+
 def normalise_config(config):
     """Fill defaults and validate a network config dict (the dict saved with the weights)."""
-    cfg = {"arch": "meta", "channels": [16, 32, 64], "fold": 2, "hidden": 16, "conditioning": "voxel+b0",
-           "fixed_voxel_size_mm": None, "input": "field", **config}
+    cfg = {**DEFAULT_CONFIG, **config}
     if cfg["arch"] not in ("meta", "mesa"):
         raise ValueError(f"arch must be 'meta' or 'mesa', got {cfg['arch']!r}")
     if cfg["conditioning"] not in CONDITIONINGS:

@@ -19,16 +19,16 @@ import numpy as np
 import torch
 
 from ..qsm.deepqsm import file_sha256, network_input
-from ..qsm.networks import build_network, encode_condition, load_network, save_network
+from ..qsm.networks import DEFAULT_CONFIG, build_network, encode_condition, load_network, save_network
 from .synth import make_sample
 
 #: Held-out validation resolutions (mm): clinical 2D-like, the paper's SWI protocol, isotropic research data.
 VALIDATION_VOXELS = ((0.5, 0.5, 2.0), (0.76, 0.76, 3.0), (1.0, 1.0, 1.0), (0.75, 0.75, 1.5))
-NETWORK_KEYS = ("arch", "channels", "fold", "hidden", "conditioning", "fixed_voxel_size_mm", "input")
+NETWORK_KEYS = tuple(DEFAULT_CONFIG)
+#: Training settings; the network's are :data:`DEFAULT_CONFIG`'s, with the residual-TKD input shipped.
 DEFAULTS = {
-    "arch": "meta", "channels": [16, 32, 64], "fold": 2, "hidden": 16, "conditioning": "voxel+b0",
-    "fixed_voxel_size_mm": None, "input": "field+tkd", "steps": 20000, "batch_size": 2, "patch": [64, 64, 32],
-    "lr": 1e-4, "lr_decay": 0.98, "lr_decay_steps": 200, "l2": 0.01, "rmsprop_alpha": 0.9,
+    **DEFAULT_CONFIG, "input": "field+tkd", "steps": 20000, "batch_size": 2, "patch": [64, 64, 32], "lr": 1e-4,
+    "lr_decay": 0.98, "lr_decay_steps": 200, "l2": 0.01, "rmsprop_alpha": 0.9,
     "val_every": 250, "ckpt_every": 250, "val_samples": 2, "seed": 0, "supersample": 2,
 }
 
