@@ -5,6 +5,7 @@ and returns a :class:`~metaqsm_bids.qsm.resharp.BackgroundRemoval`. ``b0_dir`` (
 vector in voxel axes) is accepted by all of them so callers can pass it uniformly; only
 PDF uses it (SMV filtering of harmonic fields does not depend on B0).
 """
+from .lbv import lbv
 from .pdf import pdf
 from .resharp import resharp
 from .vsharp import vsharp
@@ -16,7 +17,7 @@ def _resharp(total_field, mask, voxel_size_mm, b0_dir=None, **params):
 
 
 #: Background field removal methods by name.
-BACKGROUND_REMOVALS = {"resharp": _resharp, "vsharp": vsharp, "pdf": pdf}
+BACKGROUND_REMOVALS = {"resharp": _resharp, "vsharp": vsharp, "pdf": pdf, "lbv": lbv}
 
 
 def remove_background(method, total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), **params):

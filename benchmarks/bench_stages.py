@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Stage benchmark on qsm-forward heads (the peer's simulator, its defaults): the yardstick of accuracy.
+
+In the spirit of QSM-CI's isolated and composed modes. For each protocol of
+``benchmarks/qsmforward_heads.py`` (an MNI152-based head with CSF rim, skull, sinuses, veins,
+deep grey nuclei and a calcification; shim field and phase offset on, peak SNR 100):
+
+* **field**: the pipeline's total field (echo fit) against the true shimmed total field, inside
+  the true brain mask (both demeaned there): relative error, correlation, slope, the fraction of
+  voxels off by more than 5 Hz and the error RMS by depth from the brain's edge;
+* **mask**: the pipeline's brain mask against the simulator's (Dice, extra and missed fractions);
+  the final QSM mask's coverage of the brain (with the reliability map in play);
+* **background removal, isolated**: fed the true total field and the true brain mask, each
+  method's local field against the true local field (relative error and correlation inside the
+  method's mask, demeaned), its coverage of the brain, and TKD (0.2) of it scored against the
+  true susceptibility, beside TKD of the true local field in the same mask; and the floor of
+  harmonic methods: RESHARP applied to the true local field itself;
+* **inversion, isolated**: fed the true local field on the true brain mask, each inversion
+  scored with ``qsm_ci.qsm_eval.challenge_metrics``;
+* **composed**: the real ``metaqsm`` CLI from the raw phase, one run per inversion (upstream steps
+  cached by nipype between them), scored the same way inside its QSM mask.
+
+Scores are inside the true brain mask eroded by one voxel (and the method's mask). NRMSE and HFEN
+in %, DGM linearity |1 - slope|.
+
+Usage: python benchmarks/bench_stages.py [--cache DIR] [--protocols ...] [--inversions ...]
+           [--composed ...] [--stages field mask bfr inversion composed] [--json results.json]
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import scipy.fft as sfft
+from qsm_ci.qsm_eval import challenge_metrics
+from scipy import ndimage as ndi
+
+sys.path.insert(0, str(Path(__file__).parent))
+from qsmforward_heads import B0_TESLA, PROTOCOLS, simulate  # noqa: E402
+
+from metaqsm_bids.qsm import physics  # noqa: E402
+from metaqsm_bids.qsm.background import BACKGROUND_REMOVALS, remove_background  # noqa: E402
+from metaqsm_bids.qsm.echofit import fit_total_field  # noqa: E402
+from metaqsm_bids.qsm.inversion import INVERSIONS, invert, tkd  # noqa: E402
+from metaqsm_bids.qsm.masking import brain_mask  # noqa: E402
+
+DEPTH_BINS_MM = (0, 2, 4, 6, 10, 20, 1000)
+METRICS = ("nrmse", "hfen", "xsim", "correlation", "dgm_linearity", "nrmse_blood", "calc_streak")
+
+
+def relative_error(estimate, truth, mask):
+    """||e - t|| / ||t|| inside ``mask``, both demeaned there (fields are known up to a constant)."""
+    e = estimate[mask] - estimate[mask].mean(dtype=np.float64)
+    t = truth[mask] - truth[mask].mean(dtype=np.float64)
+    return float(np.linalg.norm(e - t) / np.linalg.norm(t))
+
+
+def correlation(a, b, mask):
+    return float(np.corrcoef(a[mask], b[mask])[0, 1])
+
+
+def score(chi, sim, mask):
+    """qsm-ci challenge metrics inside ``mask`` and the truth brain eroded by one voxel."""
+    region = mask & ndi.binary_erosion(sim.brain_mask)
+    return challenge_metrics(chi.astype(np.float64), sim.chi_ppm.astype(np.float64), region.astype(np.uint8),
+                             sim.seg * region)
+
+
+def field_stage(sim, voxel, fit):
+    brain = sim.brain_mask
+    est = fit.field_hz - fit.field_hz[brain].mean(dtype=np.float64)
+    truth = sim.total_field_hz - sim.total_field_hz[brain].mean(dtype=np.float64)
+    error = np.where(brain, est - truth, 0)
+    depth = ndi.distance_transform_edt(brain, sampling=voxel)
+    rows = {"relative_error": relative_error(est, truth, brain), "correlation": correlation(est, truth, brain),
+            "slope": float(np.polyfit(truth[brain], est[brain], 1)[0]),
+            "off_5hz": float(np.mean(np.abs(error[brain]) > 5)), "depth_rms_hz": {}}
+    for lo, hi in zip(DEPTH_BINS_MM[:-1], DEPTH_BINS_MM[1:]):
+        shell = brain & (depth > lo) & (depth <= hi)
+        if shell.any():
+            rows["depth_rms_hz"][f"{lo}-{hi}"] = float(np.sqrt(np.mean(error[shell] ** 2)))
+    return rows
+
+
+def dice(a, b):
+    return float(2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)))
+
+
+def mask_stage(sim, voxel):
+    rss = np.sqrt((sim.magnitude ** 2).sum(-1))
+    mask = brain_mask(rss, voxel)
+    brain = sim.brain_mask
+    return {"dice": dice(mask, brain), "extra": float(np.count_nonzero(mask & ~brain) / brain.sum()),
+            "missed": float(np.count_nonzero(brain & ~mask) / brain.sum())}, mask
+
+
+def bfr_stage(sim, voxel, b0_dir, methods, rss):
+    brain = sim.brain_mask
+    local_ppm = physics.field_hz_to_ppm(sim.local_field_hz, B0_TESLA)
+    rows = {}
+    for method in methods:
+        params = {"magnitude": rss} if method == "pdf" else {}
+        start = time.perf_counter()
+        result = remove_background(method, sim.total_field_hz, brain, voxel, b0_dir, **params)
+        wall = time.perf_counter() - start
+        region = result.mask
+        chi = tkd(physics.field_hz_to_ppm(result.local_field, B0_TESLA), region, voxel, b0_dir)
+        reference = tkd(local_ppm, region, voxel, b0_dir)
+        rows[method] = {"relative_error": relative_error(result.local_field, sim.local_field_hz, region),
+                        "correlation": correlation(result.local_field, sim.local_field_hz, region),
+                        "coverage": float(np.count_nonzero(region & brain) / brain.sum()),
+                        "tkd_nrmse": score(chi, sim, region)["nrmse"],
+                        "tkd_true_local_nrmse": score(reference, sim, region)["nrmse"], "seconds": wall}
+    floor = remove_background("resharp", sim.local_field_hz, brain, voxel, b0_dir)
+    rows["floor: resharp of the true local field"] = {
+        "relative_error": relative_error(floor.local_field, sim.local_field_hz, floor.mask),
+        "coverage": float(floor.mask.sum() / brain.sum())}
+    return rows
+
+
+def inversion_stage(sim, voxel, b0_dir, methods, rss):
+    brain = sim.brain_mask
+    local_ppm = physics.field_hz_to_ppm(sim.local_field_hz, B0_TESLA)
+    tes = sim.protocol.echo_times_s
+    rows = {}
+    for method in methods:
+        extra = {}
+        if method == "medi":
+            extra = {"magnitude": rss, "b0_tesla": B0_TESLA, "delta_te_s": float(np.diff(tes).mean())}
+        start = time.perf_counter()
+        chi = invert(method, local_ppm, brain, voxel, b0_dir, **extra)
+        rows[method] = {**score(chi, sim, brain), "seconds": time.perf_counter() - start}
+    return rows
+
+
+def composed_stage(sim, methods, out_root):
+    exe = Path(sys.executable).with_name("metaqsm")
+    rows = {}
+    for method in methods:
+        out = out_root / f"out-{method}"
+        start = time.perf_counter()
+        run = subprocess.run([str(exe), str(sim.bids_dir), str(out), "participant", "-w", str(out_root / "work"),
+                              "--inversion", method, "--nprocs", "1", "--omp-nthreads", "2"],
+                             capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if run.returncode:
+            rows[method] = {"error": run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"}
+            continue
+        anat = out / "sub-1" / "anat"
+        chi = np.asarray(nib.load(anat / "sub-1_Chimap.nii.gz").dataobj, np.float32)
+        qsm_mask = np.asarray(nib.load(anat / "sub-1_desc-qsm_mask.nii.gz").dataobj) > 0
+        mask = np.asarray(nib.load(anat / "sub-1_desc-brain_mask.nii.gz").dataobj) > 0
+        rows[method] = {**score(chi, sim, qsm_mask), "dice": dice(mask, sim.brain_mask),
+                        "coverage": float(np.count_nonzero(qsm_mask & sim.brain_mask) / sim.brain_mask.sum()),
+                        "seconds": wall}
+    return rows
+
+
+def _print_table(title, rows, columns):
+    print(f"\n  {title}")
+    print("  " + f"{'':<40}" + "".join(f"{c:>14}" for c in columns))
+    for name, row in rows.items():
+        if "error" in row:
+            print(f"  {name:<40}  failed: {row['error']}")
+            continue
+        print("  " + f"{name:<40}" + "".join(
+            f"{row[c]:>14.3f}" if isinstance(row.get(c), float) else f"{'-':>14}" for c in columns))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", default="bench_cache/qsmforward", help="simulations and CLI outputs (reused)")
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    parser.add_argument("--stages", nargs="+", default=["field", "mask", "bfr", "inversion", "composed"])
+    parser.add_argument("--bfr", nargs="+", default=sorted(BACKGROUND_REMOVALS))
+    parser.add_argument("--inversions", nargs="+", default=["tkd", "l2", "ilsqr", "medi", "mesaqsm", "metaqsm"],
+                        choices=sorted(INVERSIONS))
+    parser.add_argument("--composed", nargs="+", default=["tkd", "metaqsm"], choices=sorted(INVERSIONS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="also write every figure to this file")
+    args = parser.parse_args(argv)
+
+    results = {}
+    with sfft.set_workers(args.threads):
+        for name in args.protocols:
+            start = time.perf_counter()
+            sim = simulate(name, args.cache)
+            protocol = sim.protocol
+            voxel = physics.voxel_size_mm(sim.affine)
+            b0_dir = physics.b0_direction_voxel(sim.affine)
+            rss = np.sqrt((sim.magnitude ** 2).sum(-1)).astype(np.float32)
+            print(f"\n== {name}: {sim.chi_ppm.shape} voxels of {tuple(protocol.voxel_mm)} mm, "
+                  f"{len(protocol.echo_times_s)} echoes, B0 {np.round(b0_dir, 3).tolist()} in voxel axes; "
+                  f"brain {int(sim.brain_mask.sum())} voxels (simulated/loaded in {time.perf_counter() - start:.0f} s)")
+            res = results[name] = {}
+            if "field" in args.stages:
+                fit = fit_total_field(sim.magnitude, sim.phase_rad, protocol.echo_times_s, voxel)
+                res["field"] = field_stage(sim, voxel, fit)
+                f = res["field"]
+                print(f"  field: relative error {f['relative_error']:.3f}, correlation {f['correlation']:.4f}, "
+                      f"slope {f['slope']:.3f}, {f['off_5hz']:.2%} of brain voxels off by > 5 Hz; error RMS (Hz) by "
+                      "depth (mm): " + ", ".join(f"{k} {v:.2f}" for k, v in f["depth_rms_hz"].items()))
+            if "mask" in args.stages:
+                res["mask"], _ = mask_stage(sim, voxel)
+                m = res["mask"]
+                print(f"  brain mask: Dice {m['dice']:.3f}, extra {m['extra']:.1%}, missed {m['missed']:.1%}")
+            if "bfr" in args.stages:
+                res["bfr"] = bfr_stage(sim, voxel, b0_dir, args.bfr, rss)
+                _print_table("background removal from the true total field (true brain mask)", res["bfr"],
+                             ("relative_error", "correlation", "coverage", "tkd_nrmse", "tkd_true_local_nrmse"))
+            if "inversion" in args.stages:
+                res["inversion"] = inversion_stage(sim, voxel, b0_dir, args.inversions, rss)
+                _print_table("inversion from the true local field (true brain mask)", res["inversion"],
+                             METRICS + ("seconds",))
+            if "composed" in args.stages:
+                res["composed"] = composed_stage(sim, args.composed, Path(args.cache) / name / "cli")
+                _print_table("composed: metaqsm CLI from raw phase", res["composed"],
+                             METRICS + ("dice", "coverage", "seconds"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

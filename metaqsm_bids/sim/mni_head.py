@@ -1,0 +1,199 @@
+"""A realistic head phantom from a real anatomy: the MNI152 2009a tissue maps that nilearn ships.
+
+For benchmarks and tests against a peer's simulator (qsm-forward), where the analytic
+phantom of :mod:`metaqsm_bids.sim.phantom` is too kind: its brain is an ellipsoid and its
+background sources are a few smooth shapes. Here the brain is the template's (GM and WM
+probability maps at 1 mm, folded cortex, ventricles, cerebellum and brainstem), and around
+it, at depths measured from a smoothed brain hull:
+
+* a CSF rim of ~2.5 mm between brain and skull (bright in GRE: the rim a threshold mask keeps);
+* a skull of 6 mm (cortical bone, -2 ppm, dark) under 5 mm of scalp, and a neck below;
+* air cavities carved out of the skull base: sphenoid and ethmoid sinuses under the frontal
+  lobes, a frontal sinus, mastoid air cells beside the temporal lobes (+9.4 ppm);
+* air around the head (+9.4 ppm: air +0.36 minus water -9.05): qsm-forward pads its field
+  grid with the corner value, so the head sits in infinite air;
+* inside the brain: deep grey nuclei at their MNI positions, internal cerebral veins, random
+  medullary and cortical veins, a superior sagittal sinus in the CSF rim, a calcification,
+  and a smooth texture of +-0.01 ppm.
+
+Tissue values (chi, M0, R2*) are those of :data:`metaqsm_bids.sim.phantom.TISSUES`; labels are
+qsm-ci's (1-6 deep grey, 7 thalamus, 8 WM, 9 GM, 10 CSF, 11 blood, 13 bone, 14 air, 15 soft
+tissue, 16 calcification). The brain mask is the brain hull (brain tissue and the CSF inside
+it), not the rim. nilearn is a test/benchmark/training dependency: nothing at runtime imports
+this module.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import nilearn.datasets
+import numpy as np
+from scipy import ndimage as ndi
+
+from .phantom import AIR_CHI_PPM, TISSUES
+
+#: Longitudinal relaxation rates (1/s at 3 T) by label; qsm-forward's signal needs them everywhere
+#: (its default R1 is the brain mask, which would silence every voxel outside the brain).
+R1_HZ = {1: 0.9, 2: 1.0, 3: 0.9, 4: 1.0, 5: 1.0, 6: 1.0, 7: 0.9, 8: 1.1, 9: 0.7, 10: 0.25, 11: 0.6,
+         13: 1.5, 14: 0.0, 15: 1.0, 16: 1.0}
+
+#: Depth (mm) of each shell outside the smoothed brain hull: CSF rim, bone, soft tissue.
+RIM_MM, SKULL_MM, SCALP_MM = 2.5, 6.0, 5.0
+
+# Deep grey nuclei: label, MNI centre (mm, x > 0; mirrored), semi-axes (mm).
+_NUCLEI = (
+    (1, (13, 12, 10), (4, 10, 7)),  # caudate
+    (3, (25, 2, 0), (5, 13, 8)),  # putamen
+    (2, (19, -3, -2), (3, 7, 4)),  # globus pallidus (after the putamen: it lies medial to it)
+    (7, (11, -18, 7), (6, 11, 7)),  # thalamus
+    (4, (5, -20, -10), (3, 3, 3)),  # red nucleus
+    (6, (11, -18, -14), (3, 8, 3)),  # substantia nigra
+    (5, (15, -57, -36), (6, 7, 5)),  # dentate
+)
+# Air cavities: MNI centre, semi-axes (mm); only the part outside brain and rim becomes air.
+_SINUSES = (
+    ((0, 8, -44), (12, 12, 10)),  # sphenoid
+    ((0, 40, -32), (12, 16, 10)),  # ethmoid cells between the orbits
+    ((0, 66, 2), (14, 6, 10)),  # frontal
+    ((48, -30, -44), (9, 11, 9)),  # mastoid air cells
+    ((-48, -30, -44), (9, 11, 9)),
+)
+_CALCIFICATION = ((28, -20, 28), 2.5)  # MNI centre, radius (mm)
+_INTERNAL_VEINS = (((2.5, 10, 12), (2.5, -30, 14), 1.5), ((-2.5, 10, 12), (-2.5, -30, 14), 1.5),
+                   ((0, -30, 12), (0, -50, 4), 2.5))  # internal cerebral veins, vein of Galen
+
+
+@dataclass
+class MNIHead:
+    """The phantom on a voxel grid: float32 maps, uint8 ``seg``, bool ``brain_mask``, axis-aligned
+    ``affine`` with no translation (qsm-forward's resize drops it)."""
+
+    chi_ppm: np.ndarray
+    m0: np.ndarray
+    r1_hz: np.ndarray
+    r2star_hz: np.ndarray
+    seg: np.ndarray
+    brain_mask: np.ndarray
+    affine: np.ndarray
+
+    def save(self, folder):
+        """Write the maps as NIfTI files (qsm-forward's TissueParams wants paths); return them by name."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for name, data in (("chi", self.chi_ppm), ("M0", self.m0), ("R1", self.r1_hz), ("R2star", self.r2star_hz),
+                           ("seg", self.seg), ("mask", self.brain_mask.astype(np.uint8))):
+            paths[name] = str(folder / f"{name}.nii.gz")
+            nib.save(nib.Nifti1Image(np.asarray(data), self.affine), paths[name])
+        return paths
+
+
+def _ellipsoid(grid_mm, centre, semi_axes):
+    return sum(((g - c) / a) ** 2 for g, c, a in zip(grid_mm, centre, semi_axes)) <= 1.0
+
+
+def _tube(grid_mm, start, end, radius):
+    """Voxels within ``radius`` of the segment start-end (mm)."""
+    start, end = np.asarray(start, float), np.asarray(end, float)
+    axis = end - start
+    length2 = float(axis @ axis)
+    d = [g - s for g, s in zip(grid_mm, start)]
+    t = np.clip(sum(di * a for di, a in zip(d, axis)) / length2, 0.0, 1.0)
+    return sum((di - t * a) ** 2 for di, a in zip(d, axis)) <= radius ** 2
+
+
+def _labels_1mm(seed):
+    """qsm-ci labels and a texture (ppm) on the 1 mm template grid padded for the head; and its origin (mm)."""
+    folder = Path(nilearn.datasets.__file__).parent / "data"
+    maps = [nib.load(folder / f"mni_icbm152_{t}_tal_nlin_sym_09a_converted.nii.gz") for t in ("gm", "wm")]
+    gm, wm = (np.asarray(m.dataobj, np.float32) / 255.0 for m in maps)
+    pad = int(np.ceil(RIM_MM + SKULL_MM + SCALP_MM)) + 4
+    gm, wm = np.pad(gm, pad), np.pad(wm, pad)
+    origin = maps[0].affine[:3, 3] - pad
+    grid = np.meshgrid(*[origin[a] + np.arange(n, dtype=np.float32) for a, n in enumerate(gm.shape)],
+                       indexing="ij", sparse=True)
+
+    hull = ndi.binary_fill_holes(ndi.binary_closing(gm + wm > 0.5, iterations=3))
+    csf = np.clip(ndi.gaussian_filter(hull.astype(np.float32), 0.7) - gm - wm, 0, 1)
+    seg = np.zeros(gm.shape, np.uint8)
+    tissue = np.argmax(np.stack([csf, wm, gm]), axis=0)
+    seg[hull] = np.array([10, 8, 9], np.uint8)[tissue[hull]]
+    for label, centre, semi in _NUCLEI:
+        for side in (1, -1):
+            seg[hull & _ellipsoid(grid, (side * centre[0], *centre[1:]), semi)] = label
+
+    # the intracranial space: the hull closed over the basal cisterns and smoothed, so that the
+    # skull does not follow the sulci; what it holds beyond the brain is CSF, then the shells
+    closed = ndi.binary_fill_holes(ndi.binary_closing(hull, structure=ndi.generate_binary_structure(3, 1),
+                                                      iterations=6))
+    smooth = (ndi.gaussian_filter(closed.astype(np.float32), 3.0) > 0.5) | closed | hull
+    depth = ndi.distance_transform_edt(~smooth)
+    rim = ~hull & (depth <= RIM_MM)
+    seg[rim] = 10
+    seg[(depth > RIM_MM) & (depth <= RIM_MM + SKULL_MM)] = 13
+    seg[(depth > RIM_MM + SKULL_MM) & (depth <= RIM_MM + SKULL_MM + SCALP_MM)] = 15
+    # the neck: soft tissue under the cerebellum down to the edge of the field of view
+    neck = ((grid[0] / 45) ** 2 + ((grid[1] + 25) / 50) ** 2 <= 1) & (grid[2] < -50)
+    seg[neck & (seg == 0)] = 15
+    near_brain = ndi.binary_dilation(hull | rim, iterations=1)
+    for centre, semi in _SINUSES:
+        seg[_ellipsoid(grid, centre, semi) & ~near_brain & (seg > 0)] = 14
+
+    rng = np.random.default_rng(seed)
+    for start, end, radius in _INTERNAL_VEINS:
+        seg[hull & _tube(grid, start, end, radius)] = 11
+    # medullary and cortical veins: short straight segments through random brain points
+    brain_points = np.argwhere(hull & np.isin(seg, (8, 9)))
+    for _ in range(14):
+        start = origin + brain_points[rng.integers(len(brain_points))]
+        end = start + rng.normal(0, 1, 3) / 3 * rng.uniform(15, 30)
+        seg[hull & _tube(grid, start, end, rng.uniform(0.7, 1.2))] = 11
+    # superior sagittal sinus: in the midline rim over the vault
+    for y in np.arange(-90.0, 60.0, 3.0):
+        column = hull[int(round(-origin[0])), int(round(y - origin[1])), :]
+        if column.any():
+            top = origin[2] + np.flatnonzero(column)[-1]
+            seg[_tube(grid, (0, y, top + 2.5), (0, y + 3.0, top + 2.5), 3.0) & ~hull] = 11
+    centre, radius = _CALCIFICATION
+    seg[hull & _ellipsoid(grid, centre, (radius,) * 3)] = 16
+
+    texture = ndi.gaussian_filter(rng.normal(0, 1, gm.shape).astype(np.float32), 2.0)
+    texture *= 0.01 / texture[hull].std()
+    return seg, hull, texture, origin
+
+
+def mni_head(voxel_size_mm, seed=0, margin_mm=4.0):
+    """The phantom sampled on an axis-aligned grid of ``voxel_size_mm`` around the head (+``margin_mm`` of air).
+
+    Labels and masks are taken from the 1 mm construction by nearest neighbour, the texture
+    linearly; maps follow from the labels. Deterministic for a given ``seed``.
+    """
+    seg1, hull1, texture1, _ = _labels_1mm(seed)
+    head = ndi.find_objects((seg1 > 0).astype(np.uint8))[0]
+    voxel = np.asarray(voxel_size_mm, float)
+    lo = np.array([s.start for s in head]) - margin_mm
+    extent = np.array([s.stop - s.start for s in head]) + 2 * margin_mm
+    shape = tuple(int(n) for n in np.ceil(extent / voxel))
+    coords = np.meshgrid(*[lo[a] + (np.arange(n) + 0.5) * voxel[a] - 0.5 for a, n in enumerate(shape)],
+                         indexing="ij", sparse=True)
+    coords = [np.broadcast_to(c, shape) for c in coords]
+    seg = ndi.map_coordinates(seg1, coords, order=0, mode="constant", cval=0).astype(np.uint8)
+    brain = ndi.map_coordinates(hull1.astype(np.uint8), coords, order=0, mode="constant", cval=0) > 0
+    texture = ndi.map_coordinates(texture1, coords, order=1, mode="constant", cval=0).astype(np.float32)
+
+    def by_label(values):
+        table = np.zeros(256, np.float32)
+        for label, value in values.items():
+            table[label] = value
+        return table[seg]
+
+    tissues = {t.label: t for t in TISSUES.values() if t.label}
+    chi = by_label({lab: t.chi_ppm for lab, t in tissues.items()})
+    chi[seg == 0] = AIR_CHI_PPM
+    chi += np.where(brain & np.isin(seg, (1, 2, 3, 4, 5, 6, 7, 8, 9)), texture, 0)
+    m0 = by_label({lab: t.m0 for lab, t in tissues.items()})
+    m0 *= np.where(seg > 0, 1 + 2 * texture, 1)  # +-2 % of signal texture
+    r2star = by_label({lab: t.r2star_hz for lab, t in tissues.items()})
+    r1 = by_label(R1_HZ)
+    affine = np.diag([*voxel, 1.0])
+    return MNIHead(chi, m0.astype(np.float32), r1, r2star, seg, brain, affine)
