@@ -5,7 +5,7 @@ Conventions shared by every module here:
 * arrays are indexed in voxel space ``(i, j, k)`` as stored in the NIfTI file;
 * ``voxel_size_mm`` is the length of each voxel axis in mm, ``(di, dj, dk)``;
 * ``b0_dir`` is the unit vector of the main field expressed in voxel axes
-  (see :func:`metaqsm_bids.qsm.physics.b0_direction_voxel`);
+  (see :func:`metaqsm_bids.qsm.core.physics.b0_direction_voxel`);
 * fields are in Hz (``*_hz``) or ppm of B0 (``*_ppm``), phases in rad, times in s,
   susceptibility in ppm;
 * positive phase means positive frequency offset: ``phase = 2*pi*field_hz*TE``;

@@ -18,10 +18,10 @@ import logging
 import numpy as np
 import scipy.fft as sfft
 
-from .dipole import dipole_kernel
-from .grid import PaddedBox
-from .medi import conjugate_gradient
-from .resharp import BackgroundRemoval, check_field_and_mask
+from ..core.dipole import dipole_kernel
+from ..core.grid import PaddedBox
+from ..core.solvers import conjugate_gradient
+from .common import BackgroundRemoval, check_field_and_mask
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ import logging
 import numpy as np
 import scipy.fft as sfft
 
-from .grid import PaddedBox
-from .resharp import BackgroundRemoval, _smv_ball, _sphere_half_extent, check_field_and_mask
+from ..core.grid import PaddedBox
+from ..core.smv import _smv_ball, _sphere_half_extent
+from .common import BackgroundRemoval, check_field_and_mask
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .grid import PaddedBox
-from .inversion import METAQSM_MODEL, check_inputs, tkd
+from ..core.grid import PaddedBox
+from ..inversion.common import check_inputs
+from ..inversion.tkd import tkd
+from .models import METAQSM_MODEL
 from .networks import VOXEL_CENTRE_MM, VOXEL_HALF_RANGE_MM, encode_condition, load_network
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
