@@ -1,5 +1,13 @@
 """Pure numerical QSM modules (numpy/scipy/torch only; no nipype, no file I/O).
 
+One subpackage per pipeline stage: :mod:`.field` (phase -> total field), :mod:`.mask`,
+:mod:`.background` (total -> local field), :mod:`.inversion` (local field -> susceptibility),
+:mod:`.network` (the Meta-QSM networks and their inference), over :mod:`.core` (physics, dipole
+kernel, FFT boxes, SMV kernels, solvers). Every import points down: the stages import core, not
+each other, except network inference, which takes TKD from :mod:`.inversion.tkd`, and the
+inversion registry, which names the networks; a stage's registry imports its methods, never the
+reverse (tests/test_imports.py checks it). Nothing here imports interfaces/, workflows/ or cli/.
+
 Conventions shared by every module here:
 
 * arrays are indexed in voxel space ``(i, j, k)`` as stored in the NIfTI file;
