@@ -26,10 +26,10 @@ import scipy.fft as sfft
 from qsm_ci.qsm_eval import challenge_metrics
 from scipy import ndimage
 
-from metaqsm_bids.qsm import dipole, physics
-from metaqsm_bids.qsm.background import remove_background
-from metaqsm_bids.qsm.echofit import fit_total_field
-from metaqsm_bids.qsm.inversion import NETWORK_INVERSIONS, invert
+from metaqsm_bids.qsm.core import dipole, physics
+from metaqsm_bids.qsm.background.registry import remove_background
+from metaqsm_bids.qsm.field.echofit import fit_total_field
+from metaqsm_bids.qsm.inversion.registry import NETWORK_INVERSIONS, invert
 from metaqsm_bids.sim import phantom as ph
 
 B0_TESLA = 3.0

@@ -18,8 +18,8 @@ import numpy as np
 import scipy.fft as sfft
 import torch
 
-from metaqsm_bids.qsm.inversion import tkd
-from metaqsm_bids.qsm.networks import UNet3d
+from metaqsm_bids.qsm.inversion.tkd import tkd
+from metaqsm_bids.qsm.network.networks import UNet3d
 
 #: (channels per level, fold): metaqsm-v2's widths unfolded, a narrower unfolded top level, the shipped one.
 VARIANTS = (([8, 16, 32], 1), ([4, 8, 16, 32], 1), ([16, 32, 64], 2))

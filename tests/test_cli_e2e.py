@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from metaqsm_bids import __version__
-from metaqsm_bids.qsm.deepqsm import model_sha256
-from metaqsm_bids.qsm.inversion import METAQSM_MODEL
-from metaqsm_bids.qsm.physics import b0_direction_voxel
+from metaqsm_bids.qsm.network.deepqsm import model_sha256
+from metaqsm_bids.qsm.network.models import METAQSM_MODEL
+from metaqsm_bids.qsm.core.physics import b0_direction_voxel
 from metaqsm_bids.sim.bids import RunSpec, simulate_dataset
 
 from .conftest import run_cli

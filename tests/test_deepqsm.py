@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from metaqsm_bids.qsm import deepqsm
-from metaqsm_bids.qsm.deepqsm import load_model, model_sha256, normalise_field, predict_chi
-from metaqsm_bids.qsm.inversion import MESAQSM_MODEL, METAQSM_MODEL
-from metaqsm_bids.qsm.networks import UNet3d, save_network
+from metaqsm_bids.qsm.network import deepqsm
+from metaqsm_bids.qsm.network.deepqsm import load_model, model_sha256, normalise_field, predict_chi
+from metaqsm_bids.qsm.network.models import MESAQSM_MODEL, METAQSM_MODEL
+from metaqsm_bids.qsm.network.networks import UNet3d, save_network
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_shipped_models_beat_tkd(name, voxels):
     pytest.importorskip("nilearn")
     from qsm_ci.qsm_eval import hfen, nrmse_challenge
 
-    from metaqsm_bids.qsm.inversion import tkd
+    from metaqsm_bids.qsm.inversion.tkd import tkd
     from metaqsm_bids.training.synth import make_sample
 
     model = load_model(name)

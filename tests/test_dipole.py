@@ -10,7 +10,7 @@ import pytest
 from scipy.ndimage import map_coordinates
 from scipy.spatial.transform import Rotation
 
-from metaqsm_bids.qsm.dipole import dipole_kernel, forward_field_ppm, padded_shape
+from metaqsm_bids.qsm.core.dipole import dipole_kernel, forward_field_ppm, padded_shape
 
 CHI_PPM = 1.0
 

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from metaqsm_bids.qsm.dipole import forward_field_hz
-from metaqsm_bids.qsm.echofit import fit_total_field
+from metaqsm_bids.qsm.core.dipole import forward_field_hz
+from metaqsm_bids.qsm.field.echofit import fit_total_field
 
 SHAPE = (64, 64, 32)
 VOXEL = (1.0, 1.0, 2.0)

@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 
-from metaqsm_bids.qsm.dipole import forward_field_ppm
-from metaqsm_bids.qsm.ilsqr import ilsqr, lsqr
-from metaqsm_bids.qsm.inversion import INVERSIONS, invert, tkd
+from metaqsm_bids.qsm.core.dipole import forward_field_ppm
+from metaqsm_bids.qsm.inversion.ilsqr import ilsqr, lsqr
+from metaqsm_bids.qsm.inversion.registry import INVERSIONS, invert
+from metaqsm_bids.qsm.inversion.tkd import tkd
 from tests.test_inversion import CASES, SPHERES, phantom
 
 

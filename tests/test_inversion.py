@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from metaqsm_bids.qsm.dipole import dipole_kernel, forward_field_ppm
-from metaqsm_bids.qsm.inversion import INVERSIONS, invert, tkd
+from metaqsm_bids.qsm.core.dipole import dipole_kernel, forward_field_ppm
+from metaqsm_bids.qsm.inversion.registry import INVERSIONS, invert
+from metaqsm_bids.qsm.inversion.tkd import tkd
 
 #: (centre mm, radius mm, chi ppm) of the spheres inside the ellipsoidal mask.
 SPHERES = [

@@ -2,10 +2,11 @@
 import numpy as np
 import pytest
 
-from metaqsm_bids.qsm.dipole import dipole_kernel, forward_field_ppm
-from metaqsm_bids.qsm.grid import PaddedBox
-from metaqsm_bids.qsm.inversion import INVERSIONS, invert, tkd
-from metaqsm_bids.qsm.l2 import gradient_power, l2
+from metaqsm_bids.qsm.core.dipole import dipole_kernel, forward_field_ppm
+from metaqsm_bids.qsm.core.grid import PaddedBox
+from metaqsm_bids.qsm.inversion.registry import INVERSIONS, invert
+from metaqsm_bids.qsm.inversion.tkd import tkd
+from metaqsm_bids.qsm.inversion.l2 import gradient_power, l2
 from tests.test_inversion import CASES, SPHERES, phantom, unit
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from metaqsm_bids.qsm.masking import brain_mask
+from metaqsm_bids.qsm.mask.brain import brain_mask
 from metaqsm_bids.sim.phantom import TISSUES, sample_head, simulate_megre
 
 VOXEL_MM = (0.9, 0.9, 2.2)

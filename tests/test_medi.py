@@ -2,9 +2,11 @@
 import numpy as np
 import pytest
 
-from metaqsm_bids.qsm.dipole import forward_field_ppm
-from metaqsm_bids.qsm.inversion import INVERSIONS, invert, tkd
-from metaqsm_bids.qsm.medi import conjugate_gradient, edge_mask, gradient, gradient_adjoint, medi
+from metaqsm_bids.qsm.core.dipole import forward_field_ppm
+from metaqsm_bids.qsm.inversion.registry import INVERSIONS, invert
+from metaqsm_bids.qsm.inversion.tkd import tkd
+from metaqsm_bids.qsm.core.solvers import conjugate_gradient, gradient, gradient_adjoint
+from metaqsm_bids.qsm.inversion.medi import edge_mask, medi
 from tests.test_inversion import CASES, SPHERES, phantom
 
 #: Echo spacing (s) and field (T) that set MEDI's lambda scale in these tests.

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metaqsm_bids.qsm.networks import (PlainConv3d, UNet3d, WPConv3d, encode_condition, fold_blocks, load_network,
+from metaqsm_bids.qsm.network.networks import (PlainConv3d, UNet3d, WPConv3d, encode_condition, fold_blocks, load_network,
                                        save_network, unfold_blocks)
 
 

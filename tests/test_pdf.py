@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from metaqsm_bids.qsm.dipole import forward_field_ppm
-from metaqsm_bids.qsm.pdf import pdf
-from metaqsm_bids.qsm.resharp import erode_mask
+from metaqsm_bids.qsm.core.dipole import forward_field_ppm
+from metaqsm_bids.qsm.background.pdf import pdf
+from metaqsm_bids.qsm.core.smv import erode_mask
 from tests.test_inversion import unit
 from tests.test_resharp import BRAIN_SEMI_AXES_MM, VOXEL_MM, demeaned, ellipsoid, phantom, relative_error  # noqa: F401
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from metaqsm_bids.qsm.phase import phase_to_rad
+from metaqsm_bids.qsm.field.phase import phase_to_rad
 
 PI32 = np.float32(np.pi)
 

@@ -16,8 +16,8 @@ from qsm_ci.qsm_eval import challenge_metrics
 from qsm_forward import ReconParams, TissueParams, generate_bids
 from scipy import ndimage
 
-from metaqsm_bids.qsm import physics
-from metaqsm_bids.qsm.inversion import tkd
+from metaqsm_bids.qsm.core import physics
+from metaqsm_bids.qsm.inversion.tkd import tkd
 from metaqsm_bids.sim.phantom import sample_head
 
 pytestmark = pytest.mark.slow

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from metaqsm_bids.qsm.dipole import forward_field_ppm
-from metaqsm_bids.qsm.physics import field_ppm_to_hz
-from metaqsm_bids.qsm.resharp import BackgroundRemoval, erode_mask, resharp, smv_kernel
+from metaqsm_bids.qsm.core.dipole import forward_field_ppm
+from metaqsm_bids.qsm.core.physics import field_ppm_to_hz
+from metaqsm_bids.qsm.background.common import BackgroundRemoval
+from metaqsm_bids.qsm.background.resharp import resharp
+from metaqsm_bids.qsm.core.smv import erode_mask, smv_kernel
 
 VOXEL_MM = np.array([0.75, 0.75, 2.0])
 SHAPE = (96, 128, 44)

@@ -8,9 +8,9 @@ import torch
 pytest.importorskip("nilearn")  # the template is a train/test dependency
 
 from metaqsm_bids.cli.train import main as train_main  # noqa: E402
-from metaqsm_bids.qsm.deepqsm import load_model, predict_chi  # noqa: E402
-from metaqsm_bids.qsm.dipole import forward_field_ppm  # noqa: E402
-from metaqsm_bids.qsm.networks import build_network  # noqa: E402
+from metaqsm_bids.qsm.network.deepqsm import load_model, predict_chi  # noqa: E402
+from metaqsm_bids.qsm.core.dipole import forward_field_ppm  # noqa: E402
+from metaqsm_bids.qsm.network.networks import build_network  # noqa: E402
 from metaqsm_bids.training.synth import VOXEL_RANGE_MM, make_sample, random_b0_dir  # noqa: E402
 from metaqsm_bids.training.train import DEFAULTS, NETWORK_KEYS, masked_l1, train, training_batch  # noqa: E402
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from metaqsm_bids.qsm.unwrap import laplacian_unwrap, snap_to_wraps, wrap_phase
+from metaqsm_bids.qsm.field.unwrap import laplacian_unwrap, snap_to_wraps, wrap_phase
 
 SHAPE = (64, 64, 32)
 VOXEL = (1.0, 1.2, 2.0)

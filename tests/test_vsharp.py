@@ -6,11 +6,12 @@ background carrying 50x the local field's energy.
 import numpy as np
 import pytest
 
-from metaqsm_bids.qsm.background import BACKGROUND_REMOVALS, remove_background
-from metaqsm_bids.qsm.pdf import pdf
-from metaqsm_bids.qsm.physics import field_ppm_to_hz
-from metaqsm_bids.qsm.resharp import erode_mask, resharp
-from metaqsm_bids.qsm.vsharp import DEFAULT_RADII_MM, vsharp
+from metaqsm_bids.qsm.background.registry import BACKGROUND_REMOVALS, remove_background
+from metaqsm_bids.qsm.background.pdf import pdf
+from metaqsm_bids.qsm.core.physics import field_ppm_to_hz
+from metaqsm_bids.qsm.background.resharp import resharp
+from metaqsm_bids.qsm.core.smv import erode_mask
+from metaqsm_bids.qsm.background.vsharp import DEFAULT_RADII_MM, vsharp
 from tests.test_resharp import B0_TESLA, SHAPE, VOXEL_MM, demeaned, ellipsoid, phantom, relative_error  # noqa: F401
 
 

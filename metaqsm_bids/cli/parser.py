@@ -4,8 +4,8 @@ import os
 from pathlib import Path
 
 from .. import __version__
-from ..qsm.background import BACKGROUND_REMOVALS
-from ..qsm.inversion import INVERSIONS
+from ..qsm.background.registry import BACKGROUND_REMOVALS
+from ..qsm.inversion.registry import INVERSIONS
 from .plugins import plugin_settings
 
 
@@ -76,7 +76,7 @@ def build_parser():
     qsm.add_argument("--tkd-threshold", type=_positive_float, default=0.2,
                      help="TKD truncation threshold of the dipole kernel")
     qsm.add_argument("--medi-lambda", type=_positive_float, default=1000.0,
-                     help="MEDI regularisation weight (MEDI toolbox convention; see metaqsm_bids.qsm.medi)")
+                     help="MEDI regularisation weight (MEDI toolbox convention; see metaqsm_bids.qsm.inversion.medi)")
     qsm.add_argument("--bfr", choices=sorted(BACKGROUND_REMOVALS), default="resharp",
                      help="background field removal method")
     qsm.add_argument("--bfr-radius-mm", type=_positive_float, default=6.0,

@@ -4,7 +4,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..qsm.deepqsm import MODELS_DIR
+from ..qsm.network.deepqsm import MODELS_DIR
 
 
 def build_parser():
@@ -53,7 +53,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     import torch
 
-    from ..qsm.device import resolve_device
+    from ..qsm.network.device import resolve_device
     from ..training.train import export_model, train
 
     if args.arch == "mesa" and args.fixed_voxel_size is None:

@@ -22,7 +22,12 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..qsm import physics
+from ..qsm.background.registry import remove_background
+from ..qsm.core import physics
+from ..qsm.field.echofit import fit_total_field
+from ..qsm.field.phase import phase_to_rad
+from ..qsm.inversion.registry import NETWORK_INVERSIONS, invert
+from ..qsm.mask.brain import brain_mask
 
 
 @contextmanager
@@ -41,6 +46,12 @@ def _threads(n):
 
 def _geometry(img):
     return physics.voxel_size_mm(img.affine), physics.b0_direction_voxel(img.affine)
+
+
+def _load(path, dtype=np.float32):
+    """The image at ``path`` and its data as an array of ``dtype``."""
+    img = nib.load(path)
+    return img, np.asarray(img.dataobj, dtype=dtype)
 
 
 def _save(data, reference, name, dtype=np.float32):
@@ -93,8 +104,6 @@ class PrepareMEGRE(_QSMInterface):
     output_spec = _PrepareMEGREOutputSpec
 
     def _compute(self):
-        from ..qsm.phase import phase_to_rad
-
         reference = nib.load(self.inputs.magnitude_files[0])
         magnitudes, phases = [], []
         for mag_file, phase_file in zip(self.inputs.magnitude_files, self.inputs.phase_files):
@@ -131,8 +140,6 @@ class BrainMask(_QSMInterface):
     output_spec = _BrainMaskOutputSpec
 
     def _compute(self):
-        from ..qsm.masking import brain_mask
-
         img = nib.load(self.inputs.magnitude_file)
         if isdefined(self.inputs.user_mask_file):
             user = nib.load(self.inputs.user_mask_file)
@@ -147,7 +154,7 @@ class BrainMask(_QSMInterface):
             voxel_size, _ = _geometry(img)
             rss = np.sqrt((np.asarray(img.dataobj, dtype=np.float32) ** 2).sum(-1))
             mask = brain_mask(rss, voxel_size)
-            provenance = {"Method": "magnitude threshold + morphology (metaqsm.qsm.masking.brain_mask)",
+            provenance = {"Method": "magnitude threshold + morphology (metaqsm_bids.qsm.mask.brain.brain_mask)",
                           "Input": "root-sum-of-squares magnitude over echoes"}
         if not mask.any():
             raise ValueError("the brain mask is empty")
@@ -169,17 +176,16 @@ class _TotalFieldOutputSpec(TraitedSpec):
 
 
 class TotalField(_QSMInterface):
-    """Multi-echo field map: unwrapping + weighted echo fit, phase offset at TE=0 removed."""
+    """Multi-echo field map: unwrapping + weighted echo fit, phase offset at TE=0 removed.
+
+    Also writes the root-sum-of-squares magnitude over echoes, the weight later steps take."""
 
     input_spec = _TotalFieldInputSpec
     output_spec = _TotalFieldOutputSpec
 
     def _compute(self):
-        from ..qsm.echofit import fit_total_field
-
-        mag_img = nib.load(self.inputs.magnitude_file)
-        magnitude = np.asarray(mag_img.dataobj, dtype=np.float32)
-        phase = np.asarray(nib.load(self.inputs.phase_file).dataobj, dtype=np.float32)
+        mag_img, magnitude = _load(self.inputs.magnitude_file)
+        _, phase = _load(self.inputs.phase_file)
         voxel_size, _ = _geometry(mag_img)
         fit = fit_total_field(magnitude, phase, self.inputs.echo_times_s, voxel_size)
         self._results["field_file"] = _save(fit.field_hz, mag_img, "total_field_hz.nii")
@@ -207,16 +213,14 @@ class _BackgroundRemovalOutputSpec(TraitedSpec):
 
 
 class BackgroundRemoval(_QSMInterface):
-    """RESHARP background field removal (Sun & Wilman 2014)."""
+    """Background field removal by the chosen method (RESHARP, V-SHARP or PDF; see
+    :mod:`metaqsm_bids.qsm.background.registry`): total field -> local field and the mask where it is valid."""
 
     input_spec = _BackgroundRemovalInputSpec
     output_spec = _BackgroundRemovalOutputSpec
 
     def _compute(self):
-        from ..qsm.background import remove_background
-
-        img = nib.load(self.inputs.field_file)
-        field_hz = np.asarray(img.dataobj, dtype=np.float32)
+        img, field_hz = _load(self.inputs.field_file)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
         voxel_size, b0_dir = _geometry(img)
         params = {}
@@ -255,17 +259,16 @@ class _DipoleInversionOutputSpec(TraitedSpec):
 
 
 class DipoleInversion(_QSMInterface):
-    """Local field (Hz) -> susceptibility (ppm) with the chosen method."""
+    """Local field (Hz) -> susceptibility (ppm) with the chosen method (see
+    :mod:`metaqsm_bids.qsm.inversion.registry`); the networks run on ``device``."""
 
     input_spec = _DipoleInversionInputSpec
     output_spec = _DipoleInversionOutputSpec
 
     def _compute(self):
-        from ..qsm.inversion import NETWORK_INVERSIONS, invert
-
-        img = nib.load(self.inputs.local_field_file)
+        img, local_hz = _load(self.inputs.local_field_file)
         voxel_size, b0_dir = _geometry(img)
-        local_ppm = physics.field_hz_to_ppm(np.asarray(img.dataobj, dtype=np.float32), self.inputs.field_strength_t)
+        local_ppm = physics.field_hz_to_ppm(local_hz, self.inputs.field_strength_t)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
         params = dict(self.inputs.parameters) if isdefined(self.inputs.parameters) else {}
         extra = {}

@@ -3,6 +3,8 @@ import os
 
 from nipype.interfaces.base import BaseInterfaceInputSpec, Directory, SimpleInterface, TraitedSpec, traits
 
+from ..spatial.template import to_template
+
 #: Orig-space derivatives resampled to each template: kind (as WriteRunDerivatives names it) ->
 #: (file-name tail, interpolation). Masks stay binary (nearest neighbour).
 RESAMPLED = {
@@ -36,8 +38,6 @@ class TemplateOutputs(SimpleInterface):
     output_spec = _TemplateOutputsOutputSpec
 
     def _run_interface(self, runtime):
-        from ..spatial.template import to_template
-
         derivatives = self.inputs.derivatives
         # ITK reads this once per process, when it first starts its thread pool
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(self.inputs.num_threads)

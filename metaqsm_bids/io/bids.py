@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..qsm.physics import GAMMA_HZ_PER_T
+from ..qsm.core.physics import GAMMA_HZ_PER_T
 
 #: Entities that identify one MEGRE run (everything except echo and part).
 RUN_ENTITIES = ("subject", "session", "acquisition", "reconstruction", "run")

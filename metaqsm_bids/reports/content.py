@@ -318,7 +318,7 @@ def methods_paragraph(sidecar):
         if mask.get("Method") == "user-provided":
             parts.append("The brain mask was provided by the user.")
         else:
-            # prose without the trailing code reference, e.g. "(metaqsm.qsm.masking.brain_mask)"
+            # prose without the trailing code reference, e.g. "(metaqsm_bids.qsm.mask.brain.brain_mask)"
             method = re.sub(r"\s*\([\w.]+\)$", "", mask.get("Method", "method not recorded")).replace(" + ", " and ")
             parts.append(f"A brain mask was computed from the {mask.get('Input', 'magnitude')} ({method}).")
     total = sidecar.get("TotalField")

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from .. import __version__
-from ..qsm import physics
+from ..qsm.core import physics
 from . import phantom as ph
 
 BIDS_VERSION = "1.10.0"

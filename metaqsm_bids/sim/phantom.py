@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..qsm import dipole, physics
+from ..qsm.core import dipole, physics
 
 #: Susceptibility of air relative to CSF (ppm): +0.36 - (-9.05).
 AIR_CHI_PPM = 9.4

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..qsm.dipole import forward_field_ppm
+from ..qsm.core.dipole import forward_field_ppm
 
 #: Voxel-size sampling box (mm): the paper's (0.5-1.0, 0.5-1.0, 2.0-4.0) widened to near-isotropic 0.6-1.2 mm.
 VOXEL_RANGE_MM = ((0.5, 1.2), (0.5, 1.2), (0.6, 4.0))

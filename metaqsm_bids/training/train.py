@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..qsm.deepqsm import file_sha256, network_input
-from ..qsm.networks import DEFAULT_CONFIG, build_network, encode_condition, load_network, save_network
+from ..qsm.network.deepqsm import file_sha256, network_input
+from ..qsm.network.networks import DEFAULT_CONFIG, build_network, encode_condition, load_network, save_network
 from .synth import make_sample
 
 #: Held-out validation resolutions (mm): clinical 2D-like, the paper's SWI protocol, isotropic research data.

@@ -31,11 +31,11 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_par
     bids_dir, output_dir : path
         The raw dataset and the derivatives dataset (``output_dir``).
     inversion : str
-        Dipole inversion method (see :data:`metaqsm_bids.qsm.inversion.INVERSIONS`).
+        Dipole inversion method (see :data:`metaqsm_bids.qsm.inversion.registry.INVERSIONS`).
     inversion_params : dict
         Parameters of that method (e.g. ``{"threshold": 0.2}`` for TKD).
     bfr : str
-        Background field removal method (see :data:`metaqsm_bids.qsm.background.BACKGROUND_REMOVALS`).
+        Background field removal method (see :data:`metaqsm_bids.qsm.background.registry.BACKGROUND_REMOVALS`).
     bfr_radius_mm : float
         RESHARP spherical kernel radius in mm.
     user_mask_file : path or None

@@ -21,8 +21,9 @@ import logging
 import numpy as np
 import scipy.fft as sfft
 
-from .grid import PaddedBox
-from .resharp import BackgroundRemoval, _smv_ball, _sphere_half_extent, check_field_and_mask
+from ..core.grid import PaddedBox
+from ..core.smv import _smv_ball, _sphere_half_extent
+from .common import BackgroundRemoval, check_field_and_mask
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def vsharp(total_field, mask, voxel_size_mm, b0_dir=None, radii_mm=DEFAULT_RADII
     SHARP and V-SHARP). ``b0_dir`` is accepted for a uniform interface and unused: harmonic
     filtering does not depend on B0. Values of ``total_field`` outside ``mask`` are ignored.
 
-    Returns a :class:`~metaqsm_bids.qsm.resharp.BackgroundRemoval` whose ``mask`` is the
+    Returns a :class:`~metaqsm_bids.qsm.background.common.BackgroundRemoval` whose ``mask`` is the
     mask eroded by the smallest radius and ``iterations`` is 0 (a direct method); its
     ``relative_residual`` is ``||M_R ((1 - S_R) * f_local - h)|| / ||M_R h||`` on the mask
     eroded by the largest radius, where ``h`` is the filtered field: what the truncation lost.

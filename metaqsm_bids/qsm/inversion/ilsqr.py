@@ -24,10 +24,12 @@ import logging
 import numpy as np
 import scipy.fft as sfft
 
-from .dipole import dipole_kernel
-from .grid import PaddedBox
-from .medi import gradient, gradient_adjoint
-from .resharp import _half_spectrum_dot, smv_kernel
+from ..core.dipole import dipole_kernel
+from ..core.grid import PaddedBox
+from ..core.smv import smv_kernel
+from ..core.solvers import _half_spectrum_dot, gradient, gradient_adjoint
+from .common import check_inputs
+from .tkd import tkd
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +128,6 @@ def ilsqr(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), tol=0.01
     receives ``LSQRIterations``, ``LSQRResidual`` (``||W (D*chi - f)|| / ||W f||`` after
     each iteration), ``ArtifactIterations`` and ``ArtifactResidual`` (likewise).
     """
-    from .inversion import check_inputs, tkd  # here, not at the top: inversion.py imports this module
-
     field, mask, voxel, b0 = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
     box = PaddedBox(mask, pad_voxels)
     shape = box.shape

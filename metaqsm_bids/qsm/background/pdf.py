@@ -18,10 +18,10 @@ import logging
 import numpy as np
 import scipy.fft as sfft
 
-from .dipole import dipole_kernel
-from .grid import PaddedBox
-from .medi import conjugate_gradient
-from .resharp import BackgroundRemoval, check_field_and_mask
+from ..core.dipole import dipole_kernel
+from ..core.grid import PaddedBox
+from ..core.solvers import conjugate_gradient
+from .common import BackgroundRemoval, check_field_and_mask
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     background dipoles around the mask's bounding box. Values of ``total_field`` outside
     ``mask`` are ignored.
 
-    Returns a :class:`~metaqsm_bids.qsm.resharp.BackgroundRemoval` whose ``mask`` is ``mask``
+    Returns a :class:`~metaqsm_bids.qsm.background.common.BackgroundRemoval` whose ``mask`` is ``mask``
     (PDF needs no erosion) and whose ``relative_residual`` is CG's.
     """
     field, mask = check_field_and_mask(total_field, mask)

@@ -9,74 +9,19 @@ unpenalised, so the map may have edges there), 1 elsewhere. The exponential data
 term (Liu T et al. 2013, MRM 69:467) is what the MEDI toolbox's ``MEDI_L1`` minimises;
 the L1 norm is smoothed as ``sqrt(|.|^2 + beta)`` and the cost minimised by
 Gauss-Newton steps (lagged diffusivity), each solved by conjugate gradient.
-
-This module also holds the finite differences and the conjugate-gradient solver that
-the other iterative modules (iLSQR, PDF) share.
 """
 import logging
 
 import numpy as np
 import scipy.fft as sfft
 
-from .dipole import dipole_kernel
-from .grid import PaddedBox
-from .physics import GAMMA_HZ_PER_T
+from ..core.dipole import dipole_kernel
+from ..core.grid import PaddedBox
+from ..core.physics import GAMMA_HZ_PER_T
+from ..core.solvers import conjugate_gradient, gradient, gradient_adjoint
+from .common import check_inputs
 
 log = logging.getLogger(__name__)
-
-
-def gradient(x, voxel_size_mm):
-    """Forward differences (per mm) along each axis, stacked as ``(3, *x.shape)``; 0 on the last plane."""
-    out = np.zeros((3, *x.shape), dtype=x.dtype)
-    for axis, d in enumerate(voxel_size_mm):
-        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
-        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
-        np.subtract(x[hi], x[lo], out=out[axis][lo])
-        out[axis] *= x.dtype.type(1.0 / d)
-    return out
-
-
-def gradient_adjoint(g, voxel_size_mm):
-    """Adjoint of :func:`gradient` (minus the backward-difference divergence), same shape as one component."""
-    out = np.zeros(g.shape[1:], dtype=g.dtype)
-    for axis, d in enumerate(voxel_size_mm):
-        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
-        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
-        scaled = g[axis][lo] * g.dtype.type(1.0 / d)
-        out[lo] -= scaled
-        out[hi] += scaled
-    return out
-
-
-def conjugate_gradient(apply_a, b, tol, max_iter, x0=None, dot=None):
-    """Solve ``A x = b`` (A symmetric positive semi-definite) by conjugate gradient.
-
-    Stops once ``||b - A x|| <= tol ||b||`` (the recursive residual) or after ``max_iter``
-    iterations. ``dot(x, y)`` is the inner product (default: the real one, accumulated in
-    float64). Returns ``(x, iterations, relative residual)``.
-    """
-    if dot is None:
-        def dot(x, y):
-            return float(np.vdot(x, y).real)
-    x = np.zeros_like(b) if x0 is None else x0.copy()
-    residual = b - apply_a(x) if x0 is not None else b.copy()
-    b_norm = np.sqrt(dot(b, b))
-    if b_norm == 0:
-        return x, 0, 0.0
-    direction = residual.copy()
-    rr = dot(residual, residual)
-    iterations = 0
-    while iterations < max_iter and np.sqrt(rr) > tol * b_norm:
-        a_dir = apply_a(direction)
-        alpha = rr / dot(direction, a_dir)
-        x += alpha * direction
-        residual -= alpha * a_dir
-        rr_next = dot(residual, residual)
-        direction *= rr_next / rr
-        direction += residual
-        rr = rr_next
-        iterations += 1
-    return x, iterations, float(np.sqrt(rr) / b_norm)
 
 
 def edge_mask(magnitude, mask, voxel_size_mm, edge_percentage=0.9):
@@ -134,8 +79,6 @@ def medi(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude
     ``UpdateRatio`` (per step), ``DataResidual`` (``||w (exp(i D*x) - exp(i phi))|| /
     ||w||`` before each step and after the last) and ``Lambda``.
     """
-    from .inversion import check_inputs  # here, not at the top: inversion.py imports this module
-
     field, mask, voxel, b0 = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
     if magnitude is None:
         raise ValueError("MEDI needs the magnitude image (keyword `magnitude`) for its edge mask and noise weighting")

@@ -1,7 +1,7 @@
 """Background field removal methods by name: total field -> local field (units preserved).
 
 Every method has the signature ``f(total_field, mask, voxel_size_mm, b0_dir=..., **params)``
-and returns a :class:`~metaqsm_bids.qsm.resharp.BackgroundRemoval`. ``b0_dir`` (unit B0
+and returns a :class:`~metaqsm_bids.qsm.background.common.BackgroundRemoval`. ``b0_dir`` (unit B0
 vector in voxel axes) is accepted by all of them so callers can pass it uniformly; only
 PDF uses it (SMV filtering of harmonic fields does not depend on B0).
 """
@@ -12,7 +12,7 @@ from .vsharp import vsharp
 
 
 def _resharp(total_field, mask, voxel_size_mm, b0_dir=None, **params):
-    """RESHARP (:func:`~metaqsm_bids.qsm.resharp.resharp`); ``b0_dir`` is unused."""
+    """RESHARP (:func:`~metaqsm_bids.qsm.background.resharp.resharp`); ``b0_dir`` is unused."""
     return resharp(total_field, mask, voxel_size_mm, **params)
 
 

@@ -10,8 +10,9 @@ smoothing in mm whatever the voxel size. Both terms are diagonal in k-space: one
 import numpy as np
 import scipy.fft as sfft
 
-from .dipole import dipole_kernel, kspace_grid
-from .grid import PaddedBox
+from ..core.dipole import dipole_kernel, kspace_grid
+from ..core.grid import PaddedBox
+from .common import check_inputs
 
 
 def gradient_power(shape, voxel_size_mm, half=True):
@@ -37,8 +38,6 @@ def l2(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), lambda_=1e-
     quarter of it, as TKD). Returns chi (float32, 0 outside the mask, mean 0 inside);
     ``info``, when given, receives ``Lambda``.
     """
-    from .inversion import check_inputs  # here, not at the top: inversion.py imports this module
-
     if not lambda_ > 0:
         raise ValueError(f"L2 lambda_ must be positive, got {lambda_!r}")
     field, mask, voxel, b0 = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)

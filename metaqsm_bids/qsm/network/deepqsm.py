@@ -1,7 +1,7 @@
 """Deep-learning dipole inversion with the shipped Meta-QSM (or Mesa-QSM) networks.
 
 Models live in package data as ``metaqsm_bids/data/models/<name>.pt`` (config and
-weights, see :func:`metaqsm_bids.qsm.networks.save_network`) next to
+weights, see :func:`metaqsm_bids.qsm.network.networks.save_network`) next to
 ``<name>.json`` (the config again, the ``.pt``'s sha256, the training recipe, the
 exact training command, steps, wall time, hardware and validation scores).
 
@@ -21,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .grid import PaddedBox
-from .inversion import METAQSM_MODEL, check_inputs, tkd
+from ..core.grid import PaddedBox
+from ..inversion.common import check_inputs
+from ..inversion.tkd import tkd
+from .models import METAQSM_MODEL
 from .networks import VOXEL_CENTRE_MM, VOXEL_HALF_RANGE_MM, encode_condition, load_network
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
+MODELS_DIR = Path(__file__).resolve().parents[2] / "data" / "models"
 #: TKD threshold of the ``field+tkd`` input channel (the TKD baseline's).
 TKD_THRESHOLD = 0.2
 #: Voxels of context kept around the mask's bounding box (the network only runs there).

@@ -1,0 +1,69 @@
+"""Shared iterative-solver pieces: finite differences, conjugate gradient and the inner
+product of real fields held as rfftn half spectra (MEDI, iLSQR, RESHARP, PDF)."""
+import numpy as np
+
+
+def gradient(x, voxel_size_mm):
+    """Forward differences (per mm) along each axis, stacked as ``(3, *x.shape)``; 0 on the last plane."""
+    out = np.zeros((3, *x.shape), dtype=x.dtype)
+    for axis, d in enumerate(voxel_size_mm):
+        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
+        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
+        np.subtract(x[hi], x[lo], out=out[axis][lo])
+        out[axis] *= x.dtype.type(1.0 / d)
+    return out
+
+
+def gradient_adjoint(g, voxel_size_mm):
+    """Adjoint of :func:`gradient` (minus the backward-difference divergence), same shape as one component."""
+    out = np.zeros(g.shape[1:], dtype=g.dtype)
+    for axis, d in enumerate(voxel_size_mm):
+        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
+        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
+        scaled = g[axis][lo] * g.dtype.type(1.0 / d)
+        out[lo] -= scaled
+        out[hi] += scaled
+    return out
+
+
+def conjugate_gradient(apply_a, b, tol, max_iter, x0=None, dot=None):
+    """Solve ``A x = b`` (A symmetric positive semi-definite) by conjugate gradient.
+
+    Stops once ``||b - A x|| <= tol ||b||`` (the recursive residual) or after ``max_iter``
+    iterations. ``dot(x, y)`` is the inner product (default: the real one, accumulated in
+    float64). Returns ``(x, iterations, relative residual)``.
+    """
+    if dot is None:
+        def dot(x, y):
+            return float(np.vdot(x, y).real)
+    x = np.zeros_like(b) if x0 is None else x0.copy()
+    residual = b - apply_a(x) if x0 is not None else b.copy()
+    b_norm = np.sqrt(dot(b, b))
+    if b_norm == 0:
+        return x, 0, 0.0
+    direction = residual.copy()
+    rr = dot(residual, residual)
+    iterations = 0
+    while iterations < max_iter and np.sqrt(rr) > tol * b_norm:
+        a_dir = apply_a(direction)
+        alpha = rr / dot(direction, a_dir)
+        x += alpha * direction
+        residual -= alpha * a_dir
+        rr_next = dot(residual, residual)
+        direction *= rr_next / rr
+        direction += residual
+        rr = rr_next
+        iterations += 1
+    return x, iterations, float(np.sqrt(rr) / b_norm)
+
+
+def _half_spectrum_dot(x, y, last_axis_even):
+    """Real-space inner product of two real fields (times their size), from their rfftn half spectra.
+
+    Every plane of the half spectrum along the last axis stands for itself and its
+    conjugate, except k=0 and, for an even length, k=n/2, which count once.
+    """
+    total = 2.0 * np.vdot(x, y) - np.vdot(x[..., 0], y[..., 0])
+    if last_axis_even:
+        total -= np.vdot(x[..., -1], y[..., -1])
+    return float(total.real)

@@ -1,0 +1,69 @@
+"""Dipole inversion: local field (ppm) -> susceptibility (ppm).
+
+Every method has the signature ``f(local_field_ppm, mask, voxel_size_mm, b0_dir, **params)``
+and returns only the susceptibility map (float32, ppm, zero outside ``mask``, mean 0
+inside it: QSM is relative because the dipole kernel vanishes at k = 0). Methods are
+registered by name in :data:`INVERSIONS` and called through :func:`invert`; the caller
+records the method and parameters it used.
+"""
+import inspect
+
+import numpy as np
+
+from ..network.models import MESAQSM_MODEL, METAQSM_MODEL
+from .ilsqr import ilsqr
+from .l2 import l2
+from .medi import medi
+from .tkd import tkd
+
+
+def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=METAQSM_MODEL, device="auto",
+            info=None):
+    """Meta-QSM: the shipped weight-predicting U-Net (one model for every voxel size and B0 direction).
+
+    ``model`` names weights in the package data; ``device`` is ``auto``, ``cpu`` or ``cuda``.
+    Like the other methods the result is demeaned inside the mask. ``info`` receives the
+    model name, its sha256 and the device used. torch and the model load only when called.
+    """
+    from ..network.deepqsm import load_model, model_info, predict_chi  # here: torch loads only when called
+    from ..network.device import resolve_device
+
+    device = resolve_device(device)
+    net = load_model(model, device=device)
+    chi = predict_chi(net, local_field_ppm, mask, voxel_size_mm, b0_dir, device=device)
+    inside = np.asarray(mask, bool)
+    chi[inside] -= chi[inside].mean(dtype=np.float64)
+    if info is not None:
+        # load_model checked the file against this recorded sha256
+        info.update({"Model": model, "ModelSHA256": model_info(model)["sha256"], "Device": device})
+    return chi
+
+
+def mesaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=MESAQSM_MODEL, device="auto",
+            info=None):
+    """Mesa-QSM, the control: the same U-Net with plain convolutions, trained at one voxel size
+    (warns at any other); see :func:`metaqsm`."""
+    return metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir, model=model, device=device, info=info)
+
+
+#: Dipole inversion methods by name.
+INVERSIONS = {"tkd": tkd, "l2": l2, "ilsqr": ilsqr, "medi": medi, "metaqsm": metaqsm, "mesaqsm": mesaqsm}
+#: The methods that run a network (they take a ``device``).
+NETWORK_INVERSIONS = ("metaqsm", "mesaqsm")
+
+
+def invert(method, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), info=None, **params):
+    """Susceptibility (ppm) from the local field (ppm) by the registered ``method``.
+
+    ``info`` (a dict) receives the iterative methods' diagnostics (iterations, residuals);
+    closed-form methods leave it empty.
+    """
+    try:
+        function = INVERSIONS[method]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown dipole inversion {method!r}; choose one of: {', '.join(sorted(INVERSIONS))}"
+        ) from None
+    if info is not None and "info" in inspect.signature(function).parameters:
+        params["info"] = info
+    return function(local_field_ppm, mask, voxel_size_mm, b0_dir, **params)

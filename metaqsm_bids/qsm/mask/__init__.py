@@ -1,0 +1,1 @@
+"""Stage 2, the brain mask from the magnitude (:mod:`.brain`)."""
