@@ -42,11 +42,12 @@ from scipy import ndimage as ndi
 sys.path.insert(0, str(Path(__file__).parent))
 from qsmforward_heads import B0_TESLA, PROTOCOLS, simulate  # noqa: E402
 
-from metaqsm_bids.qsm import physics  # noqa: E402
-from metaqsm_bids.qsm.background import BACKGROUND_REMOVALS, remove_background  # noqa: E402
-from metaqsm_bids.qsm.echofit import fit_total_field  # noqa: E402
-from metaqsm_bids.qsm.inversion import INVERSIONS, invert, tkd  # noqa: E402
-from metaqsm_bids.qsm.masking import brain_mask  # noqa: E402
+from metaqsm_bids.qsm.background.registry import BACKGROUND_REMOVALS, remove_background  # noqa: E402
+from metaqsm_bids.qsm.core import physics  # noqa: E402
+from metaqsm_bids.qsm.field.echofit import fit_total_field  # noqa: E402
+from metaqsm_bids.qsm.inversion.registry import INVERSIONS, invert  # noqa: E402
+from metaqsm_bids.qsm.inversion.tkd import tkd  # noqa: E402
+from metaqsm_bids.qsm.mask.brain import brain_mask  # noqa: E402
 
 DEPTH_BINS_MM = (0, 2, 4, 6, 10, 20, 1000)
 METRICS = ("nrmse", "hfen", "xsim", "correlation", "dgm_linearity", "nrmse_blood", "calc_streak")

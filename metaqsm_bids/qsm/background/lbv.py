@@ -16,7 +16,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage as ndi
 
-from .resharp import BackgroundRemoval, check_field_and_mask
+from .common import BackgroundRemoval, check_field_and_mask
 
 _SIX = ndi.generate_binary_structure(3, 1)
 
@@ -56,7 +56,7 @@ def lbv(total_field, mask, voxel_size_mm, b0_dir=None, tol=1e-4, max_iter=500, p
     ``tol``: relative residual at which CG stops; ``max_iter``: its limit. ``peel``: boundary layers
     (voxels, 6-connected) dropped from the returned mask after the solve. ``b0_dir`` is accepted
     for a uniform interface and unused (harmonic fields do not depend on B0). Returns a
-    :class:`~metaqsm_bids.qsm.resharp.BackgroundRemoval` whose ``mask`` is the interior (the mask
+    :class:`~metaqsm_bids.qsm.background.common.BackgroundRemoval` whose ``mask`` is the interior (the mask
     eroded by 1 + ``peel`` voxels).
     """
     field, mask = check_field_and_mask(total_field, mask)
