@@ -5,7 +5,9 @@ from pathlib import Path
 
 from .. import __version__
 from ..qsm.background import BACKGROUND_REMOVALS
+from ..qsm.bipolar import BIPOLAR_THRESHOLD_RAD
 from ..qsm.inversion import INVERSIONS
+from ..qsm.phase_sign import PHASE_SIGN_CHOICES
 from .plugins import plugin_settings
 
 
@@ -68,6 +70,16 @@ def build_parser():
     bids.add_argument("--brain-mask-dir", type=_existing_dir, metavar="DIR",
                       help="a derivatives dataset with *_desc-brain_mask.nii[.gz] files named like the runs; "
                            "those masks replace the computed ones")
+
+    scanner = parser.add_argument_group("Data from your scanner (see the README)")
+    scanner.add_argument("--phase-sign", choices=PHASE_SIGN_CHOICES, default="auto",
+                         help="sign of the stored phase relative to metaqsm's convention (phase = phi0 + 2 pi f TE, "
+                              "f > 0 in paramagnetic tissue): 'auto' negates it for Manufacturer Siemens and "
+                              "Philips, keeps it for GE, and keeps it with a warning for any other vendor")
+    scanner.add_argument("--bipolar", choices=["auto", "on", "off"], default="auto",
+                         help="odd/even echo phase error of bipolar (alternating) readouts, an offset plus a linear "
+                              "gradient: 'auto' estimates it with 3+ equally spaced echoes and removes it when it "
+                              f"exceeds {BIPOLAR_THRESHOLD_RAD} rad somewhere in the brain; 'on' always removes it")
 
     qsm = parser.add_argument_group("Reconstruction")
     qsm.add_argument("--inversion", choices=sorted(INVERSIONS), default="metaqsm",

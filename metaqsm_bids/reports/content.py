@@ -291,6 +291,16 @@ def _parameters_text(step):
     return f" ({'; '.join(items)})" if items else ""
 
 
+def _b0_text(sidecar, nominal):
+    """How the B0 that scales ppm was obtained, when it is not simply the nominal field strength."""
+    b0, source = sidecar.get("B0Tesla"), str(sidecar.get("B0Source", ""))
+    if b0 is None or not source.startswith("ImagingFrequency"):
+        return ""
+    if nominal and abs(b0 - nominal) <= 1e-4 * nominal:
+        return ""
+    return f" (B0 = {b0:.4f} T from the imaging frequency, used to convert the field to ppm)"
+
+
 def methods_paragraph(sidecar):
     """A pasteable methods paragraph for one run and the citation keys it cites, in order of citation.
 
@@ -306,7 +316,7 @@ def methods_paragraph(sidecar):
     parts = [f"Quantitative susceptibility maps were reconstructed with metaqsm{' ' + version if version else ''} "
              f"[metaqsm] from {len(echo_times)} echo{'es' if len(echo_times) != 1 else ''} (TE = {te_text} ms) of a "
              f"{'multi-echo ' if len(echo_times) > 1 else ''}gradient-echo acquisition"
-             f"{f' at {field:g} T' if field else ''}."]
+             f"{f' at {field:g} T' if field else ''}{_b0_text(sidecar, field)}."]
     scaling = sidecar.get("PhaseScaling")
     if scaling:
         units = scaling.get("PhaseUnits", "unrecorded units")
