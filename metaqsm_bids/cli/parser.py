@@ -85,6 +85,10 @@ def build_parser():
     qsm.add_argument("--inversion", choices=sorted(INVERSIONS), default="metaqsm",
                      help="dipole inversion method (default: the shipped Meta-QSM network; mesaqsm is its "
                           "single-resolution control, trained at 0.76x0.76x3 mm)")
+    qsm.add_argument("--network-orientations", choices=["canonical", "flips", "all"], default="flips",
+                     help="storage orientations the network's prediction is averaged over (metaqsm, mesaqsm): "
+                          "'flips' (8 passes) gives the same map for flipped or reordered storage of the volume; "
+                          "'all' (16) also for swapped in-plane axes; 'canonical' is one pass")
     qsm.add_argument("--tkd-threshold", type=_positive_float, default=0.2,
                      help="TKD truncation threshold of the dipole kernel")
     qsm.add_argument("--medi-lambda", type=_positive_float, default=1000.0,

@@ -144,7 +144,9 @@ def run_participant(opts):
         })
         nipype_logging.update_logging(nipype_config)
         inversion_params = {"tkd": {"threshold": opts.tkd_threshold},
-                            "medi": {"lambda_": opts.medi_lambda}}.get(opts.inversion, {})
+                            "medi": {"lambda_": opts.medi_lambda},
+                            "metaqsm": {"orientations": opts.network_orientations},
+                            "mesaqsm": {"orientations": opts.network_orientations}}.get(opts.inversion, {})
         wf = init_metaqsm_wf(
             runs_by_subject, work_dir=opts.work_dir, user_masks=user_masks,
             bids_dir=opts.bids_dir, output_dir=opts.output_dir, inversion=opts.inversion,
