@@ -49,7 +49,7 @@ def test_one_source_only_warns(meta, tesla, source, warning):
 
 
 @pytest.mark.parametrize("meta, message", [
-    ({}, "neither ImagingFrequency nor MagneticFieldStrength"),
+    ({}, "neither MagneticFieldStrength nor ImagingFrequency"),
     ({"ImagingFrequency": 123200000.0}, "must be the proton Larmor frequency in MHz"),
     ({"MagneticFieldStrength": "3T"}, "is not a number"),
 ])
@@ -366,3 +366,64 @@ def test_one_echo_warns_and_says_so(scanner_forms):
     assert any("one echo" in w for w in sidecar["Warnings"])
     text = methods_paragraph(sidecar)[0]
     assert "from 1 echo (TE = 4 ms)" in text and "could not be separated from the field" in text
+
+
+# ---------------------------------------------------------------- input forms that are refused, by name
+
+def _tiny_dataset(root, files):
+    """A BIDS dataset with ``{relative path: (shape, sidecar)}`` MEGRE images (random data)."""
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "t", "BIDSVersion": "1.10.0"}))
+    rng = np.random.default_rng(0)
+    for relative, (shape, meta) in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(rng.uniform(0.1, 1, shape).astype(np.float32), np.eye(4)), str(path))
+        path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps(meta))
+    from bids import BIDSLayout
+    return BIDSLayout(str(root), validate=False)
+
+
+META = {"MagneticFieldStrength": 3.0, "ImagingFrequency": 127.7, "Manufacturer": "GE MEDICAL SYSTEMS"}
+
+
+@pytest.mark.parametrize("files, culprit, message", [
+    ({"sub-1/anat/sub-1_echo-1_MEGRE.nii.gz": ((4, 4, 4), {**META, "EchoTime": 0.004})},
+     "sub-1_echo-1_MEGRE.nii.gz", "without a part- entity"),
+    ({"sub-1/anat/sub-1_part-mag_MEGRE.nii.gz": ((4, 4, 4, 3), {**META, "EchoTime": 0.004}),
+      "sub-1/anat/sub-1_part-phase_MEGRE.nii.gz": ((4, 4, 4, 3), {**META, "EchoTime": 0.004})},
+     "sub-1_part-mag_MEGRE.nii.gz", "3 volume(s) on the 4th axis but the sidecar gives 1 EchoTime"),
+    ({"sub-1/anat/sub-1_part-mag_MEGRE.nii.gz": ((4, 4, 4, 2), {**META, "EchoTime": [0.004, 0.008]}),
+      "sub-1/anat/sub-1_echo-1_part-phase_MEGRE.nii.gz": ((4, 4, 4), {**META, "EchoTime": 0.004}),
+      "sub-1/anat/sub-1_echo-2_part-phase_MEGRE.nii.gz": ((4, 4, 4), {**META, "EchoTime": 0.008})},
+     "sub-1_echo-1_part-phase_MEGRE.nii.gz", "differ in layout"),
+    ({"sub-1/anat/sub-1_echo-1_part-mag_MEGRE.nii.gz": ((4, 4, 4), {**META, "EchoTime": 0.004})},
+     "sub-1_echo-1_part-mag_MEGRE.nii.gz", "no matching part-phase file for echo 1; QSM needs the phase"),
+    ({"sub-1/anat/sub-1_echo-1_part-real_MEGRE.nii.gz": ((4, 4, 4), {**META, "EchoTime": 0.004})},
+     "sub-1_echo-1_part-real_MEGRE.nii.gz", "no matching part-imag file for echo 1"),
+    ({"sub-1/anat/sub-1_part-mag_MEGRE.nii.gz": ((4, 4, 4, 2), {**META, "EchoTime": [0.004, "x"]}),
+      "sub-1/anat/sub-1_part-phase_MEGRE.nii.gz": ((4, 4, 4, 2), {**META, "EchoTime": [0.004, 0.008]})},
+     "sub-1_part-mag_MEGRE.nii.gz", "is not a number or a list of numbers"),
+], ids=["no-part", "4d-scalar-echotime", "mixed-layout", "magnitude-only", "real-only", "bad-echotime"])
+def test_unsupported_forms_get_one_message_naming_the_file(tmp_path, files, culprit, message):
+    from metaqsm_bids.io.bids import find_megre_runs
+
+    layout = _tiny_dataset(tmp_path, files)
+    results = find_megre_runs(layout, "1")
+    assert len(results) == 1
+    error = results[0][1]
+    assert isinstance(error, BIDSInputError), error
+    assert str(error).split(":")[0].endswith(culprit) and message in str(error), str(error)
+
+
+def test_every_run_entity_separates_runs(tmp_path):
+    from metaqsm_bids.io.bids import find_megre_runs
+
+    files = {}
+    for tail in ("ce-pre", "ce-post", "acq-a_chunk-1", "acq-a_chunk-2", "rec-x_inv-1", "flip-1_mt-on"):
+        for part in ("mag", "phase"):
+            files[f"sub-1/anat/sub-1_{tail}_echo-1_part-{part}_MEGRE.nii.gz"] = ((4, 4, 4), {**META, "EchoTime": 0.004})
+    runs = find_megre_runs(_tiny_dataset(tmp_path, files), "1")
+    names = sorted(run.name for _, run in runs)
+    assert names == sorted(["sub-1_ce-pre", "sub-1_ce-post", "sub-1_acq-a_chunk-1", "sub-1_acq-a_chunk-2",
+                            "sub-1_rec-x_inv-1", "sub-1_flip-1_mt-on"]), names
+    assert all(run.warnings and "one echo only" in run.warnings[-1] for _, run in runs)

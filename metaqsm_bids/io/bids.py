@@ -131,7 +131,7 @@ def field_strength(meta, path):
                              "the true B0 can differ by a few % (a Siemens 3 T system runs at 2.89 T), and chi "
                              "with it")
     raise BIDSInputError(
-        f"{path}: sidecar has neither ImagingFrequency nor MagneticFieldStrength; "
+        f"{path}: sidecar has neither MagneticFieldStrength nor ImagingFrequency; "
         "QSM needs the field strength to convert the field to ppm"
     )
 
@@ -224,26 +224,29 @@ def collect_megre_run(layout, run_entities, filters=None, phase_sign="auto"):
     filters = dict(filters or {})
     by_part = _run_files(layout, run_entities, filters)
     name = "_".join(f"{ENTITY_KEYS[k]}-{v}" for k, v in run_entities.items() if v)
-    if "phase" in by_part:
+    if "phase" in by_part or "mag" in by_part and not ("real" in by_part or "imag" in by_part):
         pair = PART_PAIRS[0]
     elif "real" in by_part or "imag" in by_part:
         pair = PART_PAIRS[1]
     else:
         some = sorted(path for entries in by_part.values() for _, path in entries)
-        raise BIDSInputError(f"{some[0] if some else name}: no part-phase (or part-real + part-imag) files for this "
-                             "run; QSM needs the phase")
+        raise BIDSInputError(f"{some[0] if some else name}: no part-mag + part-phase or part-real + part-imag "
+                             "files for this run")
     first, second = pair
-    for part in pair:
-        if part not in by_part:
-            other = by_part[second if part == first else first][0][1]
-            raise BIDSInputError(f"{other}: no matching part-{part} file(s) for this run")
-    echoes_a, files_a = _part_echoes(first, by_part[first])
-    echoes_b, files_b = _part_echoes(second, by_part[second])
+    echoes = {part: _part_echoes(part, by_part.get(part, [])) if part in by_part else ([], []) for part in pair}
+    (echoes_a, files_a), (echoes_b, files_b) = echoes[first], echoes[second]
     if echoes_a != echoes_b:
-        missing = sorted(set(echoes_a) ^ set(echoes_b), key=str)
-        where = files_a[0] if set(missing) - set(echoes_a) else files_b[0]
-        raise BIDSInputError(f"{where}: part-{first} echoes {echoes_a} and part-{second} echoes {echoes_b} differ; "
-                             f"echo {missing[0]} has no matching file")
+        if [None] in (echoes_a, echoes_b) and echoes_a and echoes_b:
+            raise BIDSInputError(f"{files_b[0]}: part-{second} and part-{first} files differ in layout (one 4D file "
+                                 "vs one file per echo)")
+        for echo in sorted(set(echoes_a) | set(echoes_b), key=str):
+            if echo not in echoes_b:
+                hint = "; QSM needs the phase (part-phase, or part-real + part-imag)" if not echoes_b else ""
+                which = f" for echo {echo}" if echo is not None else ""
+                raise BIDSInputError(f"{files_a[echoes_a.index(echo)]}: no matching part-{second} file{which}{hint}")
+            if echo not in echoes_a:
+                which = f" for echo {echo}" if echo is not None else ""
+                raise BIDSInputError(f"{files_b[echoes_b.index(echo)]}: no matching part-{first} file{which}")
     if echoes_a != [None] and echoes_a != list(range(1, len(echoes_a) + 1)):
         raise BIDSInputError(f"{files_a[0]}: echo indices {echoes_a} are not 1..{len(echoes_a)}; an echo is missing")
 

@@ -157,7 +157,7 @@ def orientation_transforms(b0_dir, orientations="flips"):
 
 
 def predict_chi(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), device="cpu",
-                max_patch_voxels=MAX_PATCH_VOXELS, blend_voxels=8, orientations="flips"):
+                max_patch_voxels=MAX_PATCH_VOXELS, blend_voxels=8, orientations="canonical"):
     """Susceptibility (ppm, float32, zero outside ``mask``) from a local field (ppm), averaged over orientations.
 
     The physics does not depend on how the volume is stored (axis order and direction,
@@ -166,7 +166,8 @@ def predict_chi(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1
     reordered/flipped copy with its own voxel size and B0 in its own axes, padded from its own
     mask -- and the results, mapped back, are averaged. For two storages of one volume that
     differ by flips (``flips``) or by any axis order and flips (``all``), the passes are the
-    same set, so the averages agree to float rounding. Costs one network pass per transform.
+    same set, so the averages agree to float rounding. Costs one network pass per transform
+    (the default here is one; the pipeline's :func:`~metaqsm_bids.qsm.inversion.metaqsm` uses ``flips``).
     Other arguments: see :func:`predict_stored`.
     """
     field, mask, voxel, b0 = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)

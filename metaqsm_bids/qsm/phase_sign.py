@@ -7,10 +7,10 @@ positive chi). This is the convention of the MEDI toolbox's complex images after
 vendor readers (Liu et al.). Negating every echo's phase negates ``f`` and therefore
 chi, exactly and silently, so the sign must be right before the fit.
 
-Vendors differ. The MEDI toolbox's DICOM readers (``Read_DICOM.m``, ``Read_Siemens_DICOM.m``,
-``Read_Philips_DICOM.m``, ``Read_GE_DICOM.m``) build the complex image as
-``magnitude * exp(-1i * phase)`` for Siemens and Philips and ``exp(+1i * phase)`` for GE;
-SEPIA exposes the same choice as its "invert phase" switch. The table
+Vendors differ. The MEDI toolbox's DICOM reader (``Read_DICOM.m``) builds the complex image
+as ``magnitude * exp(-1i * phase)`` in its Siemens and Philips branches and as
+``real + 1i * imag`` or ``magnitude * exp(+1i * phase)`` in its GE branches; SEPIA exposes the
+same choice as its "invert phase" switch. The table
 :data:`VENDOR_PHASE_SIGN` encodes that; the README states it with this source. A NIfTI
 converter (dcm2niix) keeps the stored sign, so the table applies to converted data too.
 """
@@ -31,7 +31,7 @@ VENDOR_PHASE_SIGN = (
 )
 
 #: Where the table comes from (quoted in provenance and the README).
-SOURCE = ("MEDI toolbox DICOM readers (Siemens/Philips: exp(-1i*phase); GE: exp(+1i*phase)); "
+SOURCE = ("MEDI toolbox Read_DICOM.m (Siemens/Philips: exp(-1i*phase); GE: exp(+1i*phase)); "
           "SEPIA's 'invert phase' option")
 
 
