@@ -164,21 +164,25 @@ def _check_geometry(files, n_echoes):
 
 
 def _run_files(layout, run_entities, filters):
-    """The run's MEGRE image files by part: ``{part: [(echo or None, path)]}``."""
+    """The run's MEGRE image files by part: ``{part: [(echo or None, path)]}``; files without ``part`` are
+    ignored next to files with one, and refused when they are all the run has."""
     query = {k: v for k, v in run_entities.items() if v is not None}
     files = layout.get(suffix="MEGRE", extension=[".nii", ".nii.gz"], datatype="anat", return_type="object",
                        **{**filters, **query})
-    by_part = {}
+    by_part, partless = {}, []
     for f in files:
         # pybids matches a missing entity as "any"; keep only files whose run entities are exactly these
         if any(f.entities.get(k) != run_entities.get(k) for k in RUN_ENTITIES):
             continue
         part = f.entities.get("part")
-        if part is None:
-            raise BIDSInputError(f"{f.path}: MEGRE file without a part- entity; metaqsm reads part-mag + "
-                                 "part-phase or part-real + part-imag files (complex-valued NIfTI is not supported)")
+        if part is None:  # a magnitude-only or complex-valued file, or a misnamed one (the validator says which)
+            partless.append(f.path)
+            continue
         echo = f.entities.get("echo")
         by_part.setdefault(part, []).append((int(echo) if echo is not None else None, f.path))
+    if not by_part and partless:
+        raise BIDSInputError(f"{sorted(partless)[0]}: MEGRE file without a part- entity; metaqsm reads part-mag + "
+                             "part-phase or part-real + part-imag files (complex-valued NIfTI is not supported)")
     return by_part
 
 

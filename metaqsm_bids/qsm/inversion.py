@@ -92,7 +92,7 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
     Like the other methods the result is demeaned inside the mask. ``info`` receives the
     model name, its sha256 and the device used. torch and the model load only when called.
     """
-    from .deepqsm import load_model, model_info, predict_chi
+    from .deepqsm import load_model, model_info, orientation_transforms, predict_chi
     from .device import resolve_device
 
     device = resolve_device(device)
@@ -102,7 +102,8 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
     chi[inside] -= chi[inside].mean(dtype=np.float64)
     if info is not None:
         # load_model checked the file against this recorded sha256
-        info.update({"Model": model, "ModelSHA256": model_info(model)["sha256"], "Device": device})
+        info.update({"Model": model, "ModelSHA256": model_info(model)["sha256"], "Device": device,
+                     "OrientationPasses": len(orientation_transforms(b0_dir, orientations))})
     return chi
 
 

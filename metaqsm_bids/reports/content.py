@@ -292,7 +292,9 @@ def format_value(value):
 
 #: How some step parameters read in prose: key -> (words before, unit after).
 _PARAMETER_WORDS = {"RadiusMm": ("kernel radius", " mm"), "Tikhonov": ("Tikhonov regularisation", ""),
-                    "Tolerance": ("tolerance", ""), "MaxIterations": ("at most", " iterations")}
+                    "Tolerance": ("tolerance", ""), "MaxIterations": ("at most", " iterations"),
+                    "orientations": ("averaged over storage orientations", ""),
+                    "OrientationPasses": ("network passes", "")}
 
 
 def _parameters_text(step):
