@@ -5,6 +5,7 @@ phase offset, shim field and noise, and resamples signal by k-space cropping, so
 nothing here shares code with metaqsm's simulator.
 """
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,56 @@ def test_metaqsm_reconstructs_qsm_forward_data(qsm_forward_dataset, tmp_path):
     sidecar = json.loads((out / "sub-1" / "anat" / "sub-1_Chimap.json").read_text())
     assert sidecar["DipoleInversion"]["Method"] == "metaqsm"
     assert sidecar["MagneticFieldStrength"] == 3
+
+
+def _negated_copy(bids_dir, source, target, manufacturer):
+    """``sub-<target>``: ``sub-<source>``'s qsm-forward data with every echo's phase negated (as Siemens and
+    Philips store it relative to metaqsm's convention) and ``Manufacturer`` set (None: removed)."""
+    src, dst = bids_dir / f"sub-{source}" / "anat", bids_dir / f"sub-{target}" / "anat"
+    dst.mkdir(parents=True)
+    for path in sorted(src.glob("*_MEGRE.nii*")):
+        img = nib.load(path)
+        data = np.asarray(img.dataobj)
+        if "part-phase" in path.name:
+            data = -data.astype(np.float32)
+        name = path.name.replace(f"sub-{source}", f"sub-{target}")
+        nib.save(nib.Nifti1Image(data, img.affine, img.header), dst / name)
+        sidecar = json.loads(path.with_name(path.name.split(".nii")[0] + ".json").read_text())
+        sidecar.pop("Manufacturer", None)
+        if manufacturer:
+            sidecar["Manufacturer"] = manufacturer
+        (dst / (name.split(".nii")[0] + ".json")).write_text(json.dumps(sidecar))
+
+
+def test_phase_sign_on_qsm_forward_data(qsm_forward_dataset, tmp_path):
+    """qsm-forward phase negated: with Manufacturer Siemens, auto gives deep grey matter and veins positive;
+    with no Manufacturer, auto keeps the (wrong) sign and warns, and --phase-sign invert fixes it."""
+    bids = tmp_path / "bids"
+    shutil.copytree(qsm_forward_dataset, bids)
+    _negated_copy(bids, "1", "2", "Siemens")
+    _negated_copy(bids, "1", "3", None)
+    common = ["-w", tmp_path / "work", "--inversion", "tkd", "--nprocs", "2", "--omp-nthreads", "1",
+              "--skip-bids-validation"]
+    auto = _metaqsm(bids, tmp_path / "auto", "participant", "--participant-label", "2", "3", *common)
+    assert auto.returncode == 0, auto.stderr[-3000:]
+    assert "Manufacturer missing is not in metaqsm's phase-sign table" in auto.stderr
+    invert = _metaqsm(bids, tmp_path / "invert", "participant", "--participant-label", "3", "--phase-sign", "invert",
+                      *common)
+    assert invert.returncode == 0, invert.stderr[-3000:]
+
+    truth_dir = qsm_forward_dataset / "derivatives" / "qsm-forward" / "sub-1" / "anat"
+    truth = nib.load(truth_dir / "sub-1_Chimap.nii").get_fdata()
+    seg = np.asarray(nib.load(truth_dir / "sub-1_dseg.nii").dataobj).astype(int)
+
+    def check(out, subject):
+        chi = nib.load(out / f"sub-{subject}" / "anat" / f"sub-{subject}_Chimap.nii.gz").get_fdata()
+        inside = chi != 0
+        grey = chi[np.isin(seg, (1, 2, 3)) & inside].mean()  # caudate, globus pallidus, putamen
+        veins = chi[(seg == 11) & inside].mean()
+        return grey, veins, np.corrcoef(chi[inside], truth[inside])[0, 1]
+
+    for out, subject in ((tmp_path / "auto", "2"), (tmp_path / "invert", "3")):
+        grey, veins, correlation = check(out, subject)
+        assert grey > 0.02 and veins > 0.05 and correlation > 0.6, (subject, grey, veins, correlation)
+    grey, veins, correlation = check(tmp_path / "auto", "3")
+    assert grey < 0 and veins < 0 and correlation < -0.6

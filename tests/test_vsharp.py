@@ -75,7 +75,7 @@ def test_registry_runs_every_method_with_b0_dir(phantom):  # noqa: F811
     """Every registered method takes b0_dir and gives what the function gives when called directly."""
     mask, background_hz, local_hz = phantom
     total = background_hz + local_hz
-    assert set(BACKGROUND_REMOVALS) == {"resharp", "vsharp", "pdf"}
+    assert set(BACKGROUND_REMOVALS) == {"resharp", "vsharp", "pdf", "lbv"}
     direct = {"resharp": resharp(total, mask, VOXEL_MM, radius_mm=4.0), "vsharp": vsharp(total, mask, VOXEL_MM),
               "pdf": pdf(total, mask, VOXEL_MM, (0.0, 0.0, 1.0), max_iter=5)}
     params = {"resharp": {"radius_mm": 4.0}, "vsharp": {}, "pdf": {"max_iter": 5}}

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..qsm.background.registry import BACKGROUND_REMOVALS
+from ..qsm.field.bipolar import BIPOLAR_THRESHOLD_RAD
+from ..qsm.field.phase_sign import PHASE_SIGN_CHOICES
 from ..qsm.inversion.registry import INVERSIONS
 from .plugins import plugin_settings
 
@@ -69,10 +71,24 @@ def build_parser():
                       help="a derivatives dataset with *_desc-brain_mask.nii[.gz] files named like the runs; "
                            "those masks replace the computed ones")
 
+    scanner = parser.add_argument_group("Data from your scanner (see the README)")
+    scanner.add_argument("--phase-sign", choices=PHASE_SIGN_CHOICES, default="auto",
+                         help="sign of the stored phase relative to metaqsm's convention (phase = phi0 + 2 pi f TE, "
+                              "f > 0 in paramagnetic tissue): 'auto' negates it for Manufacturer Siemens and "
+                              "Philips, keeps it for GE, and keeps it with a warning for any other vendor")
+    scanner.add_argument("--bipolar", choices=["auto", "on", "off"], default="auto",
+                         help="odd/even echo phase error of bipolar (alternating) readouts, an offset plus a linear "
+                              "gradient: 'auto' estimates it with 3+ equally spaced echoes and removes it when it "
+                              f"exceeds {BIPOLAR_THRESHOLD_RAD} rad somewhere in the brain; 'on' always removes it")
+
     qsm = parser.add_argument_group("Reconstruction")
     qsm.add_argument("--inversion", choices=sorted(INVERSIONS), default="metaqsm",
                      help="dipole inversion method (default: the shipped Meta-QSM network; mesaqsm is its "
                           "single-resolution control, trained at 0.76x0.76x3 mm)")
+    qsm.add_argument("--network-orientations", choices=["canonical", "flips", "all"], default="flips",
+                     help="storage orientations the network's prediction is averaged over (metaqsm, mesaqsm): "
+                          "'flips' (8 passes) gives the same map for flipped or reordered storage of the volume; "
+                          "'all' (16) also for swapped in-plane axes; 'canonical' is one pass")
     qsm.add_argument("--tkd-threshold", type=_positive_float, default=0.2,
                      help="TKD truncation threshold of the dipole kernel")
     qsm.add_argument("--medi-lambda", type=_positive_float, default=1000.0,

@@ -54,11 +54,12 @@ def _collect(opts, layout, subjects):
     filters = load_bids_filters(opts.bids_filter_file) if opts.bids_filter_file else {}
     runs_by_subject, user_masks, failed = {}, {}, {}
     for subject in subjects:
-        found = find_megre_runs(layout, subject, opts.session_label, filters)
+        found = find_megre_runs(layout, subject, opts.session_label, filters, opts.phase_sign)
         errors = [str(result) for _, result in found if isinstance(result, Exception)]
         if not found:
             sessions = f" in session(s) {opts.session_label}" if opts.session_label else ""
-            errors = [f"sub-{subject}: no *_part-mag/_part-phase_MEGRE files found{sessions}"]
+            errors = [f"sub-{subject}: no *_MEGRE.nii[.gz] files (part-mag + part-phase or part-real + part-imag) "
+                      f"found{sessions}"]
         if not errors and opts.brain_mask_dir:
             try:
                 user_masks.update(_user_masks(opts.brain_mask_dir, [run for _, run in found]))
@@ -71,6 +72,9 @@ def _collect(opts, layout, subjects):
                 break
             continue
         runs_by_subject[subject] = [run for _, run in found]
+        for _, run in found:
+            for warning in run.warnings:
+                LOGGER.warning("%s", warning)
         LOGGER.info("sub-%s: %d run(s): %s", subject, len(found), ", ".join(run.name for _, run in found))
     return runs_by_subject, user_masks, failed
 
@@ -140,11 +144,14 @@ def run_participant(opts):
         })
         nipype_logging.update_logging(nipype_config)
         inversion_params = {"tkd": {"threshold": opts.tkd_threshold},
-                            "medi": {"lambda_": opts.medi_lambda}}.get(opts.inversion, {})
+                            "medi": {"lambda_": opts.medi_lambda},
+                            "metaqsm": {"orientations": opts.network_orientations},
+                            "mesaqsm": {"orientations": opts.network_orientations}}.get(opts.inversion, {})
         wf = init_metaqsm_wf(
             runs_by_subject, work_dir=opts.work_dir, user_masks=user_masks,
             bids_dir=opts.bids_dir, output_dir=opts.output_dir, inversion=opts.inversion,
             inversion_params=inversion_params, bfr=opts.bfr, bfr_radius_mm=opts.bfr_radius_mm,
+            bipolar=opts.bipolar,
             device=opts.device, omp_nthreads=opts.omp_nthreads, output_spaces=opts.output_spaces,
         )
         add_resource_hints(wf, opts.plugin)

@@ -24,8 +24,10 @@ from nipype.interfaces.base import (
 
 from ..qsm.background.registry import remove_background
 from ..qsm.core import physics
+from ..qsm.field.bipolar import correct_bipolar
 from ..qsm.field.echofit import fit_total_field
-from ..qsm.field.phase import phase_to_rad
+from ..qsm.field.phase import echoes_to_rad
+from ..qsm.field.phase_sign import apply_phase_sign
 from ..qsm.inversion.registry import NETWORK_INVERSIONS, invert
 from ..qsm.mask.brain import brain_mask
 
@@ -86,9 +88,14 @@ class _QSMInterface(SimpleInterface):
 
 
 class _PrepareMEGREInputSpec(_QSMInputSpec):
-    magnitude_files = InputMultiObject(File(exists=True), mandatory=True, desc="magnitude, one file per echo")
-    phase_files = InputMultiObject(File(exists=True), mandatory=True, desc="phase, one file per echo")
+    magnitude_files = InputMultiObject(File(exists=True), desc="magnitude: one 3D file per echo or 4D files (echo last)")
+    phase_files = InputMultiObject(File(exists=True), desc="phase, laid out like the magnitude")
+    real_files = InputMultiObject(File(exists=True), desc="real part (instead of magnitude and phase)")
+    imag_files = InputMultiObject(File(exists=True), desc="imaginary part, laid out like the real part")
+    n_echoes = traits.Int(mandatory=True, desc="number of echoes the files hold together")
     phase_units = traits.Enum(None, "rad", "arbitrary", usedefault=True, desc="the sidecars' Units")
+    phase_sign = traits.Enum(1, -1, usedefault=True, desc="factor applied to every echo's phase")
+    phase_sign_provenance = traits.Dict(desc="why that factor (metaqsm_bids.qsm.field.phase_sign.PhaseSign.provenance)")
 
 
 class _PrepareMEGREOutputSpec(TraitedSpec):
@@ -97,30 +104,76 @@ class _PrepareMEGREOutputSpec(TraitedSpec):
     provenance = traits.Dict()
 
 
+def _load_echo_volumes(files, shape):
+    """``(volumes, names)``: every 3D volume of the 3D or 4D (echo last) ``files``, named for error messages."""
+    volumes, names = [], []
+    for path in files:
+        img = nib.load(path)
+        data = np.asarray(img.dataobj)
+        if data.ndim == 3 or (data.ndim == 4 and data.shape[3] == 1):
+            volumes.append(data.reshape(shape))
+            names.append(path)
+        elif data.ndim == 4:
+            volumes += [data[..., n] for n in range(data.shape[3])]
+            names += [f"{path} (volume {n + 1})" for n in range(data.shape[3])]
+        else:
+            raise ValueError(f"{path}: shape {data.shape} is neither 3D nor 4D (echo last)")
+    for name, volume in zip(names, volumes):
+        bad = int((~np.isfinite(volume)).sum()) if np.issubdtype(volume.dtype, np.floating) else 0
+        if bad:
+            raise ValueError(f"{name}: {bad} voxels are NaN or infinite")
+    return volumes, names
+
+
 class PrepareMEGRE(_QSMInterface):
-    """Stack the echoes and scale the phase to radians (vendor integer ranges included)."""
+    """Stack the echoes as magnitude and phase (rad), from magnitude/phase or real/imaginary files.
+
+    Phase: scaled to radians with one known convention for all echoes
+    (:func:`~metaqsm_bids.qsm.phase.echoes_to_rad`), then multiplied by ``phase_sign``
+    (:mod:`metaqsm_bids.qsm.field.phase_sign`). Real/imaginary: ``|S|`` and ``angle(S)``.
+    """
 
     input_spec = _PrepareMEGREInputSpec
     output_spec = _PrepareMEGREOutputSpec
 
     def _compute(self):
-        reference = nib.load(self.inputs.magnitude_files[0])
-        magnitudes, phases = [], []
-        for mag_file, phase_file in zip(self.inputs.magnitude_files, self.inputs.phase_files):
-            mag = np.asarray(nib.load(mag_file).dataobj, dtype=np.float32).reshape(reference.shape[:3])
-            phase = np.asarray(nib.load(phase_file).dataobj, dtype=np.float32).reshape(reference.shape[:3])
-            for path, data in ((mag_file, mag), (phase_file, phase)):
-                bad = int((~np.isfinite(data)).sum())
-                if bad:
-                    raise ValueError(f"{path}: {bad} voxels are NaN or infinite")
-            try:
-                phases.append(phase_to_rad(phase, self.inputs.phase_units))
-            except ValueError as err:
-                raise ValueError(f"{phase_file}: {err}") from err
-            magnitudes.append(mag)
+        complex_parts = isdefined(self.inputs.real_files) and self.inputs.real_files
+        first = self.inputs.real_files[0] if complex_parts else self.inputs.magnitude_files[0]
+        reference = nib.load(first)
+        shape = reference.shape[:3]
+        if complex_parts:
+            reals, real_names = _load_echo_volumes(self.inputs.real_files, shape)
+            imags, _ = _load_echo_volumes(self.inputs.imag_files, shape)
+            magnitudes = [np.hypot(np.asarray(re, np.float32), np.asarray(im, np.float32)) for re, im in zip(reals, imags)]
+            phases = [np.arctan2(np.asarray(im, np.float64), np.asarray(re, np.float64)) for re, im in zip(reals, imags)]
+            phases = [np.where(p >= np.pi, -np.pi, p).astype(np.float32) for p in phases]
+            names = real_names
+            provenance = {"Method": "magnitude and phase of real + i imaginary", "Input": "part-real, part-imag"}
+        else:
+            mags, names = _load_echo_volumes(self.inputs.magnitude_files, shape)
+            raw_phases, phase_names = _load_echo_volumes(self.inputs.phase_files, shape)
+            if len(raw_phases) != len(mags):
+                raise ValueError(f"{self.inputs.phase_files[0]}: {len(raw_phases)} phase volumes but "
+                                 f"{len(mags)} magnitude volumes")
+            magnitudes = [np.asarray(m, np.float32) for m in mags]
+            phases, info = echoes_to_rad(raw_phases, self.inputs.phase_units, phase_names)
+            provenance = {"Method": "one known phase convention for all echoes (metaqsm_bids.qsm.field.phase.echoes_to_rad)",
+                          "Input": "part-mag, part-phase",
+                          "PhaseUnits": self.inputs.phase_units or "inferred from range", **info}
+        if len(magnitudes) != self.inputs.n_echoes:
+            raise ValueError(f"{first}: the files hold {len(magnitudes)} echo volumes but the sidecars give "
+                             f"{self.inputs.n_echoes} echo times")
+        for name, mag in zip(names, magnitudes):
+            if mag.min() < 0:
+                raise ValueError(f"{name}: magnitude has negative values (min {float(mag.min()):g}); "
+                                 "is this a real part? name it part-real")
+        phases = [apply_phase_sign(p, self.inputs.phase_sign) for p in phases]
         self._results["magnitude_file"] = _save(np.stack(magnitudes, -1), reference, "magnitude.nii")
         self._results["phase_file"] = _save(np.stack(phases, -1), reference, "phase_rad.nii")
-        return {"Method": "phase_to_rad", "PhaseUnits": self.inputs.phase_units or "inferred from range"}
+        sign = {"PhaseSignFactor": self.inputs.phase_sign}
+        if isdefined(self.inputs.phase_sign_provenance):
+            sign.update(self.inputs.phase_sign_provenance)
+        return {**provenance, **sign}
 
 
 class _BrainMaskInputSpec(_QSMInputSpec):
@@ -167,6 +220,8 @@ class _TotalFieldInputSpec(_QSMInputSpec):
     magnitude_file = File(exists=True, mandatory=True, desc="4D magnitude")
     phase_file = File(exists=True, mandatory=True, desc="4D phase (rad)")
     echo_times_s = traits.List(traits.Float, mandatory=True, desc="echo times (s)")
+    bipolar = traits.Enum("auto", "on", "off", usedefault=True,
+                          desc="odd/even echo phase correction (metaqsm_bids.qsm.field.bipolar.correct_bipolar)")
 
 
 class _TotalFieldOutputSpec(TraitedSpec):
@@ -184,18 +239,25 @@ class TotalField(_QSMInterface):
     output_spec = _TotalFieldOutputSpec
 
     def _compute(self):
-        mag_img, magnitude = _load(self.inputs.magnitude_file)
-        _, phase = _load(self.inputs.phase_file)
+        mag_img = nib.load(self.inputs.magnitude_file)
+        magnitude = np.asarray(mag_img.dataobj, dtype=np.float32)
+        phase = np.asarray(nib.load(self.inputs.phase_file).dataobj, dtype=np.float32)
         voxel_size, _ = _geometry(mag_img)
+        phase, bipolar = correct_bipolar(magnitude, phase, self.inputs.echo_times_s, voxel_size, self.inputs.bipolar)
         fit = fit_total_field(magnitude, phase, self.inputs.echo_times_s, voxel_size)
         self._results["field_file"] = _save(fit.field_hz, mag_img, "total_field_hz.nii")
         self._results["magnitude_rss_file"] = _save(np.sqrt((magnitude ** 2).sum(-1)), mag_img, "magnitude_rss.nii")
-        return {
+        provenance = {
             "Method": "Laplacian unwrapping of the echo-difference field + magnitude-weighted linear fit over echoes"
             if magnitude.shape[-1] > 1 else "Laplacian unwrapping of a single echo (phase offset not removable)",
             "EchoTime": list(self.inputs.echo_times_s),
+            "BipolarCorrection": bipolar,
             "Units": "Hz",
         }
+        if magnitude.shape[-1] == 1:
+            provenance["Warnings"] = ["one echo: the phase offset at TE = 0 could not be separated from the field; "
+                                      "it is in the field map and the Chimap"]
+        return provenance
 
 
 class _BackgroundRemovalInputSpec(_QSMInputSpec):

@@ -13,9 +13,15 @@ import nibabel as nib
 import numpy as np
 
 from ..qsm.core.physics import GAMMA_HZ_PER_T
+from ..qsm.field.phase_sign import PhaseSign, resolve_phase_sign
 
-#: Entities that identify one MEGRE run (everything except echo and part).
-RUN_ENTITIES = ("subject", "session", "acquisition", "reconstruction", "run")
+#: Entities (pybids names) that tell MEGRE runs apart: every entity BIDS allows on MEGRE except echo and part.
+RUN_ENTITIES = ("subject", "session", "acquisition", "ceagent", "reconstruction", "run", "flip", "inv", "mt", "chunk")
+#: Their short BIDS keys, in BIDS order.
+ENTITY_KEYS = {"subject": "sub", "session": "ses", "acquisition": "acq", "ceagent": "ce", "reconstruction": "rec",
+               "run": "run", "flip": "flip", "inv": "inv", "mt": "mt", "chunk": "chunk"}
+#: The ``part`` pairs a run can be read from, in order of preference.
+PART_PAIRS = (("mag", "phase"), ("real", "imag"))
 
 
 class BIDSInputError(ValueError):
@@ -24,7 +30,12 @@ class BIDSInputError(ValueError):
 
 @dataclass
 class MEGRERun:
-    """One multi-echo GRE run: per-echo magnitude and phase files and the acquisition facts."""
+    """One multi-echo GRE run: its files and the acquisition facts.
+
+    The images are either ``magnitude_files`` + ``phase_files`` or ``real_files`` + ``imag_files``
+    (then the other two lists are empty): one 3D file per echo, or one 4D file (echo on the
+    4th axis) per part.
+    """
 
     entities: dict
     magnitude_files: list
@@ -33,12 +44,30 @@ class MEGRERun:
     field_strength_t: float
     phase_units: str = None
     metadata: dict = field(default_factory=dict)
+    #: where ``field_strength_t`` (T) came from, and the sidecar's nominal MagneticFieldStrength (T) if any
+    field_strength_source: str = None
+    nominal_field_strength_t: float = None
+    #: what the user should know about this run's input (one line each, naming the file)
+    warnings: list = field(default_factory=list)
+    real_files: list = field(default_factory=list)
+    imag_files: list = field(default_factory=list)
+    #: the factor applied to the phase and why (see metaqsm_bids.qsm.field.phase_sign)
+    phase_sign: PhaseSign = None
 
     @property
     def name(self):
         """BIDS-style prefix, e.g. ``sub-01_ses-2_run-1``."""
-        keys = {"subject": "sub", "session": "ses", "acquisition": "acq", "reconstruction": "rec", "run": "run"}
-        return "_".join(f"{keys[k]}-{self.entities[k]}" for k in RUN_ENTITIES if self.entities.get(k))
+        return "_".join(f"{ENTITY_KEYS[k]}-{self.entities[k]}" for k in RUN_ENTITIES if self.entities.get(k))
+
+    @property
+    def reference_file(self):
+        """The first image file (magnitude, or real part): the grid of every derivative."""
+        return (self.magnitude_files or self.real_files)[0]
+
+    @property
+    def source_files(self):
+        """Every raw image file the run is read from."""
+        return self.magnitude_files + self.phase_files + self.real_files + self.imag_files
 
 
 def _read_sidecar(layout, path):
@@ -46,101 +75,234 @@ def _read_sidecar(layout, path):
     return layout.get_metadata(str(path))
 
 
-def _field_strength_t(meta, path):
-    if "MagneticFieldStrength" in meta:
-        return float(meta["MagneticFieldStrength"])
-    if "ImagingFrequency" in meta:  # MHz
-        return float(meta["ImagingFrequency"]) * 1e6 / GAMMA_HZ_PER_T
+#: Relative difference between ImagingFrequency / gamma and the nominal MagneticFieldStrength above which
+#: the run gets a warning (a Siemens "3 T" system at 123.2 MHz is 2.894 T, 3.5 % below its nominal value).
+FIELD_STRENGTH_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class FieldStrength:
+    """B0 (T) used to convert Hz to ppm, where it came from, and what the sidecar says nominally."""
+
+    tesla: float
+    source: str
+    nominal_tesla: float = None
+    warning: str = None
+
+
+def _sidecar_number(meta, key, path, unit):
+    try:
+        value = float(meta[key])
+    except (TypeError, ValueError):
+        raise BIDSInputError(f"{path}: {key} {meta[key]!r} is not a number ({unit})") from None
+    if not np.isfinite(value) or value <= 0:
+        raise BIDSInputError(f"{path}: {key} {value:g} {unit} must be a positive number")
+    return value
+
+
+def field_strength(meta, path):
+    """The :class:`FieldStrength` of a sidecar: ``ImagingFrequency`` (MHz) / gamma, else the nominal value.
+
+    The proton Larmor frequency the scanner actually ran at (``ImagingFrequency``) gives the true B0;
+    ``MagneticFieldStrength`` is the nominal (marketing) value, used only when the frequency is missing.
+    ``warning`` is set when only one of the two is present or they differ by more than
+    :data:`FIELD_STRENGTH_TOLERANCE`. Raises :class:`BIDSInputError` when neither is usable.
+    """
+    nominal = _sidecar_number(meta, "MagneticFieldStrength", path, "T") if "MagneticFieldStrength" in meta else None
+    if "ImagingFrequency" in meta:
+        mhz = _sidecar_number(meta, "ImagingFrequency", path, "MHz")
+        tesla = mhz * 1e6 / GAMMA_HZ_PER_T
+        if not 0.01 <= tesla <= 30:
+            raise BIDSInputError(f"{path}: ImagingFrequency {mhz:g} gives B0 = {tesla:g} T; it must be the proton "
+                                 "Larmor frequency in MHz (e.g. 123.2 at 3 T)")
+        source = f"ImagingFrequency {mhz:g} MHz / gamma {GAMMA_HZ_PER_T / 1e6:.10g} MHz/T"
+        warning = None
+        if nominal is None:
+            warning = (f"{path}: no MagneticFieldStrength to cross-check ImagingFrequency {mhz:g} MHz; "
+                       f"using B0 = {tesla:.4f} T")
+        elif abs(tesla - nominal) > FIELD_STRENGTH_TOLERANCE * nominal:
+            warning = (f"{path}: ImagingFrequency {mhz:g} MHz gives B0 = {tesla:.4f} T, "
+                       f"{100 * (tesla - nominal) / nominal:+.1f}% from the nominal MagneticFieldStrength "
+                       f"{nominal:g} T; using {tesla:.4f} T (chi scales as 1/B0)")
+        return FieldStrength(round(tesla, 6), source, nominal, warning)
+    if nominal is not None:
+        return FieldStrength(nominal, "MagneticFieldStrength (nominal; the sidecar has no ImagingFrequency)", nominal,
+                             f"{path}: no ImagingFrequency: using the nominal MagneticFieldStrength {nominal:g} T; "
+                             "the true B0 can differ by a few % (a Siemens 3 T system runs at 2.89 T), and chi "
+                             "with it")
     raise BIDSInputError(
         f"{path}: sidecar has neither MagneticFieldStrength nor ImagingFrequency; "
         "QSM needs the field strength to convert the field to ppm"
     )
 
 
-def _check_geometry(reference, others):
-    ref = nib.load(str(reference))
-    for path in others:
-        img = nib.load(str(path))
+def _load_header(path):
+    try:
+        return nib.load(str(path))
+    except Exception as err:  # nibabel raises several types for unreadable or truncated files
+        raise BIDSInputError(f"{path}: cannot be read as NIfTI: {err}") from err
+
+
+def _check_geometry(files, n_echoes):
+    """All files share the first one's grid; 4D files hold ``n_echoes`` volumes."""
+    reference = files[0]
+    ref = _load_header(reference)
+    for path in files:
+        img = _load_header(path)
         if img.shape[:3] != ref.shape[:3]:
             raise BIDSInputError(f"{path}: shape {img.shape} differs from {Path(reference).name} {ref.shape}")
         if not np.allclose(img.affine, ref.affine, atol=1e-3):
             raise BIDSInputError(
                 f"{path}: affine differs from {Path(reference).name}; all echoes and parts must share one grid"
             )
-    if len(ref.shape) > 3 and ref.shape[3] > 1:
-        raise BIDSInputError(f"{reference}: expected a 3D volume per echo, got shape {ref.shape}")
+        volumes = img.shape[3] if len(img.shape) > 3 else 1
+        if len(img.shape) > 4 or (len(files) > 2 and volumes > 1):
+            raise BIDSInputError(f"{path}: expected a 3D volume per echo, got shape {img.shape}")
+        if len(files) <= 2 and volumes != n_echoes:
+            raise BIDSInputError(f"{path}: {volumes} volume(s) on the 4th axis but the sidecar gives "
+                                 f"{n_echoes} EchoTime value(s); a 4D MEGRE file holds one echo per volume")
 
 
-def _echo_files(layout, part, run_entities, filters):
+def _run_files(layout, run_entities, filters):
+    """The run's MEGRE image files by part: ``{part: [(echo or None, path)]}``; files without ``part`` are
+    ignored next to files with one, and refused when they are all the run has."""
     query = {k: v for k, v in run_entities.items() if v is not None}
-    files = layout.get(
-        suffix="MEGRE", part=part, extension=[".nii", ".nii.gz"], datatype="anat", return_type="object",
-        **{**filters, **query},
-    )
-    # pybids matches a missing entity as "any"; keep only files whose run entities are exactly these
-    return {
-        int(f.entities["echo"]): f.path
-        for f in files
-        if all(f.entities.get(k) == run_entities.get(k) for k in RUN_ENTITIES) and "echo" in f.entities
-    }
+    files = layout.get(suffix="MEGRE", extension=[".nii", ".nii.gz"], datatype="anat", return_type="object",
+                       **{**filters, **query})
+    by_part, partless = {}, []
+    for f in files:
+        # pybids matches a missing entity as "any"; keep only files whose run entities are exactly these
+        if any(f.entities.get(k) != run_entities.get(k) for k in RUN_ENTITIES):
+            continue
+        part = f.entities.get("part")
+        if part is None:  # a magnitude-only or complex-valued file, or a misnamed one (the validator says which)
+            partless.append(f.path)
+            continue
+        echo = f.entities.get("echo")
+        by_part.setdefault(part, []).append((int(echo) if echo is not None else None, f.path))
+    if not by_part and partless:
+        raise BIDSInputError(f"{sorted(partless)[0]}: MEGRE file without a part- entity; metaqsm reads part-mag + "
+                             "part-phase or part-real + part-imag files (complex-valued NIfTI is not supported)")
+    return by_part
 
 
-def collect_megre_run(layout, run_entities, filters=None):
-    """Build and validate one :class:`MEGRERun`; raise :class:`BIDSInputError` on any problem."""
-    filters = dict(filters or {})
-    mags = _echo_files(layout, "mag", run_entities, filters)
-    phases = _echo_files(layout, "phase", run_entities, filters)
-    name = "_".join(f"{k}-{v}" for k, v in run_entities.items() if v)
-    for echo in sorted(set(mags) | set(phases)):
-        if echo not in phases:
-            raise BIDSInputError(f"{mags[echo]}: no matching part-phase file for echo {echo}")
-        if echo not in mags:
-            raise BIDSInputError(f"{phases[echo]}: no matching part-mag file for echo {echo}")
-    echoes = sorted(mags)
-    if echoes != list(range(1, len(echoes) + 1)):
-        raise BIDSInputError(f"{name}: echo indices {echoes} are not 1..{len(echoes)}; an echo is missing")
-
-    echo_times, strengths, units = [], set(), set()
-    for echo in echoes:
-        for path in (mags[echo], phases[echo]):
-            meta = _read_sidecar(layout, path)
-            if "EchoTime" not in meta:
-                raise BIDSInputError(f"{path}: sidecar has no EchoTime (required for MEGRE)")
-            strengths.add(round(_field_strength_t(meta, path), 3))
-        phase_meta = _read_sidecar(layout, phases[echo])
-        mag_te = float(_read_sidecar(layout, mags[echo])["EchoTime"])
-        te = float(phase_meta["EchoTime"])
-        if not np.isclose(te, mag_te, rtol=1e-4):
-            raise BIDSInputError(f"{phases[echo]}: EchoTime {te} s differs from its magnitude's {mag_te} s")
+def _echo_times(meta, path):
+    """EchoTime of one sidecar as a list of seconds (a 4D file's sidecar holds a list)."""
+    if "EchoTime" not in meta:
+        raise BIDSInputError(f"{path}: sidecar has no EchoTime (required for MEGRE)")
+    values = meta["EchoTime"] if isinstance(meta["EchoTime"], list) else [meta["EchoTime"]]
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise BIDSInputError(f"{path}: EchoTime {meta['EchoTime']!r} is not a number or a list of numbers (s)") \
+            from None
+    for te in values:
         if not 0 < te < 1:
-            raise BIDSInputError(f"{phases[echo]}: EchoTime {te} is not in seconds (expected 0 < TE < 1)")
-        echo_times.append(te)
-        units.add(phase_meta.get("Units"))
-    if len(strengths) > 1:
-        raise BIDSInputError(f"{name}: echoes disagree on the field strength: {sorted(strengths)} T")
-    if any(b <= a for a, b in zip(echo_times, echo_times[1:])):
-        raise BIDSInputError(f"{name}: echo times {echo_times} s do not increase with the echo index")
-    if len(units) > 1:
-        raise BIDSInputError(f"{name}: phase echoes disagree on Units: {sorted(map(str, units))}")
-    phase_units = units.pop()
-    if phase_units not in (None, "rad", "arbitrary"):
-        raise BIDSInputError(f"{phases[echoes[0]]}: phase Units '{phase_units}' is not 'rad' or 'arbitrary'")
+            raise BIDSInputError(f"{path}: EchoTime {te} is not in seconds (expected 0 < TE < 1)")
+    return values
 
-    mag_list = [mags[e] for e in echoes]
-    phase_list = [phases[e] for e in echoes]
-    _check_geometry(mag_list[0], mag_list[1:] + phase_list)
+
+def _part_echoes(part, entries):
+    """Files of one part in echo order: either one per echo (echo-1..N) or one file without an echo entity."""
+    with_echo = sorted((e, p) for e, p in entries if e is not None)
+    without = [p for e, p in entries if e is None]
+    if with_echo and without:
+        raise BIDSInputError(f"{without[0]}: part-{part} file without echo- next to echo-numbered files "
+                             f"({Path(with_echo[0][1]).name}); use one 4D file or one file per echo")
+    if len(without) > 1:
+        raise BIDSInputError(f"{without[1]}: more than one part-{part} file without an echo- entity in this run")
+    if without:
+        return [None], without
+    echoes = [e for e, _ in with_echo]
+    if len(set(echoes)) != len(echoes):
+        raise BIDSInputError(f"{with_echo[0][1]}: echo numbers repeat among the part-{part} files")
+    return echoes, [p for _, p in with_echo]
+
+
+def collect_megre_run(layout, run_entities, filters=None, phase_sign="auto"):
+    """Build and validate one :class:`MEGRERun`; raise :class:`BIDSInputError` on any problem.
+
+    ``phase_sign`` is the ``--phase-sign`` choice, resolved here against the sidecar's
+    ``Manufacturer`` (:func:`~metaqsm_bids.qsm.field.phase_sign.resolve_phase_sign`).
+    """
+    filters = dict(filters or {})
+    by_part = _run_files(layout, run_entities, filters)
+    name = "_".join(f"{ENTITY_KEYS[k]}-{v}" for k, v in run_entities.items() if v)
+    if "phase" in by_part or "mag" in by_part and not ("real" in by_part or "imag" in by_part):
+        pair = PART_PAIRS[0]
+    elif "real" in by_part or "imag" in by_part:
+        pair = PART_PAIRS[1]
+    else:
+        some = sorted(path for entries in by_part.values() for _, path in entries)
+        raise BIDSInputError(f"{some[0] if some else name}: no part-mag + part-phase or part-real + part-imag "
+                             "files for this run")
+    first, second = pair
+    echoes = {part: _part_echoes(part, by_part.get(part, [])) if part in by_part else ([], []) for part in pair}
+    (echoes_a, files_a), (echoes_b, files_b) = echoes[first], echoes[second]
+    if echoes_a != echoes_b:
+        if [None] in (echoes_a, echoes_b) and echoes_a and echoes_b:
+            raise BIDSInputError(f"{files_b[0]}: part-{second} and part-{first} files differ in layout (one 4D file "
+                                 "vs one file per echo)")
+        for echo in sorted(set(echoes_a) | set(echoes_b), key=str):
+            if echo not in echoes_b:
+                hint = "; QSM needs the phase (part-phase, or part-real + part-imag)" if not echoes_b else ""
+                which = f" for echo {echo}" if echo is not None else ""
+                raise BIDSInputError(f"{files_a[echoes_a.index(echo)]}: no matching part-{second} file{which}{hint}")
+            if echo not in echoes_a:
+                which = f" for echo {echo}" if echo is not None else ""
+                raise BIDSInputError(f"{files_b[echoes_b.index(echo)]}: no matching part-{first} file{which}")
+    if echoes_a != [None] and echoes_a != list(range(1, len(echoes_a) + 1)):
+        raise BIDSInputError(f"{files_a[0]}: echo indices {echoes_a} are not 1..{len(echoes_a)}; an echo is missing")
+
+    echo_times, strengths, units = [], {}, set()
+    for path_a, path_b in zip(files_a, files_b):
+        meta_a, meta_b = _read_sidecar(layout, path_a), _read_sidecar(layout, path_b)
+        tes_a, tes_b = _echo_times(meta_a, path_a), _echo_times(meta_b, path_b)
+        if len(tes_a) != len(tes_b) or not np.allclose(tes_a, tes_b, rtol=1e-4):
+            raise BIDSInputError(f"{path_b}: EchoTime {tes_b} s differs from {Path(path_a).name}'s {tes_a} s")
+        if echoes_a != [None] and len(tes_a) != 1:
+            raise BIDSInputError(f"{path_a}: EchoTime {tes_a} is a list but the file is one echo (echo- entity)")
+        echo_times += tes_b
+        for path, meta in ((path_a, meta_a), (path_b, meta_b)):
+            strengths.setdefault(field_strength(meta, path).tesla, path)
+        if second == "phase":
+            units.add(meta_b.get("Units"))
+    if max(strengths) - min(strengths) > 1e-4 * max(strengths):
+        raise BIDSInputError(f"{strengths[max(strengths)]}: field strength {max(strengths):g} T differs from "
+                             f"{strengths[min(strengths)]}'s {min(strengths):g} T; all echoes of a run share one B0")
+    if any(b <= a for a, b in zip(echo_times, echo_times[1:])):
+        raise BIDSInputError(f"{files_b[0]}: echo times {echo_times} s do not increase with the echo index")
+    if len(units) > 1:
+        raise BIDSInputError(f"{files_b[0]}: phase echoes disagree on Units: {sorted(map(str, units))}")
+    phase_units = units.pop() if units else None
+    if phase_units not in (None, "rad", "arbitrary"):
+        raise BIDSInputError(f"{files_b[0]}: phase Units '{phase_units}' is not 'rad' or 'arbitrary'")
+
+    _check_geometry(files_a + files_b, len(echo_times))
+    metadata = _read_sidecar(layout, files_b[0])
+    b0 = field_strength(metadata, files_b[0])
+    sign = resolve_phase_sign(phase_sign, metadata.get("Manufacturer"), where=files_b[0])
+    warnings = [w for w in (b0.warning, sign.warning) if w]
+    if len(echo_times) == 1:
+        warnings.append(f"{files_b[0]}: one echo only: the phase offset at TE = 0 (coil and transmit phase) cannot "
+                        "be separated from the field, so it stays in the field map and in chi; use multi-echo data")
+    files = {"magnitude_files": files_a, "phase_files": files_b} if pair == PART_PAIRS[0] else \
+        {"real_files": files_a, "imag_files": files_b, "magnitude_files": [], "phase_files": []}
     return MEGRERun(
         entities=dict(run_entities),
-        magnitude_files=mag_list,
-        phase_files=phase_list,
         echo_times_s=echo_times,
-        field_strength_t=strengths.pop(),
+        field_strength_t=b0.tesla,
         phase_units=phase_units,
-        metadata=_read_sidecar(layout, phase_list[0]),
+        metadata=metadata,
+        field_strength_source=b0.source,
+        nominal_field_strength_t=b0.nominal_tesla,
+        warnings=warnings,
+        phase_sign=sign,
+        **files,
     )
 
 
-def find_megre_runs(layout, subject, sessions=None, filters=None):
+def find_megre_runs(layout, subject, sessions=None, filters=None, phase_sign="auto"):
     """All MEGRE runs of one subject as ``(run_entities, MEGRERun or BIDSInputError)`` pairs.
 
     Errors are returned, not raised, so the caller decides whether one broken run
@@ -158,7 +320,7 @@ def find_megre_runs(layout, subject, sessions=None, filters=None):
     for key in sorted(keys, key=lambda k: tuple(str(v) for v in k)):
         run_entities = dict(zip(RUN_ENTITIES, key))
         try:
-            results.append((run_entities, collect_megre_run(layout, run_entities, filters)))
+            results.append((run_entities, collect_megre_run(layout, run_entities, filters, phase_sign)))
         except BIDSInputError as err:
             results.append((run_entities, err))
     return results

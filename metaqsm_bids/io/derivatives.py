@@ -23,8 +23,9 @@ from .. import __version__
 CODE_URL = "https://github.com/metaqsm/metaqsm"
 BIDS_VERSION = "1.10.0"
 
-_ENTITIES = (
-    "[_ses-{session}][_acq-{acquisition}][_rec-{reconstruction}][_run-{run}][_space-{space}][_desc-{desc}]"
+_ENTITIES = (  # every entity that separates MEGRE runs (metaqsm_bids.io.bids.RUN_ENTITIES), in BIDS order
+    "[_ses-{session}][_acq-{acquisition}][_ce-{ceagent}][_rec-{reconstruction}][_run-{run}][_flip-{flip}][_inv-{inv}]"
+    "[_mt-{mt}][_space-{space}][_chunk-{chunk}][_desc-{desc}]"
 )
 PATH_PATTERNS = [
     "sub-{subject}[/ses-{session}]/{datatype<anat>}/sub-{subject}" + _ENTITIES

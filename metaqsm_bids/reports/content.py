@@ -38,6 +38,10 @@ STEP_ORDER = ("PhaseScaling", "BrainMask", "TotalField", "BackgroundFieldRemoval
 MASK_FRACTION_RANGE = (0.01, 0.60)
 QSM_MASK_MIN_FRACTION_OF_BRAIN = 0.5
 CHI_EXTREME_PPM = 1.0
+#: Phase-sign check: veins and iron-rich deep grey matter make chi's positive tail (99.5th percentile minus
+#: the median, in the QSM mask) longer than its negative one; a negative tail this many times longer than
+#: the positive one says the map looks inverted (the simulated demo: 0.37 right, 2.7 inverted).
+CHI_INVERTED_TAIL_RATIO = 1.5
 CHI_EXTREME_MAX_FRACTION = 0.005
 
 
@@ -199,6 +203,16 @@ def run_checks(run, images):
         stats.update(chi_mean_ppm=float(values.mean()), chi_sd_ppm=float(values.std()),
                      chi_p1_ppm=float(np.percentile(values, 1)), chi_p99_ppm=float(np.percentile(values, 99)),
                      chi_extreme_fraction=float((np.abs(values) > CHI_EXTREME_PPM).mean()))
+        median = float(np.median(values))
+        positive, negative = np.percentile(values, 99.5) - median, median - np.percentile(values, 0.5)
+        stats["chi_tail_ratio"] = float(negative / positive) if positive > 0 else float("inf")
+        if stats["chi_tail_ratio"] > CHI_INVERTED_TAIL_RATIO:
+            sign = run.provenance.get("PhaseScaling", {})
+            warnings.append(f"the Chimap looks inverted: its negative tail is {stats['chi_tail_ratio']:.1f}x its "
+                            "positive one, but veins and iron-rich deep grey matter should be the strongest "
+                            "positive values (phase sign used: "
+                            f"{sign.get('PhaseSignReason', 'not recorded')}); check the veins and, if they are "
+                            "dark, rerun with the other --phase-sign")
         if stats["chi_extreme_fraction"] > CHI_EXTREME_MAX_FRACTION:
             warnings.append(f"{100 * stats['chi_extreme_fraction']:.1f}% of the QSM mask lies beyond "
                             f"+-{CHI_EXTREME_PPM:g} ppm (tissue is within +-0.5 ppm): look for phase-unwrapping "
@@ -278,7 +292,9 @@ def format_value(value):
 
 #: How some step parameters read in prose: key -> (words before, unit after).
 _PARAMETER_WORDS = {"RadiusMm": ("kernel radius", " mm"), "Tikhonov": ("Tikhonov regularisation", ""),
-                    "Tolerance": ("tolerance", ""), "MaxIterations": ("at most", " iterations")}
+                    "Tolerance": ("tolerance", ""), "MaxIterations": ("at most", " iterations"),
+                    "orientations": ("averaged over storage orientations", ""),
+                    "OrientationPasses": ("network passes", "")}
 
 
 def _parameters_text(step):
@@ -289,6 +305,33 @@ def _parameters_text(step):
             words, unit = _PARAMETER_WORDS.get(key, (key, ""))
             items.append(f"{words} {format_value(value)}{unit}")
     return f" ({'; '.join(items)})" if items else ""
+
+
+def _phase_text(scaling):
+    """The methods sentence on how the phase was read: its storage, scale and sign."""
+    if "real" in str(scaling.get("Input", "")):
+        text = "Magnitude and phase were computed from the real and imaginary images."
+    else:
+        units, convention = scaling.get("PhaseUnits", "unrecorded units"), scaling.get("PhaseConvention")
+        if units == "rad" or str(convention).startswith("radians"):
+            text = "Phase images were stored in radians."
+        else:
+            text = (f"Phase images stored as {convention or 'vendor integer units'} were scaled to radians with "
+                    "one scale for all echoes.")
+    if scaling.get("PhaseSignFactor") == -1:
+        text += (" The phase was negated (the vendor's sign convention), so that the field is positive in "
+                 "paramagnetic tissue.")
+    return text
+
+
+def _b0_text(sidecar, nominal):
+    """How the B0 that scales ppm was obtained, when it is not simply the nominal field strength."""
+    b0, source = sidecar.get("B0Tesla"), str(sidecar.get("B0Source", ""))
+    if b0 is None or not source.startswith("ImagingFrequency"):
+        return ""
+    if nominal and abs(b0 - nominal) <= 1e-4 * nominal:
+        return ""
+    return f" (B0 = {b0:.4f} T from the imaging frequency, used to convert the field to ppm)"
 
 
 def methods_paragraph(sidecar):
@@ -306,13 +349,10 @@ def methods_paragraph(sidecar):
     parts = [f"Quantitative susceptibility maps were reconstructed with metaqsm{' ' + version if version else ''} "
              f"[metaqsm] from {len(echo_times)} echo{'es' if len(echo_times) != 1 else ''} (TE = {te_text} ms) of a "
              f"{'multi-echo ' if len(echo_times) > 1 else ''}gradient-echo acquisition"
-             f"{f' at {field:g} T' if field else ''}."]
+             f"{f' at {field:g} T' if field else ''}{_b0_text(sidecar, field)}."]
     scaling = sidecar.get("PhaseScaling")
     if scaling:
-        units = scaling.get("PhaseUnits", "unrecorded units")
-        parts.append("Phase images were stored in radians." if units == "rad" else
-                     f"Phase images stored in {'vendor integer units' if units == 'arbitrary' else units} "
-                     "were scaled to radians.")
+        parts.append(_phase_text(scaling))
     mask = sidecar.get("BrainMask")
     if mask:
         if mask.get("Method") == "user-provided":
@@ -329,7 +369,17 @@ def methods_paragraph(sidecar):
             cite = " [schofield2003]"
             cited.append("schofield2003")
         method = method.replace(" + ", " and ")
-        parts.append(f"The total field map was estimated from all echoes by {method}{cite}.")
+        bipolar = total.get("BipolarCorrection") or {}
+        if bipolar.get("Applied"):
+            parts.append("The phase difference between odd and even echoes of the bipolar readout, a constant "
+                         f"({bipolar.get('OffsetRad', 0):.3f} rad) plus a linear gradient, was estimated from the "
+                         "second differences of the echo phases and removed from the even echoes.")
+        if len(echo_times) == 1:
+            parts.append(f"With a single echo, the total field map was estimated by {method}{cite}; the phase "
+                         "offset at TE = 0 (coil and transmit phase) could not be separated from the field and "
+                         "remains in the field map and the susceptibility map.")
+        else:
+            parts.append(f"The total field map was estimated from all echoes by {method}{cite}.")
     bfr = sidecar.get("BackgroundFieldRemoval")
     if bfr:
         method = str(bfr.get("Method", "a method not recorded"))

@@ -41,8 +41,9 @@ MIN_BRAIN_DICE = 0.8
 SEED = 42
 #: BIDS folder of each derivative suffix.
 _DATATYPES = {"Chimap": "anat", "mask": "anat", "fieldmap": "fmap", "magnitude": "fmap"}
-_ENTITY_KEYS = (("subject", "sub"), ("session", "ses"), ("acquisition", "acq"), ("reconstruction", "rec"),
-                ("run", "run"))
+_ENTITY_KEYS = (("subject", "sub"), ("session", "ses"), ("acquisition", "acq"), ("ceagent", "ce"),
+                ("reconstruction", "rec"), ("run", "run"), ("flip", "flip"), ("inv", "inv"), ("mt", "mt"),
+                ("chunk", "chunk"))
 #: Non-BIDS files written next to the derivatives (the validator must skip them).
 BIDSIGNORE = ("*_xfm.*",)
 

@@ -14,14 +14,28 @@ def _memory_gb(run):
     The echo fit holds a few complex64 copies of all echoes; RESHARP and the
     inversion hold ~10 float32 volumes on the padded grid.
     """
-    shape = nib.load(run.magnitude_files[0]).shape[:3]
+    shape = nib.load(run.reference_file).shape[:3]
     voxels = float(np.prod(shape))
     echoes = len(run.echo_times_s)
     return round(max(voxels * echoes * 8 * 4, voxels * 1.5 * 4 * 12) / 1e9 + 0.3, 2)
 
 
+def _acquisition(run):
+    """Facts about the acquisition that go into every sidecar of the run.
+
+    ``MagneticFieldStrength`` is the raw sidecar's nominal value (BIDS' meaning); ``B0Tesla`` is the
+    B0 that converts Hz to ppm and ``B0Source`` where it came from (see :func:`~metaqsm_bids.io.bids.field_strength`).
+    """
+    nominal = run.nominal_field_strength_t if run.nominal_field_strength_t is not None else run.field_strength_t
+    facts = {"EchoTime": list(run.echo_times_s), "MagneticFieldStrength": nominal, "B0Tesla": run.field_strength_t,
+             "B0Source": run.field_strength_source or "not recorded"}
+    if run.warnings:
+        facts["Warnings"] = list(run.warnings)
+    return facts
+
+
 def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_params=None, bfr="resharp", bfr_radius_mm=6.0,
-                user_mask_file=None, device="auto", omp_nthreads=1, output_spaces=None, name=None):
+                bipolar="auto", user_mask_file=None, device="auto", omp_nthreads=1, output_spaces=None, name=None):
     """Build the workflow for one :class:`~metaqsm_bids.io.bids.MEGRERun`.
 
     Parameters
@@ -38,6 +52,8 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_par
         Background field removal method (see :data:`metaqsm_bids.qsm.background.registry.BACKGROUND_REMOVALS`).
     bfr_radius_mm : float
         RESHARP spherical kernel radius in mm.
+    bipolar : str
+        ``auto``, ``on`` or ``off``: the odd/even echo phase correction (:mod:`metaqsm_bids.qsm.field.bipolar`).
     user_mask_file : path or None
         A brain mask on the run's grid to use instead of computing one.
     output_spaces : list of (str, int or None)
@@ -46,15 +62,21 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_par
     """
     wf = pe.Workflow(name=name or f"qsm_{run.name.replace('-', '_')}_wf")
     mem_gb = _memory_gb(run)
-    source = run.phase_files[0]
-
+    source = (run.phase_files or run.imag_files)[0]
+    sign = run.phase_sign
     prep = pe.Node(PrepareMEGRE(magnitude_files=run.magnitude_files, phase_files=run.phase_files,
-                                phase_units=run.phase_units), name="phase_scaling", mem_gb=mem_gb)
-    mask = pe.Node(BrainMask(source_file=run.magnitude_files[0], num_threads=omp_nthreads),
+                                real_files=run.real_files, imag_files=run.imag_files,
+                                n_echoes=len(run.echo_times_s), phase_units=run.phase_units,
+                                phase_sign=sign.factor if sign else 1,
+                                phase_sign_provenance=sign.provenance() if sign else {},
+                                source_file=source),
+                   name="phase_scaling", mem_gb=mem_gb)
+    mask = pe.Node(BrainMask(source_file=run.reference_file, num_threads=omp_nthreads),
                    name="brain_mask", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
     if user_mask_file:
         mask.inputs.user_mask_file = str(user_mask_file)
-    field = pe.Node(TotalField(source_file=source, echo_times_s=list(run.echo_times_s), num_threads=omp_nthreads),
+    field = pe.Node(TotalField(source_file=source, echo_times_s=list(run.echo_times_s), bipolar=bipolar,
+                               num_threads=omp_nthreads),
                     name="total_field", mem_gb=mem_gb, n_procs=omp_nthreads)
     bfr = pe.Node(BackgroundRemoval(source_file=source, method=bfr, radius_mm=bfr_radius_mm,
                                     num_threads=omp_nthreads),
@@ -66,8 +88,8 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_par
                      name="dipole_inversion", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
     sink = pe.Node(WriteRunDerivatives(
         output_dir=str(output_dir), bids_dir=str(bids_dir), entities=run.entities,
-        source_files=run.magnitude_files + run.phase_files,
-        acquisition={"EchoTime": list(run.echo_times_s), "MagneticFieldStrength": run.field_strength_t},
+        source_files=run.source_files,
+        acquisition=_acquisition(run),
     ), name="ds_run", run_without_submitting=True)
 
     wf.connect([

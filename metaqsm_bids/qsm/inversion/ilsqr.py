@@ -4,11 +4,23 @@
    (1 below its 60th percentile in the mask, 0 above the 99.9th, linear in between:
    a large Laplacian marks unreliable phase), stopped early (tolerance 0.01, at most
    50 iterations), which regularises it.
+
+   **Difference from the reference.** The paper's eq. 6, as QSM.m solves it, runs LSQR on the
+   weighted normal equations ``D F W F^-1 D x = D F (W f)`` (``x`` the spectrum of chi): the weight
+   enters once instead of squared, and the 0.01 tolerance applies to the normal-equation residual.
+   ``formulation="normal"`` runs exactly that; the default, ``"residual"``, is the form above
+   because it is measurably more accurate at the published stopping rule (tests/test_ilsqr.py
+   re-measures both). Noise-free sphere phantoms (tests/test_inversion.py),
+   chi NRMSE: isotropic 0.243 (29 iterations) vs reference 0.314 (50, the limit, residual 0.0135);
+   anisotropic 0.253 vs 0.338; oblique 0.228 vs 0.323 (TKD 0.31-0.33); sphere-mean scale
+   0.86-0.89 vs 0.83-0.84. The 80x80x40 simulated head (RESHARP local field): 0.645 (45
+   iterations) vs 0.658 (50). Same time per run (2.5 s on 2 cores): the normal form costs two FFT
+   pairs per operator application instead of one but stops no earlier.
 2. Fast QSM (its eqs. 8-14): ``sign(D) F(f)``, whose ill-conditioned part is replaced
    by its 3 mm SMV-smoothed version with the weight ``|D|^0.001`` rescaled between its
    1st and 30th percentiles (twice, masking in between), then fitted linearly to TKD
    (threshold 1/8) inside the mask. It has the structures without the streaks.
-3. The streaks ``chi_SA``: LSQR on ``min ||W_G grad(F^-1 M_ic F chi_SA) - W_G grad(chi_LSQR)||``
+3. The streaks ``chi_SA``: LSQR (QSM.m uses LSMR, which solves the same problem with other iterates) on ``min ||W_G grad(F^-1 M_ic F chi_SA) - W_G grad(chi_LSQR)||``
    with ``M_ic = |D| < 0.1`` the ill-conditioned k-space region and ``W_G`` (per axis)
    1 where fast QSM's gradient magnitude is below its 50th percentile, 0 above the
    70th: the gradients of ``chi_LSQR`` where the anatomy is flat are attributed to
@@ -34,16 +46,19 @@ from .tkd import tkd
 log = logging.getLogger(__name__)
 
 
-def lsqr(apply_a, apply_at, b, tol, max_iter, dot_x, label="LSQR"):
+def lsqr(apply_a, apply_at, b, tol, max_iter, dot_x, label="LSQR", dot_b=None):
     """LSQR (Paige & Saunders 1982) for ``min ||A x - b||`` from ``x = 0``.
 
-    ``b`` and ``A x`` are real arrays (plain inner product); ``x`` lives in a space whose
-    inner product is ``dot_x``. Stops, as MATLAB's ``lsqr(tol)``, once ``||r|| <= tol ||b||``
+    ``x`` lives in a space whose inner product is ``dot_x``, ``b`` and ``A x`` in one with
+    ``dot_b`` (default: the plain inner product of real arrays). Stops, as MATLAB's ``lsqr(tol)``, once ``||r|| <= tol ||b||``
     or ``||A^T r|| <= tol ||A|| ||r||`` (``||A||`` the Frobenius estimate of the
     bidiagonalisation), or after ``max_iter`` iterations. Returns ``(x, iterations,
     relative residuals ||r|| / ||b|| after each iteration)``.
     """
-    b_norm = float(np.linalg.norm(b))
+    def norm_b(y):
+        return float(np.sqrt(dot_b(y, y))) if dot_b is not None else float(np.linalg.norm(y))
+
+    b_norm = norm_b(b)
     if b_norm == 0:
         return np.zeros_like(apply_at(b)), 0, []
     u = b / np.float32(b_norm)
@@ -58,7 +73,7 @@ def lsqr(apply_a, apply_at, b, tol, max_iter, dot_x, label="LSQR"):
     history = []
     for iteration in range(1, max_iter + 1):
         u = apply_a(v) - np.float32(alpha) * u
-        beta = float(np.linalg.norm(u))
+        beta = norm_b(u)
         if beta > 0:
             u /= np.float32(beta)
         a_norm2 += alpha ** 2 + beta ** 2
@@ -116,18 +131,27 @@ def fast_qsm(field_spectrum, kernel, mask, voxel_size_mm, shape, chi_tkd):
     return ((a * x + b) * mask32).astype(np.float32)
 
 
+#: Step-1 formulations: the reference's weighted normal equations, or LSQR on the weighted residual.
+FORMULATIONS = ("normal", "residual")
+
+
 def ilsqr(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), tol=0.01, max_iter=50,
-          artifact_tol=0.01, artifact_max_iter=50, pad_voxels=None, dtype=np.float32, info=None):
+          artifact_tol=0.01, artifact_max_iter=50, pad_voxels=None, dtype=np.float32, formulation="residual",
+          info=None):
     """iLSQR inversion (Li et al. 2015, published parameters); ppm in, ppm out.
 
     ``tol``/``max_iter`` stop the initial LSQR, ``artifact_tol``/``artifact_max_iter`` the
     streaking-artifact LSQR (see :func:`lsqr` for the tests). The FFT box is the mask's
     bounding box padded by ``pad_voxels`` per side (default a quarter of it, as TKD).
     ``dtype``: the working precision (float32, or float64 to check float32's round-off).
+    ``formulation``: step 1 as LSQR on the weighted residual ``W (D*chi - f)`` (``residual``, the
+    default) or on the reference's weighted normal equations (``normal``); see the module text.
     Returns chi (float32, 0 outside the mask, mean 0 inside). ``info``, when given,
-    receives ``LSQRIterations``, ``LSQRResidual`` (``||W (D*chi - f)|| / ||W f||`` after
-    each iteration), ``ArtifactIterations`` and ``ArtifactResidual`` (likewise).
+    receives ``LSQRFormulation``, ``LSQRIterations``, ``LSQRResidual`` (``||W (D*chi - f)|| / ||W f||``,
+    or ``||D W D x - D W f|| / ||D W f||`` for ``normal``, after each iteration), ``ArtifactIterations`` and ``ArtifactResidual`` (likewise).
     """
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"iLSQR formulation must be one of {', '.join(FORMULATIONS)}, got {formulation!r}")
     field, mask, voxel, b0 = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
     box = PaddedBox(mask, pad_voxels)
     shape = box.shape
@@ -141,12 +165,21 @@ def ilsqr(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), tol=0.01
     mask_box = box.embed(mask) > 0
     field_box = box.embed(field, dtype)
 
-    # 1. LSQR with Laplacian weights
+    # 1. LSQR on the Laplacian-weighted normal equations (eq. 6): D F W F^-1 D x = D F W f (self-adjoint)
     weight = _ramp_down(laplacian_magnitude(field_box, mask_box, voxel), mask_box, 60, 99.9)
-    chi_spectrum, lsqr_iterations, lsqr_history = lsqr(
-        lambda x: weight * sfft.irfftn(kernel * x, s=shape),
-        lambda r: kernel * sfft.rfftn(weight * r),
-        weight * field_box, tol, max_iter, dot_spectrum, "iLSQR step 1 (LSQR)")
+
+    if formulation == "normal":
+        def normal(x):
+            return kernel * sfft.rfftn(weight * sfft.irfftn(kernel * x, s=shape))
+
+        chi_spectrum, lsqr_iterations, lsqr_history = lsqr(
+            normal, normal, kernel * sfft.rfftn(weight * field_box), tol, max_iter, dot_spectrum,
+            "iLSQR step 1 (LSQR, normal equations)", dot_b=dot_spectrum)
+    else:
+        chi_spectrum, lsqr_iterations, lsqr_history = lsqr(
+            lambda x: weight * sfft.irfftn(kernel * x, s=shape),
+            lambda r: kernel * sfft.rfftn(weight * r),
+            weight * field_box, tol, max_iter, dot_spectrum, "iLSQR step 1 (LSQR, weighted residual)")
     chi_lsqr = sfft.irfftn(chi_spectrum, s=shape) * mask_box
     del chi_spectrum
 
@@ -170,6 +203,6 @@ def ilsqr(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), tol=0.01
     chi[mask] -= chi[mask].mean(dtype=np.float64)
     chi[~mask] = 0.0
     if info is not None:
-        info.update(LSQRIterations=lsqr_iterations, LSQRResidual=lsqr_history,
+        info.update(LSQRFormulation=formulation, LSQRIterations=lsqr_iterations, LSQRResidual=lsqr_history,
                     ArtifactIterations=artifact_iterations, ArtifactResidual=artifact_history)
     return chi

@@ -18,32 +18,37 @@ from .tkd import tkd
 
 
 def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=METAQSM_MODEL, device="auto",
-            info=None):
+            orientations="flips", info=None):
     """Meta-QSM: the shipped weight-predicting U-Net (one model for every voxel size and B0 direction).
 
-    ``model`` names weights in the package data; ``device`` is ``auto``, ``cpu`` or ``cuda``.
+    ``model`` names weights in the package data; ``device`` is ``auto``, ``cpu`` or ``cuda``;
+    ``orientations`` (``canonical``, ``flips``, ``all``) the storage orientations the prediction
+    averages over (:func:`metaqsm_bids.qsm.network.deepqsm.orientation_transforms`: ``flips``, the default,
+    makes the map independent of flipped or reordered storage at 8 passes' cost).
     Like the other methods the result is demeaned inside the mask. ``info`` receives the
     model name, its sha256 and the device used. torch and the model load only when called.
     """
-    from ..network.deepqsm import load_model, model_info, predict_chi  # here: torch loads only when called
+    from ..network.deepqsm import load_model, model_info, orientation_transforms, predict_chi  # here: torch loads only when called
     from ..network.device import resolve_device
 
     device = resolve_device(device)
     net = load_model(model, device=device)
-    chi = predict_chi(net, local_field_ppm, mask, voxel_size_mm, b0_dir, device=device)
+    chi = predict_chi(net, local_field_ppm, mask, voxel_size_mm, b0_dir, device=device, orientations=orientations)
     inside = np.asarray(mask, bool)
     chi[inside] -= chi[inside].mean(dtype=np.float64)
     if info is not None:
         # load_model checked the file against this recorded sha256
-        info.update({"Model": model, "ModelSHA256": model_info(model)["sha256"], "Device": device})
+        info.update({"Model": model, "ModelSHA256": model_info(model)["sha256"], "Device": device,
+                     "OrientationPasses": len(orientation_transforms(b0_dir, orientations))})
     return chi
 
 
 def mesaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=MESAQSM_MODEL, device="auto",
-            info=None):
+            orientations="flips", info=None):
     """Mesa-QSM, the control: the same U-Net with plain convolutions, trained at one voxel size
     (warns at any other); see :func:`metaqsm`."""
-    return metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir, model=model, device=device, info=info)
+    return metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir, model=model, device=device,
+                   orientations=orientations, info=info)
 
 
 #: Dipole inversion methods by name.

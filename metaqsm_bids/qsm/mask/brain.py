@@ -181,3 +181,66 @@ def brain_mask(magnitude, voxel_size_mm, smoothing_mm=1.0, erosion_mm=4.0, neck_
     mask = np.zeros(image.shape, dtype=bool)
     mask[box] = brain[1:-1, 1:-1, 1:-1]
     return mask
+
+
+def r2star_hz(magnitude, echo_times_s):
+    """R2* (1/s) per voxel from multi-echo magnitudes (i, j, k, echo): log-linear fit weighted by |S|^2.
+
+    The weight makes the fit that of the signal, not of its logarithm (whose noise grows as
+    1/|S|). Voxels without signal get 0.
+    """
+    magnitude = np.asarray(magnitude, dtype=np.float32)
+    tes = np.asarray(echo_times_s, dtype=np.float64)
+    if magnitude.ndim != 4 or magnitude.shape[3] != tes.size or tes.size < 2:
+        raise ValueError(f"need 4D magnitudes with one echo time each (at least 2), got {magnitude.shape} "
+                         f"and {tes.size} echo times")
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    tau = (tes - tes.mean()).astype(np.float32)
+    sums = [np.zeros(magnitude.shape[:3], np.float32) for _ in range(5)]  # w, w t, w t^2, w y, w t y
+    for n, t in enumerate(tau):
+        s = magnitude[..., n]
+        w, y = s * s, np.log(np.maximum(s, tiny))
+        for acc, term in zip(sums, (w, w * t, w * t * t, w * y, w * t * y)):
+            acc += term
+    w, wt, wtt, wy, wty = sums
+    det = w * wtt - wt * wt
+    slope = np.where(det > 0, (w * wty - wt * wy) / np.where(det > 0, det, 1), 0)
+    return np.maximum(-slope, 0).astype(np.float32)
+
+
+#: R2* (1/s at 3 T, scaled linearly with B0) below which a voxel counts as CSF: CSF is 2-5 s^-1,
+#: grey matter 15-20, white matter 20-25, deep grey nuclei and veins more.
+CSF_R2STAR_HZ_AT_3T = 8.0
+
+
+def remove_extracerebral_csf(mask, magnitude, echo_times_s, voxel_size_mm, b0_tesla=3.0, sulcus_mm=3.0):
+    """``mask`` without the CSF between brain and skull, told from tissue by its slow decay (R2*).
+
+    A magnitude mask holds that rim (CSF is as bright as tissue), and its phase, next to the
+    skull's and the sinuses' strong fields, is the least reliable of the mask. Tissue is the
+    mask's voxels with R2* above :data:`CSF_R2STAR_HZ_AT_3T` (x B0/3 T); the brain is tissue
+    closed by ``sulcus_mm`` (so sulci and the CSF between gyri stay in, as in a brain hull) with
+    its enclosed holes (ventricles, cisterns) filled, within ``mask``. Needs two echoes or more;
+    returns ``mask`` unchanged (and ``False``) when the decay cannot tell, e.g. if the result
+    would keep under half of it.
+    """
+    mask = np.asarray(mask, bool)
+    voxel = np.asarray(voxel_size_mm, dtype=float)
+    tissue = mask & (r2star_hz(magnitude, echo_times_s) > CSF_R2STAR_HZ_AT_3T * b0_tesla / 3.0)
+    if not tissue.any():
+        return mask, False
+    # closing by a ball in mm: dilation then erosion through distance maps, on the mask's box
+    reach = np.ceil(sulcus_mm / voxel).astype(int) + 1
+    box = _box(mask, reach)
+    region = np.pad(tissue[box], [(r, r) for r in reach])
+    grown = _edt(~region, voxel) <= sulcus_mm
+    closed = _edt(grown, voxel) > sulcus_mm
+    closed = ndi.binary_fill_holes(closed)[tuple(slice(r, -r) for r in reach)]
+    brain = np.zeros_like(mask)
+    brain[box] = closed & mask[box]
+    labels, n = ndi.label(brain)
+    if n > 1:
+        brain = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    if brain.sum() < 0.5 * mask.sum():
+        return mask, False
+    return brain, True

@@ -135,9 +135,64 @@ def _patch_shape(shape, max_voxels, margin, blend, multiple):
     return q
 
 
+#: ``orientations`` of :func:`predict_chi`: how many storage orientations the prediction averages over.
+ORIENTATIONS = ("canonical", "flips", "all")
+
+
+def orientation_transforms(b0_dir, orientations="flips"):
+    """``[(axis order, flipped axes)]`` the prediction runs in, for ``orientations``:
+
+    * ``canonical``: the axes reordered so that the one closest to B0 comes last (k, as in training)
+      and the other two keep their stored order; one pass;
+    * ``flips``: that order with each of the 8 combinations of axis flips; 8 passes;
+    * ``all``: ``flips`` for both orders of the two axes across B0; 16 passes.
+    """
+    if orientations not in ORIENTATIONS:
+        raise ValueError(f"orientations must be one of {', '.join(ORIENTATIONS)}, got {orientations!r}")
+    along = int(np.argmax(np.abs(np.asarray(b0_dir, float))))
+    across = [a for a in range(3) if a != along]
+    orders = [(across[0], across[1], along)]
+    if orientations == "all":
+        orders.append((across[1], across[0], along))
+    flips = [()] if orientations == "canonical" else [tuple(a for a in range(3) if bits >> a & 1) for bits in range(8)]
+    return [(order, flipped) for order in orders for flipped in flips]
+
+
 def predict_chi(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), device="cpu",
-                max_patch_voxels=MAX_PATCH_VOXELS, blend_voxels=8):
-    """Susceptibility (ppm, float32, zero outside ``mask``) from a local field (ppm) with a network.
+                max_patch_voxels=MAX_PATCH_VOXELS, blend_voxels=8, orientations="canonical"):
+    """Susceptibility (ppm, float32, zero outside ``mask``) from a local field (ppm), averaged over orientations.
+
+    The physics does not depend on how the volume is stored (axis order and direction,
+    with B0 and the voxel size expressed in the same axes); a network does. The network
+    runs on each of :func:`orientation_transforms` (``orientations``) of the volume -- each
+    reordered/flipped copy with its own voxel size and B0 in its own axes, padded from its own
+    mask -- and the results, mapped back, are averaged. For two storages of one volume that
+    differ by flips (``flips``) or by any axis order and flips (``all``), the passes are the
+    same set, so the averages agree to float rounding. Costs one network pass per transform
+    (the default here is one; the pipeline's :func:`~metaqsm_bids.qsm.inversion.metaqsm` uses ``flips``).
+    Other arguments: see :func:`predict_stored`.
+    """
+    field, mask, voxel, b0 = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
+    transforms = orientation_transforms(b0, orientations)
+    total = np.zeros(field.shape, np.float64)
+    for order, flipped in transforms:
+        f, m = np.transpose(field, order), np.transpose(mask, order)
+        v, b = tuple(voxel[a] for a in order), np.asarray(b0)[list(order)].copy()
+        if flipped:
+            f, m = np.flip(f, flipped), np.flip(m, flipped)
+            b[list(flipped)] *= -1
+        chi = predict_stored(model, np.ascontiguousarray(f), np.ascontiguousarray(m), v, b, device,
+                             max_patch_voxels, blend_voxels)
+        if flipped:
+            chi = np.flip(chi, flipped)
+        total += np.transpose(chi, np.argsort(order))
+    return (total / len(transforms)).astype(np.float32)
+
+
+def predict_stored(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), device="cpu",
+                   max_patch_voxels=MAX_PATCH_VOXELS, blend_voxels=8):
+    """Susceptibility (ppm, float32, zero outside ``mask``) from a local field (ppm) with a network,
+    in the volume's stored orientation (one pass).
 
     Any matrix size: the mask's bounding box plus :data:`CONTEXT_VOXELS` is zero-padded to the U-Net's
     multiple, run, and placed back.

@@ -1,0 +1,155 @@
+"""Odd/even echo phase error of bipolar (alternating-polarity) multi-echo readouts: estimate and removal.
+
+With a bipolar readout the even echoes are read with the opposite gradient polarity to
+the odd ones. Gradient delays and eddy currents then shift the k-space centre of the
+even echoes along the readout, which in the image is a phase error that alternates
+between odd and even echoes: a constant plus a linear ramp,
+``e(r) = c0 + g . (r - centre)`` (rad; ``g`` in rad/mm). Left in, it biases the echo fit
+(a pattern 0, e, 0, e, ... is not linear in TE) and the field map by an offset and a
+gradient of its own, most of which background removal takes out, but not near the
+mask edge (0.4 rad + 0.01 rad/mm changed chi by up to 0.034 ppm on the demo).
+
+Estimate (as in QSM.m's bipolar correction and SEPIA, in a form that needs no unwrapping):
+with equally spaced echoes the second difference ``phi_n - 2 phi_{n+1} + phi_{n+2}`` of the
+phases cancels the offset and the field and leaves ``-2e`` for an odd-even-odd triple and
+``+2e`` for an even-odd-even one. Their magnitude-weighted complex sum
+``z = sum (S_n S_{n+2} conj(S_{n+1})^2)^(+-1)`` has the phase ``2e(r)``. The gradient ``2g`` comes
+from the phase of the sum of neighbour products ``z(r + d_a) conj(z(r))`` along each axis,
+the offset from the phase of ``sum z exp(-2i g.r)``, and one weighted least-squares step
+on the then small residual phase refines all four. Every axis gets a gradient, so the
+readout direction need not be known. The error is subtracted from the even echoes.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+#: ``auto`` removes the error when its largest absolute value (rad) over voxels with signal exceeds this:
+#: 0.02 rad is about 5% of the error that changed chi by 0.034 ppm, so below it chi changes by < 0.002 ppm.
+BIPOLAR_THRESHOLD_RAD = 0.02
+#: Echo spacings equal to the first within this fraction count as equal.
+SPACING_TOLERANCE = 0.01
+#: Voxels whose first-echo magnitude exceeds this fraction of its maximum count as having signal.
+SIGNAL_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class BipolarError:
+    """``e(r) = offset_rad + gradient_rad_per_mm . (r - centre)`` of the even echoes relative to the odd ones.
+
+    ``r - centre`` is the voxel position (mm) relative to the centre of the array, along the
+    voxel axes. ``max_abs_rad``: the largest ``|e|`` over voxels with signal.
+    """
+
+    offset_rad: float
+    gradient_rad_per_mm: tuple
+    max_abs_rad: float
+
+    def map(self, shape, voxel_size_mm):
+        """``e(r)`` (rad, float32) on a grid of ``shape`` with ``voxel_size_mm``."""
+        out = np.full(shape, self.offset_rad, dtype=np.float64)
+        for axis, (n, d, g) in enumerate(zip(shape, voxel_size_mm, self.gradient_rad_per_mm)):
+            coordinate = (np.arange(n) - (n - 1) / 2.0) * d
+            out += g * coordinate.reshape([-1 if a == axis else 1 for a in range(3)])
+        return out.astype(np.float32)
+
+
+def equally_spaced(echo_times_s):
+    """True when there are 3 or more echoes, all spaced like the first two (within :data:`SPACING_TOLERANCE`)."""
+    tes = np.asarray(echo_times_s, float)
+    if tes.size < 3:
+        return False
+    spacing = np.diff(tes)
+    return bool(np.all(np.abs(spacing - spacing[0]) <= SPACING_TOLERANCE * spacing[0]))
+
+
+def _coordinates(shape, voxel_size_mm):
+    return [((np.arange(n) - (n - 1) / 2.0) * d).reshape([-1 if a == axis else 1 for a in range(3)])
+            for axis, (n, d) in enumerate(zip(shape, voxel_size_mm))]
+
+
+def estimate_bipolar_error(magnitude, phase_rad, echo_times_s, voxel_size_mm):
+    """The :class:`BipolarError` of 4D magnitude and phase (rad), echo last, with 3+ equally spaced echoes (s)."""
+    magnitude = np.asarray(magnitude, np.float32)
+    phase = np.asarray(phase_rad, np.float32)
+    if magnitude.ndim != 4 or magnitude.shape != phase.shape:
+        raise ValueError(f"magnitude {magnitude.shape} and phase {phase.shape} must be the same 4D shape (echo last)")
+    if not equally_spaced(echo_times_s) or len(echo_times_s) != phase.shape[3]:
+        raise ValueError(f"the bipolar estimate needs 3 or more equally spaced echoes; echo times "
+                         f"{list(echo_times_s)} s for {phase.shape[3]} echoes")
+    voxel = np.asarray(voxel_size_mm, float)
+    shape = phase.shape[:3]
+    peak = float(magnitude.max())
+    if not peak > 0:
+        raise ValueError("magnitude is zero everywhere")
+
+    def signal(n):  # one echo at a time: no 4D complex copy
+        return (magnitude[..., n] / np.float32(peak)) * np.exp(1j * phase[..., n]).astype(np.complex64)
+
+    z = np.zeros(shape, np.complex128)
+    for n in range(phase.shape[3] - 2):
+        second = signal(n) * signal(n + 2) * np.conj(signal(n + 1)) ** 2
+        # 0-based n even: echoes n+1, n+3 odd around an even one: the second difference is -2e
+        z += np.conj(second) if n % 2 == 0 else second
+
+    gradient = np.zeros(3)
+    for axis in range(3):
+        lead = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
+        trail = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
+        gradient[axis] = np.angle(np.sum(z[lead] * np.conj(z[trail]))) / (2 * voxel[axis])
+    coords = _coordinates(shape, voxel)
+    ramp = sum(g * c for g, c in zip(gradient, coords))
+    offset = np.angle(np.sum(z * np.exp(-2j * ramp))) / 2
+    # one weighted least-squares step on the residual phase, now small everywhere that matters
+    weight = np.abs(z)
+    residual = np.angle(z * np.exp(-2j * (offset + ramp))) / 2
+    keep = weight > 1e-6 * weight.max()
+    design = np.stack([np.ones(int(keep.sum()))] + [np.broadcast_to(c, shape)[keep] for c in coords], axis=1)
+    sqrt_w = np.sqrt(weight[keep])
+    step, *_ = np.linalg.lstsq(design * sqrt_w[:, None], residual[keep] * sqrt_w, rcond=None)
+    offset += step[0]
+    gradient += step[1:]
+    # e is defined up to pi (2e is measured): keep the offset in (-pi/2, pi/2]
+    offset = float(np.angle(np.exp(2j * offset)) / 2)
+    estimate = BipolarError(offset, tuple(float(g) for g in gradient), 0.0)
+    has_signal = magnitude[..., 0] > SIGNAL_FRACTION * magnitude[..., 0].max()
+    error = estimate.map(shape, voxel)
+    max_abs = float(np.abs(error[has_signal]).max()) if has_signal.any() else 0.0
+    return BipolarError(estimate.offset_rad, estimate.gradient_rad_per_mm, max_abs)
+
+
+def remove_bipolar_error(phase_rad, error, voxel_size_mm):
+    """Phase (rad, 4D echo last, float32 in [-pi, pi)) with ``error`` subtracted from the even echoes (2, 4, ...)."""
+    phase = np.array(phase_rad, dtype=np.float32)
+    e = error.map(phase.shape[:3], voxel_size_mm)
+    for n in range(1, phase.shape[3], 2):
+        corrected = np.angle(np.exp(1j * (phase[..., n] - e)))
+        phase[..., n] = np.where(corrected >= np.pi, -np.pi, corrected)
+    return phase
+
+
+def correct_bipolar(magnitude, phase_rad, echo_times_s, voxel_size_mm, mode="auto"):
+    """Apply the bipolar correction as ``--bipolar`` ``mode`` asks; returns ``(phase, provenance dict)``.
+
+    ``off``: nothing. ``on``: estimate and remove (3+ equally spaced echoes needed, else
+    ValueError). ``auto``: with 3+ equally spaced echoes, estimate and remove it when its largest
+    absolute value over the voxels with signal exceeds :data:`BIPOLAR_THRESHOLD_RAD`; with
+    fewer or unequally spaced echoes, nothing (it cannot be told from the field).
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"bipolar mode must be 'auto', 'on' or 'off', got {mode!r}")
+    if mode == "off":
+        return phase_rad, {"Mode": "off", "Applied": False}
+    if not equally_spaced(echo_times_s):
+        if mode == "on":
+            raise ValueError(f"--bipolar on needs 3 or more equally spaced echoes; echo times {list(echo_times_s)} s")
+        return phase_rad, {"Mode": mode, "Applied": False,
+                           "Reason": "fewer than 3 or unequally spaced echoes: not estimable"}
+    error = estimate_bipolar_error(magnitude, phase_rad, echo_times_s, voxel_size_mm)
+    record = {"Mode": mode, "OffsetRad": round(error.offset_rad, 6),
+              "GradientRadPerMm": [round(g, 7) for g in error.gradient_rad_per_mm],
+              "MaxAbsRad": round(error.max_abs_rad, 6), "ThresholdRad": BIPOLAR_THRESHOLD_RAD}
+    apply = mode == "on" or error.max_abs_rad > BIPOLAR_THRESHOLD_RAD
+    record["Applied"] = bool(apply)
+    if not apply:
+        return phase_rad, record
+    return remove_bipolar_error(phase_rad, error, voxel_size_mm), record
