@@ -223,3 +223,32 @@ def test_cerebellum_cut_off_by_the_neck_cut_is_kept():
     assert dice(mask, brain) > 0.97
     assert np.count_nonzero(mask & cerebellum) > 0.98 * np.count_nonzero(cerebellum)
     assert not np.any(mask & (z < z[outside <= 11].min() - 10.0))
+
+
+def test_r2star_recovers_known_decay():
+    from metaqsm_bids.qsm.mask.brain import r2star_hz
+
+    tes = np.array([5e-3, 10e-3, 15e-3, 20e-3])
+    rates = np.array([3.0, 18.0, 40.0]).reshape(3, 1, 1, 1)
+    magnitude = 0.8 * np.exp(-rates * tes) * np.ones((3, 2, 2, 4))
+    assert np.allclose(r2star_hz(magnitude, tes)[:, 0, 0], [3.0, 18.0, 40.0], rtol=1e-3)
+
+
+def test_extracerebral_csf_is_removed_and_ventricles_kept():
+    from metaqsm_bids.qsm.mask.brain import remove_extracerebral_csf
+
+    n = 64
+    g = np.meshgrid(*[np.arange(n) - n / 2] * 3, indexing="ij")
+    r = np.sqrt(sum(x ** 2 for x in g))
+    brain = r < 22
+    rim = (r >= 22) & (r < 25)  # 3 mm of CSF outside the brain, as bright as tissue
+    ventricle = np.sqrt((g[0] - 4) ** 2 + g[1] ** 2 + g[2] ** 2) < 5
+    rate = np.where(ventricle | rim, 3.0, 18.0)
+    tes = np.array([5e-3, 12e-3, 19e-3, 26e-3])
+    magnitude = np.where((brain | rim)[..., None], np.exp(-rate[..., None] * tes), 0).astype(np.float32)
+    mask = brain | rim
+    cleaned, removed = remove_extracerebral_csf(mask, magnitude, tes, (1.0, 1.0, 1.0))
+    assert removed
+    assert cleaned[ventricle].all()  # CSF enclosed by brain stays
+    assert not cleaned[rim].any()
+    assert cleaned[brain].mean() > 0.999

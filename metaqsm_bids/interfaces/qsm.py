@@ -29,7 +29,7 @@ from ..qsm.field.echofit import fit_total_field
 from ..qsm.field.phase import echoes_to_rad
 from ..qsm.field.phase_sign import apply_phase_sign
 from ..qsm.inversion.registry import NETWORK_INVERSIONS, invert
-from ..qsm.mask.brain import brain_mask
+from ..qsm.mask.brain import CSF_R2STAR_HZ_AT_3T, brain_mask, remove_extracerebral_csf
 
 
 @contextmanager
@@ -179,6 +179,8 @@ class PrepareMEGRE(_QSMInterface):
 class _BrainMaskInputSpec(_QSMInputSpec):
     magnitude_file = File(exists=True, mandatory=True, desc="4D magnitude")
     user_mask_file = File(exists=True, desc="a mask to use instead of computing one")
+    echo_times_s = traits.List(traits.Float, desc="echo times (s): with 2 or more, the CSF rim is told by its R2*")
+    field_strength_t = traits.Float(3.0, usedefault=True, desc="B0 (T), which R2* scales with")
 
 
 class _BrainMaskOutputSpec(TraitedSpec):
@@ -209,6 +211,17 @@ class BrainMask(_QSMInterface):
             mask = brain_mask(rss, voxel_size)
             provenance = {"Method": "magnitude threshold + morphology (metaqsm_bids.qsm.mask.brain.brain_mask)",
                           "Input": "root-sum-of-squares magnitude over echoes"}
+            tes = self.inputs.echo_times_s if isdefined(self.inputs.echo_times_s) else []
+            removed = False
+            if len(tes) > 1:
+                magnitude = np.asarray(img.dataobj, dtype=np.float32)
+                mask, removed = remove_extracerebral_csf(mask, magnitude, tes, voxel_size,
+                                                         b0_tesla=self.inputs.field_strength_t)
+            provenance["ExtracerebralCSF"] = (
+                "removed: voxels with R2* below {:g} s^-1, outside the brain closed by 3 mm "
+                "(metaqsm_bids.qsm.mask.brain.remove_extracerebral_csf)".format(
+                    CSF_R2STAR_HZ_AT_3T * self.inputs.field_strength_t / 3.0) if removed
+                else "kept (one echo, or the decay could not tell CSF from tissue)")
         if not mask.any():
             raise ValueError("the brain mask is empty")
         provenance["Voxels"] = int(mask.sum())

@@ -71,7 +71,8 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_par
                                 phase_sign_provenance=sign.provenance() if sign else {},
                                 source_file=source),
                    name="phase_scaling", mem_gb=mem_gb)
-    mask = pe.Node(BrainMask(source_file=run.reference_file, num_threads=omp_nthreads),
+    mask = pe.Node(BrainMask(source_file=run.reference_file, echo_times_s=list(run.echo_times_s),
+                             field_strength_t=run.field_strength_t, num_threads=omp_nthreads),
                    name="brain_mask", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
     if user_mask_file:
         mask.inputs.user_mask_file = str(user_mask_file)
