@@ -22,12 +22,13 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..qsm.background.registry import remove_background
+from ..qsm.background.registry import BACKGROUND_REMOVALS, remove_background
 from ..qsm.core import physics
 from ..qsm.field.bipolar import correct_bipolar
 from ..qsm.field.echofit import fit_total_field
 from ..qsm.field.phase import echoes_to_rad
 from ..qsm.field.phase_sign import apply_phase_sign
+from ..qsm.field.reliability import MAX_RESIDUAL_RAD, MIN_SIGNAL_FRACTION, reliable_voxels
 from ..qsm.inversion.registry import NETWORK_INVERSIONS, invert
 from ..qsm.mask.brain import CSF_R2STAR_HZ_AT_3T, brain_mask, remove_extracerebral_csf
 
@@ -240,6 +241,7 @@ class _TotalFieldInputSpec(_QSMInputSpec):
 class _TotalFieldOutputSpec(TraitedSpec):
     field_file = File(exists=True, desc="total field (Hz)")
     magnitude_rss_file = File(exists=True, desc="root-sum-of-squares magnitude over echoes")
+    residual_file = File(exists=True, desc="RMS phase residual of the echo fit (rad)")
     provenance = traits.Dict()
 
 
@@ -260,6 +262,7 @@ class TotalField(_QSMInterface):
         fit = fit_total_field(magnitude, phase, self.inputs.echo_times_s, voxel_size)
         self._results["field_file"] = _save(fit.field_hz, mag_img, "total_field_hz.nii")
         self._results["magnitude_rss_file"] = _save(np.sqrt((magnitude ** 2).sum(-1)), mag_img, "magnitude_rss.nii")
+        self._results["residual_file"] = _save(fit.residual_rad, mag_img, "fit_residual_rad.nii")
         provenance = {
             "Method": "Laplacian unwrapping of the echo-difference field + magnitude-weighted linear fit over echoes"
             if magnitude.shape[-1] > 1 else "Laplacian unwrapping of a single echo (phase offset not removable)",
@@ -276,8 +279,11 @@ class TotalField(_QSMInterface):
 class _BackgroundRemovalInputSpec(_QSMInputSpec):
     field_file = File(exists=True, mandatory=True, desc="total field (Hz)")
     mask_file = File(exists=True, mandatory=True, desc="brain mask")
-    magnitude_file = File(exists=True, desc="RSS magnitude, for methods that weight by it (PDF)")
-    method = traits.Enum("resharp", "vsharp", "pdf", usedefault=True, desc="background field removal method")
+    magnitude_file = File(exists=True, mandatory=True,
+                          desc="RSS magnitude: the reliability test, and the weight of methods that use one (PDF)")
+    residual_file = File(exists=True, desc="echo-fit residual (rad), for the reliability test")
+    method = traits.Enum(*sorted(BACKGROUND_REMOVALS), usedefault=False, mandatory=True,
+                         desc="background field removal method")
     radius_mm = traits.Float(6.0, usedefault=True, desc="RESHARP spherical kernel radius (mm)")
 
 
@@ -296,13 +302,18 @@ class BackgroundRemoval(_QSMInterface):
 
     def _compute(self):
         img, field_hz = _load(self.inputs.field_file)
-        mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
+        brain = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
         voxel_size, b0_dir = _geometry(img)
+        _, rss = _load(self.inputs.magnitude_file)
+        residual = _load(self.inputs.residual_file)[1] if isdefined(self.inputs.residual_file) else None
+        # voxels without signal or off the echo-time line carry no local field: background removal
+        # must not see them, and the QSM mask leaves them out
+        mask = reliable_voxels(brain, rss, residual)
         params = {}
         if self.inputs.method == "resharp":
             params["radius_mm"] = self.inputs.radius_mm
-        if self.inputs.method == "pdf" and isdefined(self.inputs.magnitude_file):
-            params["magnitude"] = np.asarray(nib.load(self.inputs.magnitude_file).dataobj, dtype=np.float32)
+        if self.inputs.method == "pdf":
+            params["magnitude"] = rss
         result = remove_background(self.inputs.method, field_hz, mask, voxel_size, b0_dir=b0_dir, **params)
         self._results["local_field_file"] = _save(result.local_field, img, "local_field_hz.nii")
         self._results["mask_file"] = _save(result.mask, img, "qsm_mask.nii", np.uint8)
@@ -312,6 +323,9 @@ class BackgroundRemoval(_QSMInterface):
             **(result.parameters or {}),
             "Iterations": int(result.iterations),
             "RelativeResidual": float(result.relative_residual),
+            "UnreliableVoxelsExcluded": int(np.count_nonzero(brain & ~mask)),
+            "Reliability": f"RSS magnitude >= {MIN_SIGNAL_FRACTION} x its median in the brain mask and echo-fit "
+                           f"residual <= {MAX_RESIDUAL_RAD} rad (metaqsm_bids.qsm.field.reliability)",
             "Units": "Hz",
         }
 

@@ -98,7 +98,7 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_par
         (prep, field, [("magnitude_file", "magnitude_file"), ("phase_file", "phase_file")]),
         (field, bfr, [("field_file", "field_file")]),
         (mask, bfr, [("mask_file", "mask_file")]),
-        (field, bfr, [("magnitude_rss_file", "magnitude_file")]),
+        (field, bfr, [("magnitude_rss_file", "magnitude_file"), ("residual_file", "residual_file")]),
         (bfr, invert, [("local_field_file", "local_field_file"), ("mask_file", "mask_file")]),
         (field, invert, [("magnitude_rss_file", "magnitude_file")]),
         (prep, sink, [("provenance", "phase_provenance")]),

@@ -62,7 +62,10 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     kernel = dipole_kernel(shape, voxel, b0, half=True)
     outside = 1 - box.embed(mask, np.float32)  # the padding is outside too
     weight2 = box.embed(weight) ** 2
-    field_box = box.embed(np.where(mask, field, 0))
+    # a field from phase is known up to a constant, which no dipole outside the mask can make
+    # (inside a finite box): left in, it becomes a low-frequency susceptibility blob
+    offset = float(np.average(field[mask], weights=weight[mask] ** 2))
+    field_box = box.embed(np.where(mask, field - offset, 0))
 
     def convolve(x):
         spectrum = sfft.rfftn(x)
