@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 
 from ..qsm.physics import GAMMA_HZ_PER_T
+from .integrity import check_image
 
 #: Entities that identify one MEGRE run (everything except echo and part).
 RUN_ENTITIES = ("subject", "session", "acquisition", "reconstruction", "run")
@@ -115,7 +116,10 @@ def collect_megre_run(layout, run_entities, filters=None):
         if not 0 < te < 1:
             raise BIDSInputError(f"{phases[echo]}: EchoTime {te} is not in seconds (expected 0 < TE < 1)")
         echo_times.append(te)
-        units.add(phase_meta.get("Units"))
+        if "Units" not in phase_meta:
+            raise BIDSInputError(f"{phases[echo]}: sidecar has no Units (BIDS requires it for part-phase); add "
+                                 "\"Units\": \"rad\" for radians or \"arbitrary\" for vendor integer phase")
+        units.add(phase_meta["Units"])
     if len(strengths) > 1:
         raise BIDSInputError(f"{name}: echoes disagree on the field strength: {sorted(strengths)} T")
     if any(b <= a for a, b in zip(echo_times, echo_times[1:])):
@@ -123,11 +127,16 @@ def collect_megre_run(layout, run_entities, filters=None):
     if len(units) > 1:
         raise BIDSInputError(f"{name}: phase echoes disagree on Units: {sorted(map(str, units))}")
     phase_units = units.pop()
-    if phase_units not in (None, "rad", "arbitrary"):
+    if phase_units not in ("rad", "arbitrary"):
         raise BIDSInputError(f"{phases[echoes[0]]}: phase Units '{phase_units}' is not 'rad' or 'arbitrary'")
 
     mag_list = [mags[e] for e in echoes]
     phase_list = [phases[e] for e in echoes]
+    for path in mag_list + phase_list:  # every file read in full once: truncated gzip, NaN, empty magnitude
+        try:
+            check_image(path, magnitude=path in mag_list)
+        except ValueError as err:
+            raise BIDSInputError(str(err)) from err
     _check_geometry(mag_list[0], mag_list[1:] + phase_list)
     return MEGRERun(
         entities=dict(run_entities),
@@ -179,6 +188,16 @@ def load_bids_filters(path):
     if bad:
         raise BIDSInputError(f"{path}: filters may not override {bad}; metaqsm selects those itself")
     return filters
+
+
+def check_bids_filters(layout, filters, path):
+    """Raise :class:`BIDSInputError` naming ``path`` if a filter names an entity the dataset does not know."""
+    known = set(layout.get_entities())
+    unknown = sorted(set(filters) - known)
+    if unknown:
+        entities = ", ".join(sorted(k for k in known if k.islower()))
+        raise BIDSInputError(f"{path}: unknown entity {', '.join(map(repr, unknown))} in the BIDS filter file "
+                             f"(pybids names, e.g. 'acquisition', not 'acq'); this dataset knows: {entities}")
 
 
 def participant_labels(layout, requested=None):
