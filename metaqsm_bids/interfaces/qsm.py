@@ -43,6 +43,12 @@ def _geometry(img):
     return physics.voxel_size_mm(img.affine), physics.b0_direction_voxel(img.affine)
 
 
+def _camel_case(name):
+    """A Python parameter name as a BIDS-style sidecar key: ``threshold`` -> ``Threshold``, ``lambda_`` -> ``Lambda``,
+    ``max_iter`` -> ``MaxIter``."""
+    return "".join(part[:1].upper() + part[1:] for part in name.strip("_").split("_"))
+
+
 def _save(data, reference, name, dtype=np.float32):
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), reference.affine)
     img.header.set_xyzt_units("mm", "sec")
@@ -60,6 +66,8 @@ class _QSMInterface(SimpleInterface):
     """Runs ``_compute`` inside a thread limit and records its wall time in the provenance."""
 
     def _run_interface(self, runtime):
+        import torch  # noqa: F401  (imported before the clock starts: seconds of import are no step's time)
+
         start = time.perf_counter()
         source = self.inputs.source_file if isdefined(self.inputs.source_file) else None
         try:
@@ -147,7 +155,7 @@ class BrainMask(_QSMInterface):
             voxel_size, _ = _geometry(img)
             rss = np.sqrt((np.asarray(img.dataobj, dtype=np.float32) ** 2).sum(-1))
             mask = brain_mask(rss, voxel_size)
-            provenance = {"Method": "magnitude threshold + morphology (metaqsm.qsm.masking.brain_mask)",
+            provenance = {"Method": "magnitude threshold + morphology (metaqsm brain_mask)",
                           "Input": "root-sum-of-squares magnitude over echoes"}
         if not mask.any():
             raise ValueError("the brain mask is empty")
@@ -184,11 +192,19 @@ class TotalField(_QSMInterface):
         fit = fit_total_field(magnitude, phase, self.inputs.echo_times_s, voxel_size)
         self._results["field_file"] = _save(fit.field_hz, mag_img, "total_field_hz.nii")
         self._results["magnitude_rss_file"] = _save(np.sqrt((magnitude ** 2).sum(-1)), mag_img, "magnitude_rss.nii")
+        if magnitude.shape[-1] > 1:
+            return {
+                "Method": "Laplacian unwrapping of the echo-difference field + magnitude-weighted linear fit over "
+                          "echoes",
+                "EchoTime": list(self.inputs.echo_times_s),
+                "Units": "Hz",
+            }
         return {
-            "Method": "Laplacian unwrapping of the echo-difference field + magnitude-weighted linear fit over echoes"
-            if magnitude.shape[-1] > 1 else "Laplacian unwrapping of a single echo (phase offset not removable)",
+            "Method": "Laplacian unwrapping of a single echo, divided by 2*pi*TE",
             "EchoTime": list(self.inputs.echo_times_s),
             "Units": "Hz",
+            "Warnings": ["single echo: the phase offset at TE = 0 could not be removed (that needs two or more "
+                         "echoes); the total field includes it, divided by 2*pi*TE"],
         }
 
 
@@ -281,7 +297,7 @@ class DipoleInversion(_QSMInterface):
         self._results["chimap_file"] = _save(chi, img, "chimap_ppm.nii")
         return {
             "Method": self.inputs.method,
-            **params,
+            **{_camel_case(key): value for key, value in params.items()},  # BIDS style: threshold -> Threshold
             **info,
             "B0DirectionVoxel": [round(float(v), 6) for v in b0_dir],
             "VoxelSizeMm": [round(float(v), 6) for v in voxel_size],

@@ -126,6 +126,18 @@ def find_raw_runs(bids_dir, subject):
     return sorted(names)
 
 
+#: What each step's ``ElapsedSeconds`` measures (the wall time of the step's computation, inside its node),
+#: for the report's timing table.
+STEP_MEASURES = {
+    "PhaseScaling": "phase scaling: reading and decompressing every echo's NIfTI files, stacking the echoes, "
+                    "scaling the phase to rad",
+    "BrainMask": "brain mask: RSS magnitude, threshold and morphology",
+    "TotalField": "total field: unwrapping and the fit over echoes",
+    "BackgroundFieldRemoval": "background field removal",
+    "DipoleInversion": "dipole inversion",
+}
+
+
 def step_timings(sidecar):
     """``[(step, seconds)]`` for every step with ``ElapsedSeconds`` in ``sidecar``, in processing order."""
     steps = [(key, float(value["ElapsedSeconds"])) for key, value in sidecar.items()
@@ -213,8 +225,9 @@ def run_checks(run, images):
 
 #: References cited by the methods paragraph, by key.
 CITATIONS = {
-    "metaqsm": "Meta-QSM: An Image-Resolution-Arbitrary Network for QSM Reconstruction "
-               "(the Meta-QSM method paper; correspondence: K. M. Koch, Medical College of Wisconsin).",
+    # what the paper's text gives: its title and its corresponding author (no author list, venue or year)
+    "metaqsm": "Meta-QSM: An Image-Resolution-Arbitrary Network for QSM Reconstruction. "
+               "Corresponding author: Kevin M. Koch (kmkoch@mcw.edu).",
     "schofield2003": "Schofield MA, Zhu Y. Fast phase unwrapping algorithm for interferometric applications. "
                      "Opt Lett. 2003;28(14):1194-1196.",
     "sun2014": "Sun H, Wilman AH. Background field removal using spherical mean value filtering and Tikhonov "
@@ -318,8 +331,9 @@ def methods_paragraph(sidecar):
         if mask.get("Method") == "user-provided":
             parts.append("The brain mask was provided by the user.")
         else:
-            # prose without the trailing code reference, e.g. "(metaqsm.qsm.masking.brain_mask)"
-            method = re.sub(r"\s*\([\w.]+\)$", "", mask.get("Method", "method not recorded")).replace(" + ", " and ")
+            # prose without the trailing code reference, e.g. "(metaqsm brain_mask)"
+            method = re.sub(r"\s*\((?:metaqsm )?[\w.]+\)$", "", mask.get("Method", "method not recorded"))
+            method = method.replace(" + ", " and ")
             parts.append(f"A brain mask was computed from the {mask.get('Input', 'magnitude')} ({method}).")
     total = sidecar.get("TotalField")
     if total:
@@ -329,7 +343,12 @@ def methods_paragraph(sidecar):
             cite = " [schofield2003]"
             cited.append("schofield2003")
         method = method.replace(" + ", " and ")
-        parts.append(f"The total field map was estimated from all echoes by {method}{cite}.")
+        if len(echo_times) == 1:
+            parts.append(f"The total field map was estimated from the single echo by {method}{cite}; the phase "
+                         "offset at TE = 0 could not be removed, as that needs two or more echoes.")
+        else:
+            parts.append(f"The total field map was estimated from all {len(echo_times) or ''} echoes by "
+                         f"{method}{cite}, which removes the phase offset at TE = 0.".replace("all  echoes", "all echoes"))
     bfr = sidecar.get("BackgroundFieldRemoval")
     if bfr:
         method = str(bfr.get("Method", "a method not recorded"))
