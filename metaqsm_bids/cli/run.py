@@ -143,7 +143,8 @@ def _collect(opts, layout, subjects, validation_errors=None):
     for subject in subjects:
         found = find_megre_runs(layout, subject, opts.session_label, filters)
         errors = [str(result) for _, result in found if isinstance(result, Exception)]
-        errors += [m for m in (validation_errors or {}).get(subject, []) if m not in errors]
+        if not errors:  # the validator's errors count where metaqsm's own checks found none (one message)
+            errors = list(dict.fromkeys((validation_errors or {}).get(subject, [])))
         if not found:
             sessions = f" in session(s) {opts.session_label}" if opts.session_label else ""
             errors = [f"sub-{subject}: no *_part-mag/_part-phase_MEGRE files found{sessions}"]
@@ -175,9 +176,9 @@ def _crash_reasons(crash_dir, since):
             continue
         text = crash.read_text(errors="replace")
         node = re.search(r"^Node: (\S+)", text, re.M)
-        errors = re.findall(r"^(\w+(?:Error|Exception)): (.+)$", text, re.M)
+        errors = re.findall(r"^\s*(\w+(?:Error|Exception)): (.+)$", text, re.M)  # nipype indents with a tab
         node_name = node.group(1) if node else "?"
-        message = f"{errors[-1][0]}: {errors[-1][1]}" if errors else text.strip().splitlines()[-1]
+        message = f"{errors[-1][0]}: {errors[-1][1]}" if errors else text.strip().splitlines()[-1].strip()
         subject = re.search(r"\.sub_([A-Za-z0-9]+)_wf\.", node_name)  # see subject_workflow_name
         key = subject.group(1) if subject else "?"
         reasons.setdefault(key, f"step {node_name.split('.')[-1]} failed: {message} (details: {crash})")

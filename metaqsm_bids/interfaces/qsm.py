@@ -74,7 +74,7 @@ class _QSMInterface(SimpleInterface):
             with _threads(self.inputs.num_threads):
                 provenance = self._compute()
         except ValueError as err:  # name the input, so the user knows which run to look at
-            if source and source not in str(err):
+            if source and source not in str(err) and not str(err).startswith(os.sep):  # not already a path
                 raise ValueError(f"{source}: {err}") from err
             raise
         provenance["ElapsedSeconds"] = round(time.perf_counter() - start, 3)
@@ -158,7 +158,8 @@ class BrainMask(_QSMInterface):
             provenance = {"Method": "magnitude threshold + morphology (metaqsm brain_mask)",
                           "Input": "root-sum-of-squares magnitude over echoes"}
         if not mask.any():
-            raise ValueError("the brain mask is empty")
+            raise ValueError(f"{self.inputs.user_mask_file}: the brain mask is empty"
+                             if isdefined(self.inputs.user_mask_file) else "the brain mask is empty")
         provenance["Voxels"] = int(mask.sum())
         self._results["mask_file"] = _save(mask, img, "brain_mask.nii", np.uint8)
         return provenance
