@@ -291,7 +291,8 @@ def format_value(value):
 
 #: How some step parameters read in prose: key -> (words before, unit after).
 _PARAMETER_WORDS = {"RadiusMm": ("kernel radius", " mm"), "Tikhonov": ("Tikhonov regularisation", ""),
-                    "Tolerance": ("tolerance", ""), "MaxIterations": ("at most", " iterations")}
+                    "Tolerance": ("tolerance", ""), "MaxIterations": ("at most", " iterations"),
+                    "Threshold": ("threshold", ""), "Lambda": ("lambda", "")}
 
 
 def _parameters_text(step):
@@ -347,8 +348,9 @@ def methods_paragraph(sidecar):
             parts.append(f"The total field map was estimated from the single echo by {method}{cite}; the phase "
                          "offset at TE = 0 could not be removed, as that needs two or more echoes.")
         else:
-            parts.append(f"The total field map was estimated from all {len(echo_times) or ''} echoes by "
-                         f"{method}{cite}, which removes the phase offset at TE = 0.".replace("all  echoes", "all echoes"))
+            echoes = f"all {len(echo_times)} echoes" if echo_times else "all echoes"
+            parts.append(f"The total field map was estimated from {echoes} by {method}{cite}, which removes the "
+                         "phase offset at TE = 0.")
     bfr = sidecar.get("BackgroundFieldRemoval")
     if bfr:
         method = str(bfr.get("Method", "a method not recorded"))
