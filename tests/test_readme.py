@@ -56,10 +56,10 @@ def test_readme_commands_in_a_fresh_clone_and_venv(tmp_path):
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(PATH=f"{venv / 'bin'}:{env['PATH']}", VIRTUAL_ENV=str(venv), HOME=env.get("HOME", str(tmp_path)))
 
-    def bash(command, timeout=1800):
+    def bash(command, timeout=1800, status=0):
         result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, cwd=tmp_path,
                                 timeout=timeout)
-        assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        assert result.returncode == status, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         return result
 
     # 1. "Install and run on simulated data", verbatim, from the folder the clone was made in
@@ -79,5 +79,5 @@ def test_readme_commands_in_a_fresh_clone_and_venv(tmp_path):
     assert _versions(env, tmp_path) == runtime, "the test extras changed numpy/scipy"
     result = bash("cd metaqsm && python -m pytest -q --collect-only", timeout=600)
     assert re.search(r"\d+ tests collected", result.stdout), result.stdout[-2000:]
-    result = bash("cd metaqsm && python -m pytest -q -rs tests/test_template.py", timeout=600)
-    assert "antspyx and templateflow not installed" in result.stdout, result.stdout[-2000:]
+    result = bash("cd metaqsm && python -m pytest -q -rs tests/test_template.py", timeout=600, status=5)  # 5: no test ran
+    assert "1 skipped" in result.stdout and "antspyx and templateflow not installed" in result.stdout, result.stdout
