@@ -122,7 +122,6 @@ FAILING = {
     "shape mismatch": (shape_mismatch, "differs from"),
     "NaN phase": (nan_phase, "NaN or infinite"),
     "zero magnitude": (zero_magnitude, "zero in every voxel"),
-    "missing Units": (missing_units, "no Units"),
 }
 
 
@@ -201,6 +200,25 @@ def test_single_echo_warns_and_says_what_was_done(demo):
     assert "from all" not in report and "removes the phase offset" not in report
     multi = (out / "sub-01.html").read_text()
     assert "estimated from all 4 echoes" in multi and "removes the phase offset at TE = 0" in multi
+
+
+def test_phase_without_units_is_inferred_with_one_warning(demo):
+    """No Units in the phase sidecars (BIDS requires it; qsm-forward and dcm2niix omit it): the units are inferred
+    from the value range, with one WARNING naming the file, and recorded; the validator's error is not repeated."""
+    bids = _restore(demo)
+    phase = missing_units(bids)
+    out = demo[1] / "out_missing_units"
+    result = run_cli("metaqsm", bids, out, "participant", "-w", demo[1] / "work", *FAST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _assert_no_traceback(result)
+    naming = [line for line in _console(result) if "part-phase" in line]
+    assert len(naming) == 1 and "WARNING" in naming[0] and str(phase) in naming[0], result.stdout + result.stderr
+    assert "no Units" in naming[0] and "infers them from the value range" in naming[0]
+    assert not [line for line in _console(result) if "ERROR" in line], result.stderr
+    assert "sub-01: OK" in result.stdout and "sub-02: OK" in result.stdout
+    scaling = json.loads((out / "sub-02" / "anat" / "sub-02_Chimap.json").read_text())["PhaseScaling"]
+    assert scaling["PhaseUnits"] == "inferred from range" and scaling["Warnings"]
+    assert "units inferred from their value range" in (out / "sub-02.html").read_text()
 
 
 def test_integer_phase_with_units_arbitrary(demo):

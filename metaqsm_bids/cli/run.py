@@ -161,6 +161,13 @@ def _collect(opts, layout, subjects, validation_errors=None):
             continue
         runs_by_subject[subject] = [run for _, run in found]
         for run in runs_by_subject[subject]:
+            if run.phase_units is None:
+                others = len(run.phase_files) - 1
+                LOGGER.warning("%s: no Units in this phase sidecar%s (BIDS requires it for part-phase): metaqsm "
+                               "infers them from the value range (rad if within [-pi, pi] or [0, 2*pi], else one turn "
+                               "over the range, as for vendor integers); add \"Units\": \"rad\" or \"arbitrary\" "
+                               "to be sure", run.phase_files[0],
+                               f" nor in the other {others} echoes' sidecars" if others else "")
             if len(run.echo_times_s) == 1:
                 LOGGER.warning("%s: a single echo: the phase offset at TE = 0 cannot be removed (that needs two or "
                                "more echoes); the total field includes it, divided by 2*pi*TE", run.phase_files[0])

@@ -119,7 +119,11 @@ class PrepareMEGRE(_QSMInterface):
             magnitudes.append(mag)
         self._results["magnitude_file"] = _save(np.stack(magnitudes, -1), reference, "magnitude.nii")
         self._results["phase_file"] = _save(np.stack(phases, -1), reference, "phase_rad.nii")
-        return {"Method": "phase_to_rad", "PhaseUnits": self.inputs.phase_units or "inferred from range"}
+        if self.inputs.phase_units is None:
+            return {"Method": "phase_to_rad", "PhaseUnits": "inferred from range",
+                    "Warnings": ["the phase sidecars have no Units: rad assumed where the values lie within "
+                                 "[-pi, pi] or [0, 2*pi], else one full turn over the value range"]}
+        return {"Method": "phase_to_rad", "PhaseUnits": self.inputs.phase_units}
 
 
 class _BrainMaskInputSpec(_QSMInputSpec):

@@ -116,10 +116,7 @@ def collect_megre_run(layout, run_entities, filters=None):
         if not 0 < te < 1:
             raise BIDSInputError(f"{phases[echo]}: EchoTime {te} is not in seconds (expected 0 < TE < 1)")
         echo_times.append(te)
-        if "Units" not in phase_meta:
-            raise BIDSInputError(f"{phases[echo]}: sidecar has no Units (BIDS requires it for part-phase); add "
-                                 "\"Units\": \"rad\" for radians or \"arbitrary\" for vendor integer phase")
-        units.add(phase_meta["Units"])
+        units.add(phase_meta.get("Units"))  # None: inferred from the value range (the caller warns)
     if len(strengths) > 1:
         raise BIDSInputError(f"{name}: echoes disagree on the field strength: {sorted(strengths)} T")
     if any(b <= a for a, b in zip(echo_times, echo_times[1:])):
@@ -127,7 +124,7 @@ def collect_megre_run(layout, run_entities, filters=None):
     if len(units) > 1:
         raise BIDSInputError(f"{name}: phase echoes disagree on Units: {sorted(map(str, units))}")
     phase_units = units.pop()
-    if phase_units not in ("rad", "arbitrary"):
+    if phase_units not in (None, "rad", "arbitrary"):
         raise BIDSInputError(f"{phases[echoes[0]]}: phase Units '{phase_units}' is not 'rad' or 'arbitrary'")
 
     mag_list = [mags[e] for e in echoes]

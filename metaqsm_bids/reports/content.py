@@ -325,6 +325,8 @@ def methods_paragraph(sidecar):
     if scaling:
         units = scaling.get("PhaseUnits", "unrecorded units")
         parts.append("Phase images were stored in radians." if units == "rad" else
+                     "Phase images without recorded units were scaled to radians, the units inferred from their "
+                     "value range." if units == "inferred from range" else
                      f"Phase images stored in {'vendor integer units' if units == 'arbitrary' else units} "
                      "were scaled to radians.")
     mask = sidecar.get("BrainMask")
