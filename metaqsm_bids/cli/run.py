@@ -193,11 +193,13 @@ def _crash_reasons(crash_dir, since):
 
 
 def _validation_errors(bids_dir, findings, sessions):
-    """Participant -> messages of the validation errors that fail it; logs the warnings, once each.
+    """Log the validation findings that do not stop the run, once each; returns {} (participant -> messages).
 
     Dataset-level errors raise. metaqsm's own run checks (MEGRE_RUN) are left to :func:`_collect`,
-    which repeats them on the selected runs only; the validator's errors in files of sessions
-    that are not selected do not fail the participant.
+    which repeats them on the selected runs and fails the participant with their message. The
+    validator's errors in a participant's files concern BIDS keys or names that metaqsm does not
+    need (e.g. ``SkullStripped``): they are said as one WARNING per participant and issue, and do
+    not fail it (a participant's failure is decided by what metaqsm needs, not by BIDS conformance).
     """
     from ..io.bids import BIDSInputError
 
@@ -205,16 +207,19 @@ def _validation_errors(bids_dir, findings, sessions):
     if dataset_errors:
         raise BIDSInputError(f"{bids_dir}: not a valid BIDS dataset: {'; '.join(dataset_errors)} "
                              "(--skip-bids-validation skips this check)")
-    errors = {}
+    grouped = {}
     for finding in findings:
         session = re.search(r"(?:^|/)ses-([A-Za-z0-9]+)/", finding.path or "")
-        if finding.severity != "error":
-            LOGGER.warning("%s", finding.message)
-        elif finding.code == "MEGRE_RUN":
+        if finding.code == "MEGRE_RUN":
             LOGGER.debug("%s", finding)
+        elif finding.severity != "error":
+            LOGGER.warning("%s", finding.message)
         elif not (sessions and session and session.group(1) not in sessions):
-            errors.setdefault(finding.subject, []).append(finding.message)
-    return errors
+            grouped.setdefault((finding.subject, finding.code), []).append(finding)
+    for (subject, _), same in grouped.items():
+        more = f" (and {len(same) - 1} more file(s) of sub-{subject} with the same issue)" if len(same) > 1 else ""
+        LOGGER.warning("%s%s; metaqsm does not need it and goes on", same[0].message, more)
+    return {}
 
 
 def run_participant(opts):
