@@ -150,7 +150,7 @@ class Simulation:
 
 def _rewrite_affines(folder, affine):
     for path in sorted(Path(folder).rglob("*.nii")):
-        data = np.array(nib.load(path, mmap=False).dataobj)  # a copy: the file is rewritten in place
+        data = np.asanyarray(nib.load(path, mmap=False).dataobj)  # in memory: the file is rewritten in place
         out = nib.Nifti1Image(data, affine)
         out.header.set_xyzt_units("mm", "sec")
         nib.save(out, path)

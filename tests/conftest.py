@@ -12,6 +12,22 @@ import numpy as np
 import pytest
 
 
+def require_templates():
+    """Skip the calling test module, saying why, unless antspyx and templateflow (the templates extra) are installed.
+
+    They are not test extras (antspyx pins numpy and scipy below what ``pip install .`` gives, so the tested
+    environment would differ from the runtime one); ``.ci/run`` installs them and runs these modules with
+    ``METAQSM_REQUIRE_TEMPLATES=1``, which turns the skip into a failure.
+    """
+    missing = [name for name, module in (("antspyx", "ants"), ("templateflow", "templateflow"))
+               if find_spec(module) is None]
+    if missing:
+        reason = f"{' and '.join(missing)} not installed: pip install -e '.[test,templates]' to run these tests"
+        if os.environ.get("METAQSM_REQUIRE_TEMPLATES"):
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason, allow_module_level=True)
+
+
 def console_script(name):
     """Path of an installed console script next to this interpreter (the package must be installed)."""
     exe = Path(sys.executable).with_name(name)

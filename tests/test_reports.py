@@ -87,6 +87,7 @@ def test_report_states_ranges_parameters_timings_and_citations(processed):
     for step in ("PhaseScaling", "BrainMask", "TotalField", "BackgroundFieldRemoval", "DipoleInversion"):
         assert f"<td>{step}</td><td class=\"num\">{sidecar[step]['ElapsedSeconds']:.2f}</td>" in text, step
     assert "threshold 0.2" in text and "kernel radius 6 mm" in text  # TKD and RESHARP parameters, in prose
+    assert "reading and decompressing every echo" in text and "What the time covers" in text  # what a row measures
     assert sidecar["SoftwareVersions"] in text
     for reference in ("Meta-QSM", "Sun H, Wilman AH", "Shmueli K", "Schofield MA, Zhu Y"):
         assert reference in text, reference
@@ -216,3 +217,20 @@ def test_report_renders_in_chromium(processed, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     pixels = np.asarray(Image.open(png).convert("L"))
     assert (pixels < 30).mean() > 0.05  # the figures' black panels are on the page: the images loaded
+
+
+def test_single_echo_methods_say_what_was_done_and_cite_the_paper_as_it_gives_itself():
+    sidecar = {"EchoTime": [0.004], "TotalField": {"Method": "Laplacian unwrapping of a single echo, divided by 2*pi*TE"},
+               "BrainMask": {"Method": "magnitude threshold + morphology (metaqsm brain_mask)",
+                             "Input": "root-sum-of-squares magnitude over echoes"},
+               "DipoleInversion": {"Method": "tkd", "Threshold": 0.2}}
+    (text,), references = number_citations([methods_paragraph(sidecar)])
+    assert "from 1 echo (TE = 4 ms)" in text and "estimated from the single echo by Laplacian unwrapping" in text
+    assert "could not be removed" in text and "all echoes" not in text and "removes the phase offset" not in text
+    assert "(magnitude threshold and morphology)." in text and "brain_mask" not in text
+    assert "(threshold 0.2)" in text
+    multi, _ = methods_paragraph({**sidecar, "EchoTime": [0.004, 0.008], "TotalField": {"Method": "fit"}})
+    assert "estimated from all 2 echoes by fit" in multi and "removes the phase offset at TE = 0" in multi
+    paper = references[0][1]
+    assert paper.startswith("Meta-QSM: An Image-Resolution-Arbitrary Network for QSM Reconstruction.")
+    assert "Kevin M. Koch" in paper

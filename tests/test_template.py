@@ -20,7 +20,10 @@ from metaqsm_bids.io.derivatives import ensure_dataset_description
 from metaqsm_bids.spatial.template import output_name, parse_output_space, transform_name
 
 from .conftest import OFFLINE_TEMPLATE as TEMPLATE
-from .conftest import make_templateflow_home
+from .conftest import make_templateflow_home, require_templates
+
+require_templates()
+
 
 def _subject_grid():
     """Oblique (12 deg about x, 6 about z), 2.2 x 2.2 x 3.5 mm, i stored right to left."""

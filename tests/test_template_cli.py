@@ -15,7 +15,9 @@ import pytest
 from nibabel.processing import resample_from_to
 
 from .conftest import OFFLINE_TEMPLATE as TEMPLATE
-from .conftest import make_templateflow_home, run_cli
+from .conftest import make_templateflow_home, require_templates, run_cli
+
+require_templates()
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,6 @@
 """Input validation: clean datasets pass, each QSM-relevant defect is named with its file and participant."""
 import json
+import re
 import shutil
 
 import nibabel as nib
@@ -128,3 +129,32 @@ def test_ensure_bidsignore_appends_once(tmp_path):
     ensure_bidsignore(tmp_path, ["*.html", "**/figures"])
     ensure_bidsignore(tmp_path, ["*.html"])
     assert (tmp_path / ".bidsignore").read_text() == "extra/\n*.html\n**/figures\n"
+
+
+def test_integrity_check_reads_every_image_in_full(tmp_path):
+    """Truncated gzip (header intact), truncated .nii, NaN, a magnitude with no signal: each named with the problem."""
+    from metaqsm_bids.io.integrity import check_image
+
+    data = np.random.default_rng(0).random((8, 8, 4)).astype(np.float32) + 0.5
+    good = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), good)
+    check_image(good, magnitude=True)
+    cases = {}
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[:-40])
+    cases[truncated] = "gzip stream is truncated or corrupt"
+    plain = tmp_path / "plain.nii"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), plain)
+    short = tmp_path / "short.nii"
+    short.write_bytes(plain.read_bytes()[:600])
+    cases[short] = "not a readable NIfTI image"
+    nan = data.copy()
+    nan[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), tmp_path / "nan.nii.gz")
+    cases[tmp_path / "nan.nii.gz"] = "1 voxels are NaN or infinite"
+    nib.save(nib.Nifti1Image(np.zeros_like(data), np.eye(4)), tmp_path / "zero.nii.gz")
+    cases[tmp_path / "zero.nii.gz"] = "zero in every voxel"
+    for path, words in cases.items():
+        with pytest.raises(ValueError, match=re.escape(f"{path}: ") + ".*" + re.escape(words)):
+            check_image(path, magnitude=True)
+    check_image(tmp_path / "zero.nii.gz", magnitude=False)  # a phase may be zero

@@ -42,13 +42,24 @@ def _output_space(value):
     return value
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help, unless the help already names its default or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser():
     """The ``metaqsm`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="metaqsm",
         description="Quantitative susceptibility mapping (ppm) from multi-echo GRE BIDS data. "
                     "The output directory becomes a BIDS derivatives dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     parser.add_argument("bids_dir", type=_existing_dir, help="the root of the input BIDS dataset")
     parser.add_argument("output_dir", type=lambda p: Path(p).expanduser().resolve(),
@@ -104,11 +115,11 @@ def build_parser():
                              "NAME[:res-N] (e.g. MNI152NLin2009cAsym:res-2; res-2 when omitted): the magnitude is "
                              "registered to each template with ANTs and the Chimap, masks and magnitude are "
                              "resampled there (space-<NAME>_res-<N> files, *_xfm.* transforms). Needs "
-                             "pip install 'metaqsm[templates]' and the template in TEMPLATEFLOW_HOME (or network)")
+                             "pip install 'metaqsm[templates]' and the template in TEMPLATEFLOW_HOME (or network); default: orig")
 
     perf = parser.add_argument_group("Execution")
     perf.add_argument("-w", "--work-dir", type=lambda p: Path(p).expanduser().resolve(),
-                      default=Path("work").resolve(), help="nipype working directory (reruns reuse it)")
+                      default=Path("work").resolve(), help="nipype working directory: the cache that reruns reuse, logs/ and crash/; default: ./work")
     perf.add_argument("--nprocs", "--nthreads", type=int, default=os.cpu_count(),
                       help="processes nipype's MultiProc plugin may run at once (1 = Linear plugin)")
     perf.add_argument("--nipype-plugin-file", type=_existing_file, metavar="FILE",

@@ -1,12 +1,25 @@
-"""``metaqsm bids_dir output_dir participant|group``: the BIDS App entry point."""
+"""``metaqsm bids_dir output_dir participant|group``: the BIDS App entry point.
+
+The console gets one line per problem (the file and what is wrong) and one status line per
+participant. Tracebacks and nipype's own messages go to the log file in ``<work_dir>/logs/``
+and to nipype's crash files in ``<work_dir>/crash/``; ``-v`` adds nipype's progress messages
+(not its crash reports) to the console.
+"""
 import logging
 import os
 import re
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 LOGGER = logging.getLogger("metaqsm")
+#: nipype's loggers; each has its own console handler, which :func:`_route_nipype_logging` replaces.
+NIPYPE_LOGGERS = ("nipype.workflow", "nipype.interface", "nipype.utils", "nipype.filemanip")
+_CONSOLE_FORMAT = logging.Formatter("%(asctime)s [metaqsm] %(levelname)s: %(message)s", "%H:%M:%S")
+_FILE_FORMAT = logging.Formatter("%(asctime)s [%(name)s] %(levelname)s: %(message)s")
+_log_handler = None  # the log file's handler, once the work directory is known to be writable
 
 
 def main(argv=None):
@@ -16,10 +29,14 @@ def main(argv=None):
 
     opts = parse_args(argv)
     # our own logger only: a root handler would print every nipype line twice (nipype has its own)
+    for handler in list(LOGGER.handlers):
+        LOGGER.removeHandler(handler)
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s [metaqsm] %(levelname)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(_CONSOLE_FORMAT)
+    handler.setLevel(logging.WARNING - 10 * min(opts.verbose + 1, 2))
     LOGGER.addHandler(handler)
-    LOGGER.setLevel(logging.WARNING - 10 * min(opts.verbose + 1, 2))
+    LOGGER.setLevel(logging.DEBUG)  # the log file gets everything, the console what its handler lets through
+    LOGGER.propagate = False
     from ..io.bids import BIDSInputError
 
     try:
@@ -29,6 +46,69 @@ def main(argv=None):
     except BIDSInputError as err:
         LOGGER.error("%s", err)
         return 1
+    except Exception as err:  # a bug or an environment problem: one line here, the traceback in a file
+        LOGGER.error("unexpected %s: %s (traceback in %s)", type(err).__name__, err, _save_traceback())
+        return 1
+    finally:
+        if _log_handler is not None:
+            _log_handler.flush()
+
+
+def _save_traceback():
+    """Write the current exception's traceback to the log file (or a temporary file); returns its path."""
+    text = traceback.format_exc()
+    if _log_handler is not None:
+        _log_handler.stream.write(text)
+        _log_handler.flush()
+        return _log_handler.baseFilename
+    fd, path = tempfile.mkstemp(prefix="metaqsm-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def _check_writable(path, what):
+    """Raise BIDSInputError unless ``path`` is, or can be created as, a writable folder (nothing is created)."""
+    from ..io.bids import BIDSInputError
+
+    existing = Path(path)
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "exists and is a file" if existing == Path(path) else f"cannot be created: {existing} is a file"
+        raise BIDSInputError(f"{path}: the {what} {where}, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == Path(path) else f" ({existing}, where it would be created)"
+        raise BIDSInputError(f"{path}: the {what} is not writable{where}")
+
+
+def _start_log_file(work_dir):
+    """Send this run's log (metaqsm's at DEBUG, nipype's, tracebacks) to ``<work_dir>/logs/``; returns the path."""
+    global _log_handler
+    logs = Path(work_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / f"metaqsm_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}.log"
+    _log_handler = logging.FileHandler(path, delay=False)
+    _log_handler.setFormatter(_FILE_FORMAT)
+    _log_handler.setLevel(logging.DEBUG)
+    LOGGER.addHandler(_log_handler)
+    return path
+
+
+def _route_nipype_logging(verbose):
+    """nipype's messages go to the log file; with ``-v`` also to the console, except its crash reports
+    (ERROR, with tracebacks), which the participant's status line and the crash file already give."""
+    console = logging.StreamHandler(sys.stdout)
+    console.addFilter(lambda record: record.levelno < logging.ERROR)
+    for name in NIPYPE_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        if _log_handler is not None:
+            logger.addHandler(_log_handler)
+        if verbose:
+            logger.addHandler(console)
+        logger.propagate = False
 
 
 def _user_masks(mask_dir, runs):
@@ -47,15 +127,24 @@ def _user_masks(mask_dir, runs):
     return masks
 
 
-def _collect(opts, layout, subjects):
-    """Runs per participant, and the participants whose input is unusable, with the reason."""
-    from ..io.bids import BIDSInputError, find_megre_runs, load_bids_filters
+def _collect(opts, layout, subjects, validation_errors=None):
+    """Runs per participant, and the participants whose input is unusable, with the reason.
 
-    filters = load_bids_filters(opts.bids_filter_file) if opts.bids_filter_file else {}
+    ``validation_errors``: participant -> messages of the input validation's errors in its files
+    (besides metaqsm's own checks, which are repeated here for the selected runs).
+    """
+    from ..io.bids import BIDSInputError, check_bids_filters, find_megre_runs, load_bids_filters
+
+    filters = {}
+    if opts.bids_filter_file:
+        filters = load_bids_filters(opts.bids_filter_file)
+        check_bids_filters(layout, filters, opts.bids_filter_file)
     runs_by_subject, user_masks, failed = {}, {}, {}
     for subject in subjects:
         found = find_megre_runs(layout, subject, opts.session_label, filters, opts.phase_sign)
         errors = [str(result) for _, result in found if isinstance(result, Exception)]
+        if not errors:  # the validator's errors count where metaqsm's own checks found none (one message)
+            errors = list(dict.fromkeys((validation_errors or {}).get(subject, [])))
         if not found:
             sessions = f" in session(s) {opts.session_label}" if opts.session_label else ""
             errors = [f"sub-{subject}: no *_MEGRE.nii[.gz] files (part-mag + part-phase or part-real + part-imag) "
@@ -66,8 +155,8 @@ def _collect(opts, layout, subjects):
             except BIDSInputError as err:
                 errors = [str(err)]
         if errors:
-            failed[subject] = "; ".join(errors)
-            LOGGER.error("sub-%s cannot be processed: %s", subject, failed[subject])
+            failed[subject] = "; ".join(errors)  # said once, in the participant's status line
+            LOGGER.debug("sub-%s cannot be processed: %s", subject, failed[subject])
             if opts.stop_on_first_crash:
                 break
             continue
@@ -87,13 +176,43 @@ def _crash_reasons(crash_dir, since):
             continue
         text = crash.read_text(errors="replace")
         node = re.search(r"^Node: (\S+)", text, re.M)
-        errors = re.findall(r"^(\w+(?:Error|Exception)): (.+)$", text, re.M)
+        errors = re.findall(r"^\s*(\w+(?:Error|Exception)): (.+)$", text, re.M)  # nipype indents with a tab
         node_name = node.group(1) if node else "?"
-        message = f"{errors[-1][0]}: {errors[-1][1]}" if errors else text.strip().splitlines()[-1]
+        message = f"{errors[-1][0]}: {errors[-1][1]}" if errors else text.strip().splitlines()[-1].strip()
         subject = re.search(r"\.sub_([A-Za-z0-9]+)_wf\.", node_name)  # see subject_workflow_name
         key = subject.group(1) if subject else "?"
         reasons.setdefault(key, f"step {node_name.split('.')[-1]} failed: {message} (details: {crash})")
     return reasons
+
+
+def _validation_errors(bids_dir, findings, sessions):
+    """Log the validation findings that do not stop the run, once each; returns {} (participant -> messages).
+
+    Dataset-level errors raise. metaqsm's own run checks (MEGRE_RUN) are left to :func:`_collect`,
+    which repeats them on the selected runs and fails the participant with their message. The
+    validator's errors in a participant's files concern BIDS keys or names that metaqsm does not
+    need (e.g. ``SkullStripped``): they are said as one WARNING per participant and issue, and do
+    not fail it (a participant's failure is decided by what metaqsm needs, not by BIDS conformance).
+    """
+    from ..io.bids import BIDSInputError
+
+    dataset_errors = [f.message for f in findings if f.subject is None and f.severity == "error"]
+    if dataset_errors:
+        raise BIDSInputError(f"{bids_dir}: not a valid BIDS dataset: {'; '.join(dataset_errors)} "
+                             "(--skip-bids-validation skips this check)")
+    grouped = {}
+    for finding in findings:
+        session = re.search(r"(?:^|/)ses-([A-Za-z0-9]+)/", finding.path or "")
+        if finding.code == "MEGRE_RUN":
+            LOGGER.debug("%s", finding)
+        elif finding.severity != "error":
+            LOGGER.warning("%s", finding.message)
+        elif not (sessions and session and session.group(1) not in sessions):
+            grouped.setdefault((finding.subject, finding.code), []).append(finding)
+    for (subject, _), same in grouped.items():
+        more = f" (and {len(same) - 1} more file(s) of sub-{subject} with the same issue)" if len(same) > 1 else ""
+        LOGGER.warning("%s%s; metaqsm does not need it and goes on", same[0].message, more)
+    return {}
 
 
 def run_participant(opts):
@@ -103,28 +222,32 @@ def run_participant(opts):
     from nipype import logging as nipype_logging
 
     from ..io.bids import BIDSInputError, participant_labels
-    from ..io.validation import format_findings, validate_input
-    from ..reports import write_subject_report
     from ..io.derivatives import ensure_dataset_description
+    from ..io.validation import validate_input
+    from ..reports import write_subject_report
     from ..workflows.base import init_metaqsm_wf
     from .plugins import add_resource_hints
 
+    _check_writable(opts.output_dir, "output directory")
+    _check_writable(opts.work_dir, "work directory")
+    log_file = _start_log_file(opts.work_dir)
+    LOGGER.debug("metaqsm %s; log file %s", " ".join(sys.argv), log_file)
+    validation_errors = {}
     if not opts.skip_bids_validation:
-        findings = validate_input(opts.bids_dir)
-        for finding in findings:
-            (LOGGER.error if finding.severity == "error" else LOGGER.warning)("%s", finding)
-        dataset_errors = [f for f in findings if f.subject is None and f.severity == "error"]
-        if dataset_errors:
-            raise BIDSInputError(f"{opts.bids_dir} is not a valid BIDS dataset:\n{format_findings(dataset_errors)}"
-                                 "\n(--skip-bids-validation skips this check)")
+        sessions = [re.sub(r"^ses-", "", s) for s in opts.session_label or []]
+        validation_errors = _validation_errors(opts.bids_dir, validate_input(opts.bids_dir), sessions)
     layout = BIDSLayout(str(opts.bids_dir), validate=False)
     subjects = participant_labels(layout, opts.participant_label)
-    runs_by_subject, user_masks, failed = _collect(opts, layout, subjects)
+    runs_by_subject, user_masks, failed = _collect(opts, layout, subjects, validation_errors)
     if failed and opts.stop_on_first_crash:
-        return 1
+        runs_by_subject = {}  # nothing is processed
 
     if runs_by_subject:
-        ensure_dataset_description(opts.output_dir, opts.bids_dir)
+        try:
+            ensure_dataset_description(opts.output_dir, opts.bids_dir)
+        except OSError as err:
+            raise BIDSInputError(f"{err.filename or opts.output_dir}: cannot write the output directory: "
+                                 f"{err.strerror or err}") from err
         crash_dir = opts.work_dir / "crash"
         crash_dir.mkdir(parents=True, exist_ok=True)
         nipype_config.update_config({
@@ -139,10 +262,11 @@ def run_participant(opts):
                 "poll_sleep_duration": 0.1,
             },
             "monitoring": {"enabled": False},
-            "logging": {level: ("WARNING", "INFO", "DEBUG")[min(opts.verbose, 2)]
+            "logging": {level: ("INFO", "INFO", "DEBUG")[min(opts.verbose, 2)]
                         for level in ("workflow_level", "interface_level", "utils_level")},
         })
         nipype_logging.update_logging(nipype_config)
+        _route_nipype_logging(opts.verbose)
         inversion_params = {"tkd": {"threshold": opts.tkd_threshold},
                             "medi": {"lambda_": opts.medi_lambda},
                             "metaqsm": {"orientations": opts.network_orientations},
@@ -158,11 +282,11 @@ def run_participant(opts):
         started = time.time() - 1
         try:
             wf.run(plugin=opts.plugin, plugin_args=opts.plugin_args)
-        except RuntimeError as err:
+        except Exception as err:  # nipype: "Workflow did not execute cleanly" (or the node's error when stopping)
             reasons = _crash_reasons(crash_dir, started)
             if not reasons:
                 raise
-            LOGGER.debug("nipype: %s", err)
+            LOGGER.debug("nipype: %s", err, exc_info=True)
             for subject, reason in reasons.items():
                 failed[subject] = reason
                 runs_by_subject.pop(subject, None)
@@ -171,6 +295,7 @@ def run_participant(opts):
         if (opts.output_dir / f"sub-{subject}").exists():
             write_subject_report(opts.output_dir, subject, opts.bids_dir)
         if subject in failed:
+            LOGGER.debug("sub-%s: FAILED: %s", subject, failed[subject])
             print(f"sub-{subject}: FAILED: {failed[subject]}", file=sys.stderr)
         else:
             print(f"sub-{subject}: OK ({len(runs_by_subject[subject])} run(s)) -> {opts.output_dir}")

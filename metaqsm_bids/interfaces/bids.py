@@ -99,15 +99,17 @@ class WriteRunDerivatives(SimpleInterface):
             "qsm_mask": (qsm_mask, np.uint8),
             "chimap": (load(inputs.chimap_file), np.float32),
         }
+        # masks are on the grid of the raw images: BIDS names that image in SpatialReference
+        grid = {"SpatialReference": raw_sources[0]}
         sidecars = {
             "brain_mask": {
                 "Description": "Brain mask computed from the magnitude images.",
-                "Type": "Brain", "SkullStripped": False, "Sources": raw_sources,
+                "Type": "Brain", "SkullStripped": False, "Sources": raw_sources, **grid,
                 **steps_upto("BrainMask"),
             },
             "magnitude": {
                 "Description": "Root-sum-of-squares magnitude over echoes (the total field map's magnitude).",
-                "SkullStripped": False, "Sources": raw_sources, **steps_upto("PhaseScaling"),
+                "Units": "arbitrary", "SkullStripped": False, "Sources": raw_sources, **steps_upto("PhaseScaling"),
             },
             "total_field": {
                 "Description": "Total field map: multi-echo fit of the unwrapped phase, "
@@ -117,7 +119,7 @@ class WriteRunDerivatives(SimpleInterface):
             },
             "local_magnitude": {
                 "Description": "Root-sum-of-squares magnitude inside the mask where the local field is defined.",
-                "SkullStripped": True, "Sources": [own("magnitude"), own("qsm_mask")],
+                "Units": "arbitrary", "SkullStripped": True, "Sources": [own("magnitude"), own("qsm_mask")],
                 **steps_upto("BackgroundFieldRemoval"),
             },
             "local_field": {
@@ -128,7 +130,7 @@ class WriteRunDerivatives(SimpleInterface):
             "qsm_mask": {
                 "Description": "Brain mask eroded by the background-removal kernel: where the local field "
                                "and the susceptibility map are defined.",
-                "Type": "Brain", "SkullStripped": True, "Sources": [own("brain_mask")],
+                "Type": "Brain", "SkullStripped": True, "Sources": [own("brain_mask")], **grid,
                 **steps_upto("BackgroundFieldRemoval"),
             },
             "chimap": {

@@ -57,6 +57,12 @@ def _load(path, dtype=np.float32):
     return img, np.asarray(img.dataobj, dtype=dtype)
 
 
+def _camel_case(name):
+    """A Python parameter name as a BIDS-style sidecar key: ``threshold`` -> ``Threshold``, ``lambda_`` -> ``Lambda``,
+    ``max_iter`` -> ``MaxIter``."""
+    return "".join(part[:1].upper() + part[1:] for part in name.strip("_").split("_"))
+
+
 def _save(data, reference, name, dtype=np.float32):
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), reference.affine)
     img.header.set_xyzt_units("mm", "sec")
@@ -74,13 +80,15 @@ class _QSMInterface(SimpleInterface):
     """Runs ``_compute`` inside a thread limit and records its wall time in the provenance."""
 
     def _run_interface(self, runtime):
+        import torch  # noqa: F401  (imported before the clock starts: seconds of import are no step's time)
+
         start = time.perf_counter()
         source = self.inputs.source_file if isdefined(self.inputs.source_file) else None
         try:
             with _threads(self.inputs.num_threads):
                 provenance = self._compute()
         except ValueError as err:  # name the input, so the user knows which run to look at
-            if source and source not in str(err):
+            if source and source not in str(err) and not str(err).startswith(os.sep):  # not already a path
                 raise ValueError(f"{source}: {err}") from err
             raise
         provenance["ElapsedSeconds"] = round(time.perf_counter() - start, 3)
@@ -130,7 +138,7 @@ class PrepareMEGRE(_QSMInterface):
     """Stack the echoes as magnitude and phase (rad), from magnitude/phase or real/imaginary files.
 
     Phase: scaled to radians with one known convention for all echoes
-    (:func:`~metaqsm_bids.qsm.phase.echoes_to_rad`), then multiplied by ``phase_sign``
+    (:func:`~metaqsm_bids.qsm.field.phase.echoes_to_rad`), then multiplied by ``phase_sign``
     (:mod:`metaqsm_bids.qsm.field.phase_sign`). Real/imaginary: ``|S|`` and ``angle(S)``.
     """
 
@@ -174,7 +182,11 @@ class PrepareMEGRE(_QSMInterface):
         sign = {"PhaseSignFactor": self.inputs.phase_sign}
         if isdefined(self.inputs.phase_sign_provenance):
             sign.update(self.inputs.phase_sign_provenance)
-        return {**provenance, **sign}
+        warnings = list(provenance.get("Warnings", [])) + list(sign.get("Warnings", []))
+        if not complex_parts and self.inputs.phase_units is None:
+            warnings.append("the phase sidecars have no Units: rad assumed where the values lie within [-pi, pi] "
+                            "or [0, 2*pi], else one full turn over the value range")
+        return {**provenance, **sign, **({"Warnings": warnings} if warnings else {})}
 
 
 class _BrainMaskInputSpec(_QSMInputSpec):
@@ -224,7 +236,8 @@ class BrainMask(_QSMInterface):
                     CSF_R2STAR_HZ_AT_3T * self.inputs.field_strength_t / 3.0) if removed
                 else "kept (one echo, or the decay could not tell CSF from tissue)")
         if not mask.any():
-            raise ValueError("the brain mask is empty")
+            raise ValueError(f"{self.inputs.user_mask_file}: the brain mask is empty"
+                             if isdefined(self.inputs.user_mask_file) else "the brain mask is empty")
         provenance["Voxels"] = int(mask.sum())
         self._results["mask_file"] = _save(mask, img, "brain_mask.nii", np.uint8)
         return provenance
@@ -265,14 +278,15 @@ class TotalField(_QSMInterface):
         self._results["residual_file"] = _save(fit.residual_rad, mag_img, "fit_residual_rad.nii")
         provenance = {
             "Method": "Laplacian unwrapping of the echo-difference field + magnitude-weighted linear fit over echoes"
-            if magnitude.shape[-1] > 1 else "Laplacian unwrapping of a single echo (phase offset not removable)",
+            if magnitude.shape[-1] > 1 else "Laplacian unwrapping of a single echo, divided by 2*pi*TE",
             "EchoTime": list(self.inputs.echo_times_s),
             "BipolarCorrection": bipolar,
             "Units": "Hz",
         }
         if magnitude.shape[-1] == 1:
-            provenance["Warnings"] = ["one echo: the phase offset at TE = 0 could not be separated from the field; "
-                                      "it is in the field map and the Chimap"]
+            provenance["Warnings"] = ["single echo: the phase offset at TE = 0 could not be removed (that needs two "
+                                      "or more echoes); it is in the total field, divided by 2*pi*TE, and in the "
+                                      "Chimap"]
         return provenance
 
 
@@ -373,7 +387,7 @@ class DipoleInversion(_QSMInterface):
         self._results["chimap_file"] = _save(chi, img, "chimap_ppm.nii")
         return {
             "Method": self.inputs.method,
-            **params,
+            **{_camel_case(key): value for key, value in params.items()},  # BIDS style: threshold -> Threshold
             **info,
             "B0DirectionVoxel": [round(float(v), 6) for v in b0_dir],
             "VoxelSizeMm": [round(float(v), 6) for v in voxel_size],

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..qsm.core.physics import GAMMA_HZ_PER_T
 from ..qsm.field.phase_sign import PhaseSign, resolve_phase_sign
+from .integrity import check_image
 
 #: Entities (pybids names) that tell MEGRE runs apart: every entity BIDS allows on MEGRE except echo and part.
 RUN_ENTITIES = ("subject", "session", "acquisition", "ceagent", "reconstruction", "run", "flip", "inv", "mt", "chunk")
@@ -278,14 +279,26 @@ def collect_megre_run(layout, run_entities, filters=None, phase_sign="auto"):
     if phase_units not in (None, "rad", "arbitrary"):
         raise BIDSInputError(f"{files_b[0]}: phase Units '{phase_units}' is not 'rad' or 'arbitrary'")
 
+    for path in files_a + files_b:  # every file read in full once: truncated gzip, NaN, empty magnitude
+        try:
+            check_image(path, magnitude=pair == PART_PAIRS[0] and path in files_a)
+        except ValueError as err:
+            raise BIDSInputError(str(err)) from err
     _check_geometry(files_a + files_b, len(echo_times))
     metadata = _read_sidecar(layout, files_b[0])
     b0 = field_strength(metadata, files_b[0])
     sign = resolve_phase_sign(phase_sign, metadata.get("Manufacturer"), where=files_b[0])
     warnings = [w for w in (b0.warning, sign.warning) if w]
+    if second == "phase" and phase_units is None:
+        others = f" nor in the other {len(files_b) - 1} echoes' sidecars" if len(files_b) > 1 else ""
+        warnings.append(f"{files_b[0]}: no Units in this phase sidecar{others} (BIDS requires it for "
+                        "part-phase): metaqsm infers them from the value range (rad if within [-pi, pi] or "
+                        "[0, 2*pi], else one turn over the range, as for vendor integers); add \"Units\": \"rad\" "
+                        "or \"arbitrary\" to be sure")
     if len(echo_times) == 1:
-        warnings.append(f"{files_b[0]}: one echo only: the phase offset at TE = 0 (coil and transmit phase) cannot "
-                        "be separated from the field, so it stays in the field map and in chi; use multi-echo data")
+        warnings.append(f"{files_b[0]}: one echo only: the phase offset at TE = 0 cannot be removed (that needs two "
+                        "or more echoes), so the coil and transmit phase stays in the field map and in chi; "
+                        "use multi-echo data")
     files = {"magnitude_files": files_a, "phase_files": files_b} if pair == PART_PAIRS[0] else \
         {"real_files": files_a, "imag_files": files_b, "magnitude_files": [], "phase_files": []}
     return MEGRERun(
@@ -341,6 +354,16 @@ def load_bids_filters(path):
     if bad:
         raise BIDSInputError(f"{path}: filters may not override {bad}; metaqsm selects those itself")
     return filters
+
+
+def check_bids_filters(layout, filters, path):
+    """Raise :class:`BIDSInputError` naming ``path`` if a filter names an entity the dataset does not know."""
+    known = set(layout.get_entities())
+    unknown = sorted(set(filters) - known)
+    if unknown:
+        entities = ", ".join(sorted(k for k in known if k.islower()))
+        raise BIDSInputError(f"{path}: unknown entity {', '.join(map(repr, unknown))} in the BIDS filter file "
+                             f"(pybids names, e.g. 'acquisition', not 'acq'); this dataset knows: {entities}")
 
 
 def participant_labels(layout, requested=None):

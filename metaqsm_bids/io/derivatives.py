@@ -108,6 +108,21 @@ def write_nifti(path, data, affine, dtype=np.float32, header=None):
     atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
+def derivative_authors(raw_dir):
+    """``Authors`` of the derivatives dataset: those of the raw dataset (whose data these maps are), then metaqsm.
+
+    metaqsm cannot know who ran it; the raw dataset's authors are credited because the maps are
+    computed from their data, and the software that computed them is named (as in ``GeneratedBy``).
+    """
+    try:
+        authors = json.loads((Path(raw_dir) / "dataset_description.json").read_text()).get("Authors")
+    except (OSError, ValueError, AttributeError):
+        authors = None
+    authors = [a for a in authors if isinstance(a, str) and a.strip()] if isinstance(authors, list) else []
+    return list(dict.fromkeys(authors + [f"metaqsm {__version__} (the software that computed this dataset; "
+                                         "see GeneratedBy)"]))
+
+
 def dataset_description(raw_dir):
     """The ``dataset_description.json`` content of a metaqsm derivatives dataset."""
     generated_by = {"Name": "metaqsm", "Version": __version__, "CodeURL": CODE_URL}
@@ -119,6 +134,7 @@ def dataset_description(raw_dir):
         "Name": "metaqsm: quantitative susceptibility maps",
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
+        "Authors": derivative_authors(raw_dir),
         "GeneratedBy": [generated_by],
         "DatasetLinks": {"raw": Path(raw_dir).resolve().as_uri()},
         "HowToAcknowledge": "Cite the Meta-QSM method paper and the methods named in each sidecar.",

@@ -130,6 +130,18 @@ def find_raw_runs(bids_dir, subject):
     return sorted(names)
 
 
+#: What each step's ``ElapsedSeconds`` measures (the wall time of the step's computation, inside its node),
+#: for the report's timing table.
+STEP_MEASURES = {
+    "PhaseScaling": "phase scaling: reading and decompressing every echo's NIfTI files, stacking the echoes, "
+                    "scaling the phase to rad",
+    "BrainMask": "brain mask: RSS magnitude, threshold and morphology",
+    "TotalField": "total field: unwrapping and the fit over echoes",
+    "BackgroundFieldRemoval": "background field removal",
+    "DipoleInversion": "dipole inversion",
+}
+
+
 def step_timings(sidecar):
     """``[(step, seconds)]`` for every step with ``ElapsedSeconds`` in ``sidecar``, in processing order."""
     steps = [(key, float(value["ElapsedSeconds"])) for key, value in sidecar.items()
@@ -227,8 +239,9 @@ def run_checks(run, images):
 
 #: References cited by the methods paragraph, by key.
 CITATIONS = {
-    "metaqsm": "Meta-QSM: An Image-Resolution-Arbitrary Network for QSM Reconstruction "
-               "(the Meta-QSM method paper; correspondence: K. M. Koch, Medical College of Wisconsin).",
+    # what the paper's text gives: its title and its corresponding author (no author list, venue or year)
+    "metaqsm": "Meta-QSM: An Image-Resolution-Arbitrary Network for QSM Reconstruction. "
+               "Corresponding author: Kevin M. Koch (kmkoch@mcw.edu).",
     "schofield2003": "Schofield MA, Zhu Y. Fast phase unwrapping algorithm for interferometric applications. "
                      "Opt Lett. 2003;28(14):1194-1196.",
     "sun2014": "Sun H, Wilman AH. Background field removal using spherical mean value filtering and Tikhonov "
@@ -294,7 +307,8 @@ def format_value(value):
 _PARAMETER_WORDS = {"RadiusMm": ("kernel radius", " mm"), "Tikhonov": ("Tikhonov regularisation", ""),
                     "Tolerance": ("tolerance", ""), "MaxIterations": ("at most", " iterations"),
                     "orientations": ("averaged over storage orientations", ""),
-                    "OrientationPasses": ("network passes", "")}
+                    "OrientationPasses": ("network passes", ""),
+                    "Threshold": ("threshold", ""), "Lambda": ("lambda", "")}
 
 
 def _parameters_text(step):
@@ -313,7 +327,10 @@ def _phase_text(scaling):
         text = "Magnitude and phase were computed from the real and imaginary images."
     else:
         units, convention = scaling.get("PhaseUnits", "unrecorded units"), scaling.get("PhaseConvention")
-        if units == "rad" or str(convention).startswith("radians"):
+        if units == "inferred from range":
+            text = ("Phase images without recorded units were scaled to radians, the units inferred from their "
+                    f"value range{f' ({convention})' if convention else ''}.")
+        elif units == "rad" or str(convention).startswith("radians"):
             text = "Phase images were stored in radians."
         else:
             text = (f"Phase images stored as {convention or 'vendor integer units'} were scaled to radians with "
@@ -358,8 +375,9 @@ def methods_paragraph(sidecar):
         if mask.get("Method") == "user-provided":
             parts.append("The brain mask was provided by the user.")
         else:
-            # prose without the trailing code reference, e.g. "(metaqsm_bids.qsm.mask.brain.brain_mask)"
-            method = re.sub(r"\s*\([\w.]+\)$", "", mask.get("Method", "method not recorded")).replace(" + ", " and ")
+            # prose without the trailing code reference, e.g. "(metaqsm_bids.qsm.mask.brain.brain_mask)" or "(metaqsm brain_mask)"
+            method = re.sub(r"\s*\((?:metaqsm )?[\w.]+\)$", "", mask.get("Method", "method not recorded"))
+            method = method.replace(" + ", " and ")
             parts.append(f"A brain mask was computed from the {mask.get('Input', 'magnitude')} ({method}).")
     total = sidecar.get("TotalField")
     if total:
@@ -375,11 +393,14 @@ def methods_paragraph(sidecar):
                          f"({bipolar.get('OffsetRad', 0):.3f} rad) plus a linear gradient, was estimated from the "
                          "second differences of the echo phases and removed from the even echoes.")
         if len(echo_times) == 1:
-            parts.append(f"With a single echo, the total field map was estimated by {method}{cite}; the phase "
-                         "offset at TE = 0 (coil and transmit phase) could not be separated from the field and "
-                         "remains in the field map and the susceptibility map.")
+            parts.append(f"The total field map was estimated from the single echo by {method}{cite}; the phase "
+                         "offset at TE = 0 (coil and transmit phase) could not be separated from the field, so it could not be "
+                         "removed (that needs two or more echoes) and remains in the field map and the "
+                         "susceptibility map.")
         else:
-            parts.append(f"The total field map was estimated from all echoes by {method}{cite}.")
+            echoes = f"all {len(echo_times)} echoes" if echo_times else "all echoes"
+            parts.append(f"The total field map was estimated from {echoes} by {method}{cite}, which removes the "
+                         "phase offset at TE = 0.")
     bfr = sidecar.get("BackgroundFieldRemoval")
     if bfr:
         method = str(bfr.get("Method", "a method not recorded"))

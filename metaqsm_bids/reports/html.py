@@ -60,6 +60,13 @@ def _table(header, rows, numeric=()):
     return f"<table>\n<tr>{head}</tr>\n{body}</table>\n"
 
 
+def _template_measure(step):
+    """What a template-space row of the timing table measures."""
+    if step.startswith("Template space "):
+        return "registration of the magnitude to the template and resampling of the maps there"
+    return ""
+
+
 def _fmt(value, spec):
     if value is None:
         return "n/a"
@@ -125,9 +132,12 @@ def _run_section(run, stats, warnings, figures, ranges, output_dir):
     timings = content.run_timings(run)
     if timings:
         total = sum(seconds for _, seconds in timings)
-        rows = [(_e(step), f"{seconds:.2f}") for step, seconds in timings]
-        rows.append(("<b>total</b>", f"<b>{total:.2f}</b>"))
-        parts.append("<h3>Processing time</h3>\n" + _table(["Step", "Seconds"], rows, numeric=(1,)))
+        rows = [(_e(step), f"{seconds:.2f}", _e(content.STEP_MEASURES.get(step, _template_measure(step))))
+                for step, seconds in timings]
+        rows.append(("<b>total</b>", f"<b>{total:.2f}</b>", "the steps above (not the scheduling between them)"))
+        parts.append("<h3>Processing time</h3>\n<p>Wall time of each step's computation, reading its inputs "
+                     "included: phase scaling is the step that reads the raw, compressed NIfTI files.</p>\n"
+                     + _table(["Step", "Seconds", "What the time covers"], rows, numeric=(1,)))
     rows = []
     for step in [s for s in content.STEP_ORDER if s in sidecar] + sorted(
             k for k, v in sidecar.items() if isinstance(v, dict) and k not in content.STEP_ORDER):

@@ -1,0 +1,307 @@
+"""Bad input, end to end: the simulated demo with one participant broken at a time.
+
+Each case asserts what a user sees: the exit status, one console line naming the file and what
+is wrong, no traceback on the console, nothing written for the broken participant, and the
+other participant processed. The demo is simulated once (small grid); every case restores it at
+the same path and shares one work directory, so the healthy participant's steps come from
+nipype's cache after the first run (the output directory is new per case, so its files are
+written each time).
+"""
+import gzip
+import json
+import shutil
+import subprocess
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from .conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+SIM_ARGS = ("--shape", "32", "32", "16", "--voxel-size", "2", "2", "3")
+FAST = ("--inversion", "tkd", "--nprocs", "1")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """(pristine demo dataset, folder for the cases); the demo as `metaqsm-simulate demo_bids` writes it, smaller."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    result = run_cli("metaqsm-simulate", root / "demo_bids", *SIM_ARGS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (root / "demo_bids").glob("sub-*")) == ["sub-01", "sub-02"]
+    return root / "demo_bids", root
+
+
+def _restore(demo):
+    pristine, root = demo
+    bids = root / "bids"
+    if bids.exists():
+        shutil.rmtree(bids)
+    shutil.copytree(pristine, bids)  # copy2 keeps time stamps: nipype's cache still holds sub-01's steps
+    return bids
+
+
+def _anat(bids):
+    return bids / "sub-02" / "anat"
+
+
+def _edit_sidecar(path, **changes):
+    meta = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    path.write_text(json.dumps(meta, indent=2))
+
+
+def _rewrite(path, change):
+    img = nib.load(path)
+    data = change(np.asarray(img.dataobj, dtype=np.float32))
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
+    return path
+
+
+def truncated_gzip(bids):
+    path = _anat(bids) / "sub-02_echo-2_part-mag_MEGRE.nii.gz"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    assert gzip.decompress(raw)  # the original was fine
+    return path
+
+
+def missing_echo(bids):
+    for path in _anat(bids).glob("sub-02_echo-2_part-phase_MEGRE.*"):
+        path.unlink()
+    return _anat(bids) / "sub-02_echo-2_part-mag_MEGRE.nii.gz"
+
+
+def missing_echo_time(bids):
+    _edit_sidecar(_anat(bids) / "sub-02_echo-3_part-phase_MEGRE.json", EchoTime=None)
+    return _anat(bids) / "sub-02_echo-3_part-phase_MEGRE.nii.gz"
+
+
+def missing_field_strength(bids):
+    for path in _anat(bids).glob("*.json"):
+        _edit_sidecar(path, MagneticFieldStrength=None, ImagingFrequency=None)
+    return _anat(bids) / "sub-02_echo-1_part-mag_MEGRE.nii.gz"
+
+
+def shape_mismatch(bids):
+    path = _anat(bids) / "sub-02_echo-3_part-mag_MEGRE.nii.gz"
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-2], img.affine, img.header), path)
+    return path
+
+
+def nan_phase(bids):
+    def change(data):
+        data[10:12, 10:12, 5] = np.nan
+        return data
+    return _rewrite(_anat(bids) / "sub-02_echo-2_part-phase_MEGRE.nii.gz", change)
+
+
+def zero_magnitude(bids):
+    return _rewrite(_anat(bids) / "sub-02_echo-1_part-mag_MEGRE.nii.gz", np.zeros_like)
+
+
+def missing_units(bids):
+    for path in sorted(_anat(bids).glob("sub-02_echo-*_part-phase_MEGRE.json")):
+        _edit_sidecar(path, Units=None)
+    return _anat(bids) / "sub-02_echo-1_part-phase_MEGRE.nii.gz"
+
+
+#: case -> (breaker: bids -> the culprit file, words the console line must hold)
+FAILING = {
+    "truncated gzip": (truncated_gzip, "truncated or corrupt"),
+    "missing echo": (missing_echo, "no matching part-phase file"),
+    "missing EchoTime": (missing_echo_time, "no EchoTime"),
+    "missing field strength": (missing_field_strength, "neither MagneticFieldStrength nor ImagingFrequency"),
+    "shape mismatch": (shape_mismatch, "differs from"),
+    "NaN phase": (nan_phase, "NaN or infinite"),
+    "zero magnitude": (zero_magnitude, "zero in every voxel"),
+}
+
+
+def _console(result):
+    return (result.stdout + result.stderr).splitlines()
+
+
+def _assert_no_traceback(result):
+    assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def _assert_sub01_only(out, result):
+    assert "sub-01: OK (1 run(s))" in result.stdout, result.stdout + result.stderr
+    assert (out / "sub-01" / "anat" / "sub-01_Chimap.nii.gz").exists()
+    assert not [p for p in out.rglob("*") if "sub-02" in p.name], "a partial derivative of sub-02"
+
+
+@pytest.mark.parametrize("case", list(FAILING))
+def test_broken_participant_fails_alone_with_one_line(case, demo):
+    breaker, words = FAILING[case]
+    bids = _restore(demo)
+    culprit = breaker(bids)
+    out = demo[1] / f"out_{case.replace(' ', '_')}"
+    result = run_cli("metaqsm", bids, out, "participant", "-w", demo[1] / "work", *FAST)
+    assert result.returncode == 1, result.stdout + result.stderr
+    _assert_no_traceback(result)
+    naming = [line for line in _console(result) if culprit.name in line]
+    assert len(naming) == 1, result.stdout + result.stderr
+    assert naming[0].startswith("sub-02: FAILED: ") and words in naming[0] and str(culprit) in naming[0], naming
+    assert not [line for line in _console(result) if "ERROR" in line], result.stderr  # said once, in that line
+    _assert_sub01_only(out, result)
+
+
+def test_failure_inside_a_step_keeps_the_traceback_off_the_console(demo):
+    """An empty brain mask (given with --brain-mask-dir) fails sub-02 in its brain_mask step: one console line
+    names the mask file and the crash file; the traceback is in the crash file and the log."""
+    bids = _restore(demo)
+    masks = demo[1] / "masks_empty"
+    truth = bids / "derivatives" / "metaqsm-simulate"
+    for subject in ("01", "02"):
+        target = masks / f"sub-{subject}" / "anat" / f"sub-{subject}_desc-brain_mask.nii.gz"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(truth / f"sub-{subject}" / "anat" / f"sub-{subject}_desc-brain_mask.nii.gz", target)
+    empty = _rewrite(masks / "sub-02" / "anat" / "sub-02_desc-brain_mask.nii.gz", np.zeros_like)
+    out, work = demo[1] / "out_empty_mask", demo[1] / "work_empty_mask"
+    result = run_cli("metaqsm", bids, out, "participant", "-w", work, "--brain-mask-dir", masks, *FAST)
+    assert result.returncode == 1, result.stdout + result.stderr
+    _assert_no_traceback(result)
+    failed = [line for line in _console(result) if empty.name in line]
+    assert len(failed) == 1 and failed[0].startswith("sub-02: FAILED: step brain_mask failed: ValueError: "), failed
+    assert f"{empty}: the brain mask is empty" in failed[0]
+    crash = failed[0].rsplit("(details: ", 1)[1].rstrip(")")
+    assert "Traceback" in open(crash).read()
+    logs = list((work / "logs").glob("metaqsm_*.log"))
+    assert len(logs) == 1 and "Traceback" in logs[0].read_text()
+    _assert_sub01_only(out, result)
+
+
+def test_single_echo_warns_and_says_what_was_done(demo):
+    bids = _restore(demo)
+    for path in _anat(bids).glob("sub-02_echo-[234]_*"):
+        path.unlink()
+    out = demo[1] / "out_single_echo"
+    result = run_cli("metaqsm", bids, out, "participant", "-w", demo[1] / "work", *FAST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _assert_no_traceback(result)
+    phase = _anat(bids) / "sub-02_echo-1_part-phase_MEGRE.nii.gz"
+    naming = [line for line in _console(result) if phase.name in line]
+    assert len(naming) == 1 and "WARNING" in naming[0] and "phase offset at TE = 0 cannot be removed" in naming[0]
+    assert "sub-01: OK" in result.stdout and "sub-02: OK" in result.stdout
+    sidecar = json.loads((out / "sub-02" / "fmap" / "sub-02_desc-total_fieldmap.json").read_text())
+    assert sidecar["EchoTime"] == [0.004] and "single echo" in sidecar["TotalField"]["Method"]
+    assert any("could not be removed" in w for w in sidecar["TotalField"]["Warnings"])
+    report = (out / "sub-02.html").read_text()
+    assert "from 1 echo (TE = 4 ms)" in report and "estimated from the single echo" in report
+    assert "from all" not in report and "removes the phase offset" not in report
+    multi = (out / "sub-01.html").read_text()
+    assert "estimated from all 4 echoes" in multi and "removes the phase offset at TE = 0" in multi
+
+
+def test_phase_without_units_is_inferred_with_one_warning(demo):
+    """No Units in the phase sidecars (BIDS requires it; qsm-forward and dcm2niix omit it): the units are inferred
+    from the value range, with one WARNING naming the file, and recorded; the validator's error is not repeated."""
+    bids = _restore(demo)
+    phase = missing_units(bids)
+    out = demo[1] / "out_missing_units"
+    result = run_cli("metaqsm", bids, out, "participant", "-w", demo[1] / "work", *FAST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _assert_no_traceback(result)
+    naming = [line for line in _console(result) if "part-phase" in line]
+    assert len(naming) == 1 and "WARNING" in naming[0] and str(phase) in naming[0], result.stdout + result.stderr
+    assert "no Units" in naming[0] and "infers them from the value range" in naming[0]
+    assert not [line for line in _console(result) if "ERROR" in line], result.stderr
+    assert "sub-01: OK" in result.stdout and "sub-02: OK" in result.stdout
+    scaling = json.loads((out / "sub-02" / "anat" / "sub-02_Chimap.json").read_text())["PhaseScaling"]
+    assert scaling["PhaseUnits"] == "inferred from range" and scaling["Warnings"]
+    assert "units inferred from their value range" in (out / "sub-02.html").read_text()
+
+
+def test_integer_phase_with_units_arbitrary(demo):
+    bids = _restore(demo)
+    for path in sorted(_anat(bids).glob("sub-02_echo-*_part-phase_MEGRE.nii.gz")):
+        img = nib.load(path)
+        phase = np.asarray(img.dataobj, dtype=np.float32)
+        integers = np.clip(np.round(phase / np.pi * 4096), -4096, 4095).astype(np.int16)
+        nib.save(nib.Nifti1Image(integers, img.affine), path)
+        _edit_sidecar(path.with_name(path.name.replace(".nii.gz", ".json")), Units="arbitrary")
+    out = demo[1] / "out_integer_phase"
+    result = run_cli("metaqsm", bids, out, "participant", "-w", demo[1] / "work", *FAST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _assert_no_traceback(result)
+    assert "sub-01: OK" in result.stdout and "sub-02: OK" in result.stdout
+    chimap = json.loads((out / "sub-02" / "anat" / "sub-02_Chimap.json").read_text())
+    assert chimap["PhaseScaling"]["PhaseUnits"] == "arbitrary"
+
+
+def _assert_stopped(result, path, words, out):
+    assert result.returncode == 1, result.stdout + result.stderr
+    _assert_no_traceback(result)
+    lines = _console(result)
+    naming = [line for line in lines if str(path) in line]
+    assert len(naming) == 1 and words in naming[0], lines
+    assert len([line for line in lines if "ERROR" in line or "FAILED" in line]) == 1, lines
+    assert not (out.exists() and out.is_dir() and list(out.iterdir())), "something was written"
+
+
+def test_unknown_participant_label(demo):
+    bids = _restore(demo)
+    out = demo[1] / "out_label"
+    result = run_cli("metaqsm", bids, out, "participant", "-w", demo[1] / "work", "--participant-label", "07", *FAST)
+    _assert_stopped(result, bids, "['07'] not found", out)
+    assert "['01', '02']" in result.stderr
+
+
+@pytest.mark.parametrize("where", ["output under a file", "output is a file", "work dir is a file"])
+def test_unwritable_output_or_work_dir(where, demo, tmp_path):
+    """A folder that cannot be created fails for root too (permission bits would not)."""
+    bids = _restore(demo)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    out, work = tmp_path / "out", tmp_path / "work"
+    if where == "output under a file":
+        out = blocker / "out"
+    elif where == "output is a file":
+        out = blocker
+    else:
+        work = blocker
+    result = run_cli("metaqsm", bids, out, "participant", "-w", work, *FAST)
+    _assert_stopped(result, out if "output" in where else work, "a file", out)
+    assert blocker.read_text() == "not a folder\n"
+    if "output" in where:
+        assert not work.exists() or not list(work.glob("metaqsm_wf"))  # nothing ran
+
+
+def test_filter_file_with_unknown_entity(demo, tmp_path):
+    bids = _restore(demo)
+    filters = tmp_path / "filters.json"
+    filters.write_text(json.dumps({"acq": "highres"}))
+    out = tmp_path / "out"
+    result = run_cli("metaqsm", bids, out, "participant", "-w", demo[1] / "work", "--bids-filter-file", filters,
+                     *FAST)
+    _assert_stopped(result, filters, "unknown entity 'acq'", out)
+    assert "'acquisition'" in result.stderr
+
+
+def test_demo_outputs_pass_the_validator_without_warnings(demo, bids_validator):
+    """The demo's derivatives: 0 errors and 0 warnings from bids-validator-deno."""
+    bids = _restore(demo)
+    out = demo[1] / "out_clean"
+    result = run_cli("metaqsm", bids, out, "participant", "-w", demo[1] / "work", *FAST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sub-01: OK" in result.stdout and "sub-02: OK" in result.stdout
+    report = subprocess.run([bids_validator, "--format", "json", str(out)], capture_output=True, text=True,
+                            timeout=300)
+    issues = json.loads(report.stdout)["issues"]["issues"]
+    found = [(i["severity"], i["code"], i.get("subCode"), i.get("location")) for i in issues
+             if i["severity"] in ("error", "warning")]
+    assert found == [], found
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert len(description["Authors"]) >= 2 and description["Authors"][0] == "metaqsm-simulate"
+    for mask in out.rglob("*_mask.json"):
+        reference = json.loads(mask.read_text())["SpatialReference"]
+        assert reference.startswith("bids:raw:") and (bids / reference.removeprefix("bids:raw:")).exists()
