@@ -252,3 +252,21 @@ def test_extracerebral_csf_is_removed_and_ventricles_kept():
     assert cleaned[ventricle].all()  # CSF enclosed by brain stays
     assert not cleaned[rim].any()
     assert cleaned[brain].mean() > 0.999
+
+
+def test_mask_does_not_depend_on_storage_orientation():
+    """The same head stored axially, flipped and sagittally gets the same mask (per-slice steps run axially)."""
+    from metaqsm_bids.qsm.core.physics import axial_axis
+    from metaqsm_bids.sim.phantom import sample_head
+
+    head = sample_head((48, 56, 40), (3.0, 3.0, 3.0))
+    magnitude = head.m0
+    axial = brain_mask(magnitude, (3.0, 3.0, 3.0))
+    flipped = brain_mask(magnitude[::-1, :, ::-1], (3.0, 3.0, 3.0))
+    assert np.array_equal(flipped[::-1, :, ::-1], axial)
+    # sagittal storage: slices along the old i axis, the old k (superior) axis first
+    sagittal_affine = np.array([[0, 0, 3.0, 0], [0, 3.0, 0, 0], [3.0, 0, 0, 0], [0, 0, 0, 1]])
+    assert axial_axis(sagittal_affine) == 0 and axial_axis(np.diag([3.0, 3.0, 3.0, 1])) == 2
+    stored = np.transpose(magnitude, (2, 1, 0))
+    sagittal = brain_mask(stored, (3.0, 3.0, 3.0), axial_axis=axial_axis(sagittal_affine))
+    assert np.array_equal(np.transpose(sagittal, (2, 1, 0)), axial)

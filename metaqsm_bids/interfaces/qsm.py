@@ -221,7 +221,7 @@ class BrainMask(_QSMInterface):
         else:
             voxel_size, _ = _geometry(img)
             rss = np.sqrt((np.asarray(img.dataobj, dtype=np.float32) ** 2).sum(-1))
-            mask = brain_mask(rss, voxel_size)
+            mask = brain_mask(rss, voxel_size, axial_axis=physics.axial_axis(img.affine))
             provenance = {"Method": "magnitude threshold + morphology (metaqsm_bids.qsm.mask.brain.brain_mask)",
                           "Input": "root-sum-of-squares magnitude over echoes"}
             tes = self.inputs.echo_times_s if isdefined(self.inputs.echo_times_s) else []

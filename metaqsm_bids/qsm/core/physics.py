@@ -32,3 +32,9 @@ def b0_direction_voxel(affine, b0_world=(0.0, 0.0, 1.0)):
     rotation = np.asarray(affine, float)[:3, :3] / voxel_size_mm(affine)
     b0 = rotation.T @ np.asarray(b0_world, float)
     return b0 / np.linalg.norm(b0)
+
+
+def axial_axis(affine):
+    """The array axis (0, 1 or 2) most nearly along world z (inferior-superior) of a voxel-to-world affine."""
+    rotation = np.asarray(affine, float)[:3, :3] / voxel_size_mm(affine)
+    return int(np.argmax(np.abs(rotation[2])))

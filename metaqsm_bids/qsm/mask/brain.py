@@ -65,7 +65,28 @@ def _fill_slices(mask):
     return mask
 
 
-def brain_mask(magnitude, voxel_size_mm, smoothing_mm=1.0, erosion_mm=4.0, neck_fraction=0.3):
+def brain_mask(magnitude, voxel_size_mm, smoothing_mm=1.0, erosion_mm=4.0, neck_fraction=0.3, axial_axis=2):
+    """Boolean brain mask from a 3D magnitude image whose axis ``axial_axis`` runs inferior-superior.
+
+    The per-slice steps below (hole filling, the head's outline) work in axial slices, whatever the
+    storage order: pass the array axis nearest world z (:func:`metaqsm_bids.qsm.core.physics.axial_axis`),
+    so that the same head stored axially, sagittally or flipped gets the same mask. See
+    :func:`_axial_brain_mask` for the steps.
+    """
+    image = np.asarray(magnitude)
+    if image.ndim != 3:
+        raise ValueError(f"magnitude must be a 3D volume, got shape {image.shape}")
+    if axial_axis not in (0, 1, 2):
+        raise ValueError(f"axial_axis must be 0, 1 or 2, got {axial_axis!r}")
+    voxel = np.asarray(voxel_size_mm, dtype=float)
+    order = [a for a in range(3) if a != axial_axis] + [axial_axis]
+    if voxel.shape == (3,):
+        voxel = voxel[order]
+    mask = _axial_brain_mask(np.transpose(image, order), voxel, smoothing_mm, erosion_mm, neck_fraction)
+    return np.transpose(mask, np.argsort(order))
+
+
+def _axial_brain_mask(magnitude, voxel_size_mm, smoothing_mm, erosion_mm, neck_fraction):
     """Boolean brain mask from a 3D magnitude image.
 
     ``magnitude`` is one 3D volume (the root-sum-of-squares over echoes, or the first
