@@ -129,15 +129,20 @@ def bfr_stage(sim, voxel, b0_dir, methods, rss):
     return rows
 
 
+def _inversion_inputs(method, rss, tes):
+    """What an inversion takes besides the field: MEDI's magnitude, B0 and echo spacing, as the CLI passes them."""
+    if method != "medi":
+        return {}
+    return {"magnitude": rss, "b0_tesla": B0_TESLA, "delta_te_s": float(np.diff(tes).mean())}
+
+
 def inversion_stage(sim, voxel, b0_dir, methods, rss):
     brain = sim.brain_mask
     local_ppm = physics.field_hz_to_ppm(sim.local_field_hz, B0_TESLA)
     tes = sim.protocol.echo_times_s
     rows = {}
     for method in methods:
-        extra = {}
-        if method == "medi":
-            extra = {"magnitude": rss, "b0_tesla": B0_TESLA, "delta_te_s": float(np.diff(tes).mean())}
+        extra = _inversion_inputs(method, rss, tes)
         start = time.perf_counter()
         chi = invert(method, local_ppm, brain, voxel, b0_dir, **extra)
         rows[method] = {**score(chi, sim, brain), "seconds": time.perf_counter() - start}
@@ -157,9 +162,7 @@ def pipeline_stage(sim, voxel, b0_dir, methods):
     local_ppm = physics.field_hz_to_ppm(bfr.local_field, B0_TESLA)
     rows = {}
     for method in methods:
-        extra = {}
-        if method == "medi":
-            extra = {"magnitude": rss, "b0_tesla": B0_TESLA, "delta_te_s": float(np.diff(tes).mean())}
+        extra = _inversion_inputs(method, rss, tes)
         start = time.perf_counter()
         chi = invert(method, local_ppm, bfr.mask, voxel, b0_dir, **extra)
         rows[method] = {**score(chi, sim, bfr.mask), "dice": dice(mask, sim.brain_mask),
