@@ -220,14 +220,14 @@ class BrainMask(_QSMInterface):
             provenance = {"Method": "user-provided", "File": self.inputs.user_mask_file}
         else:
             voxel_size, _ = _geometry(img)
-            rss = np.sqrt((np.asarray(img.dataobj, dtype=np.float32) ** 2).sum(-1))
+            magnitude = np.asarray(img.dataobj, dtype=np.float32)
+            rss = np.sqrt((magnitude ** 2).sum(-1))
             mask = brain_mask(rss, voxel_size, axial_axis=physics.axial_axis(img.affine))
             provenance = {"Method": "magnitude threshold + morphology (metaqsm_bids.qsm.mask.brain.brain_mask)",
                           "Input": "root-sum-of-squares magnitude over echoes"}
             tes = self.inputs.echo_times_s if isdefined(self.inputs.echo_times_s) else []
             removed = False
             if len(tes) > 1:
-                magnitude = np.asarray(img.dataobj, dtype=np.float32)
                 mask, removed = remove_extracerebral_csf(mask, magnitude, tes, voxel_size,
                                                          b0_tesla=self.inputs.field_strength_t)
             provenance["ExtracerebralCSF"] = (
