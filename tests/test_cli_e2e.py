@@ -29,8 +29,10 @@ RUNS = [
 ]
 PREFIXES = ["sub-01/ses-1/{dt}/sub-01_ses-1", "sub-01/ses-2/{dt}/sub-01_ses-2", "sub-02/{dt}/sub-02"]
 OUTPUTS = {  # datatype, suffix of each derivative of a run
-    "brain_mask": ("anat", "desc-brain_mask"), "qsm_mask": ("anat", "desc-qsm_mask"), "chimap": ("anat", "Chimap"),
+    "brain_mask": ("anat", "desc-brain_mask"), "reliable_mask": ("anat", "desc-reliable_mask"),
+    "qsm_mask": ("anat", "desc-qsm_mask"), "chimap": ("anat", "Chimap"),
     "total_field": ("fmap", "desc-total_fieldmap"), "magnitude": ("fmap", "desc-total_magnitude"),
+    "fit_residual": ("fmap", "desc-echofit_residual"),
     "local_field": ("fmap", "desc-local_fieldmap"), "local_magnitude": ("fmap", "desc-local_magnitude"),
 }
 

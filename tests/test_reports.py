@@ -28,16 +28,40 @@ RUNS = [
 ]
 
 
+def _plant_unreliable_voxels(bids_dir, folder, prefix):
+    """Near the brain's centre: one echo's phase 1.5 rad off its line, and a voxel with 1 % of its signal.
+
+    Returns the two voxels (array indices); the reliability map must exclude both.
+    """
+    anat = Path(bids_dir) / folder / "anat"
+    truth = Path(bids_dir) / "derivatives" / "metaqsm-simulate" / folder / "anat" / f"{prefix}_desc-brain_mask.nii.gz"
+    centre = tuple(int(c) for c in np.argwhere(np.asarray(nib.load(truth).dataobj) > 0).mean(0).round())
+    jumpy, dark = centre, (centre[0] + 3, *centre[1:])
+
+    def rewrite(path, voxel, change):
+        img = nib.load(path)
+        data = np.asarray(img.dataobj, np.float32)
+        data[voxel] = change(data[voxel])
+        nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
+
+    rewrite(anat / f"{prefix}_echo-3_part-phase_MEGRE.nii.gz", jumpy,
+            lambda phase: np.angle(np.exp(1j * (phase + 1.5))))  # kept within [-pi, pi]
+    for path in sorted(anat.glob(f"{prefix}_echo-*_part-mag_MEGRE.nii.gz")):
+        rewrite(path, dark, lambda magnitude: 0.01 * magnitude)
+    return jumpy, dark
+
+
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory):
     root = tmp_path_factory.mktemp("reports")
     bids_dir, out = root / "bids", root / "out"
     simulate_dataset(bids_dir, RUNS)
+    planted = _plant_unreliable_voxels(bids_dir, "sub-01/ses-1", "sub-01_ses-1")
     result = run_cli("metaqsm", bids_dir, out, "participant", "-w", root / "work", "--participant-label", "01",
                      "--nprocs", "2", "--omp-nthreads", "1", "--inversion", "tkd")
     assert result.returncode == 0, result.stderr[-3000:]
     report = write_subject_report(out, "sub-01", bids_dir)
-    return bids_dir, out, report
+    return bids_dir, out, report, planted
 
 
 class _Links(HTMLParser):
@@ -56,13 +80,13 @@ def _links(html_path):
 
 
 def test_reports_and_figures_exist_and_links_resolve(processed):
-    _, out, report = processed
+    _, out, report, _ = processed
     assert report == out / "sub-01.html"
     pages = [report, out / "sub-01_ses-1.html", out / "sub-01_ses-2.html"]
     for page in pages:
         links = _links(page)
         images = [link for link in links if link.endswith(".png")]
-        assert len(images) == (4 if page == report else 2), page  # overview + mosaic per run
+        assert len(images) == (6 if page == report else 3), page  # overview, mosaic, reliability map per run
         for link in links:
             if link.startswith("#"):
                 assert f'id="{link[1:]}"' in page.read_text(), link
@@ -79,7 +103,7 @@ def test_reports_and_figures_exist_and_links_resolve(processed):
 
 
 def test_report_states_ranges_parameters_timings_and_citations(processed):
-    _, out, report = processed
+    _, out, report, _ = processed
     text = report.read_text()
     assert "fixed range -0.15 to 0.15 ppm" in text
     assert "neurological convention" in text
@@ -98,9 +122,13 @@ def test_report_states_ranges_parameters_timings_and_citations(processed):
 def test_methods_follow_the_sidecar():
     sidecar = {"SoftwareVersions": "metaqsm 9.9, numpy 2", "EchoTime": [0.005], "MagneticFieldStrength": 7.0,
                "PhaseScaling": {"PhaseUnits": "arbitrary"}, "BrainMask": {"Method": "user-provided"},
-               "BackgroundFieldRemoval": {"Method": "pdf", "Iterations": 50},
+               "BackgroundFieldRemoval": {"Method": "pdf", "Iterations": 50, "MinSignalFraction": 0.15,
+                                          "UnreliableVoxelsExcluded": 3, "UnreliableFractionOfBrain": 0.001},
                "DipoleInversion": {"Method": "medi", "lambda": 1000.0, "ElapsedSeconds": 3.0}}
     (text,), references = number_citations([methods_paragraph(sidecar)])
+    # one echo, no residual test: the reliability sentence gives the signal threshold only, and no counts
+    assert ("magnitude below 0.15 times its median in the mask were considered unreliable and left out of "
+            "background field removal") in text and "residual" not in text and "Unreliable" not in text
     assert text.startswith("Quantitative susceptibility maps were reconstructed with metaqsm 9.9 [1] from 1 echo "
                            "(TE = 5 ms) of a gradient-echo acquisition at 7 T.")
     assert "vendor integer units were scaled to radians" in text and "provided by the user" in text
@@ -108,8 +136,63 @@ def test_methods_follow_the_sidecar():
     assert [n for n, _ in references] == [1, 2, 3, 4] and "projection onto dipole fields" in references[1][1]
 
 
+def test_reliability_map_is_written_with_its_sidecar_and_shown(processed):
+    """The planted voxels are excluded from the reliability map and the QSM mask; the sidecar, the residual map
+    and the report's panel say so."""
+    _, out, _, planted = processed
+
+    def path(datatype, tail):
+        return out / "sub-01/ses-1" / datatype / f"sub-01_ses-1_{tail}"
+
+    def load(datatype, tail):
+        return np.asarray(nib.load(path(datatype, tail)).dataobj)
+
+    brain = load("anat", "desc-brain_mask.nii.gz") > 0
+    reliable = load("anat", "desc-reliable_mask.nii.gz") > 0
+    qsm = load("anat", "desc-qsm_mask.nii.gz") > 0
+    residual = load("fmap", "desc-echofit_residual.nii.gz")
+    jumpy, dark = planted
+    assert nib.load(path("anat", "desc-reliable_mask.nii.gz")).get_data_dtype() == np.uint8
+    assert brain[jumpy] and brain[dark] and not reliable[jumpy] and not reliable[dark] and not qsm[jumpy]
+    assert residual[jumpy] > 0.5 > np.median(residual[brain])
+    assert not (reliable & ~brain).any() and not (qsm & ~reliable).any()
+    excluded = int((brain & ~reliable).sum())
+    assert excluded >= 2
+
+    sidecar = json.loads(path("anat", "desc-reliable_mask.json").read_text())
+    assert sidecar["MinSignalFraction"] == 0.15 and sidecar["MaxResidualRad"] == 0.5
+    assert sidecar["UnreliableVoxelsExcluded"] == excluded
+    assert sidecar["UnreliableFractionOfBrain"] == pytest.approx(excluded / brain.sum(), abs=1e-6)
+    assert sidecar["Type"] == "ROI" and sidecar["SkullStripped"] is True and "Reliability map" in sidecar["Description"]
+    assert sidecar["Sources"] == ["bids::sub-01/ses-1/anat/sub-01_ses-1_desc-brain_mask.nii.gz",
+                                  "bids::sub-01/ses-1/fmap/sub-01_ses-1_desc-total_magnitude.nii.gz",
+                                  "bids::sub-01/ses-1/fmap/sub-01_ses-1_desc-echofit_residual.nii.gz"]
+    assert sidecar["SpatialReference"].startswith("bids:raw:sub-01/ses-1/anat/")
+    assert sidecar["BackgroundFieldRemoval"]["UnreliableVoxelsExcluded"] == excluded
+    residual_sidecar = json.loads(path("fmap", "desc-echofit_residual.json").read_text())
+    assert residual_sidecar["Units"] == "rad" and "TotalField" in residual_sidecar
+    assert "BackgroundFieldRemoval" not in residual_sidecar
+    for datatype, tail in (("anat", "desc-qsm_mask.json"), ("fmap", "desc-local_fieldmap.json")):
+        # both were made from the reliability map
+        sources = json.loads(path(datatype, tail).read_text())["Sources"]
+        assert "bids::sub-01/ses-1/anat/sub-01_ses-1_desc-reliable_mask.nii.gz" in sources, tail
+    assert {"*_residual.nii.gz", "*_residual.json"} <= set((out / ".bidsignore").read_text().splitlines())
+
+    text = (out / "sub-01_ses-1.html").read_text()
+    figure = "sub-01/figures/sub-01_ses-1_desc-reliability_mask.png"
+    assert f'<img src="{figure}"' in text and (out / figure).is_file()
+    caption = text[text.index(figure):].split("</figcaption>")[0]
+    assert f"<b>{excluded} voxels ({100 * excluded / brain.sum():.2f}% of the brain mask) were excluded</b>" \
+        in caption
+    assert "below 0.15 × its median" in caption and "above 0.5 rad" in caption
+    assert f"<td>Reliability map</td><td>{excluded} voxels of the brain mask excluded" in text
+    assert "sub-01_ses-1_desc-reliable_mask.nii.gz</a>" in text and "sub-01_ses-1_desc-echofit_residual.nii.gz</a>" \
+        in text  # in the run's file list
+    assert "above 0.5 rad were considered unreliable" in text  # the methods paragraph
+
+
 def test_report_statistics_match_the_maps(processed):
-    _, out, report = processed
+    _, out, report, _ = processed
     anat = out / "sub-01/ses-2/anat"
     chi = nib.load(anat / "sub-01_ses-2_Chimap.nii.gz").get_fdata()
     qsm = nib.load(anat / "sub-01_ses-2_desc-qsm_mask.nii.gz").get_fdata() > 0
@@ -121,7 +204,7 @@ def test_report_statistics_match_the_maps(processed):
 
 
 def test_unprocessed_runs_are_listed(processed):
-    bids_dir, out, _ = processed
+    bids_dir, out, _, _ = processed
     text = write_subject_report(out, "02", bids_dir).read_text()
     assert "sub-02" in text and "no output" in text and ".png" not in text
     with pytest.raises(ValueError, match="no derivatives"):
@@ -129,14 +212,14 @@ def test_unprocessed_runs_are_listed(processed):
 
 
 def test_rewriting_gives_identical_files(processed):
-    bids_dir, out, report = processed
+    bids_dir, out, report, _ = processed
     before = {p: p.read_bytes() for p in [report, *sorted((out / "sub-01" / "figures").iterdir())]}
     write_subject_report(out, "01", bids_dir)
     assert {p: p.read_bytes() for p in before} == before
 
 
 def test_checks_flag_extreme_susceptibility_and_sidecar_warnings(processed, tmp_path):
-    _, out, _ = processed
+    _, out, _, _ = processed
     original = find_run_outputs(out, "01")[0]
     _, baseline = run_checks(original, load_run_images(original.paths))
     copy = tmp_path / "out"
@@ -186,7 +269,7 @@ def test_overview_of_a_run_without_maps(tmp_path):
 
 
 def test_group_report(processed):
-    bids_dir, out, _ = processed
+    bids_dir, out, _, _ = processed
     path = write_group_report(out, bids_dir, failures={"sub-02": "TotalField failed: NaN in phase"})
     text = path.read_text()
     tsv = (out / "group_summary.tsv").read_text().splitlines()
@@ -203,14 +286,14 @@ def test_group_report(processed):
 
 
 def test_reports_keep_the_dataset_valid(processed, bids_validator):
-    _, out, _ = processed
+    _, out, _, _ = processed
     result = subprocess.run([bids_validator, str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 def test_report_renders_in_chromium(processed, tmp_path):
-    _, out, report = processed
+    _, out, report, _ = processed
     png = tmp_path / "page.png"
     result = subprocess.run([sys.executable, str(RENDER), str(report), "--png", str(png), "--height", "3000"],
                             capture_output=True, text=True, timeout=180)

@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SUBMIT = ROOT / "workflows" / "slurm" / "submit.sh"
 SIM_ARGS = ["--shape", "32", "32", "16", "--voxel-size", "2", "2", "3"]  # a few seconds per participant
 #: every derivative of a run without sessions: (datatype, suffix); each with its .json sidecar
-DERIVATIVES = [("anat", "desc-brain_mask"), ("anat", "desc-qsm_mask"), ("anat", "Chimap"),
-               ("fmap", "desc-total_fieldmap"), ("fmap", "desc-total_magnitude"),
+DERIVATIVES = [("anat", "desc-brain_mask"), ("anat", "desc-reliable_mask"), ("anat", "desc-qsm_mask"),
+               ("anat", "Chimap"), ("fmap", "desc-total_fieldmap"), ("fmap", "desc-total_magnitude"),
+               ("fmap", "desc-echofit_residual"),
                ("fmap", "desc-local_fieldmap"), ("fmap", "desc-local_magnitude")]
 
 

@@ -13,7 +13,12 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..io.derivatives import bids_uri, derivative_path, software_versions, write_json, write_nifti
+from ..io.derivatives import BIDSIGNORE, bids_uri, derivative_path, software_versions, write_json, write_nifti
+from ..io.validation import ensure_bidsignore
+
+
+#: BackgroundFieldRemoval keys that describe the reliability map, repeated at the top of its sidecar.
+RELIABILITY_KEYS = ("MinSignalFraction", "MaxResidualRad", "UnreliableVoxelsExcluded", "UnreliableFractionOfBrain")
 
 
 class _WriteRunDerivativesInputSpec(BaseInterfaceInputSpec):
@@ -24,6 +29,9 @@ class _WriteRunDerivativesInputSpec(BaseInterfaceInputSpec):
     brain_mask_file = File(exists=True, mandatory=True)
     magnitude_rss_file = File(exists=True, mandatory=True)
     total_field_file = File(exists=True, mandatory=True)
+    fit_residual_file = File(exists=True, mandatory=True, desc="RMS phase residual of the echo fit (rad)")
+    reliable_mask_file = File(exists=True, mandatory=True, desc="the brain mask's voxels that passed the "
+                                                                "reliability test")
     local_field_file = File(exists=True, mandatory=True)
     qsm_mask_file = File(exists=True, mandatory=True)
     chimap_file = File(exists=True, mandatory=True)
@@ -40,7 +48,7 @@ class _WriteRunDerivativesOutputSpec(TraitedSpec):
 
 
 class WriteRunDerivatives(SimpleInterface):
-    """Write the run's mask, field maps and Chimap with provenance sidecars.
+    """Write the run's masks, field maps, echo-fit residual and Chimap with provenance sidecars.
 
     Runs only after every step has succeeded, loads every image before writing
     the first one, and writes each file atomically: a failed run leaves nothing.
@@ -62,6 +70,8 @@ class WriteRunDerivatives(SimpleInterface):
             "brain_mask": path("mask", "anat", "brain"),
             "magnitude": path("magnitude", "fmap", "total"),
             "total_field": path("fieldmap", "fmap", "total"),
+            "fit_residual": path("residual", "fmap", "echofit"),
+            "reliable_mask": path("mask", "anat", "reliable"),
             "local_magnitude": path("magnitude", "fmap", "local"),
             "local_field": path("fieldmap", "fmap", "local"),
             "qsm_mask": path("mask", "anat", "qsm"),
@@ -94,6 +104,8 @@ class WriteRunDerivatives(SimpleInterface):
             "brain_mask": (load(inputs.brain_mask_file, np.uint8), np.uint8),
             "magnitude": (magnitude, np.float32),
             "total_field": (load(inputs.total_field_file), np.float32),
+            "fit_residual": (load(inputs.fit_residual_file), np.float32),
+            "reliable_mask": (load(inputs.reliable_mask_file, np.uint8), np.uint8),
             "local_magnitude": (magnitude * qsm_mask, np.float32),
             "local_field": (load(inputs.local_field_file), np.float32),
             "qsm_mask": (qsm_mask, np.uint8),
@@ -117,6 +129,22 @@ class WriteRunDerivatives(SimpleInterface):
                 "Units": "Hz", "SkullStripped": False, "Sources": raw_sources,
                 **steps_upto("TotalField"),
             },
+            "fit_residual": {
+                "Description": "Magnitude-weighted RMS residual of the phase about its fitted line over echo "
+                               "time (the total field's echo fit); 0 with one or two echoes.",
+                "Units": "rad", "SkullStripped": False, "Sources": raw_sources, **steps_upto("TotalField"),
+            },
+            "reliable_mask": {
+                "Description": "Reliability map: the brain mask's voxels whose field is trusted, with an RSS "
+                               "magnitude of at least MinSignalFraction x its median in the brain mask and an "
+                               "echo-fit residual of at most MaxResidualRad (rad). The others (bone or air "
+                               "inside the brain mask, phase off the echo-time line) are left out of background "
+                               "field removal and of the QSM mask.",
+                "Type": "ROI", "SkullStripped": True,
+                "Sources": [own("brain_mask"), own("magnitude"), own("fit_residual")], **grid,
+                **{key: inputs.bfr_provenance[key] for key in RELIABILITY_KEYS if key in inputs.bfr_provenance},
+                **steps_upto("BackgroundFieldRemoval"),
+            },
             "local_magnitude": {
                 "Description": "Root-sum-of-squares magnitude inside the mask where the local field is defined.",
                 "Units": "arbitrary", "SkullStripped": True, "Sources": [own("magnitude"), own("qsm_mask")],
@@ -124,13 +152,13 @@ class WriteRunDerivatives(SimpleInterface):
             },
             "local_field": {
                 "Description": "Local field map after background field removal.",
-                "Units": "Hz", "SkullStripped": True, "Sources": [own("total_field"), own("brain_mask")],
+                "Units": "Hz", "SkullStripped": True, "Sources": [own("total_field"), own("reliable_mask")],
                 **steps_upto("BackgroundFieldRemoval"),
             },
             "qsm_mask": {
-                "Description": "Brain mask eroded by the background-removal kernel: where the local field "
-                               "and the susceptibility map are defined.",
-                "Type": "Brain", "SkullStripped": True, "Sources": [own("brain_mask")], **grid,
+                "Description": "Reliability map eroded by the background-removal kernel: where the local "
+                               "field and the susceptibility map are defined.",
+                "Type": "Brain", "SkullStripped": True, "Sources": [own("reliable_mask")], **grid,
                 **steps_upto("BackgroundFieldRemoval"),
             },
             "chimap": {
@@ -140,6 +168,7 @@ class WriteRunDerivatives(SimpleInterface):
                 **steps,
             },
         }
+        ensure_bidsignore(out, BIDSIGNORE)  # the residual has no BIDS suffix
         for kind, target in paths.items():
             data, dtype = images[kind]
             write_nifti(target, data, reference.affine, dtype)

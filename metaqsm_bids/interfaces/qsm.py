@@ -304,12 +304,16 @@ class _BackgroundRemovalInputSpec(_QSMInputSpec):
 class _BackgroundRemovalOutputSpec(TraitedSpec):
     local_field_file = File(exists=True, desc="local field (Hz)")
     mask_file = File(exists=True, desc="mask eroded by the kernel radius: where the local field is valid")
+    reliable_mask_file = File(exists=True, desc="the brain mask's voxels that passed the reliability test")
     provenance = traits.Dict()
 
 
 class BackgroundRemoval(_QSMInterface):
     """Background field removal by the chosen method (RESHARP, V-SHARP or PDF; see
-    :mod:`metaqsm_bids.qsm.background.registry`): total field -> local field and the mask where it is valid."""
+    :mod:`metaqsm_bids.qsm.background.registry`): total field -> local field and the mask where it is valid.
+
+    It runs on the brain mask's reliable voxels (:mod:`metaqsm_bids.qsm.field.reliability`) and writes them
+    too, as the reliability map."""
 
     input_spec = _BackgroundRemovalInputSpec
     output_spec = _BackgroundRemovalOutputSpec
@@ -322,24 +326,27 @@ class BackgroundRemoval(_QSMInterface):
         residual = _load(self.inputs.residual_file)[1] if isdefined(self.inputs.residual_file) else None
         # voxels without signal or off the echo-time line carry no local field: background removal
         # must not see them, and the QSM mask leaves them out
-        mask = reliable_voxels(brain, rss, residual)
+        reliable = reliable_voxels(brain, rss, residual)
         params = {}
         if self.inputs.method == "resharp":
             params["radius_mm"] = self.inputs.radius_mm
         if self.inputs.method == "pdf":
             params["magnitude"] = rss
-        result = remove_background(self.inputs.method, field_hz, mask, voxel_size, b0_dir=b0_dir, **params)
+        result = remove_background(self.inputs.method, field_hz, reliable, voxel_size, b0_dir=b0_dir, **params)
         self._results["local_field_file"] = _save(result.local_field, img, "local_field_hz.nii")
         self._results["mask_file"] = _save(result.mask, img, "qsm_mask.nii", np.uint8)
+        self._results["reliable_mask_file"] = _save(reliable, img, "reliable_mask.nii", np.uint8)
+        excluded = int(np.count_nonzero(brain & ~reliable))
         return {
             "Method": self.inputs.method.upper().replace("VSHARP", "V-SHARP"),
             **({"RadiusMm": self.inputs.radius_mm} if self.inputs.method == "resharp" else {}),
             **(result.parameters or {}),
             "Iterations": int(result.iterations),
             "RelativeResidual": float(result.relative_residual),
-            "UnreliableVoxelsExcluded": int(np.count_nonzero(brain & ~mask)),
-            "Reliability": f"RSS magnitude >= {MIN_SIGNAL_FRACTION} x its median in the brain mask and echo-fit "
-                           f"residual <= {MAX_RESIDUAL_RAD} rad (metaqsm_bids.qsm.field.reliability)",
+            "MinSignalFraction": MIN_SIGNAL_FRACTION,
+            **({"MaxResidualRad": MAX_RESIDUAL_RAD} if residual is not None else {}),  # else no residual test
+            "UnreliableVoxelsExcluded": excluded,
+            "UnreliableFractionOfBrain": round(excluded / int(brain.sum()), 6),
             "Units": "Hz",
         }
 

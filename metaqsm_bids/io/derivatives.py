@@ -31,8 +31,11 @@ PATH_PATTERNS = [
     "sub-{subject}[/ses-{session}]/{datatype<anat>}/sub-{subject}" + _ENTITIES
     + "_{suffix<Chimap|mask>}{extension<.nii.gz|.json>|.nii.gz}",
     "sub-{subject}[/ses-{session}]/{datatype<fmap>}/sub-{subject}" + _ENTITIES
-    + "_{suffix<fieldmap|magnitude>}{extension<.nii.gz|.json>|.nii.gz}",
+    + "_{suffix<fieldmap|magnitude|residual>}{extension<.nii.gz|.json>|.nii.gz}",
 ]
+#: Derivatives that BIDS has no suffix for, listed in ``.bidsignore`` (by the run's sink) so the dataset stays
+#: valid: the echo-fit residual (rad; BIDS field maps are in Hz, rad/s or T).
+BIDSIGNORE = ("*_residual.nii.gz", "*_residual.json")
 
 #: Key packages whose versions go into every sidecar.
 _PACKAGES = ("numpy", "scipy", "nibabel", "nipype", "pybids", "torch")

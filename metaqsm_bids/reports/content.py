@@ -14,8 +14,10 @@ import numpy as np
 KINDS = {
     "magnitude": ("fmap", "desc-total_magnitude"),
     "brain_mask": ("anat", "desc-brain_mask"),
+    "reliable_mask": ("anat", "desc-reliable_mask"),
     "qsm_mask": ("anat", "desc-qsm_mask"),
     "total_field_hz": ("fmap", "desc-total_fieldmap"),
+    "fit_residual_rad": ("fmap", "desc-echofit_residual"),
     "local_field_hz": ("fmap", "desc-local_fieldmap"),
     "chi_ppm": ("anat", "Chimap"),
 }
@@ -179,7 +181,8 @@ def run_checks(run, images):
     """Statistics of a run's maps and the warnings they raise (see the thresholds in this module).
 
     ``images`` is the run's :class:`~metaqsm_bids.reports.figures.RunImages`. Returns ``(stats, warnings)``:
-    stats holds mask sizes (voxels, mL, fractions) and chi statistics in the QSM mask (ppm).
+    stats holds mask sizes (voxels, mL, fractions), the brain-mask voxels the reliability map excludes, and chi
+    statistics in the QSM mask (ppm).
     """
     warnings = [f"missing derivative: {KINDS[kind][1]}" for kind, path in run.paths.items() if path is None]
     stats = {}
@@ -196,6 +199,9 @@ def run_checks(run, images):
         elif stats["brain_fraction_of_fov"] > high:
             warnings.append(f"brain mask covers {100 * brain.mean():.0f}% of the field of view (expected <= "
                             f"{100 * high:g}%): it probably includes scalp or background")
+    if brain is not None and images.reliable_mask is not None and brain.any():
+        stats["unreliable_voxels"] = int((brain & ~images.reliable_mask).sum())
+        stats["unreliable_fraction_of_brain"] = stats["unreliable_voxels"] / stats["brain_mask_voxels"]
     if qsm is not None:
         stats["qsm_mask_voxels"] = int(qsm.sum())
         if brain is not None and brain.any():
@@ -291,7 +297,9 @@ INVERSION_METHODS = {
 
 #: Step keys that are bookkeeping, not user-chosen parameters.
 _NOT_PARAMETERS = {"Method", "Units", "ElapsedSeconds", "B0DirectionVoxel", "VoxelSizeMm", "MagneticFieldStrength",
-                   "Warnings", "EchoTime", "Input", "Voxels", "Iterations", "RelativeResidual"}
+                   "Warnings", "EchoTime", "Input", "Voxels", "Iterations", "RelativeResidual",
+                   # the reliability map's: its thresholds have a sentence of their own, its counts differ per run
+                   "MinSignalFraction", "MaxResidualRad", "UnreliableVoxelsExcluded", "UnreliableFractionOfBrain"}
 
 
 def format_value(value):
@@ -402,6 +410,12 @@ def methods_paragraph(sidecar):
             parts.append(f"The total field map was estimated from {echoes} by {method}{cite}, which removes the "
                          "phase offset at TE = 0.")
     bfr = sidecar.get("BackgroundFieldRemoval")
+    if bfr and "MinSignalFraction" in bfr:
+        residual = (f" or a magnitude-weighted RMS residual of the echo fit above {bfr['MaxResidualRad']:g} rad"
+                    if "MaxResidualRad" in bfr else "")
+        parts.append(f"Voxels of the brain mask with a root-sum-of-squares magnitude below "
+                     f"{bfr['MinSignalFraction']:g} times its median in the mask{residual} were considered "
+                     "unreliable and left out of background field removal and of the susceptibility map.")
     if bfr:
         method = str(bfr.get("Method", "a method not recorded"))
         description, keys = BACKGROUND_METHODS.get(method.lower().replace("-", ""), (method, []))

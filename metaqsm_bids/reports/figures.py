@@ -17,6 +17,10 @@ from nibabel.affines import obliquity
 
 #: Fixed display range of the susceptibility (ppm), so maps compare across runs and subjects.
 CHI_RANGE_PPM = (-0.15, 0.15)
+#: Fixed display range of the echo-fit residual (rad): twice the default reliability threshold (0.5 rad).
+RESIDUAL_RANGE_RAD = (0.0, 1.0)
+#: Colour of the voxels the reliability map excludes, drawn over the magnitude.
+EXCLUDED_COLOUR = (1.0, 0.85, 0.0)  # yellow: apart from the red brain-mask outline
 
 #: Margin (mm) kept around the brain mask when cropping the views.
 _CROP_MARGIN_MM = 8.0
@@ -34,8 +38,10 @@ class RunImages:
 
     magnitude: np.ndarray = None
     brain_mask: np.ndarray = None
+    reliable_mask: np.ndarray = None
     qsm_mask: np.ndarray = None
     total_field_hz: np.ndarray = None
+    fit_residual_rad: np.ndarray = None
     local_field_hz: np.ndarray = None
     chi_ppm: np.ndarray = None
     zooms_mm: tuple = (1.0, 1.0, 1.0)
@@ -45,7 +51,7 @@ class RunImages:
 def load_run_images(paths):
     """Load a run's images (``paths``: kind -> NIfTI path or None) reoriented to the closest RAS axes.
 
-    Kinds: magnitude, brain_mask, qsm_mask, total_field_hz, local_field_hz, chi_ppm. Raises
+    Kinds: the fields of :class:`RunImages` but the geometry (masks become boolean). Raises
     ValueError if the images do not share one grid, since overlays would then be misplaced.
     """
     images, reference = RunImages(), None
@@ -212,6 +218,16 @@ def plot_overview(images, out_path, chi_range_ppm=CHI_RANGE_PPM, title=""):
     return {"total_field_hz": total_lim, "local_field_hz": local_lim, "chi_ppm": tuple(chi_range_ppm)}
 
 
+def _axial_slices(mask, n_slices):
+    """Up to ``n_slices`` axial indices spread over the slices that ``mask`` fills (all slices if none)."""
+    filled = np.flatnonzero(mask.any(axis=(0, 1)))
+    if filled.size == 0:
+        filled = np.arange(mask.shape[2])
+    # skip the first and last tenth: the mask's caps hold too few voxels to judge
+    inner = filled[int(0.1 * filled.size): max(int(np.ceil(0.9 * filled.size)), int(0.1 * filled.size) + 1)]
+    return np.unique(np.linspace(inner[0], inner[-1], min(n_slices, inner.size)).round().astype(int))
+
+
 def plot_chi_mosaic(images, out_path, chi_range_ppm=CHI_RANGE_PPM, n_slices=12, columns=6, title=""):
     """Axial mosaic of the Chimap on the fixed ppm range, slices spread over the QSM mask; saves a PNG.
 
@@ -222,12 +238,7 @@ def plot_chi_mosaic(images, out_path, chi_range_ppm=CHI_RANGE_PPM, n_slices=12, 
     box = _crop_box(images)
     mask = images.qsm_mask if images.qsm_mask is not None else np.isfinite(images.chi_ppm)
     chi = _masked(images.chi_ppm[box], mask[box])
-    filled = np.flatnonzero(mask[box].any(axis=(0, 1)))
-    if filled.size == 0:
-        filled = np.arange(chi.shape[2])
-    # skip the first and last tenth: the eroded mask's caps hold too few voxels to judge
-    inner = filled[int(0.1 * filled.size): max(int(np.ceil(0.9 * filled.size)), int(0.1 * filled.size) + 1)]
-    slices = np.unique(np.linspace(inner[0], inner[-1], min(n_slices, inner.size)).round().astype(int))
+    slices = _axial_slices(mask[box], n_slices)
     columns = min(columns, slices.size)
     rows = int(np.ceil(slices.size / columns))
     # one tiled image (rows: posterior-anterior, columns: left-right), so panels need no axes of their own
@@ -264,6 +275,71 @@ def plot_chi_mosaic(images, out_path, chi_range_ppm=CHI_RANGE_PPM, n_slices=12, 
     height = fig.get_figheight()
     fig.suptitle(title, fontsize=13, y=1 - 0.25 / height)
     fig.text(0.5, 1 - 0.65 / height, "Axial slices from inferior (top left) to superior. "
+             + _orientation_note(images), ha="center", va="center", fontsize=10)
+    fig.savefig(out_path, format="png", metadata={"Software": None})
+    return [int(box[2].start + k) for k in slices]
+
+
+def plot_reliability(images, out_path, n_slices=6, title=""):
+    """Axial slices of the reliability map: the magnitude with the brain mask outlined and the voxels the map
+    excludes filled in :data:`EXCLUDED_COLOUR`, and below it the echo-fit residual on :data:`RESIDUAL_RANGE_RAD`
+    in the brain mask (when there is one); saves a PNG. The slices are those with the most excluded voxels,
+    then slices spread over the brain mask, ``n_slices`` in all. Returns the slice indices shown (RAS-closest
+    inferior-superior axis)."""
+    if images.reliable_mask is None or images.brain_mask is None:
+        raise ValueError("no reliability map and brain mask to plot")
+    box = _crop_box(images)
+    brain = images.brain_mask[box]
+    excluded = brain & ~images.reliable_mask[box]
+    per_slice = excluded.sum(axis=(0, 1))
+    worst = [int(k) for k in np.argsort(-per_slice, kind="stable")[:n_slices] if per_slice[k] > 0]
+    spread = [int(k) for k in _axial_slices(brain, n_slices) if k not in worst]
+    slices = np.sort(np.array(worst + spread[:n_slices - len(worst)], dtype=int))
+    magnitude = _crop(images.magnitude, box)
+    rows = [("Magnitude (RSS)\nred: brain mask\nyellow: excluded", magnitude,
+             dict(cmap="gray", vmin=0, vmax=_magnitude_limit(magnitude, brain)), "a.u.")]
+    if images.fit_residual_rad is not None:
+        rows.append(("Echo-fit residual\n(brain mask)", _masked(images.fit_residual_rad[box], brain),
+                     dict(cmap="viridis", vmin=RESIDUAL_RANGE_RAD[0], vmax=RESIDUAL_RANGE_RAD[1]), "rad"))
+    overlay = np.zeros(excluded.shape + (4,), np.float32)
+    overlay[excluded] = (*EXCLUDED_COLOUR, 1.0)
+    aspect = _view_aspect(images.zooms_mm, 2, 0)
+    panel_h = 1.7 * aspect * brain.shape[1] / brain.shape[0]
+    fig = Figure(figsize=(11.0, len(rows) * panel_h + 0.9), dpi=100, facecolor="white")
+    grid = fig.add_gridspec(len(rows), slices.size + 2, width_ratios=[1.1] + [1] * slices.size + [0.07],
+                            wspace=0.05, hspace=0.08, left=0.01, right=0.93, top=1 - 0.7 / fig.get_figheight(),
+                            bottom=0.02)
+    for r, (label, volume, style, unit) in enumerate(rows):
+        label_ax = fig.add_subplot(grid[r, 0])
+        label_ax.axis("off")
+        label_ax.text(0.95, 0.5, label, ha="right", va="center", fontsize=11, transform=label_ax.transAxes)
+        image = None
+        for c, k in enumerate(slices):
+            ax = fig.add_subplot(grid[r, c + 1])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_facecolor(_BACKGROUND)
+            if r == 0:
+                ax.set_title(f"z={box[2].start + k}: {per_slice[k]} excluded", fontsize=9)
+            if volume is None:
+                ax.text(0.5, 0.5, "file missing", color="white", ha="center", va="center", transform=ax.transAxes)
+                continue
+            image = ax.imshow(section(volume, "axial", k), origin="lower", interpolation="nearest", aspect=aspect,
+                              vmin=style["vmin"], vmax=style["vmax"], cmap=_cmap(style["cmap"]))
+            if r == 0:
+                ax.imshow(np.transpose(overlay[:, :, k], (1, 0, 2)), origin="lower", interpolation="nearest",
+                          aspect=aspect)
+                if brain[:, :, k].any():
+                    ax.contour(section(brain, "axial", k).astype(np.float32), levels=[0.5], colors="red",
+                               linewidths=0.8, origin="lower")
+            _draw_letters(ax, ("L", "R", "P", "A"))
+        if image is not None:
+            bar = fig.colorbar(image, cax=fig.add_subplot(grid[r, slices.size + 1]))
+            bar.set_label(_range_label(style, unit), fontsize=9)
+            bar.ax.tick_params(labelsize=8)
+    height = fig.get_figheight()
+    fig.suptitle(title, fontsize=13, y=1 - 0.2 / height)
+    fig.text(0.5, 1 - 0.5 / height, f"{int(excluded.sum())} brain-mask voxels excluded. "
              + _orientation_note(images), ha="center", va="center", fontsize=10)
     fig.savefig(out_path, format="png", metadata={"Software": None})
     return [int(box[2].start + k) for k in slices]

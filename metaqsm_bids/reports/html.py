@@ -13,7 +13,8 @@ from .. import __version__
 from ..io.derivatives import atomic_write, group_summary
 from ..io.validation import ensure_bidsignore
 from . import content
-from .figures import CHI_RANGE_PPM, load_run_images, plot_chi_mosaic, plot_overview
+from .figures import (CHI_RANGE_PPM, RESIDUAL_RANGE_RAD, load_run_images, plot_chi_mosaic, plot_overview,
+                      plot_reliability)
 
 #: Report files the BIDS validator must skip (they are not BIDS files).
 BIDSIGNORE = ("*.html", "**/figures")
@@ -94,7 +95,34 @@ def _figures(run, images, output_dir, figures_dir, chi_range_ppm):
         atomic_write(mosaic, lambda tmp: plot_chi_mosaic(images, tmp, chi_range_ppm,
                                                            title=f"{run.name}: susceptibility (Chimap)"))
         figures["mosaic"] = mosaic.relative_to(output_dir).as_posix()
+    if images.reliable_mask is not None and images.brain_mask is not None:
+        reliability = figures_dir / f"{run.name}_desc-reliability_mask.png"
+        atomic_write(reliability, lambda tmp: plot_reliability(images, tmp,
+                                                                 title=f"{run.name}: reliability map"))
+        figures["reliability"] = reliability.relative_to(output_dir).as_posix()
     return figures, ranges
+
+
+def _reliability_figure(run, stats, figure):
+    """The reliability map's figure and a caption with its thresholds (from the sidecar) and its count."""
+    bfr = run.provenance.get("BackgroundFieldRemoval", {})
+    signal = bfr.get("MinSignalFraction")
+    residual = bfr.get("MaxResidualRad")
+    rules = ([f"an RSS magnitude below {signal:g} × its median in the brain mask"] if signal is not None else []) \
+        + ([f"an echo-fit residual above {residual:g} rad"] if residual is not None else [])
+    fraction = stats.get("unreliable_fraction_of_brain")
+    residual_row = (" Below: the echo-fit residual (<code>desc-echofit_residual</code>) in the brain mask on "
+                    f"{RESIDUAL_RANGE_RAD[0]:g} to {RESIDUAL_RANGE_RAD[1]:g} rad."
+                    if run.paths.get("fit_residual_rad") is not None else "")
+    return (f"<figure><img src=\"{_e(figure)}\" alt=\"reliability map of {_e(run.name)}\">"
+            "<figcaption><b>Reliability map</b> (<code>desc-reliable_mask</code>): the brain-mask voxels whose field "
+            f"is trusted. <b>{_fmt(stats.get('unreliable_voxels'), 'd')} voxels "
+            f"({_fmt(None if fraction is None else 100 * fraction, '.2f')}% of the brain mask) were excluded</b>, "
+            "in yellow over the magnitude" + (f", for {' or '.join(rules)}" if rules else "")
+            + " (bone or air inside the brain mask, phase off the echo-time line); they are left out of background "
+            f"removal and of the QSM mask.{residual_row} Axial slices: those with the most excluded voxels, then "
+            "others spread over the brain mask; neurological convention.</figcaption>"
+            "</figure>\n")
 
 
 def _run_section(run, stats, warnings, figures, ranges, output_dir):
@@ -112,12 +140,17 @@ def _run_section(run, stats, warnings, figures, ranges, output_dir):
         parts.append(f"<figure><img src=\"{_e(figures['mosaic'])}\" alt=\"Chimap mosaic of {_e(run.name)}\">"
                      f"<figcaption>Axial Chimap slices on the fixed range {ranges['chi_ppm'][0]:g} to "
                      f"{ranges['chi_ppm'][1]:g} ppm; black is outside the QSM mask.</figcaption></figure>\n")
+    if "reliability" in figures:
+        parts.append(_reliability_figure(run, stats, figures["reliability"]))
+
     def stat(key, spec, scale=1):
         return _fmt(stats[key] * scale if key in stats else None, spec)
 
     rows = [
         ("Brain mask", f"{stat('brain_mask_voxels', 'd')} voxels, {stat('brain_volume_ml', '.0f')} mL, "
                        f"{stat('brain_fraction_of_fov', '.1f', 100)}% of the field of view"),
+        ("Reliability map", f"{stat('unreliable_voxels', 'd')} voxels of the brain mask excluded "
+                            f"({stat('unreliable_fraction_of_brain', '.2f', 100)}%)"),
         ("QSM mask", f"{stat('qsm_mask_voxels', 'd')} voxels, {stat('qsm_fraction_of_brain', '.0f', 100)}% of the "
                      "brain mask"),
         ("χ in the QSM mask", f"mean {stat('chi_mean_ppm', '.4f')} ppm, SD {stat('chi_sd_ppm', '.4f')} ppm, "

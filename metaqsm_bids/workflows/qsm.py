@@ -1,4 +1,5 @@
-"""The per-run QSM workflow: phase scaling -> brain mask -> total field -> background removal -> inversion -> sink."""
+"""The per-run QSM workflow: phase scaling -> brain mask -> total field -> reliability map and background removal
+-> inversion -> sink."""
 import nibabel as nib
 import numpy as np
 from nipype.pipeline import engine as pe
@@ -104,9 +105,9 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_par
         (prep, sink, [("provenance", "phase_provenance")]),
         (mask, sink, [("mask_file", "brain_mask_file"), ("provenance", "mask_provenance")]),
         (field, sink, [("field_file", "total_field_file"), ("magnitude_rss_file", "magnitude_rss_file"),
-                       ("provenance", "field_provenance")]),
+                       ("residual_file", "fit_residual_file"), ("provenance", "field_provenance")]),
         (bfr, sink, [("local_field_file", "local_field_file"), ("mask_file", "qsm_mask_file"),
-                     ("provenance", "bfr_provenance")]),
+                     ("reliable_mask_file", "reliable_mask_file"), ("provenance", "bfr_provenance")]),
         (invert, sink, [("chimap_file", "chimap_file"), ("provenance", "inversion_provenance")]),
     ])
     templates = [space for space in output_spaces or () if space[0] != "orig"]
