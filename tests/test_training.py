@@ -141,3 +141,60 @@ def test_resume_refuses_a_checkpoint_without_a_network_setting(tmp_path):
     torch.save(ckpt, tmp_path / "last.pt")
     with pytest.raises(ValueError, match="differ from the checkpoint's: fold"):
         train({**TINY, "steps": 3}, tmp_path, resume=True, progress=False)
+
+
+def _tiny_cli(out, *extra):
+    return ["--out", str(out), "--patch", "16", "16", "8", "--val-every", "1", "--val-samples", "1", "--threads", "1",
+            "--device", "cpu", "--no-progress", *extra]
+
+
+def test_init_from_an_exported_model(tmp_path, capsys):
+    """--init-from starts at exactly the parent's weights, takes its architecture and schedule, continues its
+    step count (schedule and lineage), and refuses architecture options that differ from the parent's."""
+    torch.set_num_threads(1)
+    models = tmp_path / "models"
+    # the parent: a non-default architecture and a schedule that halves the learning rate every step
+    assert train_main(_tiny_cli(tmp_path / "parent", "--steps", "2", "--channels", "2", "3", "--hidden", "4",
+                                "--conditioning", "voxel", "--lr", "1e-3", "--lr-decay", "0.5", "--lr-decay-steps",
+                                "1", "--export", "parent", "--export-dir", str(models))) == 0
+    parent_meta = json.loads((models / "parent.json").read_text())
+    assert parent_meta["init_from"] is None and parent_meta["cumulative_steps"] == parent_meta["steps"] == 2
+    parent_pt = str(models / "parent.pt")
+
+    # learning rate 0: the exported child holds exactly the weights it started from
+    assert train_main(_tiny_cli(tmp_path / "frozen", "--steps", "1", "--init-from", parent_pt, "--lr", "0",
+                                "--export", "frozen", "--export-dir", str(models))) == 0
+    start = load_model("parent", "cpu", models).state_dict()
+    frozen = load_model("frozen", "cpu", models).state_dict()
+    assert start.keys() == frozen.keys() and all(torch.equal(start[k], frozen[k]) for k in start)
+
+    # no architecture or schedule options: the parent's, with the schedule at the parent's step 2 (1e-3 / 4)
+    assert train_main(_tiny_cli(tmp_path / "child", "--steps", "2", "--init-from", parent_pt, "--channels", "2", "3",
+                                "--export", "child", "--export-dir", str(models))) == 0
+    meta = json.loads((models / "child.json").read_text())
+    assert meta["config"] == parent_meta["config"]
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "child" / "log.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([2.5e-4, 1.25e-4])
+    assert meta["init_from"] == {"name": "parent", "sha256": parent_meta["sha256"], "steps": 2,
+                                 "wall_time_s": parent_meta["wall_time_s"]}
+    assert meta["steps"] == 2 and meta["cumulative_steps"] == 4
+    assert meta["cumulative_wall_time_s"] == pytest.approx(parent_meta["wall_time_s"] + meta["wall_time_s"], abs=0.1)
+    run = json.loads((tmp_path / "child" / "run.json").read_text())
+    assert run["train_cfg"]["init_from"] == meta["init_from"]
+    # --resume of such a run names the same parent (it is part of the run's settings)
+    assert train_main(_tiny_cli(tmp_path / "child", "--steps", "3", "--resume", "--init-from", parent_pt)) == 0
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "child" / "log.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([2.5e-4, 1.25e-4, 6.25e-5])
+
+    # the grandchild's lineage counts both ancestors
+    assert train_main(_tiny_cli(tmp_path / "grandchild", "--steps", "1", "--init-from", str(models / "child.pt"),
+                                "--export", "grandchild", "--export-dir", str(models))) == 0
+    grandchild = json.loads((models / "grandchild.json").read_text())
+    assert grandchild["init_from"]["steps"] == 4 and grandchild["cumulative_steps"] == 5
+
+    capsys.readouterr()
+    assert train_main(_tiny_cli(tmp_path / "bad", "--init-from", parent_pt, "--channels", "4", "4",
+                                "--conditioning", "voxel+b0")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--channels 4 4 (the parent's: 2 3)" in err and "--conditioning voxel+b0" in err
+    assert not (tmp_path / "bad").exists()

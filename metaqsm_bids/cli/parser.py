@@ -100,6 +100,10 @@ def build_parser():
                      help="storage orientations the network's prediction is averaged over (metaqsm, mesaqsm): "
                           "'flips' (8 passes) gives the same map for flipped or reordered storage of the volume; "
                           "'all' (16) also for swapped in-plane axes; 'canonical' is one pass")
+    qsm.add_argument("--network-data-consistency", type=_positive_float, metavar="LAMBDA",
+                     help="follow the network (metaqsm, mesaqsm) with a closed-form k-space data-consistency step "
+                          "of this weight (dimensionless; the field decides where the dipole kernel's square "
+                          "exceeds it, e.g. 0.01; see metaqsm_bids.qsm.inversion.consistency); off by default")
     qsm.add_argument("--tkd-threshold", type=_positive_float, default=0.2,
                      help="TKD truncation threshold of the dipole kernel")
     qsm.add_argument("--medi-lambda", type=_positive_float, default=1000.0,

@@ -267,10 +267,12 @@ def run_participant(opts):
         })
         nipype_logging.update_logging(nipype_config)
         _route_nipype_logging(opts.verbose)
+        network_params = {"orientations": opts.network_orientations}
+        if opts.network_data_consistency is not None:  # off: the sidecar stays as without the option
+            network_params["data_consistency_lambda"] = opts.network_data_consistency
         inversion_params = {"tkd": {"threshold": opts.tkd_threshold},
                             "medi": {"lambda_": opts.medi_lambda},
-                            "metaqsm": {"orientations": opts.network_orientations},
-                            "mesaqsm": {"orientations": opts.network_orientations}}.get(opts.inversion, {})
+                            "metaqsm": network_params, "mesaqsm": network_params}.get(opts.inversion, {})
         wf = init_metaqsm_wf(
             runs_by_subject, work_dir=opts.work_dir, user_masks=user_masks,
             bids_dir=opts.bids_dir, output_dir=opts.output_dir, inversion=opts.inversion,

@@ -1,10 +1,17 @@
-"""``metaqsm-train``: train Meta-QSM (or Mesa-QSM) on synthetic data, resume, and export to package data."""
+"""``metaqsm-train``: train Meta-QSM (or Mesa-QSM) on synthetic data, resume, continue from an exported
+model, and export to package data."""
 import argparse
 import shlex
 import sys
 from pathlib import Path
 
 from ..qsm.network.deepqsm import MODELS_DIR
+
+#: Architecture options (argparse dest -> network config key): with --init-from they come from the parent.
+ARCHITECTURE_OPTIONS = {"arch": "arch", "channels": "channels", "fold": "fold", "hidden": "hidden",
+                        "conditioning": "conditioning", "fixed_voxel_size": "fixed_voxel_size_mm", "input": "input"}
+#: Learning-rate schedule options: with --init-from they default to the parent's recipe.
+SCHEDULE_OPTIONS = ("lr", "lr_decay", "lr_decay_steps")
 
 
 def build_parser():
@@ -14,7 +21,16 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, logs); keep it out of the repo")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="train until this many steps in total")
+    p.add_argument("--init-from", metavar="NAME",
+                   help="start a new run from the weights of model NAME (one in the package data, or the path "
+                        "of an exported NAME.pt with its NAME.json beside it), with its architecture "
+                        "(architecture options may only repeat it) and, unless given, its learning-rate "
+                        "schedule; batches and the learning rate continue from its step count. The optimiser "
+                        "restarts warm: fresh RMSprop state (the state is not exported: it would double a "
+                        "model's size), learning rate continued from the parent's schedule position. The "
+                        "exported .json records init_from and the cumulative steps and wall time")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"],
+                   help="train until this many steps in the run (with --init-from: on top of the parent's)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--patch", type=int, nargs=3, default=DEFAULTS["patch"], metavar=("I", "J", "K"),
                    help="training crop size in voxels (each a multiple of fold * 2**(levels - 1))")
@@ -32,9 +48,12 @@ def build_parser():
     p.add_argument("--input", choices=("field", "field+tkd"), default=DEFAULTS["input"],
                    help="network input: the local field (the paper's), or the field and its TKD inverse "
                         "with the network learning TKD's correction (residual)")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="initial RMSprop learning rate")
-    p.add_argument("--lr-decay", type=float, default=DEFAULTS["lr_decay"], help="learning-rate factor per decay period")
-    p.add_argument("--lr-decay-steps", type=int, default=DEFAULTS["lr_decay_steps"], help="decay period (steps)")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"],
+                   help="initial RMSprop learning rate (with --init-from: the parent's unless given)")
+    p.add_argument("--lr-decay", type=float, default=DEFAULTS["lr_decay"],
+                   help="learning-rate factor per decay period (with --init-from: the parent's unless given)")
+    p.add_argument("--lr-decay-steps", type=int, default=DEFAULTS["lr_decay_steps"],
+                   help="decay period (steps; with --init-from: the parent's unless given)")
     p.add_argument("--l2", type=float, default=DEFAULTS["l2"], help="L2 strength on the convolution/predictor weights")
     p.add_argument("--val-every", type=int, default=DEFAULTS["val_every"], help="validate every N steps")
     p.add_argument("--ckpt-every", type=int, default=DEFAULTS["ckpt_every"], help="checkpoint every N steps")
@@ -48,19 +67,32 @@ def build_parser():
     return p
 
 
+def _given_options(argv, dests):
+    """The options among ``dests`` (argparse dests) that ``argv`` sets explicitly."""
+    unset = object()  # not a string: argparse would parse a string default as a value
+    parser = build_parser()
+    parser.set_defaults(**dict.fromkeys(dests, unset))
+    args = vars(parser.parse_args(argv))
+    return {dest for dest in dests if args[dest] is not unset}
+
+
+def _option(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def _words(value):
+    return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) if isinstance(value, list) \
+        else str(value)
+
+
 def main(argv=None):
     """Entry point of ``metaqsm-train``; returns the exit status."""
     args = build_parser().parse_args(argv)
     import torch
 
     from ..qsm.network.device import resolve_device
-    from ..training.train import export_model, train
+    from ..training.train import export_model, load_parent, train
 
-    if args.arch == "mesa" and args.fixed_voxel_size is None:
-        print("metaqsm-train: --arch mesa needs --fixed-voxel-size", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = {
         "arch": args.arch, "channels": args.channels, "fold": args.fold, "hidden": args.hidden,
         "conditioning": args.conditioning, "fixed_voxel_size_mm": args.fixed_voxel_size, "input": args.input, "steps": args.steps,
@@ -68,17 +100,42 @@ def main(argv=None):
         "lr_decay_steps": args.lr_decay_steps, "l2": args.l2, "val_every": args.val_every,
         "ckpt_every": args.ckpt_every, "val_samples": args.val_samples, "seed": args.seed,
     }
-    multiple = args.fold * 2 ** (len(args.channels) - 1)
+    parent = None
+    if args.init_from:
+        try:
+            parent, parent_meta, cfg["init_from"] = load_parent(args.init_from)
+        except ValueError as err:
+            print(f"metaqsm-train: --init-from: {err}", file=sys.stderr)
+            return 2
+        given = _given_options(argv, (*ARCHITECTURE_OPTIONS, *SCHEDULE_OPTIONS))
+        conflicts = [f"{_option(dest)} {_words(cfg[key])} (the parent's: {_words(parent.config[key])})"
+                     for dest, key in ARCHITECTURE_OPTIONS.items()
+                     if dest in given and _words(cfg[key]) != _words(parent.config[key])]
+        if conflicts:
+            print(f"metaqsm-train: --init-from {args.init_from} fixes the architecture; drop or correct "
+                  f"{'; '.join(conflicts)}", file=sys.stderr)
+            return 2
+        cfg.update({key: parent.config[key] for key in ARCHITECTURE_OPTIONS.values()})
+        cfg.update({key: parent_meta["recipe"][key] for key in SCHEDULE_OPTIONS
+                    if key not in given and key in parent_meta["recipe"]})
+    if cfg["arch"] == "mesa" and cfg["fixed_voxel_size_mm"] is None:
+        print("metaqsm-train: --arch mesa needs --fixed-voxel-size", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    multiple = cfg["fold"] * 2 ** (len(cfg["channels"]) - 1)
     if any(n % multiple for n in args.patch):
-        print(f"metaqsm-train: --patch sizes must be multiples of {multiple} for --fold {args.fold} and "
-              f"{len(args.channels)} levels", file=sys.stderr)
+        print(f"metaqsm-train: --patch sizes must be multiples of {multiple} for --fold {cfg['fold']} and "
+              f"{len(cfg['channels'])} levels", file=sys.stderr)
         return 2
     command = shlex.join(["metaqsm-train", *(sys.argv[1:] if argv is None else argv)])
     try:
         device = resolve_device(args.device)
         state = train(cfg, args.out, resume=args.resume, device=device, progress=not args.no_progress,
-                      command=command)
-        print(f"step {state['step']}, best validation NRMSE {state['best_nrmse']:.1f} %, "
+                      command=command, parent=parent)
+        lineage = f" (cumulative {cfg['init_from']['steps'] + state['step']} from {cfg['init_from']['name']})" \
+            if parent is not None else ""
+        print(f"step {state['step']}{lineage}, best validation NRMSE {state['best_nrmse']:.1f} %, "
               f"{state['wall_s'] / 60:.1f} min of training in {args.out}")
         if args.export:
             print(f"exported {export_model(args.out, args.export, args.export_dir)}")

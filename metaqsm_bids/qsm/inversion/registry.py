@@ -11,6 +11,7 @@ import inspect
 import numpy as np
 
 from ..network.models import MESAQSM_MODEL, METAQSM_MODEL
+from .consistency import data_consistency
 from .ilsqr import ilsqr
 from .l2 import l2
 from .medi import medi
@@ -18,13 +19,16 @@ from .tkd import tkd
 
 
 def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=METAQSM_MODEL, device="auto",
-            orientations="flips", info=None):
+            orientations="flips", data_consistency_lambda=None, info=None):
     """Meta-QSM: the shipped weight-predicting U-Net (one model for every voxel size and B0 direction).
 
     ``model`` names weights in the package data; ``device`` is ``auto``, ``cpu`` or ``cuda``;
     ``orientations`` (``canonical``, ``flips``, ``all``) the storage orientations the prediction
     averages over (:func:`metaqsm_bids.qsm.network.deepqsm.orientation_transforms`: ``flips``, the default,
     makes the map independent of flipped or reordered storage at 8 passes' cost).
+    ``data_consistency_lambda`` (dimensionless, > 0; None, the default: off) follows the network with
+    the closed-form k-space data-consistency step :func:`.consistency.data_consistency`, which fits
+    the field wherever the dipole kernel's square exceeds about this value.
     Like the other methods the result is demeaned inside the mask. ``info`` receives the
     model name, its sha256 and the device used. torch and the model load only when called.
     """
@@ -34,6 +38,8 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
     device = resolve_device(device)
     net = load_model(model, device=device)
     chi = predict_chi(net, local_field_ppm, mask, voxel_size_mm, b0_dir, device=device, orientations=orientations)
+    if data_consistency_lambda is not None:
+        chi = data_consistency(chi, local_field_ppm, mask, voxel_size_mm, b0_dir, data_consistency_lambda)
     inside = np.asarray(mask, bool)
     chi[inside] -= chi[inside].mean(dtype=np.float64)
     if info is not None:
@@ -44,11 +50,11 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
 
 
 def mesaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=MESAQSM_MODEL, device="auto",
-            orientations="flips", info=None):
+            orientations="flips", data_consistency_lambda=None, info=None):
     """Mesa-QSM, the control: the same U-Net with plain convolutions, trained at one voxel size
     (warns at any other); see :func:`metaqsm`."""
     return metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir, model=model, device=device,
-                   orientations=orientations, info=info)
+                   orientations=orientations, data_consistency_lambda=data_consistency_lambda, info=info)
 
 
 #: Dipole inversion methods by name.

@@ -1,0 +1,103 @@
+"""The closed-form k-space data-consistency step: its limits, its normal equations, and a biased estimate fixed."""
+import numpy as np
+import pytest
+import scipy.fft as sfft
+
+from metaqsm_bids.qsm.core.dipole import dipole_kernel, forward_field_ppm
+from metaqsm_bids.qsm.inversion.consistency import data_consistency
+from metaqsm_bids.qsm.inversion.registry import invert
+from metaqsm_bids.qsm.network.deepqsm import load_model, predict_chi
+from tests.test_inversion import CASES, phantom, unit
+
+#: A periodic full-FOV case (fast FFT lengths, no padding: the box is the volume): anisotropic voxels, oblique B0.
+SHAPE, VOXEL, B0 = (24, 20, 16), (0.8, 1.1, 1.5), tuple(unit((0.2, -0.3, 0.9)))
+FULL = np.ones(SHAPE, bool)
+
+
+def nrmse(est, truth, mask):
+    """Demeaned NRMSE in the mask (QSM is relative)."""
+    e, t = est[mask] - est[mask].mean(), truth[mask] - truth[mask].mean()
+    return np.linalg.norm(e - t) / np.linalg.norm(t)
+
+
+def test_large_lambda_returns_the_network_estimate():
+    chi, mask, _ = phantom(*CASES["anisotropic-oblique"][:2])
+    shape, voxel, b0 = CASES["anisotropic-oblique"]
+    field = forward_field_ppm(chi, voxel, b0) * mask
+    chi_net = np.where(mask, np.random.default_rng(0).normal(0, 0.1, shape), 0).astype(np.float32)
+    out = data_consistency(chi_net, field, mask, voxel, b0, 1e7)
+    assert out.dtype == np.float32 and np.all(out[~mask] == 0)
+    np.testing.assert_allclose(out, chi_net, atol=1e-6)
+
+
+def test_small_lambda_recovers_the_susceptibility_where_the_kernel_is_not_small():
+    """A smooth chi whose spectrum lies where |D| > 0.2, its exact periodic field: as lambda -> 0 the
+    output's spectrum there is chi's, whatever chi_net is (relative error ~ lambda / 0.2^2 + float32)."""
+    rng = np.random.default_rng(1)
+    kernel = dipole_kernel(SHAPE, VOXEL, B0, half=True)
+    half = kernel.shape
+    freq = np.meshgrid(*[sfft.fftfreq(n) for n in SHAPE[:2]], sfft.rfftfreq(SHAPE[2]), indexing="ij")
+    lowpass = np.exp(-sum(f ** 2 for f in freq) / (2 * 0.15 ** 2))
+    keep = np.abs(kernel) > 0.2
+    spectrum = (rng.standard_normal(half) + 1j * rng.standard_normal(half)) * lowpass * keep
+    chi_true = sfft.irfftn(spectrum, s=SHAPE).astype(np.float32)
+    field = sfft.irfftn(kernel * sfft.rfftn(chi_true), s=SHAPE).astype(np.float32)
+    chi_net = rng.normal(0, chi_true.std(), SHAPE).astype(np.float32)
+
+    out = data_consistency(chi_net, field, FULL, VOXEL, B0, 1e-7, pad_voxels=0)
+
+    got, want = sfft.rfftn(out), sfft.rfftn(chi_true)
+    assert np.linalg.norm(got[keep] - want[keep]) < 1e-4 * np.linalg.norm(want[keep])
+    # where the field says nothing (D = 0: the mean) chi_net is kept
+    assert out.mean() == pytest.approx(chi_net.mean(), abs=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.01, 0.3, 3.0])
+def test_output_solves_the_normal_equations(lam):
+    """(D^2 + lambda) F chi = D F f + lambda F chi_net, mode by mode, for arbitrary (inconsistent) f and chi_net."""
+    rng = np.random.default_rng(2)
+    field, chi_net = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
+    kernel = dipole_kernel(SHAPE, VOXEL, B0, half=True).astype(np.float64)
+
+    out = data_consistency(chi_net, field, FULL, VOXEL, B0, lam, pad_voxels=0)
+
+    lhs = (kernel ** 2 + lam) * sfft.rfftn(out.astype(np.float64))
+    rhs = kernel * sfft.rfftn(field.astype(np.float64)) + lam * sfft.rfftn(chi_net.astype(np.float64))
+    assert np.abs(lhs - rhs).max() < 1e-5 * np.abs(rhs).max()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fixes_a_scale_biased_estimate(case):
+    """chi_net = 0.7 chi on the sphere phantoms (NRMSE 0.30): lambda = 0.01 brings it to 0.11-0.14 (measured)."""
+    shape, voxel, b0 = CASES[case]
+    chi, mask, _ = phantom(shape, voxel)
+    field = forward_field_ppm(chi, voxel, b0) * mask
+    biased = 0.7 * chi
+    out = data_consistency(biased, field, mask, voxel, b0, 0.01)
+    assert nrmse(biased, chi, mask) == pytest.approx(0.3, abs=1e-4)
+    assert nrmse(out, chi, mask) < 0.16
+
+
+@pytest.mark.parametrize("lam, chi_shape, message", [(0.0, SHAPE, "positive"), (np.inf, SHAPE, "positive"),
+                                                     (0.1, (4, 4, 4), "shape")])
+def test_rejects_bad_input(lam, chi_shape, message):
+    with pytest.raises(ValueError, match=message):
+        data_consistency(np.zeros(chi_shape), np.zeros(SHAPE), FULL, VOXEL, B0, lam)
+
+
+def test_metaqsm_option_applies_the_step_to_the_network_map():
+    """``data_consistency_lambda`` of the Meta-QSM inversion: on, the network's map (absolute, before the
+    demeaning) goes through the step, then is demeaned; here it also helps."""
+    shape, voxel, b0 = CASES["isotropic"]
+    chi, mask, _ = phantom(shape, voxel)
+    field = forward_field_ppm(chi, voxel, b0) * mask
+    common = {"device": "cpu", "orientations": "canonical"}
+    plain = invert("metaqsm", field, mask, voxel, b0, **common)
+    info = {}
+    fitted = invert("metaqsm", field, mask, voxel, b0, data_consistency_lambda=0.01, info=info, **common)
+    network = predict_chi(load_model(), field, mask, voxel, b0)  # one pass, as "canonical"
+    expected = data_consistency(network, field, mask, voxel, b0, 0.01)
+    expected[mask] -= expected[mask].mean()
+    np.testing.assert_allclose(fitted, expected, atol=1e-5)
+    assert abs(fitted[mask].mean()) < 1e-6 and info["Model"] == "metaqsm-v3"
+    assert nrmse(fitted, chi, mask) < nrmse(plain, chi, mask)
