@@ -105,12 +105,12 @@ def mask_stage(sim, voxel):
     return rows, mask
 
 
-def bfr_stage(sim, voxel, b0_dir, methods, rss):
+def bfr_stage(sim, voxel, b0_dir, methods, rss, resharp_radius_mm):
     brain = sim.brain_mask
     local_ppm = physics.field_hz_to_ppm(sim.local_field_hz, B0_TESLA)
     rows = {}
     for method in methods:
-        params = {"magnitude": rss} if method == "pdf" else {}
+        params = {"pdf": {"magnitude": rss}, "resharp": {"radius_mm": resharp_radius_mm}}.get(method, {})
         start = time.perf_counter()
         result = remove_background(method, sim.total_field_hz, brain, voxel, b0_dir, **params)
         wall = time.perf_counter() - start
@@ -122,7 +122,7 @@ def bfr_stage(sim, voxel, b0_dir, methods, rss):
                         "coverage": float(np.count_nonzero(region & brain) / brain.sum()),
                         "tkd_nrmse": score(chi, sim, region)["nrmse"],
                         "tkd_true_local_nrmse": score(reference, sim, region)["nrmse"], "seconds": wall}
-    floor = remove_background("resharp", sim.local_field_hz, brain, voxel, b0_dir)
+    floor = remove_background("resharp", sim.local_field_hz, brain, voxel, b0_dir, radius_mm=resharp_radius_mm)
     rows["floor: resharp of the true local field"] = {
         "relative_error": relative_error(floor.local_field, sim.local_field_hz, floor.mask),
         "coverage": float(floor.mask.sum() / brain.sum())}
@@ -149,7 +149,7 @@ def inversion_stage(sim, voxel, b0_dir, methods, rss):
     return rows
 
 
-def pipeline_stage(sim, voxel, b0_dir, methods):
+def pipeline_stage(sim, voxel, b0_dir, methods, resharp_radius_mm):
     """The CLI's steps in this process, from raw phase (what ``composed`` runs through the CLI, minus the I/O)."""
     tes = sim.protocol.echo_times_s
     rss = np.sqrt((sim.magnitude ** 2).sum(-1)).astype(np.float32)
@@ -157,7 +157,7 @@ def pipeline_stage(sim, voxel, b0_dir, methods):
     mask = mask_stage(sim, voxel)[1]
     fit = fit_total_field(sim.magnitude, sim.phase_rad, tes, voxel)
     reliable = reliable_voxels(mask, rss, fit.residual_rad)
-    bfr = remove_background("resharp", fit.field_hz, reliable, voxel, b0_dir)
+    bfr = remove_background("resharp", fit.field_hz, reliable, voxel, b0_dir, radius_mm=resharp_radius_mm)
     upstream = time.perf_counter() - start
     local_ppm = physics.field_hz_to_ppm(bfr.local_field, B0_TESLA)
     rows = {}
@@ -170,21 +170,23 @@ def pipeline_stage(sim, voxel, b0_dir, methods):
                         "excluded": float(np.count_nonzero(mask & ~reliable) / mask.sum()),
                         "seconds": upstream + time.perf_counter() - start}
     # the yardstick: the same background removal and inversion from the true total field and true mask
-    truth = remove_background("resharp", sim.total_field_hz, sim.brain_mask, voxel, b0_dir)
+    truth = remove_background("resharp", sim.total_field_hz, sim.brain_mask, voxel, b0_dir,
+                              radius_mm=resharp_radius_mm)
     chi = invert("tkd", physics.field_hz_to_ppm(truth.local_field, B0_TESLA), truth.mask, voxel, b0_dir)
     rows["tkd from the true total field"] = {
         **score(chi, sim, truth.mask), "coverage": float(truth.mask.sum() / sim.brain_mask.sum())}
     return rows
 
 
-def composed_stage(sim, methods, out_root):
+def composed_stage(sim, methods, out_root, resharp_radius_mm):
     exe = Path(sys.executable).with_name("metaqsm")
     rows = {}
     for method in methods:
-        out = out_root / f"out-{method}"
+        out = out_root / f"out-{method}-resharp{resharp_radius_mm:g}mm"
         start = time.perf_counter()
         run = subprocess.run([str(exe), str(sim.bids_dir), str(out), "participant", "-w", str(out_root / "work"),
-                              "--inversion", method, "--nprocs", "1", "--omp-nthreads", "2"],
+                              "--inversion", method, "--bfr-radius-mm", str(resharp_radius_mm),
+                              "--nprocs", "1", "--omp-nthreads", "2"],
                              capture_output=True, text=True)
         wall = time.perf_counter() - start
         if run.returncode:
@@ -220,6 +222,8 @@ def main(argv=None):
     parser.add_argument("--inversions", nargs="+", default=["tkd", "l2", "ilsqr", "medi", "mesaqsm", "metaqsm"],
                         choices=sorted(INVERSIONS))
     parser.add_argument("--composed", nargs="+", default=["tkd", "metaqsm"], choices=sorted(INVERSIONS))
+    parser.add_argument("--resharp-radius-mm", type=float, default=6.0,
+                        help="RESHARP's SMV radius in the bfr, pipeline and composed stages (the CLI's default: 6)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args(argv)
@@ -250,7 +254,7 @@ def main(argv=None):
                     print(f"  brain mask ({step}): Dice {m['dice']:.3f}, extra {m['extra']:.1%}, "
                           f"missed {m['missed']:.1%}")
             if "bfr" in args.stages:
-                res["bfr"] = bfr_stage(sim, voxel, b0_dir, args.bfr, rss)
+                res["bfr"] = bfr_stage(sim, voxel, b0_dir, args.bfr, rss, args.resharp_radius_mm)
                 _print_table("background removal from the true total field (true brain mask)", res["bfr"],
                              ("relative_error", "correlation", "coverage", "tkd_nrmse", "tkd_true_local_nrmse"))
             if "inversion" in args.stages:
@@ -258,11 +262,12 @@ def main(argv=None):
                 _print_table("inversion from the true local field (true brain mask)", res["inversion"],
                              METRICS + ("seconds",))
             if "pipeline" in args.stages:
-                res["pipeline"] = pipeline_stage(sim, voxel, b0_dir, args.composed)
-                _print_table("pipeline steps in-process from raw phase (RESHARP 6 mm)", res["pipeline"],
+                res["pipeline"] = pipeline_stage(sim, voxel, b0_dir, args.composed, args.resharp_radius_mm)
+                _print_table(f"pipeline steps in-process from raw phase (RESHARP {args.resharp_radius_mm:g} mm)", res["pipeline"],
                              METRICS + ("dice", "coverage", "excluded", "seconds"))
             if "composed" in args.stages:
-                res["composed"] = composed_stage(sim, args.composed, Path(args.cache) / name / "cli")
+                res["composed"] = composed_stage(sim, args.composed, Path(args.cache) / name / "cli",
+                                                 args.resharp_radius_mm)
                 _print_table("composed: metaqsm CLI from raw phase", res["composed"],
                              METRICS + ("dice", "coverage", "seconds"))
     if args.json:
