@@ -13,12 +13,9 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..io.derivatives import BIDSIGNORE, bids_uri, derivative_path, software_versions, write_json, write_nifti
+from ..io.derivatives import (BIDSIGNORE, RELIABILITY_KEYS, bids_uri, derivative_path, software_versions, write_json,
+                              write_nifti)
 from ..io.validation import ensure_bidsignore
-
-
-#: BackgroundFieldRemoval keys that describe the reliability map, repeated at the top of its sidecar.
-RELIABILITY_KEYS = ("MinSignalFraction", "MaxResidualRad", "UnreliableVoxelsExcluded", "UnreliableFractionOfBrain")
 
 
 class _WriteRunDerivativesInputSpec(BaseInterfaceInputSpec):

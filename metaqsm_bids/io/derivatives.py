@@ -36,6 +36,8 @@ PATH_PATTERNS = [
 #: Derivatives that BIDS has no suffix for, listed in ``.bidsignore`` (by the run's sink) so the dataset stays
 #: valid: the echo-fit residual (rad; BIDS field maps are in Hz, rad/s or T).
 BIDSIGNORE = ("*_residual.nii.gz", "*_residual.json")
+#: BackgroundFieldRemoval sidecar keys that describe the reliability map (its thresholds and counts).
+RELIABILITY_KEYS = ("MinSignalFraction", "MaxResidualRad", "UnreliableVoxelsExcluded", "UnreliableFractionOfBrain")
 
 #: Key packages whose versions go into every sidecar.
 _PACKAGES = ("numpy", "scipy", "nibabel", "nipype", "pybids", "torch")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.derivatives import RELIABILITY_KEYS
+
 #: Derivative kinds of a run: (datatype folder, file-name tail after the run prefix).
 KINDS = {
     "magnitude": ("fmap", "desc-total_magnitude"),
@@ -299,7 +301,7 @@ INVERSION_METHODS = {
 _NOT_PARAMETERS = {"Method", "Units", "ElapsedSeconds", "B0DirectionVoxel", "VoxelSizeMm", "MagneticFieldStrength",
                    "Warnings", "EchoTime", "Input", "Voxels", "Iterations", "RelativeResidual",
                    # the reliability map's: its thresholds have a sentence of their own, its counts differ per run
-                   "MinSignalFraction", "MaxResidualRad", "UnreliableVoxelsExcluded", "UnreliableFractionOfBrain"}
+                   *RELIABILITY_KEYS}
 
 
 def format_value(value):
