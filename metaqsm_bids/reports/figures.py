@@ -183,35 +183,15 @@ def plot_overview(images, out_path, chi_range_ppm=CHI_RANGE_PPM, title=""):
     fig = Figure(figsize=(11.0, 12.4), dpi=100, facecolor="white")
     grid = fig.add_gridspec(len(rows), 5, width_ratios=[0.9, 1, 1, 1, 0.07], wspace=0.06, hspace=0.12,
                             left=0.01, right=0.93, top=0.90, bottom=0.02)
-    for r, (label, volume, style, unit) in enumerate(rows):
-        label_ax = fig.add_subplot(grid[r, 0])
-        label_ax.axis("off")
-        label_ax.text(0.95, 0.5, label, ha="right", va="center", fontsize=12, transform=label_ax.transAxes)
-        image = None
-        for c, (view, axis, horizontal, letters) in enumerate(_VIEWS):
-            ax = fig.add_subplot(grid[r, c + 1])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_facecolor(_BACKGROUND)
-            if r == 0:
-                ax.set_title(view, fontsize=12)
-            if volume is None:
-                ax.text(0.5, 0.5, "file missing", color="white", ha="center", va="center", transform=ax.transAxes)
-                continue
-            cmap = _cmap(style["cmap"])
-            image = ax.imshow(section(volume, view, centre[axis]), origin="lower", interpolation="nearest",
-                              aspect=_view_aspect(images.zooms_mm, axis, horizontal),
-                              **{k: v for k, v in style.items() if k != "cmap"}, cmap=cmap)
-            if r == 0:
-                for mask, colour in ((images.brain_mask, "red"), (images.qsm_mask, "cyan")):
-                    if mask is not None and mask[box].any():
-                        ax.contour(section(mask[box], view, centre[axis]).astype(np.float32), levels=[0.5],
-                                   colors=colour, linewidths=1.0, origin="lower")
-            _draw_letters(ax, letters)
-        if image is not None:
-            bar = fig.colorbar(image, cax=fig.add_subplot(grid[r, 4]))
-            bar.set_label(_range_label(style, unit), fontsize=11)
-            bar.ax.tick_params(labelsize=10)
+    panels = [(view, centre[axis], view) for view, axis, _, _ in _VIEWS]
+
+    def outline_masks(ax, view, index):
+        for mask, colour in ((images.brain_mask, "red"), (images.qsm_mask, "cyan")):
+            if mask is not None and mask[box].any():
+                ax.contour(section(mask[box], view, index).astype(np.float32), levels=[0.5], colors=colour,
+                           linewidths=1.0, origin="lower")
+
+    _draw_rows(fig, grid, rows, panels, images.zooms_mm, outline_masks, label_size=12, small_size=11)
     fig.suptitle(title, fontsize=14, y=0.985)
     fig.text(0.5, 0.935, _orientation_note(images), ha="center", va="center", fontsize=11)
     fig.savefig(out_path, format="png", metadata={"Software": None})
@@ -309,40 +289,57 @@ def plot_reliability(images, out_path, n_slices=6, title=""):
     grid = fig.add_gridspec(len(rows), slices.size + 2, width_ratios=[1.1] + [1] * slices.size + [0.07],
                             wspace=0.05, hspace=0.08, left=0.01, right=0.93, top=1 - 0.7 / fig.get_figheight(),
                             bottom=0.02)
-    for r, (label, volume, style, unit) in enumerate(rows):
-        label_ax = fig.add_subplot(grid[r, 0])
-        label_ax.axis("off")
-        label_ax.text(0.95, 0.5, label, ha="right", va="center", fontsize=11, transform=label_ax.transAxes)
-        image = None
-        for c, k in enumerate(slices):
-            ax = fig.add_subplot(grid[r, c + 1])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_facecolor(_BACKGROUND)
-            if r == 0:
-                ax.set_title(f"z={box[2].start + k}: {per_slice[k]} excluded", fontsize=9)
-            if volume is None:
-                ax.text(0.5, 0.5, "file missing", color="white", ha="center", va="center", transform=ax.transAxes)
-                continue
-            image = ax.imshow(section(volume, "axial", k), origin="lower", interpolation="nearest", aspect=aspect,
-                              vmin=style["vmin"], vmax=style["vmax"], cmap=_cmap(style["cmap"]))
-            if r == 0:
-                ax.imshow(np.transpose(overlay[:, :, k], (1, 0, 2)), origin="lower", interpolation="nearest",
-                          aspect=aspect)
-                if brain[:, :, k].any():
-                    ax.contour(section(brain, "axial", k).astype(np.float32), levels=[0.5], colors="red",
-                               linewidths=0.8, origin="lower")
-            _draw_letters(ax, ("L", "R", "P", "A"))
-        if image is not None:
-            bar = fig.colorbar(image, cax=fig.add_subplot(grid[r, slices.size + 1]))
-            bar.set_label(_range_label(style, unit), fontsize=9)
-            bar.ax.tick_params(labelsize=8)
+    panels = [("axial", k, f"z={box[2].start + k}: {per_slice[k]} excluded") for k in slices]
+
+    def mark_excluded(ax, view, index):
+        ax.imshow(np.transpose(overlay[:, :, index], (1, 0, 2)), origin="lower", interpolation="nearest",
+                  aspect=aspect)
+        if brain[:, :, index].any():
+            ax.contour(section(brain, view, index).astype(np.float32), levels=[0.5], colors="red",
+                       linewidths=0.8, origin="lower")
+
+    _draw_rows(fig, grid, rows, panels, images.zooms_mm, mark_excluded, label_size=11, small_size=9)
     height = fig.get_figheight()
     fig.suptitle(title, fontsize=13, y=1 - 0.2 / height)
     fig.text(0.5, 1 - 0.5 / height, f"{int(excluded.sum())} brain-mask voxels excluded. "
              + _orientation_note(images), ha="center", va="center", fontsize=10)
     fig.savefig(out_path, format="png", metadata={"Software": None})
     return [int(box[2].start + k) for k in slices]
+
+
+def _draw_rows(fig, grid, rows, panels, zooms_mm, overlay, label_size, small_size):
+    """Draw rows of image panels into ``grid``: a label column, one column per panel, a colour bar per row.
+
+    ``rows``: (label, volume, style, unit), style holding cmap/vmin/vmax; ``panels``: (view, slice index,
+    column title); ``overlay(ax, view, index)`` draws over the panels of the first row.
+    """
+    geometry = {name: (axis, horizontal, letters) for name, axis, horizontal, letters in _VIEWS}
+    for r, (label, volume, style, unit) in enumerate(rows):
+        label_ax = fig.add_subplot(grid[r, 0])
+        label_ax.axis("off")
+        label_ax.text(0.95, 0.5, label, ha="right", va="center", fontsize=label_size, transform=label_ax.transAxes)
+        image = None
+        for c, (view, index, column_title) in enumerate(panels):
+            axis, horizontal, letters = geometry[view]
+            ax = fig.add_subplot(grid[r, c + 1])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_facecolor(_BACKGROUND)
+            if r == 0:
+                ax.set_title(column_title, fontsize=small_size)
+            if volume is None:
+                ax.text(0.5, 0.5, "file missing", color="white", ha="center", va="center", transform=ax.transAxes)
+                continue
+            image = ax.imshow(section(volume, view, index), origin="lower", interpolation="nearest",
+                              aspect=_view_aspect(zooms_mm, axis, horizontal), vmin=style["vmin"],
+                              vmax=style["vmax"], cmap=_cmap(style["cmap"]))
+            if r == 0:
+                overlay(ax, view, index)
+            _draw_letters(ax, letters)
+        if image is not None:
+            bar = fig.colorbar(image, cax=fig.add_subplot(grid[r, len(panels) + 1]))
+            bar.set_label(_range_label(style, unit), fontsize=small_size)
+            bar.ax.tick_params(labelsize=small_size - 1)
 
 
 def _magnitude_limit(magnitude, mask):
