@@ -17,14 +17,21 @@ deep grey nuclei and a calcification; shim field and phase offset on, peak SNR 1
   harmonic methods: RESHARP applied to the true local field itself;
 * **inversion, isolated**: fed the true local field on the true brain mask, each inversion
   scored with ``qsm_ci.qsm_eval.challenge_metrics``;
+* **pipeline**: the CLI's steps run in this process from the raw phase (mask, echo fit, reliability
+  map, ``--pipeline-bfr``, each inversion), beside TKD from the true total field with the same
+  background removal;
 * **composed**: the real ``metaqsm`` CLI from the raw phase, one run per inversion (upstream steps
   cached by nipype between them), scored the same way inside its QSM mask.
+
+``--data-consistency LAMBDA ...`` adds, in the inversion and pipeline stages, a row per lambda for
+each network inversion followed by the k-space data-consistency step.
 
 Scores are inside the true brain mask eroded by one voxel (and the method's mask). NRMSE and HFEN
 in %, DGM linearity |1 - slope|.
 
 Usage: python benchmarks/bench_stages.py [--cache DIR] [--protocols ...] [--inversions ...]
-           [--composed ...] [--stages field mask bfr inversion composed] [--json results.json]
+           [--composed ...] [--stages field mask bfr inversion pipeline composed] [--pipeline-bfr METHOD]
+           [--resharp-radius-mm R] [--data-consistency LAMBDA ...] [--json results.json]
 """
 import argparse
 import json
@@ -46,7 +53,8 @@ from metaqsm_bids.qsm.background.registry import BACKGROUND_REMOVALS, remove_bac
 from metaqsm_bids.qsm.core import physics  # noqa: E402
 from metaqsm_bids.qsm.field.echofit import fit_total_field  # noqa: E402
 from metaqsm_bids.qsm.field.reliability import reliable_voxels  # noqa: E402
-from metaqsm_bids.qsm.inversion.registry import INVERSIONS, invert  # noqa: E402
+from metaqsm_bids.qsm.inversion.consistency import data_consistency  # noqa: E402
+from metaqsm_bids.qsm.inversion.registry import INVERSIONS, NETWORK_INVERSIONS, invert  # noqa: E402
 from metaqsm_bids.qsm.inversion.tkd import tkd  # noqa: E402
 from metaqsm_bids.qsm.mask.brain import brain_mask, remove_extracerebral_csf  # noqa: E402
 
@@ -110,9 +118,9 @@ def bfr_stage(sim, voxel, b0_dir, methods, rss, resharp_radius_mm):
     local_ppm = physics.field_hz_to_ppm(sim.local_field_hz, B0_TESLA)
     rows = {}
     for method in methods:
-        params = {"pdf": {"magnitude": rss}, "resharp": {"radius_mm": resharp_radius_mm}}.get(method, {})
         start = time.perf_counter()
-        result = remove_background(method, sim.total_field_hz, brain, voxel, b0_dir, **params)
+        result = remove_background(method, sim.total_field_hz, brain, voxel, b0_dir,
+                                   **_bfr_inputs(method, rss, resharp_radius_mm))
         wall = time.perf_counter() - start
         region = result.mask
         chi = tkd(physics.field_hz_to_ppm(result.local_field, B0_TESLA), region, voxel, b0_dir)
@@ -129,6 +137,15 @@ def bfr_stage(sim, voxel, b0_dir, methods, rss, resharp_radius_mm):
     return rows
 
 
+def _bfr_inputs(method, rss, resharp_radius_mm):
+    """What a background removal takes besides field and mask, as the CLI passes them."""
+    return {"pdf": {"magnitude": rss}, "resharp": {"radius_mm": resharp_radius_mm}}.get(method, {})
+
+
+def _bfr_label(method, resharp_radius_mm):
+    return f"resharp {resharp_radius_mm:g} mm" if method == "resharp" else method
+
+
 def _inversion_inputs(method, rss, tes):
     """What an inversion takes besides the field: MEDI's magnitude, B0 and echo spacing, as the CLI passes them."""
     if method != "medi":
@@ -136,7 +153,19 @@ def _inversion_inputs(method, rss, tes):
     return {"magnitude": rss, "b0_tesla": B0_TESLA, "delta_te_s": float(np.diff(tes).mean())}
 
 
-def inversion_stage(sim, voxel, b0_dir, methods, rss):
+def _consistency_rows(method, chi, local_ppm, mask, voxel, b0_dir, lambdas, sim, extra):
+    """Rows of a network's map pulled onto the field by the k-space data-consistency step, one per lambda."""
+    rows = {}
+    for lambda_ in lambdas if method in NETWORK_INVERSIONS else ():
+        start = time.perf_counter()
+        fitted = data_consistency(chi, local_ppm, mask, voxel, b0_dir, lambda_)
+        fitted[mask] -= fitted[mask].mean(dtype=np.float64)  # as the CLI's inversions: demeaned in the mask
+        rows[f"{method} + data consistency {lambda_:g}"] = {
+            **score(fitted, sim, mask), **extra, "seconds": time.perf_counter() - start}
+    return rows
+
+
+def inversion_stage(sim, voxel, b0_dir, methods, rss, lambdas):
     brain = sim.brain_mask
     local_ppm = physics.field_hz_to_ppm(sim.local_field_hz, B0_TESLA)
     tes = sim.protocol.echo_times_s
@@ -146,10 +175,11 @@ def inversion_stage(sim, voxel, b0_dir, methods, rss):
         start = time.perf_counter()
         chi = invert(method, local_ppm, brain, voxel, b0_dir, **extra)
         rows[method] = {**score(chi, sim, brain), "seconds": time.perf_counter() - start}
+        rows.update(_consistency_rows(method, chi, local_ppm, brain, voxel, b0_dir, lambdas, sim, {}))
     return rows
 
 
-def pipeline_stage(sim, voxel, b0_dir, methods, resharp_radius_mm):
+def pipeline_stage(sim, voxel, b0_dir, methods, bfr_method, resharp_radius_mm, lambdas):
     """The CLI's steps in this process, from raw phase (what ``composed`` runs through the CLI, minus the I/O)."""
     tes = sim.protocol.echo_times_s
     rss = np.sqrt((sim.magnitude ** 2).sum(-1)).astype(np.float32)
@@ -157,7 +187,8 @@ def pipeline_stage(sim, voxel, b0_dir, methods, resharp_radius_mm):
     mask = mask_stage(sim, voxel)[1]
     fit = fit_total_field(sim.magnitude, sim.phase_rad, tes, voxel)
     reliable = reliable_voxels(mask, rss, fit.residual_rad)
-    bfr = remove_background("resharp", fit.field_hz, reliable, voxel, b0_dir, radius_mm=resharp_radius_mm)
+    bfr_inputs = _bfr_inputs(bfr_method, rss, resharp_radius_mm)
+    bfr = remove_background(bfr_method, fit.field_hz, reliable, voxel, b0_dir, **bfr_inputs)
     upstream = time.perf_counter() - start
     local_ppm = physics.field_hz_to_ppm(bfr.local_field, B0_TESLA)
     rows = {}
@@ -165,27 +196,27 @@ def pipeline_stage(sim, voxel, b0_dir, methods, resharp_radius_mm):
         extra = _inversion_inputs(method, rss, tes)
         start = time.perf_counter()
         chi = invert(method, local_ppm, bfr.mask, voxel, b0_dir, **extra)
-        rows[method] = {**score(chi, sim, bfr.mask), "dice": dice(mask, sim.brain_mask),
-                        "coverage": float(np.count_nonzero(bfr.mask & sim.brain_mask) / sim.brain_mask.sum()),
-                        "excluded": float(np.count_nonzero(mask & ~reliable) / mask.sum()),
-                        "seconds": upstream + time.perf_counter() - start}
+        common = {"dice": dice(mask, sim.brain_mask),
+                  "coverage": float(np.count_nonzero(bfr.mask & sim.brain_mask) / sim.brain_mask.sum()),
+                  "excluded": float(np.count_nonzero(mask & ~reliable) / mask.sum())}
+        rows[method] = {**score(chi, sim, bfr.mask), **common, "seconds": upstream + time.perf_counter() - start}
+        rows.update(_consistency_rows(method, chi, local_ppm, bfr.mask, voxel, b0_dir, lambdas, sim, common))
     # the yardstick: the same background removal and inversion from the true total field and true mask
-    truth = remove_background("resharp", sim.total_field_hz, sim.brain_mask, voxel, b0_dir,
-                              radius_mm=resharp_radius_mm)
+    truth = remove_background(bfr_method, sim.total_field_hz, sim.brain_mask, voxel, b0_dir, **bfr_inputs)
     chi = invert("tkd", physics.field_hz_to_ppm(truth.local_field, B0_TESLA), truth.mask, voxel, b0_dir)
     rows["tkd from the true total field"] = {
         **score(chi, sim, truth.mask), "coverage": float(truth.mask.sum() / sim.brain_mask.sum())}
     return rows
 
 
-def composed_stage(sim, methods, out_root, resharp_radius_mm):
+def composed_stage(sim, methods, out_root, bfr_method, resharp_radius_mm):
     exe = Path(sys.executable).with_name("metaqsm")
     rows = {}
     for method in methods:
-        out = out_root / f"out-{method}-resharp{resharp_radius_mm:g}mm"
+        out = out_root / f"out-{method}-{_bfr_label(bfr_method, resharp_radius_mm).replace(' ', '')}"
         start = time.perf_counter()
         run = subprocess.run([str(exe), str(sim.bids_dir), str(out), "participant", "-w", str(out_root / "work"),
-                              "--inversion", method, "--bfr-radius-mm", str(resharp_radius_mm),
+                              "--inversion", method, "--bfr", bfr_method, "--bfr-radius-mm", str(resharp_radius_mm),
                               "--nprocs", "1", "--omp-nthreads", "2"],
                              capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -224,11 +255,17 @@ def main(argv=None):
     parser.add_argument("--composed", nargs="+", default=["tkd", "metaqsm"], choices=sorted(INVERSIONS))
     parser.add_argument("--resharp-radius-mm", type=float, default=6.0,
                         help="RESHARP's SMV radius in the bfr, pipeline and composed stages (the CLI's default: 6)")
+    parser.add_argument("--pipeline-bfr", default="resharp", choices=sorted(BACKGROUND_REMOVALS),
+                        help="background removal of the pipeline and composed stages (the CLI's --bfr)")
+    parser.add_argument("--data-consistency", nargs="*", type=float, default=[], metavar="LAMBDA",
+                        help="also score each network inversion followed by the k-space data-consistency step "
+                             "with these lambdas (inversion and pipeline stages)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args(argv)
 
     results = {}
+    bfr_label = _bfr_label(args.pipeline_bfr, args.resharp_radius_mm)
     with sfft.set_workers(args.threads):
         for name in args.protocols:
             start = time.perf_counter()
@@ -258,17 +295,18 @@ def main(argv=None):
                 _print_table("background removal from the true total field (true brain mask)", res["bfr"],
                              ("relative_error", "correlation", "coverage", "tkd_nrmse", "tkd_true_local_nrmse"))
             if "inversion" in args.stages:
-                res["inversion"] = inversion_stage(sim, voxel, b0_dir, args.inversions, rss)
+                res["inversion"] = inversion_stage(sim, voxel, b0_dir, args.inversions, rss, args.data_consistency)
                 _print_table("inversion from the true local field (true brain mask)", res["inversion"],
                              METRICS + ("seconds",))
             if "pipeline" in args.stages:
-                res["pipeline"] = pipeline_stage(sim, voxel, b0_dir, args.composed, args.resharp_radius_mm)
-                _print_table(f"pipeline steps in-process from raw phase (RESHARP {args.resharp_radius_mm:g} mm)", res["pipeline"],
+                res["pipeline"] = pipeline_stage(sim, voxel, b0_dir, args.composed, args.pipeline_bfr,
+                                                 args.resharp_radius_mm, args.data_consistency)
+                _print_table(f"pipeline steps in-process from raw phase ({bfr_label})", res["pipeline"],
                              METRICS + ("dice", "coverage", "excluded", "seconds"))
             if "composed" in args.stages:
                 res["composed"] = composed_stage(sim, args.composed, Path(args.cache) / name / "cli",
-                                                 args.resharp_radius_mm)
-                _print_table("composed: metaqsm CLI from raw phase", res["composed"],
+                                                 args.pipeline_bfr, args.resharp_radius_mm)
+                _print_table(f"composed: metaqsm CLI from raw phase ({bfr_label})", res["composed"],
                              METRICS + ("dice", "coverage", "seconds"))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

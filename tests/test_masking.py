@@ -225,13 +225,18 @@ def test_cerebellum_cut_off_by_the_neck_cut_is_kept():
     assert not np.any(mask & (z < z[outside <= 11].min() - 10.0))
 
 
-def test_r2star_recovers_known_decay():
-    from metaqsm_bids.qsm.mask.brain import r2star_hz
+def test_decay_fit_recovers_known_s0_and_r2star():
+    from metaqsm_bids.qsm.mask.brain import decay_fit
 
     tes = np.array([5e-3, 10e-3, 15e-3, 20e-3])
     rates = np.array([3.0, 18.0, 40.0]).reshape(3, 1, 1, 1)
-    magnitude = 0.8 * np.exp(-rates * tes) * np.ones((3, 2, 2, 4))
-    assert np.allclose(r2star_hz(magnitude, tes)[:, 0, 0], [3.0, 18.0, 40.0], rtol=1e-3)
+    s0 = np.array([0.8, 0.5, 1.2]).reshape(3, 1, 1, 1)
+    magnitude = s0 * np.exp(-rates * tes) * np.ones((3, 2, 2, 4))
+    magnitude[:, 1] = 0  # no signal: 0 for both
+    fitted_s0, fitted_r2star = decay_fit(magnitude, tes)
+    assert np.allclose(fitted_r2star[:, 0, 0], [3.0, 18.0, 40.0], rtol=1e-3)
+    assert np.allclose(fitted_s0[:, 0, 0], [0.8, 0.5, 1.2], rtol=1e-4)
+    assert not fitted_s0[:, 1].any() and not fitted_r2star[:, 1].any()
 
 
 def test_extracerebral_csf_is_removed_and_ventricles_kept():
@@ -252,6 +257,29 @@ def test_extracerebral_csf_is_removed_and_ventricles_kept():
     assert cleaned[ventricle].all()  # CSF enclosed by brain stays
     assert not cleaned[rim].any()
     assert cleaned[brain].mean() > 0.999
+
+
+def test_partial_volume_csf_rim_is_removed_by_its_s0():
+    """Thick-slice rim voxels, part CSF part brain: tissue-like R2*, but T1-saturated CSF lowers their S0."""
+    from metaqsm_bids.qsm.mask.brain import remove_extracerebral_csf
+
+    n = 64
+    g = np.meshgrid(*[np.arange(n) - n / 2] * 3, indexing="ij")
+    r = np.sqrt(sum(x ** 2 for x in g))
+    brain = r < 22
+    rim = (r >= 22) & (r < 24)
+    nucleus = r < 4  # dark S0 deep inside: tissue, kept
+    s0 = np.where(rim, 0.6, np.where(nucleus, 0.5, 1.0))  # rim: 0.6 of the brain's S0
+    tes = np.array([5e-3, 12e-3, 19e-3, 26e-3])
+    magnitude = np.where((brain | rim)[..., None], s0[..., None] * np.exp(-16.0 * tes), 0).astype(np.float32)
+    cleaned, removed = remove_extracerebral_csf(brain | rim, magnitude, tes, (1.0, 1.0, 1.0))
+    assert removed
+    assert not cleaned[rim].any()
+    assert cleaned[brain].all()
+    # above 0.8 of the brain's S0 the rim is tissue
+    magnitude[rim] *= 0.85 / 0.6
+    cleaned, _ = remove_extracerebral_csf(brain | rim, magnitude, tes, (1.0, 1.0, 1.0))
+    assert cleaned[rim].all()
 
 
 def test_mask_does_not_depend_on_storage_orientation():

@@ -30,7 +30,8 @@ from ..qsm.field.phase import echoes_to_rad
 from ..qsm.field.phase_sign import apply_phase_sign
 from ..qsm.field.reliability import MAX_RESIDUAL_RAD, MIN_SIGNAL_FRACTION, reliable_voxels
 from ..qsm.inversion.registry import NETWORK_INVERSIONS, invert
-from ..qsm.mask.brain import CSF_R2STAR_HZ_AT_3T, brain_mask, remove_extracerebral_csf
+from ..qsm.mask.brain import (CSF_R2STAR_HZ_AT_3T, CSF_S0_FRACTION, CSF_S0_RIM_MM, brain_mask,
+                              remove_extracerebral_csf)
 
 
 @contextmanager
@@ -231,9 +232,11 @@ class BrainMask(_QSMInterface):
                 mask, removed = remove_extracerebral_csf(mask, magnitude, tes, voxel_size,
                                                          b0_tesla=self.inputs.field_strength_t)
             provenance["ExtracerebralCSF"] = (
-                "removed: voxels with R2* below {:g} s^-1, outside the brain closed by 3 mm "
+                "removed: voxels with R2* below {:g} s^-1 outside the brain closed by 3 mm, and voxels "
+                "within {:g} mm of its surface with S0 below {:g} x the deep brain's "
                 "(metaqsm_bids.qsm.mask.brain.remove_extracerebral_csf)".format(
-                    CSF_R2STAR_HZ_AT_3T * self.inputs.field_strength_t / 3.0) if removed
+                    CSF_R2STAR_HZ_AT_3T * self.inputs.field_strength_t / 3.0, CSF_S0_RIM_MM,
+                    CSF_S0_FRACTION) if removed
                 else "kept (one echo, or the decay could not tell CSF from tissue)")
         if not mask.any():
             raise ValueError(f"{self.inputs.user_mask_file}: the brain mask is empty"

@@ -204,11 +204,12 @@ def _axial_brain_mask(magnitude, voxel_size_mm, smoothing_mm, erosion_mm, neck_f
     return mask
 
 
-def r2star_hz(magnitude, echo_times_s):
-    """R2* (1/s) per voxel from multi-echo magnitudes (i, j, k, echo): log-linear fit weighted by |S|^2.
+def decay_fit(magnitude, echo_times_s):
+    """Mono-exponential fit ``|S(TE)| = S0 exp(-R2* TE)`` per voxel of multi-echo magnitudes (i, j, k, echo).
 
-    The weight makes the fit that of the signal, not of its logarithm (whose noise grows as
-    1/|S|). Voxels without signal get 0.
+    Returns ``(s0, r2star_hz)``: S0 extrapolated to TE = 0 (the magnitude's units) and R2* (1/s,
+    clipped at 0). Log-linear fit weighted by |S|^2, which makes it the fit of the signal, not of
+    its logarithm (whose noise grows as 1/|S|). Voxels without signal get 0 for both.
     """
     magnitude = np.asarray(magnitude, dtype=np.float32)
     tes = np.asarray(echo_times_s, dtype=np.float64)
@@ -216,7 +217,8 @@ def r2star_hz(magnitude, echo_times_s):
         raise ValueError(f"need 4D magnitudes with one echo time each (at least 2), got {magnitude.shape} "
                          f"and {tes.size} echo times")
     tiny = np.float32(np.finfo(np.float32).tiny)
-    tau = (tes - tes.mean()).astype(np.float32)
+    mean_te = np.float32(tes.mean())
+    tau = (tes - tes.mean()).astype(np.float32)  # centred: the two coefficients decouple
     sums = [np.zeros(magnitude.shape[:3], np.float32) for _ in range(5)]  # w, w t, w t^2, w y, w t y
     for n, t in enumerate(tau):
         s = magnitude[..., n]
@@ -225,29 +227,45 @@ def r2star_hz(magnitude, echo_times_s):
             acc += term
     w, wt, wtt, wy, wty = sums
     det = w * wtt - wt * wt
-    slope = np.where(det > 0, (w * wty - wt * wy) / np.where(det > 0, det, 1), 0)
-    return np.maximum(-slope, 0).astype(np.float32)
+    fitted = det > 0
+    slope = np.where(fitted, (w * wty - wt * wy) / np.where(fitted, det, 1), 0)
+    log_mean = np.where(fitted, (wy - slope * wt) / np.where(fitted, w, 1), 0)  # log |S| at the mean TE
+    s0 = np.where(fitted, np.exp(np.minimum(log_mean - slope * mean_te, 80)), 0)
+    return s0.astype(np.float32), np.maximum(-slope, 0).astype(np.float32)
 
 
 #: R2* (1/s at 3 T, scaled linearly with B0) below which a voxel counts as CSF: CSF is 2-5 s^-1,
 #: grey matter 15-20, white matter 20-25, deep grey nuclei and veins more.
 CSF_R2STAR_HZ_AT_3T = 8.0
+#: Fraction of the deep brain's S0 below which a voxel of the mask's outer :data:`CSF_S0_RIM_MM` counts as CSF.
+#: In a spoiled GRE (TR of tens of ms) CSF's long T1 (about 4 s at 3 T, tissue 1-1.5 s) saturates it:
+#: at TE = 0 it is darker than tissue (about 0.6x at 15 deg, TR 30 ms), whereas at later echoes its slow
+#: decay makes it as bright. Rim voxels that are part CSF, part brain (thick slices) sit in between:
+#: their R2* is tissue-like, their S0 is not.
+CSF_S0_FRACTION = 0.8
+#: Depth (mm) from the mask's surface within which the S0 test applies; deeper, dark S0 is tissue (nuclei).
+CSF_S0_RIM_MM = 3.0
+#: Voxels deeper than this (mm) in the mask give the brain's reference S0 (their median).
+_S0_REFERENCE_DEPTH_MM = 8.0
 
 
 def remove_extracerebral_csf(mask, magnitude, echo_times_s, voxel_size_mm, b0_tesla=3.0, sulcus_mm=3.0):
-    """``mask`` without the CSF between brain and skull, told from tissue by its slow decay (R2*).
+    """``mask`` without the CSF between brain and skull, told from tissue by its decay (R2*) and its S0.
 
     A magnitude mask holds that rim (CSF is as bright as tissue), and its phase, next to the
     skull's and the sinuses' strong fields, is the least reliable of the mask. Tissue is the
     mask's voxels with R2* above :data:`CSF_R2STAR_HZ_AT_3T` (x B0/3 T); the brain is tissue
     closed by ``sulcus_mm`` (so sulci and the CSF between gyri stay in, as in a brain hull) with
-    its enclosed holes (ventricles, cisterns) filled, within ``mask``. Needs two echoes or more;
-    returns ``mask`` unchanged (and ``False``) when the decay cannot tell, e.g. if the result
+    its enclosed holes (ventricles, cisterns) filled, within ``mask``. Then the voxels within
+    :data:`CSF_S0_RIM_MM` of that brain's surface whose S0 is below :data:`CSF_S0_FRACTION` of
+    the deep brain's median are dropped too (partial-volume CSF, see there). Needs two echoes or
+    more; returns ``mask`` unchanged (and ``False``) when the decay cannot tell, e.g. if the result
     would keep under half of it.
     """
     mask = np.asarray(mask, bool)
     voxel = np.asarray(voxel_size_mm, dtype=float)
-    tissue = mask & (r2star_hz(magnitude, echo_times_s) > CSF_R2STAR_HZ_AT_3T * b0_tesla / 3.0)
+    s0, r2star = decay_fit(magnitude, echo_times_s)
+    tissue = mask & (r2star > CSF_R2STAR_HZ_AT_3T * b0_tesla / 3.0)
     if not tissue.any():
         return mask, False
     # closing by a ball in mm: dilation then erosion through distance maps, on the mask's box
@@ -259,6 +277,11 @@ def remove_extracerebral_csf(mask, magnitude, echo_times_s, voxel_size_mm, b0_te
     closed = ndi.binary_fill_holes(closed)[tuple(slice(r, -r) for r in reach)]
     brain = np.zeros_like(mask)
     brain[box] = closed & mask[box]
+    depth = _edt(brain, voxel)
+    deep = depth > _S0_REFERENCE_DEPTH_MM
+    if deep.any():
+        brain &= ~((depth <= CSF_S0_RIM_MM) & (s0 < CSF_S0_FRACTION * np.median(s0[deep])))
+        brain = ndi.binary_fill_holes(brain)
     labels, n = ndi.label(brain)
     if n > 1:
         brain = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
