@@ -136,6 +136,18 @@ def test_methods_follow_the_sidecar():
     assert [n for n, _ in references] == [1, 2, 3, 4] and "projection onto dipole fields" in references[1][1]
 
 
+def test_methods_say_whether_the_csf_rim_was_removed():
+    mask = {"Method": "magnitude threshold + morphology (metaqsm_bids.qsm.mask.brain.brain_mask)",
+            "Input": "root-sum-of-squares magnitude over echoes"}
+    removed, _ = methods_paragraph({"EchoTime": [0.005, 0.01],
+                                    "BrainMask": {**mask, "ExtracerebralCSF": "removed: ..."}})
+    kept, _ = methods_paragraph({"EchoTime": [0.005, 0.01],
+                                 "BrainMask": {**mask, "ExtracerebralCSF": "kept (one echo)"}})
+    assert "magnitude threshold and morphology" in removed and "magnitude threshold and morphology" in kept
+    assert "by its slow signal decay (R2*)" in removed and "(S0)" in removed
+    assert "R2*" not in kept
+
+
 def test_reliability_map_is_written_with_its_sidecar_and_shown(processed):
     """The planted voxels are excluded from the reliability map and the QSM mask; the sidecar, the residual map
     and the report's panel say so."""

@@ -389,6 +389,10 @@ def methods_paragraph(sidecar):
             method = re.sub(r"\s*\((?:metaqsm )?[\w.]+\)$", "", mask.get("Method", "method not recorded"))
             method = method.replace(" + ", " and ")
             parts.append(f"A brain mask was computed from the {mask.get('Input', 'magnitude')} ({method}).")
+            if str(mask.get("ExtracerebralCSF", "")).startswith("removed"):
+                parts.append("The cerebrospinal fluid between brain and skull was removed from it by its slow "
+                             "signal decay (R2*) and, near its surface, by its low signal extrapolated "
+                             "to TE = 0 (S0).")
     total = sidecar.get("TotalField")
     if total:
         method = total.get("Method", "a method not recorded")
