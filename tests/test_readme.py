@@ -68,6 +68,8 @@ def test_readme_commands_in_a_fresh_clone_and_venv(tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
     clone = tmp_path / "metaqsm"
     assert len(list((clone / "demo_out").glob("sub-*/anat/*_Chimap.nii.gz"))) == 2
+    for report in (clone / "demo_out").glob("sub-*.html"):  # an adult-size head: RESHARP keeps most of the brain
+        assert "the QSM mask keeps only" not in report.read_text(), report
     assert subprocess.run(["git", "-C", str(clone), "status", "--porcelain"], capture_output=True,
                           text=True).stdout == "", "the demo's folders are not git-ignored"
     runtime = _versions(env, tmp_path)

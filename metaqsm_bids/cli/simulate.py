@@ -22,16 +22,17 @@ def build_parser():
         prog="metaqsm-simulate",
         description="Simulate multi-echo GRE MRI of an analytic head phantom and write it as a BIDS dataset, "
                     f"with the ground truth (susceptibility, labels, mask, R2*, field) in "
-                    f"OUT_DIR/derivatives/{DERIVATIVE_NAME}/. The defaults make a small demo dataset in seconds.",
+                    f"OUT_DIR/derivatives/{DERIVATIVE_NAME}/. The defaults make a demo dataset of two adult-size heads in under a minute.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("out_dir", type=Path, help="dataset folder: new, empty, or an existing BIDS dataset")
     parser.add_argument("--participants", nargs="+", default=["01", "02"], metavar="LABEL",
                         help="participant labels (with or without 'sub-')")
     parser.add_argument("--sessions", nargs="+", metavar="LABEL", help="session labels (None: no ses- level)")
-    parser.add_argument("--shape", nargs=3, type=_positive(int), default=[80, 80, 40], metavar="N",
+    parser.add_argument("--shape", nargs=3, type=_positive(int), default=list(RunSpec.shape), metavar="N",
                         help="voxels along i, j, k")
-    parser.add_argument("--voxel-size", nargs=3, type=_positive(float), default=[1.0, 1.0, 2.0], metavar="MM",
+    parser.add_argument("--voxel-size", nargs=3, type=_positive(float), default=list(RunSpec.voxel_size_mm),
+                        metavar="MM",
                         help="voxel size (mm) along i, j, k")
     parser.add_argument("--echo-times", nargs="+", type=_positive(float), default=[0.004, 0.008, 0.012, 0.016],
                         metavar="S", help="echo times (s)")

@@ -226,8 +226,10 @@ class RunSpec:
     session: str = None
     acquisition: str = None
     run: int = None
-    shape: tuple = (80, 80, 40)
-    voxel_size_mm: tuple = (1.0, 1.0, 2.0)
+    # the demo: an adult-size head (about 150 x 190 x 130 mm of field of view), so that background removal's
+    # 6 mm erosion keeps what it keeps of a real brain, inside the shipped network's training range
+    shape: tuple = (128, 160, 56)
+    voxel_size_mm: tuple = (1.2, 1.2, 2.4)
     oblique_deg: float = 0.0
     echo_times_s: tuple = (0.004, 0.008, 0.012, 0.016)
     b0_tesla: float = 3.0
