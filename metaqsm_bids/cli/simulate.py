@@ -22,7 +22,8 @@ def build_parser():
         prog="metaqsm-simulate",
         description="Simulate multi-echo GRE MRI of an analytic head phantom and write it as a BIDS dataset, "
                     f"with the ground truth (susceptibility, labels, mask, R2*, field) in "
-                    f"OUT_DIR/derivatives/{DERIVATIVE_NAME}/. The defaults make a demo dataset of two adult-size heads in under a minute.",
+                    f"OUT_DIR/derivatives/{DERIVATIVE_NAME}/. The defaults make a demo dataset of two adult-size "
+                    "heads in under a minute.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("out_dir", type=Path, help="dataset folder: new, empty, or an existing BIDS dataset")
