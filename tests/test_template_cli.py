@@ -86,7 +86,9 @@ def test_template_space_files_and_sidecars(processed):
 def test_registered_magnitude_is_nearer_the_template(processed):
     """Registered vs the orig-space maps put on the template grid by their scanner coordinates alone.
 
-    Measured: correlation with the T1w 0.23 -> 0.31, brain-mask Dice 0.81 -> 0.92.
+    Measured: correlation with the T1w 0.23 -> 0.27 (0.31 while the brain mask that masks the registered
+    magnitude still held the CSF rim's partial-volume voxels, before the S0 test; the tighter mask is nearer the
+    simulated brain, Dice 0.942 -> 0.947), brain-mask Dice 0.81 -> 0.92 (measured before the S0 test).
     """
     template, out, _ = processed
     t1w = nib.load(template["T1w"])
@@ -103,7 +105,7 @@ def test_registered_magnitude_is_nearer_the_template(processed):
 
     before = correlation(unregistered(out / "sub-01/fmap/sub-01_desc-total_magnitude.nii.gz", 1))
     after = correlation(nib.load(out / f"sub-01/fmap/sub-01_{SPACE}_desc-total_magnitude.nii.gz").get_fdata())
-    assert after > before + 0.04, (before, after)
+    assert after > before + 0.03, (before, after)
     before = dice(unregistered(out / "sub-01/anat/sub-01_desc-brain_mask.nii.gz", 0) > 0)
     after = dice(np.asarray(nib.load(out / f"sub-01/anat/sub-01_{SPACE}_desc-brain_mask.nii.gz").dataobj) > 0)
     assert after > max(before + 0.05, 0.88), (before, after)
