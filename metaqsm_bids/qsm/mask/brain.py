@@ -275,13 +275,16 @@ def remove_extracerebral_csf(mask, magnitude, echo_times_s, voxel_size_mm, b0_te
     grown = _edt(~region, voxel) <= sulcus_mm
     closed = _edt(grown, voxel) > sulcus_mm
     closed = ndi.binary_fill_holes(closed)[tuple(slice(r, -r) for r in reach)]
-    brain = np.zeros_like(mask)
-    brain[box] = closed & mask[box]
-    depth = _edt(brain, voxel)
+    closed &= mask[box]
+    # the box's margin outside the mask is background, so distances and holes are the whole array's
+    depth = _edt(closed, voxel)
     deep = depth > _S0_REFERENCE_DEPTH_MM
     if deep.any():
-        brain &= ~((depth <= CSF_S0_RIM_MM) & (s0 < CSF_S0_FRACTION * np.median(s0[deep])))
-        brain = ndi.binary_fill_holes(brain)
+        s0_box = s0[box]
+        closed &= ~((depth <= CSF_S0_RIM_MM) & (s0_box < CSF_S0_FRACTION * np.median(s0_box[deep])))
+        closed = ndi.binary_fill_holes(closed)
+    brain = np.zeros_like(mask)
+    brain[box] = closed
     labels, n = ndi.label(brain)
     if n > 1:
         brain = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
