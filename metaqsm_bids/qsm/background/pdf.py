@@ -12,6 +12,18 @@ SMV methods must erode. ``W`` is the noise weight: the signal magnitude (the fie
 s.d. is ~ 1 / magnitude), or uniform. Defaults follow the MEDI toolbox's ``PDF.m``: the
 mask's bounding box padded to hold the outside dipoles (40 voxels per axis in all, 20 per
 side here) and at most 30 CG iterations.
+
+The background also holds a polynomial ``P c`` of degree ``polynomial_order`` in mm (the
+shim's fit, and the phase's unknown constant, which no dipole outside the mask can make):
+it is projected out of the weighted residual (variable projection), so CG solves
+
+    M' D W Q W D M' chi_b = M' D W Q W f,   Q = I - B (B^T B)^-1 B^T,  B = W P,
+
+and the local field is ``f - D * chi_b - P c`` with ``c`` the weighted fit of what remains.
+Shims are fitted as polynomials in the voxel indices (qsm-forward's, scanners' shim
+calibration); with anisotropic voxels their "harmonic" second-order terms are not harmonic in
+mm (``2z^2 - x^2 - y^2`` in indices has a Laplacian of ``4/dz^2 - 4/dx^2``), so outside dipoles
+cannot make them and, without ``P``, PDF leaves them in the local field.
 """
 import logging
 
@@ -27,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None, tol=1e-3, max_iter=30,
-        pad_voxels=20):
+        pad_voxels=20, polynomial_order=2):
     """PDF background field removal; units preserved (Hz in, Hz out).
 
     ``b0_dir``: unit B0 vector in voxel axes. ``magnitude`` (optional, 3D): noise weight,
@@ -35,7 +47,8 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     residual of the normal equations is below ``tol`` or after ``max_iter`` (30, the MEDI
     toolbox's limit) iterations. ``pad_voxels`` (per side, int or 3 ints) is the room for the
     background dipoles around the mask's bounding box. Values of ``total_field`` outside
-    ``mask`` are ignored.
+    ``mask`` are ignored. ``polynomial_order`` (0, 1 or 2): the degree of the polynomial in the
+    background model (0: the constant alone).
 
     Returns a :class:`~metaqsm_bids.qsm.background.common.BackgroundRemoval` whose ``mask`` is ``mask``
     (PDF needs no erosion) and whose ``relative_residual`` is CG's.
@@ -57,31 +70,59 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
             raise ValueError("magnitude must be finite, non-negative and not all zero inside the mask")
         weight = np.where(mask, magnitude / magnitude[mask].mean(dtype=np.float64), 0).astype(np.float32)
 
+    if polynomial_order not in (0, 1, 2):
+        raise ValueError(f"polynomial_order must be 0, 1 or 2, got {polynomial_order!r}")
+
     box = PaddedBox(mask, np.broadcast_to(np.asarray(pad_voxels, int), (3,)))
     shape = box.shape
     kernel = dipole_kernel(shape, voxel, b0, half=True)
-    outside = 1 - box.embed(mask, np.float32)  # the padding is outside too
-    weight2 = box.embed(weight) ** 2
-    # a field from phase is known up to a constant, which no dipole outside the mask can make
-    # (inside a finite box): left in, it becomes a low-frequency susceptibility blob
-    offset = float(np.average(field[mask], weights=weight[mask] ** 2))
-    field_box = box.embed(np.where(mask, field - offset, 0))
+    inside = box.embed(mask, bool)
+    outside = (~inside).astype(np.float32)  # the padding is outside too
+    w = box.embed(weight)[inside].astype(np.float64)
+    basis = polynomial_basis(np.argwhere(inside) * voxel, polynomial_order)
+    q, r = np.linalg.qr(w[:, None] * basis)  # an orthonormal basis of W P's span
+
+    def project(values):
+        """Q: the part of weighted in-mask values that no polynomial makes."""
+        return values - q @ (q.T @ values)
 
     def convolve(x):
         spectrum = sfft.rfftn(x)
         spectrum *= kernel
         return sfft.irfftn(spectrum, s=shape)
 
+    def weigh(x):
+        """W Q W x for a box array, zero outside the mask."""
+        out = np.zeros(shape, np.float32)
+        out[inside] = w * project(w * x[inside])
+        return out
+
     def normal_operator(x):
-        out = convolve(weight2 * convolve(outside * x))
+        out = convolve(weigh(convolve(outside * x)))
         out *= outside
         return out
 
-    rhs = convolve(weight2 * field_box) * outside
+    field_box = box.embed(np.where(mask, field, 0))
+    rhs = convolve(weigh(field_box)) * outside
     sources, iterations, residual = conjugate_gradient(normal_operator, rhs, tol, max_iter)
-    local = (field_box - convolve(sources)) * box.embed(mask, np.float32)
+    remainder = (field_box - convolve(sources))[inside].astype(np.float64)
+    coefficients = np.linalg.lstsq(r, q.T @ (w * remainder), rcond=None)[0]
+    local = np.zeros(shape, np.float32)
+    local[inside] = remainder - basis @ coefficients
     log.info("PDF: %d CG iterations, relative residual %.3g", iterations, residual)
-    return BackgroundRemoval(box.extract(local.astype(np.float32)), mask, iterations, residual,
+    return BackgroundRemoval(box.extract(local), mask, iterations, residual,
                              {"Tolerance": tol, "MaxIterations": max_iter,
                               "PadVoxels": [int(s.start) for s in box.inner],
-                              "Weighting": "uniform" if magnitude is None else "magnitude"})
+                              "Weighting": "uniform" if magnitude is None else "magnitude",
+                              "PolynomialOrder": polynomial_order})
+
+
+def polynomial_basis(points_mm, order):
+    """Monomials of degree <= ``order`` (0-2) at ``points_mm`` (n x 3), centred and scaled to the points' spread."""
+    x = (points_mm - points_mm.mean(axis=0)) / points_mm.std(axis=0).clip(min=1e-6)
+    columns = [np.ones(len(x))]
+    if order >= 1:
+        columns += [x[:, i] for i in range(3)]
+    if order >= 2:
+        columns += [x[:, i] * x[:, j] for i in range(3) for j in range(i, 3)]
+    return np.stack(columns, axis=1)
