@@ -97,7 +97,8 @@ def test_pdf_errors_are_actionable():
 def test_pdf_removes_a_shim_fitted_in_voxel_indices(phantom):  # noqa: F811
     """A scanner-style second-order shim, ``2k^2 - i^2 - j^2`` in voxel indices, is not harmonic in mm at
     0.75 x 0.75 x 2 mm voxels, so outside dipoles cannot make it. With the polynomial in the model PDF
-    removes it; without it (order 0) the local field keeps it."""
+    removes it; without it (order 0) the local field keeps it. Measured: relative error 0.28 (order 2)
+    against 1.43 (order 0)."""
     mask, background_hz, local_hz = phantom
     i, j, k = np.indices(mask.shape, dtype=float)
     i, j, k = i - i.mean(), j - j.mean(), k - k.mean()
