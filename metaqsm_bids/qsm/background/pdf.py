@@ -20,9 +20,8 @@ it is projected out of the weighted residual (variable projection), so CG solves
     M' D W Q W D M' chi_b = M' D W Q W f,   Q = I - B (B^T B)^-1 B^T,  B = W P,
 
 and the local field is ``f - D * chi_b - P c`` with ``c`` the weighted fit of what remains.
-Shims are fitted as polynomials in the voxel indices (qsm-forward's, scanners' shim
-calibration); with anisotropic voxels their "harmonic" second-order terms are not harmonic in
-mm (``2z^2 - x^2 - y^2`` in indices has a Laplacian of ``4/dz^2 - 4/dx^2``), so outside dipoles
+A shim fitted as a polynomial in voxel indices (qsm-forward's is) is not harmonic in mm where
+voxels are anisotropic (``2z^2 - x^2 - y^2`` in indices has a Laplacian of ``4/dz^2 - 4/dx^2``), so outside dipoles
 cannot make them and, without ``P``, PDF leaves them in the local field.
 """
 import logging
