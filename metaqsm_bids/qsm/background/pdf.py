@@ -21,8 +21,8 @@ it is projected out of the weighted residual (variable projection), so CG solves
 
 and the local field is ``f - D * chi_b - P c`` with ``c`` the weighted fit of what remains.
 A shim fitted as a polynomial in voxel indices (qsm-forward's is) is not harmonic in mm where
-voxels are anisotropic (``2z^2 - x^2 - y^2`` in indices has a Laplacian of ``4/dz^2 - 4/dx^2``), so outside dipoles
-cannot make them and, without ``P``, PDF leaves them in the local field.
+voxels are anisotropic (``2z^2 - x^2 - y^2`` in indices has a Laplacian of ``4/dz^2 - 4/dx^2``):
+outside dipoles cannot make it and, without ``P``, PDF leaves it in the local field.
 """
 import logging
 
