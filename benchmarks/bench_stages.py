@@ -255,7 +255,7 @@ def main(argv=None):
     parser.add_argument("--composed", nargs="+", default=["tkd", "metaqsm"], choices=sorted(INVERSIONS))
     parser.add_argument("--resharp-radius-mm", type=float, default=6.0,
                         help="RESHARP's SMV radius in the bfr, pipeline and composed stages (the CLI's default: 6)")
-    parser.add_argument("--pipeline-bfr", default="resharp", choices=sorted(BACKGROUND_REMOVALS),
+    parser.add_argument("--pipeline-bfr", default="pdf", choices=sorted(BACKGROUND_REMOVALS),
                         help="background removal of the pipeline and composed stages (the CLI's --bfr)")
     parser.add_argument("--data-consistency", nargs="*", type=float, default=[], metavar="LAMBDA",
                         help="also score each network inversion followed by the k-space data-consistency step "

@@ -12,7 +12,8 @@ import pytest
 from metaqsm_bids import __version__
 from metaqsm_bids.qsm.network.deepqsm import model_sha256
 from metaqsm_bids.qsm.network.models import METAQSM_MODEL
-from metaqsm_bids.qsm.core.physics import b0_direction_voxel
+from metaqsm_bids.qsm.core.physics import b0_direction_voxel, voxel_size_mm
+from metaqsm_bids.qsm.core.smv import erode_mask
 from metaqsm_bids.sim.bids import RunSpec, simulate_dataset
 
 from .conftest import run_cli
@@ -80,9 +81,9 @@ def test_every_derivative_and_sidecar(processed):
         chimap = json.loads(_path(out, prefix, "chimap", ".json").read_text())
         assert chimap["Units"] == "ppm"
         assert chimap["DipoleInversion"]["Method"] == "metaqsm" and chimap["DipoleInversion"]["Model"] == METAQSM_MODEL
-        assert chimap["BackgroundFieldRemoval"]["Method"] == "RESHARP"
-        assert chimap["BackgroundFieldRemoval"]["RadiusMm"] == 6.0
-        assert chimap["BackgroundFieldRemoval"]["Iterations"] > 0
+        bfr = chimap["BackgroundFieldRemoval"]
+        assert bfr["Method"] == "PDF" and bfr["PolynomialOrder"] == 2 and "RadiusMm" not in bfr
+        assert 0 < bfr["Iterations"] < bfr["MaxIterations"] and bfr["RelativeResidual"] < bfr["Tolerance"]
         assert any(s.startswith("bids:raw:") and "part-phase" in s for s in chimap["Sources"])
         for kind in ("total_field", "local_field"):
             assert json.loads(_path(out, prefix, kind, ".json").read_text())["Units"] == "Hz"
@@ -96,10 +97,16 @@ def test_chimap_matches_truth(processed):
         truth_img = nib.load(bids_dir / TRUTH / (prefix.format(dt="anat") + "_Chimap.nii.gz"))
         raw = nib.load(bids_dir / (prefix.format(dt="anat") + "_echo-1_part-phase_MEGRE.nii.gz"))
         assert np.allclose(chimap.affine, raw.affine, atol=1e-4) and chimap.shape == raw.shape
-        chi, truth = chimap.get_fdata()[mask], truth_img.get_fdata()[mask]
-        assert mask.sum() > 0.3 * (truth_img.get_fdata() != 0).sum()
-        corr = np.corrcoef(chi, truth)[0, 1]
-        assert corr > 0.6, (prefix, corr)
+        brain = nib.load(bids_dir / TRUTH / (prefix.format(dt="anat") + "_desc-brain_mask.nii.gz")).get_fdata() > 0
+        # PDF (the default) keeps the brain whole: measured 0.99 of it in each run
+        assert np.count_nonzero(mask & brain) > 0.95 * brain.sum()
+        # deeper than 6 mm (where RESHARP, the default before, kept its mask, and scored > 0.6) measured
+        # 0.77 / 0.69 / 0.74; in the whole mask of these 64 mm heads, over half of it within 6 mm of the
+        # edge, 0.37 / 0.33 / 0.39 (in the deep part PDF and RESHARP give the same map: TKD 0.728 and 0.730)
+        deep = mask & erode_mask(brain, voxel_size_mm(chimap.affine), 6.0)
+        chi, truth = chimap.get_fdata(), truth_img.get_fdata()
+        assert np.corrcoef(chi[deep], truth[deep])[0, 1] > 0.6, prefix
+        assert np.corrcoef(chi[mask], truth[mask])[0, 1] > 0.3, prefix
         sidecar = json.loads(_path(out, prefix, "chimap", ".json").read_text())
         # the default inversion is the shipped Meta-QSM, named by its sha256
         assert sidecar["DipoleInversion"]["Method"] == "metaqsm"
@@ -199,7 +206,14 @@ def test_single_echo_run(tmp_path):
     chi = nib.load(_path(out, prefix, "chimap")).get_fdata()
     mask = np.asarray(nib.load(_path(out, prefix, "qsm_mask")).dataobj) > 0
     truth = nib.load(bids_dir / TRUTH / "sub-01/anat/sub-01_Chimap.nii.gz").get_fdata()
-    assert np.corrcoef(chi[mask], truth[mask])[0, 1] > 0.4
+    brain = nib.load(bids_dir / TRUTH / "sub-01/anat/sub-01_desc-brain_mask.nii.gz").get_fdata() > 0
+    deep = mask & erode_mask(brain, voxel_size_mm(nib.load(_path(out, prefix, "chimap")).affine), 6.0)
+    # one echo: no echo-fit residual flags the rim's bad voxels, and PDF (the default) keeps them. Measured on
+    # this 58 mm head: correlation 0.55 deeper than 6 mm and 0.19 in the whole mask (97 % of the brain);
+    # RESHARP 0.76 in its 34 %. On the benchmark's 0.76x0.76x3 head with its first echo only, PDF and
+    # RESHARP are level (TKD NRMSE 141 and 142 %, BENCHMARKS.md)
+    assert np.corrcoef(chi[deep], truth[deep])[0, 1] > 0.45
+    assert np.corrcoef(chi[mask], truth[mask])[0, 1] > 0.15
 
 
 def test_session_label_and_bids_filter_file(processed, tmp_path):

@@ -17,8 +17,9 @@ OBLIQUE_B0 = tuple(unit((0.3, -0.4, 0.87)))
 
 
 def test_pdf_recovers_local_field_in_the_whole_mask(phantom):  # noqa: F811
-    """No erosion: relative error 0.29 over the whole mask (tolerance 0.35) and 0.10 (0.15) in the
-    mask eroded by 6 mm, where RESHARP reaches 0.17. Background energy left: 0.01 % (tolerance 1 %)."""
+    """No erosion: relative error 0.25 over the whole mask (tolerance 0.35; 0.29 after 30 iterations) and
+    0.09 (0.15) in the mask eroded by 6 mm, where RESHARP reaches 0.17 (CG stops at its tolerance after
+    59 iterations). Background energy left: 0.003 % (tolerance 1 %)."""
     mask, background_hz, local_hz = phantom
     result = pdf(background_hz + local_hz, mask, VOXEL_MM)
     np.testing.assert_array_equal(result.mask, mask)
@@ -27,7 +28,7 @@ def test_pdf_recovers_local_field_in_the_whole_mask(phantom):  # noqa: F811
     assert relative_error(result.local_field, local_hz, erode_mask(mask, VOXEL_MM, 6.0)) < 0.15
     left = pdf(background_hz, mask, VOXEL_MM).local_field
     assert np.sum(demeaned(left, mask) ** 2) < 0.01 * np.sum(demeaned(background_hz, mask) ** 2)
-    assert result.iterations == 30 and result.parameters["MaxIterations"] == 30
+    assert result.iterations < result.parameters["MaxIterations"] and result.relative_residual < 1e-3
 
 
 def test_residual_and_error_fall_with_iterations(phantom):  # noqa: F811
@@ -63,7 +64,9 @@ def test_magnitude_weighting_ignores_corrupted_voxels(phantom):  # noqa: F811
 
 def test_oblique_b0_needs_the_right_direction():
     """Background of a skull-like shell and an air sinus, B0 oblique in voxel axes. PDF with the
-    right B0 leaves 0.009 % of the background energy, with B0 along k 0.75 % (tolerances 0.1 %, > 0.3 %)."""
+    right B0 leaves 0.002 % of the background energy, with B0 along k 0.022 %, ten times more (tolerances
+    0.005 %, > 0.01 %; after 30 iterations 0.008 % and 0.68 %: CG run to its tolerance fits some of the
+    wrong kernel's misfit too)."""
     shape = (80, 96, 40)
     mask = ellipsoid(BRAIN_SEMI_AXES_MM - 6, shape=shape)
     shell = ellipsoid(BRAIN_SEMI_AXES_MM + 2, (0.0, 2.0, 3.0), shape) & ~ellipsoid(BRAIN_SEMI_AXES_MM - 2,
@@ -75,8 +78,8 @@ def test_oblique_b0_needs_the_right_direction():
     energy = np.sum(demeaned(background, mask) ** 2)
     right = pdf(background, mask, VOXEL_MM, OBLIQUE_B0).local_field
     wrong = pdf(background, mask, VOXEL_MM, (0.0, 0.0, 1.0)).local_field
-    assert np.sum(demeaned(right, mask) ** 2) < 0.001 * energy
-    assert np.sum(demeaned(wrong, mask) ** 2) > 0.003 * energy
+    assert np.sum(demeaned(right, mask) ** 2) < 5e-5 * energy
+    assert np.sum(demeaned(wrong, mask) ** 2) > 1e-4 * energy
 
 
 def test_pdf_errors_are_actionable():

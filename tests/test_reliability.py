@@ -5,7 +5,8 @@ import pytest
 
 from metaqsm_bids.interfaces.qsm import BackgroundRemoval
 from metaqsm_bids.qsm.field.echofit import fit_total_field
-from metaqsm_bids.qsm.field.reliability import MAX_RESIDUAL_RAD, MIN_SIGNAL_FRACTION, reliable_voxels
+from metaqsm_bids.qsm.field.reliability import (MIN_RESIDUAL_THRESHOLD_RAD, MIN_SIGNAL_FRACTION,
+                                                RESIDUAL_NOISE_MULTIPLE, reliable_voxels, residual_threshold_rad)
 
 
 def test_reliability_flags_planted_errors():
@@ -30,6 +31,22 @@ def test_reliability_flags_planted_errors():
     assert not (reliable & ~mask).any()
     # without the residual only the signal test applies
     assert reliable_voxels(mask, rss)[jumpy]
+
+
+def test_residual_threshold_follows_the_noise():
+    """At high SNR the floor applies; with noisier data the threshold is a multiple of the median residual, so
+    noise alone excludes few voxels while a voxel far off the line is still excluded."""
+    rng = np.random.default_rng(0)
+    mask = np.ones((20, 20, 20), bool)
+    for noise_rad in (0.02, 0.1):
+        residual = noise_rad * np.abs(rng.standard_normal(mask.shape)) / 0.674  # median ~ noise_rad
+        residual[5, 5, 5] = 10 * noise_rad + 0.2
+        threshold = residual_threshold_rad(mask, residual)
+        expected = max(MIN_RESIDUAL_THRESHOLD_RAD, RESIDUAL_NOISE_MULTIPLE * noise_rad)
+        assert threshold == pytest.approx(expected, rel=0.05)
+        reliable = reliable_voxels(mask, np.ones(mask.shape), residual)
+        assert not reliable[5, 5, 5]
+        assert np.count_nonzero(~reliable) / mask.size < 0.01
 
 
 def test_reliability_checks_shapes():
@@ -63,4 +80,4 @@ def test_background_removal_writes_the_map_it_used(tmp_path, monkeypatch):
     provenance = result.outputs.provenance
     assert provenance["UnreliableVoxelsExcluded"] == 2
     assert provenance["UnreliableFractionOfBrain"] == pytest.approx(2 / brain.sum(), abs=1e-6)
-    assert (provenance["MinSignalFraction"], provenance["MaxResidualRad"]) == (MIN_SIGNAL_FRACTION, MAX_RESIDUAL_RAD)
+    assert (provenance["MinSignalFraction"], provenance["MaxResidualRad"]) == (MIN_SIGNAL_FRACTION, 0.2)  # 4 x 0.05

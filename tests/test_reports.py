@@ -110,13 +110,15 @@ def test_report_states_ranges_parameters_timings_and_citations(processed):
     sidecar = json.loads((out / "sub-01/ses-1/anat/sub-01_ses-1_Chimap.json").read_text())
     for step in ("PhaseScaling", "BrainMask", "TotalField", "BackgroundFieldRemoval", "DipoleInversion"):
         assert f"<td>{step}</td><td class=\"num\">{sidecar[step]['ElapsedSeconds']:.2f}</td>" in text, step
-    assert "threshold 0.2" in text and "kernel radius 6 mm" in text  # TKD and RESHARP parameters, in prose
+    assert "threshold 0.2" in text and "a background polynomial of degree 2" in text  # TKD's and PDF's, in prose
     assert "reading and decompressing every echo" in text and "What the time covers" in text  # what a row measures
     assert sidecar["SoftwareVersions"] in text
-    for reference in ("Meta-QSM", "Sun H, Wilman AH", "Shmueli K", "Schofield MA, Zhu Y"):
+    for reference in ("Meta-QSM", "projection onto dipole fields (PDF). NMR Biomed", "Shmueli K",
+                      "Schofield MA, Zhu Y"):
         assert reference in text, reference
     # citations are numbered in order: the method paper first
-    assert re.search(r"metaqsm \S+ \[1\]", text) and "RESHARP [3]" in text and "(TKD) [4]" in text
+    assert re.search(r"metaqsm \S+ \[1\]", text)
+    assert "projection onto dipole fields (PDF) [3]" in text and "(TKD) [4]" in text
 
 
 def test_methods_follow_the_sidecar():
@@ -172,7 +174,7 @@ def test_reliability_map_is_written_with_its_sidecar_and_shown(processed):
     assert excluded >= 2
 
     sidecar = json.loads(path("anat", "desc-reliable_mask.json").read_text())
-    assert sidecar["MinSignalFraction"] == 0.15 and sidecar["MaxResidualRad"] == 0.5
+    assert sidecar["MinSignalFraction"] == 0.15 and sidecar["MaxResidualRad"] == 0.1
     assert sidecar["UnreliableVoxelsExcluded"] == excluded
     assert sidecar["UnreliableFractionOfBrain"] == pytest.approx(excluded / brain.sum(), abs=1e-6)
     assert sidecar["Type"] == "ROI" and sidecar["SkullStripped"] is True and "Reliability map" in sidecar["Description"]
@@ -196,11 +198,11 @@ def test_reliability_map_is_written_with_its_sidecar_and_shown(processed):
     caption = text[text.index(figure):].split("</figcaption>")[0]
     assert f"<b>{excluded} voxels ({100 * excluded / brain.sum():.2f}% of the brain mask) were excluded</b>" \
         in caption
-    assert "below 0.15 × its median" in caption and "above 0.5 rad" in caption
+    assert "below 0.15 × its median" in caption and "above 0.1 rad" in caption
     assert f"<td>Reliability map</td><td>{excluded} voxels of the brain mask excluded" in text
     assert "sub-01_ses-1_desc-reliable_mask.nii.gz</a>" in text and "sub-01_ses-1_desc-echofit_residual.nii.gz</a>" \
         in text  # in the run's file list
-    assert "above 0.5 rad were considered unreliable" in text  # the methods paragraph
+    assert "above 0.1 rad were considered unreliable" in text  # the methods paragraph
 
 
 def test_report_statistics_match_the_maps(processed):

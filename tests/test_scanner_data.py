@@ -340,7 +340,9 @@ def test_planted_bipolar_error_is_removed(scanner_forms):
 
 
 @pytestmark_slow
-@pytest.mark.parametrize("subject, atol", [("realimag", 1e-4), ("fourd", 0.0)])
+# real/imag inputs reach the phase through float32 arctan2: rounding that PDF's ~190 CG iterations carry to at
+# most 1.2e-4 ppm in 8 of 131072 voxels (measured; 1e-4 held with RESHARP, the default before)
+@pytest.mark.parametrize("subject, atol", [("realimag", 3e-4), ("fourd", 0.0)])
 def test_real_imag_and_4d_inputs_give_the_same_chimap(scanner_forms, subject, atol):
     _, outs, _ = scanner_forms
     np.testing.assert_allclose(_chi(outs["auto"], subject), _chi(outs["auto"], "ref"), atol=atol, rtol=0)

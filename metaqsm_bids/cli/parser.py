@@ -108,10 +108,10 @@ def build_parser():
                      help="TKD truncation threshold of the dipole kernel")
     qsm.add_argument("--medi-lambda", type=_positive_float, default=1000.0,
                      help="MEDI regularisation weight (MEDI toolbox convention; see metaqsm_bids.qsm.inversion.medi)")
-    qsm.add_argument("--bfr", choices=sorted(BACKGROUND_REMOVALS), default="resharp",
+    qsm.add_argument("--bfr", choices=sorted(BACKGROUND_REMOVALS), default="pdf",
                      help="background field removal method")
     qsm.add_argument("--bfr-radius-mm", type=_positive_float, default=6.0,
-                     help="RESHARP spherical kernel radius (mm)")
+                     help="RESHARP spherical kernel radius (mm), with --bfr resharp")
 
     spaces = parser.add_argument_group("Output spaces")
     spaces.add_argument("--output-spaces", nargs="+", default=["orig"], type=_output_space, metavar="SPACE",

@@ -153,8 +153,9 @@ class WriteRunDerivatives(SimpleInterface):
                 **steps_upto("BackgroundFieldRemoval"),
             },
             "qsm_mask": {
-                "Description": "Reliability map eroded by the background-removal kernel: where the local "
-                               "field and the susceptibility map are defined.",
+                "Description": "Where the local field and the susceptibility map are defined: the reliability "
+                               "map, less what background removal could not keep (the kernel's erosion of "
+                               "RESHARP and V-SHARP, LBV's boundary layer; PDF keeps it whole).",
                 "Type": "Brain", "SkullStripped": True, "Sources": [own("reliable_mask")], **grid,
                 **steps_upto("BackgroundFieldRemoval"),
             },

@@ -28,7 +28,7 @@ from ..qsm.field.bipolar import correct_bipolar
 from ..qsm.field.echofit import fit_total_field
 from ..qsm.field.phase import echoes_to_rad
 from ..qsm.field.phase_sign import apply_phase_sign
-from ..qsm.field.reliability import MAX_RESIDUAL_RAD, MIN_SIGNAL_FRACTION, reliable_voxels
+from ..qsm.field.reliability import MIN_SIGNAL_FRACTION, reliable_voxels, residual_threshold_rad
 from ..qsm.inversion.registry import NETWORK_INVERSIONS, invert
 from ..qsm.mask.brain import (CSF_R2STAR_HZ_AT_3T, CSF_S0_FRACTION, CSF_S0_RIM_MM, brain_mask,
                               remove_extracerebral_csf)
@@ -306,13 +306,13 @@ class _BackgroundRemovalInputSpec(_QSMInputSpec):
 
 class _BackgroundRemovalOutputSpec(TraitedSpec):
     local_field_file = File(exists=True, desc="local field (Hz)")
-    mask_file = File(exists=True, desc="mask eroded by the kernel radius: where the local field is valid")
+    mask_file = File(exists=True, desc="where the local field is valid: the reliable voxels (eroded by SMV kernels)")
     reliable_mask_file = File(exists=True, desc="the brain mask's voxels that passed the reliability test")
     provenance = traits.Dict()
 
 
 class BackgroundRemoval(_QSMInterface):
-    """Background field removal by the chosen method (RESHARP, V-SHARP or PDF; see
+    """Background field removal by the chosen method (PDF, RESHARP, V-SHARP or LBV; see
     :mod:`metaqsm_bids.qsm.background.registry`): total field -> local field and the mask where it is valid.
 
     It runs on the brain mask's reliable voxels (:mod:`metaqsm_bids.qsm.field.reliability`) and writes them
@@ -329,7 +329,8 @@ class BackgroundRemoval(_QSMInterface):
         residual = _load(self.inputs.residual_file)[1] if isdefined(self.inputs.residual_file) else None
         # voxels without signal or off the echo-time line carry no local field: background removal
         # must not see them, and the QSM mask leaves them out
-        reliable = reliable_voxels(brain, rss, residual)
+        threshold = residual_threshold_rad(brain, residual) if residual is not None else None
+        reliable = reliable_voxels(brain, rss, residual, max_residual_rad=threshold)
         params = {}
         if self.inputs.method == "resharp":
             params["radius_mm"] = self.inputs.radius_mm
@@ -347,7 +348,7 @@ class BackgroundRemoval(_QSMInterface):
             "Iterations": int(result.iterations),
             "RelativeResidual": float(result.relative_residual),
             "MinSignalFraction": MIN_SIGNAL_FRACTION,
-            **({"MaxResidualRad": MAX_RESIDUAL_RAD} if residual is not None else {}),  # else no residual test
+            **({"MaxResidualRad": round(threshold, 6)} if residual is not None else {}),  # else no residual test
             "UnreliableVoxelsExcluded": excluded,
             "UnreliableFractionOfBrain": round(excluded / int(brain.sum()), 6),
             "Units": "Hz",

@@ -35,9 +35,9 @@ _TRANSFORM = re.compile(r"^(sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*?)_from-ori
 STEP_ORDER = ("PhaseScaling", "BrainMask", "TotalField", "BackgroundFieldRemoval", "DipoleInversion")
 
 # QC thresholds. A brain mask below 1% of the field of view is a failed mask; above 60% it
-# holds background or scalp (a whole-head FOV puts the brain at 10-40%). RESHARP erodes the
-# mask by its kernel radius: keeping under half the brain means the radius is large for the
-# FOV. Brain tissue lies within +-0.5 ppm (veins and iron-rich nuclei included), so more than
+# holds background or scalp (a whole-head FOV puts the brain at 10-40%). PDF keeps the reliable
+# voxels, RESHARP erodes them by its kernel radius: keeping under half the brain means the
+# reliability map dropped much of it, or the radius is large for the FOV. Brain tissue lies within +-0.5 ppm (veins and iron-rich nuclei included), so more than
 # 0.5% of the QSM mask beyond +-1 ppm points at unwrapping errors, streaks or bad masking.
 MASK_FRACTION_RANGE = (0.01, 0.60)
 QSM_MASK_MIN_FRACTION_OF_BRAIN = 0.5
@@ -210,8 +210,9 @@ def run_checks(run, images):
             stats["qsm_fraction_of_brain"] = float(qsm.sum() / brain.sum())
             if stats["qsm_fraction_of_brain"] < QSM_MASK_MIN_FRACTION_OF_BRAIN:
                 warnings.append(f"the QSM mask keeps only {100 * stats['qsm_fraction_of_brain']:.0f}% of the brain "
-                                "mask: the background-removal kernel is large for this field of view "
-                                "(try a smaller --bfr-radius-mm)")
+                                "mask: the reliability map left out many voxels (see its figure), or the "
+                                "background-removal kernel is large for this field of view (with --bfr resharp "
+                                "or vsharp; PDF, the default, does not erode)")
         if not qsm.any():
             warnings.append("the QSM mask is empty: no susceptibility values")
     for kind in ("total_field_hz", "local_field_hz", "chi_ppm"):
@@ -261,6 +262,8 @@ CITATIONS = {
     "liu2011pdf": "Liu T, Khalidov I, de Rochefort L, Spincemaille P, Liu J, Tsiouris AJ, Wang Y. A novel background "
                   "field removal method for MRI using projection onto dipole fields (PDF). NMR Biomed. "
                   "2011;24(9):1129-1136.",
+    "zhou2014": "Zhou D, Liu T, Spincemaille P, Wang Y. Background field removal by solving the Laplacian "
+                "boundary value problem. NMR Biomed. 2014;27(3):312-319.",
     "shmueli2009": "Shmueli K, de Zwart JA, van Gelderen P, Li TQ, Dodd SJ, Duyn JH. Magnetic susceptibility "
                    "mapping of brain tissue in vivo using MRI phase data. Magn Reson Med. 2009;62(6):1510-1522.",
     "bilgic2014": "Bilgic B, Fan AP, Polimeni JR, Cauley SF, Bianciardi M, Adalsteinsson E, Wald LL, Setsompop K. "
@@ -283,6 +286,7 @@ BACKGROUND_METHODS = {
     "resharp": ("RESHARP", ["sun2014"]),
     "vsharp": ("V-SHARP", ["li2011", "wu2012"]),
     "pdf": ("projection onto dipole fields (PDF)", ["liu2011pdf"]),
+    "lbv": ("the Laplacian boundary value method (LBV)", ["zhou2014"]),
 }
 
 #: Dipole inversions by the ``DipoleInversion.Method`` of the sidecar: (description, citation keys).
@@ -318,7 +322,10 @@ _PARAMETER_WORDS = {"RadiusMm": ("kernel radius", " mm"), "Tikhonov": ("Tikhonov
                     "Tolerance": ("tolerance", ""), "MaxIterations": ("at most", " iterations"),
                     "orientations": ("averaged over storage orientations", ""),
                     "OrientationPasses": ("network passes", ""),
-                    "Threshold": ("threshold", ""), "Lambda": ("lambda", "")}
+                    "Threshold": ("threshold", ""), "Lambda": ("lambda", ""),
+                    "PolynomialOrder": ("a background polynomial of degree", ""),
+                    "PadVoxels": ("room for the outside dipoles", " voxels per side"),
+                    "Weighting": ("weighting", "")}
 
 
 def _parameters_text(step):

@@ -35,7 +35,7 @@ def _acquisition(run):
     return facts
 
 
-def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_params=None, bfr="resharp", bfr_radius_mm=6.0,
+def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_params=None, bfr="pdf", bfr_radius_mm=6.0,
                 bipolar="auto", user_mask_file=None, device="auto", omp_nthreads=1, output_spaces=None, name=None):
     """Build the workflow for one :class:`~metaqsm_bids.io.bids.MEGRERun`.
 
