@@ -49,6 +49,7 @@ from scipy import ndimage as ndi
 sys.path.insert(0, str(Path(__file__).parent))
 from qsmforward_heads import B0_TESLA, PROTOCOLS, simulate  # noqa: E402
 
+from metaqsm_bids.cli.parser import build_parser  # noqa: E402
 from metaqsm_bids.qsm.background.registry import BACKGROUND_REMOVALS, remove_background  # noqa: E402
 from metaqsm_bids.qsm.core import physics  # noqa: E402
 from metaqsm_bids.qsm.field.echofit import fit_total_field  # noqa: E402
@@ -245,6 +246,7 @@ def _print_table(title, rows, columns):
 
 
 def main(argv=None):
+    cli = build_parser()  # the CLI's defaults, so that the pipeline stages run what a user gets
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", default="bench_cache/qsmforward", help="simulations and CLI outputs (reused)")
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
@@ -253,9 +255,9 @@ def main(argv=None):
     parser.add_argument("--inversions", nargs="+", default=["tkd", "l2", "ilsqr", "medi", "mesaqsm", "metaqsm"],
                         choices=sorted(INVERSIONS))
     parser.add_argument("--composed", nargs="+", default=["tkd", "metaqsm"], choices=sorted(INVERSIONS))
-    parser.add_argument("--resharp-radius-mm", type=float, default=6.0,
-                        help="RESHARP's SMV radius in the bfr, pipeline and composed stages (the CLI's default: 6)")
-    parser.add_argument("--pipeline-bfr", default="pdf", choices=sorted(BACKGROUND_REMOVALS),
+    parser.add_argument("--resharp-radius-mm", type=float, default=cli.get_default("bfr_radius_mm"),
+                        help="RESHARP's SMV radius in the bfr, pipeline and composed stages (the CLI's --bfr-radius-mm)")
+    parser.add_argument("--pipeline-bfr", default=cli.get_default("bfr"), choices=sorted(BACKGROUND_REMOVALS),
                         help="background removal of the pipeline and composed stages (the CLI's --bfr)")
     parser.add_argument("--data-consistency", nargs="*", type=float, default=[], metavar="LAMBDA",
                         help="also score each network inversion followed by the k-space data-consistency step "

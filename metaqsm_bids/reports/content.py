@@ -37,8 +37,9 @@ STEP_ORDER = ("PhaseScaling", "BrainMask", "TotalField", "BackgroundFieldRemoval
 # QC thresholds. A brain mask below 1% of the field of view is a failed mask; above 60% it
 # holds background or scalp (a whole-head FOV puts the brain at 10-40%). PDF keeps the reliable
 # voxels, RESHARP erodes them by its kernel radius: keeping under half the brain means the
-# reliability map dropped much of it, or the radius is large for the FOV. Brain tissue lies within +-0.5 ppm (veins and iron-rich nuclei included), so more than
-# 0.5% of the QSM mask beyond +-1 ppm points at unwrapping errors, streaks or bad masking.
+# reliability map dropped much of it, or the radius is large for the FOV. Brain tissue lies
+# within +-0.5 ppm (veins and iron-rich nuclei included), so more than 0.5% of the QSM mask
+# beyond +-1 ppm points at unwrapping errors, streaks or bad masking.
 MASK_FRACTION_RANGE = (0.01, 0.60)
 QSM_MASK_MIN_FRACTION_OF_BRAIN = 0.5
 CHI_EXTREME_PPM = 1.0
