@@ -17,8 +17,8 @@ deep grey nuclei and a calcification; shim field and phase offset on, peak SNR 1
   harmonic methods: RESHARP applied to the true local field itself;
 * **inversion, isolated**: fed the true local field on the true brain mask, each inversion
   scored with ``qsm_ci.qsm_eval.challenge_metrics``;
-* **pipeline**: the CLI's steps run in this process from the raw phase (mask, echo fit, reliability
-  map, ``--pipeline-bfr``, each inversion), beside TKD from the true total field with the same
+* **pipeline**: the CLI's steps run in this process from the raw phase (mask, echo fit, the local-field
+  step: reliability map, ``--pipeline-bfr``, completion; each inversion), beside TKD from the true total field with the same
   background removal;
 * **composed**: the real ``metaqsm`` CLI from the raw phase, one run per inversion (upstream steps
   cached by nipype between them), scored the same way inside its QSM mask.
@@ -53,11 +53,11 @@ from metaqsm_bids.cli.parser import build_parser  # noqa: E402
 from metaqsm_bids.qsm.background.registry import BACKGROUND_REMOVALS, remove_background  # noqa: E402
 from metaqsm_bids.qsm.core import physics  # noqa: E402
 from metaqsm_bids.qsm.field.echofit import fit_total_field  # noqa: E402
-from metaqsm_bids.qsm.field.reliability import reliable_voxels  # noqa: E402
 from metaqsm_bids.qsm.inversion.consistency import data_consistency  # noqa: E402
 from metaqsm_bids.qsm.inversion.registry import INVERSIONS, NETWORK_INVERSIONS, invert  # noqa: E402
 from metaqsm_bids.qsm.inversion.tkd import tkd  # noqa: E402
 from metaqsm_bids.qsm.mask.brain import brain_mask, remove_extracerebral_csf  # noqa: E402
+from metaqsm_bids.steps.local_field import estimate_local_field  # noqa: E402
 
 DEPTH_BINS_MM = (0, 2, 4, 6, 10, 20, 1000)
 METRICS = ("nrmse", "hfen", "xsim", "correlation", "dgm_linearity", "nrmse_blood", "calc_streak")
@@ -143,12 +143,20 @@ def _bfr_inputs(method, rss, resharp_radius_mm):
     return {"pdf": {"magnitude": rss}, "resharp": {"radius_mm": resharp_radius_mm}}.get(method, {})
 
 
+def _method_params(method, resharp_radius_mm):
+    """A background removal's own parameters as the CLI passes them to the local-field step."""
+    return {"radius_mm": resharp_radius_mm} if method == "resharp" else {}
+
+
 def _bfr_label(method, resharp_radius_mm):
     return f"resharp {resharp_radius_mm:g} mm" if method == "resharp" else method
 
 
 def _inversion_inputs(method, rss, tes):
-    """What an inversion takes besides the field: MEDI's magnitude, B0 and echo spacing, as the CLI passes them."""
+    """What an inversion takes besides the field, as the CLI passes them: MEDI's magnitude, B0 and echo
+    spacing; the networks' magnitude (an input of magnitude-input models)."""
+    if method in NETWORK_INVERSIONS:
+        return {"magnitude": rss}
     if method != "medi":
         return {}
     return {"magnitude": rss, "b0_tesla": B0_TESLA, "delta_te_s": float(np.diff(tes).mean())}
@@ -187,23 +195,24 @@ def pipeline_stage(sim, voxel, b0_dir, methods, bfr_method, resharp_radius_mm, l
     start = time.perf_counter()
     mask = mask_stage(sim, voxel)[1]
     fit = fit_total_field(sim.magnitude, sim.phase_rad, tes, voxel)
-    reliable = reliable_voxels(mask, rss, fit.residual_rad)
-    bfr_inputs = _bfr_inputs(bfr_method, rss, resharp_radius_mm)
-    bfr = remove_background(bfr_method, fit.field_hz, reliable, voxel, b0_dir, **bfr_inputs)
+    bfr = estimate_local_field(bfr_method, fit.field_hz, mask, rss, voxel, b0_dir, residual_rad=fit.residual_rad,
+                               **_method_params(bfr_method, resharp_radius_mm))
+    reliable = bfr.reliable
     upstream = time.perf_counter() - start
     local_ppm = physics.field_hz_to_ppm(bfr.local_field, B0_TESLA)
     rows = {}
     for method in methods:
         extra = _inversion_inputs(method, rss, tes)
         start = time.perf_counter()
-        chi = invert(method, local_ppm, bfr.mask, voxel, b0_dir, **extra)
+        chi = invert(method, local_ppm, bfr.qsm_mask, voxel, b0_dir, **extra)
         common = {"dice": dice(mask, sim.brain_mask),
-                  "coverage": float(np.count_nonzero(bfr.mask & sim.brain_mask) / sim.brain_mask.sum()),
+                  "coverage": float(np.count_nonzero(bfr.qsm_mask & sim.brain_mask) / sim.brain_mask.sum()),
                   "excluded": float(np.count_nonzero(mask & ~reliable) / mask.sum())}
-        rows[method] = {**score(chi, sim, bfr.mask), **common, "seconds": upstream + time.perf_counter() - start}
-        rows.update(_consistency_rows(method, chi, local_ppm, bfr.mask, voxel, b0_dir, lambdas, sim, common))
+        rows[method] = {**score(chi, sim, bfr.qsm_mask), **common, "seconds": upstream + time.perf_counter() - start}
+        rows.update(_consistency_rows(method, chi, local_ppm, bfr.qsm_mask, voxel, b0_dir, lambdas, sim, common))
     # the yardstick: the same background removal and inversion from the true total field and true mask
-    truth = remove_background(bfr_method, sim.total_field_hz, sim.brain_mask, voxel, b0_dir, **bfr_inputs)
+    truth = remove_background(bfr_method, sim.total_field_hz, sim.brain_mask, voxel, b0_dir,
+                              **_bfr_inputs(bfr_method, rss, resharp_radius_mm))
     chi = invert("tkd", physics.field_hz_to_ppm(truth.local_field, B0_TESLA), truth.mask, voxel, b0_dir)
     rows["tkd from the true total field"] = {
         **score(chi, sim, truth.mask), "coverage": float(truth.mask.sum() / sim.brain_mask.sum())}

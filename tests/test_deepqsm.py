@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from metaqsm_bids.qsm.network import deepqsm
-from metaqsm_bids.qsm.network.deepqsm import load_model, model_sha256, normalise_field, predict_chi
+from metaqsm_bids.qsm.network.deepqsm import load_model, model_sha256, network_input, normalise_field, predict_chi
 from metaqsm_bids.qsm.network.models import MESAQSM_MODEL, METAQSM_MODEL
 from metaqsm_bids.qsm.network.networks import UNet3d, save_network
 
@@ -78,6 +78,30 @@ def test_bad_inputs(net):
         predict_chi(net, field, mask[:, :, :4], (1, 1, 1))
 
 
+def test_magnitude_input_is_normalised_and_follows_the_storage():
+    """A field+tkd+magnitude model gets the magnitude over its mean in the mask as channel 2, refuses to run
+    without it, and the magnitude is flipped with the field: flipped storage gives the flipped map."""
+    field, mask = field_and_mask((24, 20, 12), seed=3)
+    magnitude = np.random.default_rng(4).uniform(50, 150, mask.shape).astype(np.float32)
+    x, _ = network_input(field, mask, (1.0, 1.0, 2.0), (0, 0, 1), "field+tkd+magnitude", magnitude)
+    assert x.shape == (3, *mask.shape) and x[2][mask].mean() == pytest.approx(1.0, rel=1e-5)
+    assert np.allclose(x[2][mask], magnitude[mask] / magnitude[mask].mean()) and np.all(x[2][~mask] == 0)
+    with pytest.raises(ValueError, match="needs the magnitude"):
+        network_input(field, mask, (1.0, 1.0, 2.0), (0, 0, 1), "field+tkd+magnitude")
+    torch.manual_seed(2)
+    model = UNet3d({"channels": [2, 3], "fold": 2, "hidden": 4, "input": "field+tkd+magnitude"}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    voxel, b0 = (1.0, 1.0, 2.0), (0.1, 0.0, 0.99)
+    chi = predict_chi(model, field, mask, voxel, b0, orientations="flips", magnitude=magnitude)
+    other = predict_chi(model, field, mask, voxel, b0, orientations="flips", magnitude=magnitude[::-1].copy())
+    assert np.abs(chi - other).max() > 1e-4 * np.abs(chi).max()  # the magnitude is used
+    flipped = predict_chi(model, field[::-1].copy(), mask[::-1].copy(), voxel, (-b0[0], b0[1], b0[2]),
+                          orientations="flips", magnitude=magnitude[::-1].copy())
+    assert np.allclose(flipped[::-1], chi, atol=1e-5 * np.abs(chi).max())
+
+
 def test_load_model_checks_sha256(tmp_path, net):
     save_network(net, tmp_path / "m.pt")
     (tmp_path / "m.json").write_text(json.dumps({"sha256": deepqsm.file_sha256(tmp_path / "m.pt")}))
@@ -115,7 +139,7 @@ def test_shipped_models_beat_tkd(name, voxels):
         for seed in (0, 1):
             s = make_sample(np.random.default_rng([2024, seed]), (64, 64, 32), voxel_size_mm=voxel,
                             conditioning=conditioning)
-            for key, chi in (("net", predict_chi(model, s.field_ppm, s.mask, voxel, s.b0_dir)),
+            for key, chi in (("net", predict_chi(model, s.field_ppm, s.mask, voxel, s.b0_dir, magnitude=s.magnitude)),
                              ("tkd", tkd(s.field_ppm, s.mask, voxel, s.b0_dir))):
                 scores[key].append((nrmse_challenge(chi, s.chi_ppm, s.mask)[0], hfen(chi, s.chi_ppm, s.mask)))
         net, ref = np.mean(scores["net"], axis=0), np.mean(scores["tkd"], axis=0)

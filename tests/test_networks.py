@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metaqsm_bids.qsm.network.networks import (PlainConv3d, UNet3d, WPConv3d, encode_condition, fold_blocks, load_network,
-                                       save_network, unfold_blocks)
+from metaqsm_bids.qsm.network.networks import (PlainConv3d, UNet3d, WPConv3d, encode_condition, extends_input,
+                                               fold_blocks, load_network, save_network, unfold_blocks, widen_input)
 
 
 def cond(voxel, b0=(0.0, 0.0, 1.0), conditioning="voxel+b0"):
@@ -126,6 +126,37 @@ def test_residual_tkd_network_starts_as_its_tkd_channel(arch):
         UNet3d({"input": "phase"})
     with pytest.raises(ValueError, match="list of widths"):
         UNet3d({"channels": 8})
+
+
+@pytest.mark.parametrize("arch", ["meta", "mesa"])
+def test_widened_input_starts_as_its_parent(arch):
+    """A field+tkd network widened to field+tkd+magnitude computes what it did (to float rounding), whatever the magnitude,
+    until training moves the new channel's weights off zero; narrowing is refused."""
+    torch.manual_seed(1)
+    parent = UNet3d({"arch": arch, "channels": [2, 3], "hidden": 4, "input": "field+tkd",
+                     "fixed_voxel_size_mm": [1, 1, 1]})
+    with torch.no_grad():  # a trained-looking parent: a non-zero head, so the output is not just TKD
+        for p in parent.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    child = widen_input(parent, "field+tkd+magnitude")
+    assert child.config == {**parent.config, "input": "field+tkd+magnitude"}
+    x = torch.randn(2, 2, 8, 8, 4)
+    c = torch.cat([cond((1, 1, 1)), cond((0.5, 0.5, 2))]) if arch == "meta" else None
+    with torch.no_grad():
+        out = parent(x, c)
+        assert not torch.equal(out, x[:, 1:2])
+        for magnitude in (torch.zeros(2, 1, 8, 8, 4), torch.rand(2, 1, 8, 8, 4)):
+            # equal up to float summation order (the convolution sums over more, zero-weighted channels)
+            assert torch.allclose(child(torch.cat([x, magnitude], 1), c), out, rtol=0, atol=1e-5 * out.abs().max())
+    opt = torch.optim.SGD(child.parameters(), lr=0.1)
+    child(torch.cat([x, torch.rand(2, 1, 8, 8, 4)], 1), c).pow(2).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        assert not torch.equal(child(torch.cat([x, torch.zeros(2, 1, 8, 8, 4)], 1), c),
+                               child(torch.cat([x, torch.ones(2, 1, 8, 8, 4)], 1), c))
+    assert extends_input("field+tkd+magnitude", "field+tkd") and not extends_input("field+tkd", "field+tkd")
+    with pytest.raises(ValueError, match="does not extend"):
+        widen_input(child, "field+tkd")
 
 
 def test_input_shape_must_fit_the_pooling_grid():

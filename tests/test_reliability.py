@@ -1,4 +1,5 @@
-"""The reliability map flags planted unreliable voxels: no signal, and a phase off the echo-time line."""
+"""The reliability map flags planted unreliable voxels (no signal, a phase off the echo-time line); the QSM
+mask keeps them unless they are a void reaching the mask's surface, and their local field is completed."""
 import nibabel as nib
 import numpy as np
 import pytest
@@ -6,7 +7,8 @@ import pytest
 from metaqsm_bids.interfaces.qsm import BackgroundRemoval
 from metaqsm_bids.qsm.field.echofit import fit_total_field
 from metaqsm_bids.qsm.field.reliability import (MIN_RESIDUAL_THRESHOLD_RAD, MIN_SIGNAL_FRACTION,
-                                                RESIDUAL_NOISE_MULTIPLE, reliable_voxels, residual_threshold_rad)
+                                                RESIDUAL_NOISE_MULTIPLE, qsm_region, reliable_voxels,
+                                                residual_threshold_rad)
 
 
 def test_reliability_flags_planted_errors():
@@ -70,14 +72,35 @@ def test_background_removal_writes_the_map_it_used(tmp_path, monkeypatch):
         files[name] = str(tmp_path / f"{name}.nii")
         nib.save(nib.Nifti1Image(np.asarray(data, np.float32), np.eye(4)), files[name])
     result = BackgroundRemoval(field_file=files["field"], mask_file=files["brain"], magnitude_file=files["rss"],
-                               residual_file=files["residual"], method="resharp", radius_mm=3.0).run()
+                               residual_file=files["residual"], method="pdf").run()
     written = np.asarray(nib.load(result.outputs.reliable_mask_file).dataobj)
     assert written.dtype == np.uint8
     np.testing.assert_array_equal(written > 0, reliable_voxels(brain, rss, residual))
     assert not written[dark] and not written[jumpy] and np.count_nonzero(brain & (written == 0)) == 2
     qsm = np.asarray(nib.load(result.outputs.mask_file).dataobj) > 0
-    assert not (qsm & (written == 0)).any()  # the QSM mask lies in the map
+    np.testing.assert_array_equal(qsm, brain)  # both are enclosed: they stay, their local field completed
+    local = np.asarray(nib.load(result.outputs.local_field_file).dataobj)
+    assert np.all(local[~qsm] == 0) and local[dark] != 0 and local[jumpy] != 0
     provenance = result.outputs.provenance
+    assert provenance["CompletedVoxels"] == 2
     assert provenance["UnreliableVoxelsExcluded"] == 2
     assert provenance["UnreliableFractionOfBrain"] == pytest.approx(2 / brain.sum(), abs=1e-6)
     assert (provenance["MinSignalFraction"], provenance["MaxResidualRad"]) == (MIN_SIGNAL_FRACTION, 0.2)  # 4 x 0.05
+
+
+def test_qsm_region_keeps_enclosed_voids_and_drops_those_at_the_surface():
+    """A void enclosed by signal (a calcification, a microbleed) stays; one reaching the mask's surface (bone
+    or sinus air that hole filling took in) leaves; a low-signal voxel is a void, a dim one (> 0.15 x median) not."""
+    shape = (30, 30, 20)
+    g = np.meshgrid(*[np.arange(n) - n / 2 for n in shape], indexing="ij")
+    mask = g[0] ** 2 + g[1] ** 2 + (1.5 * g[2]) ** 2 < 12 ** 2
+    rss = np.where(mask, 1.0, 0.0).astype(np.float32)
+    calcification = (np.abs(g[0] - 2) <= 1) & (np.abs(g[1]) <= 1) & (np.abs(g[2]) <= 1)
+    sinus = mask & (g[0] < -9) & (np.abs(g[1]) <= 2) & (np.abs(g[2]) <= 2)  # reaches the surface
+    dim = (np.abs(g[0] + 3) <= 1) & (np.abs(g[1] - 5) <= 1) & (np.abs(g[2]) <= 1)
+    rss[calcification | sinus] = 0.05
+    rss[dim] = 0.3
+    region = qsm_region(mask, rss)
+    assert region[calcification].all() and region[dim].all()
+    assert not region[sinus].any()
+    assert np.count_nonzero(mask & ~region) == np.count_nonzero(sinus)

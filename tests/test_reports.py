@@ -151,8 +151,8 @@ def test_methods_say_whether_the_csf_rim_was_removed():
 
 
 def test_reliability_map_is_written_with_its_sidecar_and_shown(processed):
-    """The planted voxels are excluded from the reliability map and the QSM mask; the sidecar, the residual map
-    and the report's panel say so."""
+    """The planted voxels are excluded from the reliability map but stay in the QSM mask (enclosed by signal), with
+    a completed local field and a susceptibility value; the sidecars, the residual map and the report's panel say so."""
     _, out, _, planted = processed
 
     def path(datatype, tail):
@@ -167,9 +167,12 @@ def test_reliability_map_is_written_with_its_sidecar_and_shown(processed):
     residual = load("fmap", "desc-echofit_residual.nii.gz")
     jumpy, dark = planted
     assert nib.load(path("anat", "desc-reliable_mask.nii.gz")).get_data_dtype() == np.uint8
-    assert brain[jumpy] and brain[dark] and not reliable[jumpy] and not reliable[dark] and not qsm[jumpy]
+    assert brain[jumpy] and brain[dark] and not reliable[jumpy] and not reliable[dark] and qsm[jumpy] and qsm[dark]
     assert residual[jumpy] > 0.5 > np.median(residual[brain])
-    assert not (reliable & ~brain).any() and not (qsm & ~reliable).any()
+    assert not (reliable & ~brain).any() and not (qsm & ~brain).any()
+    local = load("fmap", "desc-local_fieldmap.nii.gz")
+    chi = load("anat", "Chimap.nii.gz")
+    assert local[jumpy] != 0 and local[dark] != 0 and chi[jumpy] != 0 and chi[dark] != 0
     excluded = int((brain & ~reliable).sum())
     assert excluded >= 2
 
@@ -183,6 +186,9 @@ def test_reliability_map_is_written_with_its_sidecar_and_shown(processed):
                                   "bids::sub-01/ses-1/fmap/sub-01_ses-1_desc-echofit_residual.nii.gz"]
     assert sidecar["SpatialReference"].startswith("bids:raw:sub-01/ses-1/anat/")
     assert sidecar["BackgroundFieldRemoval"]["UnreliableVoxelsExcluded"] == excluded
+    chimap_sidecar = json.loads(path("anat", "Chimap.json").read_text())["BackgroundFieldRemoval"]
+    assert chimap_sidecar["CompletedVoxels"] >= 2
+    assert "inverted with the rest" in chimap_sidecar["UnreliableVoxels"]
     residual_sidecar = json.loads(path("fmap", "desc-echofit_residual.json").read_text())
     assert residual_sidecar["Units"] == "rad" and "TotalField" in residual_sidecar
     assert "BackgroundFieldRemoval" not in residual_sidecar
@@ -199,10 +205,12 @@ def test_reliability_map_is_written_with_its_sidecar_and_shown(processed):
     assert f"<b>{excluded} voxels ({100 * excluded / brain.sum():.2f}% of the brain mask) were excluded</b>" \
         in caption
     assert "below 0.15 × its median" in caption and "above 0.1 rad" in caption
-    assert f"<td>Reliability map</td><td>{excluded} voxels of the brain mask excluded" in text
+    assert f"<td>Reliability map</td><td>{excluded} voxels of the brain mask excluded from background removal's fit" \
+        in text
     assert "sub-01_ses-1_desc-reliable_mask.nii.gz</a>" in text and "sub-01_ses-1_desc-echofit_residual.nii.gz</a>" \
         in text  # in the run's file list
     assert "above 0.1 rad were considered unreliable" in text  # the methods paragraph
+    assert "their local field was completed" in text
 
 
 def test_report_statistics_match_the_maps(processed):

@@ -41,6 +41,10 @@ def test_sample_geometry_and_physics(voxel):
     corr, rel = agreement(b0)
     assert corr > 0.9 and 0.02 < rel < 0.45
     assert agreement((1.0, 0.0, 0.0))[0] < 0.5  # the sample really used the requested B0
+    # the magnitude: positive in the mask with mean about 1 there (noise is rectified), zero outside
+    assert s.magnitude.dtype == np.float32 and s.magnitude.shape == s.mask.shape
+    assert np.all(s.magnitude[~s.mask] == 0) and np.all(s.magnitude[s.mask] >= 0)
+    assert 0.95 < s.magnitude[s.mask].mean() < 1.1
 
 
 def test_background_is_harmonic_and_scaled():
@@ -192,9 +196,61 @@ def test_init_from_an_exported_model(tmp_path, capsys):
     grandchild = json.loads((models / "grandchild.json").read_text())
     assert grandchild["init_from"]["steps"] == 4 and grandchild["cumulative_steps"] == 5
 
+    # --input may extend the parent's: a field+tkd parent starts a field+tkd+magnitude run as itself
+    assert train_main(_tiny_cli(tmp_path / "tkd", "--steps", "1", "--channels", "2", "3", "--hidden", "4",
+                                "--input", "field+tkd", "--export", "tkd", "--export-dir", str(models))) == 0
+    assert train_main(_tiny_cli(tmp_path / "mag", "--steps", "1", "--init-from", str(models / "tkd.pt"),
+                                "--input", "field+tkd+magnitude", "--lr", "0", "--export", "mag",
+                                "--export-dir", str(models))) == 0
+    tkd_net, mag_net = load_model("tkd", "cpu", models), load_model("mag", "cpu", models)
+    assert mag_net.config == {**tkd_net.config, "input": "field+tkd+magnitude"}
+    s = make_sample(np.random.default_rng(3), shape=(16, 16, 8))
+    before = predict_chi(tkd_net, s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir)
+    after = predict_chi(mag_net, s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, magnitude=s.magnitude)
+    assert np.allclose(after, before, rtol=0, atol=1e-5 * np.abs(before).max())
+
     capsys.readouterr()
+    assert train_main(_tiny_cli(tmp_path / "narrow", "--init-from", str(models / "mag.pt"), "--input", "field+tkd")) == 2
+    assert "--input field+tkd (the parent's: field+tkd+magnitude)" in capsys.readouterr().err
     assert train_main(_tiny_cli(tmp_path / "bad", "--init-from", parent_pt, "--channels", "4", "4",
                                 "--conditioning", "voxel+b0")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--channels 4 4 (the parent's: 2 3)" in err and "--conditioning voxel+b0" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_augmentations_keep_the_physics():
+    """Known answers: reversing axes with B0's components on them negated gives the reversed field of the reversed
+    susceptibility; negating chi negates the field; the magnitude follows the reversal and keeps its sign."""
+    from metaqsm_bids.training.synth import augment
+
+    voxel, b0 = (0.8, 1.0, 1.6), (0.3, -0.2, 0.93)
+    s = make_sample(np.random.default_rng(7), shape=(32, 32, 16), voxel_size_mm=voxel, b0_dir=b0,
+                    noise_ppm=(0, 0), background=(0, 0))
+    field = forward_field_ppm(s.chi_ppm, voxel, s.b0_dir)
+    for flips, negate in (((0,), False), ((1, 2), True), ((0, 1, 2), False), ((), True)):
+        a = augment(s, flips, negate)
+        sign = -1 if negate else 1
+        assert a.b0_dir == tuple(-b if i in flips else b for i, b in enumerate(s.b0_dir))
+        assert np.array_equal(a.chi_ppm, sign * np.flip(s.chi_ppm, flips)) and a.voxel_size_mm == voxel
+        assert np.array_equal(a.mask, np.flip(s.mask, flips)) and np.array_equal(a.magnitude, np.flip(s.magnitude, flips))
+        # the simulator's field of the augmented chi with the augmented B0 is the augmented field
+        np.testing.assert_allclose(forward_field_ppm(a.chi_ppm, voxel, a.b0_dir), sign * np.flip(field, flips),
+                                   atol=1e-5 * np.abs(field).max())
+        np.testing.assert_array_equal(a.field_ppm, sign * np.flip(s.field_ppm, flips))
+    with pytest.raises(ValueError, match="spatial axes"):
+        augment(s, (3,))
+
+
+def test_reused_batches_share_made_samples_and_differ_by_augmentation():
+    """With reuse r, steps r*g .. r*g+r-1 train on the samples made for group g (those of step g at r = 1), each
+    step stored differently; batches stay a pure function of (seed, reuse, step)."""
+    cfg = {**DEFAULTS, **TINY, "reuse": 3}
+    plain = training_batch({**cfg, "reuse": 1}, 1)
+    batches = [training_batch(cfg, step) for step in (3, 4, 5)]
+    for batch in batches:  # the same samples, up to axis reversals and sign: same |chi| histogram, same mask size
+        assert torch.equal(batch["mask"].sum(dim=(1, 2, 3, 4)), plain["mask"].sum(dim=(1, 2, 3, 4)))
+        assert torch.allclose(batch["y"].abs().sum(dim=(1, 2, 3, 4)), plain["y"].abs().sum(dim=(1, 2, 3, 4)))
+    assert not all(torch.equal(batches[0]["x"], b["x"]) for b in batches[1:])
+    again = training_batch(cfg, 4)
+    assert all(torch.equal(again[k], batches[1][k]) for k in ("x", "y", "mask"))

@@ -46,6 +46,9 @@ def build_parser():
                         help="'rad': float radians; 'arbitrary': int16 -4096..4095 (Siemens style)")
     parser.add_argument("--head-scale", type=_positive(float), metavar="FACTOR",
                         help="size of the head relative to an adult's (None: shrink it to fit the in-plane FOV)")
+    parser.add_argument("--lesions", action="store_true",
+                        help="add an acute haemorrhage (0.8 ppm, 16 x 22 x 18 mm, basal ganglia) and a dense "
+                             "calcification (-0.5 ppm, 8 mm, frontal white matter) to every head")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed of the first run (noise, phase offset); each next run adds 1")
     parser.add_argument("--name", default="metaqsm simulated MEGRE", help="dataset name")
@@ -67,7 +70,7 @@ def main(argv=None):
                                 oblique_deg=args.oblique_deg[p % len(args.oblique_deg)],
                                 echo_times_s=tuple(args.echo_times), b0_tesla=args.field_strength,
                                 peak_snr=args.peak_snr, phase_units=args.phase_units,
-                                seed=args.seed + len(runs), scale=args.head_scale))
+                                seed=args.seed + len(runs), scale=args.head_scale, lesions=args.lesions))
     start = time.perf_counter()
     try:
         written = simulate_dataset(args.out_dir, runs, name=args.name)
@@ -77,7 +80,8 @@ def main(argv=None):
         label = f"sub-{spec.subject}" + (f" ses-{spec.session}" if spec.session else "")
         print(f"{label}: {len(spec.echo_times_s)} echoes, {'x'.join(map(str, spec.shape))} voxels of "
               f"{'x'.join(f'{v:g}' for v in spec.voxel_size_mm)} mm, oblique {spec.oblique_deg:g} deg, "
-              f"B0 {spec.b0_tesla:g} T, peak SNR {spec.peak_snr:g}, phase in {spec.phase_units}")
+              f"B0 {spec.b0_tesla:g} T, peak SNR {spec.peak_snr:g}, phase in {spec.phase_units}"
+              + (", with lesions" if spec.lesions else ""))
     root = Path(args.out_dir)
     for path in written:
         print(f"  {Path(path).relative_to(root)}")

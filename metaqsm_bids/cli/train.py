@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ..qsm.network.deepqsm import MODELS_DIR
+from ..qsm.network.networks import INPUTS, extends_input
 
 #: Architecture options (argparse dest -> network config key): with --init-from they come from the parent.
 ARCHITECTURE_OPTIONS = {"arch": "arch", "channels": "channels", "fold": "fold", "hidden": "hidden",
@@ -24,7 +25,7 @@ def build_parser():
     p.add_argument("--init-from", metavar="NAME",
                    help="start a new run from the weights of model NAME (one in the package data, or the path "
                         "of an exported NAME.pt with its NAME.json beside it), with its architecture "
-                        "(architecture options may only repeat it) and, unless given, its learning-rate "
+                        "(architecture options may only repeat it, but --input may extend its input) and, unless given, its learning-rate "
                         "schedule; batches and the learning rate continue from its step count. The optimiser "
                         "restarts warm: fresh RMSprop state (the state is not exported: it would double a "
                         "model's size), learning rate continued from the parent's schedule position. The "
@@ -32,6 +33,9 @@ def build_parser():
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"],
                    help="train until this many steps in the run (with --init-from: on top of the parent's)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--reuse", type=int, default=DEFAULTS["reuse"], metavar="R",
+                   help="use each made batch for R consecutive steps, each time with random axis reversals (B0 "
+                        "following) and sign: making samples costs more than the step on a CPU")
     p.add_argument("--patch", type=int, nargs=3, default=DEFAULTS["patch"], metavar=("I", "J", "K"),
                    help="training crop size in voxels (each a multiple of fold * 2**(levels - 1))")
     p.add_argument("--channels", type=int, nargs="+", default=DEFAULTS["channels"],
@@ -45,9 +49,11 @@ def build_parser():
                    help="train at this voxel size (mm) only (required for --arch mesa)")
     p.add_argument("--conditioning", choices=("voxel", "voxel+b0"), default=DEFAULTS["conditioning"],
                    help="what the weight predictor sees: voxel size, or voxel size and B0 direction")
-    p.add_argument("--input", choices=("field", "field+tkd"), default=DEFAULTS["input"],
-                   help="network input: the local field (the paper's), or the field and its TKD inverse "
-                        "with the network learning TKD's correction (residual)")
+    p.add_argument("--input", choices=sorted(INPUTS), default=DEFAULTS["input"],
+                   help="network input: the local field (the paper's); the field and its TKD inverse "
+                        "with the network learning TKD's correction (residual); or those and the magnitude "
+                        "image (where edges are). With --init-from it may extend the parent's input: the new "
+                        "channels start with zero weights")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"],
                    help="initial RMSprop learning rate (with --init-from: the parent's unless given)")
     p.add_argument("--lr-decay", type=float, default=DEFAULTS["lr_decay"],
@@ -98,7 +104,7 @@ def main(argv=None):
         "conditioning": args.conditioning, "fixed_voxel_size_mm": args.fixed_voxel_size, "input": args.input, "steps": args.steps,
         "batch_size": args.batch_size, "patch": list(args.patch), "lr": args.lr, "lr_decay": args.lr_decay,
         "lr_decay_steps": args.lr_decay_steps, "l2": args.l2, "val_every": args.val_every,
-        "ckpt_every": args.ckpt_every, "val_samples": args.val_samples, "seed": args.seed,
+        "ckpt_every": args.ckpt_every, "val_samples": args.val_samples, "seed": args.seed, "reuse": args.reuse,
     }
     parent = None
     if args.init_from:
@@ -108,18 +114,23 @@ def main(argv=None):
             print(f"metaqsm-train: --init-from: {err}", file=sys.stderr)
             return 2
         given = _given_options(argv, (*ARCHITECTURE_OPTIONS, *SCHEDULE_OPTIONS))
+        widened = "input" in given and extends_input(cfg["input"], parent.config["input"])
         conflicts = [f"{_option(dest)} {_words(cfg[key])} (the parent's: {_words(parent.config[key])})"
                      for dest, key in ARCHITECTURE_OPTIONS.items()
-                     if dest in given and _words(cfg[key]) != _words(parent.config[key])]
+                     if dest in given and _words(cfg[key]) != _words(parent.config[key])
+                     and not (dest == "input" and widened)]
         if conflicts:
             print(f"metaqsm-train: --init-from {args.init_from} fixes the architecture; drop or correct "
                   f"{'; '.join(conflicts)}", file=sys.stderr)
             return 2
-        cfg.update({key: parent.config[key] for key in ARCHITECTURE_OPTIONS.values()})
+        cfg.update({key: parent.config[key] for key in ARCHITECTURE_OPTIONS.values() if not (key == "input" and widened)})
         cfg.update({key: parent_meta["recipe"][key] for key in SCHEDULE_OPTIONS
                     if key not in given and key in parent_meta["recipe"]})
     if cfg["arch"] == "mesa" and cfg["fixed_voxel_size_mm"] is None:
         print("metaqsm-train: --arch mesa needs --fixed-voxel-size", file=sys.stderr)
+        return 2
+    if args.reuse < 1:
+        print("metaqsm-train: --reuse must be 1 or more", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -135,8 +135,9 @@ class WriteRunDerivatives(SimpleInterface):
                 "Description": "Reliability map: the brain mask's voxels whose field is trusted, with an RSS "
                                "magnitude of at least MinSignalFraction x its median in the brain mask and an "
                                "echo-fit residual of at most MaxResidualRad (rad). The others (bone or air "
-                               "inside the brain mask, phase off the echo-time line) are left out of background "
-                               "field removal and of the QSM mask.",
+                               "inside the brain mask, lesions whose signal decays within the first echoes, phase "
+                               "off the echo-time line) are left out of background field removal's fit; their "
+                               "local field is completed from the reliable voxels' (see the local field).",
                 "Type": "ROI", "SkullStripped": True,
                 "Sources": [own("brain_mask"), own("magnitude"), own("fit_residual")], **grid,
                 **{key: inputs.bfr_provenance[key] for key in RELIABILITY_KEYS if key in inputs.bfr_provenance},
@@ -148,15 +149,18 @@ class WriteRunDerivatives(SimpleInterface):
                 **steps_upto("BackgroundFieldRemoval"),
             },
             "local_field": {
-                "Description": "Local field map after background field removal.",
+                "Description": "Local field map after background field removal; in the QSM mask's voxels "
+                               "outside the reliability map (CompletedVoxels), the field of the susceptibility "
+                               "fitted to the reliable voxels' local field.",
                 "Units": "Hz", "SkullStripped": True, "Sources": [own("total_field"), own("reliable_mask")],
                 **steps_upto("BackgroundFieldRemoval"),
             },
             "qsm_mask": {
-                "Description": "Where the local field and the susceptibility map are defined: the reliability "
-                               "map, less what background removal could not keep (the kernel's erosion of "
-                               "RESHARP and V-SHARP, LBV's boundary layer; PDF keeps it whole).",
-                "Type": "Brain", "SkullStripped": True, "Sources": [own("reliable_mask")], **grid,
+                "Description": "Where the local field and the susceptibility map are defined: the brain mask "
+                               "less its signal voids that reach its surface (bone, sinus air) with PDF; with "
+                               "RESHARP, V-SHARP and LBV, the reliability map less what they could not keep (the "
+                               "kernel's erosion, LBV's boundary layer), its inner holes filled.",
+                "Type": "Brain", "SkullStripped": True, "Sources": [own("brain_mask"), own("reliable_mask")], **grid,
                 **steps_upto("BackgroundFieldRemoval"),
             },
             "chimap": {

@@ -22,16 +22,18 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..qsm.background.registry import BACKGROUND_REMOVALS, remove_background
+from ..qsm.background.completion import ALPHA as COMPLETION_ALPHA
+from ..qsm.background.registry import BACKGROUND_REMOVALS
 from ..qsm.core import physics
 from ..qsm.field.bipolar import correct_bipolar
 from ..qsm.field.echofit import fit_total_field
 from ..qsm.field.phase import echoes_to_rad
 from ..qsm.field.phase_sign import apply_phase_sign
-from ..qsm.field.reliability import MIN_SIGNAL_FRACTION, reliable_voxels, residual_threshold_rad
+from ..qsm.field.reliability import MIN_SIGNAL_FRACTION
 from ..qsm.inversion.registry import NETWORK_INVERSIONS, invert
 from ..qsm.mask.brain import (CSF_R2STAR_HZ_AT_3T, CSF_S0_FRACTION, CSF_S0_RIM_MM, brain_mask,
                               remove_extracerebral_csf)
+from ..steps.local_field import estimate_local_field
 
 
 @contextmanager
@@ -305,18 +307,17 @@ class _BackgroundRemovalInputSpec(_QSMInputSpec):
 
 
 class _BackgroundRemovalOutputSpec(TraitedSpec):
-    local_field_file = File(exists=True, desc="local field (Hz)")
-    mask_file = File(exists=True, desc="where the local field is valid: the reliable voxels (eroded by SMV kernels)")
+    local_field_file = File(exists=True, desc="local field (Hz) on the QSM mask")
+    mask_file = File(exists=True, desc="the QSM mask: where the local field and the susceptibility are defined")
     reliable_mask_file = File(exists=True, desc="the brain mask's voxels that passed the reliability test")
     provenance = traits.Dict()
 
 
 class BackgroundRemoval(_QSMInterface):
-    """Background field removal by the chosen method (PDF, RESHARP, V-SHARP or LBV; see
-    :mod:`metaqsm_bids.qsm.background.registry`): total field -> local field and the mask where it is valid.
-
-    It runs on the brain mask's reliable voxels (:mod:`metaqsm_bids.qsm.field.reliability`) and writes them
-    too, as the reliability map."""
+    """Total field -> local field on the QSM mask (:func:`~metaqsm_bids.qsm.background.local_field.estimate_local_field`):
+    background removal by the chosen method (PDF, RESHARP, V-SHARP or LBV) fitted on the reliable voxels
+    (:mod:`metaqsm_bids.qsm.field.reliability`, written as the reliability map), the unreliable voxels'
+    local field completed from the rest."""
 
     input_spec = _BackgroundRemovalInputSpec
     output_spec = _BackgroundRemovalOutputSpec
@@ -327,20 +328,14 @@ class BackgroundRemoval(_QSMInterface):
         voxel_size, b0_dir = _geometry(img)
         _, rss = _load(self.inputs.magnitude_file)
         residual = _load(self.inputs.residual_file)[1] if isdefined(self.inputs.residual_file) else None
-        # voxels without signal or off the echo-time line carry no local field: background removal
-        # must not see them, and the QSM mask leaves them out
-        threshold = residual_threshold_rad(brain, residual) if residual is not None else None
-        reliable = reliable_voxels(brain, rss, residual, max_residual_rad=threshold)
-        params = {}
-        if self.inputs.method == "resharp":
-            params["radius_mm"] = self.inputs.radius_mm
-        if self.inputs.method == "pdf":
-            params["magnitude"] = rss
-        result = remove_background(self.inputs.method, field_hz, reliable, voxel_size, b0_dir=b0_dir, **params)
-        self._results["local_field_file"] = _save(result.local_field, img, "local_field_hz.nii")
-        self._results["mask_file"] = _save(result.mask, img, "qsm_mask.nii", np.uint8)
-        self._results["reliable_mask_file"] = _save(reliable, img, "reliable_mask.nii", np.uint8)
-        excluded = int(np.count_nonzero(brain & ~reliable))
+        params = {"radius_mm": self.inputs.radius_mm} if self.inputs.method == "resharp" else {}
+        out = estimate_local_field(self.inputs.method, field_hz, brain, rss, voxel_size, b0_dir,
+                                   residual_rad=residual, **params)
+        result = out.background_removal
+        self._results["local_field_file"] = _save(out.local_field, img, "local_field_hz.nii")
+        self._results["mask_file"] = _save(out.qsm_mask, img, "qsm_mask.nii", np.uint8)
+        self._results["reliable_mask_file"] = _save(out.reliable, img, "reliable_mask.nii", np.uint8)
+        excluded = int(np.count_nonzero(brain & ~out.reliable))
         return {
             "Method": self.inputs.method.upper().replace("VSHARP", "V-SHARP"),
             **({"RadiusMm": self.inputs.radius_mm} if self.inputs.method == "resharp" else {}),
@@ -348,9 +343,16 @@ class BackgroundRemoval(_QSMInterface):
             "Iterations": int(result.iterations),
             "RelativeResidual": float(result.relative_residual),
             "MinSignalFraction": MIN_SIGNAL_FRACTION,
-            **({"MaxResidualRad": round(threshold, 6)} if residual is not None else {}),  # else no residual test
+            **({"MaxResidualRad": round(out.max_residual_rad, 6)} if residual is not None else {}),  # else no test
             "UnreliableVoxelsExcluded": excluded,
             "UnreliableFractionOfBrain": round(excluded / int(brain.sum()), 6),
+            "UnreliableVoxels": (
+                "left out of the background removal's fit; inside the QSM mask (all but the voids reaching the "
+                "brain mask's surface), their local field is the field of the susceptibility fitted to the "
+                "reliable voxels' (weighted least squares, gradient penalty {:g}; "
+                "metaqsm_bids.qsm.background.completion), and they are inverted with the rest".format(COMPLETION_ALPHA)),
+            "CompletedVoxels": out.completion["CompletedVoxels"],
+            "CompletionIterations": out.completion["Iterations"],
             "Units": "Hz",
         }
 
@@ -358,7 +360,7 @@ class BackgroundRemoval(_QSMInterface):
 class _DipoleInversionInputSpec(_QSMInputSpec):
     local_field_file = File(exists=True, mandatory=True, desc="local field (Hz)")
     mask_file = File(exists=True, mandatory=True, desc="mask where the local field is valid")
-    magnitude_file = File(exists=True, desc="RSS magnitude, for methods that use it (MEDI)")
+    magnitude_file = File(exists=True, desc="RSS magnitude, for methods that use it (MEDI, magnitude-input networks)")
     echo_times_s = traits.List(traits.Float, desc="echo times (s), for MEDI's noise scaling")
     field_strength_t = traits.Float(mandatory=True, desc="B0 (T)")
     method = traits.Str("tkd", usedefault=True, desc="inversion method")
@@ -386,13 +388,15 @@ class DipoleInversion(_QSMInterface):
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
         params = dict(self.inputs.parameters) if isdefined(self.inputs.parameters) else {}
         extra = {}
+        magnitude = np.asarray(nib.load(self.inputs.magnitude_file).dataobj, dtype=np.float32) \
+            if isdefined(self.inputs.magnitude_file) else None
         if self.inputs.method == "medi":
             tes = self.inputs.echo_times_s
-            extra = {"magnitude": np.asarray(nib.load(self.inputs.magnitude_file).dataobj, dtype=np.float32),
-                     "b0_tesla": self.inputs.field_strength_t,
+            extra = {"magnitude": magnitude, "b0_tesla": self.inputs.field_strength_t,
                      "delta_te_s": float(np.diff(tes).mean()) if len(tes) > 1 else float(tes[0])}
         if self.inputs.method in NETWORK_INVERSIONS:
-            extra = {"device": self.inputs.device}  # resolved here, on the machine that runs the node
+            # the device is resolved here, on the machine that runs the node
+            extra = {"device": self.inputs.device, "magnitude": magnitude}
         info = {}
         chi = invert(self.inputs.method, local_ppm, mask, voxel_size, b0_dir, info=info, **params, **extra)
         self._results["chimap_file"] = _save(chi, img, "chimap_ppm.nii")

@@ -211,8 +211,8 @@ def run_checks(run, images):
             stats["qsm_fraction_of_brain"] = float(qsm.sum() / brain.sum())
             if stats["qsm_fraction_of_brain"] < QSM_MASK_MIN_FRACTION_OF_BRAIN:
                 warnings.append(f"the QSM mask keeps only {100 * stats['qsm_fraction_of_brain']:.0f}% of the brain "
-                                "mask: the reliability map left out many voxels (see its figure), or the "
-                                "background-removal kernel is large for this field of view (with --bfr resharp "
+                                "mask: many voxels without signal reach the brain mask's surface (see the "
+                                "reliability map), or the background-removal kernel is large for this field of view (with --bfr resharp "
                                 "or vsharp; PDF, the default, does not erode)")
         if not qsm.any():
             warnings.append("the QSM mask is empty: no susceptibility values")
@@ -429,7 +429,11 @@ def methods_paragraph(sidecar):
                     if "MaxResidualRad" in bfr else "")
         parts.append(f"Voxels of the brain mask with a root-sum-of-squares magnitude below "
                      f"{bfr['MinSignalFraction']:g} times its median in the mask{residual} were considered "
-                     "unreliable and left out of background field removal and of the susceptibility map.")
+                     "unreliable and left out of background field removal's fit; their local field was completed "
+                     "from the reliable voxels' (the field of a susceptibility distribution fitted to it by weighted "
+                     "least squares), so that strong sources whose signal decays fast (haemorrhages, "
+                     "calcifications, veins) stay in the susceptibility map; only signal voids reaching the brain "
+                     "mask's surface (bone, sinus air) were left out of it.")
     if bfr:
         method = str(bfr.get("Method", "a method not recorded"))
         description, keys = BACKGROUND_METHODS.get(method.lower().replace("-", ""), (method, []))

@@ -119,8 +119,11 @@ def _reliability_figure(run, stats, figure):
             f"is trusted. <b>{_fmt(stats.get('unreliable_voxels'), 'd')} voxels "
             f"({_fmt(None if fraction is None else 100 * fraction, '.2f')}% of the brain mask) were excluded</b>, "
             "in yellow over the magnitude" + (f", for {' or '.join(rules)}" if rules else "")
-            + " (bone or air inside the brain mask, phase off the echo-time line); they are left out of background "
-            f"removal and of the QSM mask.{residual_row} Axial slices: those with the most excluded voxels, then "
+            + " (bone or air inside the brain mask, lesions whose signal decays within the first echoes, phase off "
+            "the echo-time line); they are left out of background removal's fit, and their local field is completed "
+            "from the reliable field around them, so they keep a susceptibility value (haemorrhages, calcifications "
+            "and veins stay in the map); only the voids that reach the brain mask's surface leave the QSM mask."
+            f"{residual_row} Axial slices: those with the most excluded voxels, then "
             "others spread over the brain mask; neurological convention.</figcaption>"
             "</figure>\n")
 
@@ -149,8 +152,9 @@ def _run_section(run, stats, warnings, figures, ranges, output_dir):
     rows = [
         ("Brain mask", f"{stat('brain_mask_voxels', 'd')} voxels, {stat('brain_volume_ml', '.0f')} mL, "
                        f"{stat('brain_fraction_of_fov', '.1f', 100)}% of the field of view"),
-        ("Reliability map", f"{stat('unreliable_voxels', 'd')} voxels of the brain mask excluded "
-                            f"({stat('unreliable_fraction_of_brain', '.2f', 100)}%)"),
+        ("Reliability map", f"{stat('unreliable_voxels', 'd')} voxels of the brain mask excluded from background "
+                            f"removal's fit ({stat('unreliable_fraction_of_brain', '.2f', 100)}%), their local field "
+                            "completed"),
         ("QSM mask", f"{stat('qsm_mask_voxels', 'd')} voxels, {stat('qsm_fraction_of_brain', '.0f', 100)}% of the "
                      "brain mask"),
         ("χ in the QSM mask", f"mean {stat('chi_mean_ppm', '.4f')} ppm, SD {stat('chi_sd_ppm', '.4f')} ppm, "

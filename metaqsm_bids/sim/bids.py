@@ -237,6 +237,7 @@ class RunSpec:
     phase_units: str = "rad"
     seed: int = 0
     scale: float = None
+    lesions: bool = False  # a haemorrhage and a calcification (metaqsm_bids.sim.phantom.LESION_SHAPES)
     extra_metadata: dict = field(default_factory=dict)
 
     def entities(self):
@@ -273,7 +274,8 @@ def simulate_dataset(bids_dir, runs, name="metaqsm simulated MEGRE"):
     written = []
     for spec in specs:
         entities = {k: v for k, v in spec.entities().items() if v is not None}
-        phantom = ph.sample_head(spec.shape, spec.voxel_size_mm, rotation_about_i(spec.oblique_deg), spec.scale)
+        phantom = ph.sample_head(spec.shape, spec.voxel_size_mm, rotation_about_i(spec.oblique_deg), spec.scale,
+                                 lesions=spec.lesions)
         rng = np.random.default_rng(spec.seed)
         magnitude, phase, truth = ph.simulate_megre(phantom, spec.echo_times_s, spec.b0_tesla, spec.peak_snr,
                                                     rng, return_truth=True)

@@ -14,11 +14,13 @@ it, at depths measured from a smoothed brain hull:
   grid with the corner value, so the head sits in infinite air;
 * inside the brain: deep grey nuclei at their MNI positions, internal cerebral veins, random
   medullary and cortical veins, a superior sagittal sinus in the CSF rim, a calcification,
-  and a smooth texture of +-0.01 ppm.
+  and a smooth texture of +-0.01 ppm;
+* with ``lesions=True`` (:data:`LESIONS`): haemorrhages, calcifications and microbleeds of clinical
+  sizes and susceptibilities, for checking that strong sources stay in the map with their values.
 
 Tissue values (chi, M0, R2*) are those of :data:`metaqsm_bids.sim.phantom.TISSUES`; labels are
 qsm-ci's (1-6 deep grey, 7 thalamus, 8 WM, 9 GM, 10 CSF, 11 blood, 13 bone, 14 air, 15 soft
-tissue, 16 calcification). The brain mask is the brain hull (brain tissue and the CSF inside
+tissue, 16 calcification; lesions add 17 haemorrhage and 18 microbleed). The brain mask is the brain hull (brain tissue and the CSF inside
 it), not the rim. nilearn is a test/benchmark/training dependency: nothing at runtime imports
 this module.
 """
@@ -35,7 +37,7 @@ from .phantom import AIR_CHI_PPM, TISSUES
 #: Longitudinal relaxation rates (1/s at 3 T) by label; qsm-forward's signal needs them everywhere
 #: (its default R1 is the brain mask, which would silence every voxel outside the brain).
 R1_HZ = {1: 0.9, 2: 1.0, 3: 0.9, 4: 1.0, 5: 1.0, 6: 1.0, 7: 0.9, 8: 1.1, 9: 0.7, 10: 0.25, 11: 0.6,
-         13: 1.5, 14: 0.0, 15: 1.0, 16: 1.0}
+         13: 1.5, 14: 0.0, 15: 1.0, 16: 1.0, 17: 0.8, 18: 0.8}
 
 #: Depth (mm) of each shell outside the smoothed brain hull: CSF rim, bone, soft tissue.
 RIM_MM, SKULL_MM, SCALP_MM = 2.5, 6.0, 5.0
@@ -59,6 +61,36 @@ _SINUSES = (
     ((-48, -30, -44), (9, 11, 9)),
 )
 _CALCIFICATION = ((28, -20, 28), 2.5)  # MNI centre, radius (mm)
+
+@dataclass(frozen=True)
+class Lesion:
+    """A lesion of the ``lesions=True`` head: an ellipsoid at an MNI centre (mm) with its own chi (ppm),
+    M0 (a.u.) and R2* (1/s at 3 T). ``label``: 16 calcification, 17 haemorrhage, 18 microbleed."""
+
+    name: str
+    label: int
+    centre_mm: tuple
+    semi_axes_mm: tuple
+    chi_ppm: float
+    m0: float
+    r2star_hz: float
+
+
+#: Lesions of the benchmark heads (never of training data): an acute haemorrhage in the basal ganglia
+#: (16 x 22 x 18 mm, 0.8 ppm, R2* 90 1/s: the case a reliability mask cut out) and lobar ones of 3-10 mm
+#: at 0.4-1.2 ppm; calcifications of -0.2 to -1 ppm (short T2*, little proton density: nearly no
+#: signal); microbleeds of 1-3 mm (haemosiderin, ~1 ppm, signal voids).
+LESIONS = (
+    Lesion("haemorrhage-basal-ganglia", 17, (-24, 4, 2), (8, 11, 9), 0.8, 0.85, 90.0),
+    Lesion("haemorrhage-frontal-6mm", 17, (24, 34, 24), (3, 3, 3), 1.2, 0.85, 90.0),
+    Lesion("haemorrhage-parietal-10mm", 17, (-30, -50, 30), (5, 5, 5), 0.4, 0.85, 70.0),
+    Lesion("haemorrhage-3mm", 17, (36, -10, 40), (1.5, 1.5, 1.5), 0.6, 0.85, 80.0),
+    Lesion("calcification-strong", 16, (-20, 26, 22), (3, 3, 3), -1.0, 0.3, 120.0),
+    Lesion("calcification-weak", 16, (22, -62, 18), (4, 4, 4), -0.2, 0.3, 120.0),
+    Lesion("microbleed-3mm", 18, (32, -40, 26), (1.5, 1.5, 1.5), 1.0, 0.5, 150.0),
+    Lesion("microbleed-2mm", 18, (-36, 10, 36), (1.0, 1.0, 1.0), 1.0, 0.5, 150.0),
+    Lesion("microbleed-1mm", 18, (-10, 44, 30), (0.5, 0.5, 0.5), 1.0, 0.5, 150.0),
+)
 _INTERNAL_VEINS = (((2.5, 10, 12), (2.5, -30, 14), 1.5), ((-2.5, 10, 12), (-2.5, -30, 14), 1.5),
                    ((0, -30, 12), (0, -50, 4), 2.5))  # internal cerebral veins, vein of Galen
 
@@ -66,7 +98,8 @@ _INTERNAL_VEINS = (((2.5, 10, 12), (2.5, -30, 14), 1.5), ((-2.5, 10, 12), (-2.5,
 @dataclass
 class MNIHead:
     """The phantom on a voxel grid: float32 maps, uint8 ``seg``, bool ``brain_mask``, axis-aligned
-    ``affine`` with no translation (qsm-forward's resize drops it)."""
+    ``affine`` with no translation (qsm-forward's resize drops it), uint8 ``lesion`` (n inside
+    ``LESIONS[n - 1]``, 0 elsewhere and without lesions)."""
 
     chi_ppm: np.ndarray
     m0: np.ndarray
@@ -75,6 +108,7 @@ class MNIHead:
     seg: np.ndarray
     brain_mask: np.ndarray
     affine: np.ndarray
+    lesion: np.ndarray
 
     def save(self, folder):
         """Write the maps as NIfTI files (qsm-forward's TissueParams wants paths); return them by name."""
@@ -82,7 +116,7 @@ class MNIHead:
         folder.mkdir(parents=True, exist_ok=True)
         paths = {}
         for name, data in (("chi", self.chi_ppm), ("M0", self.m0), ("R1", self.r1_hz), ("R2star", self.r2star_hz),
-                           ("seg", self.seg), ("mask", self.brain_mask.astype(np.uint8))):
+                           ("seg", self.seg), ("mask", self.brain_mask.astype(np.uint8)), ("lesion", self.lesion)):
             paths[name] = str(folder / f"{name}.nii.gz")
             nib.save(nib.Nifti1Image(np.asarray(data), self.affine), paths[name])
         return paths
@@ -102,8 +136,9 @@ def _tube(grid_mm, start, end, radius):
     return sum((di - t * a) ** 2 for di, a in zip(d, axis)) <= radius ** 2
 
 
-def _labels_1mm(seed):
-    """qsm-ci labels and a texture (ppm) on the 1 mm template grid padded for the head; and its origin (mm)."""
+def _labels_1mm(seed, lesions=False):
+    """qsm-ci labels, a texture (ppm) and the lesion index (0: none, n: ``LESIONS[n - 1]``) on the 1 mm
+    template grid padded for the head; and its origin (mm)."""
     folder = Path(nilearn.datasets.__file__).parent / "data"
     maps = [nib.load(folder / f"mni_icbm152_{t}_tal_nlin_sym_09a_converted.nii.gz") for t in ("gm", "wm")]
     gm, wm = (np.asarray(m.dataobj, np.float32) / 255.0 for m in maps)
@@ -159,16 +194,26 @@ def _labels_1mm(seed):
 
     texture = ndi.gaussian_filter(rng.normal(0, 1, gm.shape).astype(np.float32), 2.0)
     texture *= 0.01 / texture[hull].std()
-    return seg, hull, texture, origin
+    lesion = np.zeros(gm.shape, np.uint8)
+    for index, les in enumerate(LESIONS if lesions else (), start=1):
+        # sampled at 8 points per 1 mm voxel, so that a 1 mm microbleed is not lost between grid points
+        offsets = np.array([[dx, dy, dz] for dx in (-.25, .25) for dy in (-.25, .25) for dz in (-.25, .25)])
+        inside = np.mean([_ellipsoid([g + o for g, o in zip(grid, off)], les.centre_mm, les.semi_axes_mm)
+                          for off in offsets], axis=0) >= 0.5
+        inside &= hull
+        seg[inside] = les.label
+        lesion[inside] = index
+    return seg, hull, texture, lesion, origin
 
 
-def mni_head(voxel_size_mm, seed=0, margin_mm=4.0):
+def mni_head(voxel_size_mm, seed=0, margin_mm=4.0, lesions=False):
     """The phantom sampled on an axis-aligned grid of ``voxel_size_mm`` around the head (+``margin_mm`` of air).
 
     Labels and masks are taken from the 1 mm construction by nearest neighbour, the texture
-    linearly; maps follow from the labels. Deterministic for a given ``seed``.
+    linearly; maps follow from the labels (and each lesion's own values, with ``lesions``).
+    Deterministic for a given ``seed``.
     """
-    seg1, hull1, texture1, _ = _labels_1mm(seed)
+    seg1, hull1, texture1, lesion1, _ = _labels_1mm(seed, lesions)
     head = ndi.find_objects((seg1 > 0).astype(np.uint8))[0]
     voxel = np.asarray(voxel_size_mm, float)
     lo = np.array([s.start for s in head]) - margin_mm
@@ -180,6 +225,7 @@ def mni_head(voxel_size_mm, seed=0, margin_mm=4.0):
     seg = ndi.map_coordinates(seg1, coords, order=0, mode="constant", cval=0).astype(np.uint8)
     brain = ndi.map_coordinates(hull1.astype(np.uint8), coords, order=0, mode="constant", cval=0) > 0
     texture = ndi.map_coordinates(texture1, coords, order=1, mode="constant", cval=0).astype(np.float32)
+    lesion = ndi.map_coordinates(lesion1, coords, order=0, mode="constant", cval=0).astype(np.uint8)
 
     def by_label(values):
         table = np.zeros(256, np.float32)
@@ -195,5 +241,8 @@ def mni_head(voxel_size_mm, seed=0, margin_mm=4.0):
     m0 *= np.where(seg > 0, 1 + 2 * texture, 1)  # +-2 % of signal texture
     r2star = by_label({lab: t.r2star_hz for lab, t in tissues.items()})
     r1 = by_label(R1_HZ)
+    for index, les in enumerate(LESIONS if lesions else (), start=1):
+        inside = lesion == index
+        chi[inside], m0[inside], r2star[inside] = les.chi_ppm, les.m0, les.r2star_hz
     affine = np.diag([*voxel, 1.0])
-    return MNIHead(chi, m0.astype(np.float32), r1, r2star, seg, brain, affine)
+    return MNIHead(chi, m0.astype(np.float32), r1, r2star, seg, brain, affine, lesion)

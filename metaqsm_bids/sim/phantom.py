@@ -61,6 +61,8 @@ TISSUES = {
     # scalp, muscle, face and neck; fat is not separated (no chemical shift is simulated)
     "soft_tissue": Tissue(15, 0.0, 0.90, 25.0),
     "calcification": Tissue(16, -0.30, 0.30, 120.0),
+    # acute haemorrhage (deoxyhaemoglobin): strongly paramagnetic, fast decay
+    "haemorrhage": Tissue(17, 0.80, 0.85, 90.0),
 }
 
 #: Label -> name (for dseg tables).
@@ -89,6 +91,7 @@ class Ellipsoid:
     """An ellipsoid of ``tissue``; ``angles_deg`` rotate its axes; ``folds_mm`` corrugates its surface.
 
     ``in_brain``: True adds the shape to the brain mask, False removes it, None leaves the mask as is.
+    ``chi_ppm``: this shape's susceptibility instead of its tissue's (a lesion of its own strength).
     """
 
     tissue: str
@@ -97,6 +100,7 @@ class Ellipsoid:
     angles_deg: tuple = (0.0, 0.0, 0.0)
     in_brain: bool | None = None
     folds_mm: float = 0.0
+    chi_ppm: float | None = None
 
     def extent(self, direction):
         """(min, max) of ``direction . x`` over the shape (mm), for a unit vector."""
@@ -252,14 +256,23 @@ SHAPES = HEAD_SHAPES + [
     *_both_sides(Ellipsoid("sinus_air", (57.0, -22.0, -47.0), (8.0, 10.0, 8.0), in_brain=False)),
 ]
 
+#: Lesions painted over the head by ``sample_head(..., lesions=True)``: an acute haemorrhage of 16 x 22 x 18 mm
+#: in the left basal ganglia and a dense calcification of 8 mm in the left frontal white matter, the strong
+#: sources a reliability mask must not cut out of the map.
+LESION_SHAPES = [
+    Ellipsoid("haemorrhage", (-25.0, 17.0, -4.0), (8.0, 11.0, 9.0)),
+    Ellipsoid("calcification", (-24.0, 40.0, 22.0), (4.0, 4.0, 4.0), chi_ppm=-0.5),
+]
+
 
 @dataclass
 class HeadPhantom:
     """The phantom sampled on a voxel grid (arrays in voxel space, float32 unless noted).
 
     chi_ppm: susceptibility relative to CSF (air +9.4); m0: signal at TE = 0 (a.u., air 0);
-    r2star_hz: R2* at 3 T; seg: uint8 labels (QSM challenge 2.0); brain_mask: bool;
-    affine: 4x4 voxel-to-world (mm); scale: world mm per phantom mm (the head's size factor).
+    r2star_hz: R2* at 3 T; seg: uint8 labels (QSM challenge 2.0, and 17 haemorrhage); brain_mask: bool;
+    affine: 4x4 voxel-to-world (mm); scale: world mm per phantom mm (the head's size factor);
+    shapes: what was painted (:data:`SHAPES`, and :data:`LESION_SHAPES` with lesions).
     """
 
     chi_ppm: np.ndarray
@@ -269,6 +282,7 @@ class HeadPhantom:
     brain_mask: np.ndarray
     affine: np.ndarray
     scale: float
+    shapes: tuple = tuple(SHAPES)
 
 
 class _Grid:
@@ -322,8 +336,8 @@ def fit_scale(shape, voxel_size_mm, rotation=np.eye(3), margin=0.95):
     return scale
 
 
-def _paint(grid, keep=None):
-    """Paint every shape on ``grid``; chi on the whole grid, the other maps on ``keep`` (slices).
+def _paint(grid, keep=None, shapes=SHAPES):
+    """Paint ``shapes`` on ``grid``; chi on the whole grid, the other maps on ``keep`` (slices).
 
     Returns chi, m0, r2star, seg, brain fraction (the last four over ``keep``).
     """
@@ -334,7 +348,7 @@ def _paint(grid, keep=None):
     r2star = np.zeros(kshape, np.float32)
     seg = np.zeros(kshape, np.uint8)
     brain = np.zeros(kshape, np.float32)
-    for shape in SHAPES:
+    for shape in shapes:
         box = grid.box(shape)
         if any(s.stop <= s.start for s in box):
             continue
@@ -342,7 +356,8 @@ def _paint(grid, keep=None):
                  for a, s in enumerate(box)]
         frac = shape.fraction(grid, index)
         tissue = TISSUES[shape.tissue]
-        chi[box] += frac * (tissue.chi_ppm - chi[box])
+        own_chi = getattr(shape, "chi_ppm", None)
+        chi[box] += frac * ((tissue.chi_ppm if own_chi is None else own_chi) - chi[box])
         inner = tuple(slice(max(b.start, k.start), min(b.stop, k.stop)) for b, k in zip(box, keep))
         if any(s.stop <= s.start for s in inner):
             continue
@@ -358,9 +373,10 @@ def _paint(grid, keep=None):
     return chi, m0, r2star, seg, brain
 
 
-def sample_head(shape, voxel_size_mm, rotation=np.eye(3), scale=None):
+def sample_head(shape, voxel_size_mm, rotation=np.eye(3), scale=None, lesions=False):
     """Sample the phantom on a grid of ``shape`` voxels of ``voxel_size_mm`` (mm), centred on world 0.
 
+    ``lesions``: also paint :data:`LESION_SHAPES`.
     ``rotation`` (3x3, orthonormal) orients the voxel axes in the world (RAS) frame, e.g. an oblique
     slab. ``scale`` multiplies the head's size; None shrinks it (never enlarges) to fit the in-plane
     field of view (see :func:`fit_scale`); the slice axis may cut it, as a slab acquisition does.
@@ -372,8 +388,9 @@ def sample_head(shape, voxel_size_mm, rotation=np.eye(3), scale=None):
     scale = fit_scale(shape, voxel_size_mm, rotation) if scale is None else float(scale)
     if scale <= 0:
         raise ValueError(f"scale must be > 0, got {scale}")
-    chi, m0, r2star, seg, brain = _paint(_Grid(shape, affine, scale))
-    return HeadPhantom(chi, m0, r2star, seg, brain >= 0.5, affine, scale)
+    shapes = tuple(SHAPES + (LESION_SHAPES if lesions else []))
+    chi, m0, r2star, seg, brain = _paint(_Grid(shape, affine, scale), shapes=shapes)
+    return HeadPhantom(chi, m0, r2star, seg, brain >= 0.5, affine, scale, shapes)
 
 
 def harmonic_basis(x, y, z):
@@ -430,7 +447,7 @@ def _fine_field_ppm(phantom, oversample, shim):
     ext_affine[:3, 3] += affine[:3, :3] @ np.array(lo, float)
     grid = _Grid(np.subtract(hi, lo), ext_affine, phantom.scale)
     keep = tuple(slice(-lo[a], -lo[a] + fine_shape[a]) for a in range(3))
-    chi, m0, r2star, _, brain = _paint(grid, keep)
+    chi, m0, r2star, _, brain = _paint(grid, keep, phantom.shapes)
     chi -= AIR_CHI_PPM
     field = dipole.forward_field_ppm(chi, vox, physics.b0_direction_voxel(affine), pad_voxels=pad)
     field = np.ascontiguousarray(field[keep])  # frees the extended grid

@@ -10,6 +10,10 @@ brain hull minus GM and WM). Each sample follows the Meta-QSM recipe:
 * random tissue values (WM, GM, CSF), deep grey nuclei as ellipsoids at their MNI
   positions, thin veins, and random ellipsoids/spheres/cuboids/cylinders standing for
   bleeds and calcifications;
+* a magnitude image from the same anatomy: random tissue intensities, darker iron-rich
+  nuclei and veins, shapes with their own intensity (or none: not every susceptibility
+  edge shows in the magnitude) and magnitude-only shapes, a smooth receive bias and
+  noise; what MEDI's edge prior and a magnitude-input network learn from;
 * the local field by the forward dipole model on the fine grid, then block-averaged
   to the sample grid (so the inverse problem is not solved with the kernel that made
   the data -- no inverse crime), plus Gaussian noise;
@@ -56,6 +60,7 @@ class Sample:
     mask: np.ndarray
     voxel_size_mm: tuple
     b0_dir: tuple
+    magnitude: np.ndarray  # arbitrary units, mean about 1 in the mask
 
 
 def _nilearn_data_dir():
@@ -127,8 +132,12 @@ def _block_mean(x, factor):
     return x.reshape(i, factor[0], j, factor[1], k, factor[2]).mean(axis=(1, 3, 5))
 
 
-def _paint_shapes(chi, mask, axes, rng, n_shapes, value_range):
-    """Overwrite ``chi`` (torch, fine grid) inside random ellipsoids, spheres, cuboids and cylinders."""
+def _paint_shapes(chi, mask, axes, rng, n_shapes, value_range, magnitude, visible=0.8):
+    """Overwrite ``chi`` (torch, fine grid) inside random ellipsoids, spheres, cuboids and cylinders.
+
+    With probability ``visible`` a shape also sets its own ``magnitude`` intensity (0.1-1.3), else
+    it leaves the magnitude as it was. ``chi=None`` paints magnitude-only shapes (``visible`` 1).
+    """
     where = torch.nonzero(mask)
     if len(where) == 0:
         return
@@ -158,12 +167,15 @@ def _paint_shapes(chi, mask, axes, rng, n_shapes, value_range):
             inside = (u[0].abs() <= r[0]) & (u[1].abs() <= r[1]) & (u[2].abs() <= r[2])
         else:
             inside = ((u[0] / r[0]) ** 2 + (u[1] / r[0]) ** 2 <= 1) & (u[2].abs() <= r[2])
-        block = chi[sl[0], sl[1], sl[2]]
-        block[inside] = float(rng.uniform(*value_range))
+        if chi is not None:
+            chi[sl[0], sl[1], sl[2]][inside] = float(rng.uniform(*value_range))
+        if chi is None or rng.random() < visible:
+            magnitude[sl[0], sl[1], sl[2]][inside] = float(rng.uniform(0.1, 1.3))
 
 
-def _paint_veins(chi, axes, rng, n_veins, value_range):
-    """Thin straight vessels (radius 0.4-1.5 mm) through random points of the crop."""
+def _paint_veins(chi, axes, rng, n_veins, value_range, magnitude):
+    """Thin straight vessels (radius 0.4-1.5 mm) through random points of the crop, darker
+    (x 0.2-0.8) in the ``magnitude`` (deoxygenated blood's short T2*)."""
     extent = [float(ax[-1]) for ax in axes]
     for _ in range(n_veins):
         point = torch.tensor([rng.uniform(-e, e) * 0.8 for e in extent], dtype=torch.float32)
@@ -173,7 +185,9 @@ def _paint_veins(chi, axes, rng, n_veins, value_range):
         along = d[0].view(-1, 1, 1) * direction[0] + d[1].view(1, -1, 1) * direction[1] \
             + d[2].view(1, 1, -1) * direction[2]
         dist2 = (d[0] ** 2).view(-1, 1, 1) + (d[1] ** 2).view(1, -1, 1) + (d[2] ** 2).view(1, 1, -1) - along ** 2
-        chi[dist2 <= radius ** 2] = float(rng.uniform(*value_range))
+        inside = dist2 <= radius ** 2
+        chi[inside] = float(rng.uniform(*value_range))
+        magnitude[inside] *= float(rng.uniform(0.2, 0.8))
 
 
 def _harmonic_background(shape, voxel_size_mm, mask, rng):
@@ -190,13 +204,21 @@ def _harmonic_background(shape, voxel_size_mm, mask, rng):
     return out / max(float(np.sqrt(np.mean(out[mask] ** 2))), 1e-12)
 
 
+def _receive_bias(fine_shape, rng):
+    """A smooth multiplicative receive-field bias, within about +-25 %."""
+    coarse = torch.from_numpy(rng.normal(0, 0.12, (1, 1, 3, 3, 3)).astype(np.float32))
+    return torch.exp(F.interpolate(coarse, size=fine_shape, mode="trilinear", align_corners=True)[0, 0])
+
+
 def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, conditioning="voxel+b0",
-                supersample=2, noise_ppm=(0.0, 0.004), max_shapes=6, max_veins=4, background=(0.0, 0.5)):
+                supersample=2, noise_ppm=(0.0, 0.004), max_shapes=6, max_veins=4, background=(0.0, 0.5),
+                magnitude_snr=(20.0, 200.0)):
     """One synthetic (local field, susceptibility, mask) crop of ``shape`` voxels.
 
     ``voxel_size_mm``/``b0_dir`` default to random draws (B0 stays +k for ``conditioning='voxel'``);
     ``noise_ppm`` is the range of the field noise standard deviation (ppm); ``background`` the range
-    of the harmonic background's RMS relative to the local field's (inside the mask). Fields are demeaned
+    of the harmonic background's RMS relative to the local field's (inside the mask);
+    ``magnitude_snr`` the range of the magnitude's mean over its noise s.d. Fields are demeaned
     inside the mask (the mean local field is not determined by the susceptibility). Deterministic
     for a given ``rng`` state.
     """
@@ -227,8 +249,9 @@ def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, condit
                             padding_mode="zeros", align_corners=True)[0]
     gm, wm, csf, brain = sampled
 
-    # random contrast: tissue values and a global gain
+    # random contrast: tissue values and a global gain; the magnitude's tissue intensities
     chi = gm * rng.uniform(0.0, 0.05) + wm * rng.uniform(-0.06, -0.01) + csf * rng.uniform(-0.01, 0.01)
+    magnitude = gm * rng.uniform(0.7, 1.1) + wm * rng.uniform(0.5, 1.0) + csf * rng.uniform(0.2, 1.2)
     lo = [float(g.min()) for g in mni]
     hi = [float(g.max()) for g in mni]
     for _, c, radii, value_range in NUCLEI:
@@ -238,20 +261,49 @@ def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, condit
                 continue
             q = sum(((mni[m] - cen[m]) / radii[m]) ** 2 for m in range(3))
             chi[q <= 1] = float(rng.uniform(*value_range))
+            magnitude[q <= 1] *= float(rng.uniform(0.5, 1.0))  # iron shortens T2*
     chi *= float(rng.uniform(0.6, 1.6))
     mask_fine = brain > 0.5
-    _paint_veins(chi, axes, rng, int(rng.integers(0, max_veins + 1)), (0.3, 0.5))
-    _paint_shapes(chi, mask_fine, axes, rng, int(rng.integers(0, max_shapes + 1)), (-0.3, 0.6))
+    _paint_veins(chi, axes, rng, int(rng.integers(0, max_veins + 1)), (0.3, 0.5), magnitude)
+    _paint_shapes(chi, mask_fine, axes, rng, int(rng.integers(0, max_shapes + 1)), (-0.3, 0.6), magnitude)
+    _paint_shapes(None, mask_fine, axes, rng, int(rng.integers(0, 3)), None, magnitude)
     chi = (chi * mask_fine).numpy()
+    magnitude = (magnitude * _receive_bias(fine_shape, rng)).numpy()
 
     field = forward_field_ppm(chi, fine_voxel, b0, pad_voxels=[n // 4 for n in fine_shape])
     factor = (s, s, s)
     mask = _block_mean(mask_fine.numpy().astype(np.float32), factor) > 0.5
     chi_s = _block_mean(chi, factor)
     field_s = _block_mean(field, factor) + rng.normal(0, rng.uniform(*noise_ppm), shape)
+    mag_s = _block_mean(magnitude, factor)
+    level = float(mag_s[mask].mean()) if mask.any() else 1.0
+    mag_s = np.abs(mag_s + rng.normal(0, level / rng.uniform(*magnitude_snr), shape)) / max(level, 1e-6)
     if mask.any():
         field_s -= field_s[mask].mean()
         rms = float(np.sqrt(np.mean(field_s[mask] ** 2)))
         field_s += rng.uniform(*background) * rms * _harmonic_background(shape, voxel, mask, rng)
     return Sample(field_ppm=(field_s * mask).astype(np.float32), chi_ppm=(chi_s * mask).astype(np.float32),
-                  mask=mask, voxel_size_mm=voxel, b0_dir=tuple(float(x) for x in b0))
+                  mask=mask, voxel_size_mm=voxel, b0_dir=tuple(float(x) for x in b0),
+                  magnitude=(mag_s * mask).astype(np.float32))
+
+
+def augment(sample, flips=(), negate=False):
+    """``sample`` stored with its axes ``flips`` reversed and, with ``negate``, susceptibility and field negated.
+
+    Both keep the physics, so one made sample serves several training steps: reversing axis
+    ``a`` reverses the field of the reversed susceptibility when B0's component ``a`` changes sign
+    (the dipole kernel depends on ``k . B0`` only up to its sign), and the field is linear in the
+    susceptibility. The magnitude is reversed with the rest, never negated.
+    """
+    axes = tuple(sorted(set(int(a) for a in flips)))
+    if any(a not in (0, 1, 2) for a in axes):
+        raise ValueError(f"flips must be spatial axes 0-2, got {flips!r}")
+    sign = np.float32(-1 if negate else 1)
+
+    def flip(a):
+        return np.ascontiguousarray(np.flip(a, axes)) if axes else a
+
+    b0 = tuple(-b if i in axes else b for i, b in enumerate(sample.b0_dir))
+    return Sample(field_ppm=flip(sample.field_ppm) * sign, chi_ppm=flip(sample.chi_ppm) * sign,
+                  mask=flip(sample.mask), voxel_size_mm=sample.voxel_size_mm, b0_dir=b0,
+                  magnitude=flip(sample.magnitude))

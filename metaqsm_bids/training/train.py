@@ -6,13 +6,21 @@ A run directory holds ``run.json`` (training config and every command that ran i
 mean validation NRMSE). Batches are a pure function of ``(seed, step)``, so a resumed
 run sees exactly the data an uninterrupted one would have.
 
+Making a sample costs several times the network's step on a CPU (0.4-0.5 s per 64x64x32 crop
+against ~0.2 s for a step of two), so ``reuse`` > 1 lets each made batch serve that many
+consecutive steps, each time stored differently (:func:`~metaqsm_bids.training.synth.augment`:
+random axis reversals with B0 following, and the sign of the susceptibility), which the physics
+allows and which teaches the network that how a volume is stored does not matter.
+
 A run can start from an exported model's weights (cumulative training, ``init_from``): it
-takes the parent's architecture, and its batches and learning-rate schedule continue from the
+takes the parent's architecture (or widens its input, :func:`~metaqsm_bids.qsm.network.networks.widen_input`:
+a ``field+tkd`` parent can start a ``field+tkd+magnitude`` run), and its batches and learning-rate schedule continue from the
 parent's step count, so the run goes on where the parent's data stream and schedule stopped.
 The optimiser restarts warm (fresh RMSprop state): the state is not exported, because for
 metaqsm-v3 (6.7 M parameters, 13.4 MB as float16) RMSprop's running squares alone would add
 27 MB (float32) to a model budget of about 15 MB.
 """
+import functools
 import json
 import math
 import os
@@ -26,8 +34,9 @@ import numpy as np
 import torch
 
 from ..qsm.network.deepqsm import file_sha256, load_model, model_info, network_input
-from ..qsm.network.networks import DEFAULT_CONFIG, build_network, encode_condition, load_network, save_network
-from .synth import make_sample
+from ..qsm.network.networks import (DEFAULT_CONFIG, build_network, encode_condition, load_network, save_network,
+                                    widen_input)
+from .synth import augment, make_sample
 
 #: Held-out validation resolutions (mm): clinical 2D-like, the paper's SWI protocol, isotropic research data.
 VALIDATION_VOXELS = ((0.5, 0.5, 2.0), (0.76, 0.76, 3.0), (1.0, 1.0, 1.0), (0.75, 0.75, 1.5))
@@ -37,6 +46,7 @@ DEFAULTS = {
     **DEFAULT_CONFIG, "input": "field+tkd", "steps": 20000, "batch_size": 2, "patch": [64, 64, 32], "lr": 1e-4,
     "lr_decay": 0.98, "lr_decay_steps": 200, "l2": 0.01, "rmsprop_alpha": 0.9,
     "val_every": 250, "ckpt_every": 250, "val_samples": 2, "seed": 0, "supersample": 2, "init_from": None,
+    "reuse": 1,
 }
 
 
@@ -62,7 +72,7 @@ def _as_tensors(samples, cfg):
     """Stack samples into normalised network inputs, labels, masks and condition vectors."""
     xs, ys, ms, conds = [], [], [], []
     for s in samples:
-        x, scale = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, cfg["input"])
+        x, scale = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, cfg["input"], s.magnitude)
         xs.append(x)
         ys.append(s.chi_ppm / scale if scale > 0 else np.zeros_like(s.chi_ppm))
         ms.append(s.mask.astype(np.float32))
@@ -73,12 +83,26 @@ def _as_tensors(samples, cfg):
     return batch
 
 
+@functools.lru_cache(maxsize=8)  # made batches that the next ``reuse`` - 1 steps use again (a few kB-MB each)
+def _made_samples(seed, group, batch_size, patch, fixed_voxel_size_mm, conditioning, supersample):
+    rng = np.random.default_rng([seed, group])
+    return tuple(make_sample(rng, patch, voxel_size_mm=fixed_voxel_size_mm, conditioning=conditioning,
+                             supersample=supersample) for _ in range(batch_size))
+
+
 def training_batch(cfg, step):
-    """The batch for ``step``: a pure function of ``cfg['seed']`` and ``step``."""
-    rng = np.random.default_rng([cfg["seed"], step])
-    samples = [make_sample(rng, cfg["patch"], voxel_size_mm=cfg["fixed_voxel_size_mm"],
-                           conditioning=cfg["conditioning"], supersample=cfg["supersample"])
-               for _ in range(cfg["batch_size"])]
+    """The batch for ``step``: a pure function of ``cfg['seed']``, ``cfg['reuse']`` and ``step``.
+
+    With ``reuse`` r the samples made for steps ``r*g .. r*g + r - 1`` are the same (those of step
+    ``g`` with r = 1), each step augmenting them anew (random axis reversals and sign); r = 1 gives
+    the made samples as they are."""
+    reuse = int(cfg.get("reuse", 1))
+    fixed = cfg["fixed_voxel_size_mm"]
+    samples = _made_samples(cfg["seed"], step // reuse, cfg["batch_size"], tuple(cfg["patch"]),
+                            tuple(fixed) if fixed is not None else None, cfg["conditioning"], cfg["supersample"])
+    if reuse > 1:
+        rng = np.random.default_rng([cfg["seed"], step, 1])  # entropy length 3: disjoint from the makers' streams
+        samples = [augment(s, [a for a in range(3) if rng.random() < 0.5], rng.random() < 0.5) for s in samples]
     return _as_tensors(samples, cfg)
 
 
@@ -179,13 +203,13 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
     run_file, last = out / "run.json", out / "last.pt"
     if resume and last.exists():
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        old = {"init_from": None, **ckpt["train_cfg"]}  # runs from before init_from started from scratch
+        old = {"init_from": None, "reuse": 1, **ckpt["train_cfg"]}  # older runs: from scratch, no reuse
         # a key the checkpoint lacks (a run from before that setting existed) counts as changed
         changed = [k for k in NETWORK_KEYS + ("patch", "batch_size", "seed", "supersample", "init_from")
                    if k not in old or _norm(old[k]) != _norm(cfg[k])]
         if changed:
             raise ValueError(f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}")
-        cfg = {**old, **{k: cfg[k] for k in ("steps", "val_every", "ckpt_every")}}
+        cfg = {**old, **{k: cfg[k] for k in ("steps", "val_every", "ckpt_every", "reuse")}}
         model = build_network({k: cfg[k] for k in NETWORK_KEYS})
         model.load_state_dict(ckpt["model"])
         step, best, wall = ckpt["step"], ckpt["best_nrmse"], ckpt["wall_s"]
@@ -197,6 +221,8 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
         if (parent is None) != (cfg["init_from"] is None):
             raise ValueError("a run from a parent model needs both the parent network and its lineage (init_from)")
         if parent is not None:
+            if parent.config["input"] != model.config["input"]:
+                parent = widen_input(parent, model.config["input"])  # new input channels start at zero weight
             if parent.config != model.config:
                 raise ValueError(f"the parent's network settings {parent.config} differ from the run's {model.config}")
             model.load_state_dict(parent.state_dict())  # the parent's exact (float16-stored) weights, as float32

@@ -13,10 +13,13 @@ line in TE (through-slice dephasing): its field is off by 5-400 Hz. So:
 * echo fit: the magnitude-weighted RMS residual of the phase about the fitted line at most
   :func:`residual_threshold_rad` (0 with one or two echoes, so no test then).
 
-What fails either is excluded from background removal and from the QSM mask; PDF then models it
-as background (it is where the background sources are).
+What fails either is left out of background removal's fit. It stays in the QSM mask, its local
+field completed from the reliable field around it (:mod:`metaqsm_bids.qsm.background.completion`):
+haemorrhages, calcifications, microbleeds and veins fail these tests, and they are what clinical QSM
+is read for. Only voids that reach the brain mask's surface leave the QSM mask (:func:`qsm_region`).
 """
 import numpy as np
+from scipy import ndimage as ndi
 
 #: Defaults, from the stage benchmark (BENCHMARKS.md): tissue is > 0.5 of the median, bone < 0.05.
 MIN_SIGNAL_FRACTION = 0.15
@@ -33,19 +36,39 @@ def residual_threshold_rad(mask, residual_rad):
     return max(MIN_RESIDUAL_THRESHOLD_RAD, RESIDUAL_NOISE_MULTIPLE * median)
 
 
-def reliable_voxels(mask, magnitude_rss, residual_rad=None, min_signal_fraction=MIN_SIGNAL_FRACTION,
-                    max_residual_rad=None):
-    """Boolean map: the voxels of ``mask`` whose field is reliable (see the module text).
-
-    ``max_residual_rad`` defaults to :func:`residual_threshold_rad`; without ``residual_rad`` only the
-    signal test applies."""
+def signal_voxels(mask, magnitude_rss, min_signal_fraction=MIN_SIGNAL_FRACTION):
+    """The voxels of ``mask`` whose RSS magnitude is at least ``min_signal_fraction`` of its median in the mask."""
     mask = np.asarray(mask, bool)
     rss = np.asarray(magnitude_rss, np.float32)
     if rss.shape != mask.shape:
         raise ValueError(f"magnitude shape {rss.shape} does not match mask shape {mask.shape}")
     if not mask.any():
         raise ValueError("mask is empty")
-    reliable = mask & (rss >= min_signal_fraction * float(np.median(rss[mask])))
+    return mask & (rss >= min_signal_fraction * float(np.median(rss[mask])))
+
+
+def qsm_region(mask, magnitude_rss, min_signal_fraction=MIN_SIGNAL_FRACTION):
+    """The voxels of ``mask`` that get a susceptibility value: all but the voids that reach its surface.
+
+    A void (no signal, :func:`signal_voxels`) connected to the mask's outer layer is bone or air
+    that the mask's hole filling took in (skull base, sinuses); a void enclosed by signal is a
+    lesion whose signal decays within the first echoes (calcification, microbleed, clot) and stays.
+    """
+    mask = np.asarray(mask, bool)
+    void = mask & ~signal_voxels(mask, magnitude_rss, min_signal_fraction)
+    labels, _ = ndi.label(void)
+    surface = mask & ~ndi.binary_erosion(mask)
+    outer = np.setdiff1d(np.unique(labels[surface & void]), [0])
+    return mask & ~np.isin(labels, outer)
+
+
+def reliable_voxels(mask, magnitude_rss, residual_rad=None, min_signal_fraction=MIN_SIGNAL_FRACTION,
+                    max_residual_rad=None):
+    """Boolean map: the voxels of ``mask`` whose field is reliable (see the module text).
+
+    ``max_residual_rad`` defaults to :func:`residual_threshold_rad`; without ``residual_rad`` only the
+    signal test applies."""
+    reliable = signal_voxels(mask, magnitude_rss, min_signal_fraction)
     if residual_rad is not None:
         if max_residual_rad is None:
             max_residual_rad = residual_threshold_rad(mask, residual_rad)

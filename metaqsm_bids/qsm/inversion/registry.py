@@ -19,7 +19,7 @@ from .tkd import tkd
 
 
 def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=METAQSM_MODEL, device="auto",
-            orientations="flips", data_consistency_lambda=None, info=None):
+            orientations="flips", data_consistency_lambda=None, magnitude=None, info=None):
     """Meta-QSM: the shipped weight-predicting U-Net (one model for every voxel size and B0 direction).
 
     ``model`` names weights in the package data; ``device`` is ``auto``, ``cpu`` or ``cuda``;
@@ -29,15 +29,21 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
     ``data_consistency_lambda`` (dimensionless, > 0; None, the default: off) follows the network with
     the closed-form k-space data-consistency step :func:`.consistency.data_consistency`, which fits
     the field wherever the dipole kernel's square exceeds about this value.
-    Like the other methods the result is demeaned inside the mask. ``info`` receives the
+    ``magnitude`` (the RSS magnitude, same shape) is an input of ``field+tkd+magnitude`` models
+    (required by them; the others ignore it). Like the other methods the result is demeaned inside the mask. ``info`` receives the
     model name, its sha256 and the device used. torch and the model load only when called.
     """
     from ..network.deepqsm import load_model, model_info, orientation_transforms, predict_chi  # here: torch loads only when called
     from ..network.device import resolve_device
+    from ..network.networks import INPUTS
 
     device = resolve_device(device)
     net = load_model(model, device=device)
-    chi = predict_chi(net, local_field_ppm, mask, voxel_size_mm, b0_dir, device=device, orientations=orientations)
+    takes_magnitude = "magnitude" in INPUTS[net.config["input"]]
+    if takes_magnitude and magnitude is None:
+        raise ValueError(f"model {model} takes the magnitude image as an input: pass `magnitude`")
+    chi = predict_chi(net, local_field_ppm, mask, voxel_size_mm, b0_dir, device=device, orientations=orientations,
+                      magnitude=magnitude if takes_magnitude else None)
     if data_consistency_lambda is not None:
         chi = data_consistency(chi, local_field_ppm, mask, voxel_size_mm, b0_dir, data_consistency_lambda)
     inside = np.asarray(mask, bool)
@@ -50,11 +56,12 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
 
 
 def mesaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=MESAQSM_MODEL, device="auto",
-            orientations="flips", data_consistency_lambda=None, info=None):
+            orientations="flips", data_consistency_lambda=None, magnitude=None, info=None):
     """Mesa-QSM, the control: the same U-Net with plain convolutions, trained at one voxel size
     (warns at any other); see :func:`metaqsm`."""
     return metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir, model=model, device=device,
-                   orientations=orientations, data_consistency_lambda=data_consistency_lambda, info=info)
+                   orientations=orientations, data_consistency_lambda=data_consistency_lambda, magnitude=magnitude,
+                   info=info)
 
 
 #: Dipole inversion methods by name.

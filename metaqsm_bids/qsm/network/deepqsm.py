@@ -8,7 +8,8 @@ exact training command, steps, wall time, hardware and validation scores).
 The network sees the local field normalised per volume: demeaned inside the mask
 (``D(0) = 0``, so the mean field carries no susceptibility information) and divided
 by its RMS there -- plus, for ``input='field+tkd'`` models, the TKD inverse of that
-normalised field as a second channel. The problem is linear, so the output is
+normalised field as a second channel, and for ``field+tkd+magnitude`` models the magnitude
+image divided by its mean in the mask as a third. The problem is linear, so the output is
 multiplied back by that RMS; the network therefore does not depend on the field's
 overall scale (field strength, units, contrast).
 """
@@ -25,7 +26,7 @@ from ..core.grid import PaddedBox
 from ..inversion.common import check_inputs
 from ..inversion.tkd import tkd
 from .models import METAQSM_MODEL
-from .networks import VOXEL_CENTRE_MM, VOXEL_HALF_RANGE_MM, encode_condition, load_network
+from .networks import INPUTS, VOXEL_CENTRE_MM, VOXEL_HALF_RANGE_MM, encode_condition, load_network
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "data" / "models"
 #: TKD threshold of the ``field+tkd`` input channel (the TKD baseline's).
@@ -48,18 +49,30 @@ def normalise_field(local_field_ppm, mask):
     return out, scale
 
 
-def network_input(local_field_ppm, mask, voxel_size_mm, b0_dir, input_kind):
+def normalise_magnitude(magnitude, mask):
+    """The magnitude divided by its mean inside ``mask`` (zero outside; all zero if that mean is not positive)."""
+    magnitude = np.asarray(magnitude, dtype=np.float32)
+    level = float(magnitude[mask].mean(dtype=np.float64)) if mask.any() else 0.0
+    return np.where(mask, magnitude / level, np.float32(0)) if level > 0 else np.zeros_like(magnitude)
+
+
+def network_input(local_field_ppm, mask, voxel_size_mm, b0_dir, input_kind, magnitude=None):
     """Input channels (C, I, J, K float32) for a network with config ``input`` and the RMS (ppm) divided out.
 
     Channel 0 is :func:`normalise_field`; ``field+tkd`` adds TKD (threshold
-    :data:`TKD_THRESHOLD`) of that normalised field.
+    :data:`TKD_THRESHOLD`) of that normalised field; ``field+tkd+magnitude`` adds
+    :func:`normalise_magnitude` of ``magnitude`` (required for it, same shape).
     """
+    channels = INPUTS[input_kind]
     x, scale = normalise_field(local_field_ppm, mask)
-    channels = [x]
-    if input_kind == "field+tkd":
-        channels.append(tkd(x, mask, voxel_size_mm, b0_dir, threshold=TKD_THRESHOLD) if scale > 0
-                        else np.zeros_like(x))
-    return np.stack(channels), scale
+    out = [x]
+    if "tkd" in channels:
+        out.append(tkd(x, mask, voxel_size_mm, b0_dir, threshold=TKD_THRESHOLD) if scale > 0 else np.zeros_like(x))
+    if "magnitude" in channels:
+        if magnitude is None or np.shape(magnitude) != np.shape(mask):
+            raise ValueError(f"a network with input {input_kind!r} needs the magnitude image, of the field's shape")
+        out.append(normalise_magnitude(magnitude, mask))
+    return np.stack(out), scale
 
 
 def _model_files(name, models_dir=None):
@@ -159,7 +172,7 @@ def orientation_transforms(b0_dir, orientations="flips"):
 
 
 def predict_chi(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), device="cpu",
-                max_patch_voxels=MAX_PATCH_VOXELS, blend_voxels=8, orientations="canonical"):
+                max_patch_voxels=MAX_PATCH_VOXELS, blend_voxels=8, orientations="canonical", magnitude=None):
     """Susceptibility (ppm, float32, zero outside ``mask``) from a local field (ppm), averaged over orientations.
 
     The physics does not depend on how the volume is stored (axis order and direction,
@@ -170,19 +183,19 @@ def predict_chi(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1
     differ by flips (``flips``) or by any axis order and flips (``all``), the passes are the
     same set, so the averages agree to float rounding. Costs one network pass per transform
     (the default here is one; the pipeline's :func:`~metaqsm_bids.qsm.inversion.metaqsm` uses ``flips``).
-    Other arguments: see :func:`predict_stored`.
+    Other arguments (``magnitude``: for a magnitude-input model): see :func:`predict_stored`.
     """
     field, mask, voxel, b0 = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
     transforms = orientation_transforms(b0, orientations)
     total = np.zeros(field.shape, np.float64)
     for order, flipped in transforms:
-        f, m = np.transpose(field, order), np.transpose(mask, order)
+        volumes = [np.transpose(a, order) if a is not None else None for a in (field, mask, magnitude)]
         v, b = tuple(voxel[a] for a in order), np.asarray(b0)[list(order)].copy()
         if flipped:
-            f, m = np.flip(f, flipped), np.flip(m, flipped)
+            volumes = [np.flip(a, flipped) if a is not None else None for a in volumes]
             b[list(flipped)] *= -1
-        chi = predict_stored(model, np.ascontiguousarray(f), np.ascontiguousarray(m), v, b, device,
-                             max_patch_voxels, blend_voxels)
+        f, m, mag = (np.ascontiguousarray(a) if a is not None else None for a in volumes)
+        chi = predict_stored(model, f, m, v, b, device, max_patch_voxels, blend_voxels, magnitude=mag)
         if flipped:
             chi = np.flip(chi, flipped)
         total += np.transpose(chi, np.argsort(order))
@@ -190,9 +203,10 @@ def predict_chi(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1
 
 
 def predict_stored(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), device="cpu",
-                   max_patch_voxels=MAX_PATCH_VOXELS, blend_voxels=8):
+                   max_patch_voxels=MAX_PATCH_VOXELS, blend_voxels=8, magnitude=None):
     """Susceptibility (ppm, float32, zero outside ``mask``) from a local field (ppm) with a network,
-    in the volume's stored orientation (one pass).
+    in the volume's stored orientation (one pass). ``magnitude`` (same shape): the magnitude image,
+    required by a ``field+tkd+magnitude`` model, ignored by the others.
 
     Any matrix size: the mask's bounding box plus :data:`CONTEXT_VOXELS` is zero-padded to the U-Net's
     multiple, run, and placed back.
@@ -226,7 +240,7 @@ def predict_stored(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0
                           f"what this model was trained for ({max_tilt:.0f} deg): consider resampling to the "
                           "B0-aligned frame", stacklevel=2)
 
-    x, scale = network_input(field, mask, voxel, b0_dir, cfg["input"])
+    x, scale = network_input(field, mask, voxel, b0_dir, cfg["input"], magnitude)
     chi = np.zeros(field.shape, dtype=np.float32)
     if scale == 0:
         return chi

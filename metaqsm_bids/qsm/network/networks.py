@@ -14,6 +14,10 @@ a zero-initialised last layer so an untrained network returns TKD). The dipole p
 -- including the voxel size and the B0 direction -- is then in the input as well as in
 the predicted kernels, and the network learns the correction TKD needs (its
 underestimation, streaks, noise), which a small network learns in CPU-hours.
+``field+tkd+magnitude`` adds the magnitude image as a third channel: where the
+susceptibility may have edges, which is MEDI's prior. :func:`widen_input` starts such a
+network from a trained one with fewer input channels (the new channels' weights zero, so
+it begins as its parent).
 
 Speed (config ``fold``): the input's ``fold``-cubed voxel blocks are folded into channels
 before the first convolution and the last layer predicts one output per voxel of each
@@ -36,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 CONDITIONINGS = {"voxel": 3, "voxel+b0": 6}
-#: Network input variants -> input channels.
-INPUTS = {"field": 1, "field+tkd": 2}
+#: Network input variants -> their channels, in order (a variant's channels extend the one before).
+INPUTS = {"field": ("field",), "field+tkd": ("field", "tkd"), "field+tkd+magnitude": ("field", "tkd", "magnitude")}
 #: Voxel-size normalisation (mm): centre and half-width of the training range (0.5-1.2, 0.5-1.2, 0.6-4.0).
 VOXEL_CENTRE_MM = (0.85, 0.85, 2.3)
 VOXEL_HALF_RANGE_MM = (0.35, 0.35, 1.7)
@@ -174,8 +178,8 @@ class UNet3d(nn.Module):
     first; their number is the number of levels), ``fold`` (voxel block edge folded into
     channels at the input, 1 for none), ``hidden`` (predictor width), ``conditioning``
     ('voxel' or 'voxel+b0'), ``fixed_voxel_size_mm`` (mesa: the one resolution it was
-    trained for, else None), ``input`` ('field' or 'field+tkd'). Input is (B, C, I, J, K)
-    with C from :data:`INPUTS` and each spatial size a multiple of :attr:`multiple`;
+    trained for, else None), ``input`` (a key of :data:`INPUTS`). Input is (B, C, I, J, K)
+    with the C channels of :data:`INPUTS` and each spatial size a multiple of :attr:`multiple`;
     output is (B, 1, I, J, K) in the input's (normalised) units.
     """
 
@@ -191,7 +195,7 @@ class UNet3d(nn.Module):
             return conv(cin, cout, cond_dim, hidden, k)
 
         self.encoder = nn.ModuleList()
-        cin = INPUTS[cfg["input"]] * block
+        cin = len(INPUTS[cfg["input"]]) * block
         for w in widths:
             self.encoder.append(nn.ModuleList([make(cin, w), make(w, w)]))
             cin = w
@@ -201,8 +205,13 @@ class UNet3d(nn.Module):
             self.up.append(make(w_low, w))
             self.decoder.append(nn.ModuleList([make(2 * w, w), make(w, w)]))
         self.head = make(widths[0], block, k=1)
-        if cfg["input"] == "field+tkd":
+        if self.residual:
             self.head.zero_()
+
+    @property
+    def residual(self):
+        """Whether the output is the TKD channel plus the U-Net's correction."""
+        return "tkd" in INPUTS[self.config["input"]]
 
     @property
     def multiple(self):
@@ -245,7 +254,7 @@ class UNet3d(nn.Module):
                              f"multiple of {self.multiple}")
         weights = iter(weights)
         fold = self.config["fold"]
-        base = x[:, 1:2] if self.config["input"] == "field+tkd" else None
+        base = x[:, 1:2] if self.residual else None
         x = fold_blocks(x, fold).contiguous(memory_format=torch.channels_last_3d)
 
         def conv(t):
@@ -300,6 +309,42 @@ def normalise_config(config):
 def build_network(config):
     """A new, randomly initialised :class:`UNet3d` for ``config``."""
     return UNet3d(config)
+
+
+def extends_input(input_kind, parent_input):
+    """Whether input variant ``input_kind`` has ``parent_input``'s channels first, and more."""
+    old, new = INPUTS[parent_input], INPUTS[input_kind]
+    return len(new) > len(old) and new[:len(old)] == old
+
+
+def widen_input(parent, input_kind):
+    """A copy of ``parent`` taking the input variant ``input_kind``, whose channels extend the parent's.
+
+    Every weight is the parent's; the first convolution's kernels for the new channels (its
+    weight predictor's rows for them, for a WP-Conv) are zero, so the new network computes
+    exactly what the parent does until training gives the new channels a use.
+    """
+    if not extends_input(input_kind, parent.config["input"]):
+        raise ValueError(f"input {input_kind!r} does not extend the parent's {parent.config['input']!r}")
+    old = INPUTS[parent.config["input"]]
+    child = UNet3d({**parent.config, "input": input_kind})
+    state = parent.state_dict()
+    first = child.encoder[0][0]
+    n_old = len(old) * parent.config["fold"] ** 3  # folded channels are ordered input channel first
+    prefix = next(name for name, module in child.named_modules() if module is first)
+    for name, value in child.state_dict().items():
+        if not name.startswith(prefix + ".") or value.shape == state[name].shape:
+            continue
+        widened = torch.zeros_like(value)
+        if isinstance(first, WPConv3d):  # predictor rows are (out, in, k^3)-ordered
+            k3 = first.kernel_size ** 3
+            view = widened.view(first.out_channels, first.in_channels, k3, -1)
+            view[:, :n_old] = state[name].view(first.out_channels, n_old, k3, -1)
+        else:
+            widened[:, :n_old] = state[name]
+        state[name] = widened
+    child.load_state_dict(state)
+    return child.eval() if not parent.training else child
 
 
 def save_network(model, path, half=False):
