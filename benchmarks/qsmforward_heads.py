@@ -15,7 +15,9 @@ background removal should. Known traps of qsm-forward handled here:
   drops the affine's translation (the phantom has none).
 
 Usage as a module: :func:`simulate` (cached on disk); ``python benchmarks/qsmforward_heads.py OUT
-[--lesions]`` simulates every protocol.
+[--lesions] [--realistic-magnitude]`` simulates every protocol (``--lesions``: the head with
+:data:`~metaqsm_bids.sim.mni_head.LESIONS`; ``--realistic-magnitude``: the head whose magnitude is no
+oracle for chi, ``mni_head(realistic_magnitude=True)``).
 """
 import contextlib
 import json
@@ -159,19 +161,24 @@ def _rewrite_affines(folder, affine):
         nib.save(out, path)
 
 
-def simulate(protocol, cache_dir, seed=0, lesions=False):
+def simulate(protocol, cache_dir, seed=0, lesions=False, realistic_magnitude=False):
     """Simulate ``protocol`` (a :class:`Protocol` or its name) once into ``cache_dir/<name>`` (``<name>-lesions``
-    for the head with :data:`~metaqsm_bids.sim.mni_head.LESIONS`); load it."""
+    for the head with :data:`~metaqsm_bids.sim.mni_head.LESIONS`, then ``-realmag`` for the head whose magnitude
+    is no oracle for chi: ``mni_head``'s ``realistic_magnitude``); load it."""
     protocol = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
-    root = Path(cache_dir) / (protocol.name + ("-lesions" if lesions else ""))
+    root = Path(cache_dir) / (protocol.name + ("-lesions" if lesions else "")
+                              + ("-realmag" if realistic_magnitude else ""))
     bids_dir = root / "bids"
     done = root / "done.json"
     affine = b0_affine(protocol.voxel_mm, protocol.b0_dir)
-    settings = {"protocol": json.loads(json.dumps(asdict(protocol))), "seed": seed, **({"lesions": True} if lesions else {})}
+    settings = {"protocol": json.loads(json.dumps(asdict(protocol))), "seed": seed,
+                **({"lesions": True} if lesions else {}),
+                **({"realistic_magnitude": True} if realistic_magnitude else {})}
     if done.exists() and json.loads(done.read_text()) != settings:  # a cache of other settings
         shutil.rmtree(root)
     if not done.exists():
-        paths = mni_head(protocol.phantom_mm, seed=seed, lesions=lesions).save(root / "phantom")
+        paths = mni_head(protocol.phantom_mm, seed=seed, lesions=lesions,
+                         realistic_magnitude=realistic_magnitude).save(root / "phantom")
         tissue = qf.TissueParams(chi=paths["chi"], M0=paths["M0"], R1=paths["R1"], R2star=paths["R2star"],
                                  mask=paths["mask"], seg=paths["seg"], voxel_size=np.array(protocol.phantom_mm))
         recon = qf.ReconParams(subject="1", voxel_size=np.array(protocol.voxel_mm),
@@ -209,8 +216,10 @@ def load(protocol, bids_dir, affine):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--lesions"]):
+    flags = sys.argv[2:]
+    if len(sys.argv) < 2 or len(set(flags)) != len(flags) or not set(flags) <= {"--lesions", "--realistic-magnitude"}:
         sys.exit(__doc__)
     for name in PROTOCOLS:
-        sim = simulate(name, sys.argv[1], lesions=sys.argv[2:] == ["--lesions"])
+        sim = simulate(name, sys.argv[1], lesions="--lesions" in flags,
+                       realistic_magnitude="--realistic-magnitude" in flags)
         print(name, sim.chi_ppm.shape, int(sim.brain_mask.sum()))

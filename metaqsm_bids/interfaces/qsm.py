@@ -314,7 +314,7 @@ class _BackgroundRemovalOutputSpec(TraitedSpec):
 
 
 class BackgroundRemoval(_QSMInterface):
-    """Total field -> local field on the QSM mask (:func:`~metaqsm_bids.qsm.background.local_field.estimate_local_field`):
+    """Total field -> local field on the QSM mask (:func:`~metaqsm_bids.steps.local_field.estimate_local_field`):
     background removal by the chosen method (PDF, RESHARP, V-SHARP or LBV) fitted on the reliable voxels
     (:mod:`metaqsm_bids.qsm.field.reliability`, written as the reliability map), the unreliable voxels'
     local field completed from the rest."""
@@ -347,10 +347,10 @@ class BackgroundRemoval(_QSMInterface):
             "UnreliableVoxelsExcluded": excluded,
             "UnreliableFractionOfBrain": round(excluded / int(brain.sum()), 6),
             "UnreliableVoxels": (
-                "left out of the background removal's fit; inside the QSM mask (all but the voids reaching the "
-                "brain mask's surface), their local field is the field of the susceptibility fitted to the "
-                "reliable voxels' (weighted least squares, gradient penalty {:g}; "
-                "metaqsm_bids.qsm.background.completion), and they are inverted with the rest".format(COMPLETION_ALPHA)),
+                "left out of the background removal's fit; those in the QSM mask (CompletedVoxels) get the field "
+                "of the susceptibility fitted to the reliable voxels' local field (weighted least squares, "
+                "gradient penalty {:g}; metaqsm_bids.qsm.background.completion) and are inverted with the "
+                "rest".format(COMPLETION_ALPHA)),
             "CompletedVoxels": out.completion["CompletedVoxels"],
             "CompletionIterations": out.completion["Iterations"],
             "Units": "Hz",

@@ -18,6 +18,30 @@ it, at depths measured from a smoothed brain hull:
 * with ``lesions=True`` (:data:`LESIONS`): haemorrhages, calcifications and microbleeds of clinical
   sizes and susceptibilities, for checking that strong sources stay in the map with their values.
 
+By default chi, M0 and R2* share one label map and M0 carries chi's own texture, so that every edge
+of chi is an edge of the magnitude: an oracle for magnitude priors (MEDI's edge mask, magnitude-input
+networks) that no real scan gives. ``realistic_magnitude=True`` makes the magnitude behave as in vivo:
+
+* the proton density of the deep grey nuclei is WM's x :data:`NUCLEUS_M0_OVER_WM` (3 % above, in
+  the WM they are embedded in) and that of veins the local mean of the WM, GM and CSF around them
+  (Gaussian of :data:`VEIN_FILL_MM`): in a real GRE these structures show through R2* at later
+  echoes, hardly at all through proton density;
+* M0 has a texture of its own (:data:`M0_TEXTURE_STD` std, smoothed over :data:`M0_TEXTURE_MM`,
+  from its own random stream) and none of chi's: tissue water and iron are not one field;
+* M0 is multiplied by a receive-coil bias (:data:`BIAS_RANGE` over the head): a random polynomial of
+  degree 2 in the head's coordinates, as smooth as an array coil's sensitivity without prescan
+  normalisation, which scales every magnitude edge by where it lies;
+* chi of each deep grey nucleus varies linearly by +-:data:`NUCLEUS_IRON_GRADIENT` of its value along
+  a random direction (the iron gradients of real nuclei, e.g. rising towards the posterior putamen),
+  while its M0 and R2* stay flat (label-based): structure of chi that the magnitude does not show
+  (in vivo R2* follows iron in part; flat R2* is the harder case for magnitude priors).
+
+R2* stays label-based in both modes (its contrast is real physics) and never carries chi's texture;
+R1 too: the T1 weighting of qsm-forward's TR 50 ms and 15 degrees (nuclei 4-8 % below WM, net of
+their 3 % more M0 1-5 %) is real contrast. The three random fields come
+from streams of their own (:class:`numpy.random.SeedSequence` children of ``seed``), so that the
+labels and chi's texture are those of the default head.
+
 Tissue values (chi, M0, R2*) are those of :data:`metaqsm_bids.sim.phantom.TISSUES`; labels are
 qsm-ci's (1-6 deep grey, 7 thalamus, 8 WM, 9 GM, 10 CSF, 11 blood, 13 bone, 14 air, 15 soft
 tissue, 16 calcification; lesions add 17 haemorrhage and 18 microbleed). The brain mask is the brain hull (brain tissue and the CSF inside
@@ -41,6 +65,18 @@ R1_HZ = {1: 0.9, 2: 1.0, 3: 0.9, 4: 1.0, 5: 1.0, 6: 1.0, 7: 0.9, 8: 1.1, 9: 0.7,
 
 #: Depth (mm) of each shell outside the smoothed brain hull: CSF rim, bone, soft tissue.
 RIM_MM, SKULL_MM, SCALP_MM = 2.5, 6.0, 5.0
+
+# realistic_magnitude=True (module docstring)
+#: Proton density of the deep grey nuclei over WM's.
+NUCLEUS_M0_OVER_WM = 1.03
+#: Width (mm, Gaussian sigma) of the neighbourhood whose WM, GM and CSF give a vein its M0.
+VEIN_FILL_MM = 2.0
+#: M0's own texture: relative std inside the brain and smoothing (mm, Gaussian sigma; chi's is 2 mm).
+M0_TEXTURE_STD, M0_TEXTURE_MM = 0.02, 4.0
+#: The receive bias's least and greatest gain over the head.
+BIAS_RANGE = (0.7, 1.3)
+#: Iron gradient of a nucleus: chi's relative change from its centre to its edge along the gradient.
+NUCLEUS_IRON_GRADIENT = 0.3
 
 # Deep grey nuclei: label, MNI centre (mm, x > 0; mirrored), semi-axes (mm).
 _NUCLEI = (
@@ -206,22 +242,61 @@ def _labels_1mm(seed, lesions=False):
     return seg, hull, texture, lesion, origin
 
 
-def mni_head(voxel_size_mm, seed=0, margin_mm=4.0, lesions=False):
+def _bias_field(coords_mm, seg1, origin, rng):
+    """A receive bias at ``coords_mm`` (mm, broadcastable arrays): a random polynomial of degree 2 in the
+    head's box scaled to [-1, 1], mapped onto :data:`BIAS_RANGE` over the head (taken on a 4 mm subgrid of
+    the 1 mm construction, so that every voxel size gets the same field)."""
+    head = ndi.find_objects((seg1 > 0).astype(np.uint8))[0]
+    lo = origin + np.array([s.start for s in head])
+    hi = origin + np.array([s.stop - 1 for s in head])
+    centre, half = (lo + hi) / 2, (hi - lo) / 2
+    powers = [(i, j, k) for i in range(3) for j in range(3) for k in range(3) if 0 < i + j + k <= 2]
+    coefficients = rng.normal(0, 1, len(powers))
+
+    def polynomial(points_mm):
+        u = [((p - c) / h).astype(np.float32) for p, c, h in zip(points_mm, centre, half)]
+        return sum(float(c) * u[0] ** i * u[1] ** j * u[2] ** k for c, (i, j, k) in zip(coefficients, powers))
+
+    sample = origin + np.argwhere(seg1[::4, ::4, ::4] > 0) * 4
+    p_sample = polynomial(sample.T)
+    low, high = BIAS_RANGE
+    return (low + (high - low) * (polynomial(coords_mm) - p_sample.min()) / np.ptp(p_sample)).astype(np.float32)
+
+
+def _iron_gradients(seg, coords_mm, rng):
+    """Chi's relative change (a factor around 1) inside each deep grey nucleus: linear along a random
+    direction, +-:data:`NUCLEUS_IRON_GRADIENT` at the ellipsoid's extremes along it; 1 elsewhere."""
+    factor = np.ones(seg.shape, np.float32)
+    for label, centre, semi in _NUCLEI:
+        for side in (1, -1):
+            centre_mm = (side * centre[0], *centre[1:])
+            direction = rng.normal(0, 1, 3)
+            direction /= np.linalg.norm(direction)
+            half_width = np.sqrt(np.sum((np.asarray(semi) * direction) ** 2))  # the ellipsoid's along it
+            inside = (seg == label) & _ellipsoid(coords_mm, centre_mm, semi)
+            along = sum(d * (np.broadcast_to(c, seg.shape)[inside] - m)
+                        for d, c, m in zip(direction, coords_mm, centre_mm)) / half_width
+            factor[inside] = 1 + NUCLEUS_IRON_GRADIENT * np.clip(along, -1, 1)
+    return factor
+
+
+def mni_head(voxel_size_mm, seed=0, margin_mm=4.0, lesions=False, realistic_magnitude=False):
     """The phantom sampled on an axis-aligned grid of ``voxel_size_mm`` around the head (+``margin_mm`` of air).
 
     Labels and masks are taken from the 1 mm construction by nearest neighbour, the texture
     linearly; maps follow from the labels (and each lesion's own values, with ``lesions``).
-    Deterministic for a given ``seed``.
+    ``realistic_magnitude``: a magnitude that is no oracle for chi (module docstring); False gives the
+    head of before it existed, bit for bit. Deterministic for a given ``seed``.
     """
-    seg1, hull1, texture1, lesion1, _ = _labels_1mm(seed, lesions)
+    seg1, hull1, texture1, lesion1, origin = _labels_1mm(seed, lesions)
     head = ndi.find_objects((seg1 > 0).astype(np.uint8))[0]
     voxel = np.asarray(voxel_size_mm, float)
     lo = np.array([s.start for s in head]) - margin_mm
     extent = np.array([s.stop - s.start for s in head]) + 2 * margin_mm
     shape = tuple(int(n) for n in np.ceil(extent / voxel))
-    coords = np.meshgrid(*[lo[a] + (np.arange(n) + 0.5) * voxel[a] - 0.5 for a, n in enumerate(shape)],
+    sparse = np.meshgrid(*[lo[a] + (np.arange(n) + 0.5) * voxel[a] - 0.5 for a, n in enumerate(shape)],
                          indexing="ij", sparse=True)
-    coords = [np.broadcast_to(c, shape) for c in coords]
+    coords = [np.broadcast_to(c, shape) for c in sparse]
     seg = ndi.map_coordinates(seg1, coords, order=0, mode="constant", cval=0).astype(np.uint8)
     brain = ndi.map_coordinates(hull1.astype(np.uint8), coords, order=0, mode="constant", cval=0) > 0
     texture = ndi.map_coordinates(texture1, coords, order=1, mode="constant", cval=0).astype(np.float32)
@@ -236,13 +311,31 @@ def mni_head(voxel_size_mm, seed=0, margin_mm=4.0, lesions=False):
     tissues = {t.label: t for t in TISSUES.values() if t.label}
     chi = by_label({lab: t.chi_ppm for lab, t in tissues.items()})
     chi[seg == 0] = AIR_CHI_PPM
+    if realistic_magnitude:
+        texture_rng, bias_rng, iron_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+        coords_mm = [(c + o).astype(np.float32) for c, o in zip(sparse, origin)]  # sparse: broadcast
+        chi *= _iron_gradients(seg, coords_mm, iron_rng)
     chi += np.where(brain & np.isin(seg, (1, 2, 3, 4, 5, 6, 7, 8, 9)), texture, 0)
     m0 = by_label({lab: t.m0 for lab, t in tissues.items()})
-    m0 *= np.where(seg > 0, 1 + 2 * texture, 1)  # +-2 % of signal texture
+    if realistic_magnitude:
+        m0[np.isin(seg, (1, 2, 3, 4, 5, 6, 7))] = NUCLEUS_M0_OVER_WM * tissues[8].m0
+        around = np.isin(seg, (8, 9, 10)).astype(np.float32)
+        sigma = VEIN_FILL_MM / voxel
+        weight = ndi.gaussian_filter(around, sigma)
+        local = ndi.gaussian_filter(m0 * around, sigma) / np.maximum(weight, 1e-6)
+        vein = (seg == 11) & (weight > 1e-3)  # a vein with no tissue within reach keeps blood's
+        m0[vein] = local[vein]
+    else:
+        m0 *= np.where(seg > 0, 1 + 2 * texture, 1)  # +-2 % of signal texture
     r2star = by_label({lab: t.r2star_hz for lab, t in tissues.items()})
     r1 = by_label(R1_HZ)
     for index, les in enumerate(LESIONS if lesions else (), start=1):
         inside = lesion == index
         chi[inside], m0[inside], r2star[inside] = les.chi_ppm, les.m0, les.r2star_hz
+    if realistic_magnitude:  # after the lesions: texture and coil bias are on every tissue
+        noise = ndi.gaussian_filter(texture_rng.normal(0, 1, seg1.shape).astype(np.float32), M0_TEXTURE_MM)
+        noise *= M0_TEXTURE_STD / noise[hull1].std()
+        m0_texture = ndi.map_coordinates(noise, coords, order=1, mode="constant", cval=0).astype(np.float32)
+        m0 *= (1 + m0_texture) * _bias_field(coords_mm, seg1, origin, bias_rng)
     affine = np.diag([*voxel, 1.0])
     return MNIHead(chi, m0.astype(np.float32), r1, r2star, seg, brain, affine, lesion)
