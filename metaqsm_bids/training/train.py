@@ -6,8 +6,8 @@ A run directory holds ``run.json`` (training config and every command that ran i
 mean validation NRMSE). Batches are a pure function of ``(seed, step)``, so a resumed
 run sees exactly the data an uninterrupted one would have.
 
-Making a sample costs several times the network's step on a CPU (0.4-0.5 s per 64x64x32 crop
-against ~0.2 s for a step of two), so ``reuse`` > 1 lets each made batch serve that many
+Making samples costs several times the network's step on a CPU (~0.6 s for a batch of two 64x64x32
+crops against ~0.15 s for the step, one thread, BENCHMARKS.md), so ``reuse`` > 1 lets each made batch serve that many
 consecutive steps, each time stored differently (:func:`~metaqsm_bids.training.synth.augment`:
 random axis reversals with B0 following, and the sign of the susceptibility), which the physics
 allows and which teaches the network that how a volume is stored does not matter.
@@ -101,7 +101,7 @@ def training_batch(cfg, step):
     samples = _made_samples(cfg["seed"], step // reuse, cfg["batch_size"], tuple(cfg["patch"]),
                             tuple(fixed) if fixed is not None else None, cfg["conditioning"], cfg["supersample"])
     if reuse > 1:
-        rng = np.random.default_rng([cfg["seed"], step, 1])  # entropy length 3: disjoint from the makers' streams
+        rng = np.random.default_rng([cfg["seed"], step, 0, 1])  # length 4: no maker's (2) or validation's (3) key
         samples = [augment(s, [a for a in range(3) if rng.random() < 0.5], rng.random() < 0.5) for s in samples]
     return _as_tensors(samples, cfg)
 
