@@ -149,11 +149,6 @@ def _bfr_inputs(method, rss, resharp_radius_mm):
     return {"pdf": {"magnitude": rss}, "resharp": {"radius_mm": resharp_radius_mm}}.get(method, {})
 
 
-def _method_params(method, resharp_radius_mm):
-    """A background removal's own parameters as the CLI passes them to the local-field step."""
-    return {"radius_mm": resharp_radius_mm} if method == "resharp" else {}
-
-
 def _bfr_label(method, resharp_radius_mm):
     return f"resharp {resharp_radius_mm:g} mm" if method == "resharp" else method
 
@@ -202,7 +197,7 @@ def pipeline_stage(sim, voxel, b0_dir, methods, bfr_method, resharp_radius_mm, l
     mask = mask_stage(sim, voxel)[1]
     fit = fit_total_field(sim.magnitude, sim.phase_rad, tes, voxel)
     bfr = estimate_local_field(bfr_method, fit.field_hz, mask, rss, voxel, b0_dir, residual_rad=fit.residual_rad,
-                               **_method_params(bfr_method, resharp_radius_mm))
+                               radius_mm=resharp_radius_mm)
     reliable = bfr.reliable
     upstream = time.perf_counter() - start
     local_ppm = physics.field_hz_to_ppm(bfr.local_field, B0_TESLA)

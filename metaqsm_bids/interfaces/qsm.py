@@ -328,9 +328,8 @@ class BackgroundRemoval(_QSMInterface):
         voxel_size, b0_dir = _geometry(img)
         _, rss = _load(self.inputs.magnitude_file)
         residual = _load(self.inputs.residual_file)[1] if isdefined(self.inputs.residual_file) else None
-        params = {"radius_mm": self.inputs.radius_mm} if self.inputs.method == "resharp" else {}
         out = estimate_local_field(self.inputs.method, field_hz, brain, rss, voxel_size, b0_dir,
-                                   residual_rad=residual, **params)
+                                   residual_rad=residual, radius_mm=self.inputs.radius_mm)
         result = out.background_removal
         self._results["local_field_file"] = _save(out.local_field, img, "local_field_hz.nii")
         self._results["mask_file"] = _save(out.qsm_mask, img, "qsm_mask.nii", np.uint8)
@@ -388,8 +387,9 @@ class DipoleInversion(_QSMInterface):
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
         params = dict(self.inputs.parameters) if isdefined(self.inputs.parameters) else {}
         extra = {}
+        uses_magnitude = self.inputs.method == "medi" or self.inputs.method in NETWORK_INVERSIONS
         magnitude = np.asarray(nib.load(self.inputs.magnitude_file).dataobj, dtype=np.float32) \
-            if isdefined(self.inputs.magnitude_file) else None
+            if uses_magnitude and isdefined(self.inputs.magnitude_file) else None
         if self.inputs.method == "medi":
             tes = self.inputs.echo_times_s
             extra = {"magnitude": magnitude, "b0_tesla": self.inputs.field_strength_t,

@@ -231,9 +231,9 @@ def _labels_1mm(seed, lesions=False):
     texture = ndi.gaussian_filter(rng.normal(0, 1, gm.shape).astype(np.float32), 2.0)
     texture *= 0.01 / texture[hull].std()
     lesion = np.zeros(gm.shape, np.uint8)
+    # each lesion sampled at 8 points per 1 mm voxel, so that a 1 mm microbleed is not lost between grid points
+    offsets = [(dx, dy, dz) for dx in (-.25, .25) for dy in (-.25, .25) for dz in (-.25, .25)]
     for index, les in enumerate(LESIONS if lesions else (), start=1):
-        # sampled at 8 points per 1 mm voxel, so that a 1 mm microbleed is not lost between grid points
-        offsets = np.array([[dx, dy, dz] for dx in (-.25, .25) for dy in (-.25, .25) for dz in (-.25, .25)])
         inside = np.mean([_ellipsoid([g + o for g, o in zip(grid, off)], les.centre_mm, les.semi_axes_mm)
                           for off in offsets], axis=0) >= 0.5
         inside &= hull

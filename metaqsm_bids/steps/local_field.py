@@ -39,13 +39,14 @@ class LocalField:
 
 
 def estimate_local_field(method, total_field, brain_mask, magnitude_rss, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0),
-                         residual_rad=None, **params):
+                         residual_rad=None, radius_mm=None):
     """Local field on the QSM mask from the total field (any unit) by background removal ``method``.
 
     ``magnitude_rss``: the RSS magnitude over echoes (the reliability test; PDF's weight);
-    ``residual_rad``: the echo fit's residual (rad), or None for no residual test; ``params``: the
-    method's own (e.g. ``radius_mm`` for RESHARP). See the module text.
+    ``residual_rad``: the echo fit's residual (rad), or None for no residual test; ``radius_mm``:
+    RESHARP's kernel radius (None: its default; the other methods have none). See the module text.
     """
+    params = {"radius_mm": radius_mm} if method == "resharp" and radius_mm is not None else {}
     brain = np.asarray(brain_mask, bool)
     rss = np.asarray(magnitude_rss, np.float32)
     threshold = residual_threshold_rad(brain, residual_rad) if residual_rad is not None else None
@@ -53,7 +54,7 @@ def estimate_local_field(method, total_field, brain_mask, magnitude_rss, voxel_s
     region = qsm_region(brain, rss)
     if method == "pdf":
         result = remove_background(method, total_field, region, voxel_size_mm, b0_dir,
-                                   magnitude=np.where(reliable, rss, 0), **params)
+                                   magnitude=np.where(reliable, rss, 0))
         qsm_mask, fitted = result.mask, result.mask & reliable
     else:
         result = remove_background(method, total_field, reliable, voxel_size_mm, b0_dir, **params)
