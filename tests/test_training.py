@@ -254,3 +254,50 @@ def test_reused_batches_share_made_samples_and_differ_by_augmentation():
     assert not all(torch.equal(batches[0]["x"], b["x"]) for b in batches[1:])
     again = training_batch(cfg, 4)
     assert all(torch.equal(again[k], batches[1][k]) for k in ("x", "y", "mask"))
+
+
+def test_model_loss_is_the_forward_field_of_the_error():
+    # QSMnet's model loss against the numpy forward model on the same padded grid (known answer)
+    rng = np.random.default_rng(3)
+    voxel, b0 = (0.76, 0.76, 3.0), (0.26, -0.1, 0.96)
+    mask = np.zeros((16, 12, 8), bool)
+    mask[3:13, 2:10, 2:6] = True
+    err = (rng.normal(size=mask.shape) * mask).astype(np.float32)
+    y = torch.from_numpy(rng.normal(size=mask.shape).astype(np.float32))[None, None]
+    from metaqsm_bids.training.train import dipole_error_l1, training_loss, _as_tensors  # noqa: E402
+    from metaqsm_bids.training.synth import Sample
+    sample = Sample(field_ppm=np.zeros(mask.shape, np.float32), chi_ppm=np.zeros(mask.shape, np.float32), mask=mask,
+                    voxel_size_mm=voxel, b0_dir=b0, magnitude=None)
+    kernel = _as_tensors([sample], {**DEFAULTS, "dc_weight": 1.0})["kernel"]
+    batch = {"y": y, "mask": torch.from_numpy(mask.astype(np.float32))[None, None], "kernel": kernel}
+    expected = np.abs(forward_field_ppm(err, voxel, b0)[mask]).mean()  # default padding: half of each axis
+    got = float(dipole_error_l1(y + torch.from_numpy(err)[None, None], batch))
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert float(dipole_error_l1(y, batch)) == 0.0
+    terms = training_loss(y + 1.0, batch, {"dc_weight": 0.5, "grad_weight": 0.1})
+    # a constant error: L1 of 1, no differences, and the field of a uniform block is not zero
+    assert float(terms["l1"]) == pytest.approx(1.0) and float(terms["grad"]) < 1e-6 \
+        and float(terms["dc"]) > 0.01
+    assert float(terms["loss"]) == pytest.approx(1.0 + 0.5 * float(terms["dc"]))
+
+
+def test_gradient_difference_loss_on_a_ramp():
+    from metaqsm_bids.training.train import gradient_error_l1  # noqa: E402
+    mask = torch.zeros(1, 1, 10, 8, 6)
+    mask[..., 1:9, 1:7, 1:5] = 1
+    ramp = 0.3 * torch.arange(10.0).view(1, 1, 10, 1, 1).expand(1, 1, 10, 8, 6)
+    y = torch.zeros_like(mask)
+    batch = {"y": y, "mask": mask}
+    # pairs inside the 8x6x4 box: 7*6*4 along i (each |0.3|), 8*5*4 along j and 8*6*3 along k (0)
+    expected = 0.3 * 7 * 6 * 4 / (7 * 6 * 4 + 8 * 5 * 4 + 8 * 6 * 3)
+    assert float(gradient_error_l1(ramp, batch)) == pytest.approx(expected, rel=1e-5)
+    assert float(gradient_error_l1(ramp * 0 + 5.0, batch)) < 1e-6
+
+
+def test_loss_terms_train_and_are_logged(tmp_path):
+    cfg = {**DEFAULTS, **TINY, "steps": 2, "dc_weight": 0.5, "grad_weight": 0.1}
+    train(cfg, tmp_path / "run", progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(x["dc"]) and np.isfinite(x["grad"]) and x["loss"] > x["l1"] for x in lines)
+    with pytest.raises(ValueError, match="dc_weight"):
+        train({**cfg, "steps": 4, "dc_weight": 0.0}, tmp_path / "run", resume=True, progress=False)

@@ -60,6 +60,10 @@ def build_parser():
                    help="learning-rate factor per decay period (with --init-from: the parent's unless given)")
     p.add_argument("--lr-decay-steps", type=int, default=DEFAULTS["lr_decay_steps"],
                    help="decay period (steps; with --init-from: the parent's unless given)")
+    p.add_argument("--dc-weight", type=float, default=DEFAULTS["dc_weight"],
+                   help="weight of QSMnet's model loss (L1 of the dipole field of the error); 0: off")
+    p.add_argument("--grad-weight", type=float, default=DEFAULTS["grad_weight"],
+                   help="weight of QSMnet's gradient-difference loss (L1 of the error's differences); 0: off")
     p.add_argument("--l2", type=float, default=DEFAULTS["l2"], help="L2 strength on the convolution/predictor weights")
     p.add_argument("--val-every", type=int, default=DEFAULTS["val_every"], help="validate every N steps")
     p.add_argument("--ckpt-every", type=int, default=DEFAULTS["ckpt_every"], help="checkpoint every N steps")
@@ -105,6 +109,7 @@ def main(argv=None):
         "batch_size": args.batch_size, "patch": list(args.patch), "lr": args.lr, "lr_decay": args.lr_decay,
         "lr_decay_steps": args.lr_decay_steps, "l2": args.l2, "val_every": args.val_every,
         "ckpt_every": args.ckpt_every, "val_samples": args.val_samples, "seed": args.seed, "reuse": args.reuse,
+        "dc_weight": args.dc_weight, "grad_weight": args.grad_weight,
     }
     parent = None
     if args.init_from:

@@ -1,5 +1,10 @@
 """The training loop: synthetic batches, L1 + L2 loss, RMSprop, checkpoints, resume, validation, export.
 
+The loss is the masked L1 of the susceptibility, optionally plus QSMnet's (Yoon et al. 2018)
+model loss ``dc_weight`` x L1 of the field of the error (:func:`dipole_error_l1`: errors the
+measured field would show) and gradient-difference loss ``grad_weight`` x L1 of the error's
+finite differences (:func:`gradient_error_l1`: blurred edges), plus L2 on the weights.
+
 A run directory holds ``run.json`` (training config and every command that ran in it),
 ``log.jsonl`` (one line per step), ``val.jsonl`` (one line per validation),
 ``last.pt`` (everything needed to resume) and ``best.pt`` (the network with the lowest
@@ -33,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..qsm.core.dipole import dipole_kernel, padded_shape
 from ..qsm.network.deepqsm import file_sha256, load_model, model_info, network_input
 from ..qsm.network.networks import (DEFAULT_CONFIG, build_network, encode_condition, load_network, save_network,
                                     widen_input)
@@ -46,8 +52,10 @@ DEFAULTS = {
     **DEFAULT_CONFIG, "input": "field+tkd", "steps": 20000, "batch_size": 2, "patch": [64, 64, 32], "lr": 1e-4,
     "lr_decay": 0.98, "lr_decay_steps": 200, "l2": 0.01, "rmsprop_alpha": 0.9,
     "val_every": 250, "ckpt_every": 250, "val_samples": 2, "seed": 0, "supersample": 2, "init_from": None,
-    "reuse": 1,
+    "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0,
 }
+#: Settings a run from before they existed trained with.
+LEGACY_DEFAULTS = {"init_from": None, "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0}
 
 
 def load_parent(name):
@@ -70,17 +78,26 @@ def load_parent(name):
 
 def _as_tensors(samples, cfg):
     """Stack samples into normalised network inputs, labels, masks and condition vectors."""
-    xs, ys, ms, conds = [], [], [], []
+    xs, ys, ms, conds, kernels = [], [], [], [], []
     for s in samples:
         x, scale = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, cfg["input"], s.magnitude)
         xs.append(x)
         ys.append(s.chi_ppm / scale if scale > 0 else np.zeros_like(s.chi_ppm))
         ms.append(s.mask.astype(np.float32))
         conds.append(encode_condition(s.voxel_size_mm, s.b0_dir, cfg["conditioning"]))
+        if cfg.get("dc_weight", 0.0):
+            kernels.append(dipole_kernel(_dc_shape(s.mask.shape), s.voxel_size_mm, s.b0_dir, half=True))
     batch = {k: torch.from_numpy(np.stack(v))[:, None] for k, v in (("y", ys), ("mask", ms))}
     batch["x"] = torch.from_numpy(np.stack(xs))
     batch["cond"] = torch.stack(conds) if cfg["arch"] == "meta" else None
+    batch["kernel"] = torch.from_numpy(np.stack(kernels))[:, None] if kernels else None
     return batch
+
+
+def _dc_shape(shape):
+    """The FFT grid of the model loss: each axis padded by half its length (the dipole field of a
+    crop's sources reaches past the crop; without padding it would fold back in)."""
+    return padded_shape(shape, [n // 2 for n in shape])
 
 
 @functools.lru_cache(maxsize=8)  # made batches that the next ``reuse`` - 1 steps use again (a few kB-MB each)
@@ -122,6 +139,44 @@ def validation_set(cfg):
 def masked_l1(pred, batch):
     """Mean absolute error (normalised units) inside the masks."""
     return ((pred - batch["y"]).abs() * batch["mask"]).sum() / batch["mask"].sum().clamp_min(1)
+
+
+def dipole_error_l1(pred, batch):
+    """QSMnet's model loss: mean absolute field (normalised units) of the error ``pred - y`` inside the
+    masks, by the dipole kernels in ``batch['kernel']`` (half spectra on :func:`_dc_shape`)."""
+    shape = pred.shape[2:]
+    fshape = _dc_shape(shape)
+    err = (pred - batch["y"]) * batch["mask"]
+    field = torch.fft.irfftn(torch.fft.rfftn(err, s=fshape, dim=(2, 3, 4)) * batch["kernel"], s=fshape, dim=(2, 3, 4))
+    field = field[..., : shape[0], : shape[1], : shape[2]]
+    return (field.abs() * batch["mask"]).sum() / batch["mask"].sum().clamp_min(1)
+
+
+def gradient_error_l1(pred, batch):
+    """QSMnet's gradient-difference loss: mean absolute forward difference (per voxel, each axis) of
+    the error ``pred - y``, over the voxel pairs that both lie inside the masks."""
+    err = pred - batch["y"]
+    total, count = 0.0, 0.0
+    for axis in (2, 3, 4):
+        n = err.shape[axis]
+        pair = batch["mask"].narrow(axis, 1, n - 1) * batch["mask"].narrow(axis, 0, n - 1)
+        diff = err.narrow(axis, 1, n - 1) - err.narrow(axis, 0, n - 1)
+        total = total + (diff.abs() * pair).sum()
+        count = count + pair.sum()
+    return total / max(float(count), 1.0)
+
+
+def training_loss(pred, batch, cfg):
+    """The data terms of the loss (the L2 on the weights is added by the loop): a dict of the
+    total ``loss`` and each term, as tensors."""
+    terms = {"l1": masked_l1(pred, batch)}
+    if cfg.get("dc_weight", 0.0):
+        terms["dc"] = dipole_error_l1(pred, batch)
+    if cfg.get("grad_weight", 0.0):
+        terms["grad"] = gradient_error_l1(pred, batch)
+    terms["loss"] = terms["l1"] + cfg.get("dc_weight", 0.0) * terms.get("dc", 0.0) \
+        + cfg.get("grad_weight", 0.0) * terms.get("grad", 0.0)
+    return terms
 
 
 def evaluate(model, val_set, device):
@@ -203,9 +258,10 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
     run_file, last = out / "run.json", out / "last.pt"
     if resume and last.exists():
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        old = {"init_from": None, "reuse": 1, **ckpt["train_cfg"]}  # older runs: from scratch, no reuse
+        old = {**LEGACY_DEFAULTS, **ckpt["train_cfg"]}
         # a key the checkpoint lacks (a run from before that setting existed) counts as changed
-        changed = [k for k in NETWORK_KEYS + ("patch", "batch_size", "seed", "supersample", "init_from")
+        changed = [k for k in NETWORK_KEYS + ("patch", "batch_size", "seed", "supersample", "init_from", "dc_weight",
+                                              "grad_weight")
                    if k not in old or _norm(old[k]) != _norm(cfg[k])]
         if changed:
             raise ValueError(f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}")
@@ -251,14 +307,15 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
             t0 = time.time()
             batch = _to(training_batch(cfg, offset + step), device)
             t_data = time.time() - t0
-            l1 = masked_l1(model(batch["x"], batch["cond"]), batch)
+            terms = training_loss(model(batch["x"], batch["cond"]), batch, cfg)
             reg = sum(p.pow(2).sum() for p in reg_params)
-            loss = l1 + cfg["l2"] * reg
+            loss = terms["loss"] + cfg["l2"] * reg
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             step += 1
-            log.write(json.dumps({"step": step, "loss": loss.item(), "l1": l1.item(), "l2": reg.item(),
+            log.write(json.dumps({"step": step, "loss": loss.item(),
+                                  **{k: v.item() for k, v in terms.items() if k != "loss"}, "l2": reg.item(),
                                   "lr": lr, "data_s": round(t_data, 3), "step_s": round(time.time() - t0, 3)}) + "\n")
             bar.update(step, loss.item())
             if step % cfg["val_every"] == 0 or step == cfg["steps"]:
