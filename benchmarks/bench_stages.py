@@ -26,6 +26,12 @@ deep grey nuclei and a calcification; shim field and phase offset on, peak SNR 1
 ``--data-consistency LAMBDA ...`` adds, in the inversion and pipeline stages, a row per lambda for
 each network inversion followed by the k-space data-consistency step.
 
+``--network-orientations canonical flips ...`` scores each network inversion (inversion and pipeline
+stages) once per setting of the CLI's ``--network-orientations`` (a row each, named by it when several
+are given; default: the CLI's default).
+
+``--metaqsm-model NAME`` scores a candidate model (exported into the package's models folder) as metaqsm.
+
 ``--realistic-magnitude`` runs every stage on the heads whose magnitude is no oracle for chi
 (``mni_head(realistic_magnitude=True)``: deep grey nuclei and veins with the proton density of the
 tissue around them, an M0 texture of its own, a receive-coil bias of 0.7-1.3, iron gradients inside
@@ -37,7 +43,7 @@ in %, DGM linearity |1 - slope|.
 
 Usage: python benchmarks/bench_stages.py [--cache DIR] [--protocols ...] [--inversions ...]
            [--composed ...] [--stages field mask bfr inversion pipeline composed] [--pipeline-bfr METHOD]
-           [--resharp-radius-mm R] [--data-consistency LAMBDA ...] [--realistic-magnitude] [--json results.json]
+           [--resharp-radius-mm R] [--data-consistency LAMBDA ...] [--network-orientations ...] [--metaqsm-model NAME] [--realistic-magnitude] [--json results.json]
 """
 import argparse
 import json
@@ -62,6 +68,7 @@ from metaqsm_bids.qsm.field.echofit import fit_total_field  # noqa: E402
 from metaqsm_bids.qsm.inversion.consistency import data_consistency  # noqa: E402
 from metaqsm_bids.qsm.inversion.registry import INVERSIONS, NETWORK_INVERSIONS, invert  # noqa: E402
 from metaqsm_bids.qsm.inversion.tkd import tkd  # noqa: E402
+from metaqsm_bids.qsm.network.models import ORIENTATIONS  # noqa: E402
 from metaqsm_bids.qsm.mask.brain import brain_mask, remove_extracerebral_csf  # noqa: E402
 from metaqsm_bids.steps.local_field import estimate_local_field  # noqa: E402
 
@@ -163,6 +170,16 @@ def _inversion_inputs(method, rss, tes):
     return {"magnitude": rss, "b0_tesla": B0_TESLA, "delta_te_s": float(np.diff(tes).mean())}
 
 
+def _variants(method, orientations, metaqsm_model=None):
+    """``(row name, extra invert arguments)`` per network orientation setting (and Meta-QSM's model
+    when one is named); one plain row otherwise."""
+    if method not in NETWORK_INVERSIONS:
+        return [(method, {})]
+    model = {"model": metaqsm_model} if method == "metaqsm" and metaqsm_model else {}
+    name = f"{method} {metaqsm_model}" if model else method
+    return [(f"{name} ({o})" if len(orientations) > 1 else name, {"orientations": o, **model}) for o in orientations]
+
+
 def _consistency_rows(method, chi, local_ppm, mask, voxel, b0_dir, lambdas, sim, extra):
     """Rows of a network's map pulled onto the field by the k-space data-consistency step, one per lambda."""
     rows = {}
@@ -175,21 +192,23 @@ def _consistency_rows(method, chi, local_ppm, mask, voxel, b0_dir, lambdas, sim,
     return rows
 
 
-def inversion_stage(sim, voxel, b0_dir, methods, rss, lambdas):
+def inversion_stage(sim, voxel, b0_dir, methods, rss, lambdas, orientations, metaqsm_model=None):
     brain = sim.brain_mask
     local_ppm = physics.field_hz_to_ppm(sim.local_field_hz, B0_TESLA)
     tes = sim.protocol.echo_times_s
     rows = {}
     for method in methods:
-        extra = _inversion_inputs(method, rss, tes)
-        start = time.perf_counter()
-        chi = invert(method, local_ppm, brain, voxel, b0_dir, **extra)
-        rows[method] = {**score(chi, sim, brain), "seconds": time.perf_counter() - start}
-        rows.update(_consistency_rows(method, chi, local_ppm, brain, voxel, b0_dir, lambdas, sim, {}))
+        for name, variant in _variants(method, orientations, metaqsm_model):
+            extra = {**_inversion_inputs(method, rss, tes), **variant}
+            start = time.perf_counter()
+            chi = invert(method, local_ppm, brain, voxel, b0_dir, **extra)
+            rows[name] = {**score(chi, sim, brain), "seconds": time.perf_counter() - start}
+            rows.update(_consistency_rows(method, chi, local_ppm, brain, voxel, b0_dir, lambdas, sim, {}))
     return rows
 
 
-def pipeline_stage(sim, voxel, b0_dir, methods, bfr_method, resharp_radius_mm, lambdas):
+def pipeline_stage(sim, voxel, b0_dir, methods, bfr_method, resharp_radius_mm, lambdas, orientations,
+                   metaqsm_model=None):
     """The CLI's steps in this process, from raw phase (what ``composed`` runs through the CLI, minus the I/O)."""
     tes = sim.protocol.echo_times_s
     rss = np.sqrt((sim.magnitude ** 2).sum(-1)).astype(np.float32)
@@ -202,15 +221,17 @@ def pipeline_stage(sim, voxel, b0_dir, methods, bfr_method, resharp_radius_mm, l
     upstream = time.perf_counter() - start
     local_ppm = physics.field_hz_to_ppm(bfr.local_field, B0_TESLA)
     rows = {}
+    common = {"dice": dice(mask, sim.brain_mask),
+              "coverage": float(np.count_nonzero(bfr.qsm_mask & sim.brain_mask) / sim.brain_mask.sum()),
+              "excluded": float(np.count_nonzero(mask & ~reliable) / mask.sum())}
     for method in methods:
-        extra = _inversion_inputs(method, rss, tes)
-        start = time.perf_counter()
-        chi = invert(method, local_ppm, bfr.qsm_mask, voxel, b0_dir, **extra)
-        common = {"dice": dice(mask, sim.brain_mask),
-                  "coverage": float(np.count_nonzero(bfr.qsm_mask & sim.brain_mask) / sim.brain_mask.sum()),
-                  "excluded": float(np.count_nonzero(mask & ~reliable) / mask.sum())}
-        rows[method] = {**score(chi, sim, bfr.qsm_mask), **common, "seconds": upstream + time.perf_counter() - start}
-        rows.update(_consistency_rows(method, chi, local_ppm, bfr.qsm_mask, voxel, b0_dir, lambdas, sim, common))
+        for name, variant in _variants(method, orientations, metaqsm_model):
+            extra = {**_inversion_inputs(method, rss, tes), **variant}
+            start = time.perf_counter()
+            chi = invert(method, local_ppm, bfr.qsm_mask, voxel, b0_dir, **extra)
+            rows[name] = {**score(chi, sim, bfr.qsm_mask), **common,
+                          "seconds": upstream + time.perf_counter() - start}
+            rows.update(_consistency_rows(method, chi, local_ppm, bfr.qsm_mask, voxel, b0_dir, lambdas, sim, common))
     # the yardstick: the same background removal and inversion from the true total field and true mask
     truth = remove_background(bfr_method, sim.total_field_hz, sim.brain_mask, voxel, b0_dir,
                               **_bfr_inputs(bfr_method, rss, resharp_radius_mm))
@@ -272,6 +293,12 @@ def main(argv=None):
     parser.add_argument("--data-consistency", nargs="*", type=float, default=[], metavar="LAMBDA",
                         help="also score each network inversion followed by the k-space data-consistency step "
                              "with these lambdas (inversion and pipeline stages)")
+    parser.add_argument("--network-orientations", nargs="+", choices=ORIENTATIONS,
+                        default=[cli.get_default("network_orientations")],
+                        help="score the network inversions with each of these (the CLI's --network-orientations)")
+    parser.add_argument("--metaqsm-model", metavar="NAME",
+                        help="score this model (in the package's models folder, e.g. exported by metaqsm-train "
+                             "--export) as metaqsm in the inversion and pipeline stages, instead of the shipped one")
     parser.add_argument("--realistic-magnitude", action="store_true",
                         help="heads whose magnitude is no oracle for chi (mni_head's realistic_magnitude)")
     parser.add_argument("--threads", type=int, default=2)
@@ -310,12 +337,14 @@ def main(argv=None):
                 _print_table("background removal from the true total field (true brain mask)", res["bfr"],
                              ("relative_error", "correlation", "coverage", "tkd_nrmse", "tkd_true_local_nrmse"))
             if "inversion" in args.stages:
-                res["inversion"] = inversion_stage(sim, voxel, b0_dir, args.inversions, rss, args.data_consistency)
+                res["inversion"] = inversion_stage(sim, voxel, b0_dir, args.inversions, rss, args.data_consistency,
+                                                   args.network_orientations, args.metaqsm_model)
                 _print_table("inversion from the true local field (true brain mask)", res["inversion"],
                              METRICS + ("seconds",))
             if "pipeline" in args.stages:
                 res["pipeline"] = pipeline_stage(sim, voxel, b0_dir, args.composed, args.pipeline_bfr,
-                                                 args.resharp_radius_mm, args.data_consistency)
+                                                 args.resharp_radius_mm, args.data_consistency,
+                                                 args.network_orientations, args.metaqsm_model)
                 _print_table(f"pipeline steps in-process from raw phase ({bfr_label})", res["pipeline"],
                              METRICS + ("dice", "coverage", "excluded", "seconds"))
             if "composed" in args.stages:

@@ -301,3 +301,15 @@ def test_loss_terms_train_and_are_logged(tmp_path):
     assert all(np.isfinite(x["dc"]) and np.isfinite(x["grad"]) and x["loss"] > x["l1"] for x in lines)
     with pytest.raises(ValueError, match="dc_weight"):
         train({**cfg, "steps": 4, "dc_weight": 0.0}, tmp_path / "run", resume=True, progress=False)
+
+
+def test_tissue_only_crops():
+    """``tissue_only_fraction`` 1: crops without bleed/calcification shapes (chi within the tissue, nuclei and
+    vein ranges: WM >= -0.06 x 1.6, veins <= 0.5 ppm); 0: the data stream of runs from before the setting."""
+    from metaqsm_bids.training.train import _made_samples  # the made samples hold chi in ppm
+    made = [s for g in range(3) for s in _made_samples(0, g, 2, (32, 32, 16), None, "voxel+b0", 2, 1.0)]
+    assert all(-0.1 <= s.chi_ppm.min() and s.chi_ppm.max() <= 0.5 for s in made)
+    legacy = [s for g in range(3) for s in _made_samples(0, g, 2, (32, 32, 16), None, "voxel+b0", 2)]
+    assert any(s.chi_ppm.min() < -0.1 or s.chi_ppm.max() > 0.5 for s in legacy)
+    cfg = {**DEFAULTS, **TINY}
+    assert torch.equal(training_batch(cfg, 0)["x"], training_batch({**cfg, "tissue_only_fraction": 0.0}, 0)["x"])

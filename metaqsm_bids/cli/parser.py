@@ -8,6 +8,7 @@ from ..qsm.background.registry import BACKGROUND_REMOVALS
 from ..qsm.field.bipolar import BIPOLAR_THRESHOLD_RAD
 from ..qsm.field.phase_sign import PHASE_SIGN_CHOICES
 from ..qsm.inversion.registry import INVERSIONS
+from ..qsm.network.models import DEFAULT_ORIENTATIONS, ORIENTATIONS
 from .plugins import plugin_settings
 
 
@@ -96,10 +97,11 @@ def build_parser():
     qsm.add_argument("--inversion", choices=sorted(INVERSIONS), default="metaqsm",
                      help="dipole inversion method (default: the shipped Meta-QSM network; mesaqsm is its "
                           "single-resolution control, trained at 0.76x0.76x3 mm)")
-    qsm.add_argument("--network-orientations", choices=["canonical", "flips", "all"], default="flips",
+    qsm.add_argument("--network-orientations", choices=ORIENTATIONS, default=DEFAULT_ORIENTATIONS,
                      help="storage orientations the network's prediction is averaged over (metaqsm, mesaqsm): "
-                          "'flips' (8 passes) gives the same map for flipped or reordered storage of the volume; "
-                          "'all' (16) also for swapped in-plane axes; 'canonical' is one pass")
+                          "'canonical' is one pass; 'pair' (default, 2 passes) adds the pass with the axis along "
+                          "B0 reversed; 'flips' (8) gives the same map for flipped or reordered storage of the "
+                          "volume; 'all' (16) also for swapped in-plane axes")
     qsm.add_argument("--network-data-consistency", type=_positive_float, metavar="LAMBDA",
                      help="follow the network (metaqsm, mesaqsm) with a closed-form k-space data-consistency step "
                           "of this weight (dimensionless; the field decides where the dipole kernel's square "

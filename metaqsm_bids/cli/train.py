@@ -64,6 +64,8 @@ def build_parser():
                    help="weight of QSMnet's model loss (L1 of the dipole field of the error); 0: off")
     p.add_argument("--grad-weight", type=float, default=DEFAULTS["grad_weight"],
                    help="weight of QSMnet's gradient-difference loss (L1 of the error's differences); 0: off")
+    p.add_argument("--tissue-only-fraction", type=float, default=DEFAULTS["tissue_only_fraction"], metavar="P",
+                   help="fraction of training crops without bleed/calcification shapes and with at most one vein")
     p.add_argument("--l2", type=float, default=DEFAULTS["l2"], help="L2 strength on the convolution/predictor weights")
     p.add_argument("--val-every", type=int, default=DEFAULTS["val_every"], help="validate every N steps")
     p.add_argument("--ckpt-every", type=int, default=DEFAULTS["ckpt_every"], help="checkpoint every N steps")
@@ -110,6 +112,7 @@ def main(argv=None):
         "lr_decay_steps": args.lr_decay_steps, "l2": args.l2, "val_every": args.val_every,
         "ckpt_every": args.ckpt_every, "val_samples": args.val_samples, "seed": args.seed, "reuse": args.reuse,
         "dc_weight": args.dc_weight, "grad_weight": args.grad_weight,
+        "tissue_only_fraction": args.tissue_only_fraction,
     }
     parent = None
     if args.init_from:
@@ -133,6 +136,9 @@ def main(argv=None):
                     if key not in given and key in parent_meta["recipe"]})
     if cfg["arch"] == "mesa" and cfg["fixed_voxel_size_mm"] is None:
         print("metaqsm-train: --arch mesa needs --fixed-voxel-size", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.tissue_only_fraction <= 1.0:
+        print("metaqsm-train: --tissue-only-fraction must be within 0-1", file=sys.stderr)
         return 2
     if args.reuse < 1:
         print("metaqsm-train: --reuse must be 1 or more", file=sys.stderr)

@@ -10,7 +10,7 @@ import inspect
 
 import numpy as np
 
-from ..network.models import MESAQSM_MODEL, METAQSM_MODEL
+from ..network.models import DEFAULT_ORIENTATIONS, MESAQSM_MODEL, METAQSM_MODEL
 from .consistency import data_consistency
 from .ilsqr import ilsqr
 from .l2 import l2
@@ -19,13 +19,13 @@ from .tkd import tkd
 
 
 def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=METAQSM_MODEL, device="auto",
-            orientations="flips", data_consistency_lambda=None, magnitude=None, info=None):
+            orientations=DEFAULT_ORIENTATIONS, data_consistency_lambda=None, magnitude=None, info=None):
     """Meta-QSM: the shipped weight-predicting U-Net (one model for every voxel size and B0 direction).
 
     ``model`` names weights in the package data; ``device`` is ``auto``, ``cpu`` or ``cuda``;
-    ``orientations`` (``canonical``, ``flips``, ``all``) the storage orientations the prediction
-    averages over (:func:`metaqsm_bids.qsm.network.deepqsm.orientation_transforms`: ``flips``, the default,
-    makes the map independent of flipped or reordered storage at 8 passes' cost).
+    ``orientations`` (``canonical``, ``pair``, ``flips``, ``all``) the storage orientations the prediction
+    averages over (:func:`metaqsm_bids.qsm.network.deepqsm.orientation_transforms`; the default ``pair``
+    is 2 passes; ``flips`` makes the map independent of flipped or reordered storage at 8 passes' cost).
     ``data_consistency_lambda`` (dimensionless, > 0; None, the default: off) follows the network with
     the closed-form k-space data-consistency step :func:`.consistency.data_consistency`, which fits
     the field wherever the dipole kernel's square exceeds about this value.
@@ -56,7 +56,7 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
 
 
 def mesaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=MESAQSM_MODEL, device="auto",
-            orientations="flips", data_consistency_lambda=None, magnitude=None, info=None):
+            orientations=DEFAULT_ORIENTATIONS, data_consistency_lambda=None, magnitude=None, info=None):
     """Mesa-QSM, the control: the same U-Net with plain convolutions, trained at one voxel size
     (warns at any other); see :func:`metaqsm`."""
     return metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir, model=model, device=device,

@@ -25,7 +25,7 @@ import torch
 from ..core.grid import PaddedBox
 from ..inversion.common import check_inputs
 from ..inversion.tkd import tkd
-from .models import METAQSM_MODEL
+from .models import DEFAULT_ORIENTATIONS, METAQSM_MODEL, ORIENTATIONS
 from .networks import INPUTS, VOXEL_CENTRE_MM, VOXEL_HALF_RANGE_MM, encode_condition, load_network
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "data" / "models"
@@ -148,15 +148,14 @@ def _patch_shape(shape, max_voxels, margin, blend, multiple):
     return q
 
 
-#: ``orientations`` of :func:`predict_chi`: how many storage orientations the prediction averages over.
-ORIENTATIONS = ("canonical", "flips", "all")
-
-
-def orientation_transforms(b0_dir, orientations="flips"):
+def orientation_transforms(b0_dir, orientations=DEFAULT_ORIENTATIONS):
     """``[(axis order, flipped axes)]`` the prediction runs in, for ``orientations``:
 
     * ``canonical``: the axes reordered so that the one closest to B0 comes last (k, as in training)
       and the other two keep their stored order; one pass;
+    * ``pair``: that pass and the one with the axis along B0 reversed (B0's sign in it too): the
+      same physics, which the network answers a little differently; their mean is most of what
+      averaging over every flip gains; 2 passes;
     * ``flips``: that order with each of the 8 combinations of axis flips; 8 passes;
     * ``all``: ``flips`` for both orders of the two axes across B0; 16 passes.
     """
@@ -167,7 +166,8 @@ def orientation_transforms(b0_dir, orientations="flips"):
     orders = [(across[0], across[1], along)]
     if orientations == "all":
         orders.append((across[1], across[0], along))
-    flips = [()] if orientations == "canonical" else [tuple(a for a in range(3) if bits >> a & 1) for bits in range(8)]
+    flips = {"canonical": [()], "pair": [(), (2,)]}.get(
+        orientations, [tuple(a for a in range(3) if bits >> a & 1) for bits in range(8)])
     return [(order, flipped) for order in orders for flipped in flips]
 
 
@@ -182,7 +182,8 @@ def predict_chi(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1
     mask -- and the results, mapped back, are averaged. For two storages of one volume that
     differ by flips (``flips``) or by any axis order and flips (``all``), the passes are the
     same set, so the averages agree to float rounding. Costs one network pass per transform
-    (the default here is one; the pipeline's :func:`~metaqsm_bids.qsm.inversion.metaqsm` uses ``flips``).
+    (the default here is one; the pipeline's :func:`~metaqsm_bids.qsm.inversion.metaqsm` uses
+    :data:`DEFAULT_ORIENTATIONS`).
     Other arguments (``magnitude``: for a magnitude-input model): see :func:`predict_stored`.
     """
     field, mask, voxel, b0 = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)

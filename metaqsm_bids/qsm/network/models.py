@@ -1,5 +1,13 @@
-"""The shipped networks' names (torch-free, so the inversion registry can name them without loading torch)."""
+"""The shipped networks' names and inference settings (torch-free, so the inversion registry and the CLI
+can name them without loading torch)."""
 #: Shipped networks (metaqsm_bids/data/models): Meta-QSM, one model for every voxel size and B0
 #: direction, and its Mesa-QSM control, trained for 0.76x0.76x3 mm only.
 METAQSM_MODEL = "metaqsm-v3"
 MESAQSM_MODEL = "mesaqsm-v3"
+
+#: ``orientations`` of :func:`~metaqsm_bids.qsm.network.deepqsm.predict_chi`: the storage orientations a
+#: prediction averages over (:func:`~metaqsm_bids.qsm.network.deepqsm.orientation_transforms`).
+ORIENTATIONS = ("canonical", "pair", "flips", "all")
+#: What the pipeline runs (BENCHMARKS.md, "Orientation passes"): metaqsm-v3 from the true local field,
+#: NRMSE % one pass / pair / 8 flips: 63.6 / 60.3 / 60.0 at 0.76x0.76x3, 50.5 / 48.9 / 48.6 at 0.5x0.5x2.
+DEFAULT_ORIENTATIONS = "pair"
