@@ -127,22 +127,20 @@ def _user_masks(mask_dir, runs):
     return masks
 
 
-def _collect(opts, layout, subjects, validation_errors=None):
+def _collect(opts, layout, subjects, filters, unreadable, validation_errors=None):
     """Runs per participant, and the participants whose input is unusable, with the reason.
 
-    ``validation_errors``: participant -> messages of the input validation's errors in its files
+    ``unreadable``: participant -> messages about its MEGRE sidecars that are not valid JSON (left out of
+    ``layout``); ``validation_errors``: participant -> messages of the input validation's errors in its files
     (besides metaqsm's own checks, which are repeated here for the selected runs).
     """
-    from ..io.bids import BIDSInputError, check_bids_filters, find_megre_runs, load_bids_filters
+    from ..io.bids import BIDSInputError, find_megre_runs
 
-    filters = {}
-    if opts.bids_filter_file:
-        filters = load_bids_filters(opts.bids_filter_file)
-        check_bids_filters(layout, filters, opts.bids_filter_file)
     runs_by_subject, user_masks, failed = {}, {}, {}
     for subject in subjects:
         found = find_megre_runs(layout, subject, opts.session_label, filters, opts.phase_sign)
-        errors = [str(result) for _, result in found if isinstance(result, Exception)]
+        # an unreadable sidecar is the cause of what the run's checks then find wrong: said alone
+        errors = unreadable.get(subject) or [str(result) for _, result in found if isinstance(result, Exception)]
         if not errors:  # the validator's errors count where metaqsm's own checks found none (one message)
             errors = list(dict.fromkeys((validation_errors or {}).get(subject, [])))
         if not found:
@@ -217,11 +215,10 @@ def _validation_errors(bids_dir, findings, sessions):
 
 def run_participant(opts):
     """Participant level: reconstruct every selected run; one failure does not stop the others."""
-    from bids import BIDSLayout
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
-    from ..io.bids import BIDSInputError, participant_labels
+    from ..io.bids import BIDSInputError, check_bids_filters, index_dataset, load_bids_filters, participant_labels
     from ..io.derivatives import ensure_dataset_description
     from ..io.validation import validate_input
     from ..reports import write_subject_report
@@ -230,15 +227,18 @@ def run_participant(opts):
 
     _check_writable(opts.output_dir, "output directory")
     _check_writable(opts.work_dir, "work directory")
+    filters = load_bids_filters(opts.bids_filter_file) if opts.bids_filter_file else {}  # before the long indexing
     log_file = _start_log_file(opts.work_dir)
     LOGGER.debug("metaqsm %s; log file %s", " ".join(sys.argv), log_file)
     validation_errors = {}
     if not opts.skip_bids_validation:
         sessions = [re.sub(r"^ses-", "", s) for s in opts.session_label or []]
         validation_errors = _validation_errors(opts.bids_dir, validate_input(opts.bids_dir), sessions)
-    layout = BIDSLayout(str(opts.bids_dir), validate=False)
+    layout, unreadable = index_dataset(opts.bids_dir)
+    if filters:
+        check_bids_filters(filters, opts.bids_filter_file, layout)
     subjects = participant_labels(layout, opts.participant_label)
-    runs_by_subject, user_masks, failed = _collect(opts, layout, subjects, validation_errors)
+    runs_by_subject, user_masks, failed = _collect(opts, layout, subjects, filters, unreadable, validation_errors)
     if failed and opts.stop_on_first_crash:
         runs_by_subject = {}  # nothing is processed
 

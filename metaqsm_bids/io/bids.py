@@ -5,6 +5,7 @@ participant with broken input fails with one message naming the file, and the
 others still run (fMRIPrep's ``collect_data`` plays the same role).
 """
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,10 +341,14 @@ def find_megre_runs(layout, subject, sessions=None, filters=None, phase_sign="au
 
 
 def load_bids_filters(path):
-    """Read a ``--bids-filter-file``: a JSON object of pybids entity queries for the MEGRE files."""
+    """Read and check a ``--bids-filter-file`` (before the dataset is indexed): a JSON object of pybids
+    entity queries for the MEGRE files; raises :class:`BIDSInputError` naming ``path``."""
+    if not Path(path).is_file():
+        what = "is a folder, not a file" if Path(path).is_dir() else "no such file"
+        raise BIDSInputError(f"{path}: the BIDS filter file (--bids-filter-file) {what}")
     try:
         filters = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:
         raise BIDSInputError(f"{path}: cannot read the BIDS filter file: {err}") from err
     if not isinstance(filters, dict):
         raise BIDSInputError(f"{path}: the BIDS filter file must hold a JSON object")
@@ -353,17 +358,84 @@ def load_bids_filters(path):
     bad = [k for k in filters if k in ("suffix", "part", "echo", "extension")]
     if bad:
         raise BIDSInputError(f"{path}: filters may not override {bad}; metaqsm selects those itself")
+    check_bids_filters(filters, path)
     return filters
 
 
-def check_bids_filters(layout, filters, path):
-    """Raise :class:`BIDSInputError` naming ``path`` if a filter names an entity the dataset does not know."""
-    known = set(layout.get_entities())
-    unknown = sorted(set(filters) - known)
+def check_bids_filters(filters, path, layout=None):
+    """Raise :class:`BIDSInputError` naming ``path`` if a filter names an unknown entity.
+
+    Without ``layout`` (before indexing): the lower-case keys against pybids' BIDS entities (sidecar
+    keys, capitalised, are left for later); with it: every key against the entities and sidecar keys
+    of the indexed dataset.
+    """
+    from bids.layout import Config
+
+    entities = set(Config.load("bids").entities)
+    known = set(layout.get_entities()) if layout is not None else entities
+    unknown = sorted(k for k in set(filters) - known if layout is not None or not k[:1].isupper())
     if unknown:
-        entities = ", ".join(sorted(k for k in known if k.islower()))
         raise BIDSInputError(f"{path}: unknown entity {', '.join(map(repr, unknown))} in the BIDS filter file "
-                             f"(pybids names, e.g. 'acquisition', not 'acq'); this dataset knows: {entities}")
+                             f"(pybids names, e.g. 'acquisition', not 'acq'); this dataset knows: "
+                             f"{', '.join(sorted(entities))}")
+
+
+#: Top-level folders pybids does not index (its DEFAULT_LOCATIONS_TO_IGNORE) and derivatives, indexed apart.
+_NOT_INDEXED = ("code", "models", "sourcedata", "stimuli", "derivatives")
+
+
+def unreadable_sidecars(bids_dir):
+    """``{path: what is wrong}`` for the JSON files of the dataset that pybids would index and cannot read."""
+    bids_dir = Path(bids_dir)
+    broken = {}
+    for top, dirs, files in os.walk(bids_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (Path(top) == bids_dir and d in _NOT_INDEXED))
+        for name in sorted(files):
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            path = Path(top) / name
+            try:
+                content = json.loads(path.read_bytes())
+            except OSError as err:
+                broken[path] = f"cannot be read ({err.strerror or err})"
+            except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+                broken[path] = f"not valid JSON ({err}); fix or regenerate this sidecar"
+            else:
+                if not isinstance(content, dict):
+                    broken[path] = f"a JSON sidecar must hold an object, not a {type(content).__name__}"
+    return broken
+
+
+def subject_of(relative):
+    """The participant label of a file whose path relative to the dataset is under ``sub-<label>/``, else None."""
+    match = re.match(r"^/?sub-([A-Za-z0-9]+)/", relative or "")
+    return match.group(1) if match else None
+
+
+def index_dataset(bids_dir):
+    """Index the dataset with pybids, leaving out the sidecars it cannot read.
+
+    Returns ``(layout, {participant: [message]})``: a participant's unreadable MEGRE sidecar fails that
+    participant (message starting with the file), without stopping the others; unreadable sidecars of
+    other files are left out of the index (metaqsm does not read them). Raises :class:`BIDSInputError`
+    for an unreadable ``dataset_description.json`` or dataset-level MEGRE sidecar (every participant
+    inherits it).
+    """
+    from bids import BIDSLayout, BIDSLayoutIndexer
+    from bids.layout.validation import DEFAULT_LOCATIONS_TO_IGNORE
+
+    bids_dir = Path(bids_dir)
+    broken = unreadable_sidecars(bids_dir)
+    by_subject = {}
+    for path, what in broken.items():
+        subject = subject_of(path.relative_to(bids_dir).as_posix())
+        if subject is None and (path.name == "dataset_description.json" or path.name.endswith("_MEGRE.json")):
+            raise BIDSInputError(f"{path}: {what}")
+        if path.name.endswith("_MEGRE.json"):
+            by_subject.setdefault(subject, []).append(f"{path}: {what}")
+    ignore = [*DEFAULT_LOCATIONS_TO_IGNORE,
+              *(re.compile("^/" + re.escape(path.relative_to(bids_dir).as_posix()) + "$") for path in broken)]
+    return BIDSLayout(str(bids_dir), validate=False, indexer=BIDSLayoutIndexer(ignore=ignore)), by_subject
 
 
 def participant_labels(layout, requested=None):
