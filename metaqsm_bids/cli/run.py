@@ -92,6 +92,12 @@ def _start_log_file(work_dir):
     _log_handler.setFormatter(_FILE_FORMAT)
     _log_handler.setLevel(logging.DEBUG)
     LOGGER.addHandler(_log_handler)
+    # nibabel says on the console how it fixes a damaged header; metaqsm's checks say what is wrong instead
+    nibabel_logger = logging.getLogger("nibabel.global")
+    for handler in list(nibabel_logger.handlers):
+        nibabel_logger.removeHandler(handler)
+    nibabel_logger.addHandler(_log_handler)
+    nibabel_logger.propagate = False
     return path
 
 

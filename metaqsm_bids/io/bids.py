@@ -15,7 +15,7 @@ import numpy as np
 
 from ..qsm.core.physics import GAMMA_HZ_PER_T
 from ..qsm.field.phase_sign import PhaseSign, resolve_phase_sign
-from .integrity import check_image
+from .integrity import AFFINE_ATOL_MM, check_header, check_image
 
 #: Entities (pybids names) that tell MEGRE runs apart: every entity BIDS allows on MEGRE except echo and part.
 RUN_ENTITIES = ("subject", "session", "acquisition", "ceagent", "reconstruction", "run", "flip", "inv", "mt", "chunk")
@@ -145,15 +145,16 @@ def _load_header(path):
         raise BIDSInputError(f"{path}: cannot be read as NIfTI: {err}") from err
 
 
-def _check_geometry(files, n_echoes):
-    """All files share the first one's grid; 4D files hold ``n_echoes`` volumes."""
+def _check_geometry(files, affines, n_echoes):
+    """All files share the first one's grid (``affines``: path -> affine, from :func:`check_header`);
+    4D files hold ``n_echoes`` volumes."""
     reference = files[0]
     ref = _load_header(reference)
     for path in files:
         img = _load_header(path)
         if img.shape[:3] != ref.shape[:3]:
             raise BIDSInputError(f"{path}: shape {img.shape} differs from {Path(reference).name} {ref.shape}")
-        if not np.allclose(img.affine, ref.affine, atol=1e-3):
+        if not np.allclose(affines[path], affines[reference], atol=AFFINE_ATOL_MM):
             raise BIDSInputError(
                 f"{path}: affine differs from {Path(reference).name}; all echoes and parts must share one grid"
             )
@@ -280,16 +281,23 @@ def collect_megre_run(layout, run_entities, filters=None, phase_sign="auto"):
     if phase_units not in (None, "rad", "arbitrary"):
         raise BIDSInputError(f"{files_b[0]}: phase Units '{phase_units}' is not 'rad' or 'arbitrary'")
 
-    for path in files_a + files_b:  # every file read in full once: truncated gzip, NaN, empty magnitude
-        try:
+    affines, grid_warnings = {}, []
+    try:
+        for path in files_a + files_b:  # the headers as stored: voxel sizes, affines (before nibabel fixes them)
+            affines[path], warning = check_header(path)
+            grid_warnings += [warning] if warning else []
+        for path in files_a + files_b:  # every file read in full once: truncated gzip, NaN, empty magnitude
             check_image(path, magnitude=pair == PART_PAIRS[0] and path in files_a)
-        except ValueError as err:
-            raise BIDSInputError(str(err)) from err
-    _check_geometry(files_a + files_b, len(echo_times))
+    except ValueError as err:
+        raise BIDSInputError(str(err)) from err
+    _check_geometry(files_a + files_b, affines, len(echo_times))
     metadata = _read_sidecar(layout, files_b[0])
     b0 = field_strength(metadata, files_b[0])
     sign = resolve_phase_sign(phase_sign, metadata.get("Manufacturer"), where=files_b[0])
     warnings = [w for w in (b0.warning, sign.warning) if w]
+    if grid_warnings:
+        more = f" (so do {len(grid_warnings) - 1} more file(s) of this run)" if len(grid_warnings) > 1 else ""
+        warnings.append(grid_warnings[0] + more)
     if second == "phase" and phase_units is None:
         others = f" nor in the other {len(files_b) - 1} echoes' sidecars" if len(files_b) > 1 else ""
         warnings.append(f"{files_b[0]}: no Units in this phase sidecar{others} (BIDS requires it for "
