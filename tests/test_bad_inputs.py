@@ -75,7 +75,7 @@ def truncated_gzip(bids):
 def missing_echo(bids):
     for path in _anat(bids).glob("sub-02_echo-2_part-phase_MEGRE.*"):
         path.unlink()
-    return _anat(bids) / "sub-02_echo-2_part-mag_MEGRE.nii.gz"
+    return _anat(bids) / "sub-02_echo-2_part-phase_MEGRE.nii.gz"  # the missing file is named
 
 
 def missing_echo_time(bids):

@@ -233,8 +233,8 @@ def test_array_recipe_one_broken_participant(slurm, tmp_path):
     assert not (out / "sub-03").exists()
     # the broken participant's log says which file is missing
     log_03 = (state / "logs" / "sub-03.log").read_text()
-    assert re.search(r"^sub-03: FAILED: \S*sub-03_echo-2_part-mag_MEGRE\.nii\.gz: no matching part-phase file "
-                     r"for echo 2$", log_03, re.M), log_03
+    assert re.search(r"^sub-03: FAILED: \S*sub-03_echo-2_part-phase_MEGRE\.nii\.gz: missing: no matching part-phase "
+                     r"file for sub-03_echo-2_part-mag_MEGRE\.nii\.gz$", log_03, re.M), log_03
     assert "sub-01: OK (1 run(s))" in (state / "logs" / "sub-01.log").read_text()
     # the per-task status files and SLURM itself say which task failed
     statuses = {s: (state / "status" / f"sub-{s}").read_text().split()[:3] for s in ("01", "02", "03")}

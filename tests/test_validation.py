@@ -82,10 +82,10 @@ def test_clean_dataset_has_no_errors(dataset, validator):
 
 
 @pytest.mark.parametrize("subject, path, words", [
-    ("01", "sub-01/anat/sub-01_echo-2_part-phase_MEGRE.nii.gz", "no matching part-mag"),
+    ("01", "sub-01/anat/sub-01_echo-2_part-mag_MEGRE.nii.gz", "missing: no matching part-mag file for sub-01_echo-2_part-phase"),
     ("02", "sub-02/anat/sub-02_echo-1_part-phase_MEGRE.nii.gz", "no EchoTime"),
     ("03", "sub-03/anat/sub-03_echo-3_part-mag_MEGRE.nii.gz", "shape (24, 24, 10) differs"),
-    ("04", "sub-04/anat/sub-04_echo-1_part-mag_MEGRE.nii.gz", "no matching part-phase"),
+    ("04", "sub-04/anat/sub-04_echo-1_part-phase_MEGRE.nii.gz", "missing: no matching part-phase"),
 ], ids=["phase-without-magnitude", "missing-EchoTime", "echo-shape-differs", "magnitude-without-phase"])
 def test_broken_run_is_named_once(broken_findings, subject, path, words):
     errors = [f for f in _errors(broken_findings) if f.subject == subject and f.code == "MEGRE_RUN"]

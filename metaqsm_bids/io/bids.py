@@ -4,6 +4,7 @@ Everything a run needs is gathered here, before any workflow is built, so a
 participant with broken input fails with one message naming the file, and the
 others still run (fMRIPrep's ``collect_data`` plays the same role).
 """
+import itertools
 import json
 import os
 import re
@@ -247,13 +248,14 @@ def collect_megre_run(layout, run_entities, filters=None, phase_sign="auto"):
             raise BIDSInputError(f"{files_b[0]}: part-{second} and part-{first} files differ in layout (one 4D file "
                                  "vs one file per echo)")
         for echo in sorted(set(echoes_a) | set(echoes_b), key=str):
-            if echo not in echoes_b:
-                hint = "; QSM needs the phase (part-phase, or part-real + part-imag)" if not echoes_b else ""
-                which = f" for echo {echo}" if echo is not None else ""
-                raise BIDSInputError(f"{files_a[echoes_a.index(echo)]}: no matching part-{second} file{which}{hint}")
-            if echo not in echoes_a:
-                which = f" for echo {echo}" if echo is not None else ""
-                raise BIDSInputError(f"{files_b[echoes_b.index(echo)]}: no matching part-{first} file{which}")
+            for (part, echoes, files), (other, other_echoes, other_files) in itertools.permutations(
+                    ((first, echoes_a, files_a), (second, echoes_b, files_b))):
+                if echo in other_echoes and echo not in echoes:  # named as it would be: the missing file
+                    present = Path(other_files[other_echoes.index(echo)])
+                    missing = present.with_name(present.name.replace(f"_part-{other}_", f"_part-{part}_"))
+                    hint = "; QSM needs the phase (part-phase, or part-real + part-imag)" \
+                        if part == second and not echoes else ""
+                    raise BIDSInputError(f"{missing}: missing: no matching part-{part} file for {present.name}{hint}")
     if echoes_a != [None] and echoes_a != list(range(1, len(echoes_a) + 1)):
         raise BIDSInputError(f"{files_a[0]}: echo indices {echoes_a} are not 1..{len(echoes_a)}; an echo is missing")
 
