@@ -8,6 +8,7 @@ and to nipype's crash files in ``<work_dir>/crash/``; ``-v`` adds nipype's progr
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -17,9 +18,26 @@ from pathlib import Path
 LOGGER = logging.getLogger("metaqsm")
 #: nipype's loggers; each has its own console handler, which :func:`_route_nipype_logging` replaces.
 NIPYPE_LOGGERS = ("nipype.workflow", "nipype.interface", "nipype.utils", "nipype.filemanip")
+#: Other libraries' loggers that would print to the console; they go to the log file only.
+OTHER_LOGGERS = ("nibabel.global", "concurrent.futures")
 _CONSOLE_FORMAT = logging.Formatter("%(asctime)s [metaqsm] %(levelname)s: %(message)s", "%H:%M:%S")
 _FILE_FORMAT = logging.Formatter("%(asctime)s [%(name)s] %(levelname)s: %(message)s")
 _log_handler = None  # the log file's handler, once the work directory is known to be writable
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived: the run stops (a BaseException, like KeyboardInterrupt, so that no
+    ``except Exception`` on the way, nipype's included, takes it for a failed step)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    for name in (signal.SIGTERM, signal.SIGINT):  # a second signal does not interrupt the stopping
+        signal.signal(name, signal.SIG_IGN)
+    raise Stopped(signum)
 
 
 def main(argv=None):
@@ -38,7 +56,9 @@ def main(argv=None):
     LOGGER.setLevel(logging.DEBUG)  # the log file gets everything, the console what its handler lets through
     LOGGER.propagate = False
     from ..io.bids import BIDSInputError
+    from .plugins import stop_workers
 
+    previous = {name: signal.signal(name, _raise_stopped) for name in (signal.SIGTERM, signal.SIGINT)}
     try:
         if opts.analysis_level == "group":
             return run_group(opts)
@@ -46,10 +66,19 @@ def main(argv=None):
     except BIDSInputError as err:
         LOGGER.error("%s", err)
         return 1
+    except Stopped as stop:  # the workers end, each removing the file it was writing; every file written is whole
+        stop_workers()
+        LOGGER.debug("stopped", exc_info=True)
+        LOGGER.error("stopped by %s before the run finished; no file was left half-written, and the same command "
+                     "resumes the run (finished steps are kept in %s)", signal.Signals(stop.signum).name,
+                     opts.work_dir)
+        return 128 + stop.signum
     except Exception as err:  # a bug or an environment problem: one line here, the traceback in a file
         LOGGER.error("unexpected %s: %s (traceback in %s)", type(err).__name__, err, _save_traceback())
         return 1
     finally:
+        for name, handler in previous.items():
+            signal.signal(name, handler)
         if _log_handler is not None:
             _log_handler.flush()
 
@@ -92,12 +121,14 @@ def _start_log_file(work_dir):
     _log_handler.setFormatter(_FILE_FORMAT)
     _log_handler.setLevel(logging.DEBUG)
     LOGGER.addHandler(_log_handler)
-    # nibabel says on the console how it fixes a damaged header; metaqsm's checks say what is wrong instead
-    nibabel_logger = logging.getLogger("nibabel.global")
-    for handler in list(nibabel_logger.handlers):
-        nibabel_logger.removeHandler(handler)
-    nibabel_logger.addHandler(_log_handler)
-    nibabel_logger.propagate = False
+    # nibabel says on the console how it fixes a damaged header (metaqsm's checks say what is wrong instead);
+    # the process pool logs a traceback for each task of workers that metaqsm stopped (it says it stopped)
+    for name in OTHER_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.addHandler(_log_handler)
+        logger.propagate = False
     return path
 
 
@@ -229,7 +260,7 @@ def run_participant(opts):
     from ..io.validation import validate_input
     from ..reports import write_subject_report
     from ..workflows.base import init_metaqsm_wf
-    from .plugins import add_resource_hints
+    from .plugins import add_resource_hints, make_runner
 
     _check_writable(opts.output_dir, "output directory")
     _check_writable(opts.work_dir, "work directory")
@@ -289,7 +320,7 @@ def run_participant(opts):
         add_resource_hints(wf, opts.plugin)
         started = time.time() - 1
         try:
-            wf.run(plugin=opts.plugin, plugin_args=opts.plugin_args)
+            wf.run(plugin=make_runner(opts.plugin, opts.plugin_args))
         except Exception as err:  # nipype: "Workflow did not execute cleanly" (or the node's error when stopping)
             reasons = _crash_reasons(crash_dir, started)
             if not reasons:

@@ -72,12 +72,17 @@ def bids_uri(dataset, relative_path):
     return f"bids:{dataset}:{Path(relative_path).as_posix()}"
 
 
+#: Temporary files being written by this process (see :func:`discard_partial_writes`).
+_WRITING = set()
+
+
 def atomic_write(path, writer):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # keep the final extension: nibabel picks gzip compression from it
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-", suffix="".join(path.suffixes))
     os.close(fd)
+    _WRITING.add(tmp)
     try:
         writer(tmp)
         os.chmod(tmp, 0o644)
@@ -85,6 +90,15 @@ def atomic_write(path, writer):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        _WRITING.discard(tmp)
+
+
+def discard_partial_writes():
+    """Remove the temporary files this process is writing; for a process that is about to exit at once
+    (a stopped worker), where :func:`atomic_write` cannot clean up after itself."""
+    for tmp in list(_WRITING):
+        Path(tmp).unlink(missing_ok=True)
 
 
 def write_json(path, data):
