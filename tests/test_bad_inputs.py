@@ -9,14 +9,21 @@ written each time).
 """
 import gzip
 import json
+import os
+import re
 import shutil
+import signal
+import struct
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from .conftest import run_cli
+from .conftest import console_script, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -113,6 +120,40 @@ def missing_units(bids):
     return _anat(bids) / "sub-02_echo-1_part-phase_MEGRE.nii.gz"
 
 
+def invalid_json_sidecar(bids):
+    path = _anat(bids) / "sub-02_echo-2_part-mag_MEGRE.json"
+    path.write_text(path.read_text()[:-20])  # cut short, as by an interrupted copy
+    return path
+
+
+def _edit_header(path, offset, value):
+    """Overwrite one float32 of a .nii.gz header in place (nibabel would fix the header on saving)."""
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[offset:offset + 4] = struct.pack("<f", value)
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
+PIXDIM_3, SROW_X_0 = 76 + 3 * 4, 280  # NIfTI-1 header offsets: pixdim[3] (slice thickness), srow_x[0]
+
+
+def zero_voxel_size_in_one_file(bids):
+    path = _anat(bids) / "sub-02_echo-2_part-mag_MEGRE.nii.gz"
+    _edit_header(path, PIXDIM_3, 0.0)
+    return path
+
+
+def zero_voxel_size_in_every_file(bids):
+    for path in _anat(bids).glob("sub-02_*_MEGRE.nii.gz"):
+        _edit_header(path, PIXDIM_3, 0.0)
+    return _anat(bids) / "sub-02_echo-1_part-mag_MEGRE.nii.gz"  # the first file of the run is named
+
+
+def non_finite_affine(bids):
+    path = _anat(bids) / "sub-02_echo-3_part-phase_MEGRE.nii.gz"
+    _edit_header(path, SROW_X_0, float("nan"))
+    return path
+
+
 #: case -> (breaker: bids -> the culprit file, words the console line must hold)
 FAILING = {
     "truncated gzip": (truncated_gzip, "truncated or corrupt"),
@@ -122,6 +163,10 @@ FAILING = {
     "shape mismatch": (shape_mismatch, "differs from"),
     "NaN phase": (nan_phase, "NaN or infinite"),
     "zero magnitude": (zero_magnitude, "zero in every voxel"),
+    "invalid JSON sidecar": (invalid_json_sidecar, "not valid JSON"),
+    "zero voxel size in one file": (zero_voxel_size_in_one_file, "voxel size 2 x 2 x 0 mm in the header"),
+    "zero voxel size in every file": (zero_voxel_size_in_every_file, "voxel size 2 x 2 x 0 mm in the header"),
+    "non-finite affine": (non_finite_affine, "affine from the sform (code 1) holds NaN or infinite values"),
 }
 
 
@@ -130,7 +175,10 @@ def _console(result):
 
 
 def _assert_no_traceback(result):
+    """No traceback, and nothing but metaqsm's own lines (no library's warnings) on the console."""
     assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    foreign = [line for line in _console(result) if not re.match(r"(\d\d:\d\d:\d\d \[metaqsm\] |sub-)", line)]
+    assert not foreign, result.stdout + result.stderr
 
 
 def _assert_sub01_only(out, result):
@@ -287,6 +335,15 @@ def test_filter_file_with_unknown_entity(demo, tmp_path):
     assert "'acquisition'" in result.stderr
 
 
+def test_missing_filter_file_is_named_before_indexing(demo, tmp_path):
+    bids = _restore(demo)
+    filters, out, work = tmp_path / "filters.json", tmp_path / "out", tmp_path / "work"
+    result = run_cli("metaqsm", bids, out, "participant", "-w", work, "--bids-filter-file", filters, *FAST)
+    _assert_stopped(result, filters, "the BIDS filter file (--bids-filter-file) no such file", out)
+    assert "usage:" not in result.stderr
+    assert not work.exists()  # said before the dataset was validated or indexed (both log to the work dir)
+
+
 def test_demo_outputs_pass_the_validator_without_warnings(demo, bids_validator):
     """The demo's derivatives: 0 errors and 0 warnings from bids-validator-deno."""
     bids = _restore(demo)
@@ -305,3 +362,68 @@ def test_demo_outputs_pass_the_validator_without_warnings(demo, bids_validator):
     for mask in out.rglob("*_mask.json"):
         reference = json.loads(mask.read_text())["SpatialReference"]
         assert reference.startswith("bids:raw:") and (bids / reference.removeprefix("bids:raw:")).exists()
+
+
+def _processes_naming(text):
+    """PIDs of live (not zombie) processes whose command line holds ``text``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:  # ended meanwhile
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+def _start_and_wait_for_workers(bids, out, work, console):
+    """Start a MultiProc run (its console to the file ``console``: a surviving worker would hold a pipe open);
+    return its Popen once its two workers are running."""
+    with open(console, "w") as f:
+        run = subprocess.Popen([str(console_script("metaqsm")), str(bids), str(out), "participant", "-w", str(work),
+                                "--inversion", "tkd", "--nprocs", "2"], stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.poll() is None:
+        if len([pid for pid in _processes_naming(str(out)) if pid != run.pid]) == 2:
+            return run
+        time.sleep(0.05)
+    run.kill()
+    pytest.fail(f"no two workers appeared (exit {run.wait()}): {console.read_text()}")
+
+
+def _assert_nothing_survives(out):
+    deadline = time.monotonic() + 15  # a worker exits at its next Python instruction after the signal
+    while _processes_naming(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _processes_naming(str(out)), "a process of the stopped run survived it"
+    assert not [p for p in out.rglob(".tmp-*")], "a half-written derivative"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers end with metaqsm through Linux's prctl")
+def test_killed_or_stopped_run_leaves_no_process_and_resumes(demo, tmp_path):
+    """SIGKILL: the workers end with metaqsm (nothing else could stop them); SIGTERM: one line, exit 143, the
+    workers stopped; then the same command completes the run."""
+    bids = _restore(demo)
+    out, work, console = tmp_path / "out_killed", tmp_path / "work", tmp_path / "console.txt"
+    run = _start_and_wait_for_workers(bids, out, work, console)
+    run.kill()
+    run.wait()
+    _assert_nothing_survives(out)
+
+    run = _start_and_wait_for_workers(bids, out, work, console)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM, console.read_text()
+    _assert_nothing_survives(out)
+    result = subprocess.CompletedProcess(run.args, run.returncode, console.read_text(), "")
+    _assert_no_traceback(result)
+    errors = [line for line in _console(result) if "ERROR" in line]
+    assert len(errors) == 1 and "stopped by SIGTERM before the run finished" in errors[0], result.stdout
+    assert "OK" not in result.stdout
+
+    result = run_cli("metaqsm", bids, out, "participant", "-w", work, "--inversion", "tkd", "--nprocs", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sub-01: OK" in result.stdout and "sub-02: OK" in result.stdout
+    assert (out / "sub-02" / "anat" / "sub-02_Chimap.nii.gz").exists()
+    _assert_nothing_survives(out)
