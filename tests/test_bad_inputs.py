@@ -242,7 +242,11 @@ def test_single_echo_warns_and_says_what_was_done(demo):
     assert "sub-01: OK" in result.stdout and "sub-02: OK" in result.stdout
     sidecar = json.loads((out / "sub-02" / "fmap" / "sub-02_desc-total_fieldmap.json").read_text())
     assert sidecar["EchoTime"] == [0.004] and "single echo" in sidecar["TotalField"]["Method"]
-    assert any("could not be removed" in w for w in sidecar["TotalField"]["Warnings"])
+    assert [w for w in sidecar["Warnings"] if "cannot be removed" in w] == [
+        "bids:raw:sub-02/anat/sub-02_echo-1_part-phase_MEGRE.nii.gz: one echo only: the phase offset at TE = 0 cannot "
+        "be removed (that needs two or more echoes), so the coil and transmit phase stays in the field map and in "
+        "chi; use multi-echo data"]  # once, the file named as in Sources
+    assert "Warnings" not in sidecar["TotalField"]
     report = (out / "sub-02.html").read_text()
     assert "from 1 echo (TE = 4 ms)" in report and "estimated from the single echo" in report
     assert "from all" not in report and "removes the phase offset" not in report
@@ -264,8 +268,10 @@ def test_phase_without_units_is_inferred_with_one_warning(demo):
     assert "no Units" in naming[0] and "infers them from the value range" in naming[0]
     assert not [line for line in _console(result) if "ERROR" in line], result.stderr
     assert "sub-01: OK" in result.stdout and "sub-02: OK" in result.stdout
-    scaling = json.loads((out / "sub-02" / "anat" / "sub-02_Chimap.json").read_text())["PhaseScaling"]
-    assert scaling["PhaseUnits"] == "inferred from range" and scaling["Warnings"]
+    chimap = json.loads((out / "sub-02" / "anat" / "sub-02_Chimap.json").read_text())
+    assert chimap["PhaseScaling"]["PhaseUnits"] == "inferred from range" and "Warnings" not in chimap["PhaseScaling"]
+    assert [w for w in chimap["Warnings"] if "no Units" in w] == [naming[0].split("WARNING: ", 1)[1].replace(
+        f"{bids}/", "bids:raw:")]  # the console's line, the file named as in Sources
     assert "units inferred from their value range" in (out / "sub-02.html").read_text()
 
 

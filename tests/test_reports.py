@@ -339,3 +339,29 @@ def test_single_echo_methods_say_what_was_done_and_cite_the_paper_as_it_gives_it
     paper = references[0][1]
     assert paper.startswith("Meta-QSM: An Image-Resolution-Arbitrary Network for QSM Reconstruction.")
     assert "Kevin M. Koch" in paper
+
+
+def test_reliability_slice_titles_do_not_overlap(tmp_path, monkeypatch):
+    """Six slices of a 160-slice run with ten thousand excluded voxels each: no two column titles overlap."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    grid = np.indices((240, 240, 160), sparse=True)
+    brain = ((grid[0] - 120) ** 2 + (grid[1] - 120) ** 2) / 115 ** 2 + (grid[2] - 80) ** 2 / 75 ** 2 < 1
+    reliable = brain & ~((grid[0] % 2 == 0) & (grid[2] >= 100))  # 5-digit counts in 3-digit slices
+    magnitude = np.where(brain, 1.0, 0.1).astype(np.float32)
+    images = RunImages(magnitude=magnitude, brain_mask=brain, reliable_mask=reliable,
+                       fit_residual_rad=np.zeros(brain.shape, np.float32), zooms_mm=(1.0, 1.0, 1.0))
+    saved = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: (saved.append(fig), original(fig, *args, **kwargs)))
+    from metaqsm_bids.reports.figures import plot_reliability
+
+    assert len(plot_reliability(images, tmp_path / "r.png", title="sub-01")) == 6
+    renderer = FigureCanvasAgg(saved[0]).get_renderer()
+    boxes = sorted((ax.title.get_window_extent(renderer) for ax in saved[0].axes if ax.get_title()),
+                   key=lambda box: box.x0)
+    assert len(boxes) == 6 and all("excluded" in ax.get_title() for ax in saved[0].axes if ax.get_title())
+    assert all(left.x1 < right.x0 for left, right in zip(boxes, boxes[1:])), [(b.x0, b.x1) for b in boxes]
+    above = [text.get_window_extent(renderer) for text in saved[0].texts]  # the figure's title and note
+    assert len(above) == 2 and max(b.y1 for b in boxes) < min(b.y0 for b in above)

@@ -220,9 +220,10 @@ def _crash_reasons(crash_dir, since):
     return reasons
 
 
-def _validation_errors(bids_dir, findings, sessions):
+def _validation_errors(bids_dir, findings, sessions, participants=None):
     """Log the validation findings that do not stop the run, once each; returns {} (participant -> messages).
 
+    Findings about participants not in ``participants`` (labels; None: all) go to the log file only.
     Dataset-level errors raise. metaqsm's own run checks (MEGRE_RUN) are left to :func:`_collect`,
     which repeats them on the selected runs and fails the participant with their message. The
     validator's errors in a participant's files concern BIDS keys or names that metaqsm does not
@@ -238,7 +239,7 @@ def _validation_errors(bids_dir, findings, sessions):
     grouped = {}
     for finding in findings:
         session = re.search(r"(?:^|/)ses-([A-Za-z0-9]+)/", finding.path or "")
-        if finding.code == "MEGRE_RUN":
+        if finding.code == "MEGRE_RUN" or participants and finding.subject not in (None, *participants):
             LOGGER.debug("%s", finding)
         elif finding.severity != "error":
             LOGGER.warning("%s", finding.message)
@@ -255,7 +256,8 @@ def run_participant(opts):
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
-    from ..io.bids import BIDSInputError, check_bids_filters, index_dataset, load_bids_filters, participant_labels
+    from ..io.bids import (BIDSInputError, bare_label, check_bids_filters, index_dataset, load_bids_filters,
+                          participant_labels)
     from ..io.derivatives import ensure_dataset_description
     from ..io.validation import validate_input
     from ..reports import write_subject_report
@@ -270,7 +272,8 @@ def run_participant(opts):
     validation_errors = {}
     if not opts.skip_bids_validation:
         sessions = [re.sub(r"^ses-", "", s) for s in opts.session_label or []]
-        validation_errors = _validation_errors(opts.bids_dir, validate_input(opts.bids_dir), sessions)
+        participants = [bare_label(label) for label in opts.participant_label or []]
+        validation_errors = _validation_errors(opts.bids_dir, validate_input(opts.bids_dir), sessions, participants)
     layout, unreadable = index_dataset(opts.bids_dir)
     if filters:
         check_bids_filters(filters, opts.bids_filter_file, layout)

@@ -448,12 +448,17 @@ def index_dataset(bids_dir):
     return BIDSLayout(str(bids_dir), validate=False, indexer=BIDSLayoutIndexer(ignore=ignore)), by_subject
 
 
+def bare_label(label):
+    """A participant label as given on the command line, with or without ``sub-``, without it."""
+    return re.sub(r"^sub-", "", label)
+
+
 def participant_labels(layout, requested=None):
     """Subjects to process; unknown labels raise a :class:`BIDSInputError` listing what exists."""
     available = sorted(layout.get_subjects())
     if not requested:
         return available
-    wanted = [re.sub(r"^sub-", "", label) for label in requested]
+    wanted = [bare_label(label) for label in requested]
     missing = [label for label in wanted if label not in available]
     if missing:
         raise BIDSInputError(

@@ -10,6 +10,7 @@ and concurrent jobs (SLURM array tasks) never see each other's partial files.
 import json
 import os
 import platform
+import re
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -74,6 +75,12 @@ def bids_uri(dataset, relative_path):
 
 #: Temporary files being written by this process (see :func:`discard_partial_writes`).
 _WRITING = set()
+
+
+def raw_uris(text, bids_dir):
+    """``text`` with each absolute path of a file in the raw dataset ``bids_dir`` as its BIDS URI."""
+    root = re.escape(f"{Path(bids_dir).resolve()}/")
+    return re.sub(root + r"([^\s:;,]+)", lambda match: bids_uri("raw", match.group(1)), text)
 
 
 def atomic_write(path, writer):
