@@ -302,6 +302,20 @@ def _assert_stopped(result, path, words, out):
     assert not (out.exists() and out.is_dir() and list(out.iterdir())), "something was written"
 
 
+def test_findings_about_participants_not_selected_stay_off_the_console(demo):
+    """A file the validator flags in sub-02 is not said when only sub-01 is processed (it is in the log)."""
+    bids = _restore(demo)
+    (_anat(bids) / "sub-02_notes.txt").write_text("not BIDS\n")
+    out, work = demo[1] / "out_only_01", demo[1] / "work"
+    result = run_cli("metaqsm", bids, out, "participant", "-w", work, "--participant-label", "01", *FAST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _assert_no_traceback(result)
+    assert not [line for line in _console(result) if "sub-02" in line], result.stdout + result.stderr
+    assert "sub-01: OK" in result.stdout
+    result = run_cli("metaqsm", bids, out, "participant", "-w", work, "--participant-label", "02", *FAST)
+    assert [line for line in _console(result) if "WARNING" in line and "sub-02_notes.txt" in line], result.stderr
+
+
 def test_unknown_participant_label(demo):
     bids = _restore(demo)
     out = demo[1] / "out_label"

@@ -365,3 +365,31 @@ def test_reliability_slice_titles_do_not_overlap(tmp_path, monkeypatch):
     assert all(left.x1 < right.x0 for left, right in zip(boxes, boxes[1:])), [(b.x0, b.x1) for b in boxes]
     above = [text.get_window_extent(renderer) for text in saved[0].texts]  # the figure's title and note
     assert len(above) == 2 and max(b.y1 for b in boxes) < min(b.y0 for b in above)
+
+
+@pytest.mark.slow
+def test_report_says_each_warning_once_and_no_value_as_python(tmp_path):
+    """Three input problems (unknown vendor, no ImagingFrequency, no phase Units): three console warnings, each
+    once in the report, in the sidecars' words (files as BIDS URIs); no parameter shown as a Python literal."""
+    from html import escape
+
+    bids_dir, out = tmp_path / "bids", tmp_path / "out"
+    simulate_dataset(bids_dir, [RunSpec("01", shape=(32, 32, 16), voxel_size_mm=(2.0, 2.0, 3.0), seed=4)])
+    for sidecar in (bids_dir / "sub-01" / "anat").glob("*_MEGRE.json"):
+        meta = {k: v for k, v in json.loads(sidecar.read_text()).items() if k not in ("ImagingFrequency", "Units")}
+        sidecar.write_text(json.dumps({**meta, "Manufacturer": "Acme Imaging"}))
+    result = run_cli("metaqsm", bids_dir, out, "participant", "-w", tmp_path / "work", "--nprocs", "1",
+                     "--inversion", "tkd", "--bipolar", "on")
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = [line.split(" WARNING: ", 1)[1] for line in result.stderr.splitlines() if " WARNING: " in line]
+    assert len(console) == 3, result.stderr
+    chimap = json.loads((out / "sub-01" / "anat" / "sub-01_Chimap.json").read_text())
+    assert chimap["Warnings"] == [w.replace(f"{bids_dir.resolve()}/", "bids:raw:") for w in console]
+    html = (out / "sub-01.html").read_text()
+    assert "<b>3 warnings</b>" in html
+    for warning in chimap["Warnings"]:
+        assert html.count(escape(warning)) == 1, warning
+    parameters = html[html.index("<h3>Parameters and versions</h3>"):]
+    assert "BipolarCorrection" in parameters
+    # a dict's braces and quoted keys, Python's constants, a negative zero
+    assert not re.search(r"[{}]|&#x27;:|\bTrue\b|\bFalse\b|\bNone\b|-0(?![.\d])", parameters), parameters
