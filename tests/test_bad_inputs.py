@@ -447,3 +447,30 @@ def test_killed_or_stopped_run_leaves_no_process_and_resumes(demo, tmp_path):
     assert "sub-01: OK" in result.stdout and "sub-02: OK" in result.stdout
     assert (out / "sub-02" / "anat" / "sub-02_Chimap.nii.gz").exists()
     _assert_nothing_survives(out)
+
+
+def test_stopped_serial_run_stops_at_once(demo, tmp_path):
+    """With --nprocs 1 the steps run in metaqsm's own process, where nipype takes any exception for the step's
+    failure: SIGINT still stops the run (no participant goes on), with one line and exit 130."""
+    bids = _restore(demo)
+    out, work = tmp_path / "out", tmp_path / "work"
+    run = subprocess.Popen([str(console_script("metaqsm")), str(bids), str(out), "participant", "-w", str(work),
+                            *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(work.glob("metaqsm_wf/*/*/*/_node.pklz")) and time.monotonic() < deadline:  # a step started
+        time.sleep(0.05)
+    assert run.poll() is None, "the run ended before the signal"
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=60)
+    result = subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
+    assert result.returncode == 128 + signal.SIGINT, stdout + stderr
+    _assert_no_traceback(result)
+    assert [line for line in _console(result) if "ERROR" in line or "FAILED" in line or "OK" in line] == [
+        line for line in _console(result) if "stopped by SIGINT before the run finished" in line], stdout + stderr
+    assert not list(out.glob("sub-*")) and not list(out.rglob(".tmp-*"))
+
+    result = run_cli("metaqsm", bids, out, "participant", "-w", work, *FAST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sub-01: OK" in result.stdout and "sub-02: OK" in result.stdout
+    assert (out / "sub-02" / "anat" / "sub-02_Chimap.nii.gz").exists()
+    _assert_nothing_survives(out)

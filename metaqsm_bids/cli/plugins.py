@@ -207,7 +207,7 @@ def make_runner(plugin, plugin_args):
     """The nipype plugin object that runs the workflow (``wf.run(plugin=...)``).
 
     MultiProc's process pool starts its workers with :func:`_worker_initializer`, so none outlives
-    metaqsm; :func:`stop_workers` ends them when metaqsm is stopped. Other plugins are nipype's own.
+    metaqsm; :func:`stop_runner` ends them when metaqsm is stopped. Other plugins are nipype's own.
     """
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
@@ -224,11 +224,25 @@ def make_runner(plugin, plugin_args):
     return runner
 
 
-def stop_workers(timeout_s=10.0):
-    """End this process's worker processes: SIGTERM (each removes its half-written file), then SIGKILL
-    for any still there after ``timeout_s``."""
-    import multiprocessing
+def stop_runner(runner, timeout_s=10.0):
+    """End what ``runner`` (from :func:`make_runner`) started, when metaqsm is stopped.
 
+    MultiProc: its workers get SIGTERM (each removes its half-written file), then SIGKILL if still
+    there after ``timeout_s``. SLURM: the batch jobs it is waiting for are cancelled (``scancel``),
+    so that none writes to the work directory after metaqsm has gone. (SLURMGraph hands the whole
+    graph to SLURM and returns: its jobs are SLURM's to cancel.)
+    """
+    import multiprocessing
+    import subprocess
+
+    from nipype.pipeline.plugins import SLURMPlugin
+
+    jobs = [str(job) for job, _ in runner.pending_tasks] if isinstance(runner, SLURMPlugin) else []
+    if jobs:
+        try:
+            subprocess.run(["scancel", *jobs], capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            pass  # metaqsm is stopping either way; the jobs stay in SLURM's queue
     workers = multiprocessing.active_children()
     for worker in workers:
         worker.terminate()

@@ -34,10 +34,22 @@ class Stopped(BaseException):
         self.signum = signum
 
 
+#: The signal that stopped the run, once one has arrived.
+_stopped_by = []
+
+
 def _raise_stopped(signum, frame):
     for name in (signal.SIGTERM, signal.SIGINT):  # a second signal does not interrupt the stopping
         signal.signal(name, signal.SIG_IGN)
+    _stopped_by.append(signum)
     raise Stopped(signum)
+
+
+def _check_stopped(node, status):
+    """nipype's status callback, before and after each node: a node running in this process (Linear) takes
+    any exception for its own failure and nipype goes on with the next; this stops it there."""
+    if _stopped_by:
+        raise Stopped(_stopped_by[0])
 
 
 def main(argv=None):
@@ -56,8 +68,8 @@ def main(argv=None):
     LOGGER.setLevel(logging.DEBUG)  # the log file gets everything, the console what its handler lets through
     LOGGER.propagate = False
     from ..io.bids import BIDSInputError
-    from .plugins import stop_workers
 
+    _stopped_by.clear()
     previous = {name: signal.signal(name, _raise_stopped) for name in (signal.SIGTERM, signal.SIGINT)}
     try:
         if opts.analysis_level == "group":
@@ -66,8 +78,7 @@ def main(argv=None):
     except BIDSInputError as err:
         LOGGER.error("%s", err)
         return 1
-    except Stopped as stop:  # the workers end, each removing the file it was writing; every file written is whole
-        stop_workers()
+    except Stopped as stop:  # what the workflow's plugin started has ended (run_participant); every file is whole
         LOGGER.debug("stopped", exc_info=True)
         LOGGER.error("stopped by %s before the run finished; no file was left half-written, and the same command "
                      "resumes the run (finished steps are kept in %s)", signal.Signals(stop.signum).name,
@@ -262,7 +273,7 @@ def run_participant(opts):
     from ..io.validation import validate_input
     from ..reports import write_subject_report
     from ..workflows.base import init_metaqsm_wf
-    from .plugins import add_resource_hints, make_runner
+    from .plugins import add_resource_hints, make_runner, stop_runner
 
     _check_writable(opts.output_dir, "output directory")
     _check_writable(opts.work_dir, "work directory")
@@ -322,9 +333,15 @@ def run_participant(opts):
         )
         add_resource_hints(wf, opts.plugin)
         started = time.time() - 1
+        runner = make_runner(opts.plugin, {**opts.plugin_args, "status_callback": _check_stopped})
         try:
-            wf.run(plugin=make_runner(opts.plugin, opts.plugin_args))
-        except Exception as err:  # nipype: "Workflow did not execute cleanly" (or the node's error when stopping)
+            wf.run(plugin=runner)
+        except Stopped:
+            stop_runner(runner)
+            raise
+        except Exception as err:
+            if _stopped_by:  # the stop reached the last node, which took it for its failure
+                raise Stopped(_stopped_by[0]) from err  # nipype: "Workflow did not execute cleanly" (or the node's error when stopping)
             reasons = _crash_reasons(crash_dir, started)
             if not reasons:
                 raise
