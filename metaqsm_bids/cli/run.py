@@ -336,12 +336,10 @@ def run_participant(opts):
         runner = make_runner(opts.plugin, {**opts.plugin_args, "status_callback": _check_stopped})
         try:
             wf.run(plugin=runner)
-        except Stopped:
-            stop_runner(runner)
-            raise
-        except Exception as err:
-            if _stopped_by:  # the stop reached the last node, which took it for its failure
-                raise Stopped(_stopped_by[0]) from err  # nipype: "Workflow did not execute cleanly" (or the node's error when stopping)
+        except (Stopped, Exception) as err:  # nipype: "Workflow did not execute cleanly" (or the node's error)
+            if _stopped_by:  # stopped; or a step run in this process took the stop for its own failure
+                stop_runner(runner)
+                raise Stopped(_stopped_by[0]) from err
             reasons = _crash_reasons(crash_dir, started)
             if not reasons:
                 raise
