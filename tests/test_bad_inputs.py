@@ -9,7 +9,6 @@ written each time).
 """
 import gzip
 import json
-import os
 import re
 import shutil
 import signal

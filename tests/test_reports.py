@@ -354,7 +354,8 @@ def test_reliability_slice_titles_do_not_overlap(tmp_path, monkeypatch):
                        fit_residual_rad=np.zeros(brain.shape, np.float32), zooms_mm=(1.0, 1.0, 1.0))
     saved = []
     original = Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: (saved.append(fig), original(fig, *args, **kwargs)))
+    monkeypatch.setattr(Figure, "savefig",
+                        lambda fig, *args, **kwargs: (saved.append(fig), original(fig, *args, **kwargs)))
     from metaqsm_bids.reports.figures import plot_reliability
 
     assert len(plot_reliability(images, tmp_path / "r.png", title="sub-01")) == 6

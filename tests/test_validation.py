@@ -82,7 +82,8 @@ def test_clean_dataset_has_no_errors(dataset, validator):
 
 
 @pytest.mark.parametrize("subject, path, words", [
-    ("01", "sub-01/anat/sub-01_echo-2_part-mag_MEGRE.nii.gz", "missing: no matching part-mag file for sub-01_echo-2_part-phase"),
+    ("01", "sub-01/anat/sub-01_echo-2_part-mag_MEGRE.nii.gz",
+     "missing: no matching part-mag file for sub-01_echo-2_part-phase"),
     ("02", "sub-02/anat/sub-02_echo-1_part-phase_MEGRE.nii.gz", "no EchoTime"),
     ("03", "sub-03/anat/sub-03_echo-3_part-mag_MEGRE.nii.gz", "shape (24, 24, 10) differs"),
     ("04", "sub-04/anat/sub-04_echo-1_part-phase_MEGRE.nii.gz", "missing: no matching part-phase"),
@@ -201,7 +202,8 @@ def test_header_check_names_the_broken_geometry(tmp_path, capfd):
         h["qoffset_x"] = 5.0
     cases = {"zero.nii.gz": (zero, "voxel size 2 x 2 x 0 mm in the header (pixdim[1:4])"),
              "nan_voxel.nii": (nan_voxel, "voxel size nan x 2 x 3 mm"),
-             "nan_sform.nii.gz": (nan_sform, "the voxel-to-world affine from the sform (code 2) holds NaN or infinite values"),
+             "nan_sform.nii.gz": (nan_sform,
+                                  "the voxel-to-world affine from the sform (code 2) holds NaN or infinite values"),
              "singular.nii.gz": (singular, "the voxel-to-world affine from the sform (code 2) is singular")}
     for name, (change, words) in cases.items():
         path = save(name, change)
@@ -210,7 +212,8 @@ def test_header_check_names_the_broken_geometry(tmp_path, capfd):
     path = save("qform_off.nii.gz", qform_off)
     used, warning = check_header(path)
     assert np.allclose(used, affine)
-    assert warning.startswith(f"{path}: the sform and qform of the header disagree") and "uses the sform (code 2)" in warning
+    assert warning.startswith(f"{path}: the sform and qform of the header disagree")
+    assert "uses the sform (code 2)" in warning
 
     def qform_only(h):
         h["sform_code"], h["qform_code"] = 0, 1
