@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
@@ -36,13 +37,35 @@ class Stopped(BaseException):
 
 #: The signal that stopped the run, once one has arrived.
 _stopped_by = []
+#: Standard-library packages that hold locks or fork: an exception raised in their code can leave a lock held
+#: (e.g. logging's, released after forking a worker) and metaqsm hung; a stop waits until the code has left them.
+_NOT_INTERRUPTED = ("logging", "threading", "multiprocessing", "concurrent", "queue", "importlib")
+_STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def _interruptible(frame):
+    """Whether no frame of the stack runs the code of one of :data:`_NOT_INTERRUPTED`."""
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if path.is_relative_to(_STDLIB) and path.relative_to(_STDLIB).parts[0].removesuffix(".py") in \
+                _NOT_INTERRUPTED or frame.f_code.co_filename.startswith("<frozen importlib"):
+            return False
+        frame = frame.f_back
+    return True
 
 
 def _raise_stopped(signum, frame):
-    for name in (signal.SIGTERM, signal.SIGINT):  # a second signal does not interrupt the stopping
-        signal.signal(name, signal.SIG_IGN)
-    _stopped_by.append(signum)
-    raise Stopped(signum)
+    """SIGTERM/SIGINT handler: raise :class:`Stopped` in the main thread, at once or, inside code that must not
+    be interrupted, as soon as it has left it (checked every 50 ms)."""
+    if not _stopped_by:
+        for name in (signal.SIGTERM, signal.SIGINT):  # a second signal does not interrupt the stopping
+            signal.signal(name, signal.SIG_IGN)
+        _stopped_by.append(signum)
+    if not _interruptible(frame):
+        signal.signal(signal.SIGALRM, _raise_stopped)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        return
+    raise Stopped(_stopped_by[0])
 
 
 def _check_stopped(node, status):
@@ -71,6 +94,7 @@ def main(argv=None):
 
     _stopped_by.clear()
     previous = {name: signal.signal(name, _raise_stopped) for name in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGALRM] = signal.getsignal(signal.SIGALRM)
     try:
         if opts.analysis_level == "group":
             return run_group(opts)
@@ -88,8 +112,10 @@ def main(argv=None):
         LOGGER.error("unexpected %s: %s (traceback in %s)", type(err).__name__, err, _save_traceback())
         return 1
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         for name, handler in previous.items():
-            signal.signal(name, handler)
+            if handler is not None:  # None: a handler not set from Python, left alone
+                signal.signal(name, handler)
         if _log_handler is not None:
             _log_handler.flush()
 
