@@ -9,14 +9,20 @@ written each time).
 """
 import gzip
 import json
+import re
 import shutil
+import signal
+import struct
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from .conftest import run_cli
+from .conftest import console_script, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +81,7 @@ def truncated_gzip(bids):
 def missing_echo(bids):
     for path in _anat(bids).glob("sub-02_echo-2_part-phase_MEGRE.*"):
         path.unlink()
-    return _anat(bids) / "sub-02_echo-2_part-mag_MEGRE.nii.gz"
+    return _anat(bids) / "sub-02_echo-2_part-phase_MEGRE.nii.gz"  # the missing file is named
 
 
 def missing_echo_time(bids):
@@ -113,6 +119,40 @@ def missing_units(bids):
     return _anat(bids) / "sub-02_echo-1_part-phase_MEGRE.nii.gz"
 
 
+def invalid_json_sidecar(bids):
+    path = _anat(bids) / "sub-02_echo-2_part-mag_MEGRE.json"
+    path.write_text(path.read_text()[:-20])  # cut short, as by an interrupted copy
+    return path
+
+
+def _edit_header(path, offset, value):
+    """Overwrite one float32 of a .nii.gz header in place (nibabel would fix the header on saving)."""
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[offset:offset + 4] = struct.pack("<f", value)
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
+PIXDIM_3, SROW_X_0 = 76 + 3 * 4, 280  # NIfTI-1 header offsets: pixdim[3] (slice thickness), srow_x[0]
+
+
+def zero_voxel_size_in_one_file(bids):
+    path = _anat(bids) / "sub-02_echo-2_part-mag_MEGRE.nii.gz"
+    _edit_header(path, PIXDIM_3, 0.0)
+    return path
+
+
+def zero_voxel_size_in_every_file(bids):
+    for path in _anat(bids).glob("sub-02_*_MEGRE.nii.gz"):
+        _edit_header(path, PIXDIM_3, 0.0)
+    return _anat(bids) / "sub-02_echo-1_part-mag_MEGRE.nii.gz"  # the first file of the run is named
+
+
+def non_finite_affine(bids):
+    path = _anat(bids) / "sub-02_echo-3_part-phase_MEGRE.nii.gz"
+    _edit_header(path, SROW_X_0, float("nan"))
+    return path
+
+
 #: case -> (breaker: bids -> the culprit file, words the console line must hold)
 FAILING = {
     "truncated gzip": (truncated_gzip, "truncated or corrupt"),
@@ -122,6 +162,10 @@ FAILING = {
     "shape mismatch": (shape_mismatch, "differs from"),
     "NaN phase": (nan_phase, "NaN or infinite"),
     "zero magnitude": (zero_magnitude, "zero in every voxel"),
+    "invalid JSON sidecar": (invalid_json_sidecar, "not valid JSON"),
+    "zero voxel size in one file": (zero_voxel_size_in_one_file, "voxel size 2 x 2 x 0 mm in the header"),
+    "zero voxel size in every file": (zero_voxel_size_in_every_file, "voxel size 2 x 2 x 0 mm in the header"),
+    "non-finite affine": (non_finite_affine, "affine from the sform (code 1) holds NaN or infinite values"),
 }
 
 
@@ -130,7 +174,10 @@ def _console(result):
 
 
 def _assert_no_traceback(result):
+    """No traceback, and nothing but metaqsm's own lines (no library's warnings) on the console."""
     assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    foreign = [line for line in _console(result) if not re.match(r"(\d\d:\d\d:\d\d \[metaqsm\] |sub-)", line)]
+    assert not foreign, result.stdout + result.stderr
 
 
 def _assert_sub01_only(out, result):
@@ -194,7 +241,11 @@ def test_single_echo_warns_and_says_what_was_done(demo):
     assert "sub-01: OK" in result.stdout and "sub-02: OK" in result.stdout
     sidecar = json.loads((out / "sub-02" / "fmap" / "sub-02_desc-total_fieldmap.json").read_text())
     assert sidecar["EchoTime"] == [0.004] and "single echo" in sidecar["TotalField"]["Method"]
-    assert any("could not be removed" in w for w in sidecar["TotalField"]["Warnings"])
+    assert [w for w in sidecar["Warnings"] if "cannot be removed" in w] == [
+        "bids:raw:sub-02/anat/sub-02_echo-1_part-phase_MEGRE.nii.gz: one echo only: the phase offset at TE = 0 cannot "
+        "be removed (that needs two or more echoes), so the coil and transmit phase stays in the field map and in "
+        "chi; use multi-echo data"]  # once, the file named as in Sources
+    assert "Warnings" not in sidecar["TotalField"]
     report = (out / "sub-02.html").read_text()
     assert "from 1 echo (TE = 4 ms)" in report and "estimated from the single echo" in report
     assert "from all" not in report and "removes the phase offset" not in report
@@ -216,8 +267,10 @@ def test_phase_without_units_is_inferred_with_one_warning(demo):
     assert "no Units" in naming[0] and "infers them from the value range" in naming[0]
     assert not [line for line in _console(result) if "ERROR" in line], result.stderr
     assert "sub-01: OK" in result.stdout and "sub-02: OK" in result.stdout
-    scaling = json.loads((out / "sub-02" / "anat" / "sub-02_Chimap.json").read_text())["PhaseScaling"]
-    assert scaling["PhaseUnits"] == "inferred from range" and scaling["Warnings"]
+    chimap = json.loads((out / "sub-02" / "anat" / "sub-02_Chimap.json").read_text())
+    assert chimap["PhaseScaling"]["PhaseUnits"] == "inferred from range" and "Warnings" not in chimap["PhaseScaling"]
+    assert [w for w in chimap["Warnings"] if "no Units" in w] == [naming[0].split("WARNING: ", 1)[1].replace(
+        f"{bids}/", "bids:raw:")]  # the console's line, the file named as in Sources
     assert "units inferred from their value range" in (out / "sub-02.html").read_text()
 
 
@@ -246,6 +299,20 @@ def _assert_stopped(result, path, words, out):
     assert len(naming) == 1 and words in naming[0], lines
     assert len([line for line in lines if "ERROR" in line or "FAILED" in line]) == 1, lines
     assert not (out.exists() and out.is_dir() and list(out.iterdir())), "something was written"
+
+
+def test_findings_about_participants_not_selected_stay_off_the_console(demo):
+    """A file the validator flags in sub-02 is not said when only sub-01 is processed (it is in the log)."""
+    bids = _restore(demo)
+    (_anat(bids) / "sub-02_notes.txt").write_text("not BIDS\n")
+    out, work = demo[1] / "out_only_01", demo[1] / "work"
+    result = run_cli("metaqsm", bids, out, "participant", "-w", work, "--participant-label", "01", *FAST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _assert_no_traceback(result)
+    assert not [line for line in _console(result) if "sub-02" in line], result.stdout + result.stderr
+    assert "sub-01: OK" in result.stdout
+    result = run_cli("metaqsm", bids, out, "participant", "-w", work, "--participant-label", "02", *FAST)
+    assert [line for line in _console(result) if "WARNING" in line and "sub-02_notes.txt" in line], result.stderr
 
 
 def test_unknown_participant_label(demo):
@@ -287,6 +354,15 @@ def test_filter_file_with_unknown_entity(demo, tmp_path):
     assert "'acquisition'" in result.stderr
 
 
+def test_missing_filter_file_is_named_before_indexing(demo, tmp_path):
+    bids = _restore(demo)
+    filters, out, work = tmp_path / "filters.json", tmp_path / "out", tmp_path / "work"
+    result = run_cli("metaqsm", bids, out, "participant", "-w", work, "--bids-filter-file", filters, *FAST)
+    _assert_stopped(result, filters, "the BIDS filter file (--bids-filter-file) no such file", out)
+    assert "usage:" not in result.stderr
+    assert not work.exists()  # said before the dataset was validated or indexed (both log to the work dir)
+
+
 def test_demo_outputs_pass_the_validator_without_warnings(demo, bids_validator):
     """The demo's derivatives: 0 errors and 0 warnings from bids-validator-deno."""
     bids = _restore(demo)
@@ -305,3 +381,106 @@ def test_demo_outputs_pass_the_validator_without_warnings(demo, bids_validator):
     for mask in out.rglob("*_mask.json"):
         reference = json.loads(mask.read_text())["SpatialReference"]
         assert reference.startswith("bids:raw:") and (bids / reference.removeprefix("bids:raw:")).exists()
+
+
+def _processes():
+    """{pid: (parent pid, command line)} of the live (not zombie) processes."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state, ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except OSError:  # ended meanwhile
+            continue
+        if state != "Z":
+            found[int(proc.name)] = (int(ppid), cmdline)
+    return found
+
+
+def _descendants(pid):
+    """PIDs of the live processes started by ``pid`` and by those (a fork server's workers included)."""
+    processes, found = _processes(), set()
+    for _ in range(4):
+        found |= {child for child, (parent, _) in processes.items() if parent in found | {pid}}
+    return found
+
+
+def _start_and_wait_for_workers(bids, out, work, console):
+    """Start a MultiProc run (its console to the file ``console``: a surviving worker would hold a pipe open);
+    return (its Popen, the PIDs of its processes) once its two workers are running."""
+    with open(console, "w") as f:
+        run = subprocess.Popen([str(console_script("metaqsm")), str(bids), str(out), "participant", "-w", str(work),
+                                "--inversion", "tkd", "--nprocs", "2"], stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.poll() is None:
+        processes = _processes()
+        children = _descendants(run.pid)
+        if len([pid for pid in children if "bids-validator" not in processes.get(pid, (0, ""))[1]]) >= 2:
+            return run, children | {run.pid}
+        time.sleep(0.05)
+    run.kill()
+    pytest.fail(f"no two workers appeared (exit {run.wait()}): {console.read_text()}")
+
+
+def _assert_nothing_survives(pids, out):
+    deadline = time.monotonic() + 15  # a worker exits at its next Python instruction after the signal
+    while set(_processes()) & pids and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = sorted(set(_processes()) & pids)
+    assert not survivors, f"processes of the stopped run survived it: {survivors}"
+    assert not [pid for pid, (_, cmdline) in _processes().items() if str(out) in cmdline]
+    assert not [p for p in out.rglob(".tmp-*")], "a half-written derivative"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers end with metaqsm through Linux's prctl")
+def test_killed_or_stopped_run_leaves_no_process_and_resumes(demo, tmp_path):
+    """SIGKILL: the workers end with metaqsm (nothing else could stop them); SIGTERM: one line, exit 143, the
+    workers stopped; then the same command completes the run."""
+    bids = _restore(demo)
+    out, work, console = tmp_path / "out_killed", tmp_path / "work", tmp_path / "console.txt"
+    run, pids = _start_and_wait_for_workers(bids, out, work, console)
+    run.kill()
+    run.wait()
+    _assert_nothing_survives(pids, out)
+
+    run, pids = _start_and_wait_for_workers(bids, out, work, console)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM, console.read_text()
+    _assert_nothing_survives(pids, out)
+    result = subprocess.CompletedProcess(run.args, run.returncode, console.read_text(), "")
+    _assert_no_traceback(result)
+    errors = [line for line in _console(result) if "ERROR" in line]
+    assert len(errors) == 1 and "stopped by SIGTERM before the run finished" in errors[0], result.stdout
+    assert "OK" not in result.stdout
+
+    result = run_cli("metaqsm", bids, out, "participant", "-w", work, "--inversion", "tkd", "--nprocs", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sub-01: OK" in result.stdout and "sub-02: OK" in result.stdout
+    assert (out / "sub-02" / "anat" / "sub-02_Chimap.nii.gz").exists()
+    _assert_nothing_survives(set(), out)  # the completed run's workers ended with it
+
+
+def test_stopped_serial_run_stops_at_once(demo, tmp_path):
+    """With --nprocs 1 the steps run in metaqsm's own process, where nipype takes any exception for the step's
+    failure: SIGINT still stops the run (no participant goes on), with one line and exit 130."""
+    bids = _restore(demo)
+    out, work = tmp_path / "out", tmp_path / "work"
+    run = subprocess.Popen([str(console_script("metaqsm")), str(bids), str(out), "participant", "-w", str(work),
+                            *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(work.glob("metaqsm_wf/*/*/*/_node.pklz")) and time.monotonic() < deadline:  # a step started
+        time.sleep(0.05)
+    assert run.poll() is None, "the run ended before the signal"
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=60)
+    result = subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
+    assert result.returncode == 128 + signal.SIGINT, stdout + stderr
+    _assert_no_traceback(result)
+    assert [line for line in _console(result) if "ERROR" in line or "FAILED" in line or "OK" in line] == [
+        line for line in _console(result) if "stopped by SIGINT before the run finished" in line], stdout + stderr
+    assert not list(out.glob("sub-*")) and not list(out.rglob(".tmp-*"))
+
+    result = run_cli("metaqsm", bids, out, "participant", "-w", work, *FAST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sub-01: OK" in result.stdout and "sub-02: OK" in result.stdout
+    assert (out / "sub-02" / "anat" / "sub-02_Chimap.nii.gz").exists()

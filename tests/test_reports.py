@@ -339,3 +339,58 @@ def test_single_echo_methods_say_what_was_done_and_cite_the_paper_as_it_gives_it
     paper = references[0][1]
     assert paper.startswith("Meta-QSM: An Image-Resolution-Arbitrary Network for QSM Reconstruction.")
     assert "Kevin M. Koch" in paper
+
+
+def test_reliability_slice_titles_do_not_overlap(tmp_path, monkeypatch):
+    """Six slices of a 160-slice run with ten thousand excluded voxels each: no two column titles overlap."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    grid = np.indices((240, 240, 160), sparse=True)
+    brain = ((grid[0] - 120) ** 2 + (grid[1] - 120) ** 2) / 115 ** 2 + (grid[2] - 80) ** 2 / 75 ** 2 < 1
+    reliable = brain & ~((grid[0] % 2 == 0) & (grid[2] >= 100))  # 5-digit counts in 3-digit slices
+    magnitude = np.where(brain, 1.0, 0.1).astype(np.float32)
+    images = RunImages(magnitude=magnitude, brain_mask=brain, reliable_mask=reliable,
+                       fit_residual_rad=np.zeros(brain.shape, np.float32), zooms_mm=(1.0, 1.0, 1.0))
+    saved = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig",
+                        lambda fig, *args, **kwargs: (saved.append(fig), original(fig, *args, **kwargs)))
+    from metaqsm_bids.reports.figures import plot_reliability
+
+    assert len(plot_reliability(images, tmp_path / "r.png", title="sub-01")) == 6
+    renderer = FigureCanvasAgg(saved[0]).get_renderer()
+    boxes = sorted((ax.title.get_window_extent(renderer) for ax in saved[0].axes if ax.get_title()),
+                   key=lambda box: box.x0)
+    assert len(boxes) == 6 and all("excluded" in ax.get_title() for ax in saved[0].axes if ax.get_title())
+    assert all(left.x1 < right.x0 for left, right in zip(boxes, boxes[1:])), [(b.x0, b.x1) for b in boxes]
+    above = [text.get_window_extent(renderer) for text in saved[0].texts]  # the figure's title and note
+    assert len(above) == 2 and max(b.y1 for b in boxes) < min(b.y0 for b in above)
+
+
+@pytest.mark.slow
+def test_report_says_each_warning_once_and_no_value_as_python(tmp_path):
+    """Three input problems (unknown vendor, no ImagingFrequency, no phase Units): three console warnings, each
+    once in the report, in the sidecars' words (files as BIDS URIs); no parameter shown as a Python literal."""
+    from html import escape
+
+    bids_dir, out = tmp_path / "bids", tmp_path / "out"
+    simulate_dataset(bids_dir, [RunSpec("01", shape=(32, 32, 16), voxel_size_mm=(2.0, 2.0, 3.0), seed=4)])
+    for sidecar in (bids_dir / "sub-01" / "anat").glob("*_MEGRE.json"):
+        meta = {k: v for k, v in json.loads(sidecar.read_text()).items() if k not in ("ImagingFrequency", "Units")}
+        sidecar.write_text(json.dumps({**meta, "Manufacturer": "Acme Imaging"}))
+    result = run_cli("metaqsm", bids_dir, out, "participant", "-w", tmp_path / "work", "--nprocs", "1",
+                     "--inversion", "tkd", "--bipolar", "on")
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = [line.split(" WARNING: ", 1)[1] for line in result.stderr.splitlines() if " WARNING: " in line]
+    assert len(console) == 3, result.stderr
+    chimap = json.loads((out / "sub-01" / "anat" / "sub-01_Chimap.json").read_text())
+    assert chimap["Warnings"] == [w.replace(f"{bids_dir.resolve()}/", "bids:raw:") for w in console]
+    html = (out / "sub-01.html").read_text()
+    assert "<b>3 warnings</b>" in html
+    for warning in chimap["Warnings"]:
+        assert html.count(escape(warning)) == 1, warning
+    parameters = html[html.index("<h3>Parameters and versions</h3>"):]
+    assert "BipolarCorrection" in parameters
+    # a dict's braces and quoted keys, Python's constants, a negative zero
+    assert not re.search(r"[{}]|&#x27;:|\bTrue\b|\bFalse\b|\bNone\b|-0(?![.\d])", parameters), parameters

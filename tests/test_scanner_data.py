@@ -74,7 +74,7 @@ def test_auto_phase_sign_follows_the_vendor_table(manufacturer, factor):
 def test_unknown_vendor_keeps_the_phase_and_warns(manufacturer):
     sign = resolve_phase_sign("auto", manufacturer, where="p.nii.gz")
     assert sign.factor == 1 and sign.warning.startswith("p.nii.gz: Manufacturer")
-    assert "--phase-sign" in sign.warning and sign.provenance()["Warnings"] == [sign.warning]
+    assert "--phase-sign" in sign.warning and "Warnings" not in sign.provenance()
 
 
 def test_explicit_choices_override_the_vendor():
@@ -296,7 +296,8 @@ def test_wrong_sign_is_inverted_warned_and_flagged(scanner_forms):
         np.testing.assert_allclose(chi, -_chi(outs["auto"], "ref"), atol=2e-3)
     assert "Manufacturer 'Acme Imaging' is not in metaqsm's phase-sign table" in auto.stderr
     sidecar = _sidecar(outs["auto"], "unknown")
-    assert "not in metaqsm's phase-sign table" in sidecar["PhaseScaling"]["Warnings"][0]
+    assert [w for w in sidecar["Warnings"] if "not in metaqsm's phase-sign table" in w] and \
+        "Warnings" not in sidecar["PhaseScaling"]  # said once, for the run
     report = (outs["auto"] / "sub-unknown.html").read_text()
     assert "the Chimap looks inverted" in report
     assert "the Chimap looks inverted" not in (outs["auto"] / "sub-ref.html").read_text()
@@ -399,9 +400,10 @@ META = {"MagneticFieldStrength": 3.0, "ImagingFrequency": 127.7, "Manufacturer":
       "sub-1/anat/sub-1_echo-2_part-phase_MEGRE.nii.gz": ((4, 4, 4), {**META, "EchoTime": 0.008})},
      "sub-1_echo-1_part-phase_MEGRE.nii.gz", "differ in layout"),
     ({"sub-1/anat/sub-1_echo-1_part-mag_MEGRE.nii.gz": ((4, 4, 4), {**META, "EchoTime": 0.004})},
-     "sub-1_echo-1_part-mag_MEGRE.nii.gz", "no matching part-phase file for echo 1; QSM needs the phase"),
+     "sub-1_echo-1_part-phase_MEGRE.nii.gz",
+     "no matching part-phase file for sub-1_echo-1_part-mag_MEGRE.nii.gz; QSM needs the phase"),
     ({"sub-1/anat/sub-1_echo-1_part-real_MEGRE.nii.gz": ((4, 4, 4), {**META, "EchoTime": 0.004})},
-     "sub-1_echo-1_part-real_MEGRE.nii.gz", "no matching part-imag file for echo 1"),
+     "sub-1_echo-1_part-imag_MEGRE.nii.gz", "no matching part-imag file for sub-1_echo-1_part-real_MEGRE.nii.gz"),
     ({"sub-1/anat/sub-1_part-mag_MEGRE.nii.gz": ((4, 4, 4, 2), {**META, "EchoTime": [0.004, "x"]}),
       "sub-1/anat/sub-1_part-phase_MEGRE.nii.gz": ((4, 4, 4, 2), {**META, "EchoTime": [0.004, 0.008]})},
      "sub-1_part-mag_MEGRE.nii.gz", "is not a number or a list of numbers"),

@@ -17,7 +17,8 @@ from nipype.pipeline import engine as pe
 from nipype.interfaces.utility import IdentityInterface
 
 from metaqsm_bids.cli.parser import parse_args
-from metaqsm_bids.cli.plugins import add_resource_hints, default_plugin, load_plugin_file, plugin_settings
+from metaqsm_bids.cli.plugins import (add_resource_hints, default_plugin, load_plugin_file, make_runner,
+                                      plugin_settings, stop_runner)
 from metaqsm_bids.interfaces.qsm import DipoleInversion, TotalField
 from metaqsm_bids.io.derivatives import dataset_description
 
@@ -85,6 +86,22 @@ def test_bad_plugin_files_are_explained(tmp_path, capsys, text, message):
     with pytest.raises(SystemExit) as exit_:  # the CLI stops with the same message, status 2
         parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--nipype-plugin-file", str(path)])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_stopping_cancels_the_slurm_jobs_metaqsm_waits_for(tmp_path, monkeypatch):
+    """metaqsm stopped (SIGTERM at a job's time limit): the SLURM plugin's pending step jobs are scancel'ed."""
+    calls = tmp_path / "scancel.txt"
+    scancel = tmp_path / "bin" / "scancel"
+    scancel.parent.mkdir()
+    scancel.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    scancel.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scancel.parent}:{os.environ['PATH']}")
+    runner = make_runner("SLURM", {"sbatch_args": "--time=00:10:00"})
+    runner.pending_tasks = [(4242, 0), (4243, 1)]  # (SLURM job id, graph index), as nipype keeps them
+    stop_runner(runner)
+    assert calls.read_text().split() == ["4242", "4243"]
+    stop_runner(make_runner("Linear", {}))  # nothing to cancel, no worker: no scancel
+    assert calls.read_text().split() == ["4242", "4243"]
 
 
 def test_resource_hints_for_slurm_nodes():
@@ -233,8 +250,8 @@ def test_array_recipe_one_broken_participant(slurm, tmp_path):
     assert not (out / "sub-03").exists()
     # the broken participant's log says which file is missing
     log_03 = (state / "logs" / "sub-03.log").read_text()
-    assert re.search(r"^sub-03: FAILED: \S*sub-03_echo-2_part-mag_MEGRE\.nii\.gz: no matching part-phase file "
-                     r"for echo 2$", log_03, re.M), log_03
+    assert re.search(r"^sub-03: FAILED: \S*sub-03_echo-2_part-phase_MEGRE\.nii\.gz: missing: no matching part-phase "
+                     r"file for sub-03_echo-2_part-mag_MEGRE\.nii\.gz$", log_03, re.M), log_03
     assert "sub-01: OK (1 run(s))" in (state / "logs" / "sub-01.log").read_text()
     # the per-task status files and SLURM itself say which task failed
     statuses = {s: (state / "status" / f"sub-{s}").read_text().split()[:3] for s in ("01", "02", "03")}

@@ -1,4 +1,6 @@
 """Input validation: clean datasets pass, each QSM-relevant defect is named with its file and participant."""
+import gzip
+import io
 import json
 import re
 import shutil
@@ -80,10 +82,11 @@ def test_clean_dataset_has_no_errors(dataset, validator):
 
 
 @pytest.mark.parametrize("subject, path, words", [
-    ("01", "sub-01/anat/sub-01_echo-2_part-phase_MEGRE.nii.gz", "no matching part-mag"),
+    ("01", "sub-01/anat/sub-01_echo-2_part-mag_MEGRE.nii.gz",
+     "missing: no matching part-mag file for sub-01_echo-2_part-phase"),
     ("02", "sub-02/anat/sub-02_echo-1_part-phase_MEGRE.nii.gz", "no EchoTime"),
     ("03", "sub-03/anat/sub-03_echo-3_part-mag_MEGRE.nii.gz", "shape (24, 24, 10) differs"),
-    ("04", "sub-04/anat/sub-04_echo-1_part-mag_MEGRE.nii.gz", "no matching part-phase"),
+    ("04", "sub-04/anat/sub-04_echo-1_part-phase_MEGRE.nii.gz", "missing: no matching part-phase"),
 ], ids=["phase-without-magnitude", "missing-EchoTime", "echo-shape-differs", "magnitude-without-phase"])
 def test_broken_run_is_named_once(broken_findings, subject, path, words):
     errors = [f for f in _errors(broken_findings) if f.subject == subject and f.code == "MEGRE_RUN"]
@@ -158,3 +161,63 @@ def test_integrity_check_reads_every_image_in_full(tmp_path):
         with pytest.raises(ValueError, match=re.escape(f"{path}: ") + ".*" + re.escape(words)):
             check_image(path, magnitude=True)
     check_image(tmp_path / "zero.nii.gz", magnitude=False)  # a phase may be zero
+
+
+def test_header_check_names_the_broken_geometry(tmp_path, capfd):
+    """Zero or NaN voxel size, non-finite or singular affine: refused, naming the file, before nibabel fixes (and
+    prints) anything; a qform that disagrees with the sform: a warning saying which one is used."""
+    from metaqsm_bids.io.integrity import check_header
+
+    data = np.ones((8, 8, 4), np.float32)
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+
+    def save(name, change=None):  # the header edited in the file's bytes (nibabel's save would rewrite it)
+        path = tmp_path / name
+        nib.Nifti1Image(data, affine).to_filename(path)
+        raw = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw), check=False)
+        if change:
+            change(header)
+        raw = header.binaryblock + raw[348:]
+        path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+        return path
+
+    good, warning = check_header(save("good.nii.gz"))
+    assert np.allclose(good, affine) and warning is None
+
+    def zero(h):
+        h["pixdim"][3] = 0
+
+    def nan_voxel(h):
+        h["pixdim"][1] = np.nan
+
+    def nan_sform(h):
+        h["srow_y"][1] = np.inf
+
+    def singular(h):
+        h["srow_z"] = h["srow_y"]
+
+    def qform_off(h):
+        h["qform_code"] = 1
+        h["qoffset_x"] = 5.0
+    cases = {"zero.nii.gz": (zero, "voxel size 2 x 2 x 0 mm in the header (pixdim[1:4])"),
+             "nan_voxel.nii": (nan_voxel, "voxel size nan x 2 x 3 mm"),
+             "nan_sform.nii.gz": (nan_sform,
+                                  "the voxel-to-world affine from the sform (code 2) holds NaN or infinite values"),
+             "singular.nii.gz": (singular, "the voxel-to-world affine from the sform (code 2) is singular")}
+    for name, (change, words) in cases.items():
+        path = save(name, change)
+        with pytest.raises(ValueError, match=re.escape(f"{path}: {words}")):
+            check_header(path)
+    path = save("qform_off.nii.gz", qform_off)
+    used, warning = check_header(path)
+    assert np.allclose(used, affine)
+    assert warning.startswith(f"{path}: the sform and qform of the header disagree")
+    assert "uses the sform (code 2)" in warning
+
+    def qform_only(h):
+        h["sform_code"], h["qform_code"] = 0, 1
+        h["qoffset_x"] = 5.0
+    used, warning = check_header(save("qform_only.nii.gz", qform_only))
+    assert used[0, 3] == 5.0 and warning is None  # nibabel's choice: the qform when the sform has no code
+    assert "pixdim" not in capfd.readouterr().err  # nibabel's fixes were not printed

@@ -74,7 +74,7 @@ def build_parser():
     bids.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
                       help="participants to process (with or without 'sub-'); default: all")
     bids.add_argument("--session-label", nargs="+", metavar="LABEL", help="sessions to process; default: all")
-    bids.add_argument("--bids-filter-file", type=_existing_file, metavar="FILE",
+    bids.add_argument("--bids-filter-file", type=lambda p: Path(p).expanduser().resolve(), metavar="FILE",
                       help="JSON object of pybids entity filters applied to the MEGRE files, "
                            "e.g. {\"acquisition\": \"highres\"}")
     bids.add_argument("--skip-bids-validation", action="store_true",

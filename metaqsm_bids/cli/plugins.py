@@ -9,10 +9,17 @@ A plugin file is YAML (or JSON), for example::
 
 With SLURM and SLURMGraph every node is its own batch job: :func:`add_resource_hints`
 asks SLURM for each node's memory, threads and (for a CUDA inversion) GPU.
+
+MultiProc's worker processes die with metaqsm (:func:`make_runner`): on Linux the kernel sends
+each one SIGTERM when metaqsm ends, even by SIGKILL, and a worker told to stop removes the file it
+is writing and exits at once.
 """
+import ctypes
 import getpass
 import math
 import os
+import signal
+import sys
 from pathlib import Path
 
 _MP_CONTEXTS = ("fork", "spawn", "forkserver")
@@ -166,3 +173,81 @@ def add_resource_hints(workflow, plugin):
             continue
         # leading space: SLURMGraph concatenates this to the global sbatch_args without one
         node.plugin_args = {**node.plugin_args, "sbatch_args": " " + node_sbatch_args(node)}
+
+
+#: prctl(2) option: the signal the kernel sends this process when its parent ends.
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_worker(signum=signal.SIGTERM, frame=None):
+    """A worker told to stop: remove its half-written derivative, exit at once (no Python cleanup)."""
+    from ..io.derivatives import discard_partial_writes
+
+    discard_partial_writes()
+    os._exit(128 + signum)
+
+
+def _worker_initializer(cwd, parent):
+    """Start a MultiProc worker: nipype's set-up, then its life tied to metaqsm's (process ``parent``;
+    None where the worker's parent is a fork server, which itself ends with metaqsm)."""
+    from nipype.pipeline.plugins.multiproc import process_initializer
+
+    process_initializer(cwd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: metaqsm stops them
+    signal.signal(signal.SIGTERM, _stop_worker)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if parent is not None and os.getppid() != parent:  # metaqsm ended before the signal was set
+        _stop_worker()
+
+
+def make_runner(plugin, plugin_args):
+    """The nipype plugin object that runs the workflow (``wf.run(plugin=...)``).
+
+    MultiProc's process pool starts its workers with :func:`_worker_initializer`, so none outlives
+    metaqsm; :func:`stop_runner` ends them when metaqsm is stopped. Other plugins are nipype's own.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from nipype.pipeline import plugins
+
+    runner = getattr(plugins, f"{plugin}Plugin")(plugin_args=plugin_args)
+    if plugin == "MultiProc":
+        context = get_context(plugin_args.get("mp_context"))
+        runner.pool.shutdown()  # nipype's pool has started no worker yet: replaced by one whose workers are tied
+        runner.pool = ProcessPoolExecutor(
+            max_workers=runner.processors, initializer=_worker_initializer, mp_context=context,
+            initargs=(os.getcwd(), None if context.get_start_method() == "forkserver" else os.getpid()))
+    return runner
+
+
+def stop_runner(runner, timeout_s=10.0):
+    """End what ``runner`` (from :func:`make_runner`) started, when metaqsm is stopped.
+
+    MultiProc: its workers get SIGTERM (each removes its half-written file), then SIGKILL if still
+    there after ``timeout_s``. SLURM: the batch jobs it is waiting for are cancelled (``scancel``),
+    so that none writes to the work directory after metaqsm has gone. (SLURMGraph hands the whole
+    graph to SLURM and returns: its jobs are SLURM's to cancel.)
+    """
+    import multiprocessing
+    import subprocess
+
+    from nipype.pipeline.plugins import SLURMPlugin
+
+    jobs = [str(job) for job, _ in runner.pending_tasks] if isinstance(runner, SLURMPlugin) else []
+    if jobs:
+        try:
+            subprocess.run(["scancel", *jobs], capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            pass  # metaqsm is stopping either way; the jobs stay in SLURM's queue
+    workers = multiprocessing.active_children()
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(timeout_s)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()

@@ -8,7 +8,9 @@ and to nipype's crash files in ``<work_dir>/crash/``; ``-v`` adds nipype's progr
 import logging
 import os
 import re
+import signal
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
@@ -17,9 +19,60 @@ from pathlib import Path
 LOGGER = logging.getLogger("metaqsm")
 #: nipype's loggers; each has its own console handler, which :func:`_route_nipype_logging` replaces.
 NIPYPE_LOGGERS = ("nipype.workflow", "nipype.interface", "nipype.utils", "nipype.filemanip")
+#: Other libraries' loggers that would print to the console; they go to the log file only.
+OTHER_LOGGERS = ("nibabel.global", "concurrent.futures")
 _CONSOLE_FORMAT = logging.Formatter("%(asctime)s [metaqsm] %(levelname)s: %(message)s", "%H:%M:%S")
 _FILE_FORMAT = logging.Formatter("%(asctime)s [%(name)s] %(levelname)s: %(message)s")
 _log_handler = None  # the log file's handler, once the work directory is known to be writable
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived: the run stops (a BaseException, like KeyboardInterrupt, so that no
+    ``except Exception`` on the way, nipype's included, takes it for a failed step)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: The signal that stopped the run, once one has arrived.
+_stopped_by = []
+#: Standard-library packages that hold locks or fork: an exception raised in their code can leave a lock held
+#: (e.g. logging's, released after forking a worker) and metaqsm hung; a stop waits until the code has left them.
+_NOT_INTERRUPTED = ("logging", "threading", "multiprocessing", "concurrent", "queue", "importlib")
+_STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def _interruptible(frame):
+    """Whether no frame of the stack runs the code of one of :data:`_NOT_INTERRUPTED`."""
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if path.is_relative_to(_STDLIB) and path.relative_to(_STDLIB).parts[0].removesuffix(".py") in \
+                _NOT_INTERRUPTED or frame.f_code.co_filename.startswith("<frozen importlib"):
+            return False
+        frame = frame.f_back
+    return True
+
+
+def _raise_stopped(signum, frame):
+    """SIGTERM/SIGINT handler: raise :class:`Stopped` in the main thread, at once or, inside code that must not
+    be interrupted, as soon as it has left it (checked every 50 ms)."""
+    if not _stopped_by:
+        for name in (signal.SIGTERM, signal.SIGINT):  # a second signal does not interrupt the stopping
+            signal.signal(name, signal.SIG_IGN)
+        _stopped_by.append(signum)
+    if not _interruptible(frame):
+        signal.signal(signal.SIGALRM, _raise_stopped)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        return
+    raise Stopped(_stopped_by[0])
+
+
+def _check_stopped(node, status):
+    """nipype's status callback, before and after each node: a node running in this process (Linear) takes
+    any exception for its own failure and nipype goes on with the next; this stops it there."""
+    if _stopped_by:
+        raise Stopped(_stopped_by[0])
 
 
 def main(argv=None):
@@ -39,6 +92,9 @@ def main(argv=None):
     LOGGER.propagate = False
     from ..io.bids import BIDSInputError
 
+    _stopped_by.clear()
+    previous = {name: signal.signal(name, _raise_stopped) for name in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGALRM] = signal.getsignal(signal.SIGALRM)
     try:
         if opts.analysis_level == "group":
             return run_group(opts)
@@ -46,10 +102,20 @@ def main(argv=None):
     except BIDSInputError as err:
         LOGGER.error("%s", err)
         return 1
+    except Stopped as stop:  # what the workflow's plugin started has ended (run_participant); every file is whole
+        LOGGER.debug("stopped", exc_info=True)
+        LOGGER.error("stopped by %s before the run finished; no file was left half-written, and the same command "
+                     "resumes the run (finished steps are kept in %s)", signal.Signals(stop.signum).name,
+                     opts.work_dir)
+        return 128 + stop.signum
     except Exception as err:  # a bug or an environment problem: one line here, the traceback in a file
         LOGGER.error("unexpected %s: %s (traceback in %s)", type(err).__name__, err, _save_traceback())
         return 1
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for name, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, left alone
+                signal.signal(name, handler)
         if _log_handler is not None:
             _log_handler.flush()
 
@@ -92,6 +158,14 @@ def _start_log_file(work_dir):
     _log_handler.setFormatter(_FILE_FORMAT)
     _log_handler.setLevel(logging.DEBUG)
     LOGGER.addHandler(_log_handler)
+    # nibabel says on the console how it fixes a damaged header (metaqsm's checks say what is wrong instead);
+    # the process pool logs a traceback for each task of workers that metaqsm stopped (it says it stopped)
+    for name in OTHER_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.addHandler(_log_handler)
+        logger.propagate = False
     return path
 
 
@@ -127,22 +201,20 @@ def _user_masks(mask_dir, runs):
     return masks
 
 
-def _collect(opts, layout, subjects, validation_errors=None):
+def _collect(opts, layout, subjects, filters, unreadable, validation_errors=None):
     """Runs per participant, and the participants whose input is unusable, with the reason.
 
-    ``validation_errors``: participant -> messages of the input validation's errors in its files
+    ``unreadable``: participant -> messages about its MEGRE sidecars that are not valid JSON (left out of
+    ``layout``); ``validation_errors``: participant -> messages of the input validation's errors in its files
     (besides metaqsm's own checks, which are repeated here for the selected runs).
     """
-    from ..io.bids import BIDSInputError, check_bids_filters, find_megre_runs, load_bids_filters
+    from ..io.bids import BIDSInputError, find_megre_runs
 
-    filters = {}
-    if opts.bids_filter_file:
-        filters = load_bids_filters(opts.bids_filter_file)
-        check_bids_filters(layout, filters, opts.bids_filter_file)
     runs_by_subject, user_masks, failed = {}, {}, {}
     for subject in subjects:
         found = find_megre_runs(layout, subject, opts.session_label, filters, opts.phase_sign)
-        errors = [str(result) for _, result in found if isinstance(result, Exception)]
+        # an unreadable sidecar is the cause of what the run's checks then find wrong: said alone
+        errors = unreadable.get(subject) or [str(result) for _, result in found if isinstance(result, Exception)]
         if not errors:  # the validator's errors count where metaqsm's own checks found none (one message)
             errors = list(dict.fromkeys((validation_errors or {}).get(subject, [])))
         if not found:
@@ -185,9 +257,10 @@ def _crash_reasons(crash_dir, since):
     return reasons
 
 
-def _validation_errors(bids_dir, findings, sessions):
+def _validation_errors(bids_dir, findings, sessions, participants=None):
     """Log the validation findings that do not stop the run, once each; returns {} (participant -> messages).
 
+    Findings about participants not in ``participants`` (labels; None: all) go to the log file only.
     Dataset-level errors raise. metaqsm's own run checks (MEGRE_RUN) are left to :func:`_collect`,
     which repeats them on the selected runs and fails the participant with their message. The
     validator's errors in a participant's files concern BIDS keys or names that metaqsm does not
@@ -203,7 +276,7 @@ def _validation_errors(bids_dir, findings, sessions):
     grouped = {}
     for finding in findings:
         session = re.search(r"(?:^|/)ses-([A-Za-z0-9]+)/", finding.path or "")
-        if finding.code == "MEGRE_RUN":
+        if finding.code == "MEGRE_RUN" or participants and finding.subject not in (None, *participants):
             LOGGER.debug("%s", finding)
         elif finding.severity != "error":
             LOGGER.warning("%s", finding.message)
@@ -217,28 +290,32 @@ def _validation_errors(bids_dir, findings, sessions):
 
 def run_participant(opts):
     """Participant level: reconstruct every selected run; one failure does not stop the others."""
-    from bids import BIDSLayout
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
-    from ..io.bids import BIDSInputError, participant_labels
+    from ..io.bids import (BIDSInputError, bare_label, check_bids_filters, index_dataset, load_bids_filters,
+                          participant_labels)
     from ..io.derivatives import ensure_dataset_description
     from ..io.validation import validate_input
     from ..reports import write_subject_report
     from ..workflows.base import init_metaqsm_wf
-    from .plugins import add_resource_hints
+    from .plugins import add_resource_hints, make_runner, stop_runner
 
     _check_writable(opts.output_dir, "output directory")
     _check_writable(opts.work_dir, "work directory")
+    filters = load_bids_filters(opts.bids_filter_file) if opts.bids_filter_file else {}  # before the long indexing
     log_file = _start_log_file(opts.work_dir)
     LOGGER.debug("metaqsm %s; log file %s", " ".join(sys.argv), log_file)
     validation_errors = {}
     if not opts.skip_bids_validation:
         sessions = [re.sub(r"^ses-", "", s) for s in opts.session_label or []]
-        validation_errors = _validation_errors(opts.bids_dir, validate_input(opts.bids_dir), sessions)
-    layout = BIDSLayout(str(opts.bids_dir), validate=False)
+        participants = [bare_label(label) for label in opts.participant_label or []]
+        validation_errors = _validation_errors(opts.bids_dir, validate_input(opts.bids_dir), sessions, participants)
+    layout, unreadable = index_dataset(opts.bids_dir)
+    if filters:
+        check_bids_filters(filters, opts.bids_filter_file, layout)
     subjects = participant_labels(layout, opts.participant_label)
-    runs_by_subject, user_masks, failed = _collect(opts, layout, subjects, validation_errors)
+    runs_by_subject, user_masks, failed = _collect(opts, layout, subjects, filters, unreadable, validation_errors)
     if failed and opts.stop_on_first_crash:
         runs_by_subject = {}  # nothing is processed
 
@@ -282,9 +359,13 @@ def run_participant(opts):
         )
         add_resource_hints(wf, opts.plugin)
         started = time.time() - 1
+        runner = make_runner(opts.plugin, {**opts.plugin_args, "status_callback": _check_stopped})
         try:
-            wf.run(plugin=opts.plugin, plugin_args=opts.plugin_args)
-        except Exception as err:  # nipype: "Workflow did not execute cleanly" (or the node's error when stopping)
+            wf.run(plugin=runner)
+        except (Stopped, Exception) as err:  # nipype: "Workflow did not execute cleanly" (or the node's error)
+            if _stopped_by:  # stopped; or a step run in this process took the stop for its own failure
+                stop_runner(runner)
+                raise Stopped(_stopped_by[0]) from err
             reasons = _crash_reasons(crash_dir, started)
             if not reasons:
                 raise

@@ -185,11 +185,8 @@ class PrepareMEGRE(_QSMInterface):
         sign = {"PhaseSignFactor": self.inputs.phase_sign}
         if isdefined(self.inputs.phase_sign_provenance):
             sign.update(self.inputs.phase_sign_provenance)
-        warnings = list(provenance.get("Warnings", [])) + list(sign.get("Warnings", []))
-        if not complex_parts and self.inputs.phase_units is None:
-            warnings.append("the phase sidecars have no Units: rad assumed where the values lie within [-pi, pi] "
-                            "or [0, 2*pi], else one full turn over the value range")
-        return {**provenance, **sign, **({"Warnings": warnings} if warnings else {})}
+        # what the input lacks (Units, a known vendor) is said once, in the run's Warnings (MEGRERun.warnings)
+        return {**provenance, **sign}
 
 
 class _BrainMaskInputSpec(_QSMInputSpec):
@@ -288,11 +285,7 @@ class TotalField(_QSMInterface):
             "BipolarCorrection": bipolar,
             "Units": "Hz",
         }
-        if magnitude.shape[-1] == 1:
-            provenance["Warnings"] = ["single echo: the phase offset at TE = 0 could not be removed (that needs two "
-                                      "or more echoes); it is in the total field, divided by 2*pi*TE, and in the "
-                                      "Chimap"]
-        return provenance
+        return provenance  # a single echo's offset left in the field: said in the run's Warnings
 
 
 class _BackgroundRemovalInputSpec(_QSMInputSpec):

@@ -4,7 +4,9 @@ Everything a run needs is gathered here, before any workflow is built, so a
 participant with broken input fails with one message naming the file, and the
 others still run (fMRIPrep's ``collect_data`` plays the same role).
 """
+import itertools
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +16,7 @@ import numpy as np
 
 from ..qsm.core.physics import GAMMA_HZ_PER_T
 from ..qsm.field.phase_sign import PhaseSign, resolve_phase_sign
-from .integrity import check_image
+from .integrity import AFFINE_ATOL_MM, check_header, check_image
 
 #: Entities (pybids names) that tell MEGRE runs apart: every entity BIDS allows on MEGRE except echo and part.
 RUN_ENTITIES = ("subject", "session", "acquisition", "ceagent", "reconstruction", "run", "flip", "inv", "mt", "chunk")
@@ -144,15 +146,16 @@ def _load_header(path):
         raise BIDSInputError(f"{path}: cannot be read as NIfTI: {err}") from err
 
 
-def _check_geometry(files, n_echoes):
-    """All files share the first one's grid; 4D files hold ``n_echoes`` volumes."""
+def _check_geometry(files, affines, n_echoes):
+    """All files share the first one's grid (``affines``: path -> affine, from :func:`check_header`);
+    4D files hold ``n_echoes`` volumes."""
     reference = files[0]
     ref = _load_header(reference)
     for path in files:
         img = _load_header(path)
         if img.shape[:3] != ref.shape[:3]:
             raise BIDSInputError(f"{path}: shape {img.shape} differs from {Path(reference).name} {ref.shape}")
-        if not np.allclose(img.affine, ref.affine, atol=1e-3):
+        if not np.allclose(affines[path], affines[reference], atol=AFFINE_ATOL_MM):
             raise BIDSInputError(
                 f"{path}: affine differs from {Path(reference).name}; all echoes and parts must share one grid"
             )
@@ -245,13 +248,14 @@ def collect_megre_run(layout, run_entities, filters=None, phase_sign="auto"):
             raise BIDSInputError(f"{files_b[0]}: part-{second} and part-{first} files differ in layout (one 4D file "
                                  "vs one file per echo)")
         for echo in sorted(set(echoes_a) | set(echoes_b), key=str):
-            if echo not in echoes_b:
-                hint = "; QSM needs the phase (part-phase, or part-real + part-imag)" if not echoes_b else ""
-                which = f" for echo {echo}" if echo is not None else ""
-                raise BIDSInputError(f"{files_a[echoes_a.index(echo)]}: no matching part-{second} file{which}{hint}")
-            if echo not in echoes_a:
-                which = f" for echo {echo}" if echo is not None else ""
-                raise BIDSInputError(f"{files_b[echoes_b.index(echo)]}: no matching part-{first} file{which}")
+            for (part, echoes, files), (other, other_echoes, other_files) in itertools.permutations(
+                    ((first, echoes_a, files_a), (second, echoes_b, files_b))):
+                if echo in other_echoes and echo not in echoes:  # named as it would be: the missing file
+                    present = Path(other_files[other_echoes.index(echo)])
+                    missing = present.with_name(present.name.replace(f"_part-{other}_", f"_part-{part}_"))
+                    hint = "; QSM needs the phase (part-phase, or part-real + part-imag)" \
+                        if part == second and not echoes else ""
+                    raise BIDSInputError(f"{missing}: missing: no matching part-{part} file for {present.name}{hint}")
     if echoes_a != [None] and echoes_a != list(range(1, len(echoes_a) + 1)):
         raise BIDSInputError(f"{files_a[0]}: echo indices {echoes_a} are not 1..{len(echoes_a)}; an echo is missing")
 
@@ -279,16 +283,23 @@ def collect_megre_run(layout, run_entities, filters=None, phase_sign="auto"):
     if phase_units not in (None, "rad", "arbitrary"):
         raise BIDSInputError(f"{files_b[0]}: phase Units '{phase_units}' is not 'rad' or 'arbitrary'")
 
-    for path in files_a + files_b:  # every file read in full once: truncated gzip, NaN, empty magnitude
-        try:
+    affines, grid_warnings = {}, []
+    try:
+        for path in files_a + files_b:  # the headers as stored: voxel sizes, affines (before nibabel fixes them)
+            affines[path], warning = check_header(path)
+            grid_warnings += [warning] if warning else []
+        for path in files_a + files_b:  # every file read in full once: truncated gzip, NaN, empty magnitude
             check_image(path, magnitude=pair == PART_PAIRS[0] and path in files_a)
-        except ValueError as err:
-            raise BIDSInputError(str(err)) from err
-    _check_geometry(files_a + files_b, len(echo_times))
+    except ValueError as err:
+        raise BIDSInputError(str(err)) from err
+    _check_geometry(files_a + files_b, affines, len(echo_times))
     metadata = _read_sidecar(layout, files_b[0])
     b0 = field_strength(metadata, files_b[0])
     sign = resolve_phase_sign(phase_sign, metadata.get("Manufacturer"), where=files_b[0])
     warnings = [w for w in (b0.warning, sign.warning) if w]
+    if grid_warnings:
+        more = f" (so do {len(grid_warnings) - 1} more file(s) of this run)" if len(grid_warnings) > 1 else ""
+        warnings.append(grid_warnings[0] + more)
     if second == "phase" and phase_units is None:
         others = f" nor in the other {len(files_b) - 1} echoes' sidecars" if len(files_b) > 1 else ""
         warnings.append(f"{files_b[0]}: no Units in this phase sidecar{others} (BIDS requires it for "
@@ -340,10 +351,14 @@ def find_megre_runs(layout, subject, sessions=None, filters=None, phase_sign="au
 
 
 def load_bids_filters(path):
-    """Read a ``--bids-filter-file``: a JSON object of pybids entity queries for the MEGRE files."""
+    """Read and check a ``--bids-filter-file`` (before the dataset is indexed): a JSON object of pybids
+    entity queries for the MEGRE files; raises :class:`BIDSInputError` naming ``path``."""
+    if not Path(path).is_file():
+        what = "is a folder, not a file" if Path(path).is_dir() else "no such file"
+        raise BIDSInputError(f"{path}: the BIDS filter file (--bids-filter-file) {what}")
     try:
         filters = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:
         raise BIDSInputError(f"{path}: cannot read the BIDS filter file: {err}") from err
     if not isinstance(filters, dict):
         raise BIDSInputError(f"{path}: the BIDS filter file must hold a JSON object")
@@ -353,17 +368,89 @@ def load_bids_filters(path):
     bad = [k for k in filters if k in ("suffix", "part", "echo", "extension")]
     if bad:
         raise BIDSInputError(f"{path}: filters may not override {bad}; metaqsm selects those itself")
+    check_bids_filters(filters, path)
     return filters
 
 
-def check_bids_filters(layout, filters, path):
-    """Raise :class:`BIDSInputError` naming ``path`` if a filter names an entity the dataset does not know."""
-    known = set(layout.get_entities())
-    unknown = sorted(set(filters) - known)
+def check_bids_filters(filters, path, layout=None):
+    """Raise :class:`BIDSInputError` naming ``path`` if a filter names an unknown entity.
+
+    Without ``layout`` (before indexing): the lower-case keys against pybids' BIDS entities (sidecar
+    keys, capitalised, are left for later); with it: every key against the entities and sidecar keys
+    of the indexed dataset.
+    """
+    from bids.layout import Config
+
+    entities = set(Config.load("bids").entities)
+    known = set(layout.get_entities()) if layout is not None else entities
+    unknown = sorted(k for k in set(filters) - known if layout is not None or not k[:1].isupper())
     if unknown:
-        entities = ", ".join(sorted(k for k in known if k.islower()))
         raise BIDSInputError(f"{path}: unknown entity {', '.join(map(repr, unknown))} in the BIDS filter file "
-                             f"(pybids names, e.g. 'acquisition', not 'acq'); this dataset knows: {entities}")
+                             f"(pybids names, e.g. 'acquisition', not 'acq'); this dataset knows: "
+                             f"{', '.join(sorted(entities))}")
+
+
+#: Top-level folders pybids does not index (its DEFAULT_LOCATIONS_TO_IGNORE) and derivatives, indexed apart.
+_NOT_INDEXED = ("code", "models", "sourcedata", "stimuli", "derivatives")
+
+
+def unreadable_sidecars(bids_dir):
+    """``{path: what is wrong}`` for the JSON files of the dataset that pybids would index and cannot read."""
+    bids_dir = Path(bids_dir)
+    broken = {}
+    for top, dirs, files in os.walk(bids_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (Path(top) == bids_dir and d in _NOT_INDEXED))
+        for name in sorted(files):
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            path = Path(top) / name
+            try:
+                content = json.loads(path.read_bytes())
+            except OSError as err:
+                broken[path] = f"cannot be read ({err.strerror or err})"
+            except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+                broken[path] = f"not valid JSON ({err}); fix or regenerate this sidecar"
+            else:
+                if not isinstance(content, dict):
+                    broken[path] = f"a JSON sidecar must hold an object, not a {type(content).__name__}"
+    return broken
+
+
+def subject_of(relative):
+    """The participant label of a file whose path relative to the dataset is under ``sub-<label>/``, else None."""
+    match = re.match(r"^/?sub-([A-Za-z0-9]+)/", relative or "")
+    return match.group(1) if match else None
+
+
+def index_dataset(bids_dir):
+    """Index the dataset with pybids, leaving out the sidecars it cannot read.
+
+    Returns ``(layout, {participant: [message]})``: a participant's unreadable MEGRE sidecar fails that
+    participant (message starting with the file), without stopping the others; unreadable sidecars of
+    other files are left out of the index (metaqsm does not read them). Raises :class:`BIDSInputError`
+    for an unreadable ``dataset_description.json`` or dataset-level MEGRE sidecar (every participant
+    inherits it).
+    """
+    from bids import BIDSLayout, BIDSLayoutIndexer
+    from bids.layout.validation import DEFAULT_LOCATIONS_TO_IGNORE
+
+    bids_dir = Path(bids_dir)
+    broken = unreadable_sidecars(bids_dir)
+    by_subject = {}
+    for path, what in broken.items():
+        subject = subject_of(path.relative_to(bids_dir).as_posix())
+        if subject is None and (path.name == "dataset_description.json" or path.name.endswith("_MEGRE.json")):
+            raise BIDSInputError(f"{path}: {what}")
+        if path.name.endswith("_MEGRE.json"):
+            by_subject.setdefault(subject, []).append(f"{path}: {what}")
+    ignore = [*DEFAULT_LOCATIONS_TO_IGNORE,
+              *(re.compile("^/" + re.escape(path.relative_to(bids_dir).as_posix()) + "$") for path in broken)]
+    return BIDSLayout(str(bids_dir), validate=False, indexer=BIDSLayoutIndexer(ignore=ignore)), by_subject
+
+
+def bare_label(label):
+    """A participant label as given on the command line, with or without ``sub-``, without it."""
+    return re.sub(r"^sub-", "", label)
 
 
 def participant_labels(layout, requested=None):
@@ -371,7 +458,7 @@ def participant_labels(layout, requested=None):
     available = sorted(layout.get_subjects())
     if not requested:
         return available
-    wanted = [re.sub(r"^sub-", "", label) for label in requested]
+    wanted = [bare_label(label) for label in requested]
     missing = [label for label in wanted if label not in available]
     if missing:
         raise BIDSInputError(

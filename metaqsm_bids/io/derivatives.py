@@ -10,6 +10,7 @@ and concurrent jobs (SLURM array tasks) never see each other's partial files.
 import json
 import os
 import platform
+import re
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -72,12 +73,23 @@ def bids_uri(dataset, relative_path):
     return f"bids:{dataset}:{Path(relative_path).as_posix()}"
 
 
+#: Temporary files being written by this process (see :func:`discard_partial_writes`).
+_WRITING = set()
+
+
+def raw_uris(text, bids_dir):
+    """``text`` with each absolute path of a file in the raw dataset ``bids_dir`` as its BIDS URI."""
+    root = re.escape(f"{Path(bids_dir).resolve()}/")
+    return re.sub(root + r"([^\s:;,]+)", lambda match: bids_uri("raw", match.group(1)), text)
+
+
 def atomic_write(path, writer):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # keep the final extension: nibabel picks gzip compression from it
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-", suffix="".join(path.suffixes))
     os.close(fd)
+    _WRITING.add(tmp)
     try:
         writer(tmp)
         os.chmod(tmp, 0o644)
@@ -85,6 +97,15 @@ def atomic_write(path, writer):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        _WRITING.discard(tmp)
+
+
+def discard_partial_writes():
+    """Remove the temporary files this process is writing; for a process that is about to exit at once
+    (a stopped worker), where :func:`atomic_write` cannot clean up after itself."""
+    for tmp in list(_WRITING):
+        Path(tmp).unlink(missing_ok=True)
 
 
 def write_json(path, data):

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bids import RUN_ENTITIES, find_megre_runs
+from .bids import RUN_ENTITIES, BIDSInputError, find_megre_runs, index_dataset, subject_of
 
 #: Dataset-level files: a validator error in them is an error for metaqsm too.
 _DATASET_LEVEL = re.compile(r"^/?(dataset_description\.json|participants\.(tsv|json))$")
@@ -78,6 +78,9 @@ def validate_input(bids_dir, validator="auto", timeout_s=600):
     # a missing required key that metaqsm's check already names in its own words is said once
     findings = [f for f in findings if not (f.source == "bids-validator" and "/" in (f.code or "") and any(
         o.path == f.path and f.code.split("/", 1)[1] in o.message for o in own))]
+    # so is the validator's finding about a sidecar that metaqsm cannot read (metaqsm names it, see index_dataset)
+    unreadable = {o.path for o in own if o.path and o.path.endswith(".json")}
+    findings = [f for f in findings if not (f.source == "bids-validator" and f.path in unreadable)]
     unique = list(dict.fromkeys(findings + own))
     return sorted(unique, key=lambda f: f.severity != "error")
 
@@ -85,11 +88,6 @@ def validate_input(bids_dir, validator="auto", timeout_s=600):
 def format_findings(findings):
     """One line per finding, for logs and error messages."""
     return "\n".join(str(f) for f in findings)
-
-
-def _subject_of(path):
-    match = re.match(r"^/?sub-([A-Za-z0-9]+)/", path or "")
-    return match.group(1) if match else None
 
 
 def _official_validator(bids_dir, validator, timeout_s):
@@ -113,7 +111,7 @@ def _official_validator(bids_dir, validator, timeout_s):
         if not relevant:
             message += "; metaqsm does not read this file"
         code = issue["code"] + (f"/{issue['subCode']}" if issue.get("subCode") else "")
-        findings.append(Finding("error" if relevant else "warning", message, where, _subject_of(location),
+        findings.append(Finding("error" if relevant else "warning", message, where, subject_of(location),
                                 "bids-validator", code))
     return findings
 
@@ -138,16 +136,22 @@ def _pybids_names(bids_dir):
             findings.append(Finding(
                 "error" if megre else "warning",
                 f"{relative[1:]}: not a valid BIDS file name; pybids and metaqsm ignore it",
-                relative[1:], _subject_of(relative), "pybids", "INVALID_NAME"))
+                relative[1:], subject_of(relative), "pybids", "INVALID_NAME"))
     return findings
 
 
 def _qsm_checks(bids_dir):
     """metaqsm's own checks of every MEGRE run (the same ones the participant level applies)."""
-    from bids import BIDSLayout
+    def relative(message):  # metaqsm's messages start with the file
+        path = Path(message.split(": ", 1)[0])
+        return path.relative_to(bids_dir).as_posix() if path.is_absolute() and path.is_relative_to(bids_dir) else None
 
-    layout = BIDSLayout(str(bids_dir), validate=False)
-    findings = []
+    try:
+        layout, unreadable = index_dataset(bids_dir)
+    except BIDSInputError as err:
+        return [Finding("error", str(err), relative(str(err)), code="MEGRE_RUN")]
+    findings = [Finding("error", message, relative(message), subject, code="MEGRE_RUN")
+                for subject, messages in unreadable.items() for message in messages]
     for subject in sorted(layout.get_subjects()):
         runs = find_megre_runs(layout, subject)
         if not runs:
@@ -156,10 +160,8 @@ def _qsm_checks(bids_dir):
                                     code="NO_MEGRE"))
         for entities, result in runs:
             if isinstance(result, Exception):
-                path = str(result).split(": ", 1)[0]
-                relative = Path(path).relative_to(bids_dir).as_posix() if Path(path).is_absolute() \
-                    and Path(path).is_relative_to(bids_dir) else None
-                findings.append(Finding("error", str(result), relative, entities[RUN_ENTITIES[0]], code="MEGRE_RUN"))
+                findings.append(Finding("error", str(result), relative(str(result)), entities[RUN_ENTITIES[0]],
+                                        code="MEGRE_RUN"))
     return findings
 
 

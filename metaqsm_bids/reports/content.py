@@ -312,11 +312,17 @@ _NOT_PARAMETERS = {"Method", "Units", "ElapsedSeconds", "B0DirectionVoxel", "Vox
 
 
 def format_value(value):
-    """A sidecar value as text: floats with %g, lists comma-separated."""
+    """A sidecar value as text: floats with %g (a rounded -0 as 0), lists comma-separated, true/false as yes/no,
+    a record as its "key value" pairs separated by semicolons (lists in it in brackets)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:g}"
+        return f"{value + 0.0:g}"  # -0.0 + 0.0 is 0.0
     if isinstance(value, (list, tuple)):
         return ", ".join(format_value(v) for v in value)
+    if isinstance(value, dict):
+        return "; ".join(f"{key} [{format_value(v)}]" if isinstance(v, (list, tuple)) else f"{key} {format_value(v)}"
+                         for key, v in value.items())
     return str(value)
 
 

@@ -285,11 +285,12 @@ def plot_reliability(images, out_path, n_slices=6, title=""):
     overlay[excluded] = (*EXCLUDED_COLOUR, 1.0)
     aspect = _view_aspect(images.zooms_mm, 2, 0)
     panel_h = 1.7 * aspect * brain.shape[1] / brain.shape[0]
-    fig = Figure(figsize=(11.0, len(rows) * panel_h + 0.9), dpi=100, facecolor="white")
+    fig = Figure(figsize=(11.0, len(rows) * panel_h + 1.2), dpi=100, facecolor="white")
     grid = fig.add_gridspec(len(rows), slices.size + 2, width_ratios=[1.1] + [1] * slices.size + [0.07],
-                            wspace=0.05, hspace=0.08, left=0.01, right=0.93, top=1 - 0.7 / fig.get_figheight(),
+                            wspace=0.05, hspace=0.08, left=0.01, right=0.93, top=1 - 1.0 / fig.get_figheight(),
                             bottom=0.02)
-    panels = [("axial", k, f"z={box[2].start + k}: {per_slice[k]} excluded") for k in slices]
+    # two lines: "z=123: 12345 excluded" on one is wider than a panel
+    panels = [("axial", k, f"z={box[2].start + k}\n{per_slice[k]} excluded") for k in slices]
 
     def mark_excluded(ax, view, index):
         ax.imshow(np.transpose(overlay[:, :, index], (1, 0, 2)), origin="lower", interpolation="nearest",

@@ -5,6 +5,7 @@ import numpy as np
 from nipype.pipeline import engine as pe
 
 from ..interfaces.bids import WriteRunDerivatives
+from ..io.derivatives import raw_uris
 from ..interfaces.qsm import BackgroundRemoval, BrainMask, DipoleInversion, PrepareMEGRE, TotalField
 from .spaces import init_template_wf
 
@@ -21,8 +22,11 @@ def _memory_gb(run):
     return round(max(voxels * echoes * 8 * 4, voxels * 1.5 * 4 * 12) / 1e9 + 0.3, 2)
 
 
-def _acquisition(run):
+def _acquisition(run, bids_dir):
     """Facts about the acquisition that go into every sidecar of the run.
+
+    ``Warnings`` name the raw files by BIDS URI (``bids:raw:sub-01/...``), as ``Sources`` does: the console
+    says the absolute paths, the sidecars stay valid wherever the datasets move.
 
     ``MagneticFieldStrength`` is the raw sidecar's nominal value (BIDS' meaning); ``B0Tesla`` is the
     B0 that converts Hz to ppm and ``B0Source`` where it came from (see :func:`~metaqsm_bids.io.bids.field_strength`).
@@ -31,7 +35,7 @@ def _acquisition(run):
     facts = {"EchoTime": list(run.echo_times_s), "MagneticFieldStrength": nominal, "B0Tesla": run.field_strength_t,
              "B0Source": run.field_strength_source or "not recorded"}
     if run.warnings:
-        facts["Warnings"] = list(run.warnings)
+        facts["Warnings"] = [raw_uris(warning, bids_dir) for warning in run.warnings]
     return facts
 
 
@@ -91,7 +95,7 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_par
     sink = pe.Node(WriteRunDerivatives(
         output_dir=str(output_dir), bids_dir=str(bids_dir), entities=run.entities,
         source_files=run.source_files,
-        acquisition=_acquisition(run),
+        acquisition=_acquisition(run, bids_dir),
     ), name="ds_run", run_without_submitting=True)
 
     wf.connect([

@@ -45,11 +45,8 @@ class PhaseSign:
     warning: str = None
 
     def provenance(self):
-        """The sidecar record of this decision."""
-        record = {"PhaseSignChoice": self.choice, "PhaseSignFactor": self.factor, "PhaseSignReason": self.reason}
-        if self.warning:
-            record["Warnings"] = [self.warning]
-        return record
+        """The sidecar record of this decision (its warning goes to the run's Warnings, with the others)."""
+        return {"PhaseSignChoice": self.choice, "PhaseSignFactor": self.factor, "PhaseSignReason": self.reason}
 
 
 def vendor_phase_sign(manufacturer):
