@@ -24,7 +24,8 @@ deep grey nuclei and a calcification; shim field and phase offset on, peak SNR 1
   cached by nipype between them), scored the same way inside its QSM mask.
 
 ``--data-consistency LAMBDA ...`` adds, in the inversion and pipeline stages, a row per lambda for
-each network inversion followed by the k-space data-consistency step.
+each network inversion followed by the k-space data-consistency step, and the same for TKD (what the
+network contributes is the difference).
 
 ``--network-orientations canonical flips ...`` scores each network inversion (inversion and pipeline
 stages) once per setting of the CLI's ``--network-orientations`` (a row each, named by it when several
@@ -181,9 +182,10 @@ def _variants(method, orientations, metaqsm_model=None):
 
 
 def _consistency_rows(method, chi, local_ppm, mask, voxel, b0_dir, lambdas, sim, extra):
-    """Rows of a network's map pulled onto the field by the k-space data-consistency step, one per lambda."""
+    """Rows of a network's map (and, to show what the network contributes, TKD's) pulled onto the field by the
+    k-space data-consistency step, one per lambda."""
     rows = {}
-    for lambda_ in lambdas if method in NETWORK_INVERSIONS else ():
+    for lambda_ in lambdas if method in NETWORK_INVERSIONS or method == "tkd" else ():
         start = time.perf_counter()
         fitted = data_consistency(chi, local_ppm, mask, voxel, b0_dir, lambda_)
         fitted[mask] -= fitted[mask].mean(dtype=np.float64)  # as the CLI's inversions: demeaned in the mask
