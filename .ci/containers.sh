@@ -24,7 +24,7 @@ WORK=${METAQSM_CI_WORK:-}
 # the user the README's `-u "$(id -u):$(id -g)"` stands for: this one, or a non-root one when run as root
 if [ "$(id -u)" = 0 ]; then RUN_AS=1000:1000; else RUN_AS="$(id -u):$(id -g)"; fi
 # Chimap of the container vs the pip run: largest |difference| in ppm allowed (measured: see the README)
-CHI_TOL=${METAQSM_CI_CHI_TOL:-1e-4}
+CHI_TOL=${METAQSM_CI_CHI_TOL:-1e-5}
 export CONTAINERS_CONF=$ROOT/.ci/containers.conf
 mkdir -p "$CACHE" "$WORK"
 
@@ -60,7 +60,8 @@ t=$(now)
 if ! podman image exists "$BASE"; then
     if [ ! -s "$CACHE/debian-bookworm.tar" ]; then
         say "mmdebstrap: a minimal bookworm root file system into $CACHE"
-        nice -n 10 mmdebstrap --quiet --variant=minbase --include=ca-certificates bookworm "$CACHE/debian-bookworm.tar.part"
+        nice -n 10 mmdebstrap --quiet --format=tar --variant=minbase --include=ca-certificates bookworm \
+            "$CACHE/debian-bookworm.tar.part"
         mv "$CACHE/debian-bookworm.tar.part" "$CACHE/debian-bookworm.tar"
     fi
     podman import --quiet "$CACHE/debian-bookworm.tar" "$BASE" >/dev/null
@@ -90,7 +91,8 @@ else
     say "pip run: a new virtual environment, installed as the README says"
     python3 -m venv "$WORK/venv"
     . "$WORK/venv/bin/activate"
-    pip install --quiet torch==2.13.0 && pip install --quiet . bids-validator-deno
+    { pip install torch==2.13.0 && pip install . bids-validator-deno; } >"$WORK/pip-install.log" 2>&1 \
+        || { tail -20 "$WORK/pip-install.log"; fail "pip install"; }
 fi
 took "pip install" "$t"
 
@@ -129,39 +131,8 @@ checksums demo_bids >bids.after
 cmp -s bids.before bids.after || fail "the input dataset changed: $(diff bids.before bids.after | head -5)"
 say "input mount: read-only ($(cat ro.log)); its $(wc -l <bids.after) files unchanged"
 
-# the outputs: the validator, GeneratedBy, the same files and maps as the pip run
-validator=$(command -v bids-validator-deno || true)
-if [ -n "$validator" ]; then
-    "$validator" out >validator.log 2>&1 || { cat validator.log; fail "bids-validator-deno on the container's outputs"; }
-    say "bids-validator-deno: $(grep -E -i 'error|warning|valid' validator.log | tail -1)"
-else
-    say "bids-validator-deno is not installed: the outputs are not validated"
-fi
-python3 - "$VERSION" "$CHI_TOL" <<'EOF'
-import json, sys
-from pathlib import Path
-import nibabel as nib
-import numpy as np
-
-version, tol = sys.argv[1], float(sys.argv[2])
-generated = json.loads(Path("out/dataset_description.json").read_text())["GeneratedBy"][0]
-assert generated["Container"] == {"Type": "docker", "Tag": version}, generated
-print(f"[containers] GeneratedBy: {generated['Name']} {generated['Version']}, Container {generated['Container']}")
-# group level: the summary and report, one row per participant's run
-assert Path("out/group_summary.tsv").exists() and Path("out/group_report.html").exists()
-names = lambda root: sorted(str(p.relative_to(root)) for p in Path(root).rglob("*")
-                            if p.is_file() and not p.name.startswith("group_"))
-assert names("out") == names("pip_out"), set(names("out")) ^ set(names("pip_out"))
-chimaps = sorted(Path("pip_out").rglob("*_Chimap.nii.gz"))
-assert len(chimaps) == 2, chimaps
-for pip_map in chimaps:
-    a = np.asarray(nib.load(pip_map).dataobj, np.float64)
-    b = np.asarray(nib.load(Path("out") / pip_map.relative_to("pip_out")).dataobj, np.float64)
-    diff = np.abs(a - b).max()
-    print(f"[containers] {pip_map.name}: max |container - pip| = {diff:.3g} ppm (max |chi| {np.abs(a).max():.3g} ppm)")
-    assert diff <= tol, f"{pip_map.name}: the container's Chimap differs from pip's by {diff} ppm > {tol}"
-print(f"[containers] outputs: the same {len(names('out'))} files as the pip run")
-EOF
+# the outputs: GeneratedBy, the same files and maps as the pip run, the validator
+python3 "$ROOT/.ci/check_outputs.py" out pip_out docker "$VERSION" "$CHI_TOL"
 
 # a broken input: the same one line on the console inside as outside
 cp -a demo_bids bad_bids
@@ -181,6 +152,75 @@ sed "s#$WORK/bad_bids#/data/bids#g" bad_pip.err >bad_pip.normalised
 [ "$(wc -l <bad_container.err)" = 1 ] || { cat bad_container.err; fail "a broken input: not one line in the container"; }
 cmp -s bad_pip.normalised bad_container.err || { diff bad_pip.normalised bad_container.err; fail "a broken input: the container's message differs from pip's"; }
 say "a broken input, inside as outside: $(cat bad_container.err)"
+
+# --- the Singularity/Apptainer image: singularity/metaqsm.def from the Docker image ----------------
+# Apptainer is not packaged for bookworm; Debian's unstable has it (it needs a newer libc), so it runs in
+# a podman container of an unstable root file system (mmdebstrap, cached), privileged and as a non-root
+# user. The definition's "Bootstrap: docker-daemon" reads the image from podman's Docker-compatible
+# socket. Where apptainer cannot run here, this says why and skips.
+skip_sif() { say "SKIPPED the Singularity image: $*"; TIMES+=("Singularity image: skipped"); }
+sif_step() {
+    local apptainer=localhost/apptainer:unstable sif="metaqsm-$VERSION.sif" t service
+    t=$(now)
+    if ! podman image exists "$apptainer"; then
+        if [ ! -s "$CACHE/apptainer-unstable.tar" ]; then
+            say "mmdebstrap: Debian unstable with apptainer into $CACHE"
+            if ! nice -n 10 mmdebstrap --quiet --format=tar --variant=minbase \
+                    --aptopt='Acquire::Check-Valid-Until "false"' \
+                    --include=apptainer,squashfs-tools,squashfuse,fuse2fs,ca-certificates \
+                    unstable "$CACHE/apptainer-unstable.tar.part" http://deb.debian.org/debian >mmdebstrap.log 2>&1; then
+                skip_sif "mmdebstrap of Debian unstable with apptainer failed: $(tail -3 mmdebstrap.log)"
+                return
+            fi
+            mv "$CACHE/apptainer-unstable.tar.part" "$CACHE/apptainer-unstable.tar"
+        fi
+        podman import --quiet "$CACHE/apptainer-unstable.tar" "$apptainer" >/dev/null
+    fi
+    took "apptainer image" "$t"
+    mkdir -p sif/home sif/probe sif_out
+    tar -xf "$CACHE/debian-bookworm.tar" -C sif/probe 2>/dev/null || true
+    chown "$RUN_AS" sif sif/home sif_out
+    apptainer_run() {
+        podman run --rm --privileged -u "$RUN_AS" -e HOME=/sif/home -w /sif/home -v "$WORK/sif:/sif" "$@"
+    }
+    # can apptainer run a container here at all? (a directory of Debian's base as the image)
+    if ! apptainer_run "$apptainer" apptainer exec /sif/probe true >probe.log 2>&1; then
+        skip_sif "apptainer cannot run a container on this machine: $(cat probe.log)"
+        return
+    fi
+    say "$(apptainer_run "$apptainer" apptainer --version) runs here"
+
+    # the image as Docker holds it: docker.io/library/metaqsm:VERSION, served on a Docker socket
+    podman tag "$IMAGE" "docker.io/library/metaqsm:$VERSION"
+    podman system service --time=0 "unix://$WORK/podman.sock" >service.log 2>&1 &
+    service=$!
+    for _ in $(seq 50); do [ -S "$WORK/podman.sock" ] && break; sleep 0.2; done
+    chmod 666 "$WORK/podman.sock"
+    t=$(now)
+    nice -n 10 podman run --rm --privileged -u "$RUN_AS" -e HOME=/sif/home -w /sif/home -v "$WORK/sif:/sif" \
+        -v "$ROOT/singularity/metaqsm.def:/sif/metaqsm.def:ro" -v "$WORK/podman.sock:/var/run/docker.sock" \
+        "$apptainer" apptainer build "/sif/$sif" /sif/metaqsm.def >sif-build.log 2>&1 \
+        || { kill "$service"; cat sif-build.log; fail "apptainer build of singularity/metaqsm.def"; }
+    kill "$service"
+    wait "$service" 2>/dev/null || true
+    took "apptainer build" "$t"
+    say "$sif: $(($(stat -c %s "sif/$sif") / 1000000)) MB; its %test: $(grep -E '^metaqsm |templates in the image' sif-build.log | tr '\n' ' ')"
+
+    t=$(now)
+    apptainer_run -v "$WORK/demo_bids:/w/bids:ro" -v "$WORK/sif_out:/w/out" "$apptainer" \
+        apptainer run -B /w/bids:/data/bids:ro -B /w/out:/data/out "/sif/$sif" /data/bids /data/out participant \
+        >sif-run.log 2>&1 || { cat sif-run.log; fail "apptainer run, participant"; }
+    took "apptainer run, participant" "$t"
+    t=$(now)
+    apptainer_run -v "$WORK/demo_bids:/w/bids:ro" -v "$WORK/sif_out:/w/out" "$apptainer" \
+        apptainer run -B /w/bids:/data/bids:ro -B /w/out:/data/out "/sif/$sif" /data/bids /data/out group \
+        >>sif-run.log 2>&1 || { cat sif-run.log; fail "apptainer run, group"; }
+    took "apptainer run, group" "$t"
+    grep -E "OK|FAILED|wrote" sif-run.log
+    python3 "$ROOT/.ci/check_outputs.py" sif_out pip_out singularity "$VERSION" "$CHI_TOL"
+    checksums demo_bids | cmp -s bids.before - || fail "the input dataset changed in the apptainer run"
+}
+sif_step
 cd "$ROOT"
 
 say "times:"

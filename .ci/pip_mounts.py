@@ -19,18 +19,22 @@ from pathlib import Path
 def main(folder):
     listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
                             check=True).stdout
-    config = configparser.ConfigParser(interpolation=None)
-    paths = set()
-    for line in listed.splitlines():
+    settings, paths = {}, set()
+    # the files' settings come merged, one line each; the PIP_* variables (":env:") override them, as in pip
+    for line in sorted(listed.splitlines(), key=lambda line: line.startswith(":env:")):
         key, _, value = line.partition("=")
         section, _, name = key.rpartition(".")
         section = "global" if section in (":env:", "") else section
+        if name == "config-file":  # PIP_CONFIG_FILE: a file read here, not a setting (its settings are listed)
+            continue
         value = shlex.split(value)[0] if value.strip() else ""
-        config.setdefault(section, {})[name] = value
+        settings.setdefault(section, {})[name] = value
         for word in value.split():
             path = Path(word.removeprefix("file://"))
             if path.is_absolute() and path.exists():
                 paths.add(path.parent if word.startswith("file://") else path)
+    config = configparser.ConfigParser(interpolation=None)
+    config.read_dict(settings)
     conf = Path(folder) / "pip.conf"
     with conf.open("w") as f:
         config.write(f)
