@@ -9,7 +9,8 @@
 #   bash .ci/containers.sh
 #
 # METAQSM_CI_CACHE (default /var/cache/metaqsm-ci): the base root file systems, kept so that a second
-# run skips mmdebstrap. METAQSM_CI_WORK: where the datasets and outputs go (default: a new folder in
+# run skips mmdebstrap; podman's layer cache makes the second build fast (METAQSM_CI_NO_CACHE=1: a cold
+# build, without it). METAQSM_CI_WORK: where the datasets and outputs go (default: a new folder in
 # /tmp, removed after a successful run). Uses the active virtual environment when it has metaqsm
 # installed from this checkout (as .ci/run leaves it), else makes one the README's way.
 set -euo pipefail
@@ -75,7 +76,7 @@ t=$(now)
 mkdir -p "$WORK/pip"
 mounts=()
 while read -r mount; do mounts+=(-v "$mount"); done < <(python3 .ci/pip_mounts.py "$WORK/pip")
-nice -n 10 podman build --quiet --build-arg BASE_IMAGE="$BASE" --build-arg REQUIRE_CUDA_TORCH=0 \
+nice -n 10 podman build --quiet ${METAQSM_CI_NO_CACHE:+--no-cache} --build-arg BASE_IMAGE="$BASE" --build-arg REQUIRE_CUDA_TORCH=0 \
     --build-arg TEMPLATES= "${mounts[@]}" -t "$IMAGE" . >/dev/null
 took "podman build" "$t"
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
@@ -160,7 +161,7 @@ say "a broken input, inside as outside: $(cat bad_container.err)"
 # socket. Where apptainer cannot run here, this says why and skips.
 skip_sif() { say "SKIPPED the Singularity image: $*"; TIMES+=("Singularity image: skipped"); }
 sif_step() {
-    local apptainer=localhost/apptainer:unstable sif="metaqsm-$VERSION.sif" t service
+    local apptainer=localhost/apptainer:unstable sif="metaqsm-$VERSION.sif" t
     t=$(now)
     if ! podman image exists "$apptainer"; then
         if [ ! -s "$CACHE/apptainer-unstable.tar" ]; then
@@ -180,40 +181,51 @@ sif_step() {
     mkdir -p sif/home sif/probe sif_out
     tar -xf "$CACHE/debian-bookworm.tar" -C sif/probe 2>/dev/null || true
     chown "$RUN_AS" sif sif/home sif_out
-    apptainer_run() {
-        podman run --rm --privileged -u "$RUN_AS" -e HOME=/sif/home -w /sif/home -v "$WORK/sif:/sif" "$@"
+    # apptainer as the user RUN_AS: podman starts the container as root, which opens the container's copy
+    # of /dev/fuse (this machine's is root-only, 0600; Debian's default is 0666) and gives the user a
+    # passwd entry, then drops to the user
+    local uid=${RUN_AS%:*} gid=${RUN_AS#*:}
+    local as_user="chmod 666 /dev/fuse 2>/dev/null; echo 'user:x:$uid:$gid::/sif/home:/bin/sh' >>/etc/passwd; \
+echo 'user:x:$gid:' >>/etc/group; exec setpriv --reuid=$uid --regid=$gid --clear-groups \"\$@\""
+    apptainer_run() {  # apptainer_run [podman options] -- apptainer arguments
+        local options=()
+        while [ "$1" != -- ]; do options+=("$1"); shift; done
+        shift
+        podman run --rm --privileged -e HOME=/sif/home -w /sif/home -v "$WORK/sif:/sif" "${options[@]}" \
+            "$apptainer" sh -c "$as_user" sh apptainer "$@"
     }
     # can apptainer run a container here at all? (a directory of Debian's base as the image)
-    if ! apptainer_run "$apptainer" apptainer exec /sif/probe true >probe.log 2>&1; then
+    if ! apptainer_run -- exec /sif/probe true >probe.log 2>&1; then
         skip_sif "apptainer cannot run a container on this machine: $(cat probe.log)"
         return
     fi
-    say "$(apptainer_run "$apptainer" apptainer --version) runs here"
+    say "$(apptainer_run -- --version) runs here"
 
     # the image as Docker holds it: docker.io/library/metaqsm:VERSION, served on a Docker socket
     podman tag "$IMAGE" "docker.io/library/metaqsm:$VERSION"
     podman system service --time=0 "unix://$WORK/podman.sock" >service.log 2>&1 &
     service=$!
+    trap 'kill "$service" 2>/dev/null || true' EXIT
     for _ in $(seq 50); do [ -S "$WORK/podman.sock" ] && break; sleep 0.2; done
     chmod 666 "$WORK/podman.sock"
     t=$(now)
-    nice -n 10 podman run --rm --privileged -u "$RUN_AS" -e HOME=/sif/home -w /sif/home -v "$WORK/sif:/sif" \
-        -v "$ROOT/singularity/metaqsm.def:/sif/metaqsm.def:ro" -v "$WORK/podman.sock:/var/run/docker.sock" \
-        "$apptainer" apptainer build "/sif/$sif" /sif/metaqsm.def >sif-build.log 2>&1 \
-        || { kill "$service"; cat sif-build.log; fail "apptainer build of singularity/metaqsm.def"; }
+    apptainer_run -v "$ROOT/singularity/metaqsm.def:/sif/metaqsm.def:ro" \
+        -v "$WORK/podman.sock:/var/run/docker.sock" -- build "/sif/$sif" /sif/metaqsm.def >sif-build.log 2>&1 \
+        || { cat sif-build.log; fail "apptainer build of singularity/metaqsm.def"; }
     kill "$service"
     wait "$service" 2>/dev/null || true
+    trap - EXIT
     took "apptainer build" "$t"
     say "$sif: $(($(stat -c %s "sif/$sif") / 1000000)) MB; its %test: $(grep -E '^metaqsm |templates in the image' sif-build.log | tr '\n' ' ')"
 
     t=$(now)
-    apptainer_run -v "$WORK/demo_bids:/w/bids:ro" -v "$WORK/sif_out:/w/out" "$apptainer" \
-        apptainer run -B /w/bids:/data/bids:ro -B /w/out:/data/out "/sif/$sif" /data/bids /data/out participant \
+    apptainer_run -v "$WORK/demo_bids:/w/bids:ro" -v "$WORK/sif_out:/w/out" -- \
+        run -B /w/bids:/data/bids:ro -B /w/out:/data/out "/sif/$sif" /data/bids /data/out participant \
         >sif-run.log 2>&1 || { cat sif-run.log; fail "apptainer run, participant"; }
     took "apptainer run, participant" "$t"
     t=$(now)
-    apptainer_run -v "$WORK/demo_bids:/w/bids:ro" -v "$WORK/sif_out:/w/out" "$apptainer" \
-        apptainer run -B /w/bids:/data/bids:ro -B /w/out:/data/out "/sif/$sif" /data/bids /data/out group \
+    apptainer_run -v "$WORK/demo_bids:/w/bids:ro" -v "$WORK/sif_out:/w/out" -- \
+        run -B /w/bids:/data/bids:ro -B /w/out:/data/out "/sif/$sif" /data/bids /data/out group \
         >>sif-run.log 2>&1 || { cat sif-run.log; fail "apptainer run, group"; }
     took "apptainer run, group" "$t"
     grep -E "OK|FAILED|wrote" sif-run.log
