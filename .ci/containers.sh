@@ -77,7 +77,8 @@ mkdir -p "$WORK/pip"
 mounts=()
 while read -r mount; do mounts+=(-v "$mount"); done < <(python3 .ci/pip_mounts.py "$WORK/pip")
 nice -n 10 podman build --quiet ${METAQSM_CI_NO_CACHE:+--no-cache} --build-arg BASE_IMAGE="$BASE" --build-arg REQUIRE_CUDA_TORCH=0 \
-    --build-arg TEMPLATES= "${mounts[@]}" -t "$IMAGE" . >/dev/null
+    --build-arg TEMPLATES= "${mounts[@]}" -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
+    || { tail -40 "$WORK/build.log"; fail "podman build"; }
 took "podman build" "$t"
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 say "image $IMAGE: $((size / 1000000)) MB"
