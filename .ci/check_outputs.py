@@ -1,11 +1,14 @@
 """A container's outputs of the demo against the pip run's (for .ci/containers.sh).
 
     python .ci/check_outputs.py OUT PIP_OUT docker|singularity VERSION CHI_TOL
+    python .ci/check_outputs.py --space TEMPLATE OUT
 
 Fails (exit 1, saying what) unless: ``GeneratedBy[0].Container`` names the container and version; the
 group level wrote its summary and report; the participant outputs are the same files as the pip run's;
 every Chimap differs from pip's by at most CHI_TOL ppm (the largest difference is printed); and, where
 ``bids-validator-deno`` is on PATH, the validator reports 0 errors (warnings are listed).
+With ``--space``: every Chimap of OUT has its TEMPLATE res-2 copy, whose registration has no warning and
+a brain-mask Dice of at least metaqsm's threshold, and the validator reports 0 errors.
 """
 import json
 import shutil
@@ -43,7 +46,26 @@ def main(out, pip_out, kind, version, tol):
         say(f"{pip_map.name}: max |{kind} - pip| = {diff:.3g} ppm (max |chi| {np.abs(a).max():.3g} ppm)")
         assert diff <= tol, f"{pip_map.name}: the {kind} Chimap differs from pip's by {diff} ppm > {tol}"
     say(f"{out}: the same {len(files(out))} files as the pip run")
+    validate(out)
 
+
+def check_space(template, out):
+    from metaqsm_bids.spatial.template import MIN_BRAIN_DICE
+
+    out = Path(out)
+    chimaps = sorted(out.rglob("*_Chimap.nii.gz"))
+    originals = [p for p in chimaps if "_space-" not in p.name]
+    assert originals, f"no Chimap in {out}"
+    for original in originals:
+        name = original.name.replace("_Chimap", f"_space-{template}_res-2_Chimap")
+        sidecar = json.loads((original.parent / name).with_suffix("").with_suffix(".json").read_text())
+        dice = sidecar["Registration"]["BrainMaskDice"]
+        assert dice >= MIN_BRAIN_DICE and "Warnings" not in sidecar, (name, sidecar["Registration"])
+        say(f"{name}: registered in {sidecar['Registration']['ElapsedSeconds']} s, brain-mask Dice {dice}")
+    validate(out)
+
+
+def validate(out):
     validator = shutil.which("bids-validator-deno")
     if validator is None:
         say("bids-validator-deno is not installed: the outputs are not validated")
@@ -58,6 +80,6 @@ def main(out, pip_out, kind, version, tol):
 
 if __name__ == "__main__":
     try:
-        main(*sys.argv[1:])
+        check_space(*sys.argv[2:]) if sys.argv[1] == "--space" else main(*sys.argv[1:])
     except AssertionError as err:
         sys.exit(f"[containers] FAILED: {err}")

@@ -93,7 +93,8 @@ else
     say "pip run: a new virtual environment, installed as the README says"
     python3 -m venv "$WORK/venv"
     . "$WORK/venv/bin/activate"
-    { pip install torch==2.13.0 && pip install . bids-validator-deno; } >"$WORK/pip-install.log" 2>&1 \
+    # and the test tools used here: the validator, and nilearn (its MNI152 files) with pytest for tests/conftest.py
+    { pip install torch==2.13.0 && pip install . bids-validator-deno nilearn pytest; } >"$WORK/pip-install.log" 2>&1 \
         || { tail -20 "$WORK/pip-install.log"; fail "pip install"; }
 fi
 took "pip install" "$t"
@@ -154,6 +155,21 @@ sed "s#$WORK/bad_bids#/data/bids#g" bad_pip.err >bad_pip.normalised
 [ "$(wc -l <bad_container.err)" = 1 ] || { cat bad_container.err; fail "a broken input: not one line in the container"; }
 cmp -s bad_pip.normalised bad_container.err || { diff bad_pip.normalised bad_container.err; fail "a broken input: the container's message differs from pip's"; }
 say "a broken input, inside as outside: $(cat bad_container.err)"
+
+# --output-spaces with a TEMPLATEFLOW_HOME mounted read-only over the image's (built here without
+# templates: templateflow's archive is out of reach), made as the template tests make it from nilearn's
+# copy of MNI152NLin2009aSym
+t=$(now)
+python3 -c "import sys; sys.path.insert(0, sys.argv[1]); from tests.conftest import make_templateflow_home; \
+make_templateflow_home(sys.argv[2], (2,))" "$ROOT" templateflow
+chmod -R a+rX templateflow
+mkdir space_out
+chown "$RUN_AS" space_out
+podman run --rm -u "$RUN_AS" -v "$WORK/demo_bids:/data/bids:ro" -v "$WORK/templateflow:/opt/templateflow:ro" \
+    -v "$WORK/space_out:/data/out" "$IMAGE" /data/bids /data/out participant --participant-label 01 \
+    --output-spaces orig MNI152NLin2009aSym:res-2 >space.log 2>&1 || { cat space.log; fail "--output-spaces in the container"; }
+took "podman run, participant 01 with --output-spaces" "$t"
+python3 "$ROOT/.ci/check_outputs.py" --space MNI152NLin2009aSym space_out
 
 # --- the Singularity/Apptainer image: singularity/metaqsm.def from the Docker image ----------------
 # Apptainer is not packaged for bookworm; Debian's unstable has it (it needs a newer libc), so it runs in
