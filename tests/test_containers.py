@@ -328,3 +328,29 @@ def test_dockerfile_install_gives_working_entrypoint(tmp_path):
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["GeneratedBy"][0]["Container"] == {"Type": "docker", "Tag": version}
     assert len(list(out.glob("sub-01/anat/*_Chimap.nii.gz"))) == 1
+
+
+def test_singularity_test_section_checks_the_templates_in_the_image(tmp_path):
+    """The definition's %test reads every template the image holds (a T1w with content: templateflow's
+    skeleton has empty files for the others) at res-1 and res-2, and says which; none when built with TEMPLATES=."""
+    script = "\n".join(_singularity()[1]["test"]).replace("\\\n", "")
+    python = [words for words in map(shlex.split, script.splitlines()) if words[:2] == ["python", "-c"]]
+    assert len(python) == 1
+    python = [sys.executable, *python[0][1:]]
+    stub = _stub_module(tmp_path, "metaqsm_bids.spatial.template", "import json, os\n\ndef template_files(t, r):\n"
+                        "    open(os.environ['CALLS'], 'a').write(json.dumps([t, r]) + '\\n')\n")
+    home, calls = tmp_path / "templateflow", tmp_path / "calls.jsonl"
+    for template, content in (("MNI152NLin2009cAsym", b""), ("MNI152NLin6Asym", b"")):
+        (home / f"tpl-{template}").mkdir(parents=True)
+        (home / f"tpl-{template}" / f"tpl-{template}_res-01_T1w.nii.gz").write_bytes(content)
+    env = {**os.environ, "PYTHONPATH": str(stub), "CALLS": str(calls), "TEMPLATEFLOW_HOME": str(home)}
+    run = {"capture_output": True, "text": True, "env": env, "cwd": tmp_path, "timeout": 60}
+    result = subprocess.run(python, **run)
+    assert result.returncode == 0 and result.stdout.strip() == "templates in the image: none", result.stderr
+    assert not calls.exists()
+
+    (home / "tpl-MNI152NLin2009cAsym" / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz").write_bytes(b"\x1f\x8b")
+    result = subprocess.run(python, **run)
+    assert result.returncode == 0 and result.stdout.strip() == "templates in the image: MNI152NLin2009cAsym"
+    assert [json.loads(line) for line in calls.read_text().splitlines()] == [["MNI152NLin2009cAsym", 1],
+                                                                            ["MNI152NLin2009cAsym", 2]]
