@@ -1,7 +1,13 @@
 """The container recipes: what can be checked without a Docker engine.
 
+The images themselves are built and run by ``.ci/containers.sh`` (podman and apptainer, the demo
+inside them against the pip run; ``.ci/run`` runs it after the tests). Here:
+
 * The Dockerfile, singularity/metaqsm.def and setup.cfg agree on the version, the entrypoint
-  and the container tag that the derivatives writer records.
+  and the container tag that the derivatives writer records; the default base is the CUDA image.
+* The Dockerfile's build-time checks and template fetch, run against stand-in modules: the CUDA
+  check refuses a CPU-only torch unless ``REQUIRE_CUDA_TORCH=0``; ``TEMPLATES`` lists what is fetched.
+* ``.ci/pip_mounts.py`` turns pip's configuration into the build's read-only mounts.
 * The Dockerfile's ``pip install`` commands, run in a fresh virtual environment on a copy of the
   build context (honouring .dockerignore), give a working ``metaqsm`` entrypoint with the
   weights inside. One substitution: the image's torch line (the CUDA build from PyPI) becomes
@@ -105,7 +111,8 @@ def test_version_and_entrypoint_agree():
     assert env["NIPYPE_NO_ET"] == "1"
     entrypoint = json.loads(dict(instructions)["ENTRYPOINT"])
     assert entrypoint == ["metaqsm"] and scripts["metaqsm"] == "metaqsm_bids.cli.run:main"
-    assert dict(instructions)["FROM"].startswith("nvidia/cuda:")
+    assert dict(instructions)["FROM"] == "${BASE_IMAGE}" and variables["BASE_IMAGE"].startswith("nvidia/cuda:")
+    assert variables["REQUIRE_CUDA_TORCH"] == "1", "the default build must refuse a CPU-only torch"
 
     header, sections = _singularity()
     assert header["Bootstrap"] in ("docker-daemon", "docker")
@@ -174,9 +181,61 @@ def _pip_commands(instructions, context_copies):
             if words[:2] == ["pip", "install"]]
 
 
+def _stub_module(tmp_path, name, text):
+    """A stand-in package ``name`` (dotted: its last part is a module) under tmp_path/stub; returns the folder."""
+    *packages, module = name.split(".")
+    folder = tmp_path / "stub"
+    folder.mkdir(exist_ok=True)
+    for package in packages:
+        folder = folder / package
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "__init__.py").write_text("")
+    (folder / f"{module}.py").write_text(text)
+    return tmp_path / "stub"
+
+
+@pytest.mark.parametrize("cuda, require, refused", [(None, "1", True), ("13.0", "1", False), (None, "0", False)])
+def test_cuda_check(cuda, require, refused, tmp_path):
+    """The torch RUN's check: a CPU-only torch stops the default build; REQUIRE_CUDA_TORCH=0 lets it through."""
+    instructions = _dockerfile()
+    check = [words for words in _run_commands(instructions) if words[:2] == ["python", "-c"] and "torch" in words[2]]
+    assert len(check) == 1
+    stub = _stub_module(tmp_path, "torch", f"class version:\n    cuda = {cuda!r}\n")
+    env = {**os.environ, "PYTHONPATH": str(stub), "REQUIRE_CUDA_TORCH": require}
+    result = subprocess.run([sys.executable, "-c", check[0][2]], capture_output=True, text=True, env=env, timeout=60)
+    assert (result.returncode != 0) == refused, result.stderr
+    assert ("torch is not a CUDA build" in result.stderr) == refused
+
+
+def test_pip_mounts(tmp_path):
+    """.ci/pip_mounts.py: pip's settings in one pip.conf for /etc/pip.conf, and a read-only mount for each local
+    path they name (a file:// index by the folder above it, whose pages link to ../../files/)."""
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "mirror" / "simple").mkdir(parents=True)
+    (tmp_path / "ca.crt").write_text("")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_FIND_LINKS=str(tmp_path / "wheels"), PIP_CERT=str(tmp_path / "ca.crt"),
+               PIP_EXTRA_INDEX_URL=f"file://{tmp_path / 'mirror' / 'simple'} https://example.org/simple",
+               PIP_DEFAULT_TIMEOUT="180")
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run([sys.executable, str(ROOT / ".ci" / "pip_mounts.py"), str(out)], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"{out / 'pip.conf'}:/etc/pip.conf:ro"] + [
+        f"{tmp_path / name}:{tmp_path / name}:ro" for name in ("ca.crt", "mirror", "wheels")]
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(out / "pip.conf")
+    assert dict(config["global"]) == {
+        "find-links": str(tmp_path / "wheels"), "cert": str(tmp_path / "ca.crt"), "default-timeout": "180",
+        "extra-index-url": f"file://{tmp_path / 'mirror' / 'simple'} https://example.org/simple"}
+
+
 def test_templates_installed_and_fetched_at_build(tmp_path):
-    """The package is installed with the templates extra, and MNI152NLin2009cAsym's T1w and brain mask
-    at res-1 and res-2 (what template_files reads) are fetched into the image's TEMPLATEFLOW_HOME."""
+    """The package is installed with the templates extra, and for each template of ARG TEMPLATES (default
+    MNI152NLin2009cAsym) its T1w and brain mask at res-1 and res-2 (what template_files reads) are fetched
+    into the image's TEMPLATEFLOW_HOME; with TEMPLATES empty nothing is fetched, but templateflow is imported
+    (which sets up TEMPLATEFLOW_HOME)."""
     instructions = _dockerfile()
     commands = _run_commands(instructions)
     assert any(words[:2] == ["pip", "install"] and any(w.endswith("[templates]") for w in words)
@@ -191,20 +250,23 @@ def test_templates_installed_and_fetched_at_build(tmp_path):
     assert position("ENV", "TEMPLATEFLOW_HOME=") < position("RUN", "templateflow.api")  # fetched into it
     assert f"export TEMPLATEFLOW_HOME={home}" in _singularity()[1]["environment"]
 
-    stub = tmp_path / "stub" / "templateflow"
-    stub.mkdir(parents=True)
-    (stub / "__init__.py").write_text("")
-    (stub / "api.py").write_text("import json, os\n\ndef get(template, **query):\n"
-                                 "    with open(os.environ['CALLS'], 'a') as f:\n"
-                                 "        f.write(json.dumps([template, query]) + '\\n')\n")
-    calls = tmp_path / "calls.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(stub.parent), "CALLS": str(calls)}
-    result = subprocess.run([sys.executable, "-c", fetch[0][2]], capture_output=True, text=True, env=env, timeout=60)
-    assert result.returncode == 0, result.stderr
-    fetched = [json.loads(line) for line in calls.read_text().splitlines()]
-    assert sorted(map(json.dumps, fetched)) == sorted(json.dumps([DEFAULT_TEMPLATE, {
-        "resolution": resolution, "suffix": suffix, "desc": desc}]) for resolution in (1, 2)
-        for suffix, desc in (("T1w", None), ("mask", "brain")))
+    stub = _stub_module(tmp_path, "templateflow.api", "import json, os\n"
+                        "open(os.environ['CALLS'], 'a').write('imported\\n')\n\ndef get(template, **query):\n"
+                        "    with open(os.environ['CALLS'], 'a') as f:\n"
+                        "        f.write(json.dumps([template, query]) + '\\n')\n")
+    default = _args(instructions)["TEMPLATES"]
+    assert default == DEFAULT_TEMPLATE
+    for templates in (default, f"{default} MNI152NLin6Asym", ""):
+        calls = tmp_path / f"calls-{len(templates)}.jsonl"
+        env = {**os.environ, "PYTHONPATH": str(stub), "CALLS": str(calls), "TEMPLATES": templates}
+        result = subprocess.run([sys.executable, "-c", fetch[0][2]], capture_output=True, text=True, env=env,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        imported, *fetched = calls.read_text().splitlines()
+        assert imported == "imported"
+        assert sorted(fetched) == sorted(json.dumps([template, {
+            "resolution": resolution, "suffix": suffix, "desc": desc}]) for template in templates.split()
+            for resolution in (1, 2) for suffix, desc in (("T1w", None), ("mask", "brain")))
 
 
 @pytest.mark.slow
@@ -266,3 +328,29 @@ def test_dockerfile_install_gives_working_entrypoint(tmp_path):
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["GeneratedBy"][0]["Container"] == {"Type": "docker", "Tag": version}
     assert len(list(out.glob("sub-01/anat/*_Chimap.nii.gz"))) == 1
+
+
+def test_singularity_test_section_checks_the_templates_in_the_image(tmp_path):
+    """The definition's %test reads every template the image holds (a T1w with content: templateflow's
+    skeleton has empty files for the others) at res-1 and res-2, and says which; none when built with TEMPLATES=."""
+    script = "\n".join(_singularity()[1]["test"]).replace("\\\n", "")
+    python = [words for words in map(shlex.split, script.splitlines()) if words[:2] == ["python", "-c"]]
+    assert len(python) == 1
+    python = [sys.executable, *python[0][1:]]
+    stub = _stub_module(tmp_path, "metaqsm_bids.spatial.template", "import json, os\n\ndef template_files(t, r):\n"
+                        "    open(os.environ['CALLS'], 'a').write(json.dumps([t, r]) + '\\n')\n")
+    home, calls = tmp_path / "templateflow", tmp_path / "calls.jsonl"
+    for template, content in (("MNI152NLin2009cAsym", b""), ("MNI152NLin6Asym", b"")):
+        (home / f"tpl-{template}").mkdir(parents=True)
+        (home / f"tpl-{template}" / f"tpl-{template}_res-01_T1w.nii.gz").write_bytes(content)
+    env = {**os.environ, "PYTHONPATH": str(stub), "CALLS": str(calls), "TEMPLATEFLOW_HOME": str(home)}
+    run = {"capture_output": True, "text": True, "env": env, "cwd": tmp_path, "timeout": 60}
+    result = subprocess.run(python, **run)
+    assert result.returncode == 0 and result.stdout.strip() == "templates in the image: none", result.stderr
+    assert not calls.exists()
+
+    (home / "tpl-MNI152NLin2009cAsym" / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz").write_bytes(b"\x1f\x8b")
+    result = subprocess.run(python, **run)
+    assert result.returncode == 0 and result.stdout.strip() == "templates in the image: MNI152NLin2009cAsym"
+    assert [json.loads(line) for line in calls.read_text().splitlines()] == [["MNI152NLin2009cAsym", 1],
+                                                                            ["MNI152NLin2009cAsym", 2]]
