@@ -7,9 +7,10 @@ finite differences (:func:`gradient_error_l1`: blurred edges), plus L2 on the we
 
 ``tissue_only_fraction`` of the made crops are tissue only (:data:`TISSUE_ONLY`: no bleed or
 calcification shapes, at most one vein). With the default mix (0-6 shapes up to 0.6 ppm and 0-4
-veins per crop, 3 % of crops free of both) metaqsm-v3 leads TKD by 4-8 NRMSE points on crops but not on
-tissue-only crops (1 mm: 80.9 vs 82.0 %), nor on the benchmark heads, whose contrast is tissue:
-most of a real brain is (BENCHMARKS.md, "What the network learned from").
+veins per crop, 3 % of crops free of both) metaqsm-v3 leads TKD on crops but not on tissue-only
+crops (1 mm: 80.9 vs 82.0 %), nor on the benchmark heads, whose contrast is tissue. Trained with half
+of its crops tissue only it did worse on the heads, as did the loss terms above (BENCHMARKS.md,
+"Training levers, scored on the heads"): both are off by default.
 
 A run directory holds ``run.json`` (training config and every command that ran in it),
 ``log.jsonl`` (one line per step), ``val.jsonl`` (one line per validation),
