@@ -87,12 +87,11 @@ def check_header(path):
                          "and non-zero; the header is damaged, convert the data again")
     fixed = header.copy()
     fixed.check_fix(logger=_QUIET, error_level=logging.CRITICAL + 1)  # as nibabel loads it, silently
-    used = "sform" if fixed["sform_code"] else "qform" if fixed["qform_code"] else None
     try:
         affine = fixed.get_best_affine()
     except nib.spatialimages.HeaderDataError as err:
         raise ValueError(f"{path}: {_unreadable(err)}") from err
-    what = _affine_text(fixed, used) if used else _affine_text(fixed, "qform")
+    what = _affine_text(fixed, "sform" if fixed["sform_code"] else "qform")  # qform code 0: the voxel sizes alone
     if not np.all(np.isfinite(affine)):
         raise ValueError(f"{path}: the voxel-to-world affine from {what} holds NaN or infinite values; "
                          "the header is damaged, convert the data again")
