@@ -132,6 +132,12 @@ def test_rerun_is_idempotent_and_group_summary(processed):
     assert result.returncode == 0, result.stderr[-3000:]
     assert _digest(out) == before
 
+    # the output folder deleted, the work folder kept: nipype's cache must not stop the rewrite
+    shutil.rmtree(out)
+    result = run_cli("metaqsm", bids_dir, out, "participant", "-w", work, "--nprocs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _digest(out) == before
+
     result = run_cli("metaqsm", bids_dir, out, "group")
     assert result.returncode == 0, result.stderr
     rows = (out / "group_summary.tsv").read_text().splitlines()

@@ -313,3 +313,33 @@ def test_tissue_only_crops():
     assert any(s.chi_ppm.min() < -0.1 or s.chi_ppm.max() > 0.5 for s in legacy)
     cfg = {**DEFAULTS, **TINY}
     assert torch.equal(training_batch(cfg, 0)["x"], training_batch({**cfg, "tissue_only_fraction": 0.0}, 0)["x"])
+
+
+def test_data_consistency_layer_is_the_inference_step():
+    # the layer the network trains through against the numpy step inference applies (same padded grid)
+    from metaqsm_bids.qsm.inversion.consistency import data_consistency
+    from metaqsm_bids.training.synth import Sample
+    from metaqsm_bids.training.train import _as_tensors, data_consistency_layer, predict
+    rng = np.random.default_rng(5)
+    voxel, b0 = (0.76, 0.76, 3.0), (0.26, -0.1, 0.96)
+    shape = (16, 12, 8)
+    mask = np.ones(shape, bool)
+    field = rng.normal(size=shape).astype(np.float32)
+    chi_net = rng.normal(size=shape).astype(np.float32)
+    sample = Sample(field_ppm=field, chi_ppm=np.zeros(shape, np.float32), mask=mask, voxel_size_mm=voxel,
+                    b0_dir=b0, magnitude=None)
+    cfg = {**DEFAULTS, "network_data_consistency": 0.1}
+    batch = _as_tensors([sample], cfg)
+    scale = float(np.std(field))  # network_input's normalisation: the demeaned field's RMS
+    assert np.allclose(batch["x"][0, 0].numpy() * scale, field - field.mean(), atol=1e-5)
+    pred = torch.from_numpy(chi_net)[None, None]
+    got = data_consistency_layer(pred, batch, 0.1)[0, 0].numpy() * scale
+    expected = data_consistency(chi_net * scale, batch["x"][0, 0].numpy() * scale, mask, voxel, b0, 0.1,
+                                pad_voxels=[n // 2 for n in shape])
+    assert np.allclose(got, expected, atol=1e-4 * np.abs(expected).max())
+
+    class Echo(torch.nn.Module):  # a "network" that returns chi_net, to check predict() applies the step
+        def forward(self, x, cond):
+            return pred
+    assert torch.equal(predict(Echo(), batch, {"network_data_consistency": 0.0}), pred)
+    assert torch.allclose(predict(Echo(), batch, cfg), data_consistency_layer(pred, batch, 0.1))

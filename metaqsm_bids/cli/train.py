@@ -1,6 +1,7 @@
 """``metaqsm-train``: train Meta-QSM (or Mesa-QSM) on synthetic data, resume, continue from an exported
 model, and export to package data."""
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -66,6 +67,9 @@ def build_parser():
                    help="weight of QSMnet's gradient-difference loss (L1 of the error's differences); 0: off")
     p.add_argument("--tissue-only-fraction", type=float, default=DEFAULTS["tissue_only_fraction"], metavar="P",
                    help="fraction of training crops without bleed/calcification shapes and with at most one vein")
+    p.add_argument("--network-data-consistency", type=float, default=DEFAULTS["network_data_consistency"],
+                   metavar="LAMBDA", help="train through the k-space data-consistency step that inference then "
+                   "applies (metaqsm's --network-data-consistency LAMBDA); 0: off")
     p.add_argument("--l2", type=float, default=DEFAULTS["l2"], help="L2 strength on the convolution/predictor weights")
     p.add_argument("--val-every", type=int, default=DEFAULTS["val_every"], help="validate every N steps")
     p.add_argument("--ckpt-every", type=int, default=DEFAULTS["ckpt_every"], help="checkpoint every N steps")
@@ -112,7 +116,7 @@ def main(argv=None):
         "lr_decay_steps": args.lr_decay_steps, "l2": args.l2, "val_every": args.val_every,
         "ckpt_every": args.ckpt_every, "val_samples": args.val_samples, "seed": args.seed, "reuse": args.reuse,
         "dc_weight": args.dc_weight, "grad_weight": args.grad_weight,
-        "tissue_only_fraction": args.tissue_only_fraction,
+        "tissue_only_fraction": args.tissue_only_fraction, "network_data_consistency": args.network_data_consistency,
     }
     parent = None
     if args.init_from:
@@ -139,6 +143,9 @@ def main(argv=None):
         return 2
     if not 0.0 <= args.tissue_only_fraction <= 1.0:
         print("metaqsm-train: --tissue-only-fraction must be within 0-1", file=sys.stderr)
+        return 2
+    if args.network_data_consistency < 0 or not math.isfinite(args.network_data_consistency):
+        print("metaqsm-train: --network-data-consistency must be 0 (off) or a positive number", file=sys.stderr)
         return 2
     if args.reuse < 1:
         print("metaqsm-train: --reuse must be 1 or more", file=sys.stderr)

@@ -49,7 +49,11 @@ class WriteRunDerivatives(SimpleInterface):
 
     Runs only after every step has succeeded, loads every image before writing
     the first one, and writes each file atomically: a failed run leaves nothing.
+    Always runs, even when nipype's cache holds its inputs: the output folder may have been
+    deleted or edited since (the cache only knows the work directory).
     """
+
+    _always_run = True
 
     input_spec = _WriteRunDerivativesInputSpec
     output_spec = _WriteRunDerivativesOutputSpec

@@ -5,6 +5,10 @@ model loss ``dc_weight`` x L1 of the field of the error (:func:`dipole_error_l1`
 measured field would show) and gradient-difference loss ``grad_weight`` x L1 of the error's
 finite differences (:func:`gradient_error_l1`: blurred edges), plus L2 on the weights.
 
+With ``network_data_consistency`` (lambda) the network trains through the k-space data-consistency
+step (:func:`data_consistency_layer`) that inference applies after it with the same lambda
+(``metaqsm --network-data-consistency``), and is scored (validation) after it.
+
 ``tissue_only_fraction`` of the made crops are tissue only (:data:`TISSUE_ONLY`: no bleed or
 calcification shapes, at most one vein). With the default mix (0-6 shapes up to 0.6 ppm and 0-4
 veins per crop, 3 % of crops free of both) metaqsm-v3 leads TKD on crops but not on tissue-only
@@ -59,10 +63,11 @@ DEFAULTS = {
     **DEFAULT_CONFIG, "input": "field+tkd", "steps": 20000, "batch_size": 2, "patch": [64, 64, 32], "lr": 1e-4,
     "lr_decay": 0.98, "lr_decay_steps": 200, "l2": 0.01, "rmsprop_alpha": 0.9,
     "val_every": 250, "ckpt_every": 250, "val_samples": 2, "seed": 0, "supersample": 2, "init_from": None,
-    "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0,
+    "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0, "network_data_consistency": 0.0,
 }
 #: Settings a run from before they existed trained with.
-LEGACY_DEFAULTS = {"init_from": None, "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0}
+LEGACY_DEFAULTS = {"init_from": None, "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0,
+                   "network_data_consistency": 0.0}
 #: A tissue-only crop: no bleed/calcification shapes and at most one vein (``make_sample``'s limits).
 TISSUE_ONLY = {"max_shapes": 0, "max_veins": 1}
 
@@ -94,7 +99,7 @@ def _as_tensors(samples, cfg):
         ys.append(s.chi_ppm / scale if scale > 0 else np.zeros_like(s.chi_ppm))
         ms.append(s.mask.astype(np.float32))
         conds.append(encode_condition(s.voxel_size_mm, s.b0_dir, cfg["conditioning"]))
-        if cfg.get("dc_weight", 0.0):
+        if cfg.get("dc_weight", 0.0) or cfg.get("network_data_consistency", 0.0):
             kernels.append(dipole_kernel(_dc_shape(s.mask.shape), s.voxel_size_mm, s.b0_dir, half=True))
     batch = {k: torch.from_numpy(np.stack(v))[:, None] for k, v in (("y", ys), ("mask", ms))}
     batch["x"] = torch.from_numpy(np.stack(xs))
@@ -152,6 +157,30 @@ def validation_set(cfg):
     return out
 
 
+def data_consistency_layer(pred, batch, lambda_):
+    """The closed-form k-space data-consistency step of inference
+    (:func:`~metaqsm_bids.qsm.inversion.consistency.data_consistency`) in torch, so that the network
+    trains through it: ``IFFT((D FFT(f) + lambda FFT(pred)) / (D^2 + lambda))`` inside the masks, with
+    ``f`` the normalised field (input channel 0) and the kernels in ``batch['kernel']`` (half spectra on
+    :func:`_dc_shape`). The network then only has to be right where the field says little (near the
+    magic-angle cone): elsewhere the step replaces its output by the field's answer."""
+    shape = pred.shape[2:]
+    fshape, dims = _dc_shape(shape), (2, 3, 4)
+    kernel, mask = batch["kernel"], batch["mask"]
+    spectrum = torch.fft.rfftn(batch["x"][:, :1] * mask, s=fshape, dim=dims) * kernel \
+        + lambda_ * torch.fft.rfftn(pred * mask, s=fshape, dim=dims)
+    chi = torch.fft.irfftn(spectrum / (kernel ** 2 + lambda_), s=fshape, dim=dims)
+    return chi[..., : shape[0], : shape[1], : shape[2]] * mask
+
+
+def predict(model, batch, cfg):
+    """The network's susceptibility (normalised units), pulled onto the field when
+    ``cfg['network_data_consistency']`` (lambda) is set."""
+    pred = model(batch["x"], batch["cond"])
+    lambda_ = cfg.get("network_data_consistency", 0.0)
+    return data_consistency_layer(pred, batch, lambda_) if lambda_ else pred
+
+
 def masked_l1(pred, batch):
     """Mean absolute error (normalised units) inside the masks."""
     return ((pred - batch["y"]).abs() * batch["mask"]).sum() / batch["mask"].sum().clamp_min(1)
@@ -195,14 +224,15 @@ def training_loss(pred, batch, cfg):
     return terms
 
 
-def evaluate(model, val_set, device):
-    """Per resolution: masked L1 and NRMSE (%, demeaned, as the 2016 challenge) of the network output."""
+def evaluate(model, val_set, device, cfg=None):
+    """Per resolution: masked L1 and NRMSE (%, demeaned, as the 2016 challenge) of the network output
+    (after the data-consistency step when ``cfg`` trains through it)."""
     model.eval()
     scores = {}
     with torch.no_grad():
         for key, batch in val_set.items():
             batch = _to(batch, device)
-            pred = model(batch["x"], batch["cond"])
+            pred = predict(model, batch, cfg or {})
             m = batch["mask"] > 0
             errs = []
             for b in range(pred.shape[0]):
@@ -277,7 +307,7 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
         old = {**LEGACY_DEFAULTS, **ckpt["train_cfg"]}
         # a key the checkpoint lacks (a run from before that setting existed) counts as changed
         changed = [k for k in NETWORK_KEYS + ("patch", "batch_size", "seed", "supersample", "init_from", "dc_weight",
-                                              "grad_weight", "tissue_only_fraction")
+                                              "grad_weight", "tissue_only_fraction", "network_data_consistency")
                    if k not in old or _norm(old[k]) != _norm(cfg[k])]
         if changed:
             raise ValueError(f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}")
@@ -323,7 +353,7 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
             t0 = time.time()
             batch = _to(training_batch(cfg, offset + step), device)
             t_data = time.time() - t0
-            terms = training_loss(model(batch["x"], batch["cond"]), batch, cfg)
+            terms = training_loss(predict(model, batch, cfg), batch, cfg)
             reg = sum(p.pow(2).sum() for p in reg_params)
             loss = terms["loss"] + cfg["l2"] * reg
             optimiser.zero_grad(set_to_none=True)
@@ -336,7 +366,7 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
             bar.update(step, loss.item())
             if step % cfg["val_every"] == 0 or step == cfg["steps"]:
                 log.flush()
-                scores = evaluate(model, val_set, device)
+                scores = evaluate(model, val_set, device, cfg)
                 mean_nrmse = float(np.mean([s["nrmse"] for s in scores.values()]))
                 with open(out / "val.jsonl", "a") as vlog:
                     vlog.write(json.dumps({"step": step, "mean_nrmse": mean_nrmse, "scores": scores}) + "\n")
