@@ -6,6 +6,7 @@ template stays low even when registered well: the brain-mask overlap is the shar
 """
 import hashlib
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -43,21 +44,47 @@ def processed(tmp_path_factory):
     return template, out, root
 
 
-def test_rerun_keeps_the_registration(processed):
-    """A rerun with another thread count reruns the QSM steps (their inputs include it), which rewrite the
-    same maps; the template node hashes their content, so it is cached: its files are not rewritten."""
-    _, out, root = processed
+def _template_outputs(out):
+    """Every template-space file's content (sha256), the transform's sidecar parsed without its total ElapsedSeconds
+    (registration + writing: the writing reruns every time)."""
+    contents = {}
+    for path in sorted(out.rglob("*")):
+        if not path.is_file() or not ("_space-" in path.name or "_xfm." in path.name):
+            continue
+        if path.name.endswith("_xfm.json"):
+            sidecar = json.loads(path.read_text())
+            assert sidecar.pop("ElapsedSeconds") >= sidecar["Registration"]["ElapsedSeconds"] > 0
+            contents[path.relative_to(out).as_posix()] = sidecar
+        else:
+            contents[path.relative_to(out).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return contents
 
-    def digest():
-        return {p.relative_to(out).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-                for p in sorted(out.rglob("*")) if p.is_file() and ("_space-" in p.name or "_xfm." in p.name)}
 
-    before = digest()
+def _rerun(out, root):
     result = run_cli("metaqsm", root / "bids", out, "participant", "-w", root / "work", "--nprocs", "1",
                      "--inversion", "tkd", "--output-spaces", f"{TEMPLATE}:res-2",
                      env={"TEMPLATEFLOW_HOME": str(root / "templateflow")})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len(before) == 2 * len(OUTPUTS) + 2 and digest() == before
+    assert result.returncode == 0 and "sub-01: OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_rerun_keeps_the_registration(processed):
+    """A rerun with another thread count reruns the QSM steps (their inputs include it), which rewrite the
+    same maps; the registration node hashes their content, so it is cached: same transform, same Registration
+    info (its ElapsedSeconds included, which a new registration would not reproduce), same maps."""
+    _, out, root = processed
+    before = _template_outputs(out)
+    _rerun(out, root)
+    assert len(before) == 2 * len(OUTPUTS) + 2 and _template_outputs(out) == before
+
+
+def test_deleted_outputs_come_back(processed):
+    """The output folder deleted, the work folder kept, the same command rerun: the cached registration is
+    reused and every template-space file is written again (nipype's cache must not leave them missing)."""
+    _, out, root = processed
+    before = _template_outputs(out)
+    shutil.rmtree(out)
+    _rerun(out, root)
+    assert _template_outputs(out) == before
 
 
 def _sidecar(path):

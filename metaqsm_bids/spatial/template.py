@@ -6,7 +6,9 @@ The brain-masked RSS magnitude is registered to the template's brain-masked T1w 
 on a 256x256x64 magnitude it takes ~14 s on 2 cores against ~25 s with SyN (benchmarks in the
 closing report of issue 6), QSM group studies mostly average over regions, and a deformable
 fit of GRE magnitude to a T1w template is less reliable than a T1w-to-T1w one. One registration
-per template (on its coarsest requested grid) serves all its resolutions. The Chimap is
+per template (on its coarsest requested grid) serves all its resolutions; it is a function of its own
+(:func:`register_to_template`), apart from the writing (:func:`write_template_outputs`), so that a
+pipeline rerun reuses a cached registration yet rewrites the outputs. The Chimap is
 resampled with linear interpolation, masks with nearest neighbour, all through one transform,
 and written with fMRIPrep-style names: ``<run>_space-<template>_res-<n>[_desc-<d>]_<suffix>.nii.gz``
 and ``<run>_from-orig_to-<template>_mode-image_xfm.{mat,h5}`` (ITK affine, or a composite HDF5
@@ -249,49 +251,68 @@ def _split_tail(tail):
     return match.groups()
 
 
-def to_template(magnitude_file, images, out_dir, entities, template=DEFAULT_TEMPLATE, resolutions=(2,),
-                brain_mask_file=None, nonlinear=False):
-    """Register ``magnitude_file`` to ``template`` once and write ``images`` resampled at each resolution.
-
-    images: name -> (NIfTI path, "linear" | "nearest"), the name being the derivative's tail
-    after the run prefix, e.g. ``{"Chimap": (chi, "linear"), "desc-brain_mask": (mask, "nearest")}``.
-    entities: the run's pybids entities (subject, session, acquisition, reconstruction, run).
-    resolutions: templateflow resolution indices; the registration uses the T1w of the coarsest
-    (largest voxels: fastest) and every resolution is resampled through that one transform
-    (an ITK transform maps physical points, so it serves every grid of the template).
-    brain_mask_file: the run's brain mask; registration then uses brain-masked images.
-    Returns ``(transform path, {resolution: {name: written NIfTI path}})``; every file has a JSON
-    sidecar. Everything is computed before the first file is written, and each file is written
-    atomically. Raises ValueError for unknown names or interpolations and a missing template.
-    """
-    import ants
-
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
-    resolutions = list(dict.fromkeys(int(r) for r in resolutions))
-    if not resolutions:
-        raise ValueError("no template resolution given")
+def _check_images(images):
     for name, (_, interpolation) in images.items():
         _split_tail(name)
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"{name}: interpolation {interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
+
+
+def _resolutions(resolutions):
+    resolutions = list(dict.fromkeys(int(r) for r in resolutions))
+    if not resolutions:
+        raise ValueError("no template resolution given")
+    return resolutions
+
+
+def register_to_template(magnitude_file, work_dir, template=DEFAULT_TEMPLATE, resolutions=(2,), brain_mask_file=None,
+                         nonlinear=False):
+    """Register ``magnitude_file`` to ``template`` once, on the T1w of the coarsest of ``resolutions``.
+
+    The expensive half of :func:`to_template`, apart so that a pipeline can cache it while the
+    outputs are rewritten (:func:`write_template_outputs`). The coarsest grid (largest voxels) is
+    the fastest, and an ITK transform maps physical points, so it serves every grid of the template.
+    The transform (and ANTs' intermediate files) go to ``work_dir``, which must outlive the writing.
+    Returns ``(transform path, info)``: :func:`register`'s info plus ``FixedImage``.
+    """
+    files = {resolution: template_files(template, resolution) for resolution in _resolutions(resolutions)}
+    coarsest = max(files, key=lambda r: np.prod(nib.load(str(files[r]["T1w"])).header.get_zooms()[:3]))
+    transform, info = register(magnitude_file, files[coarsest]["T1w"], brain_mask_file, files[coarsest]["brain_mask"],
+                               nonlinear, work_dir)
+    info["FixedImage"] = files[coarsest]["T1w"].name + (" (brain-masked)" if info["BrainMasked"] else "")
+    return transform, info
+
+
+def write_template_outputs(transform, registration, magnitude_file, images, out_dir, entities,
+                           template=DEFAULT_TEMPLATE, resolutions=(2,), brain_mask_file=None):
+    """Resample ``images`` through ``transform`` at each resolution; write them and the transform to ``out_dir``.
+
+    The cheap half of :func:`to_template` (see there for the arguments), apart so that it can run on
+    every pipeline run, restoring deleted outputs, while the registration stays cached.
+    transform, registration: what :func:`register_to_template` returned for ``magnitude_file``
+    (and ``brain_mask_file``, only named in the transform's sidecar here). The transform's
+    sidecar's ``ElapsedSeconds`` is the registration's plus this writing's.
+    Returns ``(transform path, {resolution: {name: written NIfTI path}})``. Everything is computed
+    before the first file is written, and each file is written atomically.
+    """
+    import ants
+
+    start = time.perf_counter()
+    out_dir, transform = Path(out_dir), Path(transform)
+    resolutions = _resolutions(resolutions)
+    _check_images(images)
     files = {resolution: template_files(template, resolution) for resolution in resolutions}
     grids = {resolution: nib.load(str(found["T1w"])) for resolution, found in files.items()}
-    coarsest = max(resolutions, key=lambda r: np.prod(grids[r].header.get_zooms()[:3]))
     resampled = {}
-    with tempfile.TemporaryDirectory() as work:
-        transform, info = register(magnitude_file, files[coarsest]["T1w"], brain_mask_file,
-                                   files[coarsest]["brain_mask"], nonlinear, work)
-        for resolution in resolutions:
-            fixed = ants.image_read(str(files[resolution]["T1w"]), pixeltype="float")
-            for name, (path, interpolation) in images.items():
-                moving = ants.image_read(str(path), pixeltype="float")
-                resampled[resolution, name] = ants.apply_transforms(
-                    fixed, moving, [str(transform)], interpolator=INTERPOLATIONS[interpolation]).numpy()
-        xfm = _run_folder(out_dir, entities, "anat") / transform_name(entities, template, transform.suffix)
-        atomic_write(xfm, lambda tmp: shutil.copyfile(transform, tmp))
-    info.update(FixedImage=files[coarsest]["T1w"].name + (" (brain-masked)" if info["BrainMasked"] else ""),
-                MovingImage=_source_uri(magnitude_file, out_dir))
+    for resolution in resolutions:
+        fixed = ants.image_read(str(files[resolution]["T1w"]), pixeltype="float")
+        for name, (path, interpolation) in images.items():
+            moving = ants.image_read(str(path), pixeltype="float")
+            resampled[resolution, name] = ants.apply_transforms(
+                fixed, moving, [str(transform)], interpolator=INTERPOLATIONS[interpolation]).numpy()
+    xfm = _run_folder(out_dir, entities, "anat") / transform_name(entities, template, transform.suffix)
+    atomic_write(xfm, lambda tmp: shutil.copyfile(transform, tmp))
+    info = {**registration, "MovingImage": _source_uri(magnitude_file, out_dir)}
     versions = f"{software_versions()}, antspyx {_version('antspyx')}, templateflow {_version('templateflow')}"
     written = {}
     for resolution in resolutions:
@@ -326,7 +347,30 @@ def to_template(magnitude_file, images, out_dir, entities, template=DEFAULT_TEMP
         "Sources": [_source_uri(magnitude_file, out_dir)]
                    + ([_source_uri(brain_mask_file, out_dir)] if brain_mask_file is not None else []),
         "SoftwareVersions": versions,
-        "ElapsedSeconds": round(time.perf_counter() - start, 3),
+        "ElapsedSeconds": round(info["ElapsedSeconds"] + time.perf_counter() - start, 3),
     })
     ensure_bidsignore(out_dir, BIDSIGNORE)
     return xfm, written
+
+
+def to_template(magnitude_file, images, out_dir, entities, template=DEFAULT_TEMPLATE, resolutions=(2,),
+                brain_mask_file=None, nonlinear=False):
+    """Register ``magnitude_file`` to ``template`` once and write ``images`` resampled at each resolution.
+
+    :func:`register_to_template` (in a temporary folder) then :func:`write_template_outputs`.
+    images: name -> (NIfTI path, "linear" | "nearest"), the name being the derivative's tail
+    after the run prefix, e.g. ``{"Chimap": (chi, "linear"), "desc-brain_mask": (mask, "nearest")}``.
+    entities: the run's pybids entities (subject, session, acquisition, reconstruction, run).
+    resolutions: templateflow resolution indices; the registration uses the T1w of the coarsest
+    (largest voxels: fastest) and every resolution is resampled through that one transform
+    (an ITK transform maps physical points, so it serves every grid of the template).
+    brain_mask_file: the run's brain mask; registration then uses brain-masked images.
+    Returns ``(transform path, {resolution: {name: written NIfTI path}})``; every file has a JSON
+    sidecar. Everything is computed before the first file is written, and each file is written
+    atomically. Raises ValueError for unknown names or interpolations and a missing template.
+    """
+    _check_images(images)  # before the registration, which takes seconds
+    with tempfile.TemporaryDirectory() as work:
+        transform, info = register_to_template(magnitude_file, work, template, resolutions, brain_mask_file, nonlinear)
+        return write_template_outputs(transform, info, magnitude_file, images, out_dir, entities, template,
+                                      resolutions, brain_mask_file)
