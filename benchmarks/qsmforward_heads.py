@@ -217,7 +217,7 @@ def load(protocol, bids_dir, affine):
 
 if __name__ == "__main__":
     flags = sys.argv[2:]
-    if len(sys.argv) < 2 or len(set(flags)) != len(flags) or not set(flags) <= {"--lesions", "--realistic-magnitude"}:
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-") or len(set(flags)) != len(flags) or not set(flags) <= {"--lesions", "--realistic-magnitude"}:
         sys.exit(__doc__)
     for name in PROTOCOLS:
         sim = simulate(name, sys.argv[1], lesions="--lesions" in flags,
