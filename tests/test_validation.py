@@ -122,6 +122,33 @@ def test_unrunnable_validator_falls_back_to_pybids(dataset, tmp_path):
     assert any(f.code == "VALIDATOR_FAILED" and f.severity == "warning" for f in findings)
 
 
+def _damage_sub_02(root):  # sub-02: a truncated image (its header intact) and a sidecar that is not JSON
+    image = root / "sub-02/anat/sub-02_echo-2_part-mag_MEGRE.nii.gz"
+    image.write_bytes(image.read_bytes()[:-200])
+    (root / "sub-02/anat/sub-02_echo-3_part-phase_MEGRE.json").write_text("{not json")
+
+
+@pytest.mark.parametrize("validator", BACK_ENDS)
+def test_only_the_selected_participants_are_read(dataset, tmp_path, validator):
+    """A one-participant task (a SLURM array task) reads that participant's files and the dataset-level ones only:
+    sub-02's damage is not seen when sub-01 is validated, and is when sub-02 is."""
+    from metaqsm_bids.io.bids import index_dataset
+
+    root = _broken(dataset, tmp_path, _damage_sub_02)
+    for selection in (["01"], ["sub-01", "03"]):
+        findings = validate_input(root, validator=validator, participants=selection)
+        assert not [f for f in findings if f.subject not in ("01", "03")], format_findings(findings)
+        assert not _errors(findings), format_findings(findings)
+    errors = _errors(validate_input(root, validator=validator, participants=["02"]))
+    assert errors and {e.subject for e in errors} == {"02"}, format_findings(errors)
+    assert any(e.code == "MEGRE_RUN" and "sub-02_echo-3_part-phase_MEGRE.json" in e.message for e in errors)
+    layout, unreadable = index_dataset(root, ["01"])
+    assert layout.get_subjects() == ["01"] and unreadable == {}
+    assert {f.entities["subject"] for f in layout.get(suffix="MEGRE")} == {"01"}
+    layout, unreadable = index_dataset(root, ["02"])
+    assert layout.get_subjects() == ["02"] and list(unreadable) == ["02"]
+
+
 def test_not_a_directory(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         validate_input(tmp_path / "missing")

@@ -201,12 +201,12 @@ def _user_masks(mask_dir, runs):
     return masks
 
 
-def _collect(opts, layout, subjects, filters, unreadable, validation_errors=None):
+def _collect(opts, layout, subjects, filters, unreadable):
     """Runs per participant, and the participants whose input is unusable, with the reason.
 
     ``unreadable``: participant -> messages about its MEGRE sidecars that are not valid JSON (left out of
-    ``layout``); ``validation_errors``: participant -> messages of the input validation's errors in its files
-    (besides metaqsm's own checks, which are repeated here for the selected runs).
+    ``layout``). A participant fails on metaqsm's own checks of its runs only (the input validation's other
+    errors in its files are warnings, see :func:`_log_validation_findings`).
     """
     from ..io.bids import BIDSInputError, find_megre_runs
 
@@ -215,8 +215,6 @@ def _collect(opts, layout, subjects, filters, unreadable, validation_errors=None
         found = find_megre_runs(layout, subject, opts.session_label, filters, opts.phase_sign)
         # an unreadable sidecar is the cause of what the run's checks then find wrong: said alone
         errors = unreadable.get(subject) or [str(result) for _, result in found if isinstance(result, Exception)]
-        if not errors:  # the validator's errors count where metaqsm's own checks found none (one message)
-            errors = list(dict.fromkeys((validation_errors or {}).get(subject, [])))
         if not found:
             sessions = f" in session(s) {opts.session_label}" if opts.session_label else ""
             errors = [f"sub-{subject}: no *_MEGRE.nii[.gz] files (part-mag + part-phase or part-real + part-imag) "
@@ -257,15 +255,16 @@ def _crash_reasons(crash_dir, since):
     return reasons
 
 
-def _validation_errors(bids_dir, findings, sessions, participants=None):
-    """Log the validation findings that do not stop the run, once each; returns {} (participant -> messages).
+def _log_validation_findings(bids_dir, findings, sessions):
+    """Raise :class:`BIDSInputError` for the dataset-level errors among the input validation's ``findings``;
+    log the others, once each, and return nothing.
 
-    Findings about participants not in ``participants`` (labels; None: all) go to the log file only.
-    Dataset-level errors raise. metaqsm's own run checks (MEGRE_RUN) are left to :func:`_collect`,
-    which repeats them on the selected runs and fails the participant with their message. The
-    validator's errors in a participant's files concern BIDS keys or names that metaqsm does not
-    need (e.g. ``SkullStripped``): they are said as one WARNING per participant and issue, and do
-    not fail it (a participant's failure is decided by what metaqsm needs, not by BIDS conformance).
+    metaqsm's own run checks (MEGRE_RUN) go to the log file only: :func:`_collect` repeats them on the
+    selected runs and fails the participant with their message. The validator's errors in a participant's
+    files concern BIDS keys or names that metaqsm does not need (e.g. ``SkullStripped``): they are said as
+    one WARNING per participant and issue, and do not fail it (a participant's failure is decided by what
+    metaqsm needs, not by BIDS conformance). Errors in files of sessions not in ``sessions`` (labels; empty:
+    all) are not said. ``findings`` are about the selected participants only (see :func:`run_participant`).
     """
     from ..io.bids import BIDSInputError
 
@@ -276,7 +275,7 @@ def _validation_errors(bids_dir, findings, sessions, participants=None):
     grouped = {}
     for finding in findings:
         session = re.search(r"(?:^|/)ses-([A-Za-z0-9]+)/", finding.path or "")
-        if finding.code == "MEGRE_RUN" or participants and finding.subject not in (None, *participants):
+        if finding.code == "MEGRE_RUN":
             LOGGER.debug("%s", finding)
         elif finding.severity != "error":
             LOGGER.warning("%s", finding.message)
@@ -285,7 +284,21 @@ def _validation_errors(bids_dir, findings, sessions, participants=None):
     for (subject, _), same in grouped.items():
         more = f" (and {len(same) - 1} more file(s) of sub-{subject} with the same issue)" if len(same) > 1 else ""
         LOGGER.warning("%s%s; metaqsm does not need it and goes on", same[0].message, more)
-    return {}
+
+
+def qsm_options(opts):
+    """The keyword arguments of :func:`~metaqsm_bids.workflows.qsm.init_qsm_wf` that the parsed ``opts`` give
+    (every run alike; the workflow tests build the graph from them as the CLI does)."""
+    network_params = {"orientations": opts.network_orientations}
+    if opts.network_data_consistency is not None:  # off: the sidecar stays as without the option
+        network_params["data_consistency_lambda"] = opts.network_data_consistency
+    inversion_params = {"tkd": {"threshold": opts.tkd_threshold},
+                        "medi": {"lambda_": opts.medi_lambda},
+                        "metaqsm": network_params, "mesaqsm": network_params}.get(opts.inversion, {})
+    return dict(bids_dir=opts.bids_dir, output_dir=opts.output_dir, inversion=opts.inversion,
+                inversion_params=inversion_params, bfr=opts.bfr, bfr_radius_mm=opts.bfr_radius_mm,
+                bipolar=opts.bipolar, device=opts.device, omp_nthreads=opts.omp_nthreads,
+                output_spaces=opts.output_spaces)
 
 
 def run_participant(opts):
@@ -293,8 +306,8 @@ def run_participant(opts):
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
-    from ..io.bids import (BIDSInputError, bare_label, check_bids_filters, index_dataset, load_bids_filters,
-                          participant_labels)
+    from ..io.bids import (BIDSInputError, bare_label, check_bids_filters, check_participant_folders, index_dataset,
+                          load_bids_filters, participant_labels)
     from ..io.derivatives import ensure_dataset_description
     from ..io.validation import validate_input
     from ..reports import write_subject_report
@@ -306,16 +319,19 @@ def run_participant(opts):
     filters = load_bids_filters(opts.bids_filter_file) if opts.bids_filter_file else {}  # before the long indexing
     log_file = _start_log_file(opts.work_dir)
     LOGGER.debug("metaqsm %s; log file %s", " ".join(sys.argv), log_file)
-    validation_errors = {}
+    # the selected participants' files and the dataset-level ones only: a one-participant task of a large study
+    # (a SLURM array task) reads its own participant, not the whole dataset
+    participants = [bare_label(label) for label in opts.participant_label] if opts.participant_label else None
+    # said as such before the validator sees a view of the dataset without that participant's folder
+    check_participant_folders(opts.bids_dir, participants)
     if not opts.skip_bids_validation:
         sessions = [re.sub(r"^ses-", "", s) for s in opts.session_label or []]
-        participants = [bare_label(label) for label in opts.participant_label or []]
-        validation_errors = _validation_errors(opts.bids_dir, validate_input(opts.bids_dir), sessions, participants)
-    layout, unreadable = index_dataset(opts.bids_dir)
+        _log_validation_findings(opts.bids_dir, validate_input(opts.bids_dir, participants=participants), sessions)
+    layout, unreadable = index_dataset(opts.bids_dir, participants)
     if filters:
         check_bids_filters(filters, opts.bids_filter_file, layout)
     subjects = participant_labels(layout, opts.participant_label)
-    runs_by_subject, user_masks, failed = _collect(opts, layout, subjects, filters, unreadable, validation_errors)
+    runs_by_subject, user_masks, failed = _collect(opts, layout, subjects, filters, unreadable)
     if failed and opts.stop_on_first_crash:
         runs_by_subject = {}  # nothing is processed
 
@@ -344,19 +360,7 @@ def run_participant(opts):
         })
         nipype_logging.update_logging(nipype_config)
         _route_nipype_logging(opts.verbose)
-        network_params = {"orientations": opts.network_orientations}
-        if opts.network_data_consistency is not None:  # off: the sidecar stays as without the option
-            network_params["data_consistency_lambda"] = opts.network_data_consistency
-        inversion_params = {"tkd": {"threshold": opts.tkd_threshold},
-                            "medi": {"lambda_": opts.medi_lambda},
-                            "metaqsm": network_params, "mesaqsm": network_params}.get(opts.inversion, {})
-        wf = init_metaqsm_wf(
-            runs_by_subject, work_dir=opts.work_dir, user_masks=user_masks,
-            bids_dir=opts.bids_dir, output_dir=opts.output_dir, inversion=opts.inversion,
-            inversion_params=inversion_params, bfr=opts.bfr, bfr_radius_mm=opts.bfr_radius_mm,
-            bipolar=opts.bipolar,
-            device=opts.device, omp_nthreads=opts.omp_nthreads, output_spaces=opts.output_spaces,
-        )
+        wf = init_metaqsm_wf(runs_by_subject, work_dir=opts.work_dir, user_masks=user_masks, **qsm_options(opts))
         add_resource_hints(wf, opts.plugin)
         started = time.time() - 1
         runner = make_runner(opts.plugin, {**opts.plugin_args, "status_callback": _check_stopped})

@@ -394,12 +394,36 @@ def check_bids_filters(filters, path, layout=None):
 _NOT_INDEXED = ("code", "models", "sourcedata", "stimuli", "derivatives")
 
 
-def unreadable_sidecars(bids_dir):
-    """``{path: what is wrong}`` for the JSON files of the dataset that pybids would index and cannot read."""
+def subject_dirs(bids_dir):
+    """The participant labels of the dataset's ``sub-<label>`` folders, sorted (a directory listing, nothing read)."""
+    return sorted(entry.name[4:] for entry in os.scandir(bids_dir) if entry.name.startswith("sub-") and entry.is_dir())
+
+
+def _selected(bids_dir, participants):
+    """``(top-level folder names left out, pybids ignore patterns)`` for the ``sub-*`` folders of the
+    participants not in ``participants`` (labels, with or without ``sub-``; None: all participants)."""
+    if participants is None:
+        return set(), []
+    wanted = {bare_label(label) for label in participants}
+    others = {f"sub-{label}" for label in subject_dirs(bids_dir) if label not in wanted}
+    if not others:
+        return set(), []
+    # one pattern: pybids tries every pattern on every file and folder
+    keep = "|".join(re.escape(label) for label in sorted(wanted)) or "(?!)"
+    return others, [re.compile(rf"^/sub-(?!(?:{keep})(?:/|$))")]
+
+
+def unreadable_sidecars(bids_dir, participants=None):
+    """``{path: what is wrong}`` for the JSON files of the dataset that pybids would index and cannot read.
+
+    ``participants`` (labels; None: all): only their ``sub-*`` folders are read, besides the dataset-level files.
+    """
     bids_dir = Path(bids_dir)
+    left_out, _ = _selected(bids_dir, participants)
     broken = {}
     for top, dirs, files in os.walk(bids_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (Path(top) == bids_dir and d in _NOT_INDEXED))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (
+            Path(top) == bids_dir and (d in _NOT_INDEXED or d in left_out)))
         for name in sorted(files):
             if not name.endswith(".json") or name.startswith("."):
                 continue
@@ -422,20 +446,22 @@ def subject_of(relative):
     return match.group(1) if match else None
 
 
-def index_dataset(bids_dir):
+def index_dataset(bids_dir, participants=None):
     """Index the dataset with pybids, leaving out the sidecars it cannot read.
 
     Returns ``(layout, {participant: [message]})``: a participant's unreadable MEGRE sidecar fails that
     participant (message starting with the file), without stopping the others; unreadable sidecars of
     other files are left out of the index (metaqsm does not read them). Raises :class:`BIDSInputError`
     for an unreadable ``dataset_description.json`` or dataset-level MEGRE sidecar (every participant
-    inherits it).
+    inherits it). ``participants`` (labels; None: all): the other participants' ``sub-*`` folders are
+    left out of the index, so that a one-participant task reads that participant's files and the
+    dataset-level ones only.
     """
     from bids import BIDSLayout, BIDSLayoutIndexer
     from bids.layout.validation import DEFAULT_LOCATIONS_TO_IGNORE
 
     bids_dir = Path(bids_dir)
-    broken = unreadable_sidecars(bids_dir)
+    broken = unreadable_sidecars(bids_dir, participants)
     by_subject = {}
     for path, what in broken.items():
         subject = subject_of(path.relative_to(bids_dir).as_posix())
@@ -443,7 +469,7 @@ def index_dataset(bids_dir):
             raise BIDSInputError(f"{path}: {what}")
         if path.name.endswith("_MEGRE.json"):
             by_subject.setdefault(subject, []).append(f"{path}: {what}")
-    ignore = [*DEFAULT_LOCATIONS_TO_IGNORE,
+    ignore = [*DEFAULT_LOCATIONS_TO_IGNORE, *_selected(bids_dir, participants)[1],
               *(re.compile("^/" + re.escape(path.relative_to(bids_dir).as_posix()) + "$") for path in broken)]
     return BIDSLayout(str(bids_dir), validate=False, indexer=BIDSLayoutIndexer(ignore=ignore)), by_subject
 
@@ -453,14 +479,28 @@ def bare_label(label):
     return re.sub(r"^sub-", "", label)
 
 
-def participant_labels(layout, requested=None):
-    """Subjects to process; unknown labels raise a :class:`BIDSInputError` listing what exists."""
-    available = sorted(layout.get_subjects())
-    if not requested:
-        return available
-    wanted = [bare_label(label) for label in requested]
-    missing = [label for label in wanted if label not in available]
+def check_participant_folders(bids_dir, requested):
+    """Raise a :class:`BIDSInputError` listing what exists unless every requested participant label (with or
+    without ``sub-``) has a ``sub-<label>`` folder in ``bids_dir``; a directory listing, before any indexing."""
+    available = subject_dirs(bids_dir)
+    missing = [label for label in map(bare_label, requested or []) if label not in available]
     if missing:
+        raise BIDSInputError(f"{bids_dir}: participant label(s) {missing} not found; the dataset has {available}")
+
+
+def participant_labels(layout, requested=None):
+    """Subjects to process; unknown labels raise a :class:`BIDSInputError` listing what exists.
+
+    A requested participant is known when ``layout`` (indexed for the requested ones, see
+    :func:`index_dataset`) has files of it; the message lists the others by their ``sub-*`` folders.
+    """
+    indexed = sorted(layout.get_subjects())
+    if not requested:
+        return indexed
+    wanted = [bare_label(label) for label in requested]
+    missing = [label for label in wanted if label not in indexed]
+    if missing:
+        available = sorted(set(indexed) | set(subject_dirs(layout.root)) - set(wanted))
         raise BIDSInputError(
             f"{layout.root}: participant label(s) {missing} not found; the dataset has {available}"
         )

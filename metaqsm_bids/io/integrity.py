@@ -1,11 +1,13 @@
-"""Reading every input image in full before any step runs.
+"""Reading every input image of the participants being run in full before any step runs.
 
 A truncated or corrupt ``.nii.gz``, a NaN in a phase image or a magnitude that is zero
 everywhere would otherwise surface deep inside a nipype node. Here each file is read once:
 gzip files are decompressed as one whole stream (so a truncated file or a bad CRC is caught
 even where the image data end before the damage), the NIfTI header and data are parsed from
 the result, and the values are checked. Results are cached by (path, size, mtime), so the
-input validation and the participant level share one read per file.
+input validation and the participant level share one read per file. Only the selected participants'
+runs are checked (:func:`metaqsm_bids.io.bids.index_dataset` indexes those alone), so a one-participant
+task of a large study reads one participant's images.
 """
 import gzip
 import io

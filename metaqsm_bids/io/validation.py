@@ -5,16 +5,23 @@ output) when it is installed, else pybids' file-name validation, then metaqsm's 
 every MEGRE run (:func:`metaqsm_bids.io.bids.find_megre_runs`: phase without magnitude, missing
 echoes, echoes of different shapes or grids, missing EchoTime or field strength). It returns
 findings and never raises for a problem in the data: the caller decides what stops the run.
+
+Given the participants being run, it reads their ``sub-*`` folders and the dataset-level files only
+(the official validator sees a view of the dataset without the other participants' folders), so a
+one-participant task of a large study reads its own participant, not the whole dataset.
 """
+import glob
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bids import RUN_ENTITIES, BIDSInputError, find_megre_runs, index_dataset, subject_of
+from .bids import RUN_ENTITIES, BIDSInputError, bare_label, find_megre_runs, index_dataset, subject_dirs, subject_of
 
 #: Dataset-level files: a validator error in them is an error for metaqsm too.
 _DATASET_LEVEL = re.compile(r"^/?(dataset_description\.json|participants\.(tsv|json))$")
@@ -48,14 +55,16 @@ def find_validator():
     return str(exe) if Path(exe).exists() else None
 
 
-def validate_input(bids_dir, validator="auto", timeout_s=600):
+def validate_input(bids_dir, validator="auto", timeout_s=600, participants=None):
     """Findings about ``bids_dir`` that matter for QSM, errors first; an empty list means all is well.
 
     ``validator``: "auto" (the official validator if installed, else pybids), a path to
     ``bids-validator-deno``, or None (pybids only). Validator warnings (recommended metadata)
     are dropped; validator errors in MEGRE files or dataset-level files stay errors, those in
-    other files become warnings (metaqsm ignores those files). Raises ValueError only if
-    ``bids_dir`` is not a directory.
+    other files become warnings (metaqsm ignores those files). ``participants`` (labels, with or
+    without ``sub-``; None: all): only these participants' files are checked, besides the
+    dataset-level files (dataset_description.json, participants.tsv, top-level sidecars). Raises
+    ValueError only if ``bids_dir`` is not a directory.
     """
     bids_dir = Path(bids_dir).resolve()
     if not bids_dir.is_dir():
@@ -64,17 +73,17 @@ def validate_input(bids_dir, validator="auto", timeout_s=600):
     findings = []
     if validator:
         try:
-            findings += _official_validator(bids_dir, validator, timeout_s)
+            findings += _official_validator(bids_dir, validator, timeout_s, participants)
         except (OSError, subprocess.SubprocessError, ValueError) as err:
             findings.append(Finding("warning", f"the BIDS validator could not run ({err}); "
                                     "checked file names with pybids instead", code="VALIDATOR_FAILED"))
-            findings += _pybids_names(bids_dir)
+            findings += _pybids_names(bids_dir, participants)
     else:
-        findings += _pybids_names(bids_dir)
+        findings += _pybids_names(bids_dir, participants)
     # a phase sidecar without Units is BIDS-invalid, but metaqsm infers the units from the value range and
     # says so, with the file, when it collects the run (one warning per run, also with --skip-bids-validation)
     findings = [f for f in findings if not (f.code == "SIDECAR_KEY_REQUIRED/Units" and "_part-phase_" in (f.path or ""))]
-    own = _qsm_checks(bids_dir)
+    own = _qsm_checks(bids_dir, participants)
     # a missing required key that metaqsm's check already names in its own words is said once
     findings = [f for f in findings if not (f.source == "bids-validator" and "/" in (f.code or "") and any(
         o.path == f.path and f.code.split("/", 1)[1] in o.message for o in own))]
@@ -90,7 +99,25 @@ def format_findings(findings):
     return "\n".join(str(f) for f in findings)
 
 
-def _official_validator(bids_dir, validator, timeout_s):
+def _view(bids_dir, participants, folder):
+    """Symbolic links in ``folder`` to every top-level entry of ``bids_dir`` but the ``sub-*`` folders of the
+    participants not in ``participants``: the dataset as the validator should see it for those participants."""
+    wanted = {f"sub-{bare_label(label)}" for label in participants}
+    others = {f"sub-{label}" for label in subject_dirs(bids_dir)} - wanted
+    for entry in os.scandir(bids_dir):
+        if entry.name not in others:
+            os.symlink(entry.path, Path(folder) / entry.name)
+    return folder
+
+
+def _official_validator(bids_dir, validator, timeout_s, participants=None):
+    """The official validator's errors, on the whole dataset or (``participants``) on a view of it without the
+    other participants' folders (messages and paths name ``bids_dir``'s files either way)."""
+    if participants is not None:
+        with tempfile.TemporaryDirectory(prefix="metaqsm-validate-") as folder:
+            found = _official_validator(Path(_view(bids_dir, participants, folder)), validator, timeout_s)
+        return [Finding(f.severity, f.message.replace(folder, str(bids_dir)), f.path, f.subject, f.source, f.code)
+                for f in found]
     result = subprocess.run([validator, "--format", "json", "--no-color", str(bids_dir)], capture_output=True,
                             text=True, timeout=timeout_s)
     try:
@@ -116,8 +143,9 @@ def _official_validator(bids_dir, validator, timeout_s):
     return findings
 
 
-def _pybids_names(bids_dir):
-    """pybids' validation: dataset_description.json readable, every file under sub-* named per BIDS."""
+def _pybids_names(bids_dir, participants=None):
+    """pybids' validation: dataset_description.json readable, every file under sub-* named per BIDS
+    (``participants``: under those participants' ``sub-*`` folders only)."""
     from bids_validator import BIDSValidator
 
     findings = []
@@ -129,7 +157,9 @@ def _pybids_names(bids_dir):
                                 "a BIDS dataset needs it", "dataset_description.json", None, "pybids",
                                 "DATASET_DESCRIPTION"))
     checker = BIDSValidator()
-    for path in sorted(bids_dir.glob("sub-*/**/*")):
+    folders = [f"sub-{label}" for label in subject_dirs(bids_dir)] if participants is None else \
+        sorted({f"sub-{bare_label(label)}" for label in participants})
+    for path in sorted(p for folder in folders for p in bids_dir.glob(f"{glob.escape(folder)}/**/*")):
         relative = "/" + path.relative_to(bids_dir).as_posix()
         if path.is_file() and not checker.is_bids(relative):
             megre = "MEGRE" in path.name or "part-" in path.name
@@ -140,14 +170,15 @@ def _pybids_names(bids_dir):
     return findings
 
 
-def _qsm_checks(bids_dir):
-    """metaqsm's own checks of every MEGRE run (the same ones the participant level applies)."""
+def _qsm_checks(bids_dir, participants=None):
+    """metaqsm's own checks of every MEGRE run (the same ones the participant level applies), of the
+    ``participants`` only (labels; None: all)."""
     def relative(message):  # metaqsm's messages start with the file
         path = Path(message.split(": ", 1)[0])
         return path.relative_to(bids_dir).as_posix() if path.is_absolute() and path.is_relative_to(bids_dir) else None
 
     try:
-        layout, unreadable = index_dataset(bids_dir)
+        layout, unreadable = index_dataset(bids_dir, participants)
     except BIDSInputError as err:
         return [Finding("error", str(err), relative(str(err)), code="MEGRE_RUN")]
     findings = [Finding("error", message, relative(message), subject, code="MEGRE_RUN")

@@ -1,0 +1,145 @@
+"""The participant workflow as the CLI builds it, over a grid of settings, built and never run (seconds in all).
+
+Every background removal x every inversion x output spaces (orig only / orig and a template) x runs of 1 and 3
+echoes: the options come from the CLI's parser and :func:`metaqsm_bids.cli.run.qsm_options`, the runs are the typed
+:class:`~metaqsm_bids.io.bids.MEGRERun` objects that :func:`~metaqsm_bids.io.bids.find_megre_runs` collects from a
+tiny simulated dataset. Each graph must have exactly the expected nodes and connections for its settings, the
+settings on the nodes that use them, and every mandatory input of every node set or connected (what a run would
+otherwise find missing only when it reaches that node).
+"""
+import pytest
+from nipype.interfaces.base import isdefined
+
+from metaqsm_bids.cli.parser import parse_args
+from metaqsm_bids.cli.run import qsm_options
+from metaqsm_bids.io.bids import find_megre_runs, index_dataset
+from metaqsm_bids.qsm.background.registry import BACKGROUND_REMOVALS
+from metaqsm_bids.qsm.inversion.registry import INVERSIONS, NETWORK_INVERSIONS
+from metaqsm_bids.sim.bids import RunSpec, simulate_dataset
+from metaqsm_bids.workflows.base import init_metaqsm_wf, subject_workflow_name
+
+#: The template space of the grid's second output-space setting (the graph is built, never run: no antspyx needed).
+TEMPLATE = ("MNI152NLin2009cAsym", 2)
+#: Participant -> echo times of its one run.
+ECHOES = {"01": (0.005, 0.01, 0.015), "02": (0.01,)}
+
+#: Every connection of a run's QSM workflow: (source node, output, destination node, input).
+QSM_EDGES = {
+    ("phase_scaling", "magnitude_file", "brain_mask", "magnitude_file"),
+    ("phase_scaling", "magnitude_file", "total_field", "magnitude_file"),
+    ("phase_scaling", "phase_file", "total_field", "phase_file"),
+    ("total_field", "field_file", "background_removal", "field_file"),
+    ("brain_mask", "mask_file", "background_removal", "mask_file"),
+    ("total_field", "magnitude_rss_file", "background_removal", "magnitude_file"),
+    ("total_field", "residual_file", "background_removal", "residual_file"),
+    ("background_removal", "local_field_file", "dipole_inversion", "local_field_file"),
+    ("background_removal", "mask_file", "dipole_inversion", "mask_file"),
+    ("total_field", "magnitude_rss_file", "dipole_inversion", "magnitude_file"),
+    ("phase_scaling", "provenance", "ds_run", "phase_provenance"),
+    ("brain_mask", "mask_file", "ds_run", "brain_mask_file"),
+    ("brain_mask", "provenance", "ds_run", "mask_provenance"),
+    ("total_field", "field_file", "ds_run", "total_field_file"),
+    ("total_field", "magnitude_rss_file", "ds_run", "magnitude_rss_file"),
+    ("total_field", "residual_file", "ds_run", "fit_residual_file"),
+    ("total_field", "provenance", "ds_run", "field_provenance"),
+    ("background_removal", "local_field_file", "ds_run", "local_field_file"),
+    ("background_removal", "mask_file", "ds_run", "qsm_mask_file"),
+    ("background_removal", "reliable_mask_file", "ds_run", "reliable_mask_file"),
+    ("background_removal", "provenance", "ds_run", "bfr_provenance"),
+    ("dipole_inversion", "chimap_file", "ds_run", "chimap_file"),
+    ("dipole_inversion", "provenance", "ds_run", "inversion_provenance"),
+}
+#: ... and those of its template-space sub-workflow, when there is a template space.
+TEMPLATE_EDGES = {
+    ("ds_run", "out_files", "template_wf.inputnode", "derivatives"),
+    ("template_wf.inputnode", "derivatives", f"template_wf.ds_{TEMPLATE[0]}", "derivatives"),
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A tiny dataset (16x16x8 voxels), its runs as the CLI collects them, and an output folder."""
+    root = tmp_path_factory.mktemp("wiring")
+    bids = root / "bids"
+    simulate_dataset(bids, [RunSpec(label, shape=(16, 16, 8), voxel_size_mm=(2.0, 2.0, 3.0), echo_times_s=tes, seed=n)
+                            for n, (label, tes) in enumerate(ECHOES.items())])
+    layout, _ = index_dataset(bids)
+    runs = {}
+    for subject in ECHOES:
+        found = find_megre_runs(layout, subject)
+        assert len(found) == 1 and not isinstance(found[0][1], Exception), found
+        runs[subject] = [found[0][1]]
+    (root / "out").mkdir()
+    return bids, root / "out", root / "work", runs
+
+
+def _expected_parameters(opts):
+    network = {"orientations": opts.network_orientations}
+    return {"tkd": {"threshold": opts.tkd_threshold}, "medi": {"lambda_": opts.medi_lambda},
+            "metaqsm": network, "mesaqsm": network}.get(opts.inversion, {})
+
+
+def _graph(wf):
+    """``{node path: node}`` and ``{(source, output, destination, input)}`` of the flattened graph, node paths
+    relative to the top workflow (``sub_01_wf.qsm_sub_01_wf.total_field``)."""
+    flat = wf._create_flat_graph()  # what Workflow.run executes (before expanding iterables; there are none)
+
+    def path(node):
+        return ".".join((node._hierarchy or "").split(".")[1:] + [node.name])
+
+    nodes = {path(node): node for node in flat.nodes()}
+    edges = {(path(src), out, path(dst), in_) for src, dst, data in flat.edges(data=True)
+             for out, in_ in data["connect"]}
+    return nodes, edges
+
+
+def _mandatory_unset(node, connected):
+    """The node's mandatory inputs that are neither set nor connected."""
+    inputs = node.inputs
+    return [name for name in inputs.copyable_trait_names()
+            if inputs.trait(name).mandatory and not isdefined(getattr(inputs, name)) and name not in connected]
+
+
+@pytest.mark.parametrize("spaces", ["orig", "template"])
+@pytest.mark.parametrize("inversion", sorted(INVERSIONS))
+@pytest.mark.parametrize("bfr", sorted(BACKGROUND_REMOVALS))
+def test_workflow_wiring(dataset, bfr, inversion, spaces):
+    bids, out, work, runs = dataset
+    opts = parse_args([str(bids), str(out), "participant", "-w", str(work), "--bfr", bfr, "--inversion", inversion,
+                       "--nprocs", "1"])
+    if spaces == "template":  # set here, past the parser's check that antspyx and the template files are there
+        opts.output_spaces = [("orig", None), TEMPLATE]
+    wf = init_metaqsm_wf(runs, work_dir=work, **qsm_options(opts))
+    nodes, edges = _graph(wf)
+
+    expected_nodes, expected_edges = set(), set()
+    for subject, (run,) in runs.items():
+        prefix = f"{subject_workflow_name(subject)}.qsm_{run.name.replace('-', '_')}_wf."
+        run_edges = QSM_EDGES | (TEMPLATE_EDGES if spaces == "template" else set())
+        expected_edges |= {(prefix + src, out_, prefix + dst, in_) for src, out_, dst, in_ in run_edges}
+        expected_nodes |= {prefix + name for src, _, dst, _ in run_edges for name in (src, dst)}
+
+        bfr_node, invert = nodes[prefix + "background_removal"], nodes[prefix + "dipole_inversion"]
+        assert bfr_node.inputs.method == bfr and bfr_node.inputs.radius_mm == opts.bfr_radius_mm
+        assert invert.inputs.method == inversion
+        assert invert.inputs.parameters == _expected_parameters(opts)
+        assert invert.inputs.field_strength_t == run.field_strength_t
+        tes = list(ECHOES[subject])
+        assert nodes[prefix + "total_field"].inputs.echo_times_s == tes
+        assert nodes[prefix + "phase_scaling"].inputs.n_echoes == len(tes)
+        assert len(nodes[prefix + "phase_scaling"].inputs.magnitude_files) == len(tes)
+        if inversion == "medi":  # its noise scaling needs the echo spacing
+            assert invert.inputs.echo_times_s == tes
+        if inversion == "medi" or inversion in NETWORK_INVERSIONS:  # they weight by or take in the magnitude
+            assert (prefix + "total_field", "magnitude_rss_file", prefix + "dipole_inversion", "magnitude_file") \
+                in edges
+        if spaces == "template":
+            template = nodes[prefix + f"template_wf.ds_{TEMPLATE[0]}"]
+            assert (template.inputs.template, template.inputs.resolutions) == (TEMPLATE[0], [TEMPLATE[1]])
+            assert template.inputs.entities == run.entities
+
+    assert set(nodes) == expected_nodes
+    assert edges == expected_edges
+    for name, node in nodes.items():
+        connected = {in_ for _, _, dst, in_ in edges if dst == name}
+        assert not _mandatory_unset(node, connected), f"{name}: mandatory inputs neither set nor connected"
