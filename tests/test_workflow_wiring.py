@@ -7,6 +7,8 @@ tiny simulated dataset. Each graph must have exactly the expected nodes and conn
 settings on the nodes that use them, and every mandatory input of every node set or connected (what a run would
 otherwise find missing only when it reaches that node).
 """
+import re
+
 import pytest
 from nipype.interfaces.base import isdefined
 
@@ -53,6 +55,10 @@ QSM_EDGES = {
 TEMPLATE_EDGES = {
     ("ds_run", "out_files", "template_wf.inputnode", "derivatives"),
     ("template_wf.inputnode", "derivatives", f"template_wf.ds_{TEMPLATE[0]}", "derivatives"),
+    ("template_wf.inputnode", "derivatives|_magnitude", f"template_wf.register_{TEMPLATE[0]}", "magnitude_file"),
+    ("template_wf.inputnode", "derivatives|_brain_mask", f"template_wf.register_{TEMPLATE[0]}", "brain_mask_file"),
+    (f"template_wf.register_{TEMPLATE[0]}", "transform_file", f"template_wf.ds_{TEMPLATE[0]}", "transform_file"),
+    (f"template_wf.register_{TEMPLATE[0]}", "registration", f"template_wf.ds_{TEMPLATE[0]}", "registration"),
 }
 
 
@@ -88,9 +94,16 @@ def _graph(wf):
         return ".".join((node._hierarchy or "").split(".")[1:] + [node.name])
 
     nodes = {path(node): node for node in flat.nodes()}
-    edges = {(path(src), out, path(dst), in_) for src, dst, data in flat.edges(data=True)
+    edges = {(path(src), _output(out), path(dst), in_) for src, dst, data in flat.edges(data=True)
              for out, in_ in data["connect"]}
     return nodes, edges
+
+
+def _output(out):
+    """An output name, or ``'name|function'`` for an output passed through a function (nipype keeps its source)."""
+    if isinstance(out, str):
+        return out
+    return f"{out[0]}|" + re.search(r"def (\w+)", out[1]).group(1)
 
 
 def _mandatory_unset(node, connected):
@@ -134,8 +147,9 @@ def test_workflow_wiring(dataset, bfr, inversion, spaces):
             assert (prefix + "total_field", "magnitude_rss_file", prefix + "dipole_inversion", "magnitude_file") \
                 in edges
         if spaces == "template":
-            template = nodes[prefix + f"template_wf.ds_{TEMPLATE[0]}"]
-            assert (template.inputs.template, template.inputs.resolutions) == (TEMPLATE[0], [TEMPLATE[1]])
+            for node in ("register", "ds"):
+                template = nodes[prefix + f"template_wf.{node}_{TEMPLATE[0]}"]
+                assert (template.inputs.template, template.inputs.resolutions) == (TEMPLATE[0], [TEMPLATE[1]])
             assert template.inputs.entities == run.entities
 
     assert set(nodes) == expected_nodes
