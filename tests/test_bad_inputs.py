@@ -244,7 +244,9 @@ def test_single_echo_warns_and_says_what_was_done(demo):
     assert [w for w in sidecar["Warnings"] if "cannot be removed" in w] == [
         "bids:raw:sub-02/anat/sub-02_echo-1_part-phase_MEGRE.nii.gz: one echo only: the phase offset at TE = 0 cannot "
         "be removed (that needs two or more echoes), so the coil and transmit phase stays in the field map and in "
-        "chi; use multi-echo data"]  # once, the file named as in Sources
+        "chi, and no R2*/T2* map is written (a decay needs two echoes or more); use multi-echo data"]  # once, the file
+    # named as in Sources
+    assert not list(out.rglob("sub-02*_R2starmap.nii.gz")) and list(out.rglob("sub-01*_R2starmap.nii.gz"))
     assert "Warnings" not in sidecar["TotalField"]
     report = (out / "sub-02.html").read_text()
     assert "from 1 echo (TE = 4 ms)" in report and "estimated from the single echo" in report

@@ -35,6 +35,7 @@ OUTPUTS = {  # datatype, suffix of each derivative of a run
     "total_field": ("fmap", "desc-total_fieldmap"), "magnitude": ("fmap", "desc-total_magnitude"),
     "fit_residual": ("fmap", "desc-echofit_residual"),
     "local_field": ("fmap", "desc-local_fieldmap"), "local_magnitude": ("fmap", "desc-local_magnitude"),
+    "r2star": ("anat", "R2starmap"), "t2star": ("anat", "T2starmap"),
 }
 
 
@@ -87,6 +88,16 @@ def test_every_derivative_and_sidecar(processed):
         assert any(s.startswith("bids:raw:") and "part-phase" in s for s in chimap["Sources"])
         for kind in ("total_field", "local_field"):
             assert json.loads(_path(out, prefix, kind, ".json").read_text())["Units"] == "Hz"
+        for kind, units in (("r2star", "1/s"), ("t2star", "s")):
+            sidecar = json.loads(_path(out, prefix, kind, ".json").read_text())
+            fit = sidecar["R2starFit"]
+            assert sidecar["Units"] == units and sidecar["SkullStripped"] is True
+            assert fit["Method"] == "weighted log-linear fit" and fit["EchoTime"] == sidecar["EchoTime"]
+            assert fit["R2starRangeHz"] == [0.0, 1000.0] and fit["T2starMaxSeconds"] == 1.0
+            assert fit["ElapsedSeconds"] >= 0 and sidecar["BrainMask"]["Voxels"] > 0
+            raw = [uri for uri in sidecar["Sources"] if uri.startswith("bids:raw:")]
+            assert raw and all("_part-mag_" in uri for uri in raw)  # the decay is the magnitude's
+            assert any(uri.endswith("_desc-brain_mask.nii.gz") for uri in sidecar["Sources"])
 
 
 def test_chimap_matches_truth(processed):
@@ -115,6 +126,23 @@ def test_chimap_matches_truth(processed):
         assert np.allclose(b0, b0_direction_voxel(raw.affine), atol=1e-5)
         if spec.oblique_deg:
             assert abs(b0[2]) < 0.95  # the oblique run really has B0 off the slice axis
+
+
+def test_r2star_matches_truth(processed):
+    """R2* and T2* of each run against the simulator's R2* (tissue 18-40 s^-1 at 3 T; phase and magnitude at peak
+    SNR 100), away from the brain's edge (partial volume with CSF and skull, field gradients)."""
+    bids_dir, out, _, _ = processed
+    for prefix in PREFIXES:
+        r2star_img = nib.load(_path(out, prefix, "r2star"))
+        r2star, t2star = r2star_img.get_fdata(), nib.load(_path(out, prefix, "t2star")).get_fdata()
+        mask = np.asarray(nib.load(_path(out, prefix, "brain_mask")).dataobj) > 0
+        truth = nib.load(bids_dir / TRUTH / (prefix.format(dt="anat") + "_R2starmap.nii.gz")).get_fdata()
+        deep = mask & erode_mask(mask, voxel_size_mm(r2star_img.affine), 6.0) & (truth > 10)
+        assert deep.sum() > 1000
+        error = r2star[deep] / truth[deep] - 1
+        assert abs(np.median(error)) < 0.1, (prefix, np.median(error))
+        assert np.all(r2star[~mask] == 0) and np.all(t2star[~mask] == 0)
+        assert np.allclose(t2star[deep], 1 / np.maximum(r2star[deep], 1.0), rtol=1e-5)
 
 
 def test_outputs_pass_bids_validator(processed, bids_validator):

@@ -51,6 +51,14 @@ QSM_EDGES = {
     ("dipole_inversion", "chimap_file", "ds_run", "chimap_file"),
     ("dipole_inversion", "provenance", "ds_run", "inversion_provenance"),
 }
+#: ... and those of its R2*/T2* fit, when it has two echoes or more.
+R2STAR_EDGES = {
+    ("phase_scaling", "magnitude_file", "r2star_map", "magnitude_file"),
+    ("brain_mask", "mask_file", "r2star_map", "mask_file"),
+    ("r2star_map", "r2star_file", "ds_run", "r2star_file"),
+    ("r2star_map", "t2star_file", "ds_run", "t2star_file"),
+    ("r2star_map", "provenance", "ds_run", "r2star_provenance"),
+}
 #: ... and those of its template-space sub-workflow, when there is a template space.
 TEMPLATE_EDGES = {
     ("ds_run", "out_files", "template_wf.inputnode", "derivatives"),
@@ -128,7 +136,9 @@ def test_workflow_wiring(dataset, bfr, inversion, spaces):
     expected_nodes, expected_edges = set(), set()
     for subject, (run,) in runs.items():
         prefix = f"{subject_workflow_name(subject)}.qsm_{run.name.replace('-', '_')}_wf."
-        run_edges = QSM_EDGES | (TEMPLATE_EDGES if spaces == "template" else set())
+        tes = list(ECHOES[subject])
+        run_edges = QSM_EDGES | (TEMPLATE_EDGES if spaces == "template" else set()) \
+            | (R2STAR_EDGES if len(tes) > 1 else set())
         expected_edges |= {(prefix + src, out_, prefix + dst, in_) for src, out_, dst, in_ in run_edges}
         expected_nodes |= {prefix + name for src, _, dst, _ in run_edges for name in (src, dst)}
 
@@ -137,8 +147,10 @@ def test_workflow_wiring(dataset, bfr, inversion, spaces):
         assert invert.inputs.method == inversion
         assert invert.inputs.parameters == _expected_parameters(opts)
         assert invert.inputs.field_strength_t == run.field_strength_t
-        tes = list(ECHOES[subject])
         assert nodes[prefix + "total_field"].inputs.echo_times_s == tes
+        if len(tes) > 1:
+            r2star = nodes[prefix + "r2star_map"]
+            assert r2star.inputs.echo_times_s == tes and r2star.inputs.method == opts.r2star_method == "loglinear"
         assert nodes[prefix + "phase_scaling"].inputs.n_echoes == len(tes)
         assert len(nodes[prefix + "phase_scaling"].inputs.magnitude_files) == len(tes)
         if inversion == "medi":  # its noise scaling needs the echo spacing

@@ -114,6 +114,10 @@ def build_parser():
                      help="background field removal method")
     qsm.add_argument("--bfr-radius-mm", type=_positive_float, default=6.0,
                      help="RESHARP spherical kernel radius (mm), with --bfr resharp")
+    qsm.add_argument("--r2star-method", choices=["loglinear", "arlo"], default="loglinear",
+                     help="fit of the R2*/T2* maps with 3+ echoes: 'loglinear' (least squares of log |S| weighted "
+                          "by |S|^2, any echo spacing) or 'arlo' (Pei et al. 2015; equally spaced echoes, else "
+                          "loglinear); 2 echoes take the closed form, 1 echo gives no R2* map")
 
     spaces = parser.add_argument_group("Output spaces")
     spaces.add_argument("--output-spaces", nargs="+", default=["orig"], type=_output_space, metavar="SPACE",

@@ -298,7 +298,7 @@ def qsm_options(opts):
     return dict(bids_dir=opts.bids_dir, output_dir=opts.output_dir, inversion=opts.inversion,
                 inversion_params=inversion_params, bfr=opts.bfr, bfr_radius_mm=opts.bfr_radius_mm,
                 bipolar=opts.bipolar, device=opts.device, omp_nthreads=opts.omp_nthreads,
-                output_spaces=opts.output_spaces)
+                output_spaces=opts.output_spaces, r2star_method=opts.r2star_method)
 
 
 def run_participant(opts):

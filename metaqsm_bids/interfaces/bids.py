@@ -10,6 +10,7 @@ from nipype.interfaces.base import (
     InputMultiObject,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -37,6 +38,9 @@ class _WriteRunDerivativesInputSpec(BaseInterfaceInputSpec):
     field_provenance = traits.Dict(mandatory=True)
     bfr_provenance = traits.Dict(mandatory=True)
     inversion_provenance = traits.Dict(mandatory=True)
+    r2star_file = File(exists=True, desc="R2* (1/s); absent for a single echo")
+    t2star_file = File(exists=True, desc="T2* (s); given with r2star_file")
+    r2star_provenance = traits.Dict(desc="the R2* fit's method and parameters; given with r2star_file")
     acquisition = traits.Dict(mandatory=True, desc="EchoTime (s), MagneticFieldStrength (T)")
 
 
@@ -45,7 +49,8 @@ class _WriteRunDerivativesOutputSpec(TraitedSpec):
 
 
 class WriteRunDerivatives(SimpleInterface):
-    """Write the run's masks, field maps, echo-fit residual and Chimap with provenance sidecars.
+    """Write the run's masks, field maps, echo-fit residual, Chimap and (two echoes or more) R2* and T2* maps
+    with provenance sidecars.
 
     Runs only after every step has succeeded, loads every image before writing
     the first one, and writes each file atomically: a failed run leaves nothing.
@@ -78,6 +83,9 @@ class WriteRunDerivatives(SimpleInterface):
             "qsm_mask": path("mask", "anat", "qsm"),
             "chimap": path("Chimap", "anat"),
         }
+        relaxometry = isdefined(inputs.r2star_file)
+        if relaxometry:
+            paths.update(r2star=path("R2starmap", "anat"), t2star=path("T2starmap", "anat"))
 
         def own(kind):
             return bids_uri("", paths[kind].relative_to(out))
@@ -112,6 +120,8 @@ class WriteRunDerivatives(SimpleInterface):
             "qsm_mask": (qsm_mask, np.uint8),
             "chimap": (load(inputs.chimap_file), np.float32),
         }
+        if relaxometry:
+            images.update(r2star=(load(inputs.r2star_file), np.float32), t2star=(load(inputs.t2star_file), np.float32))
         # masks are on the grid of the raw images: BIDS names that image in SpatialReference
         grid = {"SpatialReference": raw_sources[0]}
         sidecars = {
@@ -174,6 +184,23 @@ class WriteRunDerivatives(SimpleInterface):
                 **steps,
             },
         }
+        if relaxometry:
+            # the decay is the magnitude's: its raw files (both parts where the magnitude is |real + i imag|)
+            magnitude_sources = [uri for uri in raw_sources if "_part-mag_" in uri] or raw_sources
+            fit = {"PhaseScaling": inputs.phase_provenance, "BrainMask": inputs.mask_provenance,
+                   "R2starFit": dict(inputs.r2star_provenance) if isdefined(inputs.r2star_provenance) else {}}
+            relaxometry_sources = [*magnitude_sources, own("brain_mask")]
+            sidecars["r2star"] = {
+                "Description": "Effective transverse relaxation rate R2* of the multi-echo magnitude, fitted per voxel "
+                               "(mono-exponential decay; method in R2starFit), clipped to R2starRangeHz; 0 outside "
+                               "the brain mask.",
+                "Units": "1/s", "SkullStripped": True, "Sources": relaxometry_sources, **fit,
+            }
+            sidecars["t2star"] = {
+                "Description": "Effective transverse relaxation time T2* = 1/R2* (see the R2starmap), at most "
+                               "T2starMaxSeconds where R2* is near 0; 0 outside the brain mask.",
+                "Units": "s", "SkullStripped": True, "Sources": [own("r2star"), *relaxometry_sources], **fit,
+            }
         ensure_bidsignore(out, BIDSIGNORE)  # the residual has no BIDS suffix
         for kind, target in paths.items():
             data, dtype = images[kind]

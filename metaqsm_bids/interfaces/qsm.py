@@ -29,6 +29,7 @@ from ..qsm.field.bipolar import correct_bipolar
 from ..qsm.field.echofit import fit_total_field
 from ..qsm.field.phase import echoes_to_rad
 from ..qsm.field.phase_sign import apply_phase_sign
+from ..qsm.field.relaxometry import METHOD_CHOICES as R2STAR_METHODS, estimate_r2star
 from ..qsm.field.reliability import MIN_SIGNAL_FRACTION
 from ..qsm.inversion.registry import NETWORK_INVERSIONS, invert
 from ..qsm.mask.brain import (CSF_R2STAR_HZ_AT_3T, CSF_S0_FRACTION, CSF_S0_RIM_MM, brain_mask,
@@ -286,6 +287,45 @@ class TotalField(_QSMInterface):
             "Units": "Hz",
         }
         return provenance  # a single echo's offset left in the field: said in the run's Warnings
+
+
+class _R2StarMapInputSpec(_QSMInputSpec):
+    magnitude_file = File(exists=True, mandatory=True, desc="4D magnitude (echo last)")
+    mask_file = File(exists=True, mandatory=True, desc="brain mask: R2* and T2* are 0 outside it")
+    echo_times_s = traits.List(traits.Float, mandatory=True, minlen=2, desc="echo times (s), two or more")
+    method = traits.Enum(*R2STAR_METHODS, usedefault=True,
+                         desc="fit of three or more echoes (metaqsm_bids.qsm.field.relaxometry)")
+
+
+class _R2StarMapOutputSpec(TraitedSpec):
+    r2star_file = File(exists=True, desc="R2* (1/s)")
+    t2star_file = File(exists=True, desc="T2* (s)")
+    provenance = traits.Dict()
+
+
+class R2StarMap(_QSMInterface):
+    """R2* (1/s) and T2* (s) maps of the multi-echo magnitude in the brain mask
+    (:func:`~metaqsm_bids.qsm.field.relaxometry.estimate_r2star`). Needs two echoes or more: the workflow
+    has no such node for a single echo."""
+
+    input_spec = _R2StarMapInputSpec
+    output_spec = _R2StarMapOutputSpec
+
+    def _compute(self):
+        img, magnitude = _load(self.inputs.magnitude_file)
+        if magnitude.ndim == 3:
+            magnitude = magnitude[..., None]
+        mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
+        result = estimate_r2star(magnitude, self.inputs.echo_times_s, mask=mask, method=self.inputs.method)
+        self._results["r2star_file"] = _save(result.r2star_hz, img, "r2star_hz.nii")
+        self._results["t2star_file"] = _save(result.t2star_s, img, "t2star_s.nii")
+        inside = result.r2star_hz[mask]
+        return {
+            "Method": result.method,
+            **result.parameters,
+            "Input": "magnitude of every echo, in the brain mask",
+            "MedianR2starInMaskHz": round(float(np.median(inside)), 3) if inside.size else None,
+        }
 
 
 class _BackgroundRemovalInputSpec(_QSMInputSpec):

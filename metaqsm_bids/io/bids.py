@@ -308,8 +308,8 @@ def collect_megre_run(layout, run_entities, filters=None, phase_sign="auto"):
                         "or \"arbitrary\" to be sure")
     if len(echo_times) == 1:
         warnings.append(f"{files_b[0]}: one echo only: the phase offset at TE = 0 cannot be removed (that needs two "
-                        "or more echoes), so the coil and transmit phase stays in the field map and in chi; "
-                        "use multi-echo data")
+                        "or more echoes), so the coil and transmit phase stays in the field map and in chi, and "
+                        "no R2*/T2* map is written (a decay needs two echoes or more); use multi-echo data")
     files = {"magnitude_files": files_a, "phase_files": files_b} if pair == PART_PAIRS[0] else \
         {"real_files": files_a, "imag_files": files_b, "magnitude_files": [], "phase_files": []}
     return MEGRERun(

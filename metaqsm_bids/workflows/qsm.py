@@ -1,12 +1,12 @@
 """The per-run QSM workflow: phase scaling -> brain mask -> total field -> reliability map and background removal
--> inversion -> sink."""
+-> inversion -> sink; beside them, with two echoes or more, the R2*/T2* fit of the magnitude in the brain mask."""
 import nibabel as nib
 import numpy as np
 from nipype.pipeline import engine as pe
 
 from ..interfaces.bids import WriteRunDerivatives
 from ..io.derivatives import raw_uris
-from ..interfaces.qsm import BackgroundRemoval, BrainMask, DipoleInversion, PrepareMEGRE, TotalField
+from ..interfaces.qsm import BackgroundRemoval, BrainMask, DipoleInversion, PrepareMEGRE, R2StarMap, TotalField
 from .spaces import init_template_wf
 
 
@@ -40,7 +40,8 @@ def _acquisition(run, bids_dir):
 
 
 def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_params=None, bfr="pdf", bfr_radius_mm=6.0,
-                bipolar="auto", user_mask_file=None, device="auto", omp_nthreads=1, output_spaces=None, name=None):
+                bipolar="auto", user_mask_file=None, device="auto", omp_nthreads=1, output_spaces=None, name=None,
+                r2star_method="loglinear"):
     """Build the workflow for one :class:`~metaqsm_bids.io.bids.MEGRERun`.
 
     Parameters
@@ -61,6 +62,8 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_par
         ``auto``, ``on`` or ``off``: the odd/even echo phase correction (:mod:`metaqsm_bids.qsm.field.bipolar`).
     user_mask_file : path or None
         A brain mask on the run's grid to use instead of computing one.
+    r2star_method : str
+        ``loglinear`` or ``arlo``: the R2* fit of three or more echoes (:mod:`metaqsm_bids.qsm.field.relaxometry`).
     output_spaces : list of (str, int or None)
         ``(space, resolution)`` pairs; template spaces (all but ``orig``) get the maps resampled
         there once the run's derivatives are written (:func:`~metaqsm_bids.workflows.spaces.init_template_wf`).
@@ -114,6 +117,19 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_par
                      ("reliable_mask_file", "reliable_mask_file"), ("provenance", "bfr_provenance")]),
         (invert, sink, [("chimap_file", "chimap_file"), ("provenance", "inversion_provenance")]),
     ])
+    if len(run.echo_times_s) > 1:  # one echo has no decay to fit: its run's Warnings say there is no R2* map
+        # its own node, not part of the total field's: it needs only the magnitude and the brain mask, so it runs
+        # beside the field steps (MultiProc), and its choices never invalidate their cache
+        r2star = pe.Node(R2StarMap(source_file=run.magnitude_files[0] if run.magnitude_files else source,
+                                   echo_times_s=list(run.echo_times_s), method=r2star_method,
+                                   num_threads=omp_nthreads),
+                         name="r2star_map", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
+        wf.connect([
+            (prep, r2star, [("magnitude_file", "magnitude_file")]),
+            (mask, r2star, [("mask_file", "mask_file")]),
+            (r2star, sink, [("r2star_file", "r2star_file"), ("t2star_file", "t2star_file"),
+                            ("provenance", "r2star_provenance")]),
+        ])
     templates = [space for space in output_spaces or () if space[0] != "orig"]
     if templates:
         template_wf = init_template_wf(run, templates, output_dir=output_dir, omp_nthreads=omp_nthreads)
