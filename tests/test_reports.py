@@ -86,7 +86,8 @@ def test_reports_and_figures_exist_and_links_resolve(processed):
     for page in pages:
         links = _links(page)
         images = [link for link in links if link.endswith(".png")]
-        assert len(images) == (6 if page == report else 3), page  # overview, mosaic, reliability map per run
+        assert len(images) == (8 if page == report else 4), page  # overview, mosaics of chi and R2*, reliability
+
         for link in links:
             if link.startswith("#"):
                 assert f'id="{link[1:]}"' in page.read_text(), link
@@ -119,6 +120,21 @@ def test_report_states_ranges_parameters_timings_and_citations(processed):
     # citations are numbered in order: the method paper first
     assert re.search(r"metaqsm \S+ \[1\]", text)
     assert "projection onto dipole fields (PDF) [3]" in text and "(TKD) [4]" in text
+
+
+def test_r2star_panel_shows_the_map_with_its_units(processed):
+    _, out, report, _ = processed
+    text = report.read_text()
+    for name in ("sub-01_ses-1", "sub-01_ses-2"):
+        figure = f"sub-01/figures/{name}_desc-mosaic_R2starmap.png"
+        assert f'<img src="{figure}" alt="R2* mosaic of {name}">' in text
+        with Image.open(out / figure) as img:
+            pixels = np.asarray(img.convert("RGB"), dtype=np.float32)
+        # rendered: a colour map (inferno), not grey, and not blank
+        assert min(img.size) > 300 and pixels.std() > 20 and np.abs(pixels[..., 0] - pixels[..., 2]).max() > 50
+    assert "<code>R2starmap</code>, 1/s" in text and "fixed range 0 to 60 s<sup>-1</sup>" in text
+    assert "weighted log-linear fit of the 4 echoes" in text
+    assert "missing derivative" not in text
 
 
 def test_methods_follow_the_sidecar():

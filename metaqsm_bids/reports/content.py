@@ -22,7 +22,10 @@ KINDS = {
     "fit_residual_rad": ("fmap", "desc-echofit_residual"),
     "local_field_hz": ("fmap", "desc-local_fieldmap"),
     "chi_ppm": ("anat", "Chimap"),
+    "r2star_hz": ("anat", "R2starmap"),
 }
+#: Kinds a run has only with two echoes or more (one echo has no decay to fit): not missing without them.
+MULTI_ECHO_KINDS = ("r2star_hz",)
 _TAIL_TO_KIND = {tail: kind for kind, (_, tail) in KINDS.items()}
 _DERIVATIVE = re.compile(r"^(sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*?)_(" + "|".join(_TAIL_TO_KIND)
                          + r")\.nii(?:\.gz)?$")
@@ -189,7 +192,9 @@ def run_checks(run, images):
     stats holds mask sizes (voxels, mL, fractions), the brain-mask voxels the reliability map excludes, and chi
     statistics in the QSM mask (ppm).
     """
-    warnings = [f"missing derivative: {KINDS[kind][1]}" for kind, path in run.paths.items() if path is None]
+    single_echo = len(run.provenance.get("EchoTime") or []) == 1
+    warnings = [f"missing derivative: {KINDS[kind][1]}" for kind, path in run.paths.items()
+                if path is None and not (single_echo and kind in MULTI_ECHO_KINDS)]
     stats = {}
     voxel_ml = float(np.prod(images.zooms_mm)) / 1000.0
     brain, qsm, chi = images.brain_mask, images.qsm_mask, images.chi_ppm
@@ -218,7 +223,7 @@ def run_checks(run, images):
                                 "or vsharp; PDF, the default, does not erode)")
         if not qsm.any():
             warnings.append("the QSM mask is empty: no susceptibility values")
-    for kind in ("total_field_hz", "local_field_hz", "chi_ppm"):
+    for kind in ("total_field_hz", "local_field_hz", "chi_ppm", "r2star_hz"):
         volume = getattr(images, kind)
         if volume is not None and not np.isfinite(volume).all():
             warnings.append(f"{KINDS[kind][1]} holds {int((~np.isfinite(volume)).sum())} NaN or infinite voxels")

@@ -1,4 +1,4 @@
-"""Quality-control figures of one run: orthogonal views and a susceptibility mosaic (PNG, matplotlib Agg).
+"""Quality-control figures of one run: orthogonal views, susceptibility and R2* mosaics (PNG, matplotlib Agg).
 
 Every image is reoriented to the closest RAS axes of its affine (nibabel's
 ``as_closest_canonical``) before plotting, so flipped or permuted storage orders
@@ -17,6 +17,9 @@ from nibabel.affines import obliquity
 
 #: Fixed display range of the susceptibility (ppm), so maps compare across runs and subjects.
 CHI_RANGE_PPM = (-0.15, 0.15)
+#: Fixed display range of R2* (1/s at 3 T, scaled with B0): grey matter 15-20, white matter 20-25, the iron-rich
+#: nuclei 30-50; CSF near 0; veins and haemorrhages saturate.
+R2STAR_RANGE_HZ_AT_3T = (0.0, 60.0)
 #: Fixed display range of the echo-fit residual (rad): twice the default reliability threshold (0.5 rad).
 RESIDUAL_RANGE_RAD = (0.0, 1.0)
 #: Colour of the voxels the reliability map excludes, drawn over the magnitude.
@@ -44,6 +47,7 @@ class RunImages:
     fit_residual_rad: np.ndarray = None
     local_field_hz: np.ndarray = None
     chi_ppm: np.ndarray = None
+    r2star_hz: np.ndarray = None
     zooms_mm: tuple = (1.0, 1.0, 1.0)
     oblique_deg: float = 0.0
 
@@ -96,7 +100,7 @@ def field_range_hz(field_hz, mask):
 def _crop_box(images):
     """Voxel slices around the brain mask (plus a margin), or the whole grid without a mask."""
     shape = next(a.shape for a in (images.magnitude, images.brain_mask, images.chi_ppm, images.total_field_hz,
-                                   images.local_field_hz, images.qsm_mask) if a is not None)
+                                   images.local_field_hz, images.qsm_mask, images.r2star_hz) if a is not None)
     mask = images.brain_mask
     if mask is None or not mask.any():
         return tuple(slice(0, n) for n in shape)
@@ -215,24 +219,41 @@ def plot_chi_mosaic(images, out_path, chi_range_ppm=CHI_RANGE_PPM, n_slices=12, 
     """
     if images.chi_ppm is None:
         raise ValueError("no Chimap to plot")
-    box = _crop_box(images)
     mask = images.qsm_mask if images.qsm_mask is not None else np.isfinite(images.chi_ppm)
-    chi = _masked(images.chi_ppm[box], mask[box])
+    return _plot_mosaic(images, images.chi_ppm, mask, chi_range_ppm, "ppm", "gray", out_path, n_slices, columns,
+                        title)
+
+
+def plot_r2star_mosaic(images, out_path, r2star_range_hz=R2STAR_RANGE_HZ_AT_3T, n_slices=12, columns=6, title=""):
+    """Axial mosaic of the R2* map (1/s) on a fixed range, slices spread over the brain mask (where R2* is
+    defined); saves a PNG. Returns the slice indices shown."""
+    if images.r2star_hz is None:
+        raise ValueError("no R2* map to plot")
+    mask = images.brain_mask if images.brain_mask is not None else images.r2star_hz > 0
+    return _plot_mosaic(images, images.r2star_hz, mask, r2star_range_hz, "R2* (1/s)", "inferno", out_path,
+                        n_slices, columns, title)
+
+
+def _plot_mosaic(images, volume, mask, display_range, unit, cmap, out_path, n_slices, columns, title):
+    """Axial mosaic of ``volume`` in ``mask`` (black outside) on the fixed ``display_range`` with a colour bar
+    labelled ``unit``; slices spread over the mask. Returns the slice indices shown."""
+    box = _crop_box(images)
+    shown = _masked(volume[box], mask[box])
     slices = _axial_slices(mask[box], n_slices)
     columns = min(columns, slices.size)
     rows = int(np.ceil(slices.size / columns))
     # one tiled image (rows: posterior-anterior, columns: left-right), so panels need no axes of their own
-    ny, nx = chi.shape[1], chi.shape[0]
+    ny, nx = shown.shape[1], shown.shape[0]
     tiled = np.full((rows * ny, columns * nx), np.nan, dtype=np.float32)
     for n, k in enumerate(slices):
         r, c = rows - 1 - n // columns, n % columns  # first slice at the top left (origin is lower)
-        tiled[r * ny:(r + 1) * ny, c * nx:(c + 1) * nx] = chi[:, :, k].T
+        tiled[r * ny:(r + 1) * ny, c * nx:(c + 1) * nx] = shown[:, :, k].T
     aspect = images.zooms_mm[1] / images.zooms_mm[0]
     width = 11.0
     image_h = width * 0.9 * (rows * ny * aspect) / (columns * nx)
     fig = Figure(figsize=(width, image_h + 1.1), dpi=100, facecolor="white")
     ax = fig.add_axes((0.01, 0.02, 0.86, image_h / (image_h + 1.1)))
-    image = ax.imshow(tiled, origin="lower", cmap=_cmap("gray"), vmin=chi_range_ppm[0], vmax=chi_range_ppm[1],
+    image = ax.imshow(tiled, origin="lower", cmap=_cmap(cmap), vmin=display_range[0], vmax=display_range[1],
                       aspect=aspect, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -251,7 +272,7 @@ def plot_chi_mosaic(images, out_path, chi_range_ppm=CHI_RANGE_PPM, n_slices=12, 
     ax.text(nx / 2, top - 2, "A", ha="center", va="top", **style)
     ax.text(nx / 2, top - ny + 1, "P", ha="center", va="bottom", **style)
     bar = fig.colorbar(image, cax=fig.add_axes((0.885, 0.04, 0.015, image_h / (image_h + 1.1) - 0.04)))
-    bar.set_label(_range_label({"vmin": chi_range_ppm[0], "vmax": chi_range_ppm[1]}, "ppm"), fontsize=11)
+    bar.set_label(_range_label({"vmin": display_range[0], "vmax": display_range[1]}, unit), fontsize=11)
     height = fig.get_figheight()
     fig.suptitle(title, fontsize=13, y=1 - 0.25 / height)
     fig.text(0.5, 1 - 0.65 / height, "Axial slices from inferior (top left) to superior. "

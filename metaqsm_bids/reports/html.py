@@ -13,8 +13,8 @@ from .. import __version__
 from ..io.derivatives import atomic_write, group_summary
 from ..io.validation import ensure_bidsignore
 from . import content
-from .figures import (CHI_RANGE_PPM, RESIDUAL_RANGE_RAD, load_run_images, plot_chi_mosaic, plot_overview,
-                      plot_reliability)
+from .figures import (CHI_RANGE_PPM, R2STAR_RANGE_HZ_AT_3T, RESIDUAL_RANGE_RAD, load_run_images, plot_chi_mosaic,
+                      plot_overview, plot_r2star_mosaic, plot_reliability)
 
 #: Report files the BIDS validator must skip (they are not BIDS files).
 BIDSIGNORE = ("*.html", "**/figures")
@@ -95,6 +95,14 @@ def _figures(run, images, output_dir, figures_dir, chi_range_ppm):
         atomic_write(mosaic, lambda tmp: plot_chi_mosaic(images, tmp, chi_range_ppm,
                                                            title=f"{run.name}: susceptibility (Chimap)"))
         figures["mosaic"] = mosaic.relative_to(output_dir).as_posix()
+    if images.r2star_hz is not None:
+        b0 = run.provenance.get("B0Tesla") or run.provenance.get("MagneticFieldStrength") or 3.0
+        r2star_range = tuple(v * b0 / 3.0 for v in R2STAR_RANGE_HZ_AT_3T)  # R2* grows about linearly with B0
+        r2star = figures_dir / f"{run.name}_desc-mosaic_R2starmap.png"
+        atomic_write(r2star, lambda tmp: plot_r2star_mosaic(images, tmp, r2star_range,
+                                                              title=f"{run.name}: R2* (R2starmap)"))
+        figures["r2star"] = r2star.relative_to(output_dir).as_posix()
+        ranges["r2star_hz"] = r2star_range
     if images.reliable_mask is not None and images.brain_mask is not None:
         reliability = figures_dir / f"{run.name}_desc-reliability_mask.png"
         atomic_write(reliability, lambda tmp: plot_reliability(images, tmp,
@@ -143,6 +151,15 @@ def _run_section(run, stats, warnings, figures, ranges, output_dir):
         parts.append(f"<figure><img src=\"{_e(figures['mosaic'])}\" alt=\"Chimap mosaic of {_e(run.name)}\">"
                      f"<figcaption>Axial Chimap slices on the fixed range {ranges['chi_ppm'][0]:g} to "
                      f"{ranges['chi_ppm'][1]:g} ppm; black is outside the QSM mask.</figcaption></figure>\n")
+    if "r2star" in figures:
+        fit = run.sidecars.get("r2star_hz", {}).get("R2starFit", {})
+        low, high = ranges["r2star_hz"]
+        parts.append(f"<figure><img src=\"{_e(figures['r2star'])}\" alt=\"R2* mosaic of {_e(run.name)}\">"
+                     f"<figcaption><b>R2*</b> (<code>R2starmap</code>, 1/s; T2* = 1/R2* in <code>T2starmap</code>, s) "
+                     f"by the {_e(fit.get('Method', 'fit'))} of the {len(fit.get('EchoTime') or [])} echoes' "
+                     f"magnitude, in the brain mask, on the fixed range {low:g} to {high:g} s<sup>-1</sup> (grey "
+                     "matter 15-20, white matter 20-25, iron-rich nuclei 30-50 s<sup>-1</sup> at 3 T; veins and "
+                     "haemorrhages saturate); black is outside the brain mask.</figcaption></figure>\n")
     if "reliability" in figures:
         parts.append(_reliability_figure(run, stats, figures["reliability"]))
 

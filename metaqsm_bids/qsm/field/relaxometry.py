@@ -6,8 +6,8 @@ Method, by what the echoes allow (:func:`method_for`):
   the inverse variance of ``log |S|`` under Gaussian noise (``var log|S| = sigma^2 / |S|^2``), so the fit is
   the maximum-likelihood one at the SNR of brain GRE, and the late echoes that sit on the Rician noise floor
   (whose magnitude no longer decays) weigh little: that is its noise floor. It takes any echo spacing, is
-  closed form (five array sums over the echoes: about a second for 4 million voxels x 6 echoes on one
-  core) and is what QSM.rs and MriResearchTools call ``r2star_ll``, SEPIA and QSMxT offer among theirs.
+  closed form (five array sums over the echoes: under a second for the brain of a 0.5x0.5x2 mm head,
+  354x428x97 voxels x 5 echoes, on one core; BENCHMARKS.md) and is what QSM.rs and MriResearchTools call ``r2star_ll``, SEPIA and QSMxT offer among theirs.
 * **ARLO** (auto-regression on linear operations; Pei et al. 2015, MRM 73:843), chosen with
   ``method="arlo"`` for three or more *equally spaced* echoes (else the weighted fit is used, and the
   parameters say so). Over two echo intervals the integral of an exponential equals ``T2* (s[n] - s[n+2])``;
