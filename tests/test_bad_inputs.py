@@ -249,6 +249,7 @@ def test_single_echo_warns_and_says_what_was_done(demo):
     assert not list(out.rglob("sub-02*_R2starmap.nii.gz")) and list(out.rglob("sub-01*_R2starmap.nii.gz"))
     assert "Warnings" not in sidecar["TotalField"]
     report = (out / "sub-02.html").read_text()
+    assert "missing derivative" not in report and "R2* mosaic" not in report  # one echo: no R2* map, by design
     assert "from 1 echo (TE = 4 ms)" in report and "estimated from the single echo" in report
     assert "from all" not in report and "removes the phase offset" not in report
     multi = (out / "sub-01.html").read_text()

@@ -31,7 +31,8 @@ SIM_ARGS = ["--shape", "32", "32", "16", "--voxel-size", "2", "2", "3"]  # a few
 DERIVATIVES = [("anat", "desc-brain_mask"), ("anat", "desc-reliable_mask"), ("anat", "desc-qsm_mask"),
                ("anat", "Chimap"), ("fmap", "desc-total_fieldmap"), ("fmap", "desc-total_magnitude"),
                ("fmap", "desc-echofit_residual"),
-               ("fmap", "desc-local_fieldmap"), ("fmap", "desc-local_magnitude")]
+               ("fmap", "desc-local_fieldmap"), ("fmap", "desc-local_magnitude"),
+               ("anat", "R2starmap"), ("anat", "T2starmap")]  # the simulated runs have several echoes
 
 
 # --- plugin files -------------------------------------------------------------------------------
