@@ -134,7 +134,15 @@ def test_r2star_panel_shows_the_map_with_its_units(processed):
         assert min(img.size) > 300 and pixels.std() > 20 and np.abs(pixels[..., 0] - pixels[..., 2]).max() > 50
     assert "<code>R2starmap</code>, 1/s" in text and "fixed range 0 to 60 s<sup>-1</sup>" in text
     assert "weighted log-linear fit of the 4 echoes" in text
+    assert "R2* was fitted to the magnitude of the echoes in the brain mask by a log-linear least-squares fit " \
+           "weighted by the squared magnitude, clipped to 0-1000 s^-1; T2* is its inverse, at most 1 s." in text
     assert "missing derivative" not in text
+
+
+def test_methods_name_arlo_and_cite_it():
+    paragraph, cited = methods_paragraph({"EchoTime": [0.004, 0.008, 0.012], "R2starFit": {
+        "Method": "ARLO", "R2starRangeHz": [0.0, 1000.0], "T2starMaxSeconds": 1.0}})
+    assert "auto-regression on linear operations (ARLO) [pei2015]" in paragraph and cited[-1] == "pei2015"
 
 
 def test_methods_follow_the_sidecar():

@@ -259,6 +259,9 @@ CITATIONS = {
     # what the paper's text gives: its title and its corresponding author (no author list, venue or year)
     "metaqsm": "Meta-QSM: An Image-Resolution-Arbitrary Network for QSM Reconstruction. "
                "Corresponding author: Kevin M. Koch (kmkoch@mcw.edu).",
+    "pei2015": "Pei M, Nguyen TD, Thimmappa ND, Salustri C, Dong F, Cooper MA, Li J, Prince MR, Wang Y. Algorithm "
+               "for fast monoexponential fitting based on auto-regression on linear operations (ARLO) of data. "
+               "Magn Reson Med. 2015;73(2):843-850.",
     "schofield2003": "Schofield MA, Zhu Y. Fast phase unwrapping algorithm for interferometric applications. "
                      "Opt Lett. 2003;28(14):1194-1196.",
     "sun2014": "Sun H, Wilman AH. Background field removal using spherical mean value filtering and Tikhonov "
@@ -464,6 +467,17 @@ def methods_paragraph(sidecar):
         parts.append(f"Susceptibility was computed by {description}{cite}{_parameters_text(inversion)}{b0}, "
                      "and is reported in ppm relative to its mean within the mask where the local field is "
                      "defined.")
+    fit = sidecar.get("R2starFit")
+    if fit:
+        method = str(fit.get("Method", ""))
+        description = {"weighted log-linear fit": "a log-linear least-squares fit weighted by the squared magnitude",
+                       "two-echo closed form": "the closed form ln(S1/S2)/(TE2 - TE1) of the two echoes"}.get(
+            method, "auto-regression on linear operations (ARLO) [pei2015]" if method == "ARLO" else method)
+        if method == "ARLO":
+            cited.append("pei2015")
+        low, high = fit.get("R2starRangeHz", [0, 0])
+        parts.append(f"R2* was fitted to the magnitude of the echoes in the brain mask by {description}, clipped to "
+                     f"{low:g}-{high:g} s^-1; T2* is its inverse, at most {fit.get('T2starMaxSeconds', 1):g} s.")
     return " ".join(parts), cited
 
 

@@ -217,8 +217,14 @@ def _run_section(run, stats, warnings, figures, ranges, output_dir):
     return "".join(parts)
 
 
+def _r2star_fit(run):
+    """``{"R2starFit": ...}`` from the run's R2* sidecar, for the methods paragraph; {} without an R2* map."""
+    fit = run.sidecars.get("r2star_hz", {}).get("R2starFit")
+    return {"R2starFit": fit} if fit else {}
+
+
 def _methods_section(runs):
-    paragraphs = [content.methods_paragraph(run.provenance) for run in runs]
+    paragraphs = [content.methods_paragraph({**run.provenance, **_r2star_fit(run)}) for run in runs]
     if not paragraphs:
         return ""
     distinct = []
