@@ -199,14 +199,15 @@ def load(protocol, bids_dir, affine):
     deriv = Path(bids_dir) / "derivatives" / "qsm-forward" / "sub-1" / "anat"
     anat = Path(bids_dir) / "sub-1" / "anat"
 
-    def read(path, dtype=np.float32):
-        return np.asarray(nib.load(path).dataobj, dtype=dtype)
+    def read(path):
+        return np.asarray(nib.load(path).dataobj, dtype=np.float32)
 
     ppm_to_hz = B0_TESLA * QF_GAMMA_MHZ_PER_T
+    # the label map comes back as floats a little off the labels (7.969 for 8): rounded, not truncated
     n_echo = len(protocol.echo_times_s)
     return Simulation(
         protocol, Path(bids_dir), affine,
-        chi_ppm=read(deriv / "sub-1_Chimap.nii"), seg=read(deriv / "sub-1_dseg.nii", np.int32),
+        chi_ppm=read(deriv / "sub-1_Chimap.nii"), seg=np.rint(read(deriv / "sub-1_dseg.nii")).astype(np.int32),
         brain_mask=read(deriv / "sub-1_mask.nii") > 0.5,
         total_field_hz=read(deriv / "sub-1_desc-shimmed_fieldmap.nii") * np.float32(ppm_to_hz),
         local_field_hz=read(deriv / "sub-1_fieldmap-local.nii") * np.float32(ppm_to_hz),
