@@ -48,6 +48,7 @@ from metaqsm_bids.qsm.background.registry import remove_background  # noqa: E402
 from metaqsm_bids.qsm.core import physics  # noqa: E402
 from metaqsm_bids.qsm.field.echofit import fit_total_field  # noqa: E402
 from metaqsm_bids.qsm.field.reliability import reliable_voxels  # noqa: E402
+from metaqsm_bids.qsm.inversion.consistency import DEFAULT_LAMBDA  # noqa: E402
 from metaqsm_bids.qsm.inversion.registry import INVERSIONS, NETWORK_INVERSIONS, invert  # noqa: E402
 from metaqsm_bids.sim.mni_head import LESIONS, mni_head  # noqa: E402
 from metaqsm_bids.steps.local_field import estimate_local_field  # noqa: E402
@@ -119,9 +120,9 @@ def main(argv=None):
     parser.add_argument("--inversions", nargs="+", default=["tkd", "metaqsm"], choices=sorted(INVERSIONS))
     parser.add_argument("--modes", nargs="+", default=["true-local", "before", "composed"],
                         choices=["true-local", "before", "pipeline", "composed"])
-    parser.add_argument("--network-data-consistency", type=float, metavar="LAMBDA",
-                        help="the networks followed by the k-space data-consistency step (the CLI's option of the "
-                             "same name; true-local, before and pipeline modes)")
+    parser.add_argument("--network-data-consistency", type=float, metavar="LAMBDA", default=DEFAULT_LAMBDA,
+                        help="the networks' k-space data-consistency step (the CLI's option of the same name and "
+                             "default; 0: off) in the true-local, before and pipeline modes")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args(argv)
@@ -139,8 +140,8 @@ def main(argv=None):
 
             def extra(method):
                 """The inversion's inputs as the CLI passes them, and the networks' data-consistency step."""
-                consistency = {"data_consistency_lambda": args.network_data_consistency} \
-                    if method in NETWORK_INVERSIONS and args.network_data_consistency else {}
+                consistency = {"data_consistency_lambda": args.network_data_consistency or None} \
+                    if method in NETWORK_INVERSIONS else {}
                 return {**_inversion_inputs(method, rss, tes), **consistency}
             if "true-local" in args.modes:
                 local = physics.field_hz_to_ppm(sim.local_field_hz, B0_TESLA)

@@ -171,14 +171,16 @@ def _inversion_inputs(method, rss, tes):
     return {"magnitude": rss, "b0_tesla": B0_TESLA, "delta_te_s": float(np.diff(tes).mean())}
 
 
-def _variants(method, orientations, metaqsm_model=None):
+def _variants(method, orientations, metaqsm_model=None, network_lambda=None):
     """``(row name, extra invert arguments)`` per network orientation setting (and Meta-QSM's model
-    when one is named); one plain row otherwise."""
+    when one is named), the networks followed by the data-consistency step of ``network_lambda`` (None:
+    off); one plain row otherwise."""
     if method not in NETWORK_INVERSIONS:
         return [(method, {})]
     model = {"model": metaqsm_model} if method == "metaqsm" and metaqsm_model else {}
     name = f"{method} {metaqsm_model}" if model else method
-    return [(f"{name} ({o})" if len(orientations) > 1 else name, {"orientations": o, **model}) for o in orientations]
+    return [(f"{name} ({o})" if len(orientations) > 1 else name,
+             {"orientations": o, "data_consistency_lambda": network_lambda, **model}) for o in orientations]
 
 
 def _consistency_rows(method, chi, local_ppm, mask, voxel, b0_dir, lambdas, sim, extra):
@@ -194,13 +196,13 @@ def _consistency_rows(method, chi, local_ppm, mask, voxel, b0_dir, lambdas, sim,
     return rows
 
 
-def inversion_stage(sim, voxel, b0_dir, methods, rss, lambdas, orientations, metaqsm_model=None):
+def inversion_stage(sim, voxel, b0_dir, methods, rss, lambdas, orientations, metaqsm_model=None, network_lambda=None):
     brain = sim.brain_mask
     local_ppm = physics.field_hz_to_ppm(sim.local_field_hz, B0_TESLA)
     tes = sim.protocol.echo_times_s
     rows = {}
     for method in methods:
-        for name, variant in _variants(method, orientations, metaqsm_model):
+        for name, variant in _variants(method, orientations, metaqsm_model, network_lambda):
             extra = {**_inversion_inputs(method, rss, tes), **variant}
             start = time.perf_counter()
             chi = invert(method, local_ppm, brain, voxel, b0_dir, **extra)
@@ -210,7 +212,7 @@ def inversion_stage(sim, voxel, b0_dir, methods, rss, lambdas, orientations, met
 
 
 def pipeline_stage(sim, voxel, b0_dir, methods, bfr_method, resharp_radius_mm, lambdas, orientations,
-                   metaqsm_model=None):
+                   metaqsm_model=None, network_lambda=None):
     """The CLI's steps in this process, from raw phase (what ``composed`` runs through the CLI, minus the I/O)."""
     tes = sim.protocol.echo_times_s
     rss = np.sqrt((sim.magnitude ** 2).sum(-1)).astype(np.float32)
@@ -227,7 +229,7 @@ def pipeline_stage(sim, voxel, b0_dir, methods, bfr_method, resharp_radius_mm, l
               "coverage": float(np.count_nonzero(bfr.qsm_mask & sim.brain_mask) / sim.brain_mask.sum()),
               "excluded": float(np.count_nonzero(mask & ~reliable) / mask.sum())}
     for method in methods:
-        for name, variant in _variants(method, orientations, metaqsm_model):
+        for name, variant in _variants(method, orientations, metaqsm_model, network_lambda):
             extra = {**_inversion_inputs(method, rss, tes), **variant}
             start = time.perf_counter()
             chi = invert(method, local_ppm, bfr.qsm_mask, voxel, b0_dir, **extra)
@@ -294,7 +296,11 @@ def main(argv=None):
                         help="background removal of the pipeline and composed stages (the CLI's --bfr)")
     parser.add_argument("--data-consistency", nargs="*", type=float, default=[], metavar="LAMBDA",
                         help="also score each network inversion followed by the k-space data-consistency step "
-                             "with these lambdas (inversion and pipeline stages)")
+                             "with these lambdas (inversion and pipeline stages), on the network's map as "
+                             "--network-data-consistency gives it (0: the network alone)")
+    parser.add_argument("--network-data-consistency", type=float, metavar="LAMBDA",
+                        default=cli.get_default("network_data_consistency"),
+                        help="the networks' own data-consistency step, the CLI's option (default the CLI's; 0: off)")
     parser.add_argument("--network-orientations", nargs="+", choices=ORIENTATIONS,
                         default=[cli.get_default("network_orientations")],
                         help="score the network inversions with each of these (the CLI's --network-orientations)")
@@ -340,13 +346,15 @@ def main(argv=None):
                              ("relative_error", "correlation", "coverage", "tkd_nrmse", "tkd_true_local_nrmse"))
             if "inversion" in args.stages:
                 res["inversion"] = inversion_stage(sim, voxel, b0_dir, args.inversions, rss, args.data_consistency,
-                                                   args.network_orientations, args.metaqsm_model)
+                                                   args.network_orientations, args.metaqsm_model,
+                                                   args.network_data_consistency or None)
                 _print_table("inversion from the true local field (true brain mask)", res["inversion"],
                              METRICS + ("seconds",))
             if "pipeline" in args.stages:
                 res["pipeline"] = pipeline_stage(sim, voxel, b0_dir, args.composed, args.pipeline_bfr,
                                                  args.resharp_radius_mm, args.data_consistency,
-                                                 args.network_orientations, args.metaqsm_model)
+                                                 args.network_orientations, args.metaqsm_model,
+                                                 args.network_data_consistency or None)
                 _print_table(f"pipeline steps in-process from raw phase ({bfr_label})", res["pipeline"],
                              METRICS + ("dice", "coverage", "excluded", "seconds"))
             if "composed" in args.stages:

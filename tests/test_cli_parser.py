@@ -12,3 +12,18 @@ def test_help_names_each_default_once():
     flat = " ".join(text.split())
     for words in ("default: all", "(default: 0.2)", "(default: pdf)", "default: ./work", "default: orig"):
         assert words in flat, words
+
+
+def test_network_data_consistency_default_and_off(tmp_path):
+    from metaqsm_bids.qsm.inversion.consistency import DEFAULT_LAMBDA
+    parser = build_parser()
+    base = [str(tmp_path), str(tmp_path / "out"), "participant"]
+    assert parser.parse_args(base).network_data_consistency == DEFAULT_LAMBDA
+    assert parser.parse_args(base + ["--network-data-consistency", "0.3"]).network_data_consistency == 0.3
+    assert parser.parse_args(base + ["--network-data-consistency", "0"]).network_data_consistency is None
+    for bad in ("-1", "inf", "nan"):
+        try:
+            parser.parse_args(base + ["--network-data-consistency", bad])
+        except SystemExit:
+            continue
+        raise AssertionError(f"{bad} accepted")

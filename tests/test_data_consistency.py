@@ -92,7 +92,7 @@ def test_metaqsm_option_applies_the_step_to_the_network_map():
     chi, mask, _ = phantom(shape, voxel)
     field = forward_field_ppm(chi, voxel, b0) * mask
     common = {"device": "cpu", "orientations": "canonical"}
-    plain = invert("metaqsm", field, mask, voxel, b0, **common)
+    plain = invert("metaqsm", field, mask, voxel, b0, data_consistency_lambda=None, **common)
     info = {}
     fitted = invert("metaqsm", field, mask, voxel, b0, data_consistency_lambda=0.01, info=info, **common)
     network = predict_chi(load_model(), field, mask, voxel, b0)  # one pass, as "canonical"

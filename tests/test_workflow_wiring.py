@@ -88,7 +88,7 @@ def dataset(tmp_path_factory):
 
 
 def _expected_parameters(opts):
-    network = {"orientations": opts.network_orientations}
+    network = {"orientations": opts.network_orientations, "data_consistency_lambda": opts.network_data_consistency}
     return {"tkd": {"threshold": opts.tkd_threshold}, "medi": {"lambda_": opts.medi_lambda},
             "metaqsm": network, "mesaqsm": network}.get(opts.inversion, {})
 

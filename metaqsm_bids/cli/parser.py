@@ -7,6 +7,7 @@ from .. import __version__
 from ..qsm.background.registry import BACKGROUND_REMOVALS
 from ..qsm.field.bipolar import BIPOLAR_THRESHOLD_RAD
 from ..qsm.field.phase_sign import PHASE_SIGN_CHOICES
+from ..qsm.inversion.consistency import DEFAULT_LAMBDA
 from ..qsm.inversion.registry import INVERSIONS
 from ..qsm.network.models import DEFAULT_ORIENTATIONS, ORIENTATIONS
 from .plugins import plugin_settings
@@ -31,6 +32,14 @@ def _positive_float(value):
     if number <= 0:
         raise argparse.ArgumentTypeError(f"{value}: must be > 0")
     return number
+
+
+def _lambda_or_off(value):
+    """A positive finite weight, or 0 for off (returned as None)."""
+    number = float(value)
+    if not (number >= 0 and number < float("inf")):
+        raise argparse.ArgumentTypeError(f"{value}: must be > 0, or 0 for off")
+    return number or None
 
 
 def _output_space(value):
@@ -102,10 +111,11 @@ def build_parser():
                           "'canonical' is one pass; 'pair' (default, 2 passes) adds the pass with the axis along "
                           "B0 reversed; 'flips' (8) gives the same map for flipped or reordered storage of the "
                           "volume; 'all' (16) also for swapped in-plane axes")
-    qsm.add_argument("--network-data-consistency", type=_positive_float, metavar="LAMBDA",
+    qsm.add_argument("--network-data-consistency", type=_lambda_or_off, default=DEFAULT_LAMBDA, metavar="LAMBDA",
                      help="follow the network (metaqsm, mesaqsm) with a closed-form k-space data-consistency step "
-                          "of this weight (dimensionless; the field decides where the dipole kernel's square "
-                          "exceeds it, e.g. 0.01; see metaqsm_bids.qsm.inversion.consistency); off by default")
+                          f"of this weight (dimensionless; the field decides where the dipole kernel's square "
+                          f"exceeds it; see metaqsm_bids.qsm.inversion.consistency; default {DEFAULT_LAMBDA:g}, "
+                          "0: off)")
     qsm.add_argument("--tkd-threshold", type=_positive_float, default=0.2,
                      help="TKD truncation threshold of the dipole kernel")
     qsm.add_argument("--medi-lambda", type=_positive_float, default=1000.0,

@@ -289,9 +289,8 @@ def _log_validation_findings(bids_dir, findings, sessions):
 def qsm_options(opts):
     """The keyword arguments of :func:`~metaqsm_bids.workflows.qsm.init_qsm_wf` that the parsed ``opts`` give
     (every run alike; the workflow tests build the graph from them as the CLI does)."""
-    network_params = {"orientations": opts.network_orientations}
-    if opts.network_data_consistency is not None:  # off: the sidecar stays as without the option
-        network_params["data_consistency_lambda"] = opts.network_data_consistency
+    network_params = {"orientations": opts.network_orientations,
+                      "data_consistency_lambda": opts.network_data_consistency}  # None: off
     inversion_params = {"tkd": {"threshold": opts.tkd_threshold},
                         "medi": {"lambda_": opts.medi_lambda},
                         "metaqsm": network_params, "mesaqsm": network_params}.get(opts.inversion, {})

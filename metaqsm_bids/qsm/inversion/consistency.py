@@ -18,6 +18,13 @@ from ..core.dipole import dipole_kernel
 from ..core.grid import PaddedBox
 from .common import check_inputs
 
+#: The networks' default lambda (metaqsm, mesaqsm; ``--network-data-consistency``). On the stage benchmark's
+#: qsm-forward heads with metaqsm-v3 (BENCHMARKS.md, "The network's map pulled onto the field, by default"):
+#: 1.2-5.3 NRMSE points better from the true local field at all four protocols, 0.1 worse to 4.3 better from
+#: the pipeline's own local field on the heads with lesions, 0-0.8 worse on those without, and the large
+#: haemorrhage's value from 1.08-1.17 to 1.03-1.08 of its truth.
+DEFAULT_LAMBDA = 0.1
+
 
 def data_consistency(chi_net_ppm, local_field_ppm, mask, voxel_size_mm, b0_dir, lambda_, pad_voxels=None):
     """The susceptibility (ppm) nearest ``chi_net_ppm`` whose field fits ``local_field_ppm`` (see the module text).

@@ -11,7 +11,7 @@ import inspect
 import numpy as np
 
 from ..network.models import DEFAULT_ORIENTATIONS, MESAQSM_MODEL, METAQSM_MODEL
-from .consistency import data_consistency
+from .consistency import DEFAULT_LAMBDA, data_consistency
 from .ilsqr import ilsqr
 from .l2 import l2
 from .medi import medi
@@ -19,16 +19,16 @@ from .tkd import tkd
 
 
 def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=METAQSM_MODEL, device="auto",
-            orientations=DEFAULT_ORIENTATIONS, data_consistency_lambda=None, magnitude=None, info=None):
+            orientations=DEFAULT_ORIENTATIONS, data_consistency_lambda=DEFAULT_LAMBDA, magnitude=None, info=None):
     """Meta-QSM: the shipped weight-predicting U-Net (one model for every voxel size and B0 direction).
 
     ``model`` names weights in the package data; ``device`` is ``auto``, ``cpu`` or ``cuda``;
     ``orientations`` (``canonical``, ``pair``, ``flips``, ``all``) the storage orientations the prediction
     averages over (:func:`metaqsm_bids.qsm.network.deepqsm.orientation_transforms`; the default ``pair``
     is 2 passes; ``flips`` makes the map independent of flipped or reordered storage at 8 passes' cost).
-    ``data_consistency_lambda`` (dimensionless, > 0; None, the default: off) follows the network with
-    the closed-form k-space data-consistency step :func:`.consistency.data_consistency`, which fits
-    the field wherever the dipole kernel's square exceeds about this value.
+    ``data_consistency_lambda`` (dimensionless, > 0; default :data:`.consistency.DEFAULT_LAMBDA`; None: off)
+    follows the network with the closed-form k-space data-consistency step :func:`.consistency.data_consistency`,
+    which fits the field wherever the dipole kernel's square exceeds about this value.
     ``magnitude`` (the RSS magnitude, same shape) is an input of ``field+tkd+magnitude`` models
     (required by them; the others ignore it). Like the other methods the result is demeaned inside the mask. ``info`` receives the
     model name, its sha256 and the device used. torch and the model load only when called.
@@ -51,12 +51,13 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
     if info is not None:
         # load_model checked the file against this recorded sha256
         info.update({"Model": model, "ModelSHA256": model_info(model)["sha256"], "Device": device,
-                     "OrientationPasses": len(orientation_transforms(b0_dir, orientations))})
+                     "OrientationPasses": len(orientation_transforms(b0_dir, orientations)),
+                     "DataConsistencyLambda": data_consistency_lambda})
     return chi
 
 
 def mesaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=MESAQSM_MODEL, device="auto",
-            orientations=DEFAULT_ORIENTATIONS, data_consistency_lambda=None, magnitude=None, info=None):
+            orientations=DEFAULT_ORIENTATIONS, data_consistency_lambda=DEFAULT_LAMBDA, magnitude=None, info=None):
     """Mesa-QSM, the control: the same U-Net with plain convolutions, trained at one voxel size
     (warns at any other); see :func:`metaqsm`."""
     return metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir, model=model, device=device,
