@@ -303,7 +303,8 @@ def test_nipype_slurm_plugin_submits_each_step(slurm, tmp_path):
             tres = dict(t.split("=") for t in fields["TRES"].split(","))
             mem_mb = float(tres["mem"][:-1]) * {"M": 1, "G": 1024, "T": 1024 ** 2}[tres["mem"][-1]]
             jobs[fields["JobName"].split(".")[0]] = (fields["JobState"], int(tres["cpu"]), mem_mb)
-    # one batch job per step (the sink runs in the submitting process), each with its own request
+    # one batch job per step (the sink and the sub-second R2* fit run in the submitting process), each with its
+    # own request
     assert set(jobs) == {"phase_scaling", "brain_mask", "total_field", "background_removal", "dipole_inversion"}, jobs
     assert all(state == "COMPLETED" for state, _, _ in jobs.values()), jobs
     cpus = {step: cpu for step, (_, cpu, _) in jobs.items()}

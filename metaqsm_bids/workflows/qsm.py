@@ -123,7 +123,8 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_par
         r2star = pe.Node(R2StarMap(source_file=run.magnitude_files[0] if run.magnitude_files else source,
                                    echo_times_s=list(run.echo_times_s), method=r2star_method,
                                    num_threads=omp_nthreads),
-                         name="r2star_map", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
+                         name="r2star_map", mem_gb=mem_gb / 2, n_procs=omp_nthreads,
+                         run_without_submitting=True)  # under a second: not worth a cluster job's queue wait
         wf.connect([
             (prep, r2star, [("magnitude_file", "magnitude_file")]),
             (mask, r2star, [("mask_file", "mask_file")]),
