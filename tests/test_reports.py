@@ -145,6 +145,15 @@ def test_methods_name_arlo_and_cite_it():
     assert "auto-regression on linear operations (ARLO) [pei2015]" in paragraph and cited[-1] == "pei2015"
 
 
+@pytest.mark.parametrize("lambda_", [0.1, None])
+def test_methods_say_the_networks_data_consistency_step(lambda_):
+    paragraph, _ = methods_paragraph({"EchoTime": [0.004, 0.008], "DipoleInversion": {
+        "Method": "metaqsm", "orientations": "pair", "DataConsistencyLambda": lambda_}})
+    assert "the Meta-QSM network" in paragraph and "None" not in paragraph
+    assert ("pulled onto the field by a k-space data-consistency step, lambda 0.1" in paragraph) == (lambda_ == 0.1)
+    assert ("data-consistency" in paragraph) == (lambda_ is not None)
+
+
 def test_methods_follow_the_sidecar():
     sidecar = {"SoftwareVersions": "metaqsm 9.9, numpy 2", "EchoTime": [0.005], "MagneticFieldStrength": 7.0,
                "PhaseScaling": {"PhaseUnits": "arbitrary"}, "BrainMask": {"Method": "user-provided"},

@@ -339,6 +339,8 @@ _PARAMETER_WORDS = {"RadiusMm": ("kernel radius", " mm"), "Tikhonov": ("Tikhonov
                     "Tolerance": ("tolerance", ""), "MaxIterations": ("at most", " iterations"),
                     "orientations": ("averaged over storage orientations", ""),
                     "OrientationPasses": ("network passes", ""),
+                    "DataConsistencyLambda": ("then pulled onto the field by a k-space data-consistency step, lambda",
+                                              ""),
                     "Threshold": ("threshold", ""), "Lambda": ("lambda", ""),
                     "PolynomialOrder": ("a background polynomial of degree", ""),
                     "PadVoxels": ("room for the outside dipoles", " voxels per side"),
@@ -349,7 +351,7 @@ def _parameters_text(step):
     items = []
     keys = [k for k in _PARAMETER_WORDS if k in step] + sorted(k for k in step if k not in _PARAMETER_WORDS)
     for key, value in ((k, step[k]) for k in keys):
-        if key not in _NOT_PARAMETERS:
+        if key not in _NOT_PARAMETERS and value is not None:  # None: a step switched off, not said
             words, unit = _PARAMETER_WORDS.get(key, (key, ""))
             items.append(f"{words} {format_value(value)}{unit}")
     return f" ({'; '.join(items)})" if items else ""
