@@ -50,13 +50,6 @@ def true_r2star(sim, cache):
     return data
 
 
-def labels(sim):
-    """qsm-forward's ``dseg`` on the acquisition grid, rounded: its resize stores the labels as floats a little off
-    (8 as 7.969, 10 as 9.976), which ``Simulation.seg``'s integer cast truncates to the label below."""
-    dseg = nib.load(sim.derivatives / "sub-1_dseg.nii")
-    return np.rint(np.asarray(dseg.dataobj, dtype=np.float64)).astype(np.int32)
-
-
 def score(r2star, truth, seg):
     """Per region: (median relative error, median |relative error|, voxels) over all its voxels and its interior."""
     # one label in the 3x3x3 neighbourhood: min and max filters agree
@@ -72,7 +65,7 @@ def score(r2star, truth, seg):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache", default="/work/bench_cache/qsmforward")
+    parser.add_argument("--cache", default="bench_cache/qsmforward", help="simulations (reused)")
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
     parser.add_argument("--methods", nargs="+", default=["loglinear", "arlo"], choices=["loglinear", "arlo"])
     args = parser.parse_args(argv)
@@ -81,7 +74,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.protocols:
         sim = simulate(name, args.cache)
-        truth, seg = true_r2star(sim, args.cache), labels(sim)
+        truth, seg = true_r2star(sim, args.cache), sim.seg
         tes = sim.protocol.echo_times_s
         for method in args.methods:
             start = time.perf_counter()

@@ -312,9 +312,7 @@ class R2StarMap(_QSMInterface):
     output_spec = _R2StarMapOutputSpec
 
     def _compute(self):
-        img, magnitude = _load(self.inputs.magnitude_file)
-        if magnitude.ndim == 3:
-            magnitude = magnitude[..., None]
+        img, magnitude = _load(self.inputs.magnitude_file)  # 4D: the node exists for two echoes or more
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
         result = estimate_r2star(magnitude, self.inputs.echo_times_s, mask=mask, method=self.inputs.method)
         self._results["r2star_file"] = _save(result.r2star_hz, img, "r2star_hz.nii")

@@ -109,14 +109,13 @@ def r2star_arlo(signal, echo_times_s):
     return np.where(defined, sum_dd / np.where(defined, sum_id, 1), 0).astype(np.float32)
 
 
-def r2star_loglinear(signal, echo_times_s):
-    """R2* (1/s, unclipped) by the log-linear fit weighted by |S|^2 over 2 or more echoes (any spacing).
-    Where the fit is undefined (signal in one echo only) the closed form of the first and last echo:
-    +inf for signal at the first echo only, 0 without signal at the first."""
-    signal = np.asarray(signal, dtype=np.float32)
-    tes = _check(signal, echo_times_s)
-    if tes.size < 2:
-        raise ValueError("a log-linear fit needs 2 or more echoes")
+def weighted_loglinear_fit(signal, echo_times_s):
+    """The least-squares line of ``log |S|`` against TE weighted by |S|^2 (see the module text), per voxel of
+    ``signal`` (..., echo) over 2 or more echoes (any spacing; the caller checks them).
+
+    Returns ``(slope, log_mean, fitted)``: the slope (1/s, -R2*), ``log |S|`` of the line at the mean echo
+    time, and where the fit is defined (signal in two echoes or more); both are 0 elsewhere."""
+    tes = np.asarray(echo_times_s, dtype=np.float64)
     tiny = np.float32(np.finfo(np.float32).tiny)
     tau = (tes - tes.mean()).astype(np.float32)  # centred: slope and intercept decouple
     w_sum, wt, wtt, wy, wty = (np.zeros(signal.shape[:-1], np.float32) for _ in range(5))
@@ -131,6 +130,19 @@ def r2star_loglinear(signal, echo_times_s):
     det = w_sum * wtt - wt * wt
     fitted = det > 0
     slope = np.where(fitted, (w_sum * wty - wt * wy) / np.where(fitted, det, 1), 0)
+    log_mean = np.where(fitted, (wy - slope * wt) / np.where(fitted, w_sum, 1), 0)
+    return slope, log_mean, fitted
+
+
+def r2star_loglinear(signal, echo_times_s):
+    """R2* (1/s, unclipped) by the log-linear fit weighted by |S|^2 over 2 or more echoes (any spacing).
+    Where the fit is undefined (signal in one echo only) the closed form of the first and last echo:
+    +inf for signal at the first echo only, 0 without signal at the first."""
+    signal = np.asarray(signal, dtype=np.float32)
+    tes = _check(signal, echo_times_s)
+    if tes.size < 2:
+        raise ValueError("a log-linear fit needs 2 or more echoes")
+    slope, _, fitted = weighted_loglinear_fit(signal, tes)
     r2 = (-slope).astype(np.float32)
     if not fitted.all():  # signal in one echo only (a void after the first): the first and last echo's rate
         r2[~fitted] = r2star_two_echo(signal[~fitted][:, [0, -1]], tes[[0, -1]])

@@ -11,6 +11,8 @@ distance maps.
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..field.relaxometry import weighted_loglinear_fit
+
 #: Steps at the scale of the head run on a grid of voxels about this size (mm) or the largest voxel edge.
 _COARSE_MM = 2.0
 
@@ -216,20 +218,8 @@ def decay_fit(magnitude, echo_times_s):
     if magnitude.ndim != 4 or magnitude.shape[3] != tes.size or tes.size < 2:
         raise ValueError(f"need 4D magnitudes with one echo time each (at least 2), got {magnitude.shape} "
                          f"and {tes.size} echo times")
-    tiny = np.float32(np.finfo(np.float32).tiny)
+    slope, log_mean, fitted = weighted_loglinear_fit(magnitude, tes)
     mean_te = np.float32(tes.mean())
-    tau = (tes - tes.mean()).astype(np.float32)  # centred: the two coefficients decouple
-    sums = [np.zeros(magnitude.shape[:3], np.float32) for _ in range(5)]  # w, w t, w t^2, w y, w t y
-    for n, t in enumerate(tau):
-        s = magnitude[..., n]
-        w, y = s * s, np.log(np.maximum(s, tiny))
-        for acc, term in zip(sums, (w, w * t, w * t * t, w * y, w * t * y)):
-            acc += term
-    w, wt, wtt, wy, wty = sums
-    det = w * wtt - wt * wt
-    fitted = det > 0
-    slope = np.where(fitted, (w * wty - wt * wy) / np.where(fitted, det, 1), 0)
-    log_mean = np.where(fitted, (wy - slope * wt) / np.where(fitted, w, 1), 0)  # log |S| at the mean TE
     s0 = np.where(fitted, np.exp(np.minimum(log_mean - slope * mean_te, 80)), 0)
     return s0.astype(np.float32), np.maximum(-slope, 0).astype(np.float32)
 
