@@ -41,15 +41,15 @@ from qsm_ci.qsm_eval import calcification_metrics
 from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_stages import _inversion_inputs, mask_stage, score  # noqa: E402
-from qsmforward_heads import B0_TESLA, PROTOCOLS, simulate  # noqa: E402
+from bench_stages import _invert, mask_stage, score  # noqa: E402
+from qsmforward_heads import PROTOCOLS, simulate  # noqa: E402
 
 from metaqsm_bids.qsm.background.registry import remove_background  # noqa: E402
 from metaqsm_bids.qsm.core import physics  # noqa: E402
 from metaqsm_bids.qsm.field.echofit import fit_total_field  # noqa: E402
 from metaqsm_bids.qsm.field.reliability import reliable_voxels  # noqa: E402
 from metaqsm_bids.qsm.inversion.consistency import DEFAULT_LAMBDA  # noqa: E402
-from metaqsm_bids.qsm.inversion.registry import INVERSIONS, NETWORK_INVERSIONS, invert  # noqa: E402
+from metaqsm_bids.qsm.inversion.registry import INVERSIONS  # noqa: E402
 from metaqsm_bids.sim.mni_head import LESIONS, mni_head  # noqa: E402
 from metaqsm_bids.steps.local_field import estimate_local_field  # noqa: E402
 
@@ -138,16 +138,14 @@ def main(argv=None):
             print(f"\n== {name}: {sim.chi_ppm.shape} voxels of {tuple(sim.protocol.voxel_mm)} mm", flush=True)
             maps = {}  # (mode, inversion) -> (chi, mask, seconds)
 
-            def extra(method):
-                """The inversion's inputs as the CLI passes them, and the networks' data-consistency step."""
-                consistency = {"data_consistency_lambda": args.network_data_consistency or None} \
-                    if method in NETWORK_INVERSIONS else {}
-                return {**_inversion_inputs(method, rss, tes), **consistency}
+            def invert(method, local_hz, mask):
+                """The CLI's inversion step, the networks' data-consistency step as ``--network-data-consistency``."""
+                parameters = INVERSIONS[method].own({"data_consistency_lambda": args.network_data_consistency or None})
+                return _invert(method, local_hz, mask, voxel, b0_dir, rss, tes, parameters, {})
             if "true-local" in args.modes:
-                local = physics.field_hz_to_ppm(sim.local_field_hz, B0_TESLA)
                 for method in args.inversions:
                     start = time.perf_counter()
-                    chi = invert(method, local, sim.brain_mask, voxel, b0_dir, **extra(method))
+                    chi = invert(method, sim.local_field_hz, sim.brain_mask)
                     maps["true-local", method] = chi, sim.brain_mask, time.perf_counter() - start
             if {"before", "pipeline"} & set(args.modes):
                 mask = mask_stage(sim, voxel)[1]
@@ -162,10 +160,9 @@ def main(argv=None):
                                                residual_rad=fit.residual_rad)
                     fields["pipeline"] = out.local_field, out.qsm_mask
                 for mode, (local_hz, qsm_mask) in fields.items():
-                    local = physics.field_hz_to_ppm(local_hz, B0_TESLA)
                     for method in args.inversions:
                         start = time.perf_counter()
-                        chi = invert(method, local, qsm_mask, voxel, b0_dir, **extra(method))
+                        chi = invert(method, local_hz, qsm_mask)
                         maps[mode, method] = chi, qsm_mask, time.perf_counter() - start
             if "composed" in args.modes:
                 for method in args.inversions:

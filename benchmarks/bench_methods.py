@@ -27,10 +27,11 @@ from qsm_ci.qsm_eval import challenge_metrics
 from scipy import ndimage
 
 from metaqsm_bids.qsm.core import dipole, physics
-from metaqsm_bids.qsm.background.registry import remove_background
 from metaqsm_bids.qsm.field.echofit import fit_total_field
-from metaqsm_bids.qsm.inversion.registry import NETWORK_INVERSIONS, invert
+from metaqsm_bids.qsm.inversion.registry import NETWORK_INVERSIONS
 from metaqsm_bids.sim import phantom as ph
+from metaqsm_bids.steps.inversion import invert_local_field
+from metaqsm_bids.steps.local_field import remove_background_field
 
 B0_TESLA = 3.0
 CLINICAL_TES = tuple(round(0.0126 + 0.0041 * n, 4) for n in range(7))
@@ -54,14 +55,8 @@ PROTOCOLS = {
     "0.75x0.75x1.5": ((208, 240, 96), (0.75, 0.75, 1.5), RESEARCH_TES, _tilt_about_i(20.0)),
 }
 
-METHODS = {
-    "tkd": {"threshold": 0.2},
-    "l2": {},
-    "ilsqr": {},
-    "medi": {},
-    "mesaqsm": {},
-    "metaqsm": {},
-}
+#: The inversions, each with its spec's defaults (the CLI's).
+METHODS = ("tkd", "l2", "ilsqr", "medi", "mesaqsm", "metaqsm")
 
 
 def ssim3d(x, y, mask, sigma=1.5, k1=0.01, k2=0.03):
@@ -98,9 +93,10 @@ def simulate(name, seed=0):
     truth_field = physics.field_ppm_to_hz(dipole.forward_field_ppm(head.chi_ppm * head.brain_mask, voxel, b0_dir),
                                           B0_TESLA)
     removals = {}
-    for method, params in (("resharp", {"radius_mm": 6.0}), ("vsharp", {}), ("pdf", {"magnitude": rss})):
+    for method in ("resharp", "vsharp", "pdf"):  # with their defaults (RESHARP's 6 mm), PDF weighted by the magnitude
         start = time.perf_counter()
-        removals[method] = remove_background(method, total.field_hz, head.brain_mask, voxel, b0_dir, **params)
+        removals[method] = remove_background_field(method, total.field_hz, head.brain_mask, voxel, b0_dir,
+                                                   magnitude=rss)
         removals[method].wall = time.perf_counter() - start
     common = removals["resharp"].mask
     for method, result in removals.items():
@@ -110,8 +106,8 @@ def simulate(name, seed=0):
               f"mask, {_relative_error(result.local_field, truth_field, common):.3f} in RESHARP's")
     bfr = removals["resharp"]
     return {
-        "voxel": voxel, "b0_dir": b0_dir, "delta_te": tes[1] - tes[0],
-        "local_ppm": physics.field_hz_to_ppm(bfr.local_field, B0_TESLA), "mask": bfr.mask, "magnitude": rss,
+        "voxel": voxel, "b0_dir": b0_dir, "echo_times": tes, "local_hz": bfr.local_field, "mask": bfr.mask,
+        "magnitude": rss,
         "truth": (head.chi_ppm * head.brain_mask).astype(np.float32), "seg": head.seg.astype(int),
         "brain": head.brain_mask,
     }
@@ -133,7 +129,7 @@ def _memory_kib(key):
     raise KeyError(key)
 
 
-def run_method(data, method, params, threads):
+def run_method(data, method, threads):
     """Run one inversion in a forked child; return its metrics, wall s, peak extra RSS GiB and info."""
     read, write = os.pipe()
     pid = os.fork()
@@ -145,19 +141,15 @@ def run_method(data, method, params, threads):
             with open("/proc/self/clear_refs", "w") as refs:
                 refs.write("5")  # reset the peak RSS to the current RSS
             baseline = _memory_kib("VmRSS")
-            info = {}
-            extra = {"info": info} if method != "tkd" else {}
-            if method == "medi":
-                extra.update(magnitude=data["magnitude"], delta_te_s=data["delta_te"], b0_tesla=B0_TESLA)
             if method in NETWORK_INVERSIONS:
                 import torch
 
                 torch.set_num_threads(threads)
-                extra["device"] = "cpu"
             start = time.perf_counter()
-            with sfft.set_workers(threads):
-                chi = invert(method, data["local_ppm"], data["mask"], data["voxel"], data["b0_dir"], **params,
-                             **extra)
+            with sfft.set_workers(threads):  # the CLI's inversion step, the networks on the CPU
+                chi, info = invert_local_field(method, data["local_hz"], data["mask"], data["voxel"], data["b0_dir"],
+                                               B0_TESLA, magnitude=data["magnitude"], echo_times_s=data["echo_times"],
+                                               device="cpu")
             wall = time.perf_counter() - start
             peak = (_memory_kib("VmHWM") - baseline) / 2 ** 20
             score = data["mask"] & data["brain"]
@@ -207,7 +199,7 @@ def main(argv=None):
         data = simulate(name)
         walls = {}
         for method in opts.methods:
-            result = run_method(data, method, METHODS[method], opts.threads)
+            result = run_method(data, method, opts.threads)
             walls[method] = result["wall"]
             m = result["metrics"]
             row = f"{name:<12} {method:<7}" + "".join(f"{m[key]:>{fmt}f}" for key, _, fmt in COLUMNS)

@@ -63,15 +63,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from qsmforward_heads import B0_TESLA, PROTOCOLS, simulate  # noqa: E402
 
 from metaqsm_bids.cli.parser import build_parser  # noqa: E402
-from metaqsm_bids.qsm.background.registry import BACKGROUND_REMOVALS, remove_background  # noqa: E402
+from metaqsm_bids.qsm.background.registry import BACKGROUND_REMOVALS  # noqa: E402
 from metaqsm_bids.qsm.core import physics  # noqa: E402
 from metaqsm_bids.qsm.field.echofit import fit_total_field  # noqa: E402
 from metaqsm_bids.qsm.inversion.consistency import data_consistency  # noqa: E402
-from metaqsm_bids.qsm.inversion.registry import INVERSIONS, NETWORK_INVERSIONS, invert  # noqa: E402
+from metaqsm_bids.qsm.inversion.registry import INVERSIONS, NETWORK_INVERSIONS  # noqa: E402
 from metaqsm_bids.qsm.inversion.tkd import tkd  # noqa: E402
 from metaqsm_bids.qsm.network.models import ORIENTATIONS  # noqa: E402
 from metaqsm_bids.qsm.mask.brain import brain_mask, remove_extracerebral_csf  # noqa: E402
-from metaqsm_bids.steps.local_field import estimate_local_field  # noqa: E402
+from metaqsm_bids.steps.inversion import invert_local_field  # noqa: E402
+from metaqsm_bids.steps.local_field import estimate_local_field, remove_background_field  # noqa: E402
 
 DEPTH_BINS_MM = (0, 2, 4, 6, 10, 20, 1000)
 METRICS = ("nrmse", "hfen", "xsim", "correlation", "dgm_linearity", "nrmse_blood", "calc_streak")
@@ -134,8 +135,8 @@ def bfr_stage(sim, voxel, b0_dir, methods, rss, resharp_radius_mm):
     rows = {}
     for method in methods:
         start = time.perf_counter()
-        result = remove_background(method, sim.total_field_hz, brain, voxel, b0_dir,
-                                   **_bfr_inputs(method, rss, resharp_radius_mm))
+        result = remove_background_field(method, sim.total_field_hz, brain, voxel, b0_dir, magnitude=rss,
+                                         parameters=_bfr_parameters(method, resharp_radius_mm))
         wall = time.perf_counter() - start
         region = result.mask
         chi = tkd(physics.field_hz_to_ppm(result.local_field, B0_TESLA), region, voxel, b0_dir)
@@ -145,42 +146,39 @@ def bfr_stage(sim, voxel, b0_dir, methods, rss, resharp_radius_mm):
                         "coverage": float(np.count_nonzero(region & brain) / brain.sum()),
                         "tkd_nrmse": score(chi, sim, region)["nrmse"],
                         "tkd_true_local_nrmse": score(reference, sim, region)["nrmse"], "seconds": wall}
-    floor = remove_background("resharp", sim.local_field_hz, brain, voxel, b0_dir, radius_mm=resharp_radius_mm)
+    floor = remove_background_field("resharp", sim.local_field_hz, brain, voxel, b0_dir,
+                                    parameters={"radius_mm": resharp_radius_mm})
     rows["floor: resharp of the true local field"] = {
         "relative_error": relative_error(floor.local_field, sim.local_field_hz, floor.mask),
         "coverage": float(floor.mask.sum() / brain.sum())}
     return rows
 
 
-def _bfr_inputs(method, rss, resharp_radius_mm):
-    """What a background removal takes besides field and mask, as the CLI passes them."""
-    return {"pdf": {"magnitude": rss}, "resharp": {"radius_mm": resharp_radius_mm}}.get(method, {})
+def _bfr_parameters(method, resharp_radius_mm):
+    """The parameters of a background removal: the CLI's defaults, RESHARP's radius given."""
+    return BACKGROUND_REMOVALS[method].own({"radius_mm": resharp_radius_mm})
 
 
 def _bfr_label(method, resharp_radius_mm):
     return f"resharp {resharp_radius_mm:g} mm" if method == "resharp" else method
 
 
-def _inversion_inputs(method, rss, tes):
-    """What an inversion takes besides the field, as the CLI passes them: MEDI's magnitude, B0 and echo
-    spacing; the networks' magnitude (an input of magnitude-input models)."""
-    if method in NETWORK_INVERSIONS:
-        return {"magnitude": rss}
-    if method != "medi":
-        return {}
-    return {"magnitude": rss, "b0_tesla": B0_TESLA, "delta_te_s": float(np.diff(tes).mean())}
-
-
 def _variants(method, orientations, metaqsm_model=None, network_lambda=None):
-    """``(row name, extra invert arguments)`` per network orientation setting (and Meta-QSM's model
-    when one is named), the networks followed by the data-consistency step of ``network_lambda`` (None:
-    off); one plain row otherwise."""
+    """``(row name, parameters, options)`` of :func:`~metaqsm_bids.steps.inversion.invert_local_field` per network
+    orientation setting (and Meta-QSM's model when one is named), the networks followed by the data-consistency
+    step of ``network_lambda`` (None: off); one row with the CLI's defaults otherwise."""
     if method not in NETWORK_INVERSIONS:
-        return [(method, {})]
+        return [(method, {}, {})]
     model = {"model": metaqsm_model} if method == "metaqsm" and metaqsm_model else {}
     name = f"{method} {metaqsm_model}" if model else method
     return [(f"{name} ({o})" if len(orientations) > 1 else name,
-             {"orientations": o, "data_consistency_lambda": network_lambda, **model}) for o in orientations]
+             {"orientations": o, "data_consistency_lambda": network_lambda}, model) for o in orientations]
+
+
+def _invert(method, local_hz, mask, voxel, b0_dir, rss, tes, parameters, options):
+    """The susceptibility (ppm) by the CLI's inversion step, in this process."""
+    return invert_local_field(method, local_hz, mask, voxel, b0_dir, B0_TESLA, parameters=parameters, magnitude=rss,
+                              echo_times_s=tes, options=options)[0]
 
 
 def _consistency_rows(method, chi, local_ppm, mask, voxel, b0_dir, lambdas, sim, extra):
@@ -202,10 +200,9 @@ def inversion_stage(sim, voxel, b0_dir, methods, rss, lambdas, orientations, met
     tes = sim.protocol.echo_times_s
     rows = {}
     for method in methods:
-        for name, variant in _variants(method, orientations, metaqsm_model, network_lambda):
-            extra = {**_inversion_inputs(method, rss, tes), **variant}
+        for name, parameters, options in _variants(method, orientations, metaqsm_model, network_lambda):
             start = time.perf_counter()
-            chi = invert(method, local_ppm, brain, voxel, b0_dir, **extra)
+            chi = _invert(method, sim.local_field_hz, brain, voxel, b0_dir, rss, tes, parameters, options)
             rows[name] = {**score(chi, sim, brain), "seconds": time.perf_counter() - start}
             rows.update(_consistency_rows(method, chi, local_ppm, brain, voxel, b0_dir, lambdas, sim, {}))
     return rows
@@ -220,7 +217,7 @@ def pipeline_stage(sim, voxel, b0_dir, methods, bfr_method, resharp_radius_mm, l
     mask = mask_stage(sim, voxel)[1]
     fit = fit_total_field(sim.magnitude, sim.phase_rad, tes, voxel)
     bfr = estimate_local_field(bfr_method, fit.field_hz, mask, rss, voxel, b0_dir, residual_rad=fit.residual_rad,
-                               radius_mm=resharp_radius_mm)
+                               parameters=_bfr_parameters(bfr_method, resharp_radius_mm))
     reliable = bfr.reliable
     upstream = time.perf_counter() - start
     local_ppm = physics.field_hz_to_ppm(bfr.local_field, B0_TESLA)
@@ -229,17 +226,16 @@ def pipeline_stage(sim, voxel, b0_dir, methods, bfr_method, resharp_radius_mm, l
               "coverage": float(np.count_nonzero(bfr.qsm_mask & sim.brain_mask) / sim.brain_mask.sum()),
               "excluded": float(np.count_nonzero(mask & ~reliable) / mask.sum())}
     for method in methods:
-        for name, variant in _variants(method, orientations, metaqsm_model, network_lambda):
-            extra = {**_inversion_inputs(method, rss, tes), **variant}
+        for name, parameters, options in _variants(method, orientations, metaqsm_model, network_lambda):
             start = time.perf_counter()
-            chi = invert(method, local_ppm, bfr.qsm_mask, voxel, b0_dir, **extra)
+            chi = _invert(method, bfr.local_field, bfr.qsm_mask, voxel, b0_dir, rss, tes, parameters, options)
             rows[name] = {**score(chi, sim, bfr.qsm_mask), **common,
                           "seconds": upstream + time.perf_counter() - start}
             rows.update(_consistency_rows(method, chi, local_ppm, bfr.qsm_mask, voxel, b0_dir, lambdas, sim, common))
     # the yardstick: the same background removal and inversion from the true total field and true mask
-    truth = remove_background(bfr_method, sim.total_field_hz, sim.brain_mask, voxel, b0_dir,
-                              **_bfr_inputs(bfr_method, rss, resharp_radius_mm))
-    chi = invert("tkd", physics.field_hz_to_ppm(truth.local_field, B0_TESLA), truth.mask, voxel, b0_dir)
+    truth = remove_background_field(bfr_method, sim.total_field_hz, sim.brain_mask, voxel, b0_dir, magnitude=rss,
+                                    parameters=_bfr_parameters(bfr_method, resharp_radius_mm))
+    chi = _invert("tkd", truth.local_field, truth.mask, voxel, b0_dir, rss, tes, {}, {})
     rows["tkd from the true total field"] = {
         **score(chi, sim, truth.mask), "coverage": float(truth.mask.sum() / sim.brain_mask.sum())}
     return rows

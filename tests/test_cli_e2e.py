@@ -81,7 +81,7 @@ def test_every_derivative_and_sidecar(processed):
                 assert (bids_dir if dataset == "raw" else out).joinpath(relative).exists(), uri
         chimap = json.loads(_path(out, prefix, "chimap", ".json").read_text())
         assert chimap["Units"] == "ppm"
-        assert chimap["DipoleInversion"]["Method"] == "metaqsm" and chimap["DipoleInversion"]["Model"] == METAQSM_MODEL
+        assert chimap["DipoleInversion"]["Method"] == "Meta-QSM" and chimap["DipoleInversion"]["Model"] == METAQSM_MODEL
         bfr = chimap["BackgroundFieldRemoval"]
         assert bfr["Method"] == "PDF" and bfr["PolynomialOrder"] == 2 and "RadiusMm" not in bfr
         assert 0 < bfr["Iterations"] < bfr["MaxIterations"] and bfr["RelativeResidual"] < bfr["Tolerance"]
@@ -120,7 +120,7 @@ def test_chimap_matches_truth(processed):
         assert np.corrcoef(chi[mask], truth[mask])[0, 1] > 0.3, prefix
         sidecar = json.loads(_path(out, prefix, "chimap", ".json").read_text())
         # the default inversion is the shipped Meta-QSM, named by its sha256
-        assert sidecar["DipoleInversion"]["Method"] == "metaqsm"
+        assert sidecar["DipoleInversion"]["Method"] == "Meta-QSM"
         assert sidecar["DipoleInversion"]["ModelSHA256"] == model_sha256(METAQSM_MODEL)
         b0 = sidecar["DipoleInversion"]["B0DirectionVoxel"]
         assert np.allclose(b0, b0_direction_voxel(raw.affine), atol=1e-5)
@@ -278,8 +278,11 @@ def test_other_methods_through_cli(inversion, bfr, min_corr, small_dataset, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     prefix = "sub-01/{dt}/sub-01"
     sidecar = json.loads(_path(out, prefix, "chimap", ".json").read_text())
-    assert sidecar["DipoleInversion"]["Method"] == inversion
-    assert sidecar["BackgroundFieldRemoval"]["Method"] == {"vsharp": "V-SHARP"}.get(bfr, bfr.upper())
+    # the methods' display names (their specs')
+    names = {"l2": "L2", "ilsqr": "iLSQR", "medi": "MEDI", "tkd": "TKD", "vsharp": "V-SHARP", "pdf": "PDF",
+             "resharp": "RESHARP"}
+    assert sidecar["DipoleInversion"]["Method"] == names[inversion]
+    assert sidecar["BackgroundFieldRemoval"]["Method"] == names[bfr]
     if inversion == "medi":
         assert sidecar["DipoleInversion"]["Lambda"] == 1000.0 and "lambda_" not in sidecar["DipoleInversion"]
     if inversion == "tkd":

@@ -91,7 +91,7 @@ def test_float32_agrees_with_float64():
 
 
 def test_registered_and_rejects_bad_input():
-    assert INVERSIONS["ilsqr"] is ilsqr
+    assert INVERSIONS["ilsqr"].function is ilsqr
     field, mask = np.zeros((8, 8, 8)), np.ones((8, 8, 8), bool)
     with pytest.raises(ValueError, match="mask is empty"):
         ilsqr(field, np.zeros_like(mask), (1.0, 1.0, 1.0))

@@ -98,7 +98,7 @@ def test_graph_sees_the_known_imports():
     assert "metaqsm_bids.qsm.inversion" in graph["metaqsm_bids.qsm.network.deepqsm"]  # its __init__ runs
     assert "metaqsm_bids.qsm.background.resharp" in graph["metaqsm_bids.qsm.background.registry"]
     # a function-level import counts
-    assert "metaqsm_bids.qsm.network.deepqsm" in graph["metaqsm_bids.qsm.inversion.registry"]
+    assert "metaqsm_bids.qsm.network.deepqsm" in graph["metaqsm_bids.qsm.inversion.metaqsm"]
     assert "metaqsm_bids.qsm.core.physics" in graph["metaqsm_bids.interfaces.qsm"]
 
 

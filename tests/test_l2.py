@@ -111,7 +111,7 @@ def test_default_lambda_trades_noise_for_blur():
 
 
 def test_registered_and_rejects_bad_lambda():
-    assert INVERSIONS["l2"] is l2
+    assert INVERSIONS["l2"].function is l2
     field, mask = np.zeros((8, 8, 8)), np.ones((8, 8, 8), bool)
     with pytest.raises(ValueError, match="lambda_ must be positive"):
         l2(field, mask, (1.0, 1.0, 1.0), lambda_=0.0)

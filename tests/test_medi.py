@@ -103,7 +103,7 @@ def test_float32_agrees_with_float64():
 
 
 def test_registered_and_rejects_bad_input():
-    assert INVERSIONS["medi"] is medi
+    assert INVERSIONS["medi"].function is medi
     field, mask = np.zeros((8, 8, 8)), np.ones((8, 8, 8), bool)
     magnitude = np.ones((8, 8, 8))
     voxel = (1.0, 1.0, 1.0)

@@ -148,7 +148,7 @@ def test_methods_name_arlo_and_cite_it():
 @pytest.mark.parametrize("lambda_", [0.1, None])
 def test_methods_say_the_networks_data_consistency_step(lambda_):
     paragraph, _ = methods_paragraph({"EchoTime": [0.004, 0.008], "DipoleInversion": {
-        "Method": "metaqsm", "orientations": "pair", "DataConsistencyLambda": lambda_}})
+        "Method": "metaqsm", "Orientations": "pair", "DataConsistencyLambda": lambda_}})
     assert "the Meta-QSM network" in paragraph and "None" not in paragraph
     assert ("pulled onto the field by a k-space data-consistency step, lambda 0.1" in paragraph) == (lambda_ == 0.1)
     assert ("data-consistency" in paragraph) == (lambda_ is not None)

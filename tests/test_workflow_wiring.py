@@ -16,7 +16,7 @@ from metaqsm_bids.cli.parser import parse_args
 from metaqsm_bids.cli.run import qsm_options
 from metaqsm_bids.io.bids import find_megre_runs, index_dataset
 from metaqsm_bids.qsm.background.registry import BACKGROUND_REMOVALS
-from metaqsm_bids.qsm.inversion.registry import INVERSIONS, NETWORK_INVERSIONS
+from metaqsm_bids.qsm.inversion.registry import INVERSIONS
 from metaqsm_bids.sim.bids import RunSpec, simulate_dataset
 from metaqsm_bids.workflows.base import init_metaqsm_wf, subject_workflow_name
 
@@ -36,7 +36,6 @@ QSM_EDGES = {
     ("total_field", "residual_file", "background_removal", "residual_file"),
     ("background_removal", "local_field_file", "dipole_inversion", "local_field_file"),
     ("background_removal", "mask_file", "dipole_inversion", "mask_file"),
-    ("total_field", "magnitude_rss_file", "dipole_inversion", "magnitude_file"),
     ("phase_scaling", "provenance", "ds_run", "phase_provenance"),
     ("brain_mask", "mask_file", "ds_run", "brain_mask_file"),
     ("brain_mask", "provenance", "ds_run", "mask_provenance"),
@@ -51,6 +50,8 @@ QSM_EDGES = {
     ("dipole_inversion", "chimap_file", "ds_run", "chimap_file"),
     ("dipole_inversion", "provenance", "ds_run", "inversion_provenance"),
 }
+#: ... and the magnitude's, for the inversions that take it (MEDI weighs by it, the networks may take it in).
+MAGNITUDE_EDGES = {("total_field", "magnitude_rss_file", "dipole_inversion", "magnitude_file")}
 #: ... and those of its R2*/T2* fit, when it has two echoes or more.
 R2STAR_EDGES = {
     ("phase_scaling", "magnitude_file", "r2star_map", "magnitude_file"),
@@ -68,6 +69,10 @@ TEMPLATE_EDGES = {
     (f"template_wf.register_{TEMPLATE[0]}", "transform_file", f"template_wf.ds_{TEMPLATE[0]}", "transform_file"),
     (f"template_wf.register_{TEMPLATE[0]}", "registration", f"template_wf.ds_{TEMPLATE[0]}", "registration"),
 }
+
+
+#: The inversions given the magnitude.
+MAGNITUDE_USERS = ("medi", "metaqsm", "mesaqsm")
 
 
 @pytest.fixture(scope="module")
@@ -138,12 +143,13 @@ def test_workflow_wiring(dataset, bfr, inversion, spaces):
         prefix = f"{subject_workflow_name(subject)}.qsm_{run.name.replace('-', '_')}_wf."
         tes = list(ECHOES[subject])
         run_edges = QSM_EDGES | (TEMPLATE_EDGES if spaces == "template" else set()) \
-            | (R2STAR_EDGES if len(tes) > 1 else set())
+            | (R2STAR_EDGES if len(tes) > 1 else set()) | (MAGNITUDE_EDGES if inversion in MAGNITUDE_USERS else set())
         expected_edges |= {(prefix + src, out_, prefix + dst, in_) for src, out_, dst, in_ in run_edges}
         expected_nodes |= {prefix + name for src, _, dst, _ in run_edges for name in (src, dst)}
 
         bfr_node, invert = nodes[prefix + "background_removal"], nodes[prefix + "dipole_inversion"]
-        assert bfr_node.inputs.method == bfr and bfr_node.inputs.radius_mm == opts.bfr_radius_mm
+        assert bfr_node.inputs.method == bfr
+        assert bfr_node.inputs.parameters == ({"radius_mm": opts.bfr_radius_mm} if bfr == "resharp" else {})
         assert invert.inputs.method == inversion
         assert invert.inputs.parameters == _expected_parameters(opts)
         assert invert.inputs.field_strength_t == run.field_strength_t
@@ -153,11 +159,8 @@ def test_workflow_wiring(dataset, bfr, inversion, spaces):
             assert r2star.inputs.echo_times_s == tes and r2star.inputs.method == opts.r2star_method == "loglinear"
         assert nodes[prefix + "phase_scaling"].inputs.n_echoes == len(tes)
         assert len(nodes[prefix + "phase_scaling"].inputs.magnitude_files) == len(tes)
-        if inversion == "medi":  # its noise scaling needs the echo spacing
-            assert invert.inputs.echo_times_s == tes
-        if inversion == "medi" or inversion in NETWORK_INVERSIONS:  # they weight by or take in the magnitude
-            assert (prefix + "total_field", "magnitude_rss_file", prefix + "dipole_inversion", "magnitude_file") \
-                in edges
+        # MEDI's noise scaling needs the echo spacing; no other inversion is given the echo times
+        assert (invert.inputs.echo_times_s == tes) if inversion == "medi" else not isdefined(invert.inputs.echo_times_s)
         if spaces == "template":
             for node in ("register", "ds"):
                 template = nodes[prefix + f"template_wf.{node}_{TEMPLATE[0]}"]

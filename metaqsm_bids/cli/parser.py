@@ -1,15 +1,14 @@
 """Command-line arguments of ``metaqsm`` (BIDS-Apps convention)."""
 import argparse
 import os
+from dataclasses import fields
 from pathlib import Path
 
 from .. import __version__
-from ..qsm.background.registry import BACKGROUND_REMOVALS
+from ..qsm.background.registry import BACKGROUND_REMOVALS, DEFAULT_BACKGROUND_REMOVAL
 from ..qsm.field.bipolar import BIPOLAR_THRESHOLD_RAD
 from ..qsm.field.phase_sign import PHASE_SIGN_CHOICES
-from ..qsm.inversion.consistency import DEFAULT_LAMBDA
-from ..qsm.inversion.registry import INVERSIONS
-from ..qsm.network.models import DEFAULT_ORIENTATIONS, ORIENTATIONS
+from ..qsm.inversion.registry import DEFAULT_INVERSION, INVERSIONS
 from .plugins import plugin_settings
 
 
@@ -40,6 +39,38 @@ def _lambda_or_off(value):
     if not (number >= 0 and number < float("inf")):
         raise argparse.ArgumentTypeError(f"{value}: must be > 0, or 0 for off")
     return number or None
+
+
+#: Argument types of the parameters' checks (:data:`metaqsm_bids.qsm.spec.CHECKS`).
+_CHECK_TYPES = {"positive": _positive_float, "positive_or_off": _lambda_or_off, None: float}
+
+
+def _dest(option):
+    """The attribute of the parsed arguments that holds ``option``'s value."""
+    return option.lstrip("-").replace("-", "_")
+
+
+def _add_method_arguments(group, option, methods, default, help_text):
+    """The option choosing one of ``methods`` (a registry), then each option of their parameters, once (methods
+    may share one), named after the methods that take it."""
+    group.add_argument(option, choices=sorted(methods), default=default, help=help_text + ": " + "; ".join(
+        f"'{name}': {spec.description}" for name, spec in sorted(methods.items())))
+    options = {}
+    for spec in methods.values():
+        for field in fields(spec.parameters):
+            options.setdefault(spec.option(field), (field, []))[1].append(spec.name)
+    for name, (field, users) in options.items():
+        meta = field.metadata
+        unit = f" ({meta['unit']})" if meta["unit"] else ""
+        off = " (0: off)" if meta["check"] == "positive_or_off" else ""
+        kind = {"choices": meta["choices"]} if meta["choices"] else {"type": _CHECK_TYPES[meta["check"]]}
+        group.add_argument(name, default=field.default, metavar=meta["metavar"], **kind,
+                           help=f"{meta['help']}{unit}{off}; with {option} {', '.join(users)}")
+
+
+def method_parameters(opts, spec):
+    """The parameters of the method ``spec`` that the parsed ``opts`` give, by name."""
+    return {field.name: getattr(opts, _dest(spec.option(field))) for field in fields(spec.parameters)}
 
 
 def _output_space(value):
@@ -103,27 +134,9 @@ def build_parser():
                               f"exceeds {BIPOLAR_THRESHOLD_RAD} rad somewhere in the brain; 'on' always removes it")
 
     qsm = parser.add_argument_group("Reconstruction")
-    qsm.add_argument("--inversion", choices=sorted(INVERSIONS), default="metaqsm",
-                     help="dipole inversion method (default: the shipped Meta-QSM network; mesaqsm is its "
-                          "single-resolution control, trained at 0.76x0.76x3 mm)")
-    qsm.add_argument("--network-orientations", choices=ORIENTATIONS, default=DEFAULT_ORIENTATIONS,
-                     help="storage orientations the network's prediction is averaged over (metaqsm, mesaqsm): "
-                          "'canonical' is one pass; 'pair' (default, 2 passes) adds the pass with the axis along "
-                          "B0 reversed; 'flips' (8) gives the same map for flipped or reordered storage of the "
-                          "volume; 'all' (16) also for swapped in-plane axes")
-    qsm.add_argument("--network-data-consistency", type=_lambda_or_off, default=DEFAULT_LAMBDA, metavar="LAMBDA",
-                     help="follow the network (metaqsm, mesaqsm) with a closed-form k-space data-consistency step "
-                          f"of this weight (dimensionless; the field decides where the dipole kernel's square "
-                          f"exceeds it; see metaqsm_bids.qsm.inversion.consistency; default {DEFAULT_LAMBDA:g}, "
-                          "0: off)")
-    qsm.add_argument("--tkd-threshold", type=_positive_float, default=0.2,
-                     help="TKD truncation threshold of the dipole kernel")
-    qsm.add_argument("--medi-lambda", type=_positive_float, default=1000.0,
-                     help="MEDI regularisation weight (MEDI toolbox convention; see metaqsm_bids.qsm.inversion.medi)")
-    qsm.add_argument("--bfr", choices=sorted(BACKGROUND_REMOVALS), default="pdf",
-                     help="background field removal method")
-    qsm.add_argument("--bfr-radius-mm", type=_positive_float, default=6.0,
-                     help="RESHARP spherical kernel radius (mm), with --bfr resharp")
+    _add_method_arguments(qsm, "--inversion", INVERSIONS, DEFAULT_INVERSION, "dipole inversion")
+    _add_method_arguments(qsm, "--bfr", BACKGROUND_REMOVALS, DEFAULT_BACKGROUND_REMOVAL,
+                          "background field removal")
     qsm.add_argument("--r2star-method", choices=["loglinear", "arlo"], default="loglinear",
                      help="fit of the R2*/T2* maps with 3+ echoes: 'loglinear' (least squares of log |S| weighted "
                           "by |S|^2, any echo spacing) or 'arlo' (Pei et al. 2015; equally spaced echoes, else "

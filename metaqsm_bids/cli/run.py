@@ -289,13 +289,13 @@ def _log_validation_findings(bids_dir, findings, sessions):
 def qsm_options(opts):
     """The keyword arguments of :func:`~metaqsm_bids.workflows.qsm.init_qsm_wf` that the parsed ``opts`` give
     (every run alike; the workflow tests build the graph from them as the CLI does)."""
-    network_params = {"orientations": opts.network_orientations,
-                      "data_consistency_lambda": opts.network_data_consistency}  # None: off
-    inversion_params = {"tkd": {"threshold": opts.tkd_threshold},
-                        "medi": {"lambda_": opts.medi_lambda},
-                        "metaqsm": network_params, "mesaqsm": network_params}.get(opts.inversion, {})
+    from ..qsm.background.registry import BACKGROUND_REMOVALS
+    from ..qsm.inversion.registry import INVERSIONS
+    from .parser import method_parameters
+
     return dict(bids_dir=opts.bids_dir, output_dir=opts.output_dir, inversion=opts.inversion,
-                inversion_params=inversion_params, bfr=opts.bfr, bfr_radius_mm=opts.bfr_radius_mm,
+                inversion_params=method_parameters(opts, INVERSIONS[opts.inversion]), bfr=opts.bfr,
+                bfr_params=method_parameters(opts, BACKGROUND_REMOVALS[opts.bfr]),
                 bipolar=opts.bipolar, device=opts.device, omp_nthreads=opts.omp_nthreads,
                 output_spaces=opts.output_spaces, r2star_method=opts.r2star_method)
 

@@ -22,18 +22,15 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..qsm.background.completion import ALPHA as COMPLETION_ALPHA
-from ..qsm.background.registry import BACKGROUND_REMOVALS
 from ..qsm.core import physics
 from ..qsm.field.bipolar import correct_bipolar
 from ..qsm.field.echofit import fit_total_field
 from ..qsm.field.phase import echoes_to_rad
 from ..qsm.field.phase_sign import apply_phase_sign
 from ..qsm.field.relaxometry import METHOD_CHOICES as R2STAR_METHODS, estimate_r2star
-from ..qsm.field.reliability import MIN_SIGNAL_FRACTION
-from ..qsm.inversion.registry import NETWORK_INVERSIONS, invert
 from ..qsm.mask.brain import (CSF_R2STAR_HZ_AT_3T, CSF_S0_FRACTION, CSF_S0_RIM_MM, brain_mask,
                               remove_extracerebral_csf)
+from ..steps.inversion import invert_local_field
 from ..steps.local_field import estimate_local_field
 
 
@@ -61,10 +58,9 @@ def _load(path, dtype=np.float32):
     return img, np.asarray(img.dataobj, dtype=dtype)
 
 
-def _camel_case(name):
-    """A Python parameter name as a BIDS-style sidecar key: ``threshold`` -> ``Threshold``, ``lambda_`` -> ``Lambda``,
-    ``max_iter`` -> ``MaxIter``."""
-    return "".join(part[:1].upper() + part[1:] for part in name.strip("_").split("_"))
+def _defined(value):
+    """An optional input's value, or None where it is not set."""
+    return value if isdefined(value) else None
 
 
 def _save(data, reference, name, dtype=np.float32):
@@ -332,9 +328,9 @@ class _BackgroundRemovalInputSpec(_QSMInputSpec):
     magnitude_file = File(exists=True, mandatory=True,
                           desc="RSS magnitude: the reliability test, and the weight of methods that use one (PDF)")
     residual_file = File(exists=True, desc="echo-fit residual (rad), for the reliability test")
-    method = traits.Enum(*sorted(BACKGROUND_REMOVALS), usedefault=False, mandatory=True,
-                         desc="background field removal method")
-    radius_mm = traits.Float(6.0, usedefault=True, desc="RESHARP spherical kernel radius (mm)")
+    method = traits.Str(mandatory=True, desc="background field removal method "
+                                             "(metaqsm_bids.qsm.background.registry.BACKGROUND_REMOVALS)")
+    parameters = traits.Dict(desc="the method's parameters (its spec's defaults for what it lacks)")
 
 
 class _BackgroundRemovalOutputSpec(TraitedSpec):
@@ -346,7 +342,7 @@ class _BackgroundRemovalOutputSpec(TraitedSpec):
 
 class BackgroundRemoval(_QSMInterface):
     """Total field -> local field on the QSM mask (:func:`~metaqsm_bids.steps.local_field.estimate_local_field`):
-    background removal by the chosen method (PDF, RESHARP, V-SHARP or LBV) fitted on the reliable voxels
+    background removal by the chosen method fitted on the reliable voxels
     (:mod:`metaqsm_bids.qsm.field.reliability`, written as the reliability map), the unreliable voxels'
     local field completed from the rest."""
 
@@ -359,42 +355,23 @@ class BackgroundRemoval(_QSMInterface):
         voxel_size, b0_dir = _geometry(img)
         _, rss = _load(self.inputs.magnitude_file)
         residual = _load(self.inputs.residual_file)[1] if isdefined(self.inputs.residual_file) else None
-        out = estimate_local_field(self.inputs.method, field_hz, brain, rss, voxel_size, b0_dir,
-                                   residual_rad=residual, radius_mm=self.inputs.radius_mm)
-        result = out.background_removal
+        out = estimate_local_field(self.inputs.method, field_hz, brain, rss, voxel_size, b0_dir, residual_rad=residual,
+                                   parameters=_defined(self.inputs.parameters))
         self._results["local_field_file"] = _save(out.local_field, img, "local_field_hz.nii")
         self._results["mask_file"] = _save(out.qsm_mask, img, "qsm_mask.nii", np.uint8)
         self._results["reliable_mask_file"] = _save(out.reliable, img, "reliable_mask.nii", np.uint8)
-        excluded = int(np.count_nonzero(brain & ~out.reliable))
-        return {
-            "Method": self.inputs.method.upper().replace("VSHARP", "V-SHARP"),
-            **({"RadiusMm": self.inputs.radius_mm} if self.inputs.method == "resharp" else {}),
-            **(result.parameters or {}),
-            "Iterations": int(result.iterations),
-            "RelativeResidual": float(result.relative_residual),
-            "MinSignalFraction": MIN_SIGNAL_FRACTION,
-            **({"MaxResidualRad": round(out.max_residual_rad, 6)} if residual is not None else {}),  # else no test
-            "UnreliableVoxelsExcluded": excluded,
-            "UnreliableFractionOfBrain": round(excluded / int(brain.sum()), 6),
-            "UnreliableVoxels": (
-                "left out of the background removal's fit; those in the QSM mask (CompletedVoxels) get the field "
-                "of the susceptibility fitted to the reliable voxels' local field (weighted least squares, "
-                "gradient penalty {:g}; metaqsm_bids.qsm.background.completion) and are inverted with the "
-                "rest".format(COMPLETION_ALPHA)),
-            "CompletedVoxels": out.completion["CompletedVoxels"],
-            "CompletionIterations": out.completion["Iterations"],
-            "Units": "Hz",
-        }
+        return {**out.provenance, "Units": "Hz"}
 
 
 class _DipoleInversionInputSpec(_QSMInputSpec):
     local_field_file = File(exists=True, mandatory=True, desc="local field (Hz)")
     mask_file = File(exists=True, mandatory=True, desc="mask where the local field is valid")
-    magnitude_file = File(exists=True, desc="RSS magnitude, for methods that use it (MEDI, magnitude-input networks)")
-    echo_times_s = traits.List(traits.Float, desc="echo times (s), for MEDI's noise scaling")
+    magnitude_file = File(exists=True, desc="RSS magnitude, for the methods whose spec takes it (MEDI, the networks)")
+    echo_times_s = traits.List(traits.Float, desc="echo times (s), for the methods whose spec takes their spacing "
+                                                  "(MEDI's noise scaling)")
     field_strength_t = traits.Float(mandatory=True, desc="B0 (T)")
-    method = traits.Str("tkd", usedefault=True, desc="inversion method")
-    parameters = traits.Dict(desc="method parameters")
+    method = traits.Str(mandatory=True, desc="dipole inversion method (metaqsm_bids.qsm.inversion.registry.INVERSIONS)")
+    parameters = traits.Dict(desc="the method's parameters (its spec's defaults for what it lacks)")
     device = traits.Enum("auto", "cpu", "cuda", usedefault=True,
                          desc="torch device; 'auto' is resolved on the machine that runs the node")
 
@@ -405,8 +382,8 @@ class _DipoleInversionOutputSpec(TraitedSpec):
 
 
 class DipoleInversion(_QSMInterface):
-    """Local field (Hz) -> susceptibility (ppm) with the chosen method (see
-    :mod:`metaqsm_bids.qsm.inversion.registry`); the networks run on ``device``."""
+    """Local field (Hz) -> susceptibility (ppm) with the chosen method
+    (:func:`~metaqsm_bids.steps.inversion.invert_local_field`); the networks run on ``device``."""
 
     input_spec = _DipoleInversionInputSpec
     output_spec = _DipoleInversionOutputSpec
@@ -414,29 +391,11 @@ class DipoleInversion(_QSMInterface):
     def _compute(self):
         img, local_hz = _load(self.inputs.local_field_file)
         voxel_size, b0_dir = _geometry(img)
-        local_ppm = physics.field_hz_to_ppm(local_hz, self.inputs.field_strength_t)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
-        params = dict(self.inputs.parameters) if isdefined(self.inputs.parameters) else {}
-        extra = {}
-        uses_magnitude = self.inputs.method == "medi" or self.inputs.method in NETWORK_INVERSIONS
-        magnitude = np.asarray(nib.load(self.inputs.magnitude_file).dataobj, dtype=np.float32) \
-            if uses_magnitude and isdefined(self.inputs.magnitude_file) else None
-        if self.inputs.method == "medi":
-            tes = self.inputs.echo_times_s
-            extra = {"magnitude": magnitude, "b0_tesla": self.inputs.field_strength_t,
-                     "delta_te_s": float(np.diff(tes).mean()) if len(tes) > 1 else float(tes[0])}
-        if self.inputs.method in NETWORK_INVERSIONS:
-            # the device is resolved here, on the machine that runs the node
-            extra = {"device": self.inputs.device, "magnitude": magnitude}
-        info = {}
-        chi = invert(self.inputs.method, local_ppm, mask, voxel_size, b0_dir, info=info, **params, **extra)
+        magnitude = _load(self.inputs.magnitude_file)[1] if isdefined(self.inputs.magnitude_file) else None
+        chi, provenance = invert_local_field(
+            self.inputs.method, local_hz, mask, voxel_size, b0_dir, self.inputs.field_strength_t,
+            parameters=_defined(self.inputs.parameters), magnitude=magnitude,
+            echo_times_s=_defined(self.inputs.echo_times_s), device=self.inputs.device)
         self._results["chimap_file"] = _save(chi, img, "chimap_ppm.nii")
-        return {
-            "Method": self.inputs.method,
-            **{_camel_case(key): value for key, value in params.items()},  # BIDS style: threshold -> Threshold
-            **info,
-            "B0DirectionVoxel": [round(float(v), 6) for v in b0_dir],
-            "VoxelSizeMm": [round(float(v), 6) for v in voxel_size],
-            "MagneticFieldStrength": self.inputs.field_strength_t,
-            "Units": "ppm",
-        }
+        return provenance

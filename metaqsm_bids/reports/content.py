@@ -11,6 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from ..io.derivatives import RELIABILITY_KEYS
+from ..qsm.background.registry import BACKGROUND_REMOVALS
+from ..qsm.inversion.registry import INVERSIONS
+from ..qsm.network.models import PAPER
+from ..qsm.spec import find
 
 #: Derivative kinds of a run: (datatype folder, file-name tail after the run prefix).
 KINDS = {
@@ -254,63 +258,28 @@ def run_checks(run, images):
     return stats, warnings + sidecar_warnings(run)
 
 
-#: References cited by the methods paragraph, by key.
+#: References the methods paragraph cites besides the methods' own (their specs' ``citations``), by key.
 CITATIONS = {
-    # what the paper's text gives: its title and its corresponding author (no author list, venue or year)
-    "metaqsm": "Meta-QSM: An Image-Resolution-Arbitrary Network for QSM Reconstruction. "
-               "Corresponding author: Kevin M. Koch (kmkoch@mcw.edu).",
+    "metaqsm": PAPER,
     "pei2015": "Pei M, Nguyen TD, Thimmappa ND, Salustri C, Dong F, Cooper MA, Li J, Prince MR, Wang Y. Algorithm "
                "for fast monoexponential fitting based on auto-regression on linear operations (ARLO) of data. "
                "Magn Reson Med. 2015;73(2):843-850.",
     "schofield2003": "Schofield MA, Zhu Y. Fast phase unwrapping algorithm for interferometric applications. "
                      "Opt Lett. 2003;28(14):1194-1196.",
-    "sun2014": "Sun H, Wilman AH. Background field removal using spherical mean value filtering and Tikhonov "
-               "regularization. Magn Reson Med. 2014;71(3):1151-1157.",
-    "li2011": "Li W, Wu B, Liu C. Quantitative susceptibility mapping of human brain reflects spatial variation "
-              "in tissue composition. NeuroImage. 2011;55(4):1645-1656.",
-    "wu2012": "Wu B, Li W, Guidon A, Liu C. Whole brain susceptibility mapping using compressed sensing. "
-              "Magn Reson Med. 2012;67(1):137-147.",
-    "liu2011pdf": "Liu T, Khalidov I, de Rochefort L, Spincemaille P, Liu J, Tsiouris AJ, Wang Y. A novel background "
-                  "field removal method for MRI using projection onto dipole fields (PDF). NMR Biomed. "
-                  "2011;24(9):1129-1136.",
-    "zhou2014": "Zhou D, Liu T, Spincemaille P, Wang Y. Background field removal by solving the Laplacian "
-                "boundary value problem. NMR Biomed. 2014;27(3):312-319.",
-    "shmueli2009": "Shmueli K, de Zwart JA, van Gelderen P, Li TQ, Dodd SJ, Duyn JH. Magnetic susceptibility "
-                   "mapping of brain tissue in vivo using MRI phase data. Magn Reson Med. 2009;62(6):1510-1522.",
-    "bilgic2014": "Bilgic B, Fan AP, Polimeni JR, Cauley SF, Bianciardi M, Adalsteinsson E, Wald LL, Setsompop K. "
-                  "Fast quantitative susceptibility mapping with L1-regularization and automatic parameter "
-                  "selection. Magn Reson Med. 2014;72(5):1444-1459.",
-    "li2015": "Li W, Wang N, Yu F, Han H, Cao W, Romero R, Tantiwongkosi B, Duong TQ, Liu C. A method for "
-              "estimating and removing streaking artifacts in quantitative susceptibility mapping. NeuroImage. "
-              "2015;108:111-122.",
-    "liu2011": "Liu T, Liu J, de Rochefort L, Spincemaille P, Khalidov I, Ledoux JR, Wang Y. Morphology enabled "
-               "dipole inversion (MEDI) from a single-angle acquisition: comparison with COSMOS in human brain "
-               "imaging. Magn Reson Med. 2011;66(3):777-783.",
-    "liu2012": "Liu J, Liu T, de Rochefort L, Ledoux J, Khalidov I, Chen W, Tsiouris AJ, Wisnieff C, "
-               "Spincemaille P, Prince MR, Wang Y. Morphology enabled dipole inversion for quantitative "
-               "susceptibility mapping using structural consistency between the magnitude image and the "
-               "susceptibility map. NeuroImage. 2012;59(3):2560-2568.",
 }
+#: The registries of the steps whose method has a spec: sidecar step key -> (registry, unknown method's words).
+_METHOD_STEPS = {"BackgroundFieldRemoval": (BACKGROUND_REMOVALS, "{}"),
+                 "DipoleInversion": (INVERSIONS, "the '{}' dipole inversion")}
 
-#: Background field removals by the ``BackgroundFieldRemoval.Method`` of the sidecar (lower case).
-BACKGROUND_METHODS = {
-    "resharp": ("RESHARP", ["sun2014"]),
-    "vsharp": ("V-SHARP", ["li2011", "wu2012"]),
-    "pdf": ("projection onto dipole fields (PDF)", ["liu2011pdf"]),
-    "lbv": ("the Laplacian boundary value method (LBV)", ["zhou2014"]),
-}
 
-#: Dipole inversions by the ``DipoleInversion.Method`` of the sidecar: (description, citation keys).
-INVERSION_METHODS = {
-    "tkd": ("truncated k-space division (TKD)", ["shmueli2009"]),
-    "l2": ("closed-form L2 inversion with gradient regularisation", ["bilgic2014"]),
-    "ilsqr": ("iLSQR with streaking-artifact removal", ["li2015"]),
-    "medi": ("morphology enabled dipole inversion (MEDI)", ["liu2011", "liu2012"]),
-    "metaqsm": ("the Meta-QSM network (weight-predicting U-Net refining TKD, threshold 0.2)",
-                ["metaqsm", "shmueli2009"]),
-    "mesaqsm": ("the Mesa-QSM network (the Meta-QSM U-Net with plain convolutions, one resolution, "
-                "refining TKD, threshold 0.2)", ["metaqsm", "shmueli2009"]),
-}
+def references():
+    """Every reference the methods paragraph may cite, by key: :data:`CITATIONS` and the methods' own."""
+    refs = dict(CITATIONS)
+    for methods, _ in _METHOD_STEPS.values():
+        for spec in methods.values():
+            refs.update(spec.citations)
+    return refs
+
 
 #: Step keys that are bookkeeping, not user-chosen parameters.
 _NOT_PARAMETERS = {"Method", "Units", "ElapsedSeconds", "B0DirectionVoxel", "VoxelSizeMm", "MagneticFieldStrength",
@@ -334,27 +303,38 @@ def format_value(value):
     return str(value)
 
 
-#: How some step parameters read in prose: key -> (words before, unit after).
-_PARAMETER_WORDS = {"RadiusMm": ("kernel radius", " mm"), "Tikhonov": ("Tikhonov regularisation", ""),
+#: How the step parameters that no method's spec declares read in prose: key -> (words before, unit after).
+_PARAMETER_WORDS = {"Tikhonov": ("Tikhonov regularisation", ""),
                     "Tolerance": ("tolerance", ""), "MaxIterations": ("at most", " iterations"),
-                    "orientations": ("averaged over storage orientations", ""),
-                    "OrientationPasses": ("network passes", ""),
-                    "DataConsistencyLambda": ("then pulled onto the field by a k-space data-consistency step, lambda",
-                                              ""),
-                    "Threshold": ("threshold", ""), "Lambda": ("lambda", ""),
+                    "OrientationPasses": ("network passes", ""), "Lambda": ("lambda", ""),
+                    "Threshold": ("threshold", ""),
                     "PolynomialOrder": ("a background polynomial of degree", ""),
                     "PadVoxels": ("room for the outside dipoles", " voxels per side"),
                     "Weighting": ("weighting", "")}
 
 
-def _parameters_text(step):
+def _parameters_text(step, spec=None):
+    """The step's parameters in brackets: those of its method's ``spec`` first, in their order."""
     items = []
-    keys = [k for k in _PARAMETER_WORDS if k in step] + sorted(k for k in step if k not in _PARAMETER_WORDS)
+    own = spec.parameter_words() if spec else {}
+    prose = {**own, **{k: words for k, words in _PARAMETER_WORDS.items() if k not in own}}
+    keys = [k for k in prose if k in step] + sorted(k for k in step if k not in prose)
     for key, value in ((k, step[k]) for k in keys):
         if key not in _NOT_PARAMETERS and value is not None:  # None: a step switched off, not said
-            words, unit = _PARAMETER_WORDS.get(key, (key, ""))
+            words, unit = prose.get(key, (key, ""))
             items.append(f"{words} {format_value(value)}{unit}")
     return f" ({'; '.join(items)})" if items else ""
+
+
+def _method_text(key, step, unrecorded):
+    """``(text, citation keys)``: the words for the method of the sidecar's step ``key`` (its spec's description
+    and citations, found by the sidecar's ``Method``), then its parameters."""
+    methods, unknown = _METHOD_STEPS[key]
+    method = str(step.get("Method", unrecorded))
+    spec = find(methods, method)
+    keys = list(spec.citations) if spec else []
+    description = spec.description if spec else unknown.format(method)
+    return description + "".join(f" [{k}]" for k in keys) + _parameters_text(step, spec), keys
 
 
 def _phase_text(scaling):
@@ -453,20 +433,16 @@ def methods_paragraph(sidecar):
                      "calcifications, veins) stay in the susceptibility map; only signal voids reaching the brain "
                      "mask's surface (bone, sinus air) were left out of it.")
     if bfr:
-        method = str(bfr.get("Method", "a method not recorded"))
-        description, keys = BACKGROUND_METHODS.get(method.lower().replace("-", ""), (method, []))
-        cite = "".join(f" [{key}]" for key in keys)
+        text, keys = _method_text("BackgroundFieldRemoval", bfr, "a method not recorded")
         cited += [key for key in keys if key not in cited]
-        parts.append(f"Background fields were removed with {description}{cite}{_parameters_text(bfr)}.")
+        parts.append(f"Background fields were removed with {text}.")
     inversion = sidecar.get("DipoleInversion")
     if inversion:
-        method = str(inversion.get("Method", "unknown"))
-        description, keys = INVERSION_METHODS.get(method.lower(), (f"the '{method}' dipole inversion", []))
-        cite = "".join(f" [{key}]" for key in keys)
+        text, keys = _method_text("DipoleInversion", inversion, "unknown")
         cited += [key for key in keys if key not in cited]
         b0 = " with the B0 direction in voxel axes taken from the image orientation" \
             if "B0DirectionVoxel" in inversion else ""
-        parts.append(f"Susceptibility was computed by {description}{cite}{_parameters_text(inversion)}{b0}, "
+        parts.append(f"Susceptibility was computed by {text}{b0}, "
                      "and is reported in ppm relative to its mean within the mask where the local field is "
                      "defined.")
     fit = sidecar.get("R2starFit")
@@ -498,7 +474,8 @@ def number_citations(paragraphs):
         for key, n in numbers.items():
             text = text.replace(f"[{key}]", f"[{n}]")
         texts.append(re.sub(r"\[(\d+)\] \[(\d+)\]", r"[\1, \2]", text))  # "[3] [4]" -> "[3, 4]"
-    return texts, [(numbers[key], CITATIONS[key]) for key in order]
+    refs = references()
+    return texts, [(numbers[key], refs[key]) for key in order]
 
 
 def _software_version(versions, name):

@@ -7,6 +7,9 @@ from nipype.pipeline import engine as pe
 from ..interfaces.bids import WriteRunDerivatives
 from ..io.derivatives import raw_uris
 from ..interfaces.qsm import BackgroundRemoval, BrainMask, DipoleInversion, PrepareMEGRE, R2StarMap, TotalField
+from ..qsm.background.registry import BACKGROUND_REMOVALS, DEFAULT_BACKGROUND_REMOVAL
+from ..qsm.inversion.registry import DEFAULT_INVERSION, INVERSIONS
+from ..qsm.spec import lookup
 from .spaces import init_template_wf
 
 
@@ -39,9 +42,22 @@ def _acquisition(run, bids_dir):
     return facts
 
 
-def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_params=None, bfr="pdf", bfr_radius_mm=6.0,
-                bipolar="auto", user_mask_file=None, device="auto", omp_nthreads=1, output_spaces=None, name=None,
-                r2star_method="loglinear"):
+def _inversion_node(run, inversion, parameters, *, source, device, omp_nthreads, mem_gb):
+    """The dipole inversion's node, with the inputs of the run that its method's spec takes set (the echo times,
+    for the echo spacing); its parameters checked against the spec."""
+    spec = lookup(INVERSIONS, inversion, "dipole inversion")
+    spec.settings(parameters)
+    node = pe.Node(DipoleInversion(source_file=source, field_strength_t=run.field_strength_t, method=inversion,
+                                   parameters=dict(parameters or {}), device=device, num_threads=omp_nthreads),
+                   name="dipole_inversion", mem_gb=mem_gb, n_procs=omp_nthreads)
+    if "delta_te_s" in spec.inputs:
+        node.inputs.echo_times_s = list(run.echo_times_s)
+    return node
+
+
+def init_qsm_wf(run, *, bids_dir, output_dir, inversion=DEFAULT_INVERSION, inversion_params=None,
+                bfr=DEFAULT_BACKGROUND_REMOVAL, bfr_params=None, bipolar="auto", user_mask_file=None, device="auto",
+                omp_nthreads=1, output_spaces=None, name=None, r2star_method="loglinear"):
     """Build the workflow for one :class:`~metaqsm_bids.io.bids.MEGRERun`.
 
     Parameters
@@ -51,13 +67,14 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_par
     bids_dir, output_dir : path
         The raw dataset and the derivatives dataset (``output_dir``).
     inversion : str
-        Dipole inversion method (see :data:`metaqsm_bids.qsm.inversion.registry.INVERSIONS`).
+        Dipole inversion method (see :data:`metaqsm_bids.qsm.inversion.registry.INVERSIONS`); the inputs its spec
+        takes (magnitude, echo spacing) are connected or set.
     inversion_params : dict
-        Parameters of that method (e.g. ``{"threshold": 0.2}`` for TKD).
+        Parameters of that method (its spec's ``parameters`` fields; its defaults for what it lacks).
     bfr : str
         Background field removal method (see :data:`metaqsm_bids.qsm.background.registry.BACKGROUND_REMOVALS`).
-    bfr_radius_mm : float
-        RESHARP spherical kernel radius in mm.
+    bfr_params : dict
+        Parameters of that method (e.g. ``{"radius_mm": 6.0}`` for RESHARP; its defaults for what it lacks).
     bipolar : str
         ``auto``, ``on`` or ``off``: the odd/even echo phase correction (:mod:`metaqsm_bids.qsm.field.bipolar`).
     user_mask_file : path or None
@@ -68,6 +85,8 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_par
         ``(space, resolution)`` pairs; template spaces (all but ``orig``) get the maps resampled
         there once the run's derivatives are written (:func:`~metaqsm_bids.workflows.spaces.init_template_wf`).
     """
+    # a wrong method or parameter name fails here, not when the run reaches its node
+    lookup(BACKGROUND_REMOVALS, bfr, "background field removal").settings(bfr_params)
     wf = pe.Workflow(name=name or f"qsm_{run.name.replace('-', '_')}_wf")
     mem_gb = _memory_gb(run)
     source = (run.phase_files or run.imag_files)[0]
@@ -87,14 +106,11 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_par
     field = pe.Node(TotalField(source_file=source, echo_times_s=list(run.echo_times_s), bipolar=bipolar,
                                num_threads=omp_nthreads),
                     name="total_field", mem_gb=mem_gb, n_procs=omp_nthreads)
-    bfr = pe.Node(BackgroundRemoval(source_file=source, method=bfr, radius_mm=bfr_radius_mm,
+    bfr = pe.Node(BackgroundRemoval(source_file=source, method=bfr, parameters=dict(bfr_params or {}),
                                     num_threads=omp_nthreads),
                   name="background_removal", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
-    invert = pe.Node(DipoleInversion(source_file=source, field_strength_t=run.field_strength_t,
-                                     echo_times_s=list(run.echo_times_s), method=inversion,
-                                     parameters=dict(inversion_params or {}), device=device,
-                                     num_threads=omp_nthreads),
-                     name="dipole_inversion", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
+    invert = _inversion_node(run, inversion, inversion_params, source=source, device=device,
+                             omp_nthreads=omp_nthreads, mem_gb=mem_gb / 2)
     sink = pe.Node(WriteRunDerivatives(
         output_dir=str(output_dir), bids_dir=str(bids_dir), entities=run.entities,
         source_files=run.source_files,
@@ -108,7 +124,6 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_par
         (mask, bfr, [("mask_file", "mask_file")]),
         (field, bfr, [("magnitude_rss_file", "magnitude_file"), ("residual_file", "residual_file")]),
         (bfr, invert, [("local_field_file", "local_field_file"), ("mask_file", "mask_file")]),
-        (field, invert, [("magnitude_rss_file", "magnitude_file")]),
         (prep, sink, [("provenance", "phase_provenance")]),
         (mask, sink, [("mask_file", "brain_mask_file"), ("provenance", "mask_provenance")]),
         (field, sink, [("field_file", "total_field_file"), ("magnitude_rss_file", "magnitude_rss_file"),
@@ -117,6 +132,8 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion="metaqsm", inversion_par
                      ("reliable_mask_file", "reliable_mask_file"), ("provenance", "bfr_provenance")]),
         (invert, sink, [("chimap_file", "chimap_file"), ("provenance", "inversion_provenance")]),
     ])
+    if "magnitude" in INVERSIONS[inversion].inputs:
+        wf.connect(field, "magnitude_rss_file", invert, "magnitude_file")
     if len(run.echo_times_s) > 1:  # one echo has no decay to fit: its run's Warnings say there is no R2* map
         # its own node, not part of the total field's: it needs only the magnitude and the brain mask, so it runs
         # beside the field steps (MultiProc), and its choices never invalidate their cache

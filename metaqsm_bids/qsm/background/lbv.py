@@ -16,6 +16,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage as ndi
 
+from ..spec import MethodSpec
 from .common import BackgroundRemoval, check_field_and_mask
 
 _SIX = ndi.generate_binary_structure(3, 1)
@@ -50,12 +51,12 @@ def _neg_laplacian(u, voxel):
     return out
 
 
-def lbv(total_field, mask, voxel_size_mm, b0_dir=None, tol=1e-4, max_iter=500, peel=1):
+def lbv(total_field, mask, voxel_size_mm, tol=1e-4, max_iter=500, peel=1):
     """LBV background field removal; units preserved (Hz in, Hz out).
 
     ``tol``: relative residual at which CG stops; ``max_iter``: its limit. ``peel``: boundary layers
-    (voxels, 6-connected) dropped from the returned mask after the solve. ``b0_dir`` is accepted
-    for a uniform interface and unused (harmonic fields do not depend on B0). Returns a
+    (voxels, 6-connected) dropped from the returned mask after the solve. It takes no B0
+    direction (harmonic fields do not depend on B0). Returns a
     :class:`~metaqsm_bids.qsm.background.common.BackgroundRemoval` whose ``mask`` is the interior (the mask
     eroded by 1 + ``peel`` voxels).
     """
@@ -107,3 +108,9 @@ def lbv(total_field, mask, voxel_size_mm, b0_dir=None, tol=1e-4, max_iter=500, p
     out_mask[box] = keep
     return BackgroundRemoval(local, out_mask, iterations, relative_residual,
                              {"Tolerance": tol, "MaxIterations": max_iter, "Peel": peel})
+
+
+SPEC = MethodSpec(
+    name="lbv", function=lbv, display_name="LBV", description="the Laplacian boundary value method (LBV)",
+    citations={"zhou2014": "Zhou D, Liu T, Spincemaille P, Wang Y. Background field removal by solving the "
+                           "Laplacian boundary value problem. NMR Biomed. 2014;27(3):312-319."})

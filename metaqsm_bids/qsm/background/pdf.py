@@ -35,6 +35,7 @@ import scipy.fft as sfft
 from ..core.dipole import dipole_kernel
 from ..core.grid import PaddedBox
 from ..core.solvers import conjugate_gradient
+from ..spec import MethodSpec
 from .common import BackgroundRemoval, check_field_and_mask
 
 log = logging.getLogger(__name__)
@@ -128,3 +129,11 @@ def polynomial_basis(points_mm, order):
     if order >= 2:
         columns += [x[:, i] * x[:, j] for i in range(3) for j in range(i, 3)]
     return np.stack(columns, axis=1)
+
+
+SPEC = MethodSpec(
+    name="pdf", function=pdf, display_name="PDF", description="projection onto dipole fields (PDF)",
+    citations={"liu2011pdf": "Liu T, Khalidov I, de Rochefort L, Spincemaille P, Liu J, Tsiouris AJ, Wang Y. A novel "
+                             "background field removal method for MRI using projection onto dipole fields (PDF). "
+                             "NMR Biomed. 2011;24(9):1129-1136."},
+    inputs=("b0_dir", "magnitude"))

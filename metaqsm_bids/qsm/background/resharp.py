@@ -13,15 +13,27 @@ symmetric). Every convolution is an FFT on the mask's bounding box padded by the
 kernel radius, which is exact: the eroded voxels see only in-mask values, so the
 periodic wrap never reaches them.
 """
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.fft as sfft
 
 from ..core.smv import _erode_in_box
 from ..core.solvers import _half_spectrum_dot
+from ..spec import MethodSpec, parameter
 from .common import BackgroundRemoval, check_field_and_mask
 
 
-def resharp(total_field, mask, voxel_size_mm, radius_mm=6.0, tikhonov=1e-3, tol=1e-4, max_iter=200):
+@dataclass(frozen=True)
+class RESHARPParameters:
+    """RESHARP's settings a user may change."""
+
+    radius_mm: float = parameter(6.0, "RESHARP spherical kernel radius", unit="mm", words="kernel radius",
+                                 option="--bfr-radius-mm", check="positive")
+
+
+def resharp(total_field, mask, voxel_size_mm, radius_mm=RESHARPParameters.radius_mm, tikhonov=1e-3, tol=1e-4,
+            max_iter=200):
     """RESHARP background field removal (Sun & Wilman 2014); units preserved (Hz in, Hz out).
 
     ``total_field`` is the unwrapped total field (any unit) on ``mask``; values
@@ -84,3 +96,10 @@ def resharp(total_field, mask, voxel_size_mm, radius_mm=6.0, tikhonov=1e-3, tol=
     local = sfft.irfftn(solution, s=shape) * eroded32
     return BackgroundRemoval(box.extract(local.astype(np.float32)), box.extract(eroded), iterations, relative_residual,
                              {"Tikhonov": tikhonov, "Tolerance": tol, "MaxIterations": max_iter})
+
+
+SPEC = MethodSpec(
+    name="resharp", function=resharp, display_name="RESHARP", description="RESHARP",
+    citations={"sun2014": "Sun H, Wilman AH. Background field removal using spherical mean value filtering and "
+                          "Tikhonov regularization. Magn Reson Med. 2014;71(3):1151-1157."},
+    parameters=RESHARPParameters)

@@ -23,6 +23,7 @@ import scipy.fft as sfft
 
 from ..core.grid import PaddedBox
 from ..core.smv import _smv_ball, _sphere_half_extent
+from ..spec import MethodSpec
 from .common import BackgroundRemoval, check_field_and_mask
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,13 @@ log = logging.getLogger(__name__)
 DEFAULT_RADII_MM = tuple(float(r) for r in range(12, 0, -1))
 
 
-def vsharp(total_field, mask, voxel_size_mm, b0_dir=None, radii_mm=DEFAULT_RADII_MM, threshold=0.05):
+def vsharp(total_field, mask, voxel_size_mm, radii_mm=DEFAULT_RADII_MM, threshold=0.05):
     """V-SHARP background field removal; units preserved (Hz in, Hz out).
 
     ``radii_mm``: SMV radii in mm (any order; radii whose sphere holds a single voxel are
     skipped). ``threshold``: truncation of ``1 - S_R`` in the deconvolution (0.05, as in
-    SHARP and V-SHARP). ``b0_dir`` is accepted for a uniform interface and unused: harmonic
-    filtering does not depend on B0. Values of ``total_field`` outside ``mask`` are ignored.
+    SHARP and V-SHARP). Harmonic filtering does not depend on B0: it takes no B0 direction. Values of
+    ``total_field`` outside ``mask`` are ignored.
 
     Returns a :class:`~metaqsm_bids.qsm.background.common.BackgroundRemoval` whose ``mask`` is the
     mask eroded by the smallest radius and ``iterations`` is 0 (a direct method); its
@@ -92,3 +93,11 @@ def vsharp(total_field, mask, voxel_size_mm, b0_dir=None, radii_mm=DEFAULT_RADII
              radii[-1][0], relative_residual)
     return BackgroundRemoval(box.extract(local.astype(np.float32)), box.extract(valid), 0, relative_residual,
                              {"RadiiMm": [r for r, _ in radii], "Threshold": threshold})
+
+
+SPEC = MethodSpec(
+    name="vsharp", function=vsharp, display_name="V-SHARP", description="V-SHARP",
+    citations={"li2011": "Li W, Wu B, Liu C. Quantitative susceptibility mapping of human brain reflects spatial "
+                         "variation in tissue composition. NeuroImage. 2011;55(4):1645-1656.",
+               "wu2012": "Wu B, Li W, Guidon A, Liu C. Whole brain susceptibility mapping using compressed sensing. "
+                         "Magn Reson Med. 2012;67(1):137-147."})

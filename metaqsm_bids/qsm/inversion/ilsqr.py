@@ -40,6 +40,7 @@ from ..core.dipole import dipole_kernel
 from ..core.grid import PaddedBox
 from ..core.smv import smv_kernel
 from ..core.solvers import _half_spectrum_dot, gradient, gradient_adjoint
+from ..spec import MethodSpec
 from .common import check_inputs
 from .tkd import tkd
 
@@ -206,3 +207,10 @@ def ilsqr(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), tol=0.01
         info.update(LSQRFormulation=formulation, LSQRIterations=lsqr_iterations, LSQRResidual=lsqr_history,
                     ArtifactIterations=artifact_iterations, ArtifactResidual=artifact_history)
     return chi
+
+
+SPEC = MethodSpec(
+    name="ilsqr", function=ilsqr, display_name="iLSQR", description="iLSQR with streaking-artifact removal",
+    citations={"li2015": "Li W, Wang N, Yu F, Han H, Cao W, Romero R, Tantiwongkosi B, Duong TQ, Liu C. A method for "
+                         "estimating and removing streaking artifacts in quantitative susceptibility mapping. "
+                         "NeuroImage. 2015;108:111-122."})

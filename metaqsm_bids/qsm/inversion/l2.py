@@ -12,6 +12,7 @@ import scipy.fft as sfft
 
 from ..core.dipole import dipole_kernel, kspace_grid
 from ..core.grid import PaddedBox
+from ..spec import MethodSpec
 from .common import check_inputs
 
 
@@ -54,3 +55,10 @@ def l2(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), lambda_=1e-
     if info is not None:
         info["Lambda"] = float(lambda_)
     return chi
+
+
+SPEC = MethodSpec(
+    name="l2", function=l2, display_name="L2", description="closed-form L2 inversion with gradient regularisation",
+    citations={"bilgic2014": "Bilgic B, Fan AP, Polimeni JR, Cauley SF, Bianciardi M, Adalsteinsson E, Wald LL, "
+                             "Setsompop K. Fast quantitative susceptibility mapping with L1-regularization and "
+                             "automatic parameter selection. Magn Reson Med. 2014;72(5):1444-1459."})

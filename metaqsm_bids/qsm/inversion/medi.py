@@ -11,6 +11,7 @@ the L1 norm is smoothed as ``sqrt(|.|^2 + beta)`` and the cost minimised by
 Gauss-Newton steps (lagged diffusivity), each solved by conjugate gradient.
 """
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft as sfft
@@ -19,6 +20,7 @@ from ..core.dipole import dipole_kernel
 from ..core.grid import PaddedBox
 from ..core.physics import GAMMA_HZ_PER_T
 from ..core.solvers import conjugate_gradient, gradient, gradient_adjoint
+from ..spec import MethodSpec, parameter
 from .common import check_inputs
 
 log = logging.getLogger(__name__)
@@ -43,9 +45,17 @@ def edge_mask(magnitude, mask, voxel_size_mm, edge_percentage=0.9):
     return grad <= threshold
 
 
+@dataclass(frozen=True)
+class MEDIParameters:
+    """MEDI's settings a user may change."""
+
+    lambda_: float = parameter(1000.0, "MEDI regularisation weight (dimensionless; MEDI toolbox convention, see "
+                                       "metaqsm_bids.qsm.inversion.medi)", words="lambda", check="positive")
+
+
 def medi(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None, delta_te_s=None,
-         b0_tesla=None, lambda_=1000.0, edge_percentage=0.9, max_iter=10, tol=0.1, cg_max_iter=100, cg_tol=0.01,
-         beta=1e-6, pad_voxels=None, dtype=np.float32, info=None):
+         b0_tesla=None, lambda_=MEDIParameters.lambda_, edge_percentage=0.9, max_iter=10, tol=0.1, cg_max_iter=100,
+         cg_tol=0.01, beta=1e-6, pad_voxels=None, dtype=np.float32, info=None):
     """MEDI dipole inversion (MEDI toolbox ``MEDI_L1`` defaults); ppm in, ppm out.
 
     ``magnitude`` (3D, same shape; e.g. the root-sum-of-squares over echoes) gives the
@@ -157,3 +167,15 @@ def medi(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude
         info.update(Iterations=len(cg_counts), CGIterations=cg_counts, UpdateRatio=ratios, DataResidual=residuals,
                     Lambda=float(lambda_))
     return chi
+
+
+SPEC = MethodSpec(
+    name="medi", function=medi, display_name="MEDI", description="morphology enabled dipole inversion (MEDI)",
+    citations={"liu2011": "Liu T, Liu J, de Rochefort L, Spincemaille P, Khalidov I, Ledoux JR, Wang Y. Morphology "
+                          "enabled dipole inversion (MEDI) from a single-angle acquisition: comparison with COSMOS in "
+                          "human brain imaging. Magn Reson Med. 2011;66(3):777-783.",
+               "liu2012": "Liu J, Liu T, de Rochefort L, Ledoux J, Khalidov I, Chen W, Tsiouris AJ, Wisnieff C, "
+                          "Spincemaille P, Prince MR, Wang Y. Morphology enabled dipole inversion for quantitative "
+                          "susceptibility mapping using structural consistency between the magnitude image and the "
+                          "susceptibility map. NeuroImage. 2012;59(3):2560-2568."},
+    parameters=MEDIParameters, inputs=("magnitude", "delta_te_s", "b0_tesla"))

@@ -1,13 +1,25 @@
 """Dipole inversion by truncated k-space division (TKD)."""
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.fft as sfft
 
 from ..core.dipole import dipole_kernel
 from ..core.grid import PaddedBox
+from ..spec import MethodSpec, parameter
 from .common import check_inputs
 
 
-def tkd(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), threshold=0.2, pad_voxels=None):
+@dataclass(frozen=True)
+class TKDParameters:
+    """TKD's settings a user may change."""
+
+    threshold: float = parameter(0.2, "TKD truncation threshold of the dipole kernel (dimensionless, in (0, 2/3])",
+                                 words="threshold", check="positive")
+
+
+def tkd(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), threshold=TKDParameters.threshold,
+        pad_voxels=None):
     """Truncated k-space division (Shmueli 2009; Wharton 2010).
 
     ``chi = IFFT(FFT(field) / D)`` with ``1/D`` replaced by ``sign(D)/threshold`` where
@@ -35,3 +47,11 @@ def tkd(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), threshold=
     chi[mask] -= chi[mask].mean(dtype=np.float64)
     chi[~mask] = 0.0
     return chi
+
+
+SPEC = MethodSpec(
+    name="tkd", function=tkd, display_name="TKD", description="truncated k-space division (TKD)",
+    citations={"shmueli2009": "Shmueli K, de Zwart JA, van Gelderen P, Li TQ, Dodd SJ, Duyn JH. Magnetic "
+                              "susceptibility mapping of brain tissue in vivo using MRI phase data. Magn Reson Med. "
+                              "2009;62(6):1510-1522."},
+    parameters=TKDParameters)

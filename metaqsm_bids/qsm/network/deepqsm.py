@@ -25,12 +25,10 @@ import torch
 from ..core.grid import PaddedBox
 from ..inversion.common import check_inputs
 from ..inversion.tkd import tkd
-from .models import DEFAULT_ORIENTATIONS, METAQSM_MODEL, ORIENTATIONS
+from .models import DEFAULT_ORIENTATIONS, METAQSM_MODEL, ORIENTATIONS, TKD_THRESHOLD
 from .networks import INPUTS, VOXEL_CENTRE_MM, VOXEL_HALF_RANGE_MM, encode_condition, load_network
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "data" / "models"
-#: TKD threshold of the ``field+tkd`` input channel (the TKD baseline's).
-TKD_THRESHOLD = 0.2
 #: Voxels of context kept around the mask's bounding box (the network only runs there).
 CONTEXT_VOXELS = 8
 #: Padded box voxels above which inference runs in overlapping patches (metaqsm-v3 on the 256x256x64 benchmark head: 0.49 GiB peak).
@@ -60,7 +58,7 @@ def network_input(local_field_ppm, mask, voxel_size_mm, b0_dir, input_kind, magn
     """Input channels (C, I, J, K float32) for a network with config ``input`` and the RMS (ppm) divided out.
 
     Channel 0 is :func:`normalise_field`; ``field+tkd`` adds TKD (threshold
-    :data:`TKD_THRESHOLD`) of that normalised field; ``field+tkd+magnitude`` adds
+    :data:`.models.TKD_THRESHOLD`) of that normalised field; ``field+tkd+magnitude`` adds
     :func:`normalise_magnitude` of ``magnitude`` (required for it, same shape).
     """
     channels = INPUTS[input_kind]

@@ -1,5 +1,8 @@
-"""The shipped networks' names and inference settings (torch-free, so the inversion registry and the CLI
+"""The shipped networks' names, inference settings and paper (torch-free, so the inversion specs and the CLI
 can name them without loading torch)."""
+#: The paper that describes the networks (its title and corresponding author: what its text gives).
+PAPER = ("Meta-QSM: An Image-Resolution-Arbitrary Network for QSM Reconstruction. "
+         "Corresponding author: Kevin M. Koch (kmkoch@mcw.edu).")
 #: Shipped networks (metaqsm_bids/data/models): Meta-QSM, one model for every voxel size and B0
 #: direction, and its Mesa-QSM control, trained for 0.76x0.76x3 mm only.
 METAQSM_MODEL = "metaqsm-v3"
@@ -11,3 +14,5 @@ ORIENTATIONS = ("canonical", "pair", "flips", "all")
 #: What the pipeline runs (BENCHMARKS.md, "Orientation passes"): metaqsm-v3 from the true local field,
 #: NRMSE % one pass / pair / 8 flips: 63.6 / 60.3 / 60.0 at 0.76x0.76x3, 50.5 / 48.9 / 48.6 at 0.5x0.5x2.
 DEFAULT_ORIENTATIONS = "pair"
+#: TKD threshold of the ``field+tkd`` input channel (the TKD baseline's), fixed by the training.
+TKD_THRESHOLD = 0.2

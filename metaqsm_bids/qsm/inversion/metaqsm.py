@@ -1,0 +1,92 @@
+"""Dipole inversion by the shipped networks: Meta-QSM (one model for every voxel size and B0 direction) and its
+Mesa-QSM control (plain convolutions, trained at one voxel size), optionally followed by the closed-form k-space
+data-consistency step (:mod:`.consistency`). torch and the models load only when a network is called."""
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..network.models import (DEFAULT_ORIENTATIONS, MESAQSM_MODEL, METAQSM_MODEL, ORIENTATIONS, PAPER,
+                              TKD_THRESHOLD)
+from ..spec import MethodSpec, parameter
+from . import tkd
+from .consistency import DEFAULT_LAMBDA, data_consistency
+
+
+@dataclass(frozen=True)
+class NetworkParameters:
+    """The settings of both networks a user may change."""
+
+    orientations: str = parameter(
+        DEFAULT_ORIENTATIONS, "storage orientations the network's prediction is averaged over: 'canonical' is one "
+        "pass; 'pair' (2 passes) adds the pass with the axis along B0 reversed; 'flips' (8) gives the same map for "
+        "flipped or reordered storage of the volume; 'all' (16) also for swapped in-plane axes",
+        words="averaged over storage orientations", option="--network-orientations", choices=ORIENTATIONS)
+    data_consistency_lambda: float = parameter(
+        DEFAULT_LAMBDA, "weight of the closed-form k-space data-consistency step that follows the network "
+        "(dimensionless; the field decides where the dipole kernel's square exceeds it; see "
+        "metaqsm_bids.qsm.inversion.consistency)", words="then pulled onto the field by a k-space data-consistency "
+        "step, lambda", option="--network-data-consistency", check="positive_or_off", metavar="LAMBDA")
+
+
+def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=METAQSM_MODEL, device="auto",
+            orientations=NetworkParameters.orientations,
+            data_consistency_lambda=NetworkParameters.data_consistency_lambda, magnitude=None, info=None):
+    """Meta-QSM: the shipped weight-predicting U-Net (one model for every voxel size and B0 direction); ppm in,
+    ppm out.
+
+    ``model`` names weights in the package data; ``device`` is ``auto``, ``cpu`` or ``cuda``;
+    ``orientations`` (``canonical``, ``pair``, ``flips``, ``all``) the storage orientations the prediction
+    averages over (:func:`metaqsm_bids.qsm.network.deepqsm.orientation_transforms`; the default ``pair``
+    is 2 passes; ``flips`` makes the map independent of flipped or reordered storage at 8 passes' cost).
+    ``data_consistency_lambda`` (dimensionless, > 0; default :data:`.consistency.DEFAULT_LAMBDA`; None: off)
+    follows the network with the closed-form k-space data-consistency step :func:`.consistency.data_consistency`,
+    which fits the field wherever the dipole kernel's square exceeds about this value.
+    ``magnitude`` (the RSS magnitude, same shape) is an input of ``field+tkd+magnitude`` models
+    (required by them; the others ignore it). Like the other methods the result is demeaned inside the mask.
+    ``info`` receives the model name, its sha256 and the device used.
+    """
+    from ..network.deepqsm import load_model, model_info, orientation_transforms, predict_chi  # torch loads here
+    from ..network.device import resolve_device
+    from ..network.networks import INPUTS
+
+    device = resolve_device(device)
+    net = load_model(model, device=device)
+    takes_magnitude = "magnitude" in INPUTS[net.config["input"]]
+    if takes_magnitude and magnitude is None:
+        raise ValueError(f"model {model} takes the magnitude image as an input: pass `magnitude`")
+    chi = predict_chi(net, local_field_ppm, mask, voxel_size_mm, b0_dir, device=device, orientations=orientations,
+                      magnitude=magnitude if takes_magnitude else None)
+    if data_consistency_lambda is not None:
+        chi = data_consistency(chi, local_field_ppm, mask, voxel_size_mm, b0_dir, data_consistency_lambda)
+    inside = np.asarray(mask, bool)
+    chi[inside] -= chi[inside].mean(dtype=np.float64)
+    if info is not None:
+        # load_model checked the file against this recorded sha256
+        info.update({"Model": model, "ModelSHA256": model_info(model)["sha256"], "Device": device,
+                     "OrientationPasses": len(orientation_transforms(b0_dir, orientations)),
+                     "DataConsistencyLambda": data_consistency_lambda})
+    return chi
+
+
+def mesaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=MESAQSM_MODEL, device="auto",
+            orientations=NetworkParameters.orientations,
+            data_consistency_lambda=NetworkParameters.data_consistency_lambda, magnitude=None, info=None):
+    """Mesa-QSM, the control: the same U-Net with plain convolutions, trained at one voxel size
+    (warns at any other); see :func:`metaqsm`."""
+    return metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir, model=model, device=device,
+                   orientations=orientations, data_consistency_lambda=data_consistency_lambda, magnitude=magnitude,
+                   info=info)
+
+
+#: What both networks cite: the paper, and TKD, the network's input channel.
+_CITATIONS = {"metaqsm": PAPER, **tkd.SPEC.citations}
+
+METAQSM_SPEC = MethodSpec(
+    name="metaqsm", function=metaqsm, display_name="Meta-QSM",
+    description=f"the Meta-QSM network (weight-predicting U-Net refining TKD, threshold {TKD_THRESHOLD:g})",
+    citations=_CITATIONS, parameters=NetworkParameters, inputs=("magnitude", "device"))
+MESAQSM_SPEC = MethodSpec(
+    name="mesaqsm", function=mesaqsm, display_name="Mesa-QSM",
+    description="the Mesa-QSM network (the Meta-QSM U-Net with plain convolutions, one resolution, refining TKD, "
+                f"threshold {TKD_THRESHOLD:g})",
+    citations=_CITATIONS, parameters=NetworkParameters, inputs=("magnitude", "device"))
