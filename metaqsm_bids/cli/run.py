@@ -297,7 +297,8 @@ def qsm_options(opts):
     return dict(bids_dir=opts.bids_dir, output_dir=opts.output_dir, inversion=opts.inversion,
                 inversion_params=inversion_params, bfr=opts.bfr, bfr_radius_mm=opts.bfr_radius_mm,
                 bipolar=opts.bipolar, device=opts.device, omp_nthreads=opts.omp_nthreads,
-                output_spaces=opts.output_spaces, r2star_method=opts.r2star_method)
+                output_spaces=opts.output_spaces, r2star_method=opts.r2star_method, reference=opts.reference,
+                swi_phase_sign=opts.swi_phase_sign, mip_slab_mm=opts.mip_slab_mm)
 
 
 def run_participant(opts):

@@ -15,8 +15,8 @@ makes them:
   the contrast of about a radian without wrapping); its TE is recorded. The field is unwrapped, so a
   ``|phi|`` beyond pi is not wrapped back: it saturates the mask (below).
 * **Mask.** The negative-phase mask ``m = 1 + phi / pi`` for ``-pi < phi < 0``, 0 for ``phi <= -pi``, 1 for
-  ``phi >= 0`` (``phase_sign="negative"``, the default). ``"positive"`` mirrors it (``m = 1 - phi / pi`` for
-  ``phi > 0``): it darkens diamagnetic tissue (calcifications) instead. The mask is raised to the power
+  ``phi >= 0`` (``phase_sign="negative"``, the default). ``"positive"`` mirrors it (``m = 1 - phi / pi``
+  for ``0 < phi < pi``): it darkens diamagnetic tissue (calcifications) instead. The mask is raised to the power
   :data:`SWI_MASK_POWER` (4: Haacke's, the best contrast-to-noise of veins at 1.5-3 T).
 * **Magnitude.** The root-sum-of-squares magnitude over echoes (the pipeline's combined magnitude, the
   SNR-weighted combination CLEAR-SWI (Eckstein et al. 2021, NeuroImage 237:118175) uses too), so a vein at
@@ -41,6 +41,8 @@ SWI_MASK_POWER = 4
 #: Sign of the SWI phase (``-2 pi f TE``) that the mask darkens: ``negative`` (paramagnetic: veins, iron;
 #: standard SWI) or ``positive`` (diamagnetic: calcifications).
 SWI_PHASE_SIGNS = ("negative", "positive")
+#: The sign darkened unless asked otherwise: standard SWI.
+DEFAULT_SWI_PHASE_SIGN = "negative"
 #: Thickness (mm) of the mIP's slab: the thin end of the 8-16 mm used clinically (thicker slabs merge
 #: neighbouring veins).
 MIP_SLAB_MM = 8.0
@@ -68,7 +70,7 @@ def swi_echo_time(echo_times_s, target_s=SWI_TARGET_TE_S):
     return float(tes[np.argmin(np.round(np.abs(tes - target_s), 9))])  # rounded: a tie is a tie in float
 
 
-def phase_mask(phase_rad, power=SWI_MASK_POWER, phase_sign="negative"):
+def phase_mask(phase_rad, power=SWI_MASK_POWER, phase_sign=DEFAULT_SWI_PHASE_SIGN):
     """Haacke's phase mask of ``phase_rad`` (rad, SWI convention ``-2 pi f TE``) raised to ``power``:
     ``(1 + phi / pi) ** power`` where ``-pi < phi < 0`` (``phase_sign="negative"``; ``"positive"`` mirrors it),
     0 beyond pi, 1 on the other side. float32, in [0, 1]."""
@@ -101,8 +103,8 @@ def minimum_intensity_projection(image, voxel_size_mm, slab_mm=MIP_SLAB_MM, axis
     return ndi.minimum_filter1d(image, size=mip_slices(voxel_size_mm, slab_mm, axis), axis=axis, mode="nearest")
 
 
-def swi(magnitude, local_field_hz, echo_times_s, voxel_size_mm, power=SWI_MASK_POWER, phase_sign="negative",
-        slab_mm=MIP_SLAB_MM):
+def swi(magnitude, local_field_hz, echo_times_s, voxel_size_mm, power=SWI_MASK_POWER,
+        phase_sign=DEFAULT_SWI_PHASE_SIGN, slab_mm=MIP_SLAB_MM):
     """SWI of the combined ``magnitude`` (3D) with the phase mask of ``local_field_hz`` (3D, Hz) at the echo
     nearest :data:`SWI_TARGET_TE_S`, and its mIP over ``slab_mm`` (see the module's docstring)."""
     magnitude = np.asarray(magnitude, dtype=np.float32)
