@@ -36,6 +36,7 @@ OUTPUTS = {  # datatype, suffix of each derivative of a run
     "fit_residual": ("fmap", "desc-echofit_residual"),
     "local_field": ("fmap", "desc-local_fieldmap"), "local_magnitude": ("fmap", "desc-local_magnitude"),
     "r2star": ("anat", "R2starmap"), "t2star": ("anat", "T2starmap"),
+    "swi": ("anat", "desc-swi_T2starw"), "mip": ("anat", "desc-mip_T2starw"),
 }
 
 
@@ -98,6 +99,21 @@ def test_every_derivative_and_sidecar(processed):
             raw = [uri for uri in sidecar["Sources"] if uri.startswith("bids:raw:")]
             assert raw and all("_part-mag_" in uri for uri in raw)  # the decay is the magnitude's
             assert any(uri.endswith("_desc-brain_mask.nii.gz") for uri in sidecar["Sources"])
+        # the default reference, the whole brain, is what the inversion gives: its mean there was ~0 already
+        reference = chimap["SusceptibilityReference"]
+        assert reference["Region"] == "brain" and reference["Mask"].endswith("_desc-qsm_mask.nii.gz")
+        assert abs(reference["MeanBeforeReferencingPpm"]) < 1e-6 and reference["Voxels"] > 0
+        assert not _path(out, prefix, "qsm_mask").with_name(
+            _path(out, prefix, "qsm_mask").name.replace("desc-qsm", "desc-reference")).exists()
+        swi, mip = (json.loads(_path(out, prefix, kind, ".json").read_text()) for kind in ("swi", "mip"))
+        for sidecar in (swi, mip):
+            assert sidecar["Units"] == "arbitrary" and sidecar["SWI"]["PhaseMaskPower"] == 4
+            assert sidecar["SWI"]["PhaseMaskSign"] == "negative" and sidecar["SWI"]["EchoTimeUsed"] in sidecar["EchoTime"]
+        assert swi["Sources"][0].endswith("_desc-total_magnitude.nii.gz")
+        assert swi["Sources"][1].endswith("_desc-local_fieldmap.nii.gz")
+        assert len(mip["Sources"]) == 1 and mip["Sources"][0].endswith("_desc-swi_T2starw.nii.gz")
+        slab = mip["MinimumIntensityProjection"]
+        assert slab["SlabSlices"] == 5 and slab["SlabAxis"] == 2 and slab["SlabThicknessRequestedMm"] == 8.0
 
 
 def test_chimap_matches_truth(processed):
@@ -145,9 +161,66 @@ def test_r2star_matches_truth(processed):
         assert np.allclose(t2star[deep], 1 / np.maximum(r2star[deep], 1.0), rtol=1e-5)
 
 
-def test_outputs_pass_bids_validator(processed, bids_validator):
+def test_swi_darkens_the_veins_and_its_mip_is_the_slab_minimum(processed):
+    """SWI = RSS magnitude x the phase mask of the local field: darker than the magnitude where the field is
+    paramagnetic, equal to it elsewhere; the mIP is the minimum over 5 slices centred on each."""
+    _, out, _, _ = processed
+    for prefix in PREFIXES:
+        swi_img = nib.load(_path(out, prefix, "swi"))
+        swi, mip = swi_img.get_fdata(), nib.load(_path(out, prefix, "mip")).get_fdata()
+        magnitude = nib.load(_path(out, prefix, "magnitude")).get_fdata()
+        field = nib.load(_path(out, prefix, "local_field")).get_fdata()
+        te = json.loads(_path(out, prefix, "swi", ".json").read_text())["SWI"]["EchoTimeUsed"]
+        expected = magnitude * np.clip(1 - 2 * field * te, 0, 1) ** 4
+        assert np.allclose(swi, expected, rtol=1e-4, atol=1e-4 * magnitude.max())
+        assert np.all(swi[field <= 0] == magnitude[field <= 0])
+        # measured 721 and 653 voxels (the simulated veins' field is mostly that of cylinders across B0, negative
+        # inside: their darkening in SWI is that of their magnitude; a Lorentz sphere's field is 0 inside)
+        assert (swi < 0.8 * magnitude).sum() > 200
+        k = swi.shape[2] // 2
+        assert np.allclose(mip[..., k], swi[..., k - 2:k + 3].min(axis=2))
+
+
+@pytest.fixture(scope="module")
+def csf_referenced(processed, tmp_path_factory):
+    """sub-02 again with --reference csf, from a copy of the work folder (the original's cache stays as the
+    idempotence test expects it)."""
+    bids_dir, _, work, _ = processed
+    root = tmp_path_factory.mktemp("csf")
+    shutil.copytree(work, root / "work")
+    out = root / "out"
+    result = run_cli("metaqsm", bids_dir, out, "participant", "-w", root / "work", "--participant-label", "02",
+                     "--reference", "csf", "--nprocs", "1")
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    return bids_dir, out
+
+
+def test_csf_reference_is_the_ventricles_and_its_mean_is_recorded(processed, csf_referenced):
+    bids_dir, out = csf_referenced
+    brain_out, prefix = processed[1], PREFIXES[2]
+    region = np.asarray(nib.load(_path(out, prefix, "qsm_mask").with_name("sub-02_desc-reference_mask.nii.gz"))
+                        .dataobj) > 0
+    labels = np.asarray(nib.load(bids_dir / TRUTH / "sub-02/anat/sub-02_dseg.nii.gz").dataobj)
+    assert region.sum() >= 20 and np.all(labels[region] == 10)  # the simulator's CSF label, nothing else
+    sidecar = json.loads(_path(out, prefix, "chimap", ".json").read_text())
+    reference = sidecar["SusceptibilityReference"]
+    assert reference["Region"] == "csf" and reference["Voxels"] == region.sum()
+    assert reference["Mask"] == "bids::sub-02/anat/sub-02_desc-reference_mask.nii.gz"
+    assert reference["Mask"] in sidecar["Sources"] and "ventricular CSF" in sidecar["Description"]
+    mask_sidecar = json.loads(_path(out, prefix, "qsm_mask", ".json").with_name(
+        "sub-02_desc-reference_mask.json").read_text())
+    assert mask_sidecar["Type"] == "ROI" and any(uri.endswith("_R2starmap.nii.gz") for uri in mask_sidecar["Sources"])
+    # the Chimap is the brain-referenced one less the CSF's mean, recorded before subtracting
+    chi, brain_chi = (nib.load(_path(root, prefix, "chimap")).get_fdata() for root in (out, brain_out))
+    qsm = np.asarray(nib.load(_path(out, prefix, "qsm_mask")).dataobj) > 0
+    assert np.isclose(reference["MeanBeforeReferencingPpm"], brain_chi[region].mean(), atol=1e-6)
+    assert np.allclose(chi[qsm], brain_chi[qsm] - reference["MeanBeforeReferencingPpm"], atol=1e-6)
+    assert abs(chi[region].mean()) < 1e-6
+
+
+def test_outputs_pass_bids_validator(processed, csf_referenced, bids_validator):
     bids_dir, out, _, _ = processed
-    for dataset in (bids_dir, out):
+    for dataset in (bids_dir, out, csf_referenced[1]):
         result = subprocess.run([bids_validator, str(dataset)], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-4000:]
         assert "[ERROR]" not in result.stdout

@@ -86,7 +86,7 @@ def test_reports_and_figures_exist_and_links_resolve(processed):
     for page in pages:
         links = _links(page)
         images = [link for link in links if link.endswith(".png")]
-        assert len(images) == (8 if page == report else 4), page  # overview, mosaics of chi and R2*, reliability
+        assert len(images) == (10 if page == report else 5), page  # overview, mosaics of chi, R2*, SWI mIP, reliability
 
         for link in links:
             if link.startswith("#"):
@@ -136,6 +136,23 @@ def test_r2star_panel_shows_the_map_with_its_units(processed):
     assert "weighted log-linear fit of the 4 echoes" in text
     assert "R2* was fitted to the magnitude of the echoes in the brain mask by a log-linear least-squares fit " \
            "weighted by the squared magnitude, clipped to 0-1000 s^-1; T2* is its inverse, at most 1 s." in text
+    assert "missing derivative" not in text
+
+
+def test_swi_mip_panel_shows_the_projection_with_its_colour_bar(processed):
+    _, out, report, _ = processed
+    text = report.read_text()
+    for name in ("sub-01_ses-1", "sub-01_ses-2"):
+        figure = f"sub-01/figures/{name}_desc-mosaic_mip.png"
+        assert f'<img src="{figure}" alt="SWI mIP mosaic of {name}">' in text
+        with Image.open(out / figure) as img:
+            pixels = np.asarray(img.convert("L"), dtype=np.float32)
+        assert min(img.size) > 300 and pixels.std() > 20
+        # the colour bar: a column of grey levels from black to white right of the mosaic
+        bar = pixels[:, int(0.885 * img.size[0]) + 3]
+        assert bar.max() > 240 and bar.min() < 15
+    assert "<b>SWI minimum-intensity projection</b> (<code>desc-mip_T2starw</code>" in text
+    assert "(power 4, negative phase darkened), minimum over 9 mm slabs" in text  # 3 mm slices: 3 of them
     assert "missing derivative" not in text
 
 

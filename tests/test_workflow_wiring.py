@@ -47,8 +47,17 @@ QSM_EDGES = {
     ("background_removal", "mask_file", "ds_run", "qsm_mask_file"),
     ("background_removal", "reliable_mask_file", "ds_run", "reliable_mask_file"),
     ("background_removal", "provenance", "ds_run", "bfr_provenance"),
-    ("dipole_inversion", "chimap_file", "ds_run", "chimap_file"),
     ("dipole_inversion", "provenance", "ds_run", "inversion_provenance"),
+    ("dipole_inversion", "chimap_file", "chi_reference", "chimap_file"),
+    ("background_removal", "mask_file", "chi_reference", "mask_file"),
+    ("chi_reference", "chimap_file", "ds_run", "chimap_file"),
+    ("chi_reference", "provenance", "ds_run", "reference_provenance"),
+    ("total_field", "magnitude_rss_file", "swi", "magnitude_file"),
+    ("background_removal", "local_field_file", "swi", "local_field_file"),
+    ("swi", "swi_file", "ds_run", "swi_file"),
+    ("swi", "mip_file", "ds_run", "mip_file"),
+    ("swi", "provenance", "ds_run", "swi_provenance"),
+    ("swi", "mip_parameters", "ds_run", "mip_parameters"),
 }
 #: ... and the magnitude's, for the inversions that take it (MEDI weighs by it, the networks may take it in).
 MAGNITUDE_EDGES = {("total_field", "magnitude_rss_file", "dipole_inversion", "magnitude_file")}
@@ -154,6 +163,9 @@ def test_workflow_wiring(dataset, bfr, inversion, spaces):
         assert invert.inputs.parameters == _expected_parameters(opts)
         assert invert.inputs.field_strength_t == run.field_strength_t
         assert nodes[prefix + "total_field"].inputs.echo_times_s == tes
+        assert nodes[prefix + "chi_reference"].inputs.region == opts.reference == "brain"
+        swi = nodes[prefix + "swi"]
+        assert (swi.inputs.echo_times_s, swi.inputs.phase_sign, swi.inputs.slab_mm) == (tes, "negative", 8.0)
         if len(tes) > 1:
             r2star = nodes[prefix + "r2star_map"]
             assert r2star.inputs.echo_times_s == tes and r2star.inputs.method == opts.r2star_method == "loglinear"
@@ -172,3 +184,19 @@ def test_workflow_wiring(dataset, bfr, inversion, spaces):
     for name, node in nodes.items():
         connected = {in_ for _, _, dst, in_ in edges if dst == name}
         assert not _mandatory_unset(node, connected), f"{name}: mandatory inputs neither set nor connected"
+
+
+def test_csf_reference_takes_the_r2star_map_and_writes_its_region(dataset):
+    """--reference csf: the reference step reads the R2* map and the sink writes the region; a single-echo run has
+    no R2* map, so its reference step fails with the message of metaqsm_bids.qsm.reference.reference_chi."""
+    bids, out, work, runs = dataset
+    opts = parse_args([str(bids), str(out), "participant", "-w", str(work), "--reference", "csf", "--swi-phase-sign",
+                       "positive", "--mip-slab-mm", "12", "--nprocs", "1"])
+    nodes, edges = _graph(init_metaqsm_wf(runs, work_dir=work, **qsm_options(opts)))
+    for subject, (run,) in runs.items():
+        prefix = f"{subject_workflow_name(subject)}.qsm_{run.name.replace('-', '_')}_wf."
+        r2star = (prefix + "r2star_map", "r2star_file", prefix + "chi_reference", "r2star_file")
+        assert (prefix + "chi_reference", "reference_mask_file", prefix + "ds_run", "reference_mask_file") in edges
+        assert nodes[prefix + "chi_reference"].inputs.region == "csf"
+        assert (nodes[prefix + "swi"].inputs.phase_sign, nodes[prefix + "swi"].inputs.slab_mm) == ("positive", 12.0)
+        assert (r2star in edges) == (len(ECHOES[subject]) > 1)

@@ -9,6 +9,8 @@ from ..qsm.background.registry import BACKGROUND_REMOVALS, DEFAULT_BACKGROUND_RE
 from ..qsm.field.bipolar import BIPOLAR_THRESHOLD_RAD
 from ..qsm.field.phase_sign import PHASE_SIGN_CHOICES
 from ..qsm.inversion.registry import DEFAULT_INVERSION, INVERSIONS
+from ..qsm.field.swi import DEFAULT_SWI_PHASE_SIGN, MIP_SLAB_MM, SWI_MASK_POWER, SWI_PHASE_SIGNS, SWI_TARGET_TE_S
+from ..qsm.reference import DEFAULT_REFERENCE, REFERENCE_CHOICES
 from .plugins import plugin_settings
 
 
@@ -141,6 +143,23 @@ def build_parser():
                      help="fit of the R2*/T2* maps with 3+ echoes: 'loglinear' (least squares of log |S| weighted "
                           "by |S|^2, any echo spacing) or 'arlo' (Pei et al. 2015; equally spaced echoes, else "
                           "loglinear); 2 echoes take the closed form, 1 echo gives no R2* map")
+    qsm.add_argument("--reference", choices=REFERENCE_CHOICES, default=DEFAULT_REFERENCE,
+                     help="region whose mean susceptibility is 0 in the Chimap: 'brain' (the QSM mask; what the "
+                          "inversion gives, as the 2024 QSM consensus recommends reporting), 'csf' (the ventricles, "
+                          "found by their low R2*; 2+ echoes; written as desc-reference_mask) or 'none' (the "
+                          f"inversion's output); the mean subtracted is in the Chimap's sidecar (default: "
+                          f"{DEFAULT_REFERENCE})")
+
+    swi = parser.add_argument_group("SWI (always written: under a second)")
+    swi.add_argument("--swi-phase-sign", choices=SWI_PHASE_SIGNS, default=DEFAULT_SWI_PHASE_SIGN,
+                     help="sign of the SWI phase (-2 pi x local field x TE, the echo nearest "
+                          f"{SWI_TARGET_TE_S * 1000:g} ms) that the phase mask (power {SWI_MASK_POWER}) darkens: "
+                          "'negative' darkens paramagnetic tissue (veins, iron: standard SWI), 'positive' diamagnetic "
+                          "(calcifications); the vendor's phase sign is --phase-sign's business "
+                          f"(default: {DEFAULT_SWI_PHASE_SIGN})")
+    swi.add_argument("--mip-slab-mm", type=_positive_float, default=MIP_SLAB_MM,
+                     help="thickness (mm) of the slab of the SWI's minimum-intensity projection along the slice axis "
+                          "(the odd number of slices nearest to it)")
 
     spaces = parser.add_argument_group("Output spaces")
     spaces.add_argument("--output-spaces", nargs="+", default=["orig"], type=_output_space, metavar="SPACE",

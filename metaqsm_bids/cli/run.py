@@ -297,7 +297,8 @@ def qsm_options(opts):
                 inversion_params=method_parameters(opts, INVERSIONS[opts.inversion]), bfr=opts.bfr,
                 bfr_params=method_parameters(opts, BACKGROUND_REMOVALS[opts.bfr]),
                 bipolar=opts.bipolar, device=opts.device, omp_nthreads=opts.omp_nthreads,
-                output_spaces=opts.output_spaces, r2star_method=opts.r2star_method)
+                output_spaces=opts.output_spaces, r2star_method=opts.r2star_method, reference=opts.reference,
+                swi_phase_sign=opts.swi_phase_sign, mip_slab_mm=opts.mip_slab_mm)
 
 
 def run_participant(opts):

@@ -19,6 +19,16 @@ from ..io.derivatives import (BIDSIGNORE, RELIABILITY_KEYS, bids_uri, derivative
 from ..io.validation import ensure_bidsignore
 
 
+#: The Chimap's Description for each reference region (metaqsm_bids.qsm.reference).
+_CHIMAP_DESCRIPTION = {
+    "brain": "Magnetic susceptibility map relative to its mean in the QSM mask (the whole brain; see "
+             "SusceptibilityReference).",
+    "csf": "Magnetic susceptibility map relative to its mean in the ventricular CSF (the reference mask; see "
+           "SusceptibilityReference).",
+    "none": "Magnetic susceptibility map as the dipole inversion gives it (mean 0 in the QSM mask).",
+}
+
+
 class _WriteRunDerivativesInputSpec(BaseInterfaceInputSpec):
     output_dir = Directory(mandatory=True, desc="the derivatives dataset root")
     bids_dir = Directory(exists=True, mandatory=True, desc="the raw dataset root")
@@ -41,6 +51,12 @@ class _WriteRunDerivativesInputSpec(BaseInterfaceInputSpec):
     r2star_file = File(exists=True, desc="R2* (1/s); absent for a single echo")
     t2star_file = File(exists=True, desc="T2* (s); given with r2star_file")
     r2star_provenance = traits.Dict(desc="the R2* fit's method and parameters; given with r2star_file")
+    reference_provenance = traits.Dict(mandatory=True, desc="the susceptibility reference (region, mean subtracted)")
+    reference_mask_file = File(exists=True, desc="the reference region, when it is not the QSM mask (csf)")
+    swi_file = File(exists=True, mandatory=True, desc="SWI (arbitrary units)")
+    mip_file = File(exists=True, mandatory=True, desc="the SWI's minimum-intensity projection")
+    swi_provenance = traits.Dict(mandatory=True, desc="the SWI's parameters")
+    mip_parameters = traits.Dict(mandatory=True, desc="the projection's slab")
     acquisition = traits.Dict(mandatory=True, desc="EchoTime (s), MagneticFieldStrength (T)")
 
 
@@ -49,8 +65,9 @@ class _WriteRunDerivativesOutputSpec(TraitedSpec):
 
 
 class WriteRunDerivatives(SimpleInterface):
-    """Write the run's masks, field maps, echo-fit residual, Chimap and (two echoes or more) R2* and T2* maps
-    with provenance sidecars.
+    """Write the run's masks, field maps, echo-fit residual, Chimap (and its reference region, when it is not the
+    QSM mask), SWI and its minimum-intensity projection and (two echoes or more) R2* and T2* maps with
+    provenance sidecars.
 
     Runs only after every step has succeeded, loads every image before writing
     the first one, and writes each file atomically: a failed run leaves nothing.
@@ -82,7 +99,12 @@ class WriteRunDerivatives(SimpleInterface):
             "local_field": path("fieldmap", "fmap", "local"),
             "qsm_mask": path("mask", "anat", "qsm"),
             "chimap": path("Chimap", "anat"),
+            # BIDS has no SWI suffix: a T2*-weighted image (T2starw) with a desc-, as fMRIPrep names what BIDS lacks
+            "swi": path("T2starw", "anat", "swi"),
+            "mip": path("T2starw", "anat", "mip"),
         }
+        if isdefined(inputs.reference_mask_file):
+            paths["reference_mask"] = path("mask", "anat", "reference")
         relaxometry = isdefined(inputs.r2star_file)
         if relaxometry:
             paths.update(r2star=path("R2starmap", "anat"), t2star=path("T2starmap", "anat"))
@@ -91,6 +113,10 @@ class WriteRunDerivatives(SimpleInterface):
             return bids_uri("", paths[kind].relative_to(out))
 
         common = {"SoftwareVersions": software_versions(), **inputs.acquisition}
+        swi_parameters = dict(inputs.swi_provenance)
+        chi_reference = dict(inputs.reference_provenance)
+        if chi_reference["Region"] != "none":  # the region: the QSM mask itself (brain) or its own mask (csf)
+            chi_reference["Mask"] = own("reference_mask" if "reference_mask" in paths else "qsm_mask")
         steps = {
             "PhaseScaling": inputs.phase_provenance,
             "BrainMask": inputs.mask_provenance,
@@ -119,7 +145,11 @@ class WriteRunDerivatives(SimpleInterface):
             "local_field": (load(inputs.local_field_file), np.float32),
             "qsm_mask": (qsm_mask, np.uint8),
             "chimap": (load(inputs.chimap_file), np.float32),
+            "swi": (load(inputs.swi_file), np.float32),
+            "mip": (load(inputs.mip_file), np.float32),
         }
+        if "reference_mask" in paths:
+            images["reference_mask"] = (load(inputs.reference_mask_file, np.uint8), np.uint8)
         if relaxometry:
             images.update(r2star=(load(inputs.r2star_file), np.float32), t2star=(load(inputs.t2star_file), np.float32))
         # masks are on the grid of the raw images: BIDS names that image in SpatialReference
@@ -178,12 +208,35 @@ class WriteRunDerivatives(SimpleInterface):
                 **steps_upto("BackgroundFieldRemoval"),
             },
             "chimap": {
-                "Description": "Magnetic susceptibility map relative to the mean inside the mask.",
+                "Description": _CHIMAP_DESCRIPTION[chi_reference["Region"]],
                 "Units": "ppm", "SkullStripped": True,
-                "Sources": [own("local_field"), own("qsm_mask"), *raw_sources],
-                **steps,
+                "Sources": [own("local_field"), own("qsm_mask"), *raw_sources,
+                            *([own("reference_mask")] if "reference_mask" in paths else [])],
+                **steps, "SusceptibilityReference": chi_reference,
+            },
+            "swi": {
+                "Description": "Susceptibility-weighted image (Haacke et al. 2004): the root-sum-of-squares magnitude "
+                               "times the phase mask of the local field at EchoTimeUsed raised to PhaseMaskPower "
+                               "(metaqsm_bids.qsm.field.swi); outside the QSM mask, the magnitude.",
+                "Units": "arbitrary", "SkullStripped": False, "Sources": [own("magnitude"), own("local_field")],
+                **steps_upto("BackgroundFieldRemoval"), "SWI": swi_parameters,
+            },
+            "mip": {
+                "Description": "Minimum-intensity projection of the SWI over a slab of SlabSlices slices "
+                               "(SlabThicknessMm) centred on each slice along voxel axis SlabAxis, on the SWI's grid.",
+                "Units": "arbitrary", "SkullStripped": False, "Sources": [own("swi")],
+                **steps_upto("BackgroundFieldRemoval"), "SWI": swi_parameters,
+                "MinimumIntensityProjection": dict(inputs.mip_parameters),
             },
         }
+        if "reference_mask" in paths:
+            sidecars["reference_mask"] = {
+                "Description": "Reference region of the Chimap (its mean susceptibility is 0 there): the ventricular "
+                               "CSF, found from the R2* map (see SusceptibilityReference).",
+                "Type": "ROI", "SkullStripped": True,
+                "Sources": [own("r2star"), own("qsm_mask")], **grid,
+                "SusceptibilityReference": chi_reference,
+            }
         if relaxometry:
             # the decay is the magnitude's: its raw files (both parts where the magnitude is |real + i imag|)
             magnitude_sources = [uri for uri in raw_sources if "_part-mag_" in uri] or raw_sources

@@ -28,9 +28,12 @@ from ..qsm.field.echofit import fit_total_field
 from ..qsm.field.phase import echoes_to_rad
 from ..qsm.field.phase_sign import apply_phase_sign
 from ..qsm.field.relaxometry import METHOD_CHOICES as R2STAR_METHODS, estimate_r2star
+from ..qsm.field.swi import DEFAULT_SWI_PHASE_SIGN, MIP_SLAB_MM, SWI_PHASE_SIGNS, swi
 from ..qsm.mask.brain import (CSF_R2STAR_HZ_AT_3T, CSF_S0_FRACTION, CSF_S0_RIM_MM, brain_mask,
                               remove_extracerebral_csf)
 from ..steps.inversion import invert_local_field
+from ..qsm.reference import (CSF_MIN_DEPTH_FRACTION, CSF_MIN_PIECE_FRACTION, DEFAULT_REFERENCE, REFERENCE_CHOICES,
+                             reference_chi)
 from ..steps.local_field import estimate_local_field
 
 
@@ -320,6 +323,88 @@ class R2StarMap(_QSMInterface):
             "Input": "magnitude of every echo, in the brain mask",
             "MedianR2starInMaskHz": round(float(np.median(inside)), 3) if inside.size else None,
         }
+
+
+class _SWIInputSpec(_QSMInputSpec):
+    magnitude_file = File(exists=True, mandatory=True, desc="root-sum-of-squares magnitude over echoes")
+    local_field_file = File(exists=True, mandatory=True, desc="local field (Hz), 0 outside the QSM mask")
+    echo_times_s = traits.List(traits.Float, mandatory=True, minlen=1, desc="echo times (s)")
+    phase_sign = traits.Enum(DEFAULT_SWI_PHASE_SIGN, *(c for c in SWI_PHASE_SIGNS if c != DEFAULT_SWI_PHASE_SIGN),
+                             usedefault=True,
+                             desc="sign of the SWI phase the mask darkens (metaqsm_bids.qsm.field.swi)")
+    slab_mm = traits.Float(MIP_SLAB_MM, usedefault=True, desc="thickness (mm) of the mIP's slab")
+
+
+class _SWIOutputSpec(TraitedSpec):
+    swi_file = File(exists=True, desc="SWI (arbitrary units)")
+    mip_file = File(exists=True, desc="minimum-intensity projection of the SWI (arbitrary units)")
+    mip_parameters = traits.Dict(desc="the projection's slab (sidecar-ready)")
+    provenance = traits.Dict()
+
+
+class SWI(_QSMInterface):
+    """SWI of the RSS magnitude with the phase mask of the local field, and its minimum-intensity projection
+    (:func:`~metaqsm_bids.qsm.field.swi.swi`)."""
+
+    input_spec = _SWIInputSpec
+    output_spec = _SWIOutputSpec
+
+    def _compute(self):
+        img, magnitude = _load(self.inputs.magnitude_file)
+        _, local_hz = _load(self.inputs.local_field_file)
+        voxel_size, _ = _geometry(img)
+        result = swi(magnitude, local_hz, self.inputs.echo_times_s, voxel_size, phase_sign=self.inputs.phase_sign,
+                     slab_mm=self.inputs.slab_mm)
+        self._results["swi_file"] = _save(result.swi, img, "swi.nii")
+        self._results["mip_file"] = _save(result.mip, img, "swi_mip.nii")
+        self._results["mip_parameters"] = {**result.mip_parameters, "SlabThicknessRequestedMm": self.inputs.slab_mm}
+        return dict(result.swi_parameters)
+
+
+class _ChiReferenceInputSpec(_QSMInputSpec):
+    chimap_file = File(exists=True, mandatory=True, desc="susceptibility (ppm) from the inversion")
+    mask_file = File(exists=True, mandatory=True, desc="the QSM mask")
+    region = traits.Enum(DEFAULT_REFERENCE, *(c for c in REFERENCE_CHOICES if c != DEFAULT_REFERENCE), usedefault=True,
+                         desc="reference region (metaqsm_bids.qsm.reference)")
+    r2star_file = File(exists=True, desc="R2* (1/s): finds the ventricular CSF of region 'csf'")
+    field_strength_t = traits.Float(3.0, usedefault=True, desc="B0 (T), which CSF's R2* threshold scales with")
+
+
+class _ChiReferenceOutputSpec(TraitedSpec):
+    chimap_file = File(exists=True, desc="susceptibility (ppm) relative to the region")
+    reference_mask_file = File(exists=True, desc="the region, when it is not the QSM mask itself (csf)")
+    provenance = traits.Dict()
+
+
+class ChiReference(_QSMInterface):
+    """The Chimap less its mean over the reference region (:func:`~metaqsm_bids.qsm.reference.reference_chi`):
+    the QSM mask (``brain``), the ventricular CSF found from the R2* map (``csf``) or none."""
+
+    input_spec = _ChiReferenceInputSpec
+    output_spec = _ChiReferenceOutputSpec
+
+    def _compute(self):
+        img, chi = _load(self.inputs.chimap_file)
+        mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
+        region = self.inputs.region
+        r2star = _load(self.inputs.r2star_file)[1] if isdefined(self.inputs.r2star_file) else None
+        chi, reference, mean = reference_chi(chi, mask, region, r2star_hz=r2star, voxel_size_mm=_geometry(img)[0],
+                                             b0_tesla=self.inputs.field_strength_t)
+        self._results["chimap_file"] = _save(chi, img, "chimap_referenced_ppm.nii")
+        method = {
+            "brain": "mean over the QSM mask (the whole brain)",
+            "csf": "mean over the ventricular CSF: R2* at most {:g} 1/s deeper than {:g} of the QSM mask's largest "
+                   "depth, connected pieces of at least {:g} of the largest (metaqsm_bids.qsm.reference."
+                   "ventricular_csf)".format(CSF_R2STAR_HZ_AT_3T * self.inputs.field_strength_t / 3.0,
+                                             CSF_MIN_DEPTH_FRACTION, CSF_MIN_PIECE_FRACTION),
+            "none": "none: the inversion's output (mean 0 in the QSM mask, as every inversion sets it)",
+        }[region]
+        provenance = {"Region": region, "Method": method}
+        if region != "none":
+            provenance.update(MeanBeforeReferencingPpm=mean, Voxels=int(reference.sum()))
+        if region == "csf":
+            self._results["reference_mask_file"] = _save(reference, img, "reference_mask.nii", np.uint8)
+        return provenance
 
 
 class _BackgroundRemovalInputSpec(_QSMInputSpec):

@@ -30,7 +30,7 @@ _ENTITIES = (  # every entity that separates MEGRE runs (metaqsm_bids.io.bids.RU
 )
 PATH_PATTERNS = [
     "sub-{subject}[/ses-{session}]/{datatype<anat>}/sub-{subject}" + _ENTITIES
-    + "_{suffix<Chimap|R2starmap|T2starmap|mask>}{extension<.nii.gz|.json>|.nii.gz}",
+    + "_{suffix<Chimap|R2starmap|T2starmap|T2starw|mask>}{extension<.nii.gz|.json>|.nii.gz}",
     "sub-{subject}[/ses-{session}]/{datatype<fmap>}/sub-{subject}" + _ENTITIES
     + "_{suffix<fieldmap|magnitude|residual>}{extension<.nii.gz|.json>|.nii.gz}",
 ]

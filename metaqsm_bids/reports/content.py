@@ -27,6 +27,8 @@ KINDS = {
     "local_field_hz": ("fmap", "desc-local_fieldmap"),
     "chi_ppm": ("anat", "Chimap"),
     "r2star_hz": ("anat", "R2starmap"),
+    "swi": ("anat", "desc-swi_T2starw"),
+    "mip": ("anat", "desc-mip_T2starw"),
 }
 #: Kinds a run has only with two echoes or more (one echo has no decay to fit): not missing without them.
 MULTI_ECHO_KINDS = ("r2star_hz",)
@@ -153,6 +155,7 @@ STEP_MEASURES = {
     "TotalField": "total field: unwrapping and the fit over echoes",
     "BackgroundFieldRemoval": "background field removal",
     "DipoleInversion": "dipole inversion",
+    "SusceptibilityReference": "susceptibility reference: finding the region, subtracting its mean",
 }
 
 

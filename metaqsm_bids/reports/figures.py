@@ -1,4 +1,4 @@
-"""Quality-control figures of one run: orthogonal views, susceptibility and R2* mosaics (PNG, matplotlib Agg).
+"""Quality-control figures of one run: orthogonal views, susceptibility, R2* and SWI mIP mosaics (PNG, matplotlib Agg).
 
 Every image is reoriented to the closest RAS axes of its affine (nibabel's
 ``as_closest_canonical``) before plotting, so flipped or permuted storage orders
@@ -48,6 +48,8 @@ class RunImages:
     local_field_hz: np.ndarray = None
     chi_ppm: np.ndarray = None
     r2star_hz: np.ndarray = None
+    swi: np.ndarray = None
+    mip: np.ndarray = None
     zooms_mm: tuple = (1.0, 1.0, 1.0)
     oblique_deg: float = 0.0
 
@@ -231,6 +233,24 @@ def plot_r2star_mosaic(images, out_path, r2star_range_hz=R2STAR_RANGE_HZ_AT_3T, 
         raise ValueError("no R2* map to plot")
     mask = images.brain_mask if images.brain_mask is not None else images.r2star_hz > 0
     return _plot_mosaic(images, images.r2star_hz, mask, r2star_range_hz, "R2* (1/s)", "inferno", out_path,
+                        n_slices, columns, title)
+
+
+def mip_range(images):
+    """Display range (arbitrary units) of the SWI's mIP: 0 to the 99th percentile in the brain mask (the
+    magnitude's scale is the scanner's), rounded up to a nice number."""
+    mask = images.brain_mask if images.brain_mask is not None and images.brain_mask.any() else images.mip > 0
+    values = images.mip[mask & np.isfinite(images.mip)]
+    return 0.0, nice_limit(np.percentile(values, 99)) if values.size else 1.0
+
+
+def plot_mip_mosaic(images, out_path, display_range, n_slices=12, columns=6, title=""):
+    """Axial mosaic of the SWI's minimum-intensity projection (arbitrary units, grey: veins dark) on
+    ``display_range`` in the brain mask; saves a PNG. Returns the slice indices shown."""
+    if images.mip is None:
+        raise ValueError("no SWI mIP to plot")
+    mask = images.brain_mask if images.brain_mask is not None else np.isfinite(images.mip)
+    return _plot_mosaic(images, images.mip, mask, display_range, "SWI mIP (arbitrary units)", "gray", out_path,
                         n_slices, columns, title)
 
 

@@ -13,8 +13,8 @@ from .. import __version__
 from ..io.derivatives import atomic_write, group_summary
 from ..io.validation import ensure_bidsignore
 from . import content
-from .figures import (CHI_RANGE_PPM, R2STAR_RANGE_HZ_AT_3T, RESIDUAL_RANGE_RAD, load_run_images, plot_chi_mosaic,
-                      plot_overview, plot_r2star_mosaic, plot_reliability)
+from .figures import (CHI_RANGE_PPM, R2STAR_RANGE_HZ_AT_3T, RESIDUAL_RANGE_RAD, load_run_images, mip_range,
+                      plot_chi_mosaic, plot_mip_mosaic, plot_overview, plot_r2star_mosaic, plot_reliability)
 
 #: Report files the BIDS validator must skip (they are not BIDS files).
 BIDSIGNORE = ("*.html", "**/figures")
@@ -103,6 +103,12 @@ def _figures(run, images, output_dir, figures_dir, chi_range_ppm):
                                                               title=f"{run.name}: R2* (R2starmap)"))
         figures["r2star"] = r2star.relative_to(output_dir).as_posix()
         ranges["r2star_hz"] = r2star_range
+    if images.mip is not None:
+        ranges["mip"] = mip_range(images)
+        mip = figures_dir / f"{run.name}_desc-mosaic_mip.png"
+        atomic_write(mip, lambda tmp: plot_mip_mosaic(images, tmp, ranges["mip"],
+                                                        title=f"{run.name}: SWI minimum-intensity projection"))
+        figures["mip"] = mip.relative_to(output_dir).as_posix()
     if images.reliable_mask is not None and images.brain_mask is not None:
         reliability = figures_dir / f"{run.name}_desc-reliability_mask.png"
         atomic_write(reliability, lambda tmp: plot_reliability(images, tmp,
@@ -160,6 +166,18 @@ def _run_section(run, stats, warnings, figures, ranges, output_dir):
                      f"magnitude, in the brain mask, on the fixed range {low:g} to {high:g} s<sup>-1</sup> (grey "
                      "matter 15-20, white matter 20-25, iron-rich nuclei 30-50 s<sup>-1</sup> at 3 T; veins and "
                      "haemorrhages saturate); black is outside the brain mask.</figcaption></figure>\n")
+    if "mip" in figures:
+        swi = run.sidecars.get("mip", {})
+        params, slab = swi.get("SWI", {}), swi.get("MinimumIntensityProjection", {})
+        te_ms = 1000 * params["EchoTimeUsed"] if "EchoTimeUsed" in params else None
+        parts.append(f"<figure><img src=\"{_e(figures['mip'])}\" alt=\"SWI mIP mosaic of {_e(run.name)}\">"
+                     "<figcaption><b>SWI minimum-intensity projection</b> (<code>desc-mip_T2starw</code>; the SWI "
+                     "in <code>desc-swi_T2starw</code>, arbitrary units): the RSS magnitude times the phase mask "
+                     f"of the local field at TE {_fmt(te_ms, 'g')} ms "
+                     f"(power {_e(params.get('PhaseMaskPower', 'n/a'))}, {_e(params.get('PhaseMaskSign', 'n/a'))} "
+                     f"phase darkened), minimum over {_fmt(slab.get('SlabThicknessMm'), 'g')} mm slabs; shown on "
+                     f"{ranges['mip'][0]:g} to {ranges['mip'][1]:g} in the brain mask (black outside). Veins "
+                     "are the dark lines.</figcaption></figure>\n")
     if "reliability" in figures:
         parts.append(_reliability_figure(run, stats, figures["reliability"]))
 

@@ -1,14 +1,18 @@
 """The per-run QSM workflow: phase scaling -> brain mask -> total field -> reliability map and background removal
--> inversion -> sink; beside them, with two echoes or more, the R2*/T2* fit of the magnitude in the brain mask."""
+-> inversion -> susceptibility reference -> sink; beside them, with two echoes or more, the R2*/T2* fit of the
+magnitude in the brain mask, and after background removal the SWI and its minimum-intensity projection."""
 import nibabel as nib
 import numpy as np
 from nipype.pipeline import engine as pe
 
 from ..interfaces.bids import WriteRunDerivatives
 from ..io.derivatives import raw_uris
-from ..interfaces.qsm import BackgroundRemoval, BrainMask, DipoleInversion, PrepareMEGRE, R2StarMap, TotalField
+from ..interfaces.qsm import (SWI, BackgroundRemoval, BrainMask, ChiReference, DipoleInversion, PrepareMEGRE, R2StarMap,
+                              TotalField)
 from ..qsm.background.registry import BACKGROUND_REMOVALS, DEFAULT_BACKGROUND_REMOVAL
+from ..qsm.field.swi import DEFAULT_SWI_PHASE_SIGN, MIP_SLAB_MM
 from ..qsm.inversion.registry import DEFAULT_INVERSION, INVERSIONS
+from ..qsm.reference import DEFAULT_REFERENCE
 from ..qsm.spec import lookup
 from .spaces import init_template_wf
 
@@ -57,7 +61,8 @@ def _inversion_node(run, inversion, parameters, *, source, device, omp_nthreads,
 
 def init_qsm_wf(run, *, bids_dir, output_dir, inversion=DEFAULT_INVERSION, inversion_params=None,
                 bfr=DEFAULT_BACKGROUND_REMOVAL, bfr_params=None, bipolar="auto", user_mask_file=None, device="auto",
-                omp_nthreads=1, output_spaces=None, name=None, r2star_method="loglinear"):
+                omp_nthreads=1, output_spaces=None, name=None, r2star_method="loglinear",
+                reference=DEFAULT_REFERENCE, swi_phase_sign=DEFAULT_SWI_PHASE_SIGN, mip_slab_mm=MIP_SLAB_MM):
     """Build the workflow for one :class:`~metaqsm_bids.io.bids.MEGRERun`.
 
     Parameters
@@ -81,6 +86,12 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion=DEFAULT_INVERSION, inver
         A brain mask on the run's grid to use instead of computing one.
     r2star_method : str
         ``loglinear`` or ``arlo``: the R2* fit of three or more echoes (:mod:`metaqsm_bids.qsm.field.relaxometry`).
+    reference : str
+        ``brain``, ``csf`` or ``none``: the region whose mean chi is 0 (:mod:`metaqsm_bids.qsm.reference`); ``csf``
+        is found from the R2* map, so a single-echo run fails at that step with a message saying so.
+    swi_phase_sign, mip_slab_mm : str, float
+        The sign of the SWI phase its mask darkens and the mIP's slab thickness (mm)
+        (:mod:`metaqsm_bids.qsm.field.swi`).
     output_spaces : list of (str, int or None)
         ``(space, resolution)`` pairs; template spaces (all but ``orig``) get the maps resampled
         there once the run's derivatives are written (:func:`~metaqsm_bids.workflows.spaces.init_template_wf`).
@@ -111,6 +122,11 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion=DEFAULT_INVERSION, inver
                   name="background_removal", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
     invert = _inversion_node(run, inversion, inversion_params, source=source, device=device,
                              omp_nthreads=omp_nthreads, mem_gb=mem_gb / 2)
+    # both under a second: no cluster job's queue wait for them
+    chi_reference = pe.Node(ChiReference(source_file=source, region=reference, field_strength_t=run.field_strength_t),
+                            name="chi_reference", mem_gb=mem_gb / 4, run_without_submitting=True)
+    swi = pe.Node(SWI(source_file=source, echo_times_s=list(run.echo_times_s), phase_sign=swi_phase_sign,
+                      slab_mm=mip_slab_mm), name="swi", mem_gb=mem_gb / 4, run_without_submitting=True)
     sink = pe.Node(WriteRunDerivatives(
         output_dir=str(output_dir), bids_dir=str(bids_dir), entities=run.entities,
         source_files=run.source_files,
@@ -130,10 +146,19 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion=DEFAULT_INVERSION, inver
                        ("residual_file", "fit_residual_file"), ("provenance", "field_provenance")]),
         (bfr, sink, [("local_field_file", "local_field_file"), ("mask_file", "qsm_mask_file"),
                      ("reliable_mask_file", "reliable_mask_file"), ("provenance", "bfr_provenance")]),
-        (invert, sink, [("chimap_file", "chimap_file"), ("provenance", "inversion_provenance")]),
+        (invert, sink, [("provenance", "inversion_provenance")]),
+        (invert, chi_reference, [("chimap_file", "chimap_file")]),
+        (bfr, chi_reference, [("mask_file", "mask_file")]),
+        (chi_reference, sink, [("chimap_file", "chimap_file"), ("provenance", "reference_provenance")]),
+        (field, swi, [("magnitude_rss_file", "magnitude_file")]),
+        (bfr, swi, [("local_field_file", "local_field_file")]),
+        (swi, sink, [("swi_file", "swi_file"), ("mip_file", "mip_file"), ("provenance", "swi_provenance"),
+                     ("mip_parameters", "mip_parameters")]),
     ])
     if "magnitude" in INVERSIONS[inversion].inputs:
         wf.connect(field, "magnitude_rss_file", invert, "magnitude_file")
+    if reference == "csf":
+        wf.connect(chi_reference, "reference_mask_file", sink, "reference_mask_file")
     if len(run.echo_times_s) > 1:  # one echo has no decay to fit: its run's Warnings say there is no R2* map
         # its own node, not part of the total field's: it needs only the magnitude and the brain mask, so it runs
         # beside the field steps (MultiProc), and its choices never invalidate their cache
@@ -148,6 +173,8 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion=DEFAULT_INVERSION, inver
             (r2star, sink, [("r2star_file", "r2star_file"), ("t2star_file", "t2star_file"),
                             ("provenance", "r2star_provenance")]),
         ])
+        if reference == "csf":
+            wf.connect(r2star, "r2star_file", chi_reference, "r2star_file")
     templates = [space for space in output_spaces or () if space[0] != "orig"]
     if templates:
         template_wf = init_template_wf(run, templates, output_dir=output_dir, omp_nthreads=omp_nthreads)
