@@ -188,6 +188,22 @@ def test_methods_follow_the_sidecar():
     assert [n for n, _ in references] == [1, 2, 3, 4] and "projection onto dipole fields" in references[1][1]
 
 
+@pytest.mark.parametrize("region, words", [
+    ("brain", "relative to its mean within the mask where the local field is defined (the whole brain)"),
+    ("csf", "relative to the mean of the ventricular cerebrospinal fluid (812 voxels"),
+    ("none", "as the inversion returned it")])
+def test_methods_say_what_the_chimap_is_relative_to_and_no_completion_counts(region, words):
+    paragraph, _ = methods_paragraph({
+        "EchoTime": [0.005, 0.01],
+        "BackgroundFieldRemoval": {"Method": "pdf", "MinSignalFraction": 0.15, "CompletedVoxels": 31,
+                                   "CompletionIterations": 12, "UnreliableVoxels": "left out of the fit"},
+        "DipoleInversion": {"Method": "tkd", "threshold": 0.2},
+        "SusceptibilityReference": {"Region": region, "Voxels": 812}})
+    assert words in paragraph
+    # the completion has its sentence; its counts differ per run and stay out of the method's brackets
+    assert "(PDF) [liu2011pdf]." in paragraph and "Completed" not in paragraph and "31" not in paragraph
+
+
 def test_methods_say_whether_the_csf_rim_was_removed():
     mask = {"Method": "magnitude threshold + morphology (metaqsm_bids.qsm.mask.brain.brain_mask)",
             "Input": "root-sum-of-squares magnitude over echoes"}

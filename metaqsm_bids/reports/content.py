@@ -287,8 +287,9 @@ def references():
 #: Step keys that are bookkeeping, not user-chosen parameters.
 _NOT_PARAMETERS = {"Method", "Units", "ElapsedSeconds", "B0DirectionVoxel", "VoxelSizeMm", "MagneticFieldStrength",
                    "Warnings", "EchoTime", "Input", "Voxels", "Iterations", "RelativeResidual",
-                   # the reliability map's: its thresholds have a sentence of their own, its counts differ per run
-                   *RELIABILITY_KEYS}
+                   # the reliability map's and the completion's: they have a sentence of their own, their counts
+                   # differ per run
+                   *RELIABILITY_KEYS, "UnreliableVoxels", "CompletedVoxels", "CompletionIterations"}
 
 
 def format_value(value):
@@ -370,6 +371,17 @@ def _b0_text(sidecar, nominal):
     return f" (B0 = {b0:.4f} T from the imaging frequency, used to convert the field to ppm)"
 
 
+def _reference_text(reference):
+    """What the Chimap's values are relative to, from the sidecar's ``SusceptibilityReference``."""
+    region = reference.get("Region", "brain")
+    if region == "csf":
+        return (f"relative to the mean of the ventricular cerebrospinal fluid ({reference.get('Voxels', 0)} voxels "
+                "of low R2* deep in the mask)")
+    if region == "none":
+        return "as the inversion returned it (its mean within the mask where the local field is defined is 0)"
+    return "relative to its mean within the mask where the local field is defined (the whole brain)"
+
+
 def methods_paragraph(sidecar):
     """A pasteable methods paragraph for one run and the citation keys it cites, in order of citation.
 
@@ -445,9 +457,8 @@ def methods_paragraph(sidecar):
         cited += [key for key in keys if key not in cited]
         b0 = " with the B0 direction in voxel axes taken from the image orientation" \
             if "B0DirectionVoxel" in inversion else ""
-        parts.append(f"Susceptibility was computed by {text}{b0}, "
-                     "and is reported in ppm relative to its mean within the mask where the local field is "
-                     "defined.")
+        parts.append(f"Susceptibility was computed by {text}{b0}, and is reported in ppm "
+                     f"{_reference_text(sidecar.get('SusceptibilityReference') or {})}.")
     fit = sidecar.get("R2starFit")
     if fit:
         method = str(fit.get("Method", ""))
