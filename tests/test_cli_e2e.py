@@ -243,7 +243,7 @@ def test_rerun_is_idempotent_and_group_summary(processed):
     assert result.returncode == 0, result.stderr
     rows = (out / "group_summary.tsv").read_text().splitlines()
     assert rows[0].startswith("participant_id\trun\tstatus")
-    assert len(rows) == 1 + len(RUNS) and all("\tprocessed\tmetaqsm\t" in r for r in rows[1:])
+    assert len(rows) == 1 + len(RUNS) and all("\tprocessed\tMeta-QSM\t" in r for r in rows[1:])
 
 
 # --- bad input: one clear message naming the file, non-zero exit, nothing partial written -------------------
