@@ -15,9 +15,11 @@ background removal should. Known traps of qsm-forward handled here:
   drops the affine's translation (the phantom has none).
 
 Usage as a module: :func:`simulate` (cached on disk); ``python benchmarks/qsmforward_heads.py OUT
-[--lesions] [--realistic-magnitude]`` simulates every protocol (``--lesions``: the head with
-:data:`~metaqsm_bids.sim.mni_head.LESIONS`; ``--realistic-magnitude``: the head whose magnitude is no
-oracle for chi, ``mni_head(realistic_magnitude=True)``).
+[--lesions] [--realistic-magnitude] [--warped] [--protocols NAME ...]`` simulates every protocol (or those
+named; ``--lesions``: the head with :data:`~metaqsm_bids.sim.mni_head.LESIONS`; ``--realistic-magnitude``:
+the head whose magnitude is no oracle for chi, ``mni_head(realistic_magnitude=True)``; ``--warped``: another
+anatomy, the head deformed smoothly, ``mni_head(warp_seed=WARP_SEED)``, on which to check that a network's
+gain does not come from the MNI152 anatomy its training crops are cut from).
 """
 import contextlib
 import json
@@ -36,6 +38,8 @@ from metaqsm_bids.sim.mni_head import mni_head
 #: qsm-forward's gyromagnetic ratio (MHz/T), with which its phase was made from its ppm field.
 QF_GAMMA_MHZ_PER_T = 42.58
 B0_TESLA = 3.0
+#: The deformation of the ``warped`` heads (``mni_head``'s ``warp_seed``).
+WARP_SEED = 1
 
 
 @dataclass(frozen=True)
@@ -161,24 +165,26 @@ def _rewrite_affines(folder, affine):
         nib.save(out, path)
 
 
-def simulate(protocol, cache_dir, seed=0, lesions=False, realistic_magnitude=False):
+def simulate(protocol, cache_dir, seed=0, lesions=False, realistic_magnitude=False, warped=False):
     """Simulate ``protocol`` (a :class:`Protocol` or its name) once into ``cache_dir/<name>`` (``<name>-lesions``
     for the head with :data:`~metaqsm_bids.sim.mni_head.LESIONS`, then ``-realmag`` for the head whose magnitude
-    is no oracle for chi: ``mni_head``'s ``realistic_magnitude``); load it."""
+    is no oracle for chi: ``mni_head``'s ``realistic_magnitude``, then ``-warped`` for the deformed anatomy);
+    load it."""
     protocol = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
     root = Path(cache_dir) / (protocol.name + ("-lesions" if lesions else "")
-                              + ("-realmag" if realistic_magnitude else ""))
+                              + ("-realmag" if realistic_magnitude else "") + ("-warped" if warped else ""))
     bids_dir = root / "bids"
     done = root / "done.json"
     affine = b0_affine(protocol.voxel_mm, protocol.b0_dir)
     settings = {"protocol": json.loads(json.dumps(asdict(protocol))), "seed": seed,
                 **({"lesions": True} if lesions else {}),
-                **({"realistic_magnitude": True} if realistic_magnitude else {})}
+                **({"realistic_magnitude": True} if realistic_magnitude else {}),
+                **({"warp_seed": WARP_SEED} if warped else {})}
     if done.exists() and json.loads(done.read_text()) != settings:  # a cache of other settings
         shutil.rmtree(root)
     if not done.exists():
-        paths = mni_head(protocol.phantom_mm, seed=seed, lesions=lesions,
-                         realistic_magnitude=realistic_magnitude).save(root / "phantom")
+        paths = mni_head(protocol.phantom_mm, seed=seed, lesions=lesions, realistic_magnitude=realistic_magnitude,
+                         warp_seed=WARP_SEED if warped else None).save(root / "phantom")
         tissue = qf.TissueParams(chi=paths["chi"], M0=paths["M0"], R1=paths["R1"], R2star=paths["R2star"],
                                  mask=paths["mask"], seg=paths["seg"], voxel_size=np.array(protocol.phantom_mm))
         recon = qf.ReconParams(subject="1", voxel_size=np.array(protocol.voxel_mm),
@@ -217,10 +223,15 @@ def load(protocol, bids_dir, affine):
 
 
 if __name__ == "__main__":
-    flags = sys.argv[2:]
-    if len(sys.argv) < 2 or sys.argv[1].startswith("-") or len(set(flags)) != len(flags) or not set(flags) <= {"--lesions", "--realistic-magnitude"}:
-        sys.exit(__doc__)
-    for name in PROTOCOLS:
-        sim = simulate(name, sys.argv[1], lesions="--lesions" in flags,
-                       realistic_magnitude="--realistic-magnitude" in flags)
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--lesions", action="store_true")
+    parser.add_argument("--realistic-magnitude", action="store_true")
+    parser.add_argument("--warped", action="store_true")
+    parser.add_argument("--protocols", nargs="+", choices=sorted(PROTOCOLS), default=list(PROTOCOLS))
+    args = parser.parse_args()
+    for name in args.protocols:
+        sim = simulate(name, args.out, lesions=args.lesions, realistic_magnitude=args.realistic_magnitude,
+                       warped=args.warped)
         print(name, sim.chi_ppm.shape, int(sim.brain_mask.sum()))

@@ -315,6 +315,42 @@ def test_tissue_only_crops():
     assert torch.equal(training_batch(cfg, 0)["x"], training_batch({**cfg, "tissue_only_fraction": 0.0}, 0)["x"])
 
 
+def test_texture_has_the_asked_spread_and_width():
+    """The tissue texture: standard deviation as asked (ppm), smooth over its correlation width, deterministic."""
+    from metaqsm_bids.training.synth import _texture_ppm
+    tex = _texture_ppm((48, 48, 48), (0.5, 0.5, 0.5), np.random.default_rng(3), 0.01, 2.0).numpy()
+    assert abs(float(tex.std()) - 0.01) < 1e-5
+    # neighbours 0.5 mm apart are nearly equal (Gaussian correlation exp(-d^2 / (4 sigma^2)) = 0.98 here);
+    # 8 mm apart, independent
+    near = np.corrcoef(tex[:-1].ravel(), tex[1:].ravel())[0, 1]
+    far = np.corrcoef(tex[:-16].ravel(), tex[16:].ravel())[0, 1]
+    assert near > 0.95 and abs(far) < 0.1
+    again = _texture_ppm((48, 48, 48), (0.5, 0.5, 0.5), np.random.default_rng(3), 0.01, 2.0).numpy()
+    assert np.array_equal(tex, again)
+
+
+def test_hard_edges_and_texture_crops():
+    """Hard edges: on the sample grid without supersampling, a tissue-only crop's chi takes a handful of values
+    (WM, GM, CSF, nuclei, one vein) where the template's soft partial volumes give thousands; texture spreads
+    them again. Both off: the data stream of runs from before the settings."""
+    from metaqsm_bids.training.train import TISSUE_ONLY
+
+    def chi_values(**kw):
+        s = make_sample(np.random.default_rng(8), (32, 32, 16), voxel_size_mm=(1.0, 1.0, 1.0), supersample=1,
+                        noise_ppm=(0, 0), **{**TISSUE_ONLY, "max_veins": 0}, **kw)
+        return np.unique(s.chi_ppm[s.mask]), s
+
+    hard, _ = chi_values(hard_edges=True)
+    soft, _ = chi_values()
+    textured, s = chi_values(hard_edges=True, texture_ppm=(0.01, 0.01))
+    assert len(hard) <= 12 and len(soft) > 1000 and len(textured) > 1000
+    assert np.isfinite(s.field_ppm).all() and s.chi_ppm.std() > 0
+    cfg = {**DEFAULTS, **TINY}
+    legacy = training_batch(cfg, 0)["x"]
+    assert torch.equal(legacy, training_batch({**cfg, "texture_ppm": 0.0, "hard_edges_fraction": 0.0}, 0)["x"])
+    assert not torch.equal(legacy, training_batch({**cfg, "texture_ppm": 0.01, "hard_edges_fraction": 0.5}, 0)["x"])
+
+
 def test_data_consistency_layer_is_the_inference_step():
     # the layer the network trains through against the numpy step inference applies (same padded grid)
     from metaqsm_bids.qsm.inversion.consistency import data_consistency

@@ -67,6 +67,14 @@ def build_parser():
                    help="weight of QSMnet's gradient-difference loss (L1 of the error's differences); 0: off")
     p.add_argument("--tissue-only-fraction", type=float, default=DEFAULTS["tissue_only_fraction"], metavar="P",
                    help="fraction of training crops without bleed/calcification shapes and with at most one vein")
+    p.add_argument("--supersample", type=int, default=DEFAULTS["supersample"], metavar="S",
+                   help="make each crop on an S times finer grid and average it down (1: on the crop's own grid)")
+    p.add_argument("--texture", type=float, default=DEFAULTS["texture_ppm"], metavar="PPM", dest="texture_ppm",
+                   help="give the crops' tissue a smooth susceptibility texture of standard deviation drawn up to "
+                        "PPM per crop (correlation width 1-3 mm); 0 (default): none")
+    p.add_argument("--hard-edges-fraction", type=float, default=DEFAULTS["hard_edges_fraction"], metavar="P",
+                   help="make this fraction of crops with one tissue per fine voxel (a label map's hard edges) "
+                        "instead of the template's soft partial volumes")
     p.add_argument("--network-data-consistency", type=float, default=DEFAULTS["network_data_consistency"],
                    metavar="LAMBDA", help="train through the k-space data-consistency step that inference then "
                    "applies (metaqsm's --network-data-consistency LAMBDA); 0: off")
@@ -117,6 +125,7 @@ def main(argv=None):
         "ckpt_every": args.ckpt_every, "val_samples": args.val_samples, "seed": args.seed, "reuse": args.reuse,
         "dc_weight": args.dc_weight, "grad_weight": args.grad_weight,
         "tissue_only_fraction": args.tissue_only_fraction, "network_data_consistency": args.network_data_consistency,
+        "supersample": args.supersample, "texture_ppm": args.texture_ppm, "hard_edges_fraction": args.hard_edges_fraction,
     }
     parent = None
     if args.init_from:
@@ -141,8 +150,16 @@ def main(argv=None):
     if cfg["arch"] == "mesa" and cfg["fixed_voxel_size_mm"] is None:
         print("metaqsm-train: --arch mesa needs --fixed-voxel-size", file=sys.stderr)
         return 2
-    if not 0.0 <= args.tissue_only_fraction <= 1.0:
-        print("metaqsm-train: --tissue-only-fraction must be within 0-1", file=sys.stderr)
+    for option, fraction in (("--tissue-only-fraction", args.tissue_only_fraction),
+                             ("--hard-edges-fraction", args.hard_edges_fraction)):
+        if not 0.0 <= fraction <= 1.0:
+            print(f"metaqsm-train: {option} must be within 0-1", file=sys.stderr)
+            return 2
+    if args.supersample < 1:
+        print("metaqsm-train: --supersample must be 1 or more", file=sys.stderr)
+        return 2
+    if args.texture_ppm < 0 or not math.isfinite(args.texture_ppm):
+        print("metaqsm-train: --texture must be 0 (none) or a positive standard deviation in ppm", file=sys.stderr)
         return 2
     if args.network_data_consistency < 0 or not math.isfinite(args.network_data_consistency):
         print("metaqsm-train: --network-data-consistency must be 0 (off) or a positive number", file=sys.stderr)

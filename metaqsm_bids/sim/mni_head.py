@@ -78,6 +78,9 @@ BIAS_RANGE = (0.7, 1.3)
 #: Iron gradient of a nucleus: chi's relative change from its centre to its edge along the gradient.
 NUCLEUS_IRON_GRADIENT = 0.3
 
+#: Another anatomy (``warp_seed``): per-axis scaling range and RMS of the smooth displacement (mm).
+WARP_SCALE, WARP_MM = (0.9, 1.1), 4.0
+
 # Deep grey nuclei: label, MNI centre (mm, x > 0; mirrored), semi-axes (mm).
 _NUCLEI = (
     (1, (13, 12, 10), (4, 10, 7)),  # caudate
@@ -242,6 +245,24 @@ def _labels_1mm(seed, lesions=False):
     return seg, hull, texture, lesion, origin
 
 
+def _warped(maps, warp_seed):
+    """``maps`` (1 mm arrays of one shape: labels, masks, texture) resampled through one smooth random
+    deformation: a per-axis scaling within :data:`WARP_SCALE` about the centre and a displacement of
+    :data:`WARP_MM` RMS varying over ~40 mm. Labels and masks by nearest neighbour, floats linearly."""
+    rng = np.random.default_rng([warp_seed, 104729])
+    shape = maps[0].shape
+    scale = rng.uniform(*WARP_SCALE, 3)
+    coarse = rng.normal(0, 1, (3, *[max(n // 40, 2) + 2 for n in shape]))
+    coords = []
+    for axis, n in enumerate(shape):
+        disp = ndi.zoom(coarse[axis], [m / c for m, c in zip(shape, coarse.shape[1:])], order=3)[:shape[0], :shape[1], :shape[2]]
+        disp *= WARP_MM / disp.std()
+        index = np.arange(n, dtype=np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
+        coords.append((index - n / 2) / scale[axis] + n / 2 + disp)
+    return [ndi.map_coordinates(m, coords, order=1 if m.dtype.kind == "f" else 0, mode="constant", cval=0).astype(m.dtype)
+            for m in maps]
+
+
 def _bias_field(coords_mm, seg1, origin, rng):
     """A receive bias at ``coords_mm`` (mm, broadcastable arrays): a random polynomial of degree 2 in the
     head's box scaled to [-1, 1], mapped onto :data:`BIAS_RANGE` over the head (taken on a 4 mm subgrid of
@@ -280,15 +301,19 @@ def _iron_gradients(seg, coords_mm, rng):
     return factor
 
 
-def mni_head(voxel_size_mm, seed=0, margin_mm=4.0, lesions=False, realistic_magnitude=False):
+def mni_head(voxel_size_mm, seed=0, margin_mm=4.0, lesions=False, realistic_magnitude=False, warp_seed=None):
     """The phantom sampled on an axis-aligned grid of ``voxel_size_mm`` around the head (+``margin_mm`` of air).
 
     Labels and masks are taken from the 1 mm construction by nearest neighbour, the texture
     linearly; maps follow from the labels (and each lesion's own values, with ``lesions``).
     ``realistic_magnitude``: a magnitude that is no oracle for chi (module docstring); False gives the
-    head of before it existed, bit for bit. Deterministic for a given ``seed``.
+    head of before it existed, bit for bit. ``warp_seed``: another anatomy, the whole 1 mm construction
+    (brain, nuclei, veins, skull, lesions) deformed smoothly (:func:`_warped`), for checking a network on a
+    brain its MNI152-made training crops do not come from. Deterministic for a given ``seed``.
     """
     seg1, hull1, texture1, lesion1, origin = _labels_1mm(seed, lesions)
+    if warp_seed is not None:
+        seg1, hull1, texture1, lesion1 = _warped([seg1, hull1, texture1, lesion1], warp_seed)
     head = ndi.find_objects((seg1 > 0).astype(np.uint8))[0]
     voxel = np.asarray(voxel_size_mm, float)
     lo = np.array([s.start for s in head]) - margin_mm

@@ -10,6 +10,10 @@ brain hull minus GM and WM). Each sample follows the Meta-QSM recipe:
 * random tissue values (WM, GM, CSF), deep grey nuclei as ellipsoids at their MNI
   positions, thin veins, and random ellipsoids/spheres/cuboids/cylinders standing for
   bleeds and calcifications;
+* optionally (``hard_edges``) one tissue per fine voxel, as a label map gives, instead of the
+  template's soft partial volumes, and (``texture_ppm``) a smooth random texture of the tissue's
+  susceptibility: head phantoms and real tissue have both, and on crops with texture metaqsm-v3
+  (trained without) lost its lead over TKD (BENCHMARKS.md, "Texture");
 * a magnitude image from the same anatomy: random tissue intensities, darker iron-rich
   nuclei and veins, shapes with their own intensity (or none: not every susceptibility
   edge shows in the magnitude) and magnitude-only shapes, a smooth receive bias and
@@ -210,9 +214,20 @@ def _receive_bias(fine_shape, rng):
     return torch.exp(F.interpolate(coarse, size=fine_shape, mode="trilinear", align_corners=True)[0, 0])
 
 
+def _texture_ppm(fine_shape, fine_voxel_mm, rng, std_ppm, sigma_mm):
+    """A smooth Gaussian random field (ppm) of standard deviation ``std_ppm`` and correlation width
+    ``sigma_mm`` (Gaussian sigma): tissue's own susceptibility texture (iron, myelin, vessels below
+    the voxel size), which no tissue map shows."""
+    from scipy import ndimage
+
+    noise = rng.standard_normal(fine_shape).astype(np.float32)
+    smooth = ndimage.gaussian_filter(noise, [sigma_mm / d for d in fine_voxel_mm], mode="wrap")
+    return torch.from_numpy(smooth * np.float32(std_ppm / max(float(smooth.std()), 1e-12)))
+
+
 def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, conditioning="voxel+b0",
                 supersample=2, noise_ppm=(0.0, 0.004), max_shapes=6, max_veins=4, background=(0.0, 0.5),
-                magnitude_snr=(20.0, 200.0)):
+                magnitude_snr=(20.0, 200.0), hard_edges=False, texture_ppm=None):
     """One synthetic (local field, susceptibility, mask) crop of ``shape`` voxels.
 
     ``voxel_size_mm``/``b0_dir`` default to random draws (B0 stays +k for ``conditioning='voxel'``);
@@ -248,6 +263,9 @@ def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, condit
     sampled = F.grid_sample(base, torch.stack(norm[::-1], dim=-1)[None], mode="bilinear",
                             padding_mode="zeros", align_corners=True)[0]
     gm, wm, csf, brain = sampled
+    if hard_edges:  # each fine voxel one tissue, as a label map gives (the template's soft partial volumes off)
+        tissue = torch.argmax(torch.stack([csf, wm, gm]), dim=0)
+        csf, wm, gm = [(tissue == t).float() * (brain > 0.5) for t in range(3)]
 
     # random contrast: tissue values and a global gain; the magnitude's tissue intensities
     chi = gm * rng.uniform(0.0, 0.05) + wm * rng.uniform(-0.06, -0.01) + csf * rng.uniform(-0.01, 0.01)
@@ -263,6 +281,8 @@ def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, condit
             chi[q <= 1] = float(rng.uniform(*value_range))
             magnitude[q <= 1] *= float(rng.uniform(0.5, 1.0))  # iron shortens T2*
     chi *= float(rng.uniform(0.6, 1.6))
+    if texture_ppm is not None:
+        chi += (gm + wm) * _texture_ppm(fine_shape, fine_voxel, rng, rng.uniform(*texture_ppm), rng.uniform(1.0, 3.0))
     mask_fine = brain > 0.5
     _paint_veins(chi, axes, rng, int(rng.integers(0, max_veins + 1)), (0.3, 0.5), magnitude)
     _paint_shapes(chi, mask_fine, axes, rng, int(rng.integers(0, max_shapes + 1)), (-0.3, 0.6), magnitude)
