@@ -38,13 +38,15 @@ are given; default: the CLI's default).
 tissue around them, an M0 texture of its own, a receive-coil bias of 0.7-1.3, iron gradients inside
 the nuclei that the magnitude does not show): what magnitude priors (MEDI's edges, magnitude-input
 networks) get from a real scan. Simulated and cached apart (``<protocol>-realmag``), CLI outputs too.
+``--warped``: the heads deformed into another anatomy (``mni_head(warp_seed=...)``, cached as ``...-warped``), on
+which a network's gain must hold too (its training crops are cut from the same MNI152 template as the heads).
 
 Scores are inside the true brain mask eroded by one voxel (and the method's mask). NRMSE and HFEN
 in %, DGM linearity |1 - slope|.
 
 Usage: python benchmarks/bench_stages.py [--cache DIR] [--protocols ...] [--inversions ...]
            [--composed ...] [--stages field mask bfr inversion pipeline composed] [--pipeline-bfr METHOD]
-           [--resharp-radius-mm R] [--data-consistency LAMBDA ...] [--network-orientations ...] [--metaqsm-model NAME] [--realistic-magnitude] [--json results.json]
+           [--resharp-radius-mm R] [--data-consistency LAMBDA ...] [--network-orientations ...] [--metaqsm-model NAME] [--realistic-magnitude] [--warped] [--json results.json]
 """
 import argparse
 import json
@@ -305,6 +307,8 @@ def main(argv=None):
                              "--export) as metaqsm in the inversion and pipeline stages, instead of the shipped one")
     parser.add_argument("--realistic-magnitude", action="store_true",
                         help="heads whose magnitude is no oracle for chi (mni_head's realistic_magnitude)")
+    parser.add_argument("--warped", action="store_true",
+                        help="heads deformed into another anatomy (mni_head's warp_seed)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args(argv)
@@ -314,12 +318,12 @@ def main(argv=None):
     with sfft.set_workers(args.threads):
         for name in args.protocols:
             start = time.perf_counter()
-            sim = simulate(name, args.cache, realistic_magnitude=args.realistic_magnitude)
+            sim = simulate(name, args.cache, realistic_magnitude=args.realistic_magnitude, warped=args.warped)
             protocol = sim.protocol
             voxel = physics.voxel_size_mm(sim.affine)
             b0_dir = physics.b0_direction_voxel(sim.affine)
             rss = np.sqrt((sim.magnitude ** 2).sum(-1)).astype(np.float32)
-            head = " (realistic magnitude)" if args.realistic_magnitude else ""
+            head = (" (realistic magnitude)" if args.realistic_magnitude else "") + (" (warped)" if args.warped else "")
             print(f"\n== {name}{head}: {sim.chi_ppm.shape} voxels of {tuple(protocol.voxel_mm)} mm, "
                   f"{len(protocol.echo_times_s)} echoes, B0 {np.round(b0_dir, 3).tolist()} in voxel axes; "
                   f"brain {int(sim.brain_mask.sum())} voxels (simulated/loaded in {time.perf_counter() - start:.0f} s)")

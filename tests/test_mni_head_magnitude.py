@@ -156,3 +156,20 @@ def test_lesions_keep_their_values_with_realistic_magnitude(monkeypatch, labels_
     assert np.all(head.r2star_hz[inside] == np.float32(les.r2star_hz))
     gain = head.m0[inside] / les.m0  # under the bias and M0's texture like every tissue
     assert 0.65 < gain.min() and gain.max() < 1.38 and gain.std() > 0
+
+
+def test_warped_head_is_another_anatomy_with_the_same_tissues(monkeypatch, labels):
+    """``warp_seed``: the whole construction deformed (brain, nuclei, skull alike): the same labels and values,
+    a brain of similar size whose voxels mostly moved, deterministic; without it the head of before."""
+    plain = _head(monkeypatch, labels)
+    warped = _head(monkeypatch, labels, warp_seed=1)
+    again = _head(monkeypatch, labels, warp_seed=1)
+    assert np.array_equal(warped.chi_ppm, again.chi_ppm)
+    assert set(np.unique(warped.seg)) == set(np.unique(plain.seg))
+    ratio = warped.brain_mask.sum() / plain.brain_mask.sum()
+    assert 0.7 < ratio < 1.4
+    # the same tissue values, other places: WM voxels of the two heads on a common grid overlap only in part
+    shape = tuple(min(a, b) for a, b in zip(plain.seg.shape, warped.seg.shape))
+    a, b = (h.seg[:shape[0], :shape[1], :shape[2]] == 8 for h in (plain, warped))
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) < 0.8
+    assert np.isclose(np.median(warped.chi_ppm[warped.seg == 8]), np.median(plain.chi_ppm[plain.seg == 8]), atol=2e-3)
