@@ -138,7 +138,7 @@ def test_sidecars_and_methods_text_of_the_new_methods(registered, tmp_path, monk
 
     sidecar = {"EchoTime": [0.01], "BackgroundFieldRemoval": bfr.provenance, "DipoleInversion": provenance}
     (text,), references = number_citations([methods_paragraph(sidecar)])
-    assert "Background fields were removed with a demeaning dummy [2] (offset 1.5 Hz; " in text
+    assert "Background fields were removed with a demeaning dummy [2] (offset 1.5 Hz)." in text
     assert "Susceptibility was computed by the scaled-field dummy inversion [3] (gain 3; Scaled yes)" in text
     assert references[1:] == [(2, "Roe R. Demeaned. 2032."), (3, "Doe J. Scaled. 2031.")]
 
