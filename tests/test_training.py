@@ -351,6 +351,31 @@ def test_hard_edges_and_texture_crops():
     assert not torch.equal(legacy, training_batch({**cfg, "texture_ppm": 0.01, "hard_edges_fraction": 0.5}, 0)["x"])
 
 
+def test_edge_background_is_harmonic_strongest_at_the_edge_and_scaled():
+    """``edge_background``: the field of sources in a shell just outside the mask, added to the field and not to
+    the label; harmonic inside (its Laplacian far smaller than the field's own there), larger near the edge
+    than deep inside, of the asked RMS relative to the local field's; off: the sample of before."""
+    from scipy import ndimage
+    from metaqsm_bids.training.synth import _edge_sources
+    kw = dict(shape=(48, 48, 32), voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0, 0, 1), supersample=1, noise_ppm=(0, 0),
+              background=(0, 0))
+    plain = make_sample(np.random.default_rng(4), **kw)
+    edged = make_sample(np.random.default_rng(4), **kw, edge_background=(1.0, 1.0))
+    m = plain.mask
+    assert np.array_equal(plain.chi_ppm, edged.chi_ppm) and np.array_equal(m, edged.mask)
+    local = plain.field_ppm[m] - plain.field_ppm[m].mean()
+    extra = edged.field_ppm - plain.field_ppm
+    assert np.isclose(np.sqrt(np.mean((extra[m] - extra[m].mean()) ** 2)), np.sqrt(np.mean(local ** 2)), rtol=1e-3)
+    depth = ndimage.distance_transform_edt(m)
+    assert np.abs(extra[m & (depth <= 2)]).mean() > 2 * np.abs(extra[m & (depth >= 6)] - extra[m].mean()).mean()
+    # the sources lie outside the mask, so the field is harmonic inside it: no Laplacian beyond the mask's rim
+    sources = _edge_sources(m, (1.0, 1.0, 1.0), np.random.default_rng(0))
+    assert not sources[m].any() and sources[~m].any()
+    field = forward_field_ppm(sources, (1.0, 1.0, 1.0), (0, 0, 1))
+    deep = depth >= 3
+    assert np.abs(ndimage.laplace(field))[deep].mean() < 0.02 * np.abs(ndimage.laplace(field))[~m].mean()
+
+
 def test_data_consistency_layer_is_the_inference_step():
     # the layer the network trains through against the numpy step inference applies (same padded grid)
     from metaqsm_bids.qsm.inversion.consistency import data_consistency

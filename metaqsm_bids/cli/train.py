@@ -75,6 +75,9 @@ def build_parser():
     p.add_argument("--hard-edges-fraction", type=float, default=DEFAULTS["hard_edges_fraction"], metavar="P",
                    help="make this fraction of crops with one tissue per fine voxel (a label map's hard edges) "
                         "instead of the template's soft partial volumes")
+    p.add_argument("--edge-background", type=float, default=DEFAULTS["edge_background"], metavar="REL",
+                   help="add to each crop's field the field of random sources in a shell just outside its mask, of RMS "
+                        "up to REL times the local field's (what background removal leaves near the edge); 0: none")
     p.add_argument("--network-data-consistency", type=float, default=DEFAULTS["network_data_consistency"],
                    metavar="LAMBDA", help="train through the k-space data-consistency step that inference then "
                    "applies (metaqsm's --network-data-consistency LAMBDA); 0: off")
@@ -126,6 +129,7 @@ def main(argv=None):
         "dc_weight": args.dc_weight, "grad_weight": args.grad_weight,
         "tissue_only_fraction": args.tissue_only_fraction, "network_data_consistency": args.network_data_consistency,
         "supersample": args.supersample, "texture_ppm": args.texture_ppm, "hard_edges_fraction": args.hard_edges_fraction,
+        "edge_background": args.edge_background,
     }
     parent = None
     if args.init_from:
@@ -157,6 +161,9 @@ def main(argv=None):
             return 2
     if args.supersample < 1:
         print("metaqsm-train: --supersample must be 1 or more", file=sys.stderr)
+        return 2
+    if args.edge_background < 0 or not math.isfinite(args.edge_background):
+        print("metaqsm-train: --edge-background must be 0 (none) or a positive relative RMS", file=sys.stderr)
         return 2
     if args.texture_ppm < 0 or not math.isfinite(args.texture_ppm):
         print("metaqsm-train: --texture must be 0 (none) or a positive standard deviation in ppm", file=sys.stderr)

@@ -225,14 +225,33 @@ def _texture_ppm(fine_shape, fine_voxel_mm, rng, std_ppm, sigma_mm):
     return torch.from_numpy(smooth * np.float32(std_ppm / max(float(smooth.std()), 1e-12)))
 
 
+#: Depth (mm) of the shell of sources just outside the mask for ``edge_background``.
+EDGE_SHELL_MM = (2.0, 8.0)
+
+
+def _edge_sources(mask_fine, fine_voxel_mm, rng):
+    """Random susceptibility (arbitrary scale) in a shell of :data:`EDGE_SHELL_MM` just outside ``mask_fine``:
+    a random level plus a smooth texture, whose field inside the mask is harmonic and strongest near its edge,
+    like what background removal leaves there (PDF's error is the harmonic field of the mask's surroundings,
+    most of it within a few mm of the edge; BENCHMARKS.md, "Where PDF's error is")."""
+    from scipy import ndimage
+
+    outside = ndimage.distance_transform_edt(~mask_fine, sampling=fine_voxel_mm)
+    shell = (outside > 0) & (outside <= rng.uniform(*EDGE_SHELL_MM))
+    texture = _texture_ppm(mask_fine.shape, fine_voxel_mm, rng, 1.0, rng.uniform(1.5, 4.0)).numpy()
+    return np.where(shell, texture + np.float32(rng.uniform(-1.0, 1.0)), np.float32(0)).astype(np.float32)
+
+
 def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, conditioning="voxel+b0",
                 supersample=2, noise_ppm=(0.0, 0.004), max_shapes=6, max_veins=4, background=(0.0, 0.5),
-                magnitude_snr=(20.0, 200.0), hard_edges=False, texture_ppm=None):
+                magnitude_snr=(20.0, 200.0), hard_edges=False, texture_ppm=None, edge_background=None):
     """One synthetic (local field, susceptibility, mask) crop of ``shape`` voxels.
 
     ``voxel_size_mm``/``b0_dir`` default to random draws (B0 stays +k for ``conditioning='voxel'``);
     ``noise_ppm`` is the range of the field noise standard deviation (ppm); ``background`` the range
     of the harmonic background's RMS relative to the local field's (inside the mask);
+    ``edge_background`` (optional) the range of the RMS, relative to the local field's, of the field of random
+    sources in a shell just outside the mask (:func:`_edge_sources`), also added to the field but not to the label;
     ``magnitude_snr`` the range of the magnitude's mean over its noise s.d. Fields are demeaned
     inside the mask (the mean local field is not determined by the susceptibility). Deterministic
     for a given ``rng`` state.
@@ -291,6 +310,9 @@ def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, condit
     magnitude = (magnitude * _receive_bias(fine_shape, rng)).numpy()
 
     field = forward_field_ppm(chi, fine_voxel, b0, pad_voxels=[n // 4 for n in fine_shape])
+    if edge_background is not None:
+        edge_field = forward_field_ppm(_edge_sources(mask_fine.numpy(), fine_voxel, rng), fine_voxel, b0,
+                                       pad_voxels=[n // 4 for n in fine_shape])
     factor = (s, s, s)
     mask = _block_mean(mask_fine.numpy().astype(np.float32), factor) > 0.5
     chi_s = _block_mean(chi, factor)
@@ -302,6 +324,12 @@ def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, condit
         field_s -= field_s[mask].mean()
         rms = float(np.sqrt(np.mean(field_s[mask] ** 2)))
         field_s += rng.uniform(*background) * rms * _harmonic_background(shape, voxel, mask, rng)
+        if edge_background is not None:
+            edge = _block_mean(edge_field, factor)
+            edge -= edge[mask].mean()
+            edge_rms = float(np.sqrt(np.mean(edge[mask] ** 2)))
+            if edge_rms > 0:
+                field_s += rng.uniform(*edge_background) * rms / edge_rms * edge
     return Sample(field_ppm=(field_s * mask).astype(np.float32), chi_ppm=(chi_s * mask).astype(np.float32),
                   mask=mask, voxel_size_mm=voxel, b0_dir=tuple(float(x) for x in b0),
                   magnitude=(mag_s * mask).astype(np.float32))

@@ -17,7 +17,8 @@ of its crops tissue only it did worse on the heads, as did the loss terms above 
 "Training levers, scored on the heads"): both are off by default.
 
 ``texture_ppm`` gives every crop's tissue a texture of standard deviation drawn up to it, and
-``hard_edges_fraction`` of the crops label-map tissue edges (:func:`~metaqsm_bids.training.synth.make_sample`);
+``hard_edges_fraction`` of the crops label-map tissue edges, and ``edge_background`` the field of sources just
+outside the mask, what background removal leaves near the brain's edge (:func:`~metaqsm_bids.training.synth.make_sample`);
 the validation crops are made the same way.
 
 A run directory holds ``run.json`` (training config and every command that ran in it),
@@ -68,11 +69,12 @@ DEFAULTS = {
     "lr_decay": 0.98, "lr_decay_steps": 200, "l2": 0.01, "rmsprop_alpha": 0.9,
     "val_every": 250, "ckpt_every": 250, "val_samples": 2, "seed": 0, "supersample": 2, "init_from": None,
     "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0, "network_data_consistency": 0.0,
-    "texture_ppm": 0.0, "hard_edges_fraction": 0.0,
+    "texture_ppm": 0.0, "hard_edges_fraction": 0.0, "edge_background": 0.0,
 }
 #: Settings a run from before they existed trained with.
 LEGACY_DEFAULTS = {"init_from": None, "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0,
-                   "network_data_consistency": 0.0, "texture_ppm": 0.0, "hard_edges_fraction": 0.0}
+                   "network_data_consistency": 0.0, "texture_ppm": 0.0, "hard_edges_fraction": 0.0,
+                   "edge_background": 0.0}
 #: A tissue-only crop: no bleed/calcification shapes and at most one vein (``make_sample``'s limits).
 TISSUE_ONLY = {"max_shapes": 0, "max_veins": 1}
 
@@ -121,7 +123,7 @@ def _dc_shape(shape):
 
 @functools.lru_cache(maxsize=8)  # made batches that the next ``reuse`` - 1 steps use again (a few kB-MB each)
 def _made_samples(seed, group, batch_size, patch, fixed_voxel_size_mm, conditioning, supersample,
-                  tissue_only_fraction=0.0, texture_ppm=0.0, hard_edges_fraction=0.0):
+                  tissue_only_fraction=0.0, texture_ppm=0.0, hard_edges_fraction=0.0, edge_background=0.0):
     rng = np.random.default_rng([seed, group])
     samples = []
     for _ in range(batch_size):
@@ -129,14 +131,17 @@ def _made_samples(seed, group, batch_size, patch, fixed_voxel_size_mm, condition
         limits = TISSUE_ONLY if tissue_only_fraction and rng.random() < tissue_only_fraction else {}
         samples.append(make_sample(rng, patch, voxel_size_mm=fixed_voxel_size_mm, conditioning=conditioning,
                                    supersample=supersample, **limits,
-                                   **_tissue_style(rng, texture_ppm, hard_edges_fraction)))
+                                   **_crop_options(rng, texture_ppm, hard_edges_fraction, edge_background)))
     return tuple(samples)
 
 
-def _tissue_style(rng, texture_ppm, hard_edges_fraction):
-    """``make_sample``'s tissue options for one crop: a texture of standard deviation up to ``texture_ppm``
-    (none at 0), and label-map (hard) tissue edges with probability ``hard_edges_fraction``."""
+def _crop_options(rng, texture_ppm, hard_edges_fraction, edge_background):
+    """``make_sample``'s options for one crop: a texture of standard deviation up to ``texture_ppm``
+    (none at 0), label-map (hard) tissue edges with probability ``hard_edges_fraction``, and the field of
+    sources just outside the mask of relative RMS up to ``edge_background`` (none at 0)."""
     style = {}
+    if edge_background:
+        style["edge_background"] = (0.0, float(edge_background))
     if texture_ppm:
         style["texture_ppm"] = (0.0, float(texture_ppm))
     if hard_edges_fraction:
@@ -155,7 +160,7 @@ def training_batch(cfg, step):
     samples = _made_samples(cfg["seed"], step // reuse, cfg["batch_size"], tuple(cfg["patch"]),
                             tuple(fixed) if fixed is not None else None, cfg["conditioning"], cfg["supersample"],
                             cfg.get("tissue_only_fraction", 0.0), cfg.get("texture_ppm", 0.0),
-                            cfg.get("hard_edges_fraction", 0.0))
+                            cfg.get("hard_edges_fraction", 0.0), cfg.get("edge_background", 0.0))
     if reuse > 1:
         rng = np.random.default_rng([cfg["seed"], step, 0, 1])  # length 4: no maker's (2) or validation's (3) key
         samples = [augment(s, [a for a in range(3) if rng.random() < 0.5], rng.random() < 0.5) for s in samples]
@@ -171,7 +176,8 @@ def validation_set(cfg):
         rng = np.random.default_rng([cfg["seed"], 7919, v_idx])
         samples = [make_sample(rng, cfg["patch"], voxel_size_mm=voxel, conditioning=cfg["conditioning"],
                                supersample=cfg["supersample"],
-                               **_tissue_style(rng, cfg.get("texture_ppm", 0.0), cfg.get("hard_edges_fraction", 0.0)))
+                               **_crop_options(rng, cfg.get("texture_ppm", 0.0), cfg.get("hard_edges_fraction", 0.0),
+                                               cfg.get("edge_background", 0.0)))
                    for _ in range(cfg["val_samples"])]
         out["x".join(f"{x:g}" for x in voxel)] = _as_tensors(samples, cfg)
     return out
@@ -328,7 +334,7 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
         # a key the checkpoint lacks (a run from before that setting existed) counts as changed
         changed = [k for k in NETWORK_KEYS + ("patch", "batch_size", "seed", "supersample", "init_from", "dc_weight",
                                               "grad_weight", "tissue_only_fraction", "network_data_consistency",
-                                              "texture_ppm", "hard_edges_fraction")
+                                              "texture_ppm", "hard_edges_fraction", "edge_background")
                    if k not in old or _norm(old[k]) != _norm(cfg[k])]
         if changed:
             raise ValueError(f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}")
