@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from metaqsm_bids import __version__
+from metaqsm_bids.io.outputs import OUTPUTS, output_path
 from metaqsm_bids.qsm.network.deepqsm import model_sha256
 from metaqsm_bids.qsm.network.models import METAQSM_MODEL
 from metaqsm_bids.qsm.core.physics import b0_direction_voxel, voxel_size_mm
@@ -29,20 +30,15 @@ RUNS = [
     RunSpec("02", shape=(64, 60, 36), voxel_size_mm=(1.1, 1.1, 1.8), echo_times_s=(0.005, 0.010, 0.015), seed=3),
 ]
 PREFIXES = ["sub-01/ses-1/{dt}/sub-01_ses-1", "sub-01/ses-2/{dt}/sub-01_ses-2", "sub-02/{dt}/sub-02"]
-OUTPUTS = {  # datatype, suffix of each derivative of a run
-    "brain_mask": ("anat", "desc-brain_mask"), "reliable_mask": ("anat", "desc-reliable_mask"),
-    "qsm_mask": ("anat", "desc-qsm_mask"), "chimap": ("anat", "Chimap"),
-    "total_field": ("fmap", "desc-total_fieldmap"), "magnitude": ("fmap", "desc-total_magnitude"),
-    "fit_residual": ("fmap", "desc-echofit_residual"),
-    "local_field": ("fmap", "desc-local_fieldmap"), "local_magnitude": ("fmap", "desc-local_magnitude"),
-    "r2star": ("anat", "R2starmap"), "t2star": ("anat", "T2starmap"),
-    "swi": ("anat", "desc-swi_T2starw"), "mip": ("anat", "desc-mip_T2starw"),
-}
+#: Every derivative of these (multi-echo, brain-referenced) runs, from the output spec (tests/test_outputs.py
+#: checks each kind's name letter by letter).
+RUN_KINDS = [kind for kind, output in OUTPUTS.items() if output.written in ("always", "two echoes or more")]
 
 
-def _path(root, prefix, kind, ext=".nii.gz"):
-    datatype, suffix = OUTPUTS[kind]
-    return Path(root) / (prefix.format(dt=datatype) + f"_{suffix}{ext}")
+def _path(root, prefix, kind, ext=None):
+    """The derivative of ``kind`` of the run named at the end of ``prefix`` (one of PREFIXES), by the output spec."""
+    short = dict(part.split("-", 1) for part in prefix.rsplit("/", 1)[1].split("_"))
+    return output_path(root, kind, {"subject": short["sub"], "session": short.get("ses")}, ext)
 
 
 def _digest(root):
@@ -70,7 +66,7 @@ def test_every_derivative_and_sidecar(processed):
     assert Path(description["DatasetLinks"]["raw"].removeprefix("file://")) == bids_dir.resolve()
 
     for prefix in PREFIXES:
-        for kind in OUTPUTS:
+        for kind in RUN_KINDS:
             image, sidecar_path = _path(out, prefix, kind), _path(out, prefix, kind, ".json")
             assert image.exists() and sidecar_path.exists(), image
             sidecar = json.loads(sidecar_path.read_text())
@@ -103,8 +99,7 @@ def test_every_derivative_and_sidecar(processed):
         reference = chimap["SusceptibilityReference"]
         assert reference["Region"] == "brain" and reference["Mask"].endswith("_desc-qsm_mask.nii.gz")
         assert abs(reference["MeanBeforeReferencingPpm"]) < 1e-6 and reference["Voxels"] > 0
-        assert not _path(out, prefix, "qsm_mask").with_name(
-            _path(out, prefix, "qsm_mask").name.replace("desc-qsm", "desc-reference")).exists()
+        assert not _path(out, prefix, "reference_mask").exists()
         swi, mip = (json.loads(_path(out, prefix, kind, ".json").read_text()) for kind in ("swi", "mip"))
         for sidecar in (swi, mip):
             assert sidecar["Units"] == "arbitrary" and sidecar["SWI"]["PhaseMaskPower"] == 4
@@ -198,8 +193,7 @@ def csf_referenced(processed, tmp_path_factory):
 def test_csf_reference_is_the_ventricles_and_its_mean_is_recorded(processed, csf_referenced):
     bids_dir, out = csf_referenced
     brain_out, prefix = processed[1], PREFIXES[2]
-    region = np.asarray(nib.load(_path(out, prefix, "qsm_mask").with_name("sub-02_desc-reference_mask.nii.gz"))
-                        .dataobj) > 0
+    region = np.asarray(nib.load(_path(out, prefix, "reference_mask")).dataobj) > 0
     labels = np.asarray(nib.load(bids_dir / TRUTH / "sub-02/anat/sub-02_dseg.nii.gz").dataobj)
     assert region.sum() >= 20 and np.all(labels[region] == 10)  # the simulator's CSF label, nothing else
     sidecar = json.loads(_path(out, prefix, "chimap", ".json").read_text())
@@ -207,8 +201,7 @@ def test_csf_reference_is_the_ventricles_and_its_mean_is_recorded(processed, csf
     assert reference["Region"] == "csf" and reference["Voxels"] == region.sum()
     assert reference["Mask"] == "bids::sub-02/anat/sub-02_desc-reference_mask.nii.gz"
     assert reference["Mask"] in sidecar["Sources"] and "ventricular CSF" in sidecar["Description"]
-    mask_sidecar = json.loads(_path(out, prefix, "qsm_mask", ".json").with_name(
-        "sub-02_desc-reference_mask.json").read_text())
+    mask_sidecar = json.loads(_path(out, prefix, "reference_mask", ".json").read_text())
     assert mask_sidecar["Type"] == "ROI" and any(uri.endswith("_R2starmap.nii.gz") for uri in mask_sidecar["Sources"])
     # the Chimap is the brain-referenced one less the CSF's mean, recorded before subtracting
     chi, brain_chi = (nib.load(_path(root, prefix, "chimap")).get_fdata() for root in (out, brain_out))

@@ -287,7 +287,7 @@ def test_report_statistics_match_the_maps(processed):
     expected = f"SD {chi[qsm].std():.4f} ppm"
     assert expected in (out / "sub-01_ses-2.html").read_text()
     assert "oblique slab tilted 20" not in report.read_text()  # said on the figure, not in the HTML
-    images = load_run_images({"chi_ppm": anat / "sub-01_ses-2_Chimap.nii.gz"})
+    images = load_run_images({"chimap": anat / "sub-01_ses-2_Chimap.nii.gz"})
     assert images.oblique_deg == pytest.approx(20.0, abs=0.1)
 
 
@@ -339,12 +339,12 @@ def test_orientation_follows_the_affine(tmp_path):
     nib.save(nib.Nifti1Image(data, lps), path)
     world = lps @ np.array([3.0, 19.0, 4.5, 1.0])
     assert world[0] > 0 and world[1] < 0  # right (+x) and posterior (-y) in RAS world coordinates
-    images = load_run_images({"chi_ppm": path})
-    axial = section(images.chi_ppm, "axial", int(np.argwhere(images.chi_ppm > 0)[:, 2].mean()))
+    images = load_run_images({"chimap": path})
+    axial = section(images.chimap, "axial", int(np.argwhere(images.chimap > 0)[:, 2].mean()))
     rows, cols = np.nonzero(axial)
     # neurological display (subject's right on the right), anterior up: row 0 is drawn at the bottom
     assert cols.mean() > axial.shape[1] / 2 and rows.mean() < axial.shape[0] / 2
-    coronal = section(images.chi_ppm, "coronal", int(np.argwhere(images.chi_ppm > 0)[:, 1].mean()))
+    coronal = section(images.chimap, "coronal", int(np.argwhere(images.chimap > 0)[:, 1].mean()))
     assert np.nonzero(coronal)[1].mean() > coronal.shape[1] / 2  # right on the right in the coronal view too
     assert images.zooms_mm == (2.0, 2.0, 3.0)
 
@@ -353,7 +353,7 @@ def test_overview_of_a_run_without_maps(tmp_path):
     """Missing maps leave labelled empty panels instead of failing."""
     magnitude = np.random.default_rng(0).random((16, 16, 8)).astype(np.float32)
     ranges = plot_overview(RunImages(magnitude=magnitude), tmp_path / "x.png")
-    assert ranges["chi_ppm"] == (-0.15, 0.15) and Image.open(tmp_path / "x.png").size[0] > 500
+    assert ranges["chimap"] == (-0.15, 0.15) and Image.open(tmp_path / "x.png").size[0] > 500
 
 
 def test_group_report(processed):
@@ -417,7 +417,7 @@ def test_reliability_slice_titles_do_not_overlap(tmp_path, monkeypatch):
     reliable = brain & ~((grid[0] % 2 == 0) & (grid[2] >= 100))  # 5-digit counts in 3-digit slices
     magnitude = np.where(brain, 1.0, 0.1).astype(np.float32)
     images = RunImages(magnitude=magnitude, brain_mask=brain, reliable_mask=reliable,
-                       fit_residual_rad=np.zeros(brain.shape, np.float32), zooms_mm=(1.0, 1.0, 1.0))
+                       fit_residual=np.zeros(brain.shape, np.float32), zooms_mm=(1.0, 1.0, 1.0))
     saved = []
     original = Figure.savefig
     monkeypatch.setattr(Figure, "savefig",

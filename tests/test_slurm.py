@@ -21,18 +21,15 @@ from metaqsm_bids.cli.plugins import (add_resource_hints, default_plugin, load_p
                                       plugin_settings, stop_runner)
 from metaqsm_bids.interfaces.qsm import DipoleInversion, TotalField
 from metaqsm_bids.io.derivatives import dataset_description
+from metaqsm_bids.io.outputs import OUTPUTS, output_path
 
 from .conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBMIT = ROOT / "workflows" / "slurm" / "submit.sh"
 SIM_ARGS = ["--shape", "32", "32", "16", "--voxel-size", "2", "2", "3"]  # a few seconds per participant
-#: every derivative of a run without sessions: (datatype, suffix); each with its .json sidecar
-DERIVATIVES = [("anat", "desc-brain_mask"), ("anat", "desc-reliable_mask"), ("anat", "desc-qsm_mask"),
-               ("anat", "Chimap"), ("fmap", "desc-total_fieldmap"), ("fmap", "desc-total_magnitude"),
-               ("fmap", "desc-echofit_residual"),
-               ("fmap", "desc-local_fieldmap"), ("fmap", "desc-local_magnitude"),
-               ("anat", "R2starmap"), ("anat", "T2starmap")]  # the simulated runs have several echoes
+#: every derivative of a run (the simulated runs have several echoes), by the output spec
+DERIVATIVES = [kind for kind, output in OUTPUTS.items() if output.written in ("always", "two echoes or more")]
 
 
 # --- plugin files -------------------------------------------------------------------------------
@@ -222,8 +219,8 @@ def _task_times(log):
 
 
 def _assert_complete(out, subject):
-    expected = {f"sub-{subject}/{datatype}/sub-{subject}_{suffix}{ext}"
-                for datatype, suffix in DERIVATIVES for ext in (".nii.gz", ".json")}
+    expected = {output_path(out, kind, {"subject": subject}, ext).relative_to(out).as_posix()
+                for kind in DERIVATIVES for ext in (".nii.gz", ".json")}
     found = {p.relative_to(out).as_posix() for p in (out / f"sub-{subject}").rglob("*")
              if p.is_file() and p.parent.name != "figures"}  # the report's figures
     assert found == expected

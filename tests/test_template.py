@@ -17,7 +17,8 @@ import pytest
 from nibabel.processing import resample_from_to
 
 from metaqsm_bids.io.derivatives import ensure_dataset_description
-from metaqsm_bids.spatial.template import output_name, parse_output_space, transform_name
+from metaqsm_bids.io.outputs import output_name, output_path, sidecar_path
+from metaqsm_bids.spatial.template import parse_output_space
 
 from .conftest import OFFLINE_TEMPLATE as TEMPLATE
 from .conftest import make_templateflow_home, require_templates
@@ -77,22 +78,21 @@ def registered(tmp_path_factory):
     ensure_dataset_description(out, root)
     grid = _subject_grid()
     inputs = {
-        "magnitude": (_moved(template["T1w"], grid, 1), "fmap", "desc-total_magnitude", {}),
-        "chimap": (_moved(template["label-GM_probseg"], grid, 1), "anat", "Chimap", {"Units": "ppm"}),
-        "mask": (_moved(template["desc-brain_mask"], grid, 0), "anat", "desc-brain_mask", {"Type": "Brain"}),
+        "magnitude": (_moved(template["T1w"], grid, 1), "magnitude", {}),
+        "chimap": (_moved(template["label-GM_probseg"], grid, 1), "chimap", {"Units": "ppm"}),
+        "mask": (_moved(template["desc-brain_mask"], grid, 0), "brain_mask", {"Type": "Brain"}),
     }
     paths = {}
-    for key, (img, datatype, tail, sidecar) in inputs.items():
-        path = out / "sub-01" / datatype / f"sub-01_{tail}.nii.gz"
+    for key, (img, kind, sidecar) in inputs.items():
+        path = output_path(out, kind, {"subject": "01"})
         path.parent.mkdir(parents=True, exist_ok=True)
         data = img.get_fdata().astype(np.uint8 if key == "mask" else np.float32)
         nib.save(nib.Nifti1Image(data, img.affine), path)
-        path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps(
-            {"SkullStripped": True, **sidecar}))
+        sidecar_path(path).write_text(json.dumps({"SkullStripped": True, **sidecar}))
         paths[key] = path
     args = {"magnitude": str(paths["magnitude"]), "mask": str(paths["mask"]), "out_dir": str(out), "template": TEMPLATE,
-            "images": {"Chimap": [str(paths["chimap"]), "linear"], "desc-brain_mask": [str(paths["mask"]), "nearest"],
-                       "desc-total_magnitude": [str(paths["magnitude"]), "linear"]}}
+            "images": {"chimap": str(paths["chimap"]), "brain_mask": str(paths["mask"]),
+                       "magnitude": str(paths["magnitude"])}}
     env = dict(os.environ, TEMPLATEFLOW_HOME=str(root / "templateflow"), ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS="2")
     # a fresh process: templateflow reads TEMPLATEFLOW_HOME once, at import
     result = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(args)], capture_output=True, text=True,
@@ -127,13 +127,13 @@ def test_registered_maps_match_the_template(registered):
     brain = nib.load(template["desc-brain_mask"]).get_fdata() > 0
     unregistered = resample_from_to(nib.load(paths["magnitude"]), t1w, order=1).get_fdata()
     before = _correlation(unregistered, t1w.get_fdata(), brain)
-    after = _correlation(nib.load(written["desc-total_magnitude"]).get_fdata(), t1w.get_fdata(), brain)
+    after = _correlation(nib.load(written["magnitude"]).get_fdata(), t1w.get_fdata(), brain)
     best = _correlation(_oracle(paths["magnitude"], t1w, 1), t1w.get_fdata(), brain)
     assert after > before + 0.3 and after > best - 0.02, (before, after, best)
     gm = nib.load(template["label-GM_probseg"]).get_fdata()
-    chi = _correlation(nib.load(written["Chimap"]).get_fdata(), gm, brain)
+    chi = _correlation(nib.load(written["chimap"]).get_fdata(), gm, brain)
     assert chi > _correlation(_oracle(paths["chimap"], t1w, 1), gm, brain) - 0.02
-    mask_img = nib.load(written["desc-brain_mask"])
+    mask_img = nib.load(written["brain_mask"])
     mask = np.asarray(mask_img.dataobj)
     assert mask_img.get_data_dtype() == np.uint8 and set(np.unique(mask)) == {0, 1}  # nearest: still binary
     best_mask = _oracle(paths["mask"], t1w, 0) > 0
@@ -145,11 +145,11 @@ def test_registered_maps_match_the_template(registered):
 
 def test_names_sidecars_and_transform(registered):
     _, paths, written, _, out, _ = registered
-    assert written["Chimap"] == out / f"sub-01/anat/sub-01_space-{TEMPLATE}_res-2_Chimap.nii.gz"
-    assert written["desc-brain_mask"].name == f"sub-01_space-{TEMPLATE}_res-2_desc-brain_mask.nii.gz"
-    assert written["desc-total_magnitude"].parent.name == "fmap"
+    assert written["chimap"] == out / f"sub-01/anat/sub-01_space-{TEMPLATE}_res-2_Chimap.nii.gz"
+    assert written["brain_mask"].name == f"sub-01_space-{TEMPLATE}_res-2_desc-brain_mask.nii.gz"
+    assert written["magnitude"].parent.name == "fmap"
     assert written["xfm"] == out / f"sub-01/anat/sub-01_from-orig_to-{TEMPLATE}_mode-image_xfm.mat"
-    sidecar = json.loads(written["Chimap"].with_name(written["Chimap"].name.replace(".nii.gz", ".json")).read_text())
+    sidecar = json.loads(written["chimap"].with_name(written["chimap"].name.replace(".nii.gz", ".json")).read_text())
     assert sidecar["Units"] == "ppm" and sidecar["Interpolation"] == "linear" and "2" in sidecar["Resolution"]
     assert sidecar["Registration"]["BrainMaskDice"] > 0.9 and "Warnings" not in sidecar
     for uri in sidecar["Sources"]:
@@ -167,7 +167,7 @@ def test_every_resolution_shares_one_registration(registered):
     xfm_sidecar = json.loads(written["xfm"].with_suffix(".json").read_text())
     assert xfm_sidecar["Registration"]["FixedImage"] == f"tpl-{TEMPLATE}_res-2_T1w.nii.gz (brain-masked)"
     brain = nib.load(template["desc-brain_mask"]).get_fdata() > 0
-    for name in ("Chimap", "desc-total_magnitude"):
+    for name in ("chimap", "magnitude"):
         fine = nib.load(written1[name])
         assert np.allclose(fine.affine, nib.load(template1["T1w"]).affine) and fine.shape == (197, 233, 189)
         data = fine.get_fdata()[:196, :232, :188].reshape(98, 2, 116, 2, 94, 2).mean(axis=(1, 3, 5))
@@ -184,7 +184,7 @@ def test_transform_file_reproduces_the_outputs(registered):
     fixed = ants.image_read(str(template["T1w"]))
     again = ants.apply_transforms(fixed, ants.image_read(str(paths["magnitude"])), [str(written["xfm"])],
                                   interpolator="linear").numpy()
-    expected = nib.load(written["desc-total_magnitude"]).get_fdata()
+    expected = nib.load(written["magnitude"]).get_fdata()
     assert np.abs(again - expected).max() < 1e-3 * np.abs(expected).max()
 
 
@@ -208,5 +208,7 @@ def test_output_space_parsing_and_names():
         with pytest.raises(ValueError):
             parse_output_space(bad)
     entities = {"subject": "01", "session": "2", "acquisition": None, "run": 3}
-    assert output_name(entities, "X", 2, "desc-qsm_mask") == "sub-01_ses-2_run-3_space-X_res-2_desc-qsm_mask.nii.gz"
-    assert transform_name(entities, "X", ".h5") == "sub-01_ses-2_run-3_from-orig_to-X_mode-image_xfm.h5"
+    assert output_name("qsm_mask", {**entities, "space": "X", "res": 2}) == \
+        "sub-01_ses-2_run-3_space-X_res-2_desc-qsm_mask.nii.gz"
+    assert output_name("transform", {**entities, "to": "X"}, ".h5") == \
+        "sub-01_ses-2_run-3_from-orig_to-X_mode-image_xfm.h5"

@@ -187,11 +187,11 @@ def _route_nipype_logging(verbose):
 
 def _user_masks(mask_dir, runs):
     from ..io.bids import BIDSInputError
-    from ..io.derivatives import derivative_path
+    from ..io.outputs import output_path
 
     masks = {}
     for run in runs:
-        target = derivative_path(mask_dir, {**run.entities, "desc": "brain"}, "mask", "anat")
+        target = output_path(mask_dir, "brain_mask", run.entities)
         for candidate in (target, target.with_name(target.name.replace(".nii.gz", ".nii"))):
             if candidate.exists():
                 masks[run.name] = candidate

@@ -14,8 +14,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..io.derivatives import (BIDSIGNORE, RELIABILITY_KEYS, bids_uri, derivative_path, software_versions, write_json,
-                              write_nifti)
+from ..io.derivatives import RELIABILITY_KEYS, bids_uri, software_versions, write_json, write_nifti
+from ..io.outputs import OUTPUTS, output_path, sidecar_path
 from ..io.validation import ensure_bidsignore
 
 
@@ -86,28 +86,11 @@ class WriteRunDerivatives(SimpleInterface):
         bids_dir = Path(inputs.bids_dir).resolve()
         raw_sources = [bids_uri("raw", Path(f).resolve().relative_to(bids_dir)) for f in inputs.source_files]
 
-        def path(suffix, datatype, desc=None):
-            return derivative_path(out, {**inputs.entities, "desc": desc}, suffix, datatype)
-
-        paths = {
-            "brain_mask": path("mask", "anat", "brain"),
-            "magnitude": path("magnitude", "fmap", "total"),
-            "total_field": path("fieldmap", "fmap", "total"),
-            "fit_residual": path("residual", "fmap", "echofit"),
-            "reliable_mask": path("mask", "anat", "reliable"),
-            "local_magnitude": path("magnitude", "fmap", "local"),
-            "local_field": path("fieldmap", "fmap", "local"),
-            "qsm_mask": path("mask", "anat", "qsm"),
-            "chimap": path("Chimap", "anat"),
-            # BIDS has no SWI suffix: a T2*-weighted image (T2starw) with a desc-, as fMRIPrep names what BIDS lacks
-            "swi": path("T2starw", "anat", "swi"),
-            "mip": path("T2starw", "anat", "mip"),
-        }
-        if isdefined(inputs.reference_mask_file):
-            paths["reference_mask"] = path("mask", "anat", "reference")
         relaxometry = isdefined(inputs.r2star_file)
-        if relaxometry:
-            paths.update(r2star=path("R2starmap", "anat"), t2star=path("T2starmap", "anat"))
+        kinds = [kind for kind, output in OUTPUTS.items() if output.written == "always"
+                 or output.written == "reference csf" and isdefined(inputs.reference_mask_file)
+                 or output.written == "two echoes or more" and relaxometry]
+        paths = {kind: output_path(out, kind, inputs.entities) for kind in kinds}
 
         def own(kind):
             return bids_uri("", paths[kind].relative_to(out))
@@ -136,74 +119,62 @@ class WriteRunDerivatives(SimpleInterface):
         qsm_mask = load(inputs.qsm_mask_file, np.uint8)
         magnitude = load(inputs.magnitude_rss_file)
         images = {
-            "brain_mask": (load(inputs.brain_mask_file, np.uint8), np.uint8),
-            "magnitude": (magnitude, np.float32),
-            "total_field": (load(inputs.total_field_file), np.float32),
-            "fit_residual": (load(inputs.fit_residual_file), np.float32),
-            "reliable_mask": (load(inputs.reliable_mask_file, np.uint8), np.uint8),
-            "local_magnitude": (magnitude * qsm_mask, np.float32),
-            "local_field": (load(inputs.local_field_file), np.float32),
-            "qsm_mask": (qsm_mask, np.uint8),
-            "chimap": (load(inputs.chimap_file), np.float32),
-            "swi": (load(inputs.swi_file), np.float32),
-            "mip": (load(inputs.mip_file), np.float32),
+            "brain_mask": load(inputs.brain_mask_file, np.uint8),
+            "magnitude": magnitude,
+            "total_field": load(inputs.total_field_file),
+            "fit_residual": load(inputs.fit_residual_file),
+            "reliable_mask": load(inputs.reliable_mask_file, np.uint8),
+            "local_magnitude": magnitude * qsm_mask,
+            "local_field": load(inputs.local_field_file),
+            "qsm_mask": qsm_mask,
+            "chimap": load(inputs.chimap_file),
+            "swi": load(inputs.swi_file),
+            "mip": load(inputs.mip_file),
         }
         if "reference_mask" in paths:
-            images["reference_mask"] = (load(inputs.reference_mask_file, np.uint8), np.uint8)
+            images["reference_mask"] = load(inputs.reference_mask_file, np.uint8)
         if relaxometry:
-            images.update(r2star=(load(inputs.r2star_file), np.float32), t2star=(load(inputs.t2star_file), np.float32))
+            images.update(r2star=load(inputs.r2star_file), t2star=load(inputs.t2star_file))
         # masks are on the grid of the raw images: BIDS names that image in SpatialReference
         grid = {"SpatialReference": raw_sources[0]}
         sidecars = {
             "brain_mask": {
-                "Description": "Brain mask computed from the magnitude images.",
+                "Description": OUTPUTS["brain_mask"].description,
                 "Type": "Brain", "SkullStripped": False, "Sources": raw_sources, **grid,
                 **steps_upto("BrainMask"),
             },
             "magnitude": {
-                "Description": "Root-sum-of-squares magnitude over echoes (the total field map's magnitude).",
+                "Description": OUTPUTS["magnitude"].description,
                 "Units": "arbitrary", "SkullStripped": False, "Sources": raw_sources, **steps_upto("PhaseScaling"),
             },
             "total_field": {
-                "Description": "Total field map: multi-echo fit of the unwrapped phase, "
-                               "phase offset at TE=0 removed.",
+                "Description": OUTPUTS["total_field"].description,
                 "Units": "Hz", "SkullStripped": False, "Sources": raw_sources,
                 **steps_upto("TotalField"),
             },
             "fit_residual": {
-                "Description": "Magnitude-weighted RMS residual of the phase about its fitted line over echo "
-                               "time (the total field's echo fit); 0 with one or two echoes.",
+                "Description": OUTPUTS["fit_residual"].description,
                 "Units": "rad", "SkullStripped": False, "Sources": raw_sources, **steps_upto("TotalField"),
             },
             "reliable_mask": {
-                "Description": "Reliability map: the brain mask's voxels whose field is trusted, with an RSS "
-                               "magnitude of at least MinSignalFraction x its median in the brain mask and an "
-                               "echo-fit residual of at most MaxResidualRad (rad). The others (bone or air "
-                               "inside the brain mask, lesions whose signal decays within the first echoes, phase "
-                               "off the echo-time line) are left out of background field removal's fit; their "
-                               "local field is completed from the reliable voxels' (see the local field).",
+                "Description": OUTPUTS["reliable_mask"].description,
                 "Type": "ROI", "SkullStripped": True,
                 "Sources": [own("brain_mask"), own("magnitude"), own("fit_residual")], **grid,
                 **{key: inputs.bfr_provenance[key] for key in RELIABILITY_KEYS if key in inputs.bfr_provenance},
                 **steps_upto("BackgroundFieldRemoval"),
             },
             "local_magnitude": {
-                "Description": "Root-sum-of-squares magnitude inside the mask where the local field is defined.",
+                "Description": OUTPUTS["local_magnitude"].description,
                 "Units": "arbitrary", "SkullStripped": True, "Sources": [own("magnitude"), own("qsm_mask")],
                 **steps_upto("BackgroundFieldRemoval"),
             },
             "local_field": {
-                "Description": "Local field map after background field removal; in the QSM mask's voxels "
-                               "outside the reliability map (CompletedVoxels), the field of the susceptibility "
-                               "fitted to the reliable voxels' local field.",
+                "Description": OUTPUTS["local_field"].description,
                 "Units": "Hz", "SkullStripped": True, "Sources": [own("total_field"), own("reliable_mask")],
                 **steps_upto("BackgroundFieldRemoval"),
             },
             "qsm_mask": {
-                "Description": "Where the local field and the susceptibility map are defined: the brain mask "
-                               "less its signal voids that reach its surface (bone, sinus air) with PDF; with "
-                               "RESHARP, V-SHARP and LBV, the reliability map less what they could not keep (the "
-                               "kernel's erosion, LBV's boundary layer), its inner holes filled.",
+                "Description": OUTPUTS["qsm_mask"].description,
                 "Type": "Brain", "SkullStripped": True, "Sources": [own("brain_mask"), own("reliable_mask")], **grid,
                 **steps_upto("BackgroundFieldRemoval"),
             },
@@ -215,15 +186,12 @@ class WriteRunDerivatives(SimpleInterface):
                 **steps, "SusceptibilityReference": chi_reference,
             },
             "swi": {
-                "Description": "Susceptibility-weighted image (Haacke et al. 2004): the root-sum-of-squares magnitude "
-                               "times the phase mask of the local field at EchoTimeUsed raised to PhaseMaskPower "
-                               "(metaqsm_bids.qsm.field.swi); outside the QSM mask, the magnitude.",
+                "Description": OUTPUTS["swi"].description,
                 "Units": "arbitrary", "SkullStripped": False, "Sources": [own("magnitude"), own("local_field")],
                 **steps_upto("BackgroundFieldRemoval"), "SWI": swi_parameters,
             },
             "mip": {
-                "Description": "Minimum-intensity projection of the SWI over a slab of SlabSlices slices "
-                               "(SlabThicknessMm) centred on each slice along voxel axis SlabAxis, on the SWI's grid.",
+                "Description": OUTPUTS["mip"].description,
                 "Units": "arbitrary", "SkullStripped": False, "Sources": [own("swi")],
                 **steps_upto("BackgroundFieldRemoval"), "SWI": swi_parameters,
                 "MinimumIntensityProjection": dict(inputs.mip_parameters),
@@ -231,8 +199,7 @@ class WriteRunDerivatives(SimpleInterface):
         }
         if "reference_mask" in paths:
             sidecars["reference_mask"] = {
-                "Description": "Reference region of the Chimap (its mean susceptibility is 0 there): the ventricular "
-                               "CSF, found from the R2* map (see SusceptibilityReference).",
+                "Description": OUTPUTS["reference_mask"].description,
                 "Type": "ROI", "SkullStripped": True,
                 "Sources": [own("r2star"), own("qsm_mask")], **grid,
                 "SusceptibilityReference": chi_reference,
@@ -244,20 +211,16 @@ class WriteRunDerivatives(SimpleInterface):
                    "R2starFit": dict(inputs.r2star_provenance) if isdefined(inputs.r2star_provenance) else {}}
             relaxometry_sources = [*magnitude_sources, own("brain_mask")]
             sidecars["r2star"] = {
-                "Description": "Effective transverse relaxation rate R2* of the multi-echo magnitude, fitted per voxel "
-                               "(mono-exponential decay; method in R2starFit), clipped to R2starRangeHz; 0 outside "
-                               "the brain mask.",
+                "Description": OUTPUTS["r2star"].description,
                 "Units": "1/s", "SkullStripped": True, "Sources": relaxometry_sources, **fit,
             }
             sidecars["t2star"] = {
-                "Description": "Effective transverse relaxation time T2* = 1/R2* (see the R2starmap), at most "
-                               "T2starMaxSeconds where R2* is near 0; 0 outside the brain mask.",
+                "Description": OUTPUTS["t2star"].description,
                 "Units": "s", "SkullStripped": True, "Sources": [own("r2star"), *relaxometry_sources], **fit,
             }
-        ensure_bidsignore(out, BIDSIGNORE)  # the residual has no BIDS suffix
+        ensure_bidsignore(out, [pattern for kind in paths for pattern in OUTPUTS[kind].bidsignore])
         for kind, target in paths.items():
-            data, dtype = images[kind]
-            write_nifti(target, data, reference.affine, dtype)
-            write_json(target.with_name(target.name.replace(".nii.gz", ".json")), {**common, **sidecars[kind]})
+            write_nifti(target, images[kind], reference.affine, np.uint8 if OUTPUTS[kind].mask else np.float32)
+            write_json(sidecar_path(target), {**common, **sidecars[kind]})
         self._results["out_files"] = {k: str(v) for k, v in paths.items()}
         return runtime

@@ -4,16 +4,8 @@ import os
 
 from nipype.interfaces.base import BaseInterfaceInputSpec, Directory, File, SimpleInterface, TraitedSpec, traits
 
+from ..io.outputs import TEMPLATE_OUTPUTS
 from ..spatial.template import register_to_template, write_template_outputs
-
-#: Orig-space derivatives resampled to each template: kind (as WriteRunDerivatives names it) ->
-#: (file-name tail, interpolation). Masks stay binary (nearest neighbour).
-RESAMPLED = {
-    "chimap": ("Chimap", "linear"),
-    "qsm_mask": ("desc-qsm_mask", "nearest"),
-    "brain_mask": ("desc-brain_mask", "nearest"),
-    "magnitude": ("desc-total_magnitude", "linear"),
-}
 
 
 def _set_itk_threads(num_threads):
@@ -66,11 +58,12 @@ class _TemplateOutputsInputSpec(BaseInterfaceInputSpec):
 
 class _TemplateOutputsOutputSpec(TraitedSpec):
     xfm_file = traits.Str(desc="the orig-to-template transform written next to the derivatives")
-    out_files = traits.Dict(desc="'res-<N>_<tail>' -> written path")
+    out_files = traits.Dict(desc="'res-<N>_<kind>' -> written path")
 
 
 class TemplateOutputs(SimpleInterface):
-    """Write the run's maps (see :data:`RESAMPLED`) and the transform in one template space.
+    """Write the run's maps (the output spec's :data:`~metaqsm_bids.io.outputs.TEMPLATE_OUTPUTS`) and the
+    transform in one template space.
 
     Always runs, even when nipype's cache holds its result: the cache only knows the work
     folder, so outputs deleted since would otherwise stay missing while the run reports OK.
@@ -88,10 +81,10 @@ class TemplateOutputs(SimpleInterface):
         _set_itk_threads(self.inputs.num_threads)
         xfm, written = write_template_outputs(
             self.inputs.transform_file, self.inputs.registration, derivatives["magnitude"],
-            {tail: (derivatives[kind], interpolation) for kind, (tail, interpolation) in RESAMPLED.items()},
+            {kind: derivatives[kind] for kind in TEMPLATE_OUTPUTS},
             self.inputs.output_dir, self.inputs.entities, template=self.inputs.template,
             resolutions=self.inputs.resolutions, brain_mask_file=derivatives["brain_mask"])
         self._results["xfm_file"] = str(xfm)
-        self._results["out_files"] = {f"res-{resolution}_{tail}": str(path)
-                                      for resolution, files in written.items() for tail, path in files.items()}
+        self._results["out_files"] = {f"res-{resolution}_{kind}": str(path)
+                                      for resolution, files in written.items() for kind, path in files.items()}
         return runtime

@@ -1,7 +1,7 @@
-"""Writing the derivatives dataset: BIDS names, sidecars with provenance, atomic files.
+"""Writing the derivatives dataset: sidecars with provenance, atomic files, the group summary.
 
 The output directory is itself the derivatives dataset (as in fMRIPrep). File names
-come from pybids' ``build_path`` with this module's patterns, because niworkflows'
+come from the output spec (:mod:`metaqsm_bids.io.outputs`), because niworkflows'
 DerivativesDataSink has no patterns for Chimap, field maps with ``desc`` in ``fmap/``,
 or the MEGRE entities. Every file is written to a temporary name in its final folder
 and renamed into place, so an interrupted run never leaves a half-written derivative,
@@ -17,26 +17,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from bids.layout.writing import build_path
 
 from .. import __version__
+from .outputs import OUTPUTS, output_path, parse_output_name, run_name, sidecar_path
 
 CODE_URL = "https://github.com/metaqsm/metaqsm"
 BIDS_VERSION = "1.10.0"
 
-_ENTITIES = (  # every entity that separates MEGRE runs (metaqsm_bids.io.bids.RUN_ENTITIES), in BIDS order
-    "[_ses-{session}][_acq-{acquisition}][_ce-{ceagent}][_rec-{reconstruction}][_run-{run}][_flip-{flip}][_inv-{inv}]"
-    "[_mt-{mt}][_space-{space}][_chunk-{chunk}][_desc-{desc}]"
-)
-PATH_PATTERNS = [
-    "sub-{subject}[/ses-{session}]/{datatype<anat>}/sub-{subject}" + _ENTITIES
-    + "_{suffix<Chimap|R2starmap|T2starmap|T2starw|mask>}{extension<.nii.gz|.json>|.nii.gz}",
-    "sub-{subject}[/ses-{session}]/{datatype<fmap>}/sub-{subject}" + _ENTITIES
-    + "_{suffix<fieldmap|magnitude|residual>}{extension<.nii.gz|.json>|.nii.gz}",
-]
-#: Derivatives that BIDS has no suffix for, listed in ``.bidsignore`` (by the run's sink) so the dataset stays
-#: valid: the echo-fit residual (rad; BIDS field maps are in Hz, rad/s or T).
-BIDSIGNORE = ("*_residual.nii.gz", "*_residual.json")
 #: BackgroundFieldRemoval sidecar keys that describe the reliability map (its thresholds and counts).
 RELIABILITY_KEYS = ("MinSignalFraction", "MaxResidualRad", "UnreliableVoxelsExcluded", "UnreliableFractionOfBrain")
 
@@ -56,16 +43,6 @@ def software_versions():
         except PackageNotFoundError:
             continue
     return ", ".join(f"{name} {ver}" for name, ver in versions.items())
-
-
-def derivative_path(output_dir, entities, suffix, datatype, extension=".nii.gz"):
-    """Absolute path of a derivative named from run ``entities`` (pybids names) plus ``suffix``."""
-    ents = {k: v for k, v in entities.items() if v is not None}
-    ents.update(suffix=suffix, datatype=datatype, extension=extension)
-    relative = build_path(ents, PATH_PATTERNS, strict=True)
-    if relative is None:
-        raise ValueError(f"no BIDS derivative pattern matches {ents}")
-    return Path(output_dir) / relative
 
 
 def bids_uri(dataset, relative_path):
@@ -198,16 +175,18 @@ def group_summary(output_dir, bids_dir):
     """
     output_dir, bids_dir = Path(output_dir), Path(bids_dir)
     rows = []
-    for chimap in sorted(output_dir.glob("sub-*/**/anat/*_Chimap.nii.gz")):
-        if "_space-" in chimap.name:  # template-space copies of a run, not runs
+    for chimap in sorted(output_dir.glob(f"sub-*/**/{OUTPUTS['chimap'].datatype}/*{OUTPUTS['chimap'].extension}")):
+        parsed = parse_output_name(chimap.name)
+        if parsed is None or parsed[0] != "chimap" or "space" in parsed[1]:  # not a Chimap, or a template-space copy
             continue
-        mask_path = chimap.with_name(chimap.name.replace("_Chimap.nii.gz", "_desc-qsm_mask.nii.gz"))
-        sidecar = json.loads(chimap.with_name(chimap.name.replace(".nii.gz", ".json")).read_text())
+        entities = parsed[1]
+        mask_path = output_path(output_dir, "qsm_mask", entities)
+        sidecar = json.loads(sidecar_path(chimap).read_text())
         chi = np.asarray(nib.load(chimap).dataobj, dtype=np.float32)
         mask = np.asarray(nib.load(mask_path).dataobj) > 0 if mask_path.exists() else np.isfinite(chi)
         rows.append({
-            "participant_id": chimap.name.split("_")[0],
-            "run": chimap.name.replace("_Chimap.nii.gz", ""),
+            "participant_id": f"sub-{entities['subject']}",
+            "run": run_name(entities),
             "status": "processed",
             "inversion": sidecar.get("DipoleInversion", {}).get("Method", "n/a"),
             "mask_voxels": int(mask.sum()),

@@ -5,40 +5,24 @@ so a report can be written after a crash-resume, for one session, or long after 
 """
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from ..io.derivatives import RELIABILITY_KEYS
+from ..io.outputs import OUTPUTS, parse_output_name, run_name, sidecar_path
 from ..qsm.background.registry import BACKGROUND_REMOVALS
 from ..qsm.inversion.registry import INVERSIONS
 from ..qsm.network.models import PAPER
 from ..qsm.spec import find
+from .figures import RunImages
 
-#: Derivative kinds of a run: (datatype folder, file-name tail after the run prefix).
-KINDS = {
-    "magnitude": ("fmap", "desc-total_magnitude"),
-    "brain_mask": ("anat", "desc-brain_mask"),
-    "reliable_mask": ("anat", "desc-reliable_mask"),
-    "qsm_mask": ("anat", "desc-qsm_mask"),
-    "total_field_hz": ("fmap", "desc-total_fieldmap"),
-    "fit_residual_rad": ("fmap", "desc-echofit_residual"),
-    "local_field_hz": ("fmap", "desc-local_fieldmap"),
-    "chi_ppm": ("anat", "Chimap"),
-    "r2star_hz": ("anat", "R2starmap"),
-    "swi": ("anat", "desc-swi_T2starw"),
-    "mip": ("anat", "desc-mip_T2starw"),
-}
+#: Derivative kinds a report reads (keys of the output spec, :data:`~metaqsm_bids.io.outputs.OUTPUTS`): the images
+#: of :class:`~metaqsm_bids.reports.figures.RunImages`.
+KINDS = tuple(f.name for f in fields(RunImages) if f.name in OUTPUTS)
 #: Kinds a run has only with two echoes or more (one echo has no decay to fit): not missing without them.
-MULTI_ECHO_KINDS = ("r2star_hz",)
-_TAIL_TO_KIND = {tail: kind for kind, (_, tail) in KINDS.items()}
-_DERIVATIVE = re.compile(r"^(sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*?)_(" + "|".join(_TAIL_TO_KIND)
-                         + r")\.nii(?:\.gz)?$")
-#: A template-space derivative's prefix (run, space, resolution) and a transform's name (run, template).
-_SPACE_PREFIX = re.compile(r"^(.+?)_space-([A-Za-z0-9]+)((?:_res-[0-9]+)?)$")
-_TRANSFORM = re.compile(r"^(sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*?)_from-orig_to-([A-Za-z0-9]+)_mode-image_xfm"
-                        r"\.(?:mat|h5)$")
+MULTI_ECHO_KINDS = tuple(kind for kind in KINDS if OUTPUTS[kind].written == "two echoes or more")
 
 #: Pipeline steps in processing order (sidecar keys holding each step's parameters).
 STEP_ORDER = ("PhaseScaling", "BrainMask", "TotalField", "BackgroundFieldRemoval", "DipoleInversion")
@@ -86,8 +70,8 @@ class RunOutputs:
     @property
     def provenance(self):
         """The sidecar with every step's parameters: the Chimap's, else the most complete one found."""
-        candidates = [self.sidecars.get(kind) or {} for kind in ("chi_ppm", "qsm_mask", "local_field_hz",
-                                                                 "brain_mask", "total_field_hz", "magnitude")]
+        candidates = [self.sidecars.get(kind) or {} for kind in ("chimap", "qsm_mask", "local_field",
+                                                                 "brain_mask", "total_field", "magnitude")]
         return max(candidates, key=lambda s: sum(key in s for key in STEP_ORDER))
 
 
@@ -105,29 +89,31 @@ def subject_label(subject):
 
 
 def _sidecar(path):
-    sidecar = path.with_name(re.sub(r"\.(nii(\.gz)?|mat|h5)$", ".json", path.name))
+    sidecar = sidecar_path(path)
     return json.loads(sidecar.read_text()) if sidecar.exists() else {}
 
 
 def find_run_outputs(output_dir, subject):
     """Runs of ``subject`` with at least one orig-space derivative in ``output_dir``, sorted by name,
-    with their template-space maps and transforms."""
+    with their template-space maps and transforms (each file's kind and entities from the output spec)."""
     output_dir = Path(output_dir)
     label = subject_label(subject)
     found, spaces, transforms = {}, {}, {}
     for path in sorted((output_dir / f"sub-{label}").glob("**/*")):
-        match, transform = _DERIVATIVE.match(path.name), _TRANSFORM.match(path.name)
-        if transform:
-            transforms.setdefault(transform.group(1), {})[transform.group(2)] = (path, _sidecar(path))
-        if not match:
+        parsed = parse_output_name(path.name)
+        if parsed is None or parsed[1].get("subject") != label:
             continue
-        prefix, tail = match.groups()
-        space = _SPACE_PREFIX.match(prefix)
-        if space:
-            run, template, resolution = space.groups()
-            spaces.setdefault(run, {}).setdefault(template + resolution, {})[_TAIL_TO_KIND[tail]] = path
+        kind, entities = parsed
+        run = run_name(entities)
+        if kind == "transform":
+            transforms.setdefault(run, {})[entities["to"]] = (path, _sidecar(path))
+        elif kind not in KINDS:
+            continue
+        elif "space" in entities:
+            space = entities["space"] + (f"_res-{entities['res']}" if "res" in entities else "")
+            spaces.setdefault(run, {}).setdefault(space, {})[kind] = path
         else:
-            found.setdefault(prefix, {})[_TAIL_TO_KIND[tail]] = path
+            found.setdefault(run, {})[kind] = path
     runs = []
     for prefix, paths in sorted(found.items()):
         sidecars = {kind: _sidecar(path) for kind, path in paths.items()}
@@ -200,11 +186,11 @@ def run_checks(run, images):
     statistics in the QSM mask (ppm).
     """
     single_echo = len(run.provenance.get("EchoTime") or []) == 1
-    warnings = [f"missing derivative: {KINDS[kind][1]}" for kind, path in run.paths.items()
+    warnings = [f"missing derivative: {OUTPUTS[kind].tail}" for kind, path in run.paths.items()
                 if path is None and not (single_echo and kind in MULTI_ECHO_KINDS)]
     stats = {}
     voxel_ml = float(np.prod(images.zooms_mm)) / 1000.0
-    brain, qsm, chi = images.brain_mask, images.qsm_mask, images.chi_ppm
+    brain, qsm, chi = images.brain_mask, images.qsm_mask, images.chimap
     if brain is not None:
         stats["brain_mask_voxels"] = int(brain.sum())
         stats["brain_volume_ml"] = stats["brain_mask_voxels"] * voxel_ml
@@ -230,10 +216,10 @@ def run_checks(run, images):
                                 "or vsharp; PDF, the default, does not erode)")
         if not qsm.any():
             warnings.append("the QSM mask is empty: no susceptibility values")
-    for kind in ("total_field_hz", "local_field_hz", "chi_ppm", "r2star_hz"):
+    for kind in ("total_field", "local_field", "chimap", "r2star"):
         volume = getattr(images, kind)
         if volume is not None and not np.isfinite(volume).all():
-            warnings.append(f"{KINDS[kind][1]} holds {int((~np.isfinite(volume)).sum())} NaN or infinite voxels")
+            warnings.append(f"{OUTPUTS[kind].tail} holds {int((~np.isfinite(volume)).sum())} NaN or infinite voxels")
     if chi is not None and qsm is not None and qsm.any():
         values = chi[qsm & np.isfinite(chi)]
         stats.update(chi_mean_ppm=float(values.mean()), chi_sd_ppm=float(values.std()),

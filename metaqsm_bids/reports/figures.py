@@ -37,17 +37,19 @@ class RunImages:
 
     ``zooms_mm`` is the voxel size along the displayed axes (x: left-right, y: posterior-anterior,
     z: inferior-superior); ``oblique_deg`` the largest angle between a voxel axis and the scanner axes.
+    The images are named as the output spec names their kinds (:data:`metaqsm_bids.io.outputs.OUTPUTS`), in
+    their files' units: fields in Hz, the echo-fit residual in rad, the Chimap in ppm, R2* in 1/s.
     """
 
     magnitude: np.ndarray = None
     brain_mask: np.ndarray = None
     reliable_mask: np.ndarray = None
     qsm_mask: np.ndarray = None
-    total_field_hz: np.ndarray = None
-    fit_residual_rad: np.ndarray = None
-    local_field_hz: np.ndarray = None
-    chi_ppm: np.ndarray = None
-    r2star_hz: np.ndarray = None
+    total_field: np.ndarray = None
+    fit_residual: np.ndarray = None
+    local_field: np.ndarray = None
+    chimap: np.ndarray = None
+    r2star: np.ndarray = None
     swi: np.ndarray = None
     mip: np.ndarray = None
     zooms_mm: tuple = (1.0, 1.0, 1.0)
@@ -101,8 +103,8 @@ def field_range_hz(field_hz, mask):
 
 def _crop_box(images):
     """Voxel slices around the brain mask (plus a margin), or the whole grid without a mask."""
-    shape = next(a.shape for a in (images.magnitude, images.brain_mask, images.chi_ppm, images.total_field_hz,
-                                   images.local_field_hz, images.qsm_mask, images.r2star_hz) if a is not None)
+    shape = next(a.shape for a in (images.magnitude, images.brain_mask, images.chimap, images.total_field,
+                                   images.local_field, images.qsm_mask, images.r2star) if a is not None)
     mask = images.brain_mask
     if mask is None or not mask.any():
         return tuple(slice(0, n) for n in shape)
@@ -168,22 +170,22 @@ def _masked(volume, mask):
 def plot_overview(images, out_path, chi_range_ppm=CHI_RANGE_PPM, title=""):
     """Orthogonal views of magnitude + mask outlines, total field, local field and Chimap; saves a PNG.
 
-    Returns the display ranges used: ``{"total_field_hz": lim, "local_field_hz": lim, "chi_ppm": (lo, hi)}``
+    Returns the display ranges used: ``{"total_field": lim, "local_field": lim, "chimap": (lo, hi)}``
     (fields are shown on +-lim, the 99th percentile of |field| in the mask, rounded up to a nice number).
     """
     box = _crop_box(images)
     centre = _centre(images, box)
-    total_lim = field_range_hz(images.total_field_hz, images.brain_mask)
-    local_lim = field_range_hz(images.local_field_hz, images.qsm_mask)
+    total_lim = field_range_hz(images.total_field, images.brain_mask)
+    local_lim = field_range_hz(images.local_field, images.qsm_mask)
     magnitude = _crop(images.magnitude, box)
     rows = [
         ("Magnitude (RSS)\nred: brain mask\ncyan: QSM mask", magnitude,
          dict(cmap="gray", vmin=0, vmax=_magnitude_limit(magnitude, _crop(images.brain_mask, box))), "a.u."),
-        ("Total field\n(brain mask)", _masked(_crop(images.total_field_hz, box), _crop(images.brain_mask, box)),
+        ("Total field\n(brain mask)", _masked(_crop(images.total_field, box), _crop(images.brain_mask, box)),
          dict(cmap=_FIELD_CMAP, vmin=-total_lim, vmax=total_lim), "Hz"),
-        ("Local field\n(QSM mask)", _masked(_crop(images.local_field_hz, box), _crop(images.qsm_mask, box)),
+        ("Local field\n(QSM mask)", _masked(_crop(images.local_field, box), _crop(images.qsm_mask, box)),
          dict(cmap=_FIELD_CMAP, vmin=-local_lim, vmax=local_lim), "Hz"),
-        ("Susceptibility\n(Chimap, QSM mask)", _masked(_crop(images.chi_ppm, box), _crop(images.qsm_mask, box)),
+        ("Susceptibility\n(Chimap, QSM mask)", _masked(_crop(images.chimap, box), _crop(images.qsm_mask, box)),
          dict(cmap="gray", vmin=chi_range_ppm[0], vmax=chi_range_ppm[1]), "ppm"),
     ]
     fig = Figure(figsize=(11.0, 12.4), dpi=100, facecolor="white")
@@ -201,7 +203,7 @@ def plot_overview(images, out_path, chi_range_ppm=CHI_RANGE_PPM, title=""):
     fig.suptitle(title, fontsize=14, y=0.985)
     fig.text(0.5, 0.935, _orientation_note(images), ha="center", va="center", fontsize=11)
     fig.savefig(out_path, format="png", metadata={"Software": None})
-    return {"total_field_hz": total_lim, "local_field_hz": local_lim, "chi_ppm": tuple(chi_range_ppm)}
+    return {"total_field": total_lim, "local_field": local_lim, "chimap": tuple(chi_range_ppm)}
 
 
 def _axial_slices(mask, n_slices):
@@ -219,20 +221,20 @@ def plot_chi_mosaic(images, out_path, chi_range_ppm=CHI_RANGE_PPM, n_slices=12, 
 
     Returns the slice indices shown (along the RAS-closest inferior-superior axis).
     """
-    if images.chi_ppm is None:
+    if images.chimap is None:
         raise ValueError("no Chimap to plot")
-    mask = images.qsm_mask if images.qsm_mask is not None else np.isfinite(images.chi_ppm)
-    return _plot_mosaic(images, images.chi_ppm, mask, chi_range_ppm, "ppm", "gray", out_path, n_slices, columns,
+    mask = images.qsm_mask if images.qsm_mask is not None else np.isfinite(images.chimap)
+    return _plot_mosaic(images, images.chimap, mask, chi_range_ppm, "ppm", "gray", out_path, n_slices, columns,
                         title)
 
 
 def plot_r2star_mosaic(images, out_path, r2star_range_hz=R2STAR_RANGE_HZ_AT_3T, n_slices=12, columns=6, title=""):
     """Axial mosaic of the R2* map (1/s) on a fixed range, slices spread over the brain mask (where R2* is
     defined); saves a PNG. Returns the slice indices shown."""
-    if images.r2star_hz is None:
+    if images.r2star is None:
         raise ValueError("no R2* map to plot")
-    mask = images.brain_mask if images.brain_mask is not None else images.r2star_hz > 0
-    return _plot_mosaic(images, images.r2star_hz, mask, r2star_range_hz, "R2* (1/s)", "inferno", out_path,
+    mask = images.brain_mask if images.brain_mask is not None else images.r2star > 0
+    return _plot_mosaic(images, images.r2star, mask, r2star_range_hz, "R2* (1/s)", "inferno", out_path,
                         n_slices, columns, title)
 
 
@@ -319,8 +321,8 @@ def plot_reliability(images, out_path, n_slices=6, title=""):
     magnitude = _crop(images.magnitude, box)
     rows = [("Magnitude (RSS)\nred: brain mask\nyellow: excluded", magnitude,
              dict(cmap="gray", vmin=0, vmax=_magnitude_limit(magnitude, brain)), "a.u.")]
-    if images.fit_residual_rad is not None:
-        rows.append(("Echo-fit residual\n(brain mask)", _masked(images.fit_residual_rad[box], brain),
+    if images.fit_residual is not None:
+        rows.append(("Echo-fit residual\n(brain mask)", _masked(images.fit_residual[box], brain),
                      dict(cmap="viridis", vmin=RESIDUAL_RANGE_RAD[0], vmax=RESIDUAL_RANGE_RAD[1]), "rad"))
     overlay = np.zeros(excluded.shape + (4,), np.float32)
     overlay[excluded] = (*EXCLUDED_COLOUR, 1.0)

@@ -90,19 +90,19 @@ def _figures(run, images, output_dir, figures_dir, chi_range_ppm):
     overview = figures_dir / f"{run.name}_desc-overview_qsm.png"
     atomic_write(overview, lambda tmp: ranges.update(plot_overview(images, tmp, chi_range_ppm, title=run.name)))
     figures["overview"] = overview.relative_to(output_dir).as_posix()
-    if images.chi_ppm is not None:
+    if images.chimap is not None:
         mosaic = figures_dir / f"{run.name}_desc-mosaic_Chimap.png"
         atomic_write(mosaic, lambda tmp: plot_chi_mosaic(images, tmp, chi_range_ppm,
                                                            title=f"{run.name}: susceptibility (Chimap)"))
         figures["mosaic"] = mosaic.relative_to(output_dir).as_posix()
-    if images.r2star_hz is not None:
+    if images.r2star is not None:
         b0 = run.provenance.get("B0Tesla") or run.provenance.get("MagneticFieldStrength") or 3.0
         r2star_range = tuple(v * b0 / 3.0 for v in R2STAR_RANGE_HZ_AT_3T)  # R2* grows about linearly with B0
         r2star = figures_dir / f"{run.name}_desc-mosaic_R2starmap.png"
         atomic_write(r2star, lambda tmp: plot_r2star_mosaic(images, tmp, r2star_range,
                                                               title=f"{run.name}: R2* (R2starmap)"))
         figures["r2star"] = r2star.relative_to(output_dir).as_posix()
-        ranges["r2star_hz"] = r2star_range
+        ranges["r2star"] = r2star_range
     if images.mip is not None:
         ranges["mip"] = mip_range(images)
         mip = figures_dir / f"{run.name}_desc-mosaic_mip.png"
@@ -127,7 +127,7 @@ def _reliability_figure(run, stats, figure):
     fraction = stats.get("unreliable_fraction_of_brain")
     residual_row = (" Below: the echo-fit residual (<code>desc-echofit_residual</code>) in the brain mask on "
                     f"{RESIDUAL_RANGE_RAD[0]:g} to {RESIDUAL_RANGE_RAD[1]:g} rad."
-                    if run.paths.get("fit_residual_rad") is not None else "")
+                    if run.paths.get("fit_residual") is not None else "")
     return (f"<figure><img src=\"{_e(figure)}\" alt=\"reliability map of {_e(run.name)}\">"
             "<figcaption><b>Reliability map</b> (<code>desc-reliable_mask</code>): the brain-mask voxels whose field "
             f"is trusted. <b>{_fmt(stats.get('unreliable_voxels'), 'd')} voxels "
@@ -148,18 +148,18 @@ def _run_section(run, stats, warnings, figures, ranges, output_dir):
     parts.append(
         f"<figure><img src=\"{_e(figures['overview'])}\" alt=\"orthogonal views of {_e(run.name)}\">"
         "<figcaption>Rows: RSS magnitude with the brain mask (red) and the QSM mask (cyan) outlined; total field "
-        f"(Hz, shown on ±{ranges['total_field_hz']:g} Hz) in the brain mask; local field after background "
-        f"removal (Hz, ±{ranges['local_field_hz']:g} Hz) in the QSM mask; susceptibility (ppm) on the "
-        f"<b>fixed range {ranges['chi_ppm'][0]:g} to {ranges['chi_ppm'][1]:g} ppm</b> in the QSM mask. Views cross "
+        f"(Hz, shown on ±{ranges['total_field']:g} Hz) in the brain mask; local field after background "
+        f"removal (Hz, ±{ranges['local_field']:g} Hz) in the QSM mask; susceptibility (ppm) on the "
+        f"<b>fixed range {ranges['chimap'][0]:g} to {ranges['chimap'][1]:g} ppm</b> in the QSM mask. Views cross "
         "at the centre of the QSM mask, cropped to the brain. Neurological convention: the subject's left is on "
         "the left.</figcaption></figure>\n")
     if "mosaic" in figures:
         parts.append(f"<figure><img src=\"{_e(figures['mosaic'])}\" alt=\"Chimap mosaic of {_e(run.name)}\">"
-                     f"<figcaption>Axial Chimap slices on the fixed range {ranges['chi_ppm'][0]:g} to "
-                     f"{ranges['chi_ppm'][1]:g} ppm; black is outside the QSM mask.</figcaption></figure>\n")
+                     f"<figcaption>Axial Chimap slices on the fixed range {ranges['chimap'][0]:g} to "
+                     f"{ranges['chimap'][1]:g} ppm; black is outside the QSM mask.</figcaption></figure>\n")
     if "r2star" in figures:
-        fit = run.sidecars.get("r2star_hz", {}).get("R2starFit", {})
-        low, high = ranges["r2star_hz"]
+        fit = run.sidecars.get("r2star", {}).get("R2starFit", {})
+        low, high = ranges["r2star"]
         parts.append(f"<figure><img src=\"{_e(figures['r2star'])}\" alt=\"R2* mosaic of {_e(run.name)}\">"
                      f"<figcaption><b>R2*</b> (<code>R2starmap</code>, 1/s; T2* = 1/R2* in <code>T2starmap</code>, s) "
                      f"by the {_e(fit.get('Method', 'fit'))} of the {len(fit.get('EchoTime') or [])} echoes' "
@@ -237,7 +237,7 @@ def _run_section(run, stats, warnings, figures, ranges, output_dir):
 
 def _r2star_fit(run):
     """``{"R2starFit": ...}`` from the run's R2* sidecar, for the methods paragraph; {} without an R2* map."""
-    fit = run.sidecars.get("r2star_hz", {}).get("R2starFit")
+    fit = run.sidecars.get("r2star", {}).get("R2starFit")
     return {"R2starFit": fit} if fit else {}
 
 

@@ -10,8 +10,9 @@ per template (on its coarsest requested grid) serves all its resolutions; it is 
 (:func:`register_to_template`), apart from the writing (:func:`write_template_outputs`), so that a
 pipeline rerun reuses a cached registration yet rewrites the outputs. The Chimap is
 resampled with linear interpolation, masks with nearest neighbour, all through one transform,
-and written with fMRIPrep-style names: ``<run>_space-<template>_res-<n>[_desc-<d>]_<suffix>.nii.gz``
-and ``<run>_from-orig_to-<template>_mode-image_xfm.{mat,h5}`` (ITK affine, or a composite HDF5
+and written with fMRIPrep-style names from the output spec (:mod:`metaqsm_bids.io.outputs`):
+``<run>_space-<template>_res-<n>[_desc-<d>]_<suffix>.nii.gz`` and
+``<run>_from-orig_to-<template>_mode-image_xfm.{mat,h5}`` (ITK affine, or a composite HDF5
 transform with SyN), each with a JSON sidecar.
 
 Templates come from templateflow (``TEMPLATEFLOW_HOME``); nothing is downloaded when the files are
@@ -30,24 +31,16 @@ import nibabel as nib
 import numpy as np
 
 from ..io.derivatives import atomic_write, bids_uri, software_versions, write_json, write_nifti
+from ..io.outputs import INTERPOLATIONS, OUTPUTS, output_path, sidecar_path
 from ..io.validation import ensure_bidsignore
 
 DEFAULT_TEMPLATE = "MNI152NLin2009cAsym"
-#: Interpolation kinds accepted by :func:`to_template`, as ANTs names them.
-INTERPOLATIONS = {"linear": "linear", "nearest": "nearestNeighbor"}
 #: Below this Dice overlap of the registered and template brain masks, the registration is flagged.
 #: Affine registrations of adult brains reach 0.9-0.95; the simulated adult phantom, whose brain is
 #: not anatomical, reaches 0.87.
 MIN_BRAIN_DICE = 0.8
 #: Fixed seed of the metric sampling, so a rerun gives the same transform (for one thread count).
 SEED = 42
-#: BIDS folder of each derivative suffix.
-_DATATYPES = {"Chimap": "anat", "mask": "anat", "fieldmap": "fmap", "magnitude": "fmap"}
-_ENTITY_KEYS = (("subject", "sub"), ("session", "ses"), ("acquisition", "acq"), ("ceagent", "ce"),
-                ("reconstruction", "rec"), ("run", "run"), ("flip", "flip"), ("inv", "inv"), ("mt", "mt"),
-                ("chunk", "chunk"))
-#: Non-BIDS files written next to the derivatives (the validator must skip them).
-BIDSIGNORE = ("*_xfm.*",)
 
 
 def parse_output_space(spec):
@@ -111,29 +104,6 @@ def check_output_spaces(spaces):
         raise ValueError(f"template output spaces need {' and '.join(problems)}: pip install 'metaqsm[templates]'")
     for template, resolution in spaces:
         template_files(template, resolution)
-
-
-def _prefix(entities):
-    if entities.get("subject") is None:
-        raise ValueError(f"entities need a 'subject': {entities}")
-    return "_".join(f"{short}-{entities[key]}" for key, short in _ENTITY_KEYS if entities.get(key) is not None)
-
-
-def output_name(entities, template, resolution, tail):
-    """``sub-01_ses-1_space-<template>_res-2_desc-brain_mask.nii.gz`` from pybids run entities and a tail."""
-    return f"{_prefix(entities)}_space-{template}_res-{resolution}_{tail}.nii.gz"
-
-
-def transform_name(entities, template, extension):
-    """``sub-01_from-orig_to-<template>_mode-image_xfm<extension>`` (fMRIPrep's naming)."""
-    return f"{_prefix(entities)}_from-orig_to-{template}_mode-image_xfm{extension}"
-
-
-def _run_folder(out_dir, entities, datatype):
-    folder = Path(out_dir) / f"sub-{entities['subject']}"
-    if entities.get("session") is not None:
-        folder = folder / f"ses-{entities['session']}"
-    return folder / datatype
 
 
 def _source_uri(path, out_dir):
@@ -242,20 +212,11 @@ def _version(package):
         return "unknown"
 
 
-def _split_tail(tail):
-    """``"desc-brain_mask"`` -> ``("brain", "mask")``; ``"Chimap"`` -> ``(None, "Chimap")``."""
-    match = re.fullmatch(r"(?:desc-([A-Za-z0-9]+)_)?([A-Za-z0-9]+)", tail)
-    if not match or match.group(2) not in _DATATYPES:
-        raise ValueError(f"image name {tail!r}: expected '[desc-<label>_]<suffix>' with a suffix in "
-                         f"{sorted(_DATATYPES)}")
-    return match.groups()
-
-
 def _check_images(images):
-    for name, (_, interpolation) in images.items():
-        _split_tail(name)
-        if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"{name}: interpolation {interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
+    for kind in images:
+        if kind not in OUTPUTS or OUTPUTS[kind].extension != ".nii.gz":
+            raise ValueError(f"image kind {kind!r}: expected one of the derivative images "
+                             f"{sorted(k for k, o in OUTPUTS.items() if o.extension == '.nii.gz')}")
 
 
 def _resolutions(resolutions):
@@ -292,7 +253,7 @@ def write_template_outputs(transform, registration, magnitude_file, images, out_
     transform, registration: what :func:`register_to_template` returned for ``magnitude_file``
     (and ``brain_mask_file``, only named in the transform's sidecar here). The transform's
     sidecar's ``ElapsedSeconds`` is the registration's plus this writing's.
-    Returns ``(transform path, {resolution: {name: written NIfTI path}})``. Everything is computed
+    Returns ``(transform path, {resolution: {kind: written NIfTI path}})``. Everything is computed
     before the first file is written, and each file is written atomically.
     """
     import ants
@@ -306,11 +267,11 @@ def write_template_outputs(transform, registration, magnitude_file, images, out_
     resampled = {}
     for resolution in resolutions:
         fixed = ants.image_read(str(files[resolution]["T1w"]), pixeltype="float")
-        for name, (path, interpolation) in images.items():
+        for kind, path in images.items():
             moving = ants.image_read(str(path), pixeltype="float")
-            resampled[resolution, name] = ants.apply_transforms(
-                fixed, moving, [str(transform)], interpolator=INTERPOLATIONS[interpolation]).numpy()
-    xfm = _run_folder(out_dir, entities, "anat") / transform_name(entities, template, transform.suffix)
+            resampled[resolution, kind] = ants.apply_transforms(
+                fixed, moving, [str(transform)], interpolator=INTERPOLATIONS[OUTPUTS[kind].interpolation]).numpy()
+    xfm = output_path(out_dir, "transform", {**entities, "to": template}, transform.suffix)
     atomic_write(xfm, lambda tmp: shutil.copyfile(transform, tmp))
     info = {**registration, "MovingImage": _source_uri(magnitude_file, out_dir)}
     versions = f"{software_versions()}, antspyx {_version('antspyx')}, templateflow {_version('templateflow')}"
@@ -318,28 +279,27 @@ def write_template_outputs(transform, registration, magnitude_file, images, out_
     for resolution in resolutions:
         zooms = " x ".join(f"{float(z):g}" for z in grids[resolution].header.get_zooms()[:3])
         resolution_text = {str(resolution): f"templateflow {template} res-{resolution}: {zooms} mm voxels"}
-        for name, (path, interpolation) in images.items():
-            desc, suffix = _split_tail(name)
-            data = resampled[resolution, name]
-            target = _run_folder(out_dir, entities, _DATATYPES[suffix]) / output_name(
-                entities, template, resolution, f"desc-{desc}_{suffix}" if desc else suffix)
-            if suffix == "mask":
+        for kind, path in images.items():
+            data = resampled[resolution, kind]
+            target = output_path(out_dir, kind, {**entities, "space": template, "res": resolution})
+            if OUTPUTS[kind].mask:
                 write_nifti(target, data > 0.5, grids[resolution].affine, dtype=np.uint8)
             else:
                 write_nifti(target, data, grids[resolution].affine, dtype=np.float32)
-            original = Path(re.sub(r"\.nii(\.gz)?$", ".json", str(path)))
+            original = sidecar_path(path)
             kept = json.loads(original.read_text()) if original.exists() else {}
             sidecar = {k: v for k, v in kept.items() if k in ("Units", "SkullStripped", "Description", "Type")}
-            sidecar.update(Resolution=resolution_text, Interpolation=interpolation, SoftwareVersions=versions,
+            sidecar.update(Resolution=resolution_text, Interpolation=OUTPUTS[kind].interpolation,
+                           SoftwareVersions=versions,
                            Sources=[_source_uri(path, out_dir), bids_uri("", xfm.relative_to(out_dir))],
                            Registration={k: info[k] for k in ("Type", "Stages", "BrainMaskDice", "ElapsedSeconds")
                                          if k in info})
             if "Warnings" in info:
                 sidecar["Warnings"] = info["Warnings"]
-            write_json(target.with_name(target.name.replace(".nii.gz", ".json")), sidecar)
-            written.setdefault(resolution, {})[name] = target
+            write_json(sidecar_path(target), sidecar)
+            written.setdefault(resolution, {})[kind] = target
     # written last: its total time covers the registration, the resampling and the writing
-    write_json(xfm.with_suffix(".json"), {
+    write_json(sidecar_path(xfm), {
         "Description": f"Transform from the run's voxel grid (orig) to {template} (every resolution), "
                        "for antsApplyTransforms (ITK format).",
         "FromSpace": "orig", "ToSpace": template, "Registration": info,
@@ -349,7 +309,7 @@ def write_template_outputs(transform, registration, magnitude_file, images, out_
         "SoftwareVersions": versions,
         "ElapsedSeconds": round(info["ElapsedSeconds"] + time.perf_counter() - start, 3),
     })
-    ensure_bidsignore(out_dir, BIDSIGNORE)
+    ensure_bidsignore(out_dir, OUTPUTS["transform"].bidsignore)
     return xfm, written
 
 
@@ -358,16 +318,17 @@ def to_template(magnitude_file, images, out_dir, entities, template=DEFAULT_TEMP
     """Register ``magnitude_file`` to ``template`` once and write ``images`` resampled at each resolution.
 
     :func:`register_to_template` (in a temporary folder) then :func:`write_template_outputs`.
-    images: name -> (NIfTI path, "linear" | "nearest"), the name being the derivative's tail
-    after the run prefix, e.g. ``{"Chimap": (chi, "linear"), "desc-brain_mask": (mask, "nearest")}``.
+    images: derivative kind (a key of :data:`~metaqsm_bids.io.outputs.OUTPUTS`) -> NIfTI path, e.g.
+    ``{"chimap": chi, "brain_mask": mask}``; each is named and interpolated (linear, or nearest neighbour
+    for masks) as the output spec says.
     entities: the run's pybids entities (subject, session, acquisition, reconstruction, run).
     resolutions: templateflow resolution indices; the registration uses the T1w of the coarsest
     (largest voxels: fastest) and every resolution is resampled through that one transform
     (an ITK transform maps physical points, so it serves every grid of the template).
     brain_mask_file: the run's brain mask; registration then uses brain-masked images.
-    Returns ``(transform path, {resolution: {name: written NIfTI path}})``; every file has a JSON
+    Returns ``(transform path, {resolution: {kind: written NIfTI path}})``; every file has a JSON
     sidecar. Everything is computed before the first file is written, and each file is written
-    atomically. Raises ValueError for unknown names or interpolations and a missing template.
+    atomically. Raises ValueError for unknown kinds and a missing template.
     """
     _check_images(images)  # before the registration, which takes seconds
     with tempfile.TemporaryDirectory() as work:
