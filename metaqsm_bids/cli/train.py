@@ -162,15 +162,13 @@ def main(argv=None):
     if args.supersample < 1:
         print("metaqsm-train: --supersample must be 1 or more", file=sys.stderr)
         return 2
-    if args.edge_background < 0 or not math.isfinite(args.edge_background):
-        print("metaqsm-train: --edge-background must be 0 (none) or a positive relative RMS", file=sys.stderr)
-        return 2
-    if args.texture_ppm < 0 or not math.isfinite(args.texture_ppm):
-        print("metaqsm-train: --texture must be 0 (none) or a positive standard deviation in ppm", file=sys.stderr)
-        return 2
-    if args.network_data_consistency < 0 or not math.isfinite(args.network_data_consistency):
-        print("metaqsm-train: --network-data-consistency must be 0 (off) or a positive number", file=sys.stderr)
-        return 2
+    for option, value, meaning in (("--edge-background", args.edge_background, "0 (none) or a positive relative RMS"),
+                                   ("--texture", args.texture_ppm, "0 (none) or a positive standard deviation in ppm"),
+                                   ("--network-data-consistency", args.network_data_consistency,
+                                    "0 (off) or a positive number")):
+        if value < 0 or not math.isfinite(value):
+            print(f"metaqsm-train: {option} must be {meaning}", file=sys.stderr)
+            return 2
     if args.reuse < 1:
         print("metaqsm-train: --reuse must be 1 or more", file=sys.stderr)
         return 2

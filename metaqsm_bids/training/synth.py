@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from ..qsm.core.dipole import forward_field_ppm
 
@@ -80,8 +81,6 @@ def mni_base():
     Computed once per process (about 2 s) and cached.
     """
     import nibabel as nib
-    from scipy import ndimage
-
     data = _nilearn_data_dir()
     maps = []
     for tissue in ("gm", "wm"):
@@ -218,8 +217,6 @@ def _texture_ppm(fine_shape, fine_voxel_mm, rng, std_ppm, sigma_mm):
     """A smooth Gaussian random field (ppm) of standard deviation ``std_ppm`` and correlation width
     ``sigma_mm`` (Gaussian sigma): tissue's own susceptibility texture (iron, myelin, vessels below
     the voxel size), which no tissue map shows."""
-    from scipy import ndimage
-
     noise = rng.standard_normal(fine_shape).astype(np.float32)
     smooth = ndimage.gaussian_filter(noise, [sigma_mm / d for d in fine_voxel_mm], mode="wrap")
     return torch.from_numpy(smooth * np.float32(std_ppm / max(float(smooth.std()), 1e-12)))
@@ -234,8 +231,6 @@ def _edge_sources(mask_fine, fine_voxel_mm, rng):
     a random level plus a smooth texture, whose field inside the mask is harmonic and strongest near its edge,
     like what background removal leaves there (PDF's error is the harmonic field of the mask's surroundings,
     most of it within a few mm of the edge; BENCHMARKS.md, "Where PDF's error is")."""
-    from scipy import ndimage
-
     outside = ndimage.distance_transform_edt(~mask_fine, sampling=fine_voxel_mm)
     shell = (outside > 0) & (outside <= rng.uniform(*EDGE_SHELL_MM))
     texture = _texture_ppm(mask_fine.shape, fine_voxel_mm, rng, 1.0, rng.uniform(1.5, 4.0)).numpy()
