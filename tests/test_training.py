@@ -404,3 +404,14 @@ def test_data_consistency_layer_is_the_inference_step():
             return pred
     assert torch.equal(predict(Echo(), batch, {"network_data_consistency": 0.0}), pred)
     assert torch.allclose(predict(Echo(), batch, cfg), data_consistency_layer(pred, batch, 0.1))
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--texture", "-0.01", "--texture must be 0 (none) or a positive standard deviation in ppm"),
+    ("--edge-background", "nan", "--edge-background must be 0 (none) or a positive relative RMS"),
+    ("--network-data-consistency", "-1", "--network-data-consistency must be 0 (off) or a positive number"),
+    ("--hard-edges-fraction", "1.5", "--hard-edges-fraction must be within 0-1"),
+    ("--supersample", "0", "--supersample must be 1 or more")])
+def test_cli_refuses_bad_crop_options(tmp_path, capsys, option, value, words):
+    assert train_main(["--out", str(tmp_path / "run"), option, value]) == 2
+    assert words in capsys.readouterr().err and not (tmp_path / "run").exists()
