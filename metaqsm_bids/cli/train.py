@@ -78,6 +78,12 @@ def build_parser():
     p.add_argument("--edge-background", type=float, default=DEFAULTS["edge_background"], metavar="REL",
                    help="add to each crop's field the field of random sources in a shell just outside its mask, of RMS "
                         "up to REL times the local field's (what background removal leaves near the edge); 0: none")
+    p.add_argument("--lesion-ppm", type=float, nargs=2, default=DEFAULTS["lesion_ppm"], metavar=("LO", "HI"),
+                   help="range of the random shapes' (bleeds', calcifications') susceptibility, ppm; the sign "
+                        "augmentation (--reuse > 1) mirrors it (default: %(default)s)")
+    p.add_argument("--ema", type=float, default=DEFAULTS["ema"], metavar="DECAY",
+                   help="keep a moving average of the weights (e.g. 0.999: over about 1,000 steps); validation scores "
+                        "it and best.pt (what --export writes) holds it; 0 (default): the raw weights")
     p.add_argument("--network-data-consistency", type=float, default=DEFAULTS["network_data_consistency"],
                    metavar="LAMBDA", help="train through the k-space data-consistency step that inference then "
                    "applies (metaqsm's --network-data-consistency LAMBDA); 0: off")
@@ -129,7 +135,7 @@ def main(argv=None):
         "dc_weight": args.dc_weight, "grad_weight": args.grad_weight,
         "tissue_only_fraction": args.tissue_only_fraction, "network_data_consistency": args.network_data_consistency,
         "supersample": args.supersample, "texture_ppm": args.texture_ppm, "hard_edges_fraction": args.hard_edges_fraction,
-        "edge_background": args.edge_background,
+        "edge_background": args.edge_background, "lesion_ppm": list(args.lesion_ppm), "ema": args.ema,
     }
     parent = None
     if args.init_from:
@@ -159,6 +165,12 @@ def main(argv=None):
         if not 0.0 <= fraction <= 1.0:
             print(f"metaqsm-train: {option} must be within 0-1", file=sys.stderr)
             return 2
+    if not 0.0 <= args.ema < 1.0:
+        print("metaqsm-train: --ema must be 0 (off) or a decay below 1", file=sys.stderr)
+        return 2
+    if not args.lesion_ppm[0] <= args.lesion_ppm[1]:
+        print("metaqsm-train: --lesion-ppm needs LO <= HI", file=sys.stderr)
+        return 2
     if args.supersample < 1:
         print("metaqsm-train: --supersample must be 1 or more", file=sys.stderr)
         return 2

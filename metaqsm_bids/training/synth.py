@@ -239,7 +239,8 @@ def _edge_sources(mask_fine, fine_voxel_mm, rng):
 
 def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, conditioning="voxel+b0",
                 supersample=2, noise_ppm=(0.0, 0.004), max_shapes=6, max_veins=4, background=(0.0, 0.5),
-                magnitude_snr=(20.0, 200.0), hard_edges=False, texture_ppm=None, edge_background=None):
+                magnitude_snr=(20.0, 200.0), hard_edges=False, texture_ppm=None, edge_background=None,
+                lesion_ppm=(-0.3, 0.6)):
     """One synthetic (local field, susceptibility, mask) crop of ``shape`` voxels.
 
     ``voxel_size_mm``/``b0_dir`` default to random draws (B0 stays +k for ``conditioning='voxel'``);
@@ -247,7 +248,8 @@ def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, condit
     of the harmonic background's RMS relative to the local field's (inside the mask);
     ``edge_background`` (optional) the range of the RMS, relative to the local field's, of the field of random
     sources in a shell just outside the mask (:func:`_edge_sources`), also added to the field but not to the label;
-    ``magnitude_snr`` the range of the magnitude's mean over its noise s.d. Fields are demeaned
+    ``magnitude_snr`` the range of the magnitude's mean over its noise s.d.; ``lesion_ppm`` the range of the
+    random shapes' (bleeds', calcifications') susceptibility. Fields are demeaned
     inside the mask (the mean local field is not determined by the susceptibility). Deterministic
     for a given ``rng`` state.
     """
@@ -299,7 +301,7 @@ def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, condit
         chi += (gm + wm) * _texture_ppm(fine_shape, fine_voxel, rng, rng.uniform(*texture_ppm), rng.uniform(1.0, 3.0))
     mask_fine = brain > 0.5
     _paint_veins(chi, axes, rng, int(rng.integers(0, max_veins + 1)), (0.3, 0.5), magnitude)
-    _paint_shapes(chi, mask_fine, axes, rng, int(rng.integers(0, max_shapes + 1)), (-0.3, 0.6), magnitude)
+    _paint_shapes(chi, mask_fine, axes, rng, int(rng.integers(0, max_shapes + 1)), lesion_ppm, magnitude)
     _paint_shapes(None, mask_fine, axes, rng, int(rng.integers(0, 3)), None, magnitude)
     chi = (chi * mask_fine).numpy()
     magnitude = (magnitude * _receive_bias(fine_shape, rng)).numpy()

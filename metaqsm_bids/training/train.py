@@ -19,7 +19,13 @@ of its crops tissue only it did worse on the heads, as did the loss terms above 
 ``texture_ppm`` gives every crop's tissue a texture of standard deviation drawn up to it, and
 ``hard_edges_fraction`` of the crops label-map tissue edges, and ``edge_background`` the field of sources just
 outside the mask, what background removal leaves near the brain's edge (:func:`~metaqsm_bids.training.synth.make_sample`);
-the validation crops are made the same way.
+the validation crops are made the same way. ``lesion_ppm`` is the range of the random shapes' susceptibility
+(bleeds, calcifications; metaqsm-v3's crops: -0.3 to 0.6 ppm, mirrored by the sign augmentation), which a clinical
+haemorrhage (up to ~1.2 ppm) or calcification (to -1 ppm) exceeds.
+
+With ``ema`` (a decay, e.g. 0.999) a moving average of the weights is kept beside them (Polyak averaging): at batch 1
+and a small learning rate the raw weights' scores on the heads swing 1-2 points between checkpoints; validation
+scores the average and ``best.pt`` (what is exported) holds it, ``last.pt`` both.
 
 A run directory holds ``run.json`` (training config and every command that ran in it),
 ``log.jsonl`` (one line per step), ``val.jsonl`` (one line per validation),
@@ -41,6 +47,7 @@ The optimiser restarts warm (fresh RMSprop state): the state is not exported, be
 metaqsm-v3 (6.7 M parameters, 13.4 MB as float16) RMSprop's running squares alone would add
 27 MB (float32) to a model budget of about 15 MB.
 """
+import copy
 import functools
 import json
 import math
@@ -69,12 +76,12 @@ DEFAULTS = {
     "lr_decay": 0.98, "lr_decay_steps": 200, "l2": 0.01, "rmsprop_alpha": 0.9,
     "val_every": 250, "ckpt_every": 250, "val_samples": 2, "seed": 0, "supersample": 2, "init_from": None,
     "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0, "network_data_consistency": 0.0,
-    "texture_ppm": 0.0, "hard_edges_fraction": 0.0, "edge_background": 0.0,
+    "texture_ppm": 0.0, "hard_edges_fraction": 0.0, "edge_background": 0.0, "lesion_ppm": [-0.3, 0.6], "ema": 0.0,
 }
 #: Settings a run from before they existed trained with.
 LEGACY_DEFAULTS = {"init_from": None, "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0,
                    "network_data_consistency": 0.0, "texture_ppm": 0.0, "hard_edges_fraction": 0.0,
-                   "edge_background": 0.0}
+                   "edge_background": 0.0, "lesion_ppm": [-0.3, 0.6], "ema": 0.0}
 #: A tissue-only crop: no bleed/calcification shapes and at most one vein (``make_sample``'s limits).
 TISSUE_ONLY = {"max_shapes": 0, "max_veins": 1}
 
@@ -123,14 +130,15 @@ def _dc_shape(shape):
 
 @functools.lru_cache(maxsize=8)  # made batches that the next ``reuse`` - 1 steps use again (a few kB-MB each)
 def _made_samples(seed, group, batch_size, patch, fixed_voxel_size_mm, conditioning, supersample,
-                  tissue_only_fraction=0.0, texture_ppm=0.0, hard_edges_fraction=0.0, edge_background=0.0):
+                  tissue_only_fraction=0.0, texture_ppm=0.0, hard_edges_fraction=0.0, edge_background=0.0,
+                  lesion_ppm=(-0.3, 0.6)):
     rng = np.random.default_rng([seed, group])
     samples = []
     for _ in range(batch_size):
         # drawn only when asked for, so that runs without them keep their data stream
         limits = TISSUE_ONLY if tissue_only_fraction and rng.random() < tissue_only_fraction else {}
         samples.append(make_sample(rng, patch, voxel_size_mm=fixed_voxel_size_mm, conditioning=conditioning,
-                                   supersample=supersample, **limits,
+                                   supersample=supersample, lesion_ppm=lesion_ppm, **limits,
                                    **_crop_options(rng, texture_ppm, hard_edges_fraction, edge_background)))
     return tuple(samples)
 
@@ -160,7 +168,8 @@ def training_batch(cfg, step):
     samples = _made_samples(cfg["seed"], step // reuse, cfg["batch_size"], tuple(cfg["patch"]),
                             tuple(fixed) if fixed is not None else None, cfg["conditioning"], cfg["supersample"],
                             cfg.get("tissue_only_fraction", 0.0), cfg.get("texture_ppm", 0.0),
-                            cfg.get("hard_edges_fraction", 0.0), cfg.get("edge_background", 0.0))
+                            cfg.get("hard_edges_fraction", 0.0), cfg.get("edge_background", 0.0),
+                            tuple(cfg.get("lesion_ppm", LEGACY_DEFAULTS["lesion_ppm"])))
     if reuse > 1:
         rng = np.random.default_rng([cfg["seed"], step, 0, 1])  # length 4: no maker's (2) or validation's (3) key
         samples = [augment(s, [a for a in range(3) if rng.random() < 0.5], rng.random() < 0.5) for s in samples]
@@ -176,6 +185,7 @@ def validation_set(cfg):
         rng = np.random.default_rng([cfg["seed"], 7919, v_idx])
         samples = [make_sample(rng, cfg["patch"], voxel_size_mm=voxel, conditioning=cfg["conditioning"],
                                supersample=cfg["supersample"],
+                               lesion_ppm=tuple(cfg.get("lesion_ppm", LEGACY_DEFAULTS["lesion_ppm"])),
                                **_crop_options(rng, cfg.get("texture_ppm", 0.0), cfg.get("hard_edges_fraction", 0.0),
                                                cfg.get("edge_background", 0.0)))
                    for _ in range(cfg["val_samples"])]
@@ -334,7 +344,8 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
         # a key the checkpoint lacks (a run from before that setting existed) counts as changed
         changed = [k for k in NETWORK_KEYS + ("patch", "batch_size", "seed", "supersample", "init_from", "dc_weight",
                                               "grad_weight", "tissue_only_fraction", "network_data_consistency",
-                                              "texture_ppm", "hard_edges_fraction", "edge_background")
+                                              "texture_ppm", "hard_edges_fraction", "edge_background",
+                                              "lesion_ppm", "ema")
                    if k not in old or _norm(old[k]) != _norm(cfg[k])]
         if changed:
             raise ValueError(f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}")
@@ -357,6 +368,12 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
             model.load_state_dict(parent.state_dict())  # the parent's exact (float16-stored) weights, as float32
         ckpt, step, best, wall = None, 0, math.inf, 0.0
     model.to(device).train()
+    average = None
+    if cfg["ema"]:  # the weights' moving average, which validation scores and best.pt keeps
+        average = copy.deepcopy(model)
+        if ckpt is not None and "ema" in ckpt:
+            average.load_state_dict(ckpt["ema"])
+        average.requires_grad_(False)
     optimiser = torch.optim.RMSprop(model.parameters(), lr=cfg["lr"], alpha=cfg["rmsprop_alpha"])
     if ckpt is not None:
         optimiser.load_state_dict(ckpt["optimizer"])
@@ -386,6 +403,10 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+            if average is not None:
+                with torch.no_grad():
+                    for a, p in zip(average.parameters(), model.parameters()):
+                        a.lerp_(p, 1.0 - cfg["ema"])
             step += 1
             log.write(json.dumps({"step": step, "loss": loss.item(),
                                   **{k: v.item() for k, v in terms.items() if k != "loss"}, "l2": reg.item(),
@@ -393,15 +414,16 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
             bar.update(step, loss.item())
             if step % cfg["val_every"] == 0 or step == cfg["steps"]:
                 log.flush()
-                scores = evaluate(model, val_set, device, cfg)
+                scored = average if average is not None else model
+                scores = evaluate(scored, val_set, device, cfg)
                 mean_nrmse = float(np.mean([s["nrmse"] for s in scores.values()]))
                 with open(out / "val.jsonl", "a") as vlog:
                     vlog.write(json.dumps({"step": step, "mean_nrmse": mean_nrmse, "scores": scores}) + "\n")
                 if mean_nrmse < best:
                     best = mean_nrmse
-                    _save(out / "best.pt", model, optimiser, cfg, step, best, wall + time.time() - t_start, scores)
+                    _save(out / "best.pt", scored, optimiser, cfg, step, best, wall + time.time() - t_start, scores)
             if step % cfg["ckpt_every"] == 0 or step == cfg["steps"]:
-                _save(last, model, optimiser, cfg, step, best, wall + time.time() - t_start, None)
+                _save(last, model, optimiser, cfg, step, best, wall + time.time() - t_start, None, average)
     bar.close()
     return {"step": step, "best_nrmse": best, "wall_s": wall + time.time() - t_start}
 
@@ -410,10 +432,11 @@ def _norm(value):
     return [float(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def _save(path, model, optimiser, cfg, step, best, wall, scores):
+def _save(path, model, optimiser, cfg, step, best, wall, scores, average=None):
     tmp = path.with_suffix(".tmp")  # write then rename: an interrupted save never corrupts a checkpoint
     torch.save({"model": model.state_dict(), "optimizer": optimiser.state_dict(), "train_cfg": cfg, "step": step,
-                "best_nrmse": best, "wall_s": wall, "val_scores": scores, "network": model.config}, tmp)
+                "best_nrmse": best, "wall_s": wall, "val_scores": scores, "network": model.config,
+                **({"ema": average.state_dict()} if average is not None else {})}, tmp)
     os.replace(tmp, path)
 
 
