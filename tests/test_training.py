@@ -411,7 +411,50 @@ def test_data_consistency_layer_is_the_inference_step():
     ("--edge-background", "nan", "--edge-background must be 0 (none) or a positive relative RMS"),
     ("--network-data-consistency", "-1", "--network-data-consistency must be 0 (off) or a positive number"),
     ("--hard-edges-fraction", "1.5", "--hard-edges-fraction must be within 0-1"),
-    ("--supersample", "0", "--supersample must be 1 or more")])
+    ("--supersample", "0", "--supersample must be 1 or more"),
+    ("--ema", "1", "--ema must be 0 (off) or a decay below 1")])
 def test_cli_refuses_bad_crop_options(tmp_path, capsys, option, value, words):
     assert train_main(["--out", str(tmp_path / "run"), option, value]) == 2
     assert words in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_an_empty_lesion_range(tmp_path, capsys):
+    assert train_main(["--out", str(tmp_path / "run"), "--lesion-ppm", "1.2", "-0.6"]) == 2
+    assert "--lesion-ppm needs LO <= HI" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_lesion_range_sets_the_shapes_susceptibility():
+    """The random shapes take ``lesion_ppm``'s values: a range far above anything else in a crop shows as its maximum;
+    the default is the data stream of runs from before the setting."""
+    from metaqsm_bids.training.train import _made_samples
+    strong = [s for g in range(4) for s in _made_samples(0, g, 2, (32, 32, 16), None, "voxel+b0", 1,
+                                                          lesion_ppm=(3.0, 3.0))]
+    assert max(float(s.chi_ppm.max()) for s in strong) == pytest.approx(3.0, abs=1e-6)
+    assert all(float(s.chi_ppm.max()) <= 3.0 + 1e-6 for s in strong)
+    cfg = {**DEFAULTS, **TINY}
+    legacy = {k: v for k, v in cfg.items() if k != "lesion_ppm"}
+    assert torch.equal(training_batch(cfg, 0)["x"], training_batch(legacy, 0)["x"])
+
+
+def test_ema_is_the_weights_moving_average_and_resumes_exactly(tmp_path):
+    """With ``ema`` d, last.pt holds the raw weights and their average a <- d a + (1 - d) w after every step, best.pt
+    (what is exported) the average; 2 steps + resume to 4 give the same average as 4 straight."""
+    torch.set_num_threads(1)
+    cfg = {**TINY, "ema": 0.5, "val_every": 1}
+    train({**cfg, "steps": 1}, tmp_path / "one", progress=False)
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=False)
+    torch.manual_seed(cfg.get("seed", 0))
+    start = build_network({k: {**DEFAULTS, **cfg}[k] for k in NETWORK_KEYS}).state_dict()
+    for key, raw in one["model"].items():
+        torch.testing.assert_close(one["ema"][key], 0.5 * start[key] + 0.5 * raw)
+    best = torch.load(tmp_path / "one" / "best.pt", weights_only=False)
+    for key in one["ema"]:
+        assert torch.equal(best["model"][key], one["ema"][key])
+    train({**cfg, "steps": 4}, tmp_path / "a", progress=False)
+    train({**cfg, "steps": 2}, tmp_path / "b", progress=False)
+    train({**cfg, "steps": 4}, tmp_path / "b", resume=True, progress=False)
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    for key in a["ema"]:
+        torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(a["ema"][key], a["model"][key]) for key in a["ema"])
