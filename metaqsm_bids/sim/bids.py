@@ -16,12 +16,11 @@ import nibabel as nib
 import numpy as np
 
 from .. import __version__
+from ..io.derivatives import BIDS_VERSION, CODE_URL
 from ..qsm.core import physics
 from . import phantom as ph
 
-BIDS_VERSION = "1.10.0"
 DERIVATIVE_NAME = "metaqsm-simulate"
-CODE_URL = "https://github.com/metaqsm/metaqsm"
 _GENERATED_BY = {"Name": "metaqsm-simulate", "Version": __version__, "CodeURL": CODE_URL}
 _LABEL = re.compile(r"^[0-9a-zA-Z]+$")
 
