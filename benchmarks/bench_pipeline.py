@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from metaqsm_bids.sim.bids import RunSpec, simulate_dataset
+from metaqsm_bids.sim.dataset import RunSpec, simulate_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 from score import COLUMNS, score_run  # noqa: E402
