@@ -85,142 +85,176 @@ class WriteRunDerivatives(SimpleInterface):
         out = Path(inputs.output_dir)
         bids_dir = Path(inputs.bids_dir).resolve()
         raw_sources = [bids_uri("raw", Path(f).resolve().relative_to(bids_dir)) for f in inputs.source_files]
-
-        relaxometry = isdefined(inputs.r2star_file)
-        kinds = [kind for kind, output in OUTPUTS.items() if output.written == "always"
-                 or output.written == "reference csf" and isdefined(inputs.reference_mask_file)
-                 or output.written == "two echoes or more" and relaxometry]
-        paths = {kind: output_path(out, kind, inputs.entities) for kind in kinds}
+        paths = {kind: output_path(out, kind, inputs.entities) for kind in _written_kinds(inputs)}
 
         def own(kind):
             return bids_uri("", paths[kind].relative_to(out))
 
-        common = {"SoftwareVersions": software_versions(), **inputs.acquisition}
-        swi_parameters = dict(inputs.swi_provenance)
         chi_reference = dict(inputs.reference_provenance)
         if chi_reference["Region"] != "none":  # the region: the QSM mask itself (brain) or its own mask (csf)
             chi_reference["Mask"] = own("reference_mask" if "reference_mask" in paths else "qsm_mask")
-        steps = {
-            "PhaseScaling": inputs.phase_provenance,
-            "BrainMask": inputs.mask_provenance,
-            "TotalField": inputs.field_provenance,
-            "BackgroundFieldRemoval": inputs.bfr_provenance,
-            "DipoleInversion": inputs.inversion_provenance,
-        }
-        chain = list(steps)
-
-        def steps_upto(name):
-            return {k: steps[k] for k in chain[: chain.index(name) + 1]}
-
-        def load(path_in, dtype=np.float32):
-            return np.asarray(nib.load(path_in).dataobj, dtype=dtype)
-
         reference = nib.load(inputs.chimap_file)
-        qsm_mask = load(inputs.qsm_mask_file, np.uint8)
-        magnitude = load(inputs.magnitude_rss_file)
-        images = {
-            "brain_mask": load(inputs.brain_mask_file, np.uint8),
-            "magnitude": magnitude,
-            "total_field": load(inputs.total_field_file),
-            "fit_residual": load(inputs.fit_residual_file),
-            "reliable_mask": load(inputs.reliable_mask_file, np.uint8),
-            "local_magnitude": magnitude * qsm_mask,
-            "local_field": load(inputs.local_field_file),
-            "qsm_mask": qsm_mask,
-            "chimap": load(inputs.chimap_file),
-            "swi": load(inputs.swi_file),
-            "mip": load(inputs.mip_file),
-        }
-        if "reference_mask" in paths:
-            images["reference_mask"] = load(inputs.reference_mask_file, np.uint8)
-        if relaxometry:
-            images.update(r2star=load(inputs.r2star_file), t2star=load(inputs.t2star_file))
-        # masks are on the grid of the raw images: BIDS names that image in SpatialReference
-        grid = {"SpatialReference": raw_sources[0]}
-        sidecars = {
-            "brain_mask": {
-                "Description": OUTPUTS["brain_mask"].description,
-                "Type": "Brain", "SkullStripped": False, "Sources": raw_sources, **grid,
-                **steps_upto("BrainMask"),
-            },
-            "magnitude": {
-                "Description": OUTPUTS["magnitude"].description,
-                "Units": "arbitrary", "SkullStripped": False, "Sources": raw_sources, **steps_upto("PhaseScaling"),
-            },
-            "total_field": {
-                "Description": OUTPUTS["total_field"].description,
-                "Units": "Hz", "SkullStripped": False, "Sources": raw_sources,
-                **steps_upto("TotalField"),
-            },
-            "fit_residual": {
-                "Description": OUTPUTS["fit_residual"].description,
-                "Units": "rad", "SkullStripped": False, "Sources": raw_sources, **steps_upto("TotalField"),
-            },
-            "reliable_mask": {
-                "Description": OUTPUTS["reliable_mask"].description,
-                "Type": "ROI", "SkullStripped": True,
-                "Sources": [own("brain_mask"), own("magnitude"), own("fit_residual")], **grid,
-                **{key: inputs.bfr_provenance[key] for key in RELIABILITY_KEYS if key in inputs.bfr_provenance},
-                **steps_upto("BackgroundFieldRemoval"),
-            },
-            "local_magnitude": {
-                "Description": OUTPUTS["local_magnitude"].description,
-                "Units": "arbitrary", "SkullStripped": True, "Sources": [own("magnitude"), own("qsm_mask")],
-                **steps_upto("BackgroundFieldRemoval"),
-            },
-            "local_field": {
-                "Description": OUTPUTS["local_field"].description,
-                "Units": "Hz", "SkullStripped": True, "Sources": [own("total_field"), own("reliable_mask")],
-                **steps_upto("BackgroundFieldRemoval"),
-            },
-            "qsm_mask": {
-                "Description": OUTPUTS["qsm_mask"].description,
-                "Type": "Brain", "SkullStripped": True, "Sources": [own("brain_mask"), own("reliable_mask")], **grid,
-                **steps_upto("BackgroundFieldRemoval"),
-            },
-            "chimap": {
-                "Description": _CHIMAP_DESCRIPTION[chi_reference["Region"]],
-                "Units": "ppm", "SkullStripped": True,
-                "Sources": [own("local_field"), own("qsm_mask"), *raw_sources,
-                            *([own("reference_mask")] if "reference_mask" in paths else [])],
-                **steps, "SusceptibilityReference": chi_reference,
-            },
-            "swi": {
-                "Description": OUTPUTS["swi"].description,
-                "Units": "arbitrary", "SkullStripped": False, "Sources": [own("magnitude"), own("local_field")],
-                **steps_upto("BackgroundFieldRemoval"), "SWI": swi_parameters,
-            },
-            "mip": {
-                "Description": OUTPUTS["mip"].description,
-                "Units": "arbitrary", "SkullStripped": False, "Sources": [own("swi")],
-                **steps_upto("BackgroundFieldRemoval"), "SWI": swi_parameters,
-                "MinimumIntensityProjection": dict(inputs.mip_parameters),
-            },
-        }
-        if "reference_mask" in paths:
-            sidecars["reference_mask"] = {
-                "Description": OUTPUTS["reference_mask"].description,
-                "Type": "ROI", "SkullStripped": True,
-                "Sources": [own("r2star"), own("qsm_mask")], **grid,
-                "SusceptibilityReference": chi_reference,
-            }
-        if relaxometry:
-            # the decay is the magnitude's: its raw files (both parts where the magnitude is |real + i imag|)
-            magnitude_sources = [uri for uri in raw_sources if "_part-mag_" in uri] or raw_sources
-            fit = {"PhaseScaling": inputs.phase_provenance, "BrainMask": inputs.mask_provenance,
-                   "R2starFit": dict(inputs.r2star_provenance) if isdefined(inputs.r2star_provenance) else {}}
-            relaxometry_sources = [*magnitude_sources, own("brain_mask")]
-            sidecars["r2star"] = {
-                "Description": OUTPUTS["r2star"].description,
-                "Units": "1/s", "SkullStripped": True, "Sources": relaxometry_sources, **fit,
-            }
-            sidecars["t2star"] = {
-                "Description": OUTPUTS["t2star"].description,
-                "Units": "s", "SkullStripped": True, "Sources": [own("r2star"), *relaxometry_sources], **fit,
-            }
+        images = _load_images(inputs, paths)
+        sidecars = {**_field_sidecars(inputs, own, raw_sources),
+                    **_chimap_sidecars(inputs, own, raw_sources, chi_reference, "reference_mask" in paths)}
+        if "r2star" in paths:
+            sidecars.update(_relaxometry_sidecars(inputs, own, raw_sources))
+        common = {"SoftwareVersions": software_versions(), **inputs.acquisition}
         ensure_bidsignore(out, [pattern for kind in paths for pattern in OUTPUTS[kind].bidsignore])
         for kind, target in paths.items():
             write_nifti(target, images[kind], reference.affine, np.uint8 if OUTPUTS[kind].mask else np.float32)
             write_json(sidecar_path(target), {**common, **sidecars[kind]})
         self._results["out_files"] = {k: str(v) for k, v in paths.items()}
         return runtime
+
+
+def _written_kinds(inputs):
+    """The kinds of :data:`OUTPUTS` this run writes (the reference mask and relaxometry when given)."""
+    return [kind for kind, output in OUTPUTS.items() if output.written == "always"
+            or output.written == "reference csf" and isdefined(inputs.reference_mask_file)
+            or output.written == "two echoes or more" and isdefined(inputs.r2star_file)]
+
+
+def _load_images(inputs, kinds):
+    """The image of each of ``kinds``, all loaded before the first is written (a failed load writes nothing)."""
+    def load(path_in, dtype=np.float32):
+        return np.asarray(nib.load(path_in).dataobj, dtype=dtype)
+
+    qsm_mask = load(inputs.qsm_mask_file, np.uint8)
+    magnitude = load(inputs.magnitude_rss_file)
+    images = {
+        "brain_mask": load(inputs.brain_mask_file, np.uint8),
+        "magnitude": magnitude,
+        "total_field": load(inputs.total_field_file),
+        "fit_residual": load(inputs.fit_residual_file),
+        "reliable_mask": load(inputs.reliable_mask_file, np.uint8),
+        "local_magnitude": magnitude * qsm_mask,
+        "local_field": load(inputs.local_field_file),
+        "qsm_mask": qsm_mask,
+        "chimap": load(inputs.chimap_file),
+        "swi": load(inputs.swi_file),
+        "mip": load(inputs.mip_file),
+    }
+    if "reference_mask" in kinds:
+        images["reference_mask"] = load(inputs.reference_mask_file, np.uint8)
+    if "r2star" in kinds:
+        images.update(r2star=load(inputs.r2star_file), t2star=load(inputs.t2star_file))
+    return images
+
+
+def _steps_upto(inputs, name=None):
+    """The provenance of the pipeline's steps, in order, up to ``name`` (all of them by default)."""
+    steps = {
+        "PhaseScaling": inputs.phase_provenance,
+        "BrainMask": inputs.mask_provenance,
+        "TotalField": inputs.field_provenance,
+        "BackgroundFieldRemoval": inputs.bfr_provenance,
+        "DipoleInversion": inputs.inversion_provenance,
+    }
+    chain = list(steps)
+    return {k: steps[k] for k in chain[: chain.index(name) + 1 if name else None]}
+
+
+def _grid(raw_sources):
+    # masks are on the grid of the raw images: BIDS names that image in SpatialReference
+    return {"SpatialReference": raw_sources[0]}
+
+
+def _field_sidecars(inputs, own, raw_sources):
+    """Sidecars of the masks and field maps up to the local field (``own``: kind -> its ``bids::`` URI)."""
+    grid = _grid(raw_sources)
+    return {
+        "brain_mask": {
+            "Description": OUTPUTS["brain_mask"].description,
+            "Type": "Brain", "SkullStripped": False, "Sources": raw_sources, **grid,
+            **_steps_upto(inputs, "BrainMask"),
+        },
+        "magnitude": {
+            "Description": OUTPUTS["magnitude"].description,
+            "Units": "arbitrary", "SkullStripped": False, "Sources": raw_sources,
+            **_steps_upto(inputs, "PhaseScaling"),
+        },
+        "total_field": {
+            "Description": OUTPUTS["total_field"].description,
+            "Units": "Hz", "SkullStripped": False, "Sources": raw_sources,
+            **_steps_upto(inputs, "TotalField"),
+        },
+        "fit_residual": {
+            "Description": OUTPUTS["fit_residual"].description,
+            "Units": "rad", "SkullStripped": False, "Sources": raw_sources, **_steps_upto(inputs, "TotalField"),
+        },
+        "reliable_mask": {
+            "Description": OUTPUTS["reliable_mask"].description,
+            "Type": "ROI", "SkullStripped": True,
+            "Sources": [own("brain_mask"), own("magnitude"), own("fit_residual")], **grid,
+            **{key: inputs.bfr_provenance[key] for key in RELIABILITY_KEYS if key in inputs.bfr_provenance},
+            **_steps_upto(inputs, "BackgroundFieldRemoval"),
+        },
+        "local_magnitude": {
+            "Description": OUTPUTS["local_magnitude"].description,
+            "Units": "arbitrary", "SkullStripped": True, "Sources": [own("magnitude"), own("qsm_mask")],
+            **_steps_upto(inputs, "BackgroundFieldRemoval"),
+        },
+        "local_field": {
+            "Description": OUTPUTS["local_field"].description,
+            "Units": "Hz", "SkullStripped": True, "Sources": [own("total_field"), own("reliable_mask")],
+            **_steps_upto(inputs, "BackgroundFieldRemoval"),
+        },
+        "qsm_mask": {
+            "Description": OUTPUTS["qsm_mask"].description,
+            "Type": "Brain", "SkullStripped": True, "Sources": [own("brain_mask"), own("reliable_mask")], **grid,
+            **_steps_upto(inputs, "BackgroundFieldRemoval"),
+        },
+    }
+
+
+def _chimap_sidecars(inputs, own, raw_sources, chi_reference, reference_mask):
+    """Sidecars of the Chimap, the SWI and its mIP, and (``reference_mask``) the Chimap's reference region."""
+    swi_parameters = dict(inputs.swi_provenance)
+    sidecars = {
+        "chimap": {
+            "Description": _CHIMAP_DESCRIPTION[chi_reference["Region"]],
+            "Units": "ppm", "SkullStripped": True,
+            "Sources": [own("local_field"), own("qsm_mask"), *raw_sources,
+                        *([own("reference_mask")] if reference_mask else [])],
+            **_steps_upto(inputs), "SusceptibilityReference": chi_reference,
+        },
+        "swi": {
+            "Description": OUTPUTS["swi"].description,
+            "Units": "arbitrary", "SkullStripped": False, "Sources": [own("magnitude"), own("local_field")],
+            **_steps_upto(inputs, "BackgroundFieldRemoval"), "SWI": swi_parameters,
+        },
+        "mip": {
+            "Description": OUTPUTS["mip"].description,
+            "Units": "arbitrary", "SkullStripped": False, "Sources": [own("swi")],
+            **_steps_upto(inputs, "BackgroundFieldRemoval"), "SWI": swi_parameters,
+            "MinimumIntensityProjection": dict(inputs.mip_parameters),
+        },
+    }
+    if reference_mask:
+        sidecars["reference_mask"] = {
+            "Description": OUTPUTS["reference_mask"].description,
+            "Type": "ROI", "SkullStripped": True,
+            "Sources": [own("r2star"), own("qsm_mask")], **_grid(raw_sources),
+            "SusceptibilityReference": chi_reference,
+        }
+    return sidecars
+
+
+def _relaxometry_sidecars(inputs, own, raw_sources):
+    """Sidecars of the R2* and T2* maps (two echoes or more)."""
+    # the decay is the magnitude's: its raw files (both parts where the magnitude is |real + i imag|)
+    magnitude_sources = [uri for uri in raw_sources if "_part-mag_" in uri] or raw_sources
+    fit = {"PhaseScaling": inputs.phase_provenance, "BrainMask": inputs.mask_provenance,
+           "R2starFit": dict(inputs.r2star_provenance) if isdefined(inputs.r2star_provenance) else {}}
+    relaxometry_sources = [*magnitude_sources, own("brain_mask")]
+    return {
+        "r2star": {
+            "Description": OUTPUTS["r2star"].description,
+            "Units": "1/s", "SkullStripped": True, "Sources": relaxometry_sources, **fit,
+        },
+        "t2star": {
+            "Description": OUTPUTS["t2star"].description,
+            "Units": "s", "SkullStripped": True, "Sources": [own("r2star"), *relaxometry_sources], **fit,
+        },
+    }
