@@ -21,7 +21,7 @@ from ..core.grid import PaddedBox
 from ..core.physics import GAMMA_HZ_PER_T
 from ..core.solvers import conjugate_gradient, gradient, gradient_adjoint
 from ..spec import MethodSpec, parameter
-from .common import check_inputs
+from .common import check_inputs, zero_mean_in_mask
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,7 @@ def medi(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude
                                cg_tol, cg_max_iter)
 
     chi = box.extract((x / rad_per_ppm).astype(np.float32))
-    chi[mask] -= chi[mask].mean(dtype=np.float64)
-    chi[~mask] = 0.0
+    zero_mean_in_mask(chi, mask)
     if info is not None:
         info.update(**history, Lambda=float(lambda_))
     return chi
