@@ -155,89 +155,59 @@ def _steps_upto(inputs, name=None):
     return {k: steps[k] for k in chain[: chain.index(name) + 1 if name else None]}
 
 
-def _grid(raw_sources):
+def _map_sidecar(kind, units, skull_stripped, sources, **provenance):
+    """The sidecar of a map: the spec's Description (``provenance`` may word its own), units, sources."""
+    return {"Description": OUTPUTS[kind].description, "Units": units, "SkullStripped": skull_stripped,
+            "Sources": sources, **provenance}
+
+
+def _mask_sidecar(kind, mask_type, skull_stripped, sources, raw_sources, **provenance):
+    """The sidecar of a mask of BIDS ``Type`` ``mask_type``."""
     # masks are on the grid of the raw images: BIDS names that image in SpatialReference
-    return {"SpatialReference": raw_sources[0]}
+    return {"Description": OUTPUTS[kind].description, "Type": mask_type, "SkullStripped": skull_stripped,
+            "Sources": sources, "SpatialReference": raw_sources[0], **provenance}
 
 
 def _field_sidecars(inputs, own, raw_sources):
     """Sidecars of the masks and field maps up to the local field (``own``: kind -> its ``bids::`` URI)."""
-    grid = _grid(raw_sources)
+    upto_bfr = _steps_upto(inputs, "BackgroundFieldRemoval")
+    reliability = {key: inputs.bfr_provenance[key] for key in RELIABILITY_KEYS if key in inputs.bfr_provenance}
     return {
-        "brain_mask": {
-            "Description": OUTPUTS["brain_mask"].description,
-            "Type": "Brain", "SkullStripped": False, "Sources": raw_sources, **grid,
-            **_steps_upto(inputs, "BrainMask"),
-        },
-        "magnitude": {
-            "Description": OUTPUTS["magnitude"].description,
-            "Units": "arbitrary", "SkullStripped": False, "Sources": raw_sources,
-            **_steps_upto(inputs, "PhaseScaling"),
-        },
-        "total_field": {
-            "Description": OUTPUTS["total_field"].description,
-            "Units": "Hz", "SkullStripped": False, "Sources": raw_sources,
-            **_steps_upto(inputs, "TotalField"),
-        },
-        "fit_residual": {
-            "Description": OUTPUTS["fit_residual"].description,
-            "Units": "rad", "SkullStripped": False, "Sources": raw_sources, **_steps_upto(inputs, "TotalField"),
-        },
-        "reliable_mask": {
-            "Description": OUTPUTS["reliable_mask"].description,
-            "Type": "ROI", "SkullStripped": True,
-            "Sources": [own("brain_mask"), own("magnitude"), own("fit_residual")], **grid,
-            **{key: inputs.bfr_provenance[key] for key in RELIABILITY_KEYS if key in inputs.bfr_provenance},
-            **_steps_upto(inputs, "BackgroundFieldRemoval"),
-        },
-        "local_magnitude": {
-            "Description": OUTPUTS["local_magnitude"].description,
-            "Units": "arbitrary", "SkullStripped": True, "Sources": [own("magnitude"), own("qsm_mask")],
-            **_steps_upto(inputs, "BackgroundFieldRemoval"),
-        },
-        "local_field": {
-            "Description": OUTPUTS["local_field"].description,
-            "Units": "Hz", "SkullStripped": True, "Sources": [own("total_field"), own("reliable_mask")],
-            **_steps_upto(inputs, "BackgroundFieldRemoval"),
-        },
-        "qsm_mask": {
-            "Description": OUTPUTS["qsm_mask"].description,
-            "Type": "Brain", "SkullStripped": True, "Sources": [own("brain_mask"), own("reliable_mask")], **grid,
-            **_steps_upto(inputs, "BackgroundFieldRemoval"),
-        },
+        "brain_mask": _mask_sidecar("brain_mask", "Brain", False, raw_sources, raw_sources,
+                                    **_steps_upto(inputs, "BrainMask")),
+        "magnitude": _map_sidecar("magnitude", "arbitrary", False, raw_sources, **_steps_upto(inputs, "PhaseScaling")),
+        "total_field": _map_sidecar("total_field", "Hz", False, raw_sources, **_steps_upto(inputs, "TotalField")),
+        "fit_residual": _map_sidecar("fit_residual", "rad", False, raw_sources, **_steps_upto(inputs, "TotalField")),
+        "reliable_mask": _mask_sidecar("reliable_mask", "ROI", True,
+                                       [own("brain_mask"), own("magnitude"), own("fit_residual")], raw_sources,
+                                       **reliability, **upto_bfr),
+        "local_magnitude": _map_sidecar("local_magnitude", "arbitrary", True, [own("magnitude"), own("qsm_mask")],
+                                        **upto_bfr),
+        "local_field": _map_sidecar("local_field", "Hz", True, [own("total_field"), own("reliable_mask")],
+                                    **upto_bfr),
+        "qsm_mask": _mask_sidecar("qsm_mask", "Brain", True, [own("brain_mask"), own("reliable_mask")], raw_sources,
+                                  **upto_bfr),
     }
 
 
 def _chimap_sidecars(inputs, own, raw_sources, chi_reference, reference_mask):
     """Sidecars of the Chimap, the SWI and its mIP, and (``reference_mask``) the Chimap's reference region."""
+    upto_bfr = _steps_upto(inputs, "BackgroundFieldRemoval")
     swi_parameters = dict(inputs.swi_provenance)
     sidecars = {
-        "chimap": {
-            "Description": _CHIMAP_DESCRIPTION[chi_reference["Region"]],
-            "Units": "ppm", "SkullStripped": True,
-            "Sources": [own("local_field"), own("qsm_mask"), *raw_sources,
-                        *([own("reference_mask")] if reference_mask else [])],
-            **_steps_upto(inputs), "SusceptibilityReference": chi_reference,
-        },
-        "swi": {
-            "Description": OUTPUTS["swi"].description,
-            "Units": "arbitrary", "SkullStripped": False, "Sources": [own("magnitude"), own("local_field")],
-            **_steps_upto(inputs, "BackgroundFieldRemoval"), "SWI": swi_parameters,
-        },
-        "mip": {
-            "Description": OUTPUTS["mip"].description,
-            "Units": "arbitrary", "SkullStripped": False, "Sources": [own("swi")],
-            **_steps_upto(inputs, "BackgroundFieldRemoval"), "SWI": swi_parameters,
-            "MinimumIntensityProjection": dict(inputs.mip_parameters),
-        },
+        "chimap": _map_sidecar("chimap", "ppm", True,
+                               [own("local_field"), own("qsm_mask"), *raw_sources,
+                                *([own("reference_mask")] if reference_mask else [])],
+                               Description=_CHIMAP_DESCRIPTION[chi_reference["Region"]], **_steps_upto(inputs),
+                               SusceptibilityReference=chi_reference),
+        "swi": _map_sidecar("swi", "arbitrary", False, [own("magnitude"), own("local_field")], **upto_bfr,
+                            SWI=swi_parameters),
+        "mip": _map_sidecar("mip", "arbitrary", False, [own("swi")], **upto_bfr, SWI=swi_parameters,
+                            MinimumIntensityProjection=dict(inputs.mip_parameters)),
     }
     if reference_mask:
-        sidecars["reference_mask"] = {
-            "Description": OUTPUTS["reference_mask"].description,
-            "Type": "ROI", "SkullStripped": True,
-            "Sources": [own("r2star"), own("qsm_mask")], **_grid(raw_sources),
-            "SusceptibilityReference": chi_reference,
-        }
+        sidecars["reference_mask"] = _mask_sidecar("reference_mask", "ROI", True, [own("r2star"), own("qsm_mask")],
+                                                   raw_sources, SusceptibilityReference=chi_reference)
     return sidecars
 
 
@@ -249,12 +219,6 @@ def _relaxometry_sidecars(inputs, own, raw_sources):
            "R2starFit": dict(inputs.r2star_provenance) if isdefined(inputs.r2star_provenance) else {}}
     relaxometry_sources = [*magnitude_sources, own("brain_mask")]
     return {
-        "r2star": {
-            "Description": OUTPUTS["r2star"].description,
-            "Units": "1/s", "SkullStripped": True, "Sources": relaxometry_sources, **fit,
-        },
-        "t2star": {
-            "Description": OUTPUTS["t2star"].description,
-            "Units": "s", "SkullStripped": True, "Sources": [own("r2star"), *relaxometry_sources], **fit,
-        },
+        "r2star": _map_sidecar("r2star", "1/s", True, relaxometry_sources, **fit),
+        "t2star": _map_sidecar("t2star", "s", True, [own("r2star"), *relaxometry_sources], **fit),
     }
