@@ -65,6 +65,8 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion=DEFAULT_INVERSION, inver
                 reference=DEFAULT_REFERENCE, swi_phase_sign=DEFAULT_SWI_PHASE_SIGN, mip_slab_mm=MIP_SLAB_MM):
     """Build the workflow for one :class:`~metaqsm_bids.io.inputs.MEGRERun`.
 
+    Long by design: every node and connection of the run's graph stands here, in pipeline order, to read at once.
+
     Parameters
     ----------
     run : MEGRERun
