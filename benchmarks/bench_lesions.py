@@ -42,7 +42,8 @@ from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_stages import _invert, mask_stage, score  # noqa: E402
-from qsmforward_heads import PROTOCOLS, simulate  # noqa: E402
+from qsmforward_heads import PROTOCOLS, SUBJECT, simulate  # noqa: E402
+from score import read_output  # noqa: E402
 
 from metaqsm_bids.qsm.background.registry import remove_background  # noqa: E402
 from metaqsm_bids.qsm.core import physics  # noqa: E402
@@ -107,9 +108,8 @@ def run_cli(sim, method, out_root):
                           "--inversion", method, "--nprocs", "1", "--omp-nthreads", "2"], capture_output=True, text=True)
     if run.returncode:
         raise RuntimeError(f"metaqsm --inversion {method} failed: {run.stderr.strip()[-500:]}")
-    anat = out / "sub-1" / "anat"
-    chi = np.asarray(nib.load(anat / "sub-1_Chimap.nii.gz").dataobj, np.float32)
-    qsm_mask = np.asarray(nib.load(anat / "sub-1_desc-qsm_mask.nii.gz").dataobj) > 0
+    chi = read_output(out, "chimap", SUBJECT, np.float32)
+    qsm_mask = read_output(out, "qsm_mask", SUBJECT) > 0
     return chi, qsm_mask, time.perf_counter() - start
 
 

@@ -24,11 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from metaqsm_bids.sim.bids import RunSpec, simulate_dataset
+from metaqsm_bids.io.outputs import output_path, sidecar_path
+from metaqsm_bids.sim.dataset import RunSpec, simulate_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 from score import COLUMNS, score_run  # noqa: E402
 
+SUBJECT = {"subject": "01"}
 SHAPE, VOXEL = (256, 256, 64), (0.76, 0.76, 3.0)
 ECHO_TIMES = tuple(round(0.0126 + 0.0041 * n, 4) for n in range(7))
 #: Chimap sidecar keys of the steps (their ``ElapsedSeconds``), in pipeline order, and their column names.
@@ -71,7 +73,7 @@ def main(argv=None):
     bids_dir = root / "bids"
     start = time.perf_counter()
     if not (bids_dir / "sub-01").exists():
-        simulate_dataset(bids_dir, [RunSpec("01", shape=SHAPE, voxel_size_mm=VOXEL, echo_times_s=ECHO_TIMES,
+        simulate_dataset(bids_dir, [RunSpec(**SUBJECT, shape=SHAPE, voxel_size_mm=VOXEL, echo_times_s=ECHO_TIMES,
                                             peak_snr=100, seed=0)])
     print(f"simulated {SHAPE} x {len(ECHO_TIMES)} echoes at {VOXEL} mm in {time.perf_counter() - start:.1f} s")
     print(f"CLI runs: --nprocs 1 --omp-nthreads {opts.threads}, one work folder (steps before the inversion "
@@ -83,9 +85,8 @@ def main(argv=None):
         method, _, orientations = setting.partition(":")
         out = root / f"out-{setting.replace(':', '-')}"
         wall, peak = run_cli(bids_dir, out, root / "work", method, orientations, opts.threads)
-        chimap = out / "sub-01" / "anat" / "sub-01_Chimap.nii.gz"
-        sidecar = json.loads(chimap.with_suffix("").with_suffix(".json").read_text())
-        metrics, _, _ = score_run(chimap, out, truth_dir)
+        sidecar = json.loads(sidecar_path(output_path(out, "chimap", SUBJECT)).read_text())
+        metrics, _, _ = score_run(SUBJECT, out, truth_dir)
         passes = sidecar.get("DipoleInversion", {}).get("OrientationPasses")
         label = setting + (f" ({passes} pass{'es' if passes > 1 else ''})" if passes else "")
         rows.append((label, wall, peak, step_seconds(sidecar), metrics))

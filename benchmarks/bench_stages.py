@@ -55,14 +55,14 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import scipy.fft as sfft
 from qsm_ci.qsm_eval import challenge_metrics
 from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).parent))
-from qsmforward_heads import B0_TESLA, PROTOCOLS, simulate  # noqa: E402
+from qsmforward_heads import B0_TESLA, PROTOCOLS, SUBJECT, simulate  # noqa: E402
+from score import read_output  # noqa: E402
 
 from metaqsm_bids.cli.parser import build_parser  # noqa: E402
 from metaqsm_bids.qsm.background.registry import BACKGROUND_REMOVALS  # noqa: E402
@@ -257,10 +257,9 @@ def composed_stage(sim, methods, out_root, bfr_method, resharp_radius_mm):
         if run.returncode:
             rows[method] = {"error": run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"}
             continue
-        anat = out / "sub-1" / "anat"
-        chi = np.asarray(nib.load(anat / "sub-1_Chimap.nii.gz").dataobj, np.float32)
-        qsm_mask = np.asarray(nib.load(anat / "sub-1_desc-qsm_mask.nii.gz").dataobj) > 0
-        mask = np.asarray(nib.load(anat / "sub-1_desc-brain_mask.nii.gz").dataobj) > 0
+        chi = read_output(out, "chimap", SUBJECT, np.float32)
+        qsm_mask = read_output(out, "qsm_mask", SUBJECT) > 0
+        mask = read_output(out, "brain_mask", SUBJECT) > 0
         rows[method] = {**score(chi, sim, qsm_mask), "dice": dice(mask, sim.brain_mask),
                         "coverage": float(np.count_nonzero(qsm_mask & sim.brain_mask) / sim.brain_mask.sum()),
                         "seconds": wall}

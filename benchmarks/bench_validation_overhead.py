@@ -35,7 +35,7 @@ CHILD = textwrap.dedent("""
     import json, sys, time
     start = time.perf_counter()
     import metaqsm_bids.cli.run as run
-    import metaqsm_bids.io.bids as bids
+    import metaqsm_bids.io.inputs as inputs
     import metaqsm_bids.io.validation as validation  # bound to the unwrapped index_dataset before the wrapping
     import metaqsm_bids.workflows.base as base
 
@@ -57,7 +57,7 @@ CHILD = textwrap.dedent("""
         raise WouldRun
 
     validation.validate_input = timed("validate", validation.validate_input)
-    bids.index_dataset = timed("index", bids.index_dataset)
+    inputs.index_dataset = timed("index", inputs.index_dataset)
     run._collect = timed("collect", run._collect)
     base.init_metaqsm_wf = stop
     imported = time.perf_counter()

@@ -24,7 +24,6 @@ gain does not come from the MNI152 anatomy its training crops are cut from).
 import contextlib
 import json
 import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +37,8 @@ from metaqsm_bids.sim.mni_head import mni_head
 #: qsm-forward's gyromagnetic ratio (MHz/T), with which its phase was made from its ppm field.
 QF_GAMMA_MHZ_PER_T = 42.58
 B0_TESLA = 3.0
+#: The one participant of each head's dataset (qsm-forward's ``subject``), as pybids entities.
+SUBJECT = {"subject": "1"}
 #: The deformation of the ``warped`` heads (``mni_head``'s ``warp_seed``).
 WARP_SEED = 1
 
@@ -187,7 +188,7 @@ def simulate(protocol, cache_dir, seed=0, lesions=False, realistic_magnitude=Fal
                          warp_seed=WARP_SEED if warped else None).save(root / "phantom")
         tissue = qf.TissueParams(chi=paths["chi"], M0=paths["M0"], R1=paths["R1"], R2star=paths["R2star"],
                                  mask=paths["mask"], seg=paths["seg"], voxel_size=np.array(protocol.phantom_mm))
-        recon = qf.ReconParams(subject="1", voxel_size=np.array(protocol.voxel_mm),
+        recon = qf.ReconParams(subject=SUBJECT["subject"], voxel_size=np.array(protocol.voxel_mm),
                                TEs=np.array(protocol.echo_times_s), B0=B0_TESLA, B0_dir=np.array(protocol.b0_dir),
                                peak_snr=100, random_seed=11 + seed)
         with lean_qsm_forward():

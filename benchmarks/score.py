@@ -13,31 +13,38 @@ import nibabel as nib
 import numpy as np
 from qsm_ci.qsm_eval import challenge_metrics
 
+from metaqsm_bids.io.outputs import output_path, parse_output_name, run_name
+
 COLUMNS = ("nrmse", "hfen", "xsim", "correlation", "dgm_linearity")
 
 
-def score_run(chimap_path, output_dir, truth_dir):
-    """qsm-ci challenge metrics of one Chimap against the truth (same relative folder in ``truth_dir``)."""
-    chimap_path = Path(chimap_path)
-    prefix = chimap_path.name.replace("_Chimap.nii.gz", "")
-    truth_anat = Path(truth_dir) / chimap_path.parent.relative_to(output_dir)
+def _load(path, dtype=np.float64):
+    return np.asarray(nib.load(path).dataobj, dtype=dtype)
 
-    def load(path, dtype=np.float64):
-        return np.asarray(nib.load(path).dataobj, dtype=dtype)
 
-    chi = load(chimap_path)
-    truth = load(truth_anat / f"{prefix}_Chimap.nii.gz")
-    seg = load(truth_anat / f"{prefix}_dseg.nii.gz", np.int32)
-    brain = load(truth_anat / f"{prefix}_desc-brain_mask.nii.gz") > 0
-    mask = (load(chimap_path.with_name(f"{prefix}_desc-qsm_mask.nii.gz")) > 0) & brain
+def read_output(root, kind, entities, dtype=np.float64):
+    """The image of a derivative of ``kind`` (see :mod:`metaqsm_bids.io.outputs`) in the dataset ``root``."""
+    return _load(output_path(root, kind, entities), dtype)
+
+
+def score_run(entities, output_dir, truth_dir):
+    """qsm-ci challenge metrics of the run's Chimap against the truth (the same names in ``truth_dir``)."""
+    chi = read_output(output_dir, "chimap", entities)
+    truth = read_output(truth_dir, "chimap", entities)
+    # the simulator's labels, beside its Chimap
+    seg = _load(output_path(truth_dir, "chimap", entities).with_name(f"{run_name(entities)}_dseg.nii.gz"), np.int32)
+    brain = read_output(truth_dir, "brain_mask", entities) > 0
+    mask = (read_output(output_dir, "qsm_mask", entities) > 0) & brain
     return challenge_metrics(chi, truth, mask.astype(np.uint8), seg * mask), int(mask.sum()), int(brain.sum())
 
 
 def score_dataset(bids_dir, output_dir):
-    """Rows (run name, metrics, scored voxels, brain voxels) for every Chimap in ``output_dir``."""
+    """Rows (run name, metrics, scored voxels, brain voxels) for every Chimap in ``output_dir`` (native space)."""
     truth_dir = Path(bids_dir) / "derivatives" / "metaqsm-simulate"
-    return [(p.name.replace("_Chimap.nii.gz", ""), *score_run(p, output_dir, truth_dir))
-            for p in sorted(Path(output_dir).glob("sub-*/**/anat/*_Chimap.nii.gz"))]
+    runs = [parsed[1] for parsed in map(parse_output_name, (p.name for p in Path(output_dir).glob("sub-*/**/anat/*")))
+            if parsed and parsed[0] == "chimap" and "space" not in parsed[1]]
+    return [(run_name(entities), *score_run(entities, output_dir, truth_dir))
+            for entities in sorted(runs, key=run_name)]
 
 
 def print_table(rows):

@@ -15,7 +15,7 @@ from metaqsm_bids.qsm.network.deepqsm import model_sha256
 from metaqsm_bids.qsm.network.models import METAQSM_MODEL
 from metaqsm_bids.qsm.core.physics import b0_direction_voxel, voxel_size_mm
 from metaqsm_bids.qsm.core.smv import erode_mask
-from metaqsm_bids.sim.bids import RunSpec, simulate_dataset
+from metaqsm_bids.sim.dataset import RunSpec, simulate_dataset
 
 from .conftest import run_cli
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from metaqsm_bids.sim.bids import RunSpec, simulate_dataset
+from metaqsm_bids.sim.dataset import RunSpec, simulate_dataset
 
 from .conftest import run_cli
 

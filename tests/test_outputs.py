@@ -124,7 +124,7 @@ def _image(path, data):
 
 @pytest.mark.parametrize("optional", [False, True], ids=["one echo", "csf reference"])
 def test_sink_writes_only_spec_kinds(tmp_path, optional):
-    from metaqsm_bids.interfaces.bids import WriteRunDerivatives
+    from metaqsm_bids.interfaces.sink import WriteRunDerivatives
 
     bids, out, work = tmp_path / "bids", tmp_path / "out", tmp_path / "work"
     raw = bids / "sub-01" / "ses-2" / "anat"

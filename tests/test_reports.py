@@ -16,7 +16,7 @@ from metaqsm_bids.reports import write_group_report, write_subject_report
 from metaqsm_bids.reports.content import (CHI_EXTREME_PPM, find_run_outputs, methods_paragraph, number_citations,
                                           run_checks)
 from metaqsm_bids.reports.figures import RunImages, load_run_images, plot_overview, section
-from metaqsm_bids.sim.bids import RunSpec, simulate_dataset
+from metaqsm_bids.sim.dataset import RunSpec, simulate_dataset
 
 from .conftest import run_cli
 

@@ -13,13 +13,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from metaqsm_bids.io.bids import BIDSInputError, field_strength
+from metaqsm_bids.io.inputs import BIDSInputError, field_strength
 from metaqsm_bids.qsm.field.bipolar import BipolarError
 from metaqsm_bids.qsm.field.phase import echoes_to_rad
 from metaqsm_bids.qsm.field.phase_sign import apply_phase_sign, resolve_phase_sign
 from metaqsm_bids.qsm.core.physics import GAMMA_HZ_PER_T, voxel_size_mm
 from metaqsm_bids.reports.content import methods_paragraph
-from metaqsm_bids.sim.bids import RunSpec, simulate_dataset
+from metaqsm_bids.sim.dataset import RunSpec, simulate_dataset
 
 from .conftest import run_cli
 
@@ -409,7 +409,7 @@ META = {"MagneticFieldStrength": 3.0, "ImagingFrequency": 127.7, "Manufacturer":
      "sub-1_part-mag_MEGRE.nii.gz", "is not a number or a list of numbers"),
 ], ids=["no-part", "4d-scalar-echotime", "mixed-layout", "magnitude-only", "real-only", "bad-echotime"])
 def test_unsupported_forms_get_one_message_naming_the_file(tmp_path, files, culprit, message):
-    from metaqsm_bids.io.bids import find_megre_runs
+    from metaqsm_bids.io.inputs import find_megre_runs
 
     layout = _tiny_dataset(tmp_path, files)
     results = find_megre_runs(layout, "1")
@@ -420,7 +420,7 @@ def test_unsupported_forms_get_one_message_naming_the_file(tmp_path, files, culp
 
 
 def test_every_run_entity_separates_runs(tmp_path):
-    from metaqsm_bids.io.bids import find_megre_runs
+    from metaqsm_bids.io.inputs import find_megre_runs
 
     files = {}
     for tail in ("ce-pre", "ce-post", "acq-a_chunk-1", "acq-a_chunk-2", "rec-x_inv-1", "flip-1_mt-on"):

@@ -11,7 +11,7 @@ from scipy import ndimage
 from metaqsm_bids.cli.simulate import main
 from metaqsm_bids.qsm.core import dipole, physics
 from metaqsm_bids.sim import phantom as P
-from metaqsm_bids.sim.bids import phase_to_arbitrary, rotation_about_i, simulate_dataset, write_megre_run
+from metaqsm_bids.sim.dataset import phase_to_arbitrary, rotation_about_i, simulate_dataset, write_megre_run
 
 TES = (0.004, 0.008, 0.012)
 

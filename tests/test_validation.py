@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from metaqsm_bids.io.validation import ensure_bidsignore, find_validator, format_findings, validate_input
-from metaqsm_bids.sim.bids import RunSpec, simulate_dataset
+from metaqsm_bids.sim.dataset import RunSpec, simulate_dataset
 
 RUNS = [RunSpec(label, shape=(24, 24, 12), voxel_size_mm=(2.0, 2.0, 3.0), echo_times_s=(0.005, 0.01, 0.015), seed=n)
         for n, label in enumerate(("01", "02", "03", "04"))]
@@ -132,7 +132,7 @@ def _damage_sub_02(root):  # sub-02: a truncated image (its header intact) and a
 def test_only_the_selected_participants_are_read(dataset, tmp_path, validator):
     """A one-participant task (a SLURM array task) reads that participant's files and the dataset-level ones only:
     sub-02's damage is not seen when sub-01 is validated, and is when sub-02 is."""
-    from metaqsm_bids.io.bids import index_dataset
+    from metaqsm_bids.io.inputs import index_dataset
 
     root = _broken(dataset, tmp_path, _damage_sub_02)
     for selection in (["01"], ["sub-01", "03"]):

@@ -2,7 +2,7 @@
 
 Every background removal x every inversion x output spaces (orig only / orig and a template) x runs of 1 and 3
 echoes: the options come from the CLI's parser and :func:`metaqsm_bids.cli.run.qsm_options`, the runs are the typed
-:class:`~metaqsm_bids.io.bids.MEGRERun` objects that :func:`~metaqsm_bids.io.bids.find_megre_runs` collects from a
+:class:`~metaqsm_bids.io.inputs.MEGRERun` objects that :func:`~metaqsm_bids.io.inputs.find_megre_runs` collects from a
 tiny simulated dataset. Each graph must have exactly the expected nodes and connections for its settings, the
 settings on the nodes that use them, and every mandatory input of every node set or connected (what a run would
 otherwise find missing only when it reaches that node).
@@ -14,10 +14,10 @@ from nipype.interfaces.base import isdefined
 
 from metaqsm_bids.cli.parser import parse_args
 from metaqsm_bids.cli.run import qsm_options
-from metaqsm_bids.io.bids import find_megre_runs, index_dataset
+from metaqsm_bids.io.inputs import find_megre_runs, index_dataset
 from metaqsm_bids.qsm.background.registry import BACKGROUND_REMOVALS
 from metaqsm_bids.qsm.inversion.registry import INVERSIONS
-from metaqsm_bids.sim.bids import RunSpec, simulate_dataset
+from metaqsm_bids.sim.dataset import RunSpec, simulate_dataset
 from metaqsm_bids.workflows.base import init_metaqsm_wf, subject_workflow_name
 
 #: The template space of the grid's second output-space setting (the graph is built, never run: no antspyx needed).

@@ -97,7 +97,10 @@ class _DefaultsHelpFormatter(argparse.HelpFormatter):
 
 
 def build_parser():
-    """The ``metaqsm`` argument parser."""
+    """The ``metaqsm`` argument parser.
+
+    Long by design: one flat list of the options in the order ``--help`` prints them.
+    """
     parser = argparse.ArgumentParser(
         prog="metaqsm",
         description="Quantitative susceptibility mapping (ppm) from multi-echo GRE BIDS data. "

@@ -90,7 +90,7 @@ def main(argv=None):
     LOGGER.addHandler(handler)
     LOGGER.setLevel(logging.DEBUG)  # the log file gets everything, the console what its handler lets through
     LOGGER.propagate = False
-    from ..io.bids import BIDSInputError
+    from ..io.inputs import BIDSInputError
 
     _stopped_by.clear()
     previous = {name: signal.signal(name, _raise_stopped) for name in (signal.SIGTERM, signal.SIGINT)}
@@ -135,7 +135,7 @@ def _save_traceback():
 
 def _check_writable(path, what):
     """Raise BIDSInputError unless ``path`` is, or can be created as, a writable folder (nothing is created)."""
-    from ..io.bids import BIDSInputError
+    from ..io.inputs import BIDSInputError
 
     existing = Path(path)
     while not os.path.lexists(existing):
@@ -186,7 +186,7 @@ def _route_nipype_logging(verbose):
 
 
 def _user_masks(mask_dir, runs):
-    from ..io.bids import BIDSInputError
+    from ..io.inputs import BIDSInputError
     from ..io.outputs import output_path
 
     masks = {}
@@ -208,7 +208,7 @@ def _collect(opts, layout, subjects, filters, unreadable):
     ``layout``). A participant fails on metaqsm's own checks of its runs only (the input validation's other
     errors in its files are warnings, see :func:`_log_validation_findings`).
     """
-    from ..io.bids import BIDSInputError, find_megre_runs
+    from ..io.inputs import BIDSInputError, find_megre_runs
 
     runs_by_subject, user_masks, failed = {}, {}, {}
     for subject in subjects:
@@ -266,7 +266,7 @@ def _log_validation_findings(bids_dir, findings, sessions):
     metaqsm needs, not by BIDS conformance). Errors in files of sessions not in ``sessions`` (labels; empty:
     all) are not said. ``findings`` are about the selected participants only (see :func:`run_participant`).
     """
-    from ..io.bids import BIDSInputError
+    from ..io.inputs import BIDSInputError
 
     dataset_errors = [f.message for f in findings if f.subject is None and f.severity == "error"]
     if dataset_errors:
@@ -306,7 +306,7 @@ def run_participant(opts):
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
-    from ..io.bids import (BIDSInputError, bare_label, check_bids_filters, check_participant_folders, index_dataset,
+    from ..io.inputs import (BIDSInputError, bare_label, check_bids_filters, check_participant_folders, index_dataset,
                           load_bids_filters, participant_labels)
     from ..io.derivatives import ensure_dataset_description
     from ..io.validation import validate_input

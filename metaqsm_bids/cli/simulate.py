@@ -4,7 +4,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..sim.bids import DERIVATIVE_NAME, RunSpec, simulate_dataset
+from ..sim.dataset import DERIVATIVE_NAME, RunSpec, simulate_dataset
 
 
 def _positive(kind):

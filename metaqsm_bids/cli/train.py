@@ -17,6 +17,7 @@ SCHEDULE_OPTIONS = ("lr", "lr_decay", "lr_decay_steps")
 
 
 def build_parser():
+    """The ``metaqsm-train`` argument parser; long by design: one flat list of the options in ``--help`` order."""
     from ..training.train import DEFAULTS
 
     p = argparse.ArgumentParser(prog="metaqsm-train", description=__doc__,

@@ -1,1 +1,1 @@
-"""BIDS input collection and derivatives writing."""
+"""BIDS input collection and validation; derivatives naming and writing."""

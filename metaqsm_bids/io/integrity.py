@@ -6,7 +6,7 @@ gzip files are decompressed as one whole stream (so a truncated file or a bad CR
 even where the image data end before the damage), the NIfTI header and data are parsed from
 the result, and the values are checked. Results are cached by (path, size, mtime), so the
 input validation and the participant level share one read per file. Only the selected participants'
-runs are checked (:func:`metaqsm_bids.io.bids.index_dataset` indexes those alone), so a one-participant
+runs are checked (:func:`metaqsm_bids.io.inputs.index_dataset` indexes those alone), so a one-participant
 task of a large study reads one participant's images.
 """
 import gzip

@@ -3,7 +3,7 @@
 :data:`OUTPUTS` holds one :class:`Output` per derivative kind: its BIDS datatype folder, ``desc``
 label, suffix and extension, how it is resampled to a template (linear for maps, nearest neighbour
 for masks) and whether it is, and a description (the sidecar's ``Description`` where that does not
-depend on the run). The sink (``interfaces/bids.py``), the template spaces (``spatial/template.py``),
+depend on the run). The sink (``interfaces/sink.py``), the template spaces (``spatial/template.py``),
 the reports, the group summary and the tests name and find files through :func:`output_name`,
 :func:`output_path` and :func:`parse_output_name`, never by writing a name or a regular expression
 of their own (fMRIPrep keeps the same facts in ``fmriprep/data/io_spec.json``).
@@ -15,10 +15,10 @@ A name is the run's entities, then ``space``/``res`` (template outputs) or ``fro
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bids import ENTITY_KEYS, RUN_ENTITIES
+from .inputs import ENTITY_KEYS, RUN_ENTITIES
 
 #: Every entity a derivative name can hold (pybids name -> BIDS key), in BIDS order: the run's
-#: (:data:`~metaqsm_bids.io.bids.RUN_ENTITIES`, ``chunk`` placed after ``space`` as BIDS orders it), then
+#: (:data:`~metaqsm_bids.io.inputs.RUN_ENTITIES`, ``chunk`` placed after ``space`` as BIDS orders it), then
 #: the template space and resolution, the transform's ``from``/``to``/``mode``, and ``desc``.
 ENTITY_ORDER = {
     **{key: ENTITY_KEYS[key] for key in RUN_ENTITIES if key != "chunk"},

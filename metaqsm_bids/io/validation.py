@@ -2,7 +2,7 @@
 
 :func:`validate_input` runs the official BIDS validator (``bids-validator-deno``, offline, JSON
 output) when it is installed, else pybids' file-name validation, then metaqsm's own checks of
-every MEGRE run (:func:`metaqsm_bids.io.bids.find_megre_runs`: phase without magnitude, missing
+every MEGRE run (:func:`metaqsm_bids.io.inputs.find_megre_runs`: phase without magnitude, missing
 echoes, echoes of different shapes or grids, missing EchoTime or field strength). It returns
 findings and never raises for a problem in the data: the caller decides what stops the run.
 
@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bids import RUN_ENTITIES, BIDSInputError, bare_label, find_megre_runs, index_dataset, subject_dirs, subject_of
+from .inputs import RUN_ENTITIES, BIDSInputError, bare_label, find_megre_runs, index_dataset, subject_dirs, subject_of
 
 #: Dataset-level files: a validator error in them is an error for metaqsm too.
 _DATASET_LEVEL = re.compile(r"^/?(dataset_description\.json|participants\.(tsv|json))$")

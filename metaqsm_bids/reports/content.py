@@ -368,71 +368,105 @@ def _reference_text(reference):
     return "relative to its mean within the mask where the local field is defined (the whole brain)"
 
 
+def _acquisition_text(sidecar, echo_times):
+    """The methods' opening sentence: metaqsm's version, the echoes and the field strength."""
+    version = _software_version(sidecar.get("SoftwareVersions", ""), "metaqsm")
+    te_text = ", ".join(f"{1000 * te:g}" for te in echo_times)
+    field = sidecar.get("MagneticFieldStrength")
+    return (f"Quantitative susceptibility maps were reconstructed with metaqsm{' ' + version if version else ''} "
+            f"[metaqsm] from {len(echo_times)} echo{'es' if len(echo_times) != 1 else ''} (TE = {te_text} ms) of a "
+            f"{'multi-echo ' if len(echo_times) > 1 else ''}gradient-echo acquisition"
+            f"{f' at {field:g} T' if field else ''}{_b0_text(sidecar, field)}.")
+
+
+def _mask_text(mask):
+    """The sentences on the brain mask, from the sidecar's ``BrainMask``."""
+    if mask.get("Method") == "user-provided":
+        return ["The brain mask was provided by the user."]
+    # prose without the trailing code reference, e.g. "(metaqsm_bids.qsm.mask.brain.brain_mask)" or
+    # "(metaqsm brain_mask)"
+    method = re.sub(r"\s*\((?:metaqsm )?[\w.]+\)$", "", mask.get("Method", "method not recorded"))
+    method = method.replace(" + ", " and ")
+    sentences = [f"A brain mask was computed from the {mask.get('Input', 'magnitude')} ({method})."]
+    if str(mask.get("ExtracerebralCSF", "")).startswith("removed"):
+        sentences.append("The cerebrospinal fluid between brain and skull was removed from it by its slow "
+                         "signal decay (R2*) and, near its surface, by its low signal extrapolated "
+                         "to TE = 0 (S0).")
+    return sentences
+
+
+def _total_field_text(total, echo_times):
+    """The sentences on the total field (``TotalField``) and the citation keys they add."""
+    method = total.get("Method", "a method not recorded")
+    cite, cited = "", []
+    if "laplacian" in method.lower():
+        cite = " [schofield2003]"
+        cited.append("schofield2003")
+    method = method.replace(" + ", " and ")
+    bipolar = total.get("BipolarCorrection") or {}
+    sentences = []
+    if bipolar.get("Applied"):
+        sentences.append("The phase difference between odd and even echoes of the bipolar readout, a constant "
+                         f"({bipolar.get('OffsetRad', 0):.3f} rad) plus a linear gradient, was estimated from the "
+                         "second differences of the echo phases and removed from the even echoes.")
+    if len(echo_times) == 1:
+        sentences.append(f"The total field map was estimated from the single echo by {method}{cite}; the phase "
+                         "offset at TE = 0 (coil and transmit phase) could not be separated from the field, so it "
+                         "could not be removed (that needs two or more echoes) and remains in the field map and the "
+                         "susceptibility map.")
+    else:
+        echoes = f"all {len(echo_times)} echoes" if echo_times else "all echoes"
+        sentences.append(f"The total field map was estimated from {echoes} by {method}{cite}, which removes the "
+                         "phase offset at TE = 0.")
+    return sentences, cited
+
+
+def _reliability_text(bfr):
+    """The sentence on the reliability map, from ``BackgroundFieldRemoval``'s thresholds."""
+    residual = (f" or a magnitude-weighted RMS residual of the echo fit above {bfr['MaxResidualRad']:g} rad"
+                if "MaxResidualRad" in bfr else "")
+    return (f"Voxels of the brain mask with a root-sum-of-squares magnitude below "
+            f"{bfr['MinSignalFraction']:g} times its median in the mask{residual} were considered "
+            "unreliable and left out of background field removal's fit; their local field was completed "
+            "from the reliable voxels' (the field of a susceptibility distribution fitted to it by weighted "
+            "least squares), so that strong sources whose signal decays fast (haemorrhages, "
+            "calcifications, veins) stay in the susceptibility map; only signal voids reaching the brain "
+            "mask's surface (bone, sinus air) were left out of it.")
+
+
+def _r2star_text(fit):
+    """The sentence on the R2* and T2* maps (``R2starFit``) and the citation keys it adds."""
+    method = str(fit.get("Method", ""))
+    description = {"weighted log-linear fit": "a log-linear least-squares fit weighted by the squared magnitude",
+                   "two-echo closed form": "the closed form ln(S1/S2)/(TE2 - TE1) of the two echoes"}.get(
+        method, "auto-regression on linear operations (ARLO) [pei2015]" if method == "ARLO" else method)
+    low, high = fit.get("R2starRangeHz", [0, 0])
+    return (f"R2* was fitted to the magnitude of the echoes in the brain mask by {description}, clipped to "
+            f"{low:g}-{high:g} s^-1; T2* is its inverse, at most {fit.get('T2starMaxSeconds', 1):g} s.",
+            ["pei2015"] if method == "ARLO" else [])
+
+
 def methods_paragraph(sidecar):
     """A pasteable methods paragraph for one run and the citation keys it cites, in order of citation.
 
-    Built from the provenance sidecar (see :attr:`RunOutputs.provenance`); citations appear as
-    ``[key]`` placeholders, numbered by :func:`number_citations`.
+    Built from the provenance sidecar (see :attr:`RunOutputs.provenance`), one step after the other;
+    citations appear as ``[key]`` placeholders, numbered by :func:`number_citations`.
     """
     cited = ["metaqsm"]
-    version = _software_version(sidecar.get("SoftwareVersions", ""), "metaqsm")
     echo_times = sidecar.get("EchoTime") or sidecar.get("TotalField", {}).get("EchoTime") or []
     echo_times = echo_times if isinstance(echo_times, list) else [echo_times]
-    te_text = ", ".join(f"{1000 * te:g}" for te in echo_times)
-    field = sidecar.get("MagneticFieldStrength")
-    parts = [f"Quantitative susceptibility maps were reconstructed with metaqsm{' ' + version if version else ''} "
-             f"[metaqsm] from {len(echo_times)} echo{'es' if len(echo_times) != 1 else ''} (TE = {te_text} ms) of a "
-             f"{'multi-echo ' if len(echo_times) > 1 else ''}gradient-echo acquisition"
-             f"{f' at {field:g} T' if field else ''}{_b0_text(sidecar, field)}."]
-    scaling = sidecar.get("PhaseScaling")
-    if scaling:
-        parts.append(_phase_text(scaling))
-    mask = sidecar.get("BrainMask")
-    if mask:
-        if mask.get("Method") == "user-provided":
-            parts.append("The brain mask was provided by the user.")
-        else:
-            # prose without the trailing code reference, e.g. "(metaqsm_bids.qsm.mask.brain.brain_mask)" or "(metaqsm brain_mask)"
-            method = re.sub(r"\s*\((?:metaqsm )?[\w.]+\)$", "", mask.get("Method", "method not recorded"))
-            method = method.replace(" + ", " and ")
-            parts.append(f"A brain mask was computed from the {mask.get('Input', 'magnitude')} ({method}).")
-            if str(mask.get("ExtracerebralCSF", "")).startswith("removed"):
-                parts.append("The cerebrospinal fluid between brain and skull was removed from it by its slow "
-                             "signal decay (R2*) and, near its surface, by its low signal extrapolated "
-                             "to TE = 0 (S0).")
-    total = sidecar.get("TotalField")
-    if total:
-        method = total.get("Method", "a method not recorded")
-        cite = ""
-        if "laplacian" in method.lower():
-            cite = " [schofield2003]"
-            cited.append("schofield2003")
-        method = method.replace(" + ", " and ")
-        bipolar = total.get("BipolarCorrection") or {}
-        if bipolar.get("Applied"):
-            parts.append("The phase difference between odd and even echoes of the bipolar readout, a constant "
-                         f"({bipolar.get('OffsetRad', 0):.3f} rad) plus a linear gradient, was estimated from the "
-                         "second differences of the echo phases and removed from the even echoes.")
-        if len(echo_times) == 1:
-            parts.append(f"The total field map was estimated from the single echo by {method}{cite}; the phase "
-                         "offset at TE = 0 (coil and transmit phase) could not be separated from the field, so it could not be "
-                         "removed (that needs two or more echoes) and remains in the field map and the "
-                         "susceptibility map.")
-        else:
-            echoes = f"all {len(echo_times)} echoes" if echo_times else "all echoes"
-            parts.append(f"The total field map was estimated from {echoes} by {method}{cite}, which removes the "
-                         "phase offset at TE = 0.")
+    parts = [_acquisition_text(sidecar, echo_times)]
+    if sidecar.get("PhaseScaling"):
+        parts.append(_phase_text(sidecar["PhaseScaling"]))
+    if sidecar.get("BrainMask"):
+        parts += _mask_text(sidecar["BrainMask"])
+    if sidecar.get("TotalField"):
+        sentences, keys = _total_field_text(sidecar["TotalField"], echo_times)
+        parts += sentences
+        cited += keys
     bfr = sidecar.get("BackgroundFieldRemoval")
     if bfr and "MinSignalFraction" in bfr:
-        residual = (f" or a magnitude-weighted RMS residual of the echo fit above {bfr['MaxResidualRad']:g} rad"
-                    if "MaxResidualRad" in bfr else "")
-        parts.append(f"Voxels of the brain mask with a root-sum-of-squares magnitude below "
-                     f"{bfr['MinSignalFraction']:g} times its median in the mask{residual} were considered "
-                     "unreliable and left out of background field removal's fit; their local field was completed "
-                     "from the reliable voxels' (the field of a susceptibility distribution fitted to it by weighted "
-                     "least squares), so that strong sources whose signal decays fast (haemorrhages, "
-                     "calcifications, veins) stay in the susceptibility map; only signal voids reaching the brain "
-                     "mask's surface (bone, sinus air) were left out of it.")
+        parts.append(_reliability_text(bfr))
     if bfr:
         text, keys = _method_text("BackgroundFieldRemoval", bfr, "a method not recorded")
         cited += [key for key in keys if key not in cited]
@@ -445,17 +479,10 @@ def methods_paragraph(sidecar):
             if "B0DirectionVoxel" in inversion else ""
         parts.append(f"Susceptibility was computed by {text}{b0}, and is reported in ppm "
                      f"{_reference_text(sidecar.get('SusceptibilityReference') or {})}.")
-    fit = sidecar.get("R2starFit")
-    if fit:
-        method = str(fit.get("Method", ""))
-        description = {"weighted log-linear fit": "a log-linear least-squares fit weighted by the squared magnitude",
-                       "two-echo closed form": "the closed form ln(S1/S2)/(TE2 - TE1) of the two echoes"}.get(
-            method, "auto-regression on linear operations (ARLO) [pei2015]" if method == "ARLO" else method)
-        if method == "ARLO":
-            cited.append("pei2015")
-        low, high = fit.get("R2starRangeHz", [0, 0])
-        parts.append(f"R2* was fitted to the magnitude of the echoes in the brain mask by {description}, clipped to "
-                     f"{low:g}-{high:g} s^-1; T2* is its inverse, at most {fit.get('T2starMaxSeconds', 1):g} s.")
+    if sidecar.get("R2starFit"):
+        sentence, keys = _r2star_text(sidecar["R2starFit"])
+        parts.append(sentence)
+        cited += keys
     return " ".join(parts), cited
 
 

@@ -15,7 +15,7 @@ def init_metaqsm_wf(runs_by_subject, *, work_dir, user_masks=None, **qsm_options
     Parameters
     ----------
     runs_by_subject : dict
-        Participant label -> list of :class:`~metaqsm_bids.io.bids.MEGRERun`.
+        Participant label -> list of :class:`~metaqsm_bids.io.inputs.MEGRERun`.
     work_dir : path
         nipype's base directory (intermediate files and the cache that makes reruns cheap).
     user_masks : dict

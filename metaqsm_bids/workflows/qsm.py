@@ -5,7 +5,7 @@ import nibabel as nib
 import numpy as np
 from nipype.pipeline import engine as pe
 
-from ..interfaces.bids import WriteRunDerivatives
+from ..interfaces.sink import WriteRunDerivatives
 from ..io.derivatives import raw_uris
 from ..interfaces.qsm import (SWI, BackgroundRemoval, BrainMask, ChiReference, DipoleInversion, PrepareMEGRE, R2StarMap,
                               TotalField)
@@ -36,7 +36,7 @@ def _acquisition(run, bids_dir):
     says the absolute paths, the sidecars stay valid wherever the datasets move.
 
     ``MagneticFieldStrength`` is the raw sidecar's nominal value (BIDS' meaning); ``B0Tesla`` is the
-    B0 that converts Hz to ppm and ``B0Source`` where it came from (see :func:`~metaqsm_bids.io.bids.field_strength`).
+    B0 that converts Hz to ppm and ``B0Source`` where it came from (see :func:`~metaqsm_bids.io.inputs.field_strength`).
     """
     nominal = run.nominal_field_strength_t if run.nominal_field_strength_t is not None else run.field_strength_t
     facts = {"EchoTime": list(run.echo_times_s), "MagneticFieldStrength": nominal, "B0Tesla": run.field_strength_t,
@@ -63,7 +63,9 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion=DEFAULT_INVERSION, inver
                 bfr=DEFAULT_BACKGROUND_REMOVAL, bfr_params=None, bipolar="auto", user_mask_file=None, device="auto",
                 omp_nthreads=1, output_spaces=None, name=None, r2star_method="loglinear",
                 reference=DEFAULT_REFERENCE, swi_phase_sign=DEFAULT_SWI_PHASE_SIGN, mip_slab_mm=MIP_SLAB_MM):
-    """Build the workflow for one :class:`~metaqsm_bids.io.bids.MEGRERun`.
+    """Build the workflow for one :class:`~metaqsm_bids.io.inputs.MEGRERun`.
+
+    Long by design: every node and connection of the run's graph stands here, in pipeline order, to read at once.
 
     Parameters
     ----------

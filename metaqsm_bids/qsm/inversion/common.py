@@ -1,4 +1,4 @@
-"""What every dipole inversion shares: the check of its inputs."""
+"""What every dipole inversion shares: the check of its inputs and the convention of its output."""
 import numpy as np
 
 
@@ -27,3 +27,11 @@ def check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir):
         raise ValueError(f"b0_dir must be a non-zero 3-vector, got {b0_dir!r}")
     field = np.where(mask, field.astype(np.float32, copy=False), np.float32(0))
     return field, mask, tuple(voxel), b0 / np.linalg.norm(b0)
+
+
+def zero_mean_in_mask(chi, mask):
+    """``chi`` (changed in place and returned) with mean 0 in ``mask`` and 0 outside it: the analytic
+    inversions' output (chi is only known up to a constant, and only inside the mask)."""
+    chi[mask] -= chi[mask].mean(dtype=np.float64)
+    chi[~mask] = 0.0
+    return chi

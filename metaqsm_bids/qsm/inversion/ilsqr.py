@@ -41,7 +41,7 @@ from ..core.grid import PaddedBox
 from ..core.smv import smv_kernel
 from ..core.solvers import _half_spectrum_dot, gradient, gradient_adjoint
 from ..spec import MethodSpec
-from .common import check_inputs
+from .common import check_inputs, zero_mean_in_mask
 from .tkd import tkd
 
 log = logging.getLogger(__name__)
@@ -201,8 +201,7 @@ def ilsqr(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), tol=0.01
 
     # 4. subtraction
     chi = box.extract(((chi_lsqr - sfft.irfftn(artifact_spectrum, s=shape)) * mask_box).astype(np.float32))
-    chi[mask] -= chi[mask].mean(dtype=np.float64)
-    chi[~mask] = 0.0
+    zero_mean_in_mask(chi, mask)
     if info is not None:
         info.update(LSQRFormulation=formulation, LSQRIterations=lsqr_iterations, LSQRResidual=lsqr_history,
                     ArtifactIterations=artifact_iterations, ArtifactResidual=artifact_history)

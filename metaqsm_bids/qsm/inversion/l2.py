@@ -13,7 +13,7 @@ import scipy.fft as sfft
 from ..core.dipole import dipole_kernel, kspace_grid
 from ..core.grid import PaddedBox
 from ..spec import MethodSpec
-from .common import check_inputs
+from .common import check_inputs, zero_mean_in_mask
 
 
 def gradient_power(shape, voxel_size_mm, half=True):
@@ -50,8 +50,7 @@ def l2(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), lambda_=1e-
     denominator[0, 0, 0] = 1.0  # numerator is 0 there: the mean is set below
     spectrum *= kernel / denominator
     chi = box.extract(sfft.irfftn(spectrum, s=box.shape).astype(np.float32, copy=False))
-    chi[mask] -= chi[mask].mean(dtype=np.float64)
-    chi[~mask] = 0.0
+    zero_mean_in_mask(chi, mask)
     if info is not None:
         info["Lambda"] = float(lambda_)
     return chi

@@ -21,7 +21,7 @@ from ..core.grid import PaddedBox
 from ..core.physics import GAMMA_HZ_PER_T
 from ..core.solvers import conjugate_gradient, gradient, gradient_adjoint
 from ..spec import MethodSpec, parameter
-from .common import check_inputs
+from .common import check_inputs, zero_mean_in_mask
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +90,7 @@ def medi(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude
     ||w||`` before each step and after the last) and ``Lambda``.
     """
     field, mask, voxel, b0 = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
-    if magnitude is None:
-        raise ValueError("MEDI needs the magnitude image (keyword `magnitude`) for its edge mask and noise weighting")
-    magnitude = np.asarray(magnitude)
-    if magnitude.shape != mask.shape:
-        raise ValueError(f"magnitude shape {magnitude.shape} does not match the local field shape {mask.shape}")
-    if not np.all(np.isfinite(magnitude[mask])) or np.any(magnitude[mask] < 0):
-        raise ValueError("magnitude has NaN, infinite or negative values inside the mask")
-    if not magnitude[mask].mean() > 0:
-        raise ValueError("magnitude is zero everywhere in the mask")
+    magnitude = _check_magnitude(magnitude, mask)
     if delta_te_s is None or b0_tesla is None:
         raise ValueError("MEDI needs delta_te_s (echo spacing, s) and b0_tesla: its lambda is defined on the phase "
                          "in rad accumulated over delta_te_s at b0_tesla")
@@ -109,13 +101,43 @@ def medi(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude
     dtype = np.dtype(dtype).type
     rad_per_ppm = 2 * np.pi * delta_te_s * GAMMA_HZ_PER_T * b0_tesla * 1e-6
     box = PaddedBox(mask, (0, 0, 0) if pad_voxels is None else pad_voxels)
-    shape = box.shape
-    kernel = dipole_kernel(shape, voxel, b0, half=True).astype(dtype)
+    kernel = dipole_kernel(box.shape, voxel, b0, half=True).astype(dtype)
     phase = box.embed(field.astype(dtype) * rad_per_ppm, dtype)
     weight = box.embed(np.where(mask, magnitude / magnitude[mask].mean(dtype=np.float64), 0), dtype)
-    weight2 = weight ** 2
     smooth = edge_mask(box.embed(magnitude), box.embed(mask) > 0, voxel, edge_percentage).astype(dtype)
-    lam2 = dtype(2.0 * lambda_)
+    x, history = _gauss_newton(phase, weight, smooth, kernel, voxel, dtype(2.0 * lambda_), dtype(beta), max_iter, tol,
+                               cg_tol, cg_max_iter)
+
+    chi = box.extract((x / rad_per_ppm).astype(np.float32))
+    zero_mean_in_mask(chi, mask)
+    if info is not None:
+        info.update(**history, Lambda=float(lambda_))
+    return chi
+
+
+def _check_magnitude(magnitude, mask):
+    """``magnitude`` as an array, checked: given, of the mask's shape, finite, non-negative, not all 0 in the mask."""
+    if magnitude is None:
+        raise ValueError("MEDI needs the magnitude image (keyword `magnitude`) for its edge mask and noise weighting")
+    magnitude = np.asarray(magnitude)
+    if magnitude.shape != mask.shape:
+        raise ValueError(f"magnitude shape {magnitude.shape} does not match the local field shape {mask.shape}")
+    if not np.all(np.isfinite(magnitude[mask])) or np.any(magnitude[mask] < 0):
+        raise ValueError("magnitude has NaN, infinite or negative values inside the mask")
+    if not magnitude[mask].mean() > 0:
+        raise ValueError("magnitude is zero everywhere in the mask")
+    return magnitude
+
+
+def _gauss_newton(phase, weight, smooth, kernel, voxel, lam2, beta, max_iter, tol, cg_tol, cg_max_iter):
+    """Minimise ``||smooth grad x||_1 + lam2 / 2 ||weight (exp(i D*x) - exp(i phase))||^2`` from x = 0 (rad).
+
+    All arrays on the FFT box, in the working precision (``kernel``: the half spectrum of D); see :func:`medi`
+    for the stopping rule. Returns x and the history (``Iterations``, ``CGIterations``, ``UpdateRatio``,
+    ``DataResidual``).
+    """
+    dtype, shape = phase.dtype.type, phase.shape
+    weight2 = weight ** 2
     weight_norm = float(np.linalg.norm(weight))
 
     def convolve(x):
@@ -131,7 +153,7 @@ def medi(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude
     residuals, cg_counts, ratios = [data_residual(dipole_x)], [], []
     for iteration in range(1, max_iter + 1):
         # lagged diffusivity: |g| ~ g^2 / sqrt(g_prev^2 + beta), a quadratic the CG solves
-        tv_weight = smooth / np.sqrt((smooth * gradient(x, voxel)) ** 2 + dtype(beta))
+        tv_weight = smooth / np.sqrt((smooth * gradient(x, voxel)) ** 2 + beta)
 
         def normal_operator(dx):
             grad = gradient(dx, voxel)
@@ -159,15 +181,8 @@ def medi(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude
                  "data residual %.4g", iteration, cg_iterations, cg_residual, ratio, residuals[-1])
         if ratio < tol:
             break
-
-    chi = box.extract((x / rad_per_ppm).astype(np.float32))
-    chi[mask] -= chi[mask].mean(dtype=np.float64)
-    chi[~mask] = 0.0
-    if info is not None:
-        info.update(Iterations=len(cg_counts), CGIterations=cg_counts, UpdateRatio=ratios, DataResidual=residuals,
-                    Lambda=float(lambda_))
-    return chi
-
+    return x, {"Iterations": len(cg_counts), "CGIterations": cg_counts, "UpdateRatio": ratios,
+               "DataResidual": residuals}
 
 SPEC = MethodSpec(
     name="medi", function=medi, display_name="MEDI", description="morphology enabled dipole inversion (MEDI)",

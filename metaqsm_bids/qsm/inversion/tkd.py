@@ -7,7 +7,7 @@ import scipy.fft as sfft
 from ..core.dipole import dipole_kernel
 from ..core.grid import PaddedBox
 from ..spec import MethodSpec, parameter
-from .common import check_inputs
+from .common import check_inputs, zero_mean_in_mask
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,7 @@ def tkd(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), threshold=
     spectrum = sfft.rfftn(box.embed(field))
     spectrum *= inverse.astype(np.float32)
     chi = box.extract(sfft.irfftn(spectrum, s=box.shape).astype(np.float32, copy=False))
-    chi[mask] -= chi[mask].mean(dtype=np.float64)
-    chi[~mask] = 0.0
-    return chi
+    return zero_mean_in_mask(chi, mask)
 
 
 SPEC = MethodSpec(

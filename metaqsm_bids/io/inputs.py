@@ -223,15 +223,9 @@ def _part_echoes(part, entries):
     return echoes, [p for _, p in with_echo]
 
 
-def collect_megre_run(layout, run_entities, filters=None, phase_sign="auto"):
-    """Build and validate one :class:`MEGRERun`; raise :class:`BIDSInputError` on any problem.
-
-    ``phase_sign`` is the ``--phase-sign`` choice, resolved here against the sidecar's
-    ``Manufacturer`` (:func:`~metaqsm_bids.qsm.field.phase_sign.resolve_phase_sign`).
-    """
-    filters = dict(filters or {})
-    by_part = _run_files(layout, run_entities, filters)
-    name = "_".join(f"{ENTITY_KEYS[k]}-{v}" for k, v in run_entities.items() if v)
+def _paired_files(by_part, name):
+    """The run's part pair (mag + phase, or real + imag) and its files in echo order, checked to match:
+    ``(pair, echoes of the first part, files of the first part, files of the second part)``."""
     if "phase" in by_part or "mag" in by_part and not ("real" in by_part or "imag" in by_part):
         pair = PART_PAIRS[0]
     elif "real" in by_part or "imag" in by_part:
@@ -258,19 +252,24 @@ def collect_megre_run(layout, run_entities, filters=None, phase_sign="auto"):
                     raise BIDSInputError(f"{missing}: missing: no matching part-{part} file for {present.name}{hint}")
     if echoes_a != [None] and echoes_a != list(range(1, len(echoes_a) + 1)):
         raise BIDSInputError(f"{files_a[0]}: echo indices {echoes_a} are not 1..{len(echoes_a)}; an echo is missing")
+    return pair, echoes_a, files_a, files_b
 
+
+def _echo_sidecars(layout, files_a, files_b, one_file_per_echo, phase_part):
+    """The run's echo times (s) and phase Units (None where unrecorded; ``phase_part``: files_b are phases), from
+    the sidecars of each file pair; raises :class:`BIDSInputError` where they disagree or do not increase."""
     echo_times, strengths, units = [], {}, set()
     for path_a, path_b in zip(files_a, files_b):
         meta_a, meta_b = _read_sidecar(layout, path_a), _read_sidecar(layout, path_b)
         tes_a, tes_b = _echo_times(meta_a, path_a), _echo_times(meta_b, path_b)
         if len(tes_a) != len(tes_b) or not np.allclose(tes_a, tes_b, rtol=1e-4):
             raise BIDSInputError(f"{path_b}: EchoTime {tes_b} s differs from {Path(path_a).name}'s {tes_a} s")
-        if echoes_a != [None] and len(tes_a) != 1:
+        if one_file_per_echo and len(tes_a) != 1:
             raise BIDSInputError(f"{path_a}: EchoTime {tes_a} is a list but the file is one echo (echo- entity)")
         echo_times += tes_b
         for path, meta in ((path_a, meta_a), (path_b, meta_b)):
             strengths.setdefault(field_strength(meta, path).tesla, path)
-        if second == "phase":
+        if phase_part:
             units.add(meta_b.get("Units"))
     if max(strengths) - min(strengths) > 1e-4 * max(strengths):
         raise BIDSInputError(f"{strengths[max(strengths)]}: field strength {max(strengths):g} T differs from "
@@ -282,17 +281,38 @@ def collect_megre_run(layout, run_entities, filters=None, phase_sign="auto"):
     phase_units = units.pop() if units else None
     if phase_units not in (None, "rad", "arbitrary"):
         raise BIDSInputError(f"{files_b[0]}: phase Units '{phase_units}' is not 'rad' or 'arbitrary'")
+    return echo_times, phase_units
 
+
+def _check_images(files_a, files_b, mag_phase, n_echoes):
+    """Headers, contents and grids of every image file (``mag_phase``: files_a are magnitudes); returns the
+    header warnings."""
     affines, grid_warnings = {}, []
     try:
         for path in files_a + files_b:  # the headers as stored: voxel sizes, affines (before nibabel fixes them)
             affines[path], warning = check_header(path)
             grid_warnings += [warning] if warning else []
         for path in files_a + files_b:  # every file read in full once: truncated gzip, NaN, empty magnitude
-            check_image(path, magnitude=pair == PART_PAIRS[0] and path in files_a)
+            check_image(path, magnitude=mag_phase and path in files_a)
     except ValueError as err:
         raise BIDSInputError(str(err)) from err
-    _check_geometry(files_a + files_b, affines, len(echo_times))
+    _check_geometry(files_a + files_b, affines, n_echoes)
+    return grid_warnings
+
+
+def collect_megre_run(layout, run_entities, filters=None, phase_sign="auto"):
+    """Build and validate one :class:`MEGRERun`; raise :class:`BIDSInputError` on any problem.
+
+    ``phase_sign`` is the ``--phase-sign`` choice, resolved here against the sidecar's
+    ``Manufacturer`` (:func:`~metaqsm_bids.qsm.field.phase_sign.resolve_phase_sign`).
+    """
+    filters = dict(filters or {})
+    by_part = _run_files(layout, run_entities, filters)
+    name = "_".join(f"{ENTITY_KEYS[k]}-{v}" for k, v in run_entities.items() if v)
+    pair, echoes_a, files_a, files_b = _paired_files(by_part, name)
+    second = pair[1]
+    echo_times, phase_units = _echo_sidecars(layout, files_a, files_b, echoes_a != [None], second == "phase")
+    grid_warnings = _check_images(files_a, files_b, pair == PART_PAIRS[0], len(echo_times))
     metadata = _read_sidecar(layout, files_b[0])
     b0 = field_strength(metadata, files_b[0])
     sign = resolve_phase_sign(phase_sign, metadata.get("Manufacturer"), where=files_b[0])

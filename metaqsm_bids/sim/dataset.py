@@ -1,11 +1,12 @@
 """Write simulated multi-echo GRE runs as a BIDS dataset, with the ground truth as a derivatives dataset.
 
 Raw files: ``sub-<s>[/ses-<ss>]/anat/sub-<s>[_ses-][_acq-][_run-]_echo-<n>_part-{mag,phase}_MEGRE.nii.gz``
-with JSON sidecars. Ground truth in ``derivatives/metaqsm-simulate/`` under the same names with the
-suffixes ``Chimap`` (ppm, relative to CSF, 0 outside the brain), ``dseg`` (QSM challenge 2.0 labels,
-see ``dseg.tsv``), ``desc-brain_mask``, ``R2starmap`` (Hz) and, in ``fmap/``, ``desc-total_fieldmap``
-(the total field in Hz whose phase was simulated, 0 where there is no tissue) with its
-``desc-total_magnitude`` (M0 exp(-TE1 R2*), no noise) as BIDS asks of a field map.
+with JSON sidecars. Ground truth in ``derivatives/metaqsm-simulate/``, named as metaqsm names the
+same outputs (:mod:`metaqsm_bids.io.outputs`): ``Chimap`` (ppm, relative to CSF, 0 outside the brain),
+``desc-brain_mask``, ``R2starmap`` (Hz) and, in ``fmap/``, ``desc-total_fieldmap`` (the total field in
+Hz whose phase was simulated, 0 where there is no tissue) with its ``desc-total_magnitude``
+(M0 exp(-TE1 R2*), no noise) as BIDS asks of a field map; and beside the Chimap, ``dseg`` (QSM
+challenge 2.0 labels, see ``dseg.tsv``).
 """
 import json
 import re
@@ -16,12 +17,12 @@ import nibabel as nib
 import numpy as np
 
 from .. import __version__
+from ..io.derivatives import BIDS_VERSION, CODE_URL
+from ..io.outputs import output_path, run_name
 from ..qsm.core import physics
 from . import phantom as ph
 
-BIDS_VERSION = "1.10.0"
 DERIVATIVE_NAME = "metaqsm-simulate"
-CODE_URL = "https://github.com/metaqsm/metaqsm"
 _GENERATED_BY = {"Name": "metaqsm-simulate", "Version": __version__, "CodeURL": CODE_URL}
 _LABEL = re.compile(r"^[0-9a-zA-Z]+$")
 
@@ -55,13 +56,13 @@ def _save_json(path, content):
     path.write_text(json.dumps(content, indent=2) + "\n")
 
 
-def _save_pair(stem, data, affine, sidecar):
-    """Write ``stem``.nii.gz (scanner-coordinate affine, mm) and its ``stem``.json; returns both paths."""
+def _save_pair(nifti, data, affine, sidecar):
+    """Write ``nifti`` (``.nii.gz``; scanner-coordinate affine, mm) and its ``.json`` sidecar; returns both paths."""
     image = nib.Nifti1Image(data, affine)
     image.header.set_xyzt_units("mm", "sec")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    nifti, json_path = stem.with_name(stem.name + ".nii.gz"), stem.with_name(stem.name + ".json")
+    json_path = nifti.with_name(nifti.name.removesuffix(".nii.gz") + ".json")
     nifti.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, nifti)
     _save_json(json_path, sidecar)
@@ -121,7 +122,7 @@ def write_megre_run(bids_dir, entities, magnitude, phase_rad, affine, echo_times
                 data = (phase_rad[..., n].astype(np.float32) if phase_units == "rad"
                         else phase_to_arbitrary(phase_rad[..., n]))
                 sidecar["Units"] = phase_units
-            written += _save_pair(anat / f"{prefix}_echo-{n + 1}_part-{part}_MEGRE", data, affine, sidecar)
+            written += _save_pair(anat / f"{prefix}_echo-{n + 1}_part-{part}_MEGRE.nii.gz", data, affine, sidecar)
     return written
 
 
@@ -136,33 +137,35 @@ def write_ground_truth(bids_dir, entities, phantom, truth, magnitude_te1, b0_tes
     ``truth`` is the :class:`~metaqsm_bids.sim.phantom.SimulationTruth` of the run and
     ``magnitude_te1`` a noise-free first-echo magnitude (the field map's companion image).
     """
-    prefix, folder = _prefix(entities)
-    root = derivatives_dir(bids_dir) / folder
+    _prefix(entities)  # reject bad labels as the raw files do
+    root = derivatives_dir(bids_dir)
+    chimap = output_path(root, "chimap", entities)
     tissue = phantom.m0 > 0
+    r2star_hz = phantom.r2star_hz * (b0_tesla / ph.R2STAR_REFERENCE_TESLA)
     items = [
-        ("anat", "Chimap", (phantom.chi_ppm * phantom.brain_mask).astype(np.float32),
+        (chimap, (phantom.chi_ppm * phantom.brain_mask).astype(np.float32),
          {"Units": "ppm", "SkullStripped": True,
           "Description": "true magnetic susceptibility relative to CSF in the brain mask, 0 outside it; "
                          "partial-volume averages at edges"}),
-        ("anat", "dseg", phantom.seg.astype(np.uint8),
+        # the labels are no metaqsm output: named beside the Chimap
+        (chimap.with_name(f"{run_name(entities)}_dseg.nii.gz"), phantom.seg.astype(np.uint8),
          {"Description": "tissue labels of the QSM challenge 2.0 (dseg.tsv), each voxel labelled with the "
                          "last painted structure covering at least half of it"}),
-        ("anat", "desc-brain_mask", phantom.brain_mask.astype(np.uint8),
+        (output_path(root, "brain_mask", entities), phantom.brain_mask.astype(np.uint8),
          {"Type": "Brain", "Description": "voxels at least half inside the brain (ventricles included)"}),
-        ("anat", "R2starmap", (phantom.r2star_hz * (b0_tesla / ph.R2STAR_REFERENCE_TESLA)).astype(np.float32),
+        (output_path(root, "r2star", entities), r2star_hz.astype(np.float32),
          {"Units": "Hz", "SkullStripped": False, "MagneticFieldStrength": float(b0_tesla)}),
-        ("fmap", "desc-total_fieldmap", (truth.field_hz * tissue).astype(np.float32),
+        (output_path(root, "total_field", entities), (truth.field_hz * tissue).astype(np.float32),
          {"Units": "Hz", "SkullStripped": False, "MagneticFieldStrength": float(b0_tesla),
           "Description": "true total field (tissue, air and bone susceptibility, after a 2nd-order shim) "
                          "whose phase was simulated; 0 where there is no tissue"}),
-        ("fmap", "desc-total_magnitude", np.asarray(magnitude_te1, np.float32),
+        (output_path(root, "magnitude", entities), np.asarray(magnitude_te1, np.float32),
          {"SkullStripped": False,
           "Description": "M0 exp(-TE1 R2*) of the phantom: first-echo magnitude without noise"}),
     ]
     written = []
-    for datatype, suffix, data, sidecar in items:
-        written += _save_pair(root / datatype / f"{prefix}_{suffix}", data, phantom.affine,
-                              dict(sidecar, HeadScale=phantom.scale))
+    for path, data, sidecar in items:
+        written += _save_pair(path, data, phantom.affine, dict(sidecar, HeadScale=phantom.scale))
     return written
 
 
