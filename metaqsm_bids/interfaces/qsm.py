@@ -23,14 +23,16 @@ from nipype.interfaces.base import (
 )
 
 from ..qsm.core import physics
-from ..qsm.field.bipolar import correct_bipolar
+from ..qsm.field.bipolar import BIPOLAR_MODES, DEFAULT_BIPOLAR, correct_bipolar
 from ..qsm.field.echofit import fit_total_field
 from ..qsm.field.phase import echoes_to_rad
 from ..qsm.field.phase_sign import apply_phase_sign
-from ..qsm.field.relaxometry import METHOD_CHOICES as R2STAR_METHODS, estimate_r2star
+from ..qsm.field.relaxometry import (DEFAULT_METHOD as DEFAULT_R2STAR_METHOD, METHOD_CHOICES as R2STAR_METHODS,
+                                     estimate_r2star)
 from ..qsm.field.swi import DEFAULT_SWI_PHASE_SIGN, MIP_SLAB_MM, SWI_PHASE_SIGNS, swi
 from ..qsm.mask.brain import (CSF_R2STAR_HZ_AT_3T, CSF_S0_FRACTION, CSF_S0_RIM_MM, brain_mask,
                               remove_extracerebral_csf)
+from ..qsm.network.device import DEFAULT_DEVICE, DEVICE_CHOICES
 from ..steps.inversion import invert_local_field
 from ..qsm.reference import (CSF_MIN_DEPTH_FRACTION, CSF_MIN_PIECE_FRACTION, DEFAULT_REFERENCE, REFERENCE_CHOICES,
                              reference_chi)
@@ -59,6 +61,11 @@ def _load(path, dtype=np.float32):
     """The image at ``path`` and its data as an array of ``dtype``."""
     img = nib.load(path)
     return img, np.asarray(img.dataobj, dtype=dtype)
+
+
+def _choice(default, choices, desc):
+    """An input taking one of ``choices``, ``default`` unless set."""
+    return traits.Enum(default, *(c for c in choices if c != default), usedefault=True, desc=desc)
 
 
 def _defined(value):
@@ -249,8 +256,8 @@ class _TotalFieldInputSpec(_QSMInputSpec):
     magnitude_file = File(exists=True, mandatory=True, desc="4D magnitude")
     phase_file = File(exists=True, mandatory=True, desc="4D phase (rad)")
     echo_times_s = traits.List(traits.Float, mandatory=True, desc="echo times (s)")
-    bipolar = traits.Enum("auto", "on", "off", usedefault=True,
-                          desc="odd/even echo phase correction (metaqsm_bids.qsm.field.bipolar.correct_bipolar)")
+    bipolar = _choice(DEFAULT_BIPOLAR, BIPOLAR_MODES,
+                      desc="odd/even echo phase correction (metaqsm_bids.qsm.field.bipolar.correct_bipolar)")
 
 
 class _TotalFieldOutputSpec(TraitedSpec):
@@ -292,8 +299,8 @@ class _R2StarMapInputSpec(_QSMInputSpec):
     magnitude_file = File(exists=True, mandatory=True, desc="4D magnitude (echo last)")
     mask_file = File(exists=True, mandatory=True, desc="brain mask: R2* and T2* are 0 outside it")
     echo_times_s = traits.List(traits.Float, mandatory=True, minlen=2, desc="echo times (s), two or more")
-    method = traits.Enum(*R2STAR_METHODS, usedefault=True,
-                         desc="fit of three or more echoes (metaqsm_bids.qsm.field.relaxometry)")
+    method = _choice(DEFAULT_R2STAR_METHOD, R2STAR_METHODS,
+                     desc="fit of three or more echoes (metaqsm_bids.qsm.field.relaxometry)")
 
 
 class _R2StarMapOutputSpec(TraitedSpec):
@@ -329,9 +336,8 @@ class _SWIInputSpec(_QSMInputSpec):
     magnitude_file = File(exists=True, mandatory=True, desc="root-sum-of-squares magnitude over echoes")
     local_field_file = File(exists=True, mandatory=True, desc="local field (Hz), 0 outside the QSM mask")
     echo_times_s = traits.List(traits.Float, mandatory=True, minlen=1, desc="echo times (s)")
-    phase_sign = traits.Enum(DEFAULT_SWI_PHASE_SIGN, *(c for c in SWI_PHASE_SIGNS if c != DEFAULT_SWI_PHASE_SIGN),
-                             usedefault=True,
-                             desc="sign of the SWI phase the mask darkens (metaqsm_bids.qsm.field.swi)")
+    phase_sign = _choice(DEFAULT_SWI_PHASE_SIGN, SWI_PHASE_SIGNS,
+                         desc="sign of the SWI phase the mask darkens (metaqsm_bids.qsm.field.swi)")
     slab_mm = traits.Float(MIP_SLAB_MM, usedefault=True, desc="thickness (mm) of the mIP's slab")
 
 
@@ -364,8 +370,8 @@ class SWI(_QSMInterface):
 class _ChiReferenceInputSpec(_QSMInputSpec):
     chimap_file = File(exists=True, mandatory=True, desc="susceptibility (ppm) from the inversion")
     mask_file = File(exists=True, mandatory=True, desc="the QSM mask")
-    region = traits.Enum(DEFAULT_REFERENCE, *(c for c in REFERENCE_CHOICES if c != DEFAULT_REFERENCE), usedefault=True,
-                         desc="reference region (metaqsm_bids.qsm.reference)")
+    region = _choice(DEFAULT_REFERENCE, REFERENCE_CHOICES,
+                     desc="reference region (metaqsm_bids.qsm.reference)")
     r2star_file = File(exists=True, desc="R2* (1/s): finds the ventricular CSF of region 'csf'")
     field_strength_t = traits.Float(3.0, usedefault=True, desc="B0 (T), which CSF's R2* threshold scales with")
 
@@ -457,8 +463,8 @@ class _DipoleInversionInputSpec(_QSMInputSpec):
     field_strength_t = traits.Float(mandatory=True, desc="B0 (T)")
     method = traits.Str(mandatory=True, desc="dipole inversion method (metaqsm_bids.qsm.inversion.registry.INVERSIONS)")
     parameters = traits.Dict(desc="the method's parameters (its spec's defaults for what it lacks)")
-    device = traits.Enum("auto", "cpu", "cuda", usedefault=True,
-                         desc="torch device; 'auto' is resolved on the machine that runs the node")
+    device = _choice(DEFAULT_DEVICE, DEVICE_CHOICES,
+                     desc="torch device; 'auto' is resolved on the machine that runs the node")
 
 
 class _DipoleInversionOutputSpec(TraitedSpec):
