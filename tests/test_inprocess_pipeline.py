@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from metaqsm_bids.cli.parser import build_parser
-from metaqsm_bids.cli.run import qsm_options
+from metaqsm_bids.cli.run import pipeline_settings
 from metaqsm_bids.io.inputs import find_megre_runs, index_dataset
 from metaqsm_bids.io.outputs import output_path
 from metaqsm_bids.sim.dataset import RunSpec, simulate_dataset
-from metaqsm_bids.steps.pipeline import reconstruct
+from metaqsm_bids.steps.pipeline import reconstruct, run_inputs
 
 from .conftest import run_cli
 
@@ -44,20 +44,12 @@ def both(request, tmp_path_factory):
     result = run_cli("metaqsm", bids_dir, out, *ARGS, "-w", root / "work", "--nprocs", "1")
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
 
+    opts = build_parser().parse_args([str(bids_dir), str(out), *ARGS])
     layout, _ = index_dataset(bids_dir)
-    [(_, run)] = find_megre_runs(layout, "01")
-    options = qsm_options(build_parser().parse_args([str(bids_dir), str(out), *ARGS]))
-    settings = {key: options[key] for key in ("bipolar", "bfr", "bfr_params", "inversion", "inversion_params",
-                                              "reference", "r2star_method", "device")}
-
-    def load(files):
-        return [np.asarray(nib.load(path).dataobj) for path in files]
-
-    recon = reconstruct(load(run.magnitude_files), load(run.phase_files), run.echo_times_s,
-                        nib.load(run.magnitude_files[0]).affine, run.field_strength_t, phase_units=run.phase_units,
-                        phase_sign=run.phase_sign.factor, phase_sign_provenance=run.phase_sign.provenance(),
-                        **settings)
-    return out, recon
+    [(_, run)] = find_megre_runs(layout, "01", phase_sign=opts.phase_sign)
+    settings = pipeline_settings(opts)
+    assert set(settings) >= {"bfr", "bfr_params", "inversion", "inversion_params", "bipolar", "reference"}
+    return out, reconstruct(**run_inputs(run), **settings)
 
 
 def _written(out, kind):

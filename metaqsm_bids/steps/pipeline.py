@@ -14,6 +14,7 @@ digit). The benchmarks run it through :func:`local_field_maps` and :func:`suscep
 """
 from dataclasses import dataclass, field, replace
 
+import nibabel as nib
 import numpy as np
 
 from ..qsm.background.registry import DEFAULT_BACKGROUND_REMOVAL
@@ -78,6 +79,24 @@ def _echo_volumes(images):
         image = np.asarray(image)
         volumes += [image[..., n] for n in range(image.shape[3])] if image.ndim == 4 else [image]
     return volumes
+
+
+def run_inputs(run):
+    """The raw inputs of :func:`reconstruct` (a dict of its keyword arguments) for a
+    :class:`~metaqsm_bids.io.inputs.MEGRERun` stored as magnitude and phase: its files' data as the CLI's phase
+    scaling reads them, its echo times, the first magnitude file's affine, its B0 and its phase units and sign."""
+    if not run.magnitude_files:
+        raise ValueError(f"{run.name}: stored as real and imaginary parts; the in-process pipeline takes magnitude "
+                         "and phase")
+
+    def load(files):
+        return [np.asarray(nib.load(path).dataobj) for path in files]
+
+    sign = run.phase_sign
+    return dict(magnitudes=load(run.magnitude_files), phases=load(run.phase_files),
+                echo_times_s=list(run.echo_times_s), affine=nib.load(run.magnitude_files[0]).affine,
+                b0_tesla=run.field_strength_t, phase_units=run.phase_units, phase_sign=sign.factor if sign else 1,
+                phase_sign_provenance=sign.provenance() if sign else {})
 
 
 def local_field_maps(magnitudes, phases, echo_times_s, affine, b0_tesla, *, phase_units=None, phase_sign=1,
