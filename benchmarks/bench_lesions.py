@@ -18,9 +18,12 @@ method's mask and the true brain eroded by one voxel). Modes:
 
 * ``true-local``: each inversion of the TRUE local field on the true brain mask (the inversion's own
   ceiling for these numbers);
-* ``before``: the pipeline's steps in-process as they were before lesions were kept (the reliability
-  map as the QSM mask: PDF fitted and the inversion run on the reliable voxels only);
-* ``pipeline``: the pipeline's steps in-process (:func:`metaqsm_bids.steps.local_field.estimate_local_field`);
+* ``before``: the pipeline's steps in-process as they were before lesions were kept (the pipeline's brain mask
+  and total field, then the reliability map as the QSM mask: PDF fitted and the inversion run on the reliable
+  voxels only);
+* ``pipeline``: the CLI's participant run in-process, default options but ``--inversion``
+  (:func:`metaqsm_bids.steps.pipeline.local_field_maps` then :func:`~metaqsm_bids.steps.pipeline.susceptibility`:
+  the same numbers as ``composed``);
 * ``composed``: the real ``metaqsm`` CLI from the raw phase, default options but ``--inversion``.
 
 Usage: python benchmarks/bench_lesions.py [--cache DIR] [--protocols ...] [--inversions tkd metaqsm]
@@ -41,18 +44,17 @@ from qsm_ci.qsm_eval import calcification_metrics
 from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_stages import _invert, mask_stage, score  # noqa: E402
+from bench_stages import _invert, pipeline_inputs, score  # noqa: E402
 from qsmforward_heads import PROTOCOLS, SUBJECT, simulate  # noqa: E402
 from score import read_output  # noqa: E402
 
 from metaqsm_bids.qsm.background.registry import remove_background  # noqa: E402
 from metaqsm_bids.qsm.core import physics  # noqa: E402
-from metaqsm_bids.qsm.field.echofit import fit_total_field  # noqa: E402
 from metaqsm_bids.qsm.field.reliability import reliable_voxels  # noqa: E402
 from metaqsm_bids.qsm.inversion.consistency import DEFAULT_LAMBDA  # noqa: E402
 from metaqsm_bids.qsm.inversion.registry import INVERSIONS  # noqa: E402
 from metaqsm_bids.sim.mni_head import LESIONS, mni_head  # noqa: E402
-from metaqsm_bids.steps.local_field import estimate_local_field  # noqa: E402
+from metaqsm_bids.steps.pipeline import local_field_maps, susceptibility  # noqa: E402
 
 SHELL_MM = 5.0
 WHOLE_BRAIN = ("nrmse", "hfen", "xsim", "nrmse_blood", "calc_streak")
@@ -138,32 +140,33 @@ def main(argv=None):
             print(f"\n== {name}: {sim.chi_ppm.shape} voxels of {tuple(sim.protocol.voxel_mm)} mm", flush=True)
             maps = {}  # (mode, inversion) -> (chi, mask, seconds)
 
+            def parameters(method):
+                """The inversion's parameters: the networks' data-consistency step as ``--network-data-consistency``."""
+                return INVERSIONS[method].own({"data_consistency_lambda": args.network_data_consistency or None})
+
             def invert(method, local_hz, mask):
-                """The CLI's inversion step, the networks' data-consistency step as ``--network-data-consistency``."""
-                parameters = INVERSIONS[method].own({"data_consistency_lambda": args.network_data_consistency or None})
-                return _invert(method, local_hz, mask, voxel, b0_dir, rss, tes, parameters, {})
+                """The CLI's inversion step."""
+                return _invert(method, local_hz, mask, voxel, b0_dir, rss, tes, parameters(method), {})
             if "true-local" in args.modes:
                 for method in args.inversions:
                     start = time.perf_counter()
                     chi = invert(method, sim.local_field_hz, sim.brain_mask)
                     maps["true-local", method] = chi, sim.brain_mask, time.perf_counter() - start
             if {"before", "pipeline"} & set(args.modes):
-                mask = mask_stage(sim, voxel)[1]
-                fit = fit_total_field(sim.magnitude, sim.phase_rad, tes, voxel)
-                fields = {}
+                pipeline = local_field_maps(**pipeline_inputs(sim))  # the CLI's defaults: PDF
                 if "before" in args.modes:
-                    reliable = reliable_voxels(mask, rss, fit.residual_rad)
-                    bfr = remove_background("pdf", fit.field_hz, reliable, voxel, b0_dir, magnitude=rss)
-                    fields["before"] = bfr.local_field, bfr.mask
-                if "pipeline" in args.modes:
-                    out = estimate_local_field("pdf", fit.field_hz, mask, rss, voxel, b0_dir,
-                                               residual_rad=fit.residual_rad)
-                    fields["pipeline"] = out.local_field, out.qsm_mask
-                for mode, (local_hz, qsm_mask) in fields.items():
+                    reliable = reliable_voxels(pipeline.brain_mask, pipeline.magnitude_rss, pipeline.fit_residual_rad)
+                    bfr = remove_background("pdf", pipeline.total_field_hz, reliable, voxel, b0_dir,
+                                            magnitude=pipeline.magnitude_rss)
                     for method in args.inversions:
                         start = time.perf_counter()
-                        chi = invert(method, local_hz, qsm_mask)
-                        maps[mode, method] = chi, qsm_mask, time.perf_counter() - start
+                        chi = invert(method, bfr.local_field, bfr.mask)
+                        maps["before", method] = chi, bfr.mask, time.perf_counter() - start
+                if "pipeline" in args.modes:
+                    for method in args.inversions:
+                        start = time.perf_counter()
+                        chi = susceptibility(pipeline, inversion=method, inversion_params=parameters(method)).chimap
+                        maps["pipeline", method] = chi, pipeline.qsm_mask, time.perf_counter() - start
             if "composed" in args.modes:
                 for method in args.inversions:
                     maps["composed", method] = run_cli(sim, method, Path(args.cache) / f"{name}-lesions" / "cli")

@@ -17,9 +17,11 @@ deep grey nuclei and a calcification; shim field and phase offset on, peak SNR 1
   harmonic methods: RESHARP applied to the true local field itself;
 * **inversion, isolated**: fed the true local field on the true brain mask, each inversion
   scored with ``qsm_ci.qsm_eval.challenge_metrics``;
-* **pipeline**: the CLI's steps run in this process from the raw phase (mask, echo fit, the local-field
-  step: reliability map, ``--pipeline-bfr``, completion; each inversion), beside TKD from the true total field with the same
-  background removal;
+* **pipeline**: the CLI's participant run in this process from the raw files
+  (:func:`metaqsm_bids.steps.pipeline.local_field_maps`: phase scaling, brain mask, echo fit, reliability map,
+  ``--pipeline-bfr``, completion; then :func:`~metaqsm_bids.steps.pipeline.susceptibility` per inversion: the
+  inversion and the reference, the CLI's defaults), beside TKD from the true total field with the same background
+  removal; the same numbers as ``composed`` (tests/test_inprocess_pipeline.py);
 * **composed**: the real ``metaqsm`` CLI from the raw phase, one run per inversion (upstream steps
   cached by nipype between them), scored the same way inside its QSM mask.
 
@@ -65,16 +67,19 @@ from qsmforward_heads import B0_TESLA, PROTOCOLS, SUBJECT, simulate  # noqa: E40
 from score import read_output  # noqa: E402
 
 from metaqsm_bids.cli.parser import build_parser  # noqa: E402
+from metaqsm_bids.io.inputs import find_megre_runs, index_dataset  # noqa: E402
 from metaqsm_bids.qsm.background.registry import BACKGROUND_REMOVALS  # noqa: E402
 from metaqsm_bids.qsm.core import physics  # noqa: E402
-from metaqsm_bids.qsm.field.echofit import fit_total_field  # noqa: E402
 from metaqsm_bids.qsm.inversion.consistency import data_consistency  # noqa: E402
 from metaqsm_bids.qsm.inversion.registry import INVERSIONS, NETWORK_INVERSIONS  # noqa: E402
 from metaqsm_bids.qsm.inversion.tkd import tkd  # noqa: E402
 from metaqsm_bids.qsm.network.models import ORIENTATIONS  # noqa: E402
-from metaqsm_bids.qsm.mask.brain import brain_mask, remove_extracerebral_csf  # noqa: E402
+from metaqsm_bids.qsm.mask.brain import brain_mask  # noqa: E402
+from metaqsm_bids.steps.brain_mask import compute_brain_mask, magnitude_rss  # noqa: E402
 from metaqsm_bids.steps.inversion import invert_local_field  # noqa: E402
-from metaqsm_bids.steps.local_field import estimate_local_field, remove_background_field  # noqa: E402
+from metaqsm_bids.steps.local_field import remove_background_field  # noqa: E402
+from metaqsm_bids.steps.pipeline import local_field_maps, run_inputs, susceptibility  # noqa: E402
+from metaqsm_bids.steps.total_field import estimate_total_field  # noqa: E402
 
 DEPTH_BINS_MM = (0, 2, 4, 6, 10, 20, 1000)
 METRICS = ("nrmse", "hfen", "xsim", "correlation", "dgm_linearity", "nrmse_blood", "calc_streak")
@@ -119,11 +124,12 @@ def dice(a, b):
 
 
 def mask_stage(sim, voxel):
-    """The pipeline's brain mask (threshold + morphology, then the CSF rim dropped by R2*) against the truth."""
-    rss = np.sqrt((sim.magnitude ** 2).sum(-1))
+    """The pipeline's brain mask (:func:`~metaqsm_bids.steps.brain_mask.compute_brain_mask`: threshold + morphology,
+    then the CSF rim dropped by R2*) against the truth, beside its first part (the magnitude's mask) alone."""
     brain = sim.brain_mask
-    magnitude_mask = brain_mask(rss, voxel)
-    mask, _ = remove_extracerebral_csf(magnitude_mask, sim.magnitude, sim.protocol.echo_times_s, voxel, B0_TESLA)
+    axial = physics.axial_axis(sim.affine)
+    magnitude_mask = brain_mask(magnitude_rss(sim.magnitude), voxel, axial_axis=axial)
+    mask, _ = compute_brain_mask(sim.magnitude, voxel, sim.protocol.echo_times_s, B0_TESLA, axial_axis=axial)
     rows = {}
     for name, m in (("magnitude", magnitude_mask), ("pipeline", mask)):
         rows[name] = {"dice": dice(m, brain), "extra": float(np.count_nonzero(m & ~brain) / brain.sum()),
@@ -210,30 +216,38 @@ def inversion_stage(sim, voxel, b0_dir, methods, rss, lambdas, orientations, met
     return rows
 
 
+def pipeline_inputs(sim):
+    """The raw inputs of :func:`metaqsm_bids.steps.pipeline.reconstruct` for the simulation's BIDS run, read as the
+    CLI reads them (the ``composed`` stage's input; the phase sign as the CLI's default resolves it)."""
+    layout, _ = index_dataset(sim.bids_dir)
+    [(_, run)] = find_megre_runs(layout, SUBJECT["subject"], phase_sign=build_parser().get_default("phase_sign"))
+    if isinstance(run, Exception):
+        raise run
+    return run_inputs(run)
+
+
 def pipeline_stage(sim, voxel, b0_dir, methods, bfr_method, resharp_radius_mm, lambdas, orientations,
                    metaqsm_model=None, network_lambda=None):
-    """The CLI's steps in this process, from raw phase (what ``composed`` runs through the CLI, minus the I/O)."""
-    tes = sim.protocol.echo_times_s
-    rss = np.sqrt((sim.magnitude ** 2).sum(-1)).astype(np.float32)
+    """The CLI's participant run in this process, from the raw files (what ``composed`` runs through the CLI, minus
+    the I/O): :func:`~metaqsm_bids.steps.pipeline.local_field_maps` once, then
+    :func:`~metaqsm_bids.steps.pipeline.susceptibility` per inversion (and network setting)."""
     start = time.perf_counter()
-    mask = mask_stage(sim, voxel)[1]
-    fit = fit_total_field(sim.magnitude, sim.phase_rad, tes, voxel)
-    bfr = estimate_local_field(bfr_method, fit.field_hz, mask, rss, voxel, b0_dir, residual_rad=fit.residual_rad,
-                               parameters=_bfr_parameters(bfr_method, resharp_radius_mm))
-    reliable = bfr.reliable
+    fields = local_field_maps(**pipeline_inputs(sim), bfr=bfr_method,
+                              bfr_params=_bfr_parameters(bfr_method, resharp_radius_mm))
+    mask, qsm_mask, rss, tes = fields.brain_mask, fields.qsm_mask, fields.magnitude_rss, fields.echo_times_s
     upstream = time.perf_counter() - start
-    local_ppm = physics.field_hz_to_ppm(bfr.local_field, B0_TESLA)
+    local_ppm = physics.field_hz_to_ppm(fields.local_field_hz, B0_TESLA)
     rows = {}
     common = {"dice": dice(mask, sim.brain_mask),
-              "coverage": float(np.count_nonzero(bfr.qsm_mask & sim.brain_mask) / sim.brain_mask.sum()),
-              "excluded": float(np.count_nonzero(mask & ~reliable) / mask.sum())}
+              "coverage": float(np.count_nonzero(qsm_mask & sim.brain_mask) / sim.brain_mask.sum()),
+              "excluded": float(np.count_nonzero(mask & ~fields.reliable_mask) / mask.sum())}
     for method in methods:
         for name, parameters, options in _variants(method, orientations, metaqsm_model, network_lambda):
             start = time.perf_counter()
-            chi = _invert(method, bfr.local_field, bfr.qsm_mask, voxel, b0_dir, rss, tes, parameters, options)
-            rows[name] = {**score(chi, sim, bfr.qsm_mask), **common,
-                          "seconds": upstream + time.perf_counter() - start}
-            rows.update(_consistency_rows(method, chi, local_ppm, bfr.qsm_mask, voxel, b0_dir, lambdas, sim, common))
+            chi = susceptibility(fields, inversion=method, inversion_params=parameters,
+                                 inversion_options=options).chimap
+            rows[name] = {**score(chi, sim, qsm_mask), **common, "seconds": upstream + time.perf_counter() - start}
+            rows.update(_consistency_rows(method, chi, local_ppm, qsm_mask, voxel, b0_dir, lambdas, sim, common))
     # the yardstick: the same background removal and inversion from the true total field and true mask
     truth = remove_background_field(bfr_method, sim.total_field_hz, sim.brain_mask, voxel, b0_dir, magnitude=rss,
                                     parameters=_bfr_parameters(bfr_method, resharp_radius_mm))
@@ -328,7 +342,7 @@ def main(argv=None):
                   f"brain {int(sim.brain_mask.sum())} voxels (simulated/loaded in {time.perf_counter() - start:.0f} s)")
             res = results[name] = {}
             if "field" in args.stages:
-                fit = fit_total_field(sim.magnitude, sim.phase_rad, protocol.echo_times_s, voxel)
+                fit = estimate_total_field(sim.magnitude, sim.phase_rad, protocol.echo_times_s, voxel)
                 res["field"] = field_stage(sim, voxel, fit)
                 f = res["field"]
                 print(f"  field: relative error {f['relative_error']:.3f}, correlation {f['correlation']:.4f}, "

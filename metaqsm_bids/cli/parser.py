@@ -6,9 +6,11 @@ from pathlib import Path
 
 from .. import __version__
 from ..qsm.background.registry import BACKGROUND_REMOVALS, DEFAULT_BACKGROUND_REMOVAL
-from ..qsm.field.bipolar import BIPOLAR_THRESHOLD_RAD
+from ..qsm.field.bipolar import BIPOLAR_MODES, BIPOLAR_THRESHOLD_RAD, DEFAULT_BIPOLAR
+from ..qsm.field.relaxometry import DEFAULT_METHOD as DEFAULT_R2STAR_METHOD, METHOD_CHOICES as R2STAR_METHODS
 from ..qsm.field.phase_sign import PHASE_SIGN_CHOICES
 from ..qsm.inversion.registry import DEFAULT_INVERSION, INVERSIONS
+from ..qsm.network.device import DEFAULT_DEVICE, DEVICE_CHOICES
 from ..qsm.field.swi import DEFAULT_SWI_PHASE_SIGN, MIP_SLAB_MM, SWI_MASK_POWER, SWI_PHASE_SIGNS, SWI_TARGET_TE_S
 from ..qsm.reference import DEFAULT_REFERENCE, REFERENCE_CHOICES
 from .plugins import plugin_settings
@@ -133,7 +135,7 @@ def build_parser():
                          help="sign of the stored phase relative to metaqsm's convention (phase = phi0 + 2 pi f TE, "
                               "f > 0 in paramagnetic tissue): 'auto' negates it for Manufacturer Siemens and "
                               "Philips, keeps it for GE, and keeps it with a warning for any other vendor")
-    scanner.add_argument("--bipolar", choices=["auto", "on", "off"], default="auto",
+    scanner.add_argument("--bipolar", choices=BIPOLAR_MODES, default=DEFAULT_BIPOLAR,
                          help="odd/even echo phase error of bipolar (alternating) readouts, an offset plus a linear "
                               "gradient: 'auto' estimates it with 3+ equally spaced echoes and removes it when it "
                               f"exceeds {BIPOLAR_THRESHOLD_RAD} rad somewhere in the brain; 'on' always removes it")
@@ -142,7 +144,7 @@ def build_parser():
     _add_method_arguments(qsm, "--inversion", INVERSIONS, DEFAULT_INVERSION, "dipole inversion")
     _add_method_arguments(qsm, "--bfr", BACKGROUND_REMOVALS, DEFAULT_BACKGROUND_REMOVAL,
                           "background field removal")
-    qsm.add_argument("--r2star-method", choices=["loglinear", "arlo"], default="loglinear",
+    qsm.add_argument("--r2star-method", choices=R2STAR_METHODS, default=DEFAULT_R2STAR_METHOD,
                      help="fit of the R2*/T2* maps with 3+ echoes: 'loglinear' (least squares of log |S| weighted "
                           "by |S|^2, any echo spacing) or 'arlo' (Pei et al. 2015; equally spaced echoes, else "
                           "loglinear); 2 echoes take the closed form, 1 echo gives no R2* map")
@@ -182,7 +184,7 @@ def build_parser():
                            "(as in fMRIPrep); overrides the MultiProc/Linear choice of --nprocs")
     perf.add_argument("--omp-nthreads", type=int, default=None,
                       help="threads per process for FFTs and torch (default: --nprocs, capped at 8)")
-    perf.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    perf.add_argument("--device", choices=DEVICE_CHOICES, default=DEFAULT_DEVICE,
                       help="where torch-based inversions run; auto = CUDA when available")
     perf.add_argument("--stop-on-first-crash", action="store_true",
                       help="stop at the first failing participant instead of processing the rest")

@@ -301,6 +301,17 @@ def qsm_options(opts):
                 swi_phase_sign=opts.swi_phase_sign, mip_slab_mm=opts.mip_slab_mm)
 
 
+def pipeline_settings(opts):
+    """The keyword arguments of :func:`~metaqsm_bids.steps.pipeline.reconstruct` (the in-process pipeline) that the
+    parsed ``opts`` give: those of :func:`qsm_options` it takes, so that it runs what the CLI runs."""
+    from inspect import signature
+
+    from ..steps.pipeline import reconstruct
+
+    taken = signature(reconstruct).parameters
+    return {name: value for name, value in qsm_options(opts).items() if name in taken}
+
+
 def run_participant(opts):
     """Participant level: reconstruct every selected run; one failure does not stop the others."""
     from nipype import config as nipype_config

@@ -23,19 +23,18 @@ from nipype.interfaces.base import (
 )
 
 from ..qsm.core import physics
-from ..qsm.field.bipolar import correct_bipolar
-from ..qsm.field.echofit import fit_total_field
-from ..qsm.field.phase import echoes_to_rad
-from ..qsm.field.phase_sign import apply_phase_sign
-from ..qsm.field.relaxometry import METHOD_CHOICES as R2STAR_METHODS, estimate_r2star
+from ..qsm.field.bipolar import BIPOLAR_MODES, DEFAULT_BIPOLAR
+from ..qsm.field.relaxometry import DEFAULT_METHOD as DEFAULT_R2STAR_METHOD, METHOD_CHOICES as R2STAR_METHODS
 from ..qsm.field.swi import DEFAULT_SWI_PHASE_SIGN, MIP_SLAB_MM, SWI_PHASE_SIGNS, swi
-from ..qsm.mask.brain import (CSF_R2STAR_HZ_AT_3T, CSF_S0_FRACTION, CSF_S0_RIM_MM, brain_mask,
-                              remove_extracerebral_csf)
+from ..qsm.network.device import DEFAULT_DEVICE, DEVICE_CHOICES
+from ..qsm.reference import DEFAULT_REFERENCE, REFERENCE_CHOICES
+from ..steps.brain_mask import compute_brain_mask
 from ..steps.inversion import invert_local_field
-from ..qsm.reference import (CSF_MIN_DEPTH_FRACTION, CSF_MIN_PIECE_FRACTION, DEFAULT_REFERENCE, REFERENCE_CHOICES,
-                             reference_chi)
-from ..steps.local_field import estimate_local_field
-
+from ..steps.local_field import estimate_local_field, reliability_map
+from ..steps.phase import complex_to_polar, scale_phase
+from ..steps.reference import reference_susceptibility
+from ..steps.relaxometry import r2star_maps
+from ..steps.total_field import estimate_total_field
 
 @contextmanager
 def _threads(n):
@@ -59,6 +58,11 @@ def _load(path, dtype=np.float32):
     """The image at ``path`` and its data as an array of ``dtype``."""
     img = nib.load(path)
     return img, np.asarray(img.dataobj, dtype=dtype)
+
+
+def _choice(default, choices, desc):
+    """An input taking one of ``choices``, ``default`` unless set."""
+    return traits.Enum(default, *(c for c in choices if c != default), usedefault=True, desc=desc)
 
 
 def _defined(value):
@@ -140,9 +144,9 @@ def _load_echo_volumes(files, shape):
 class PrepareMEGRE(_QSMInterface):
     """Stack the echoes as magnitude and phase (rad), from magnitude/phase or real/imaginary files.
 
-    Phase: scaled to radians with one known convention for all echoes
-    (:func:`~metaqsm_bids.qsm.field.phase.echoes_to_rad`), then multiplied by ``phase_sign``
-    (:mod:`metaqsm_bids.qsm.field.phase_sign`). Real/imaginary: ``|S|`` and ``angle(S)``.
+    Phase: scaled to radians with one known convention for all echoes, then multiplied by ``phase_sign``
+    (:func:`~metaqsm_bids.steps.phase.scale_phase`). Real/imaginary: ``|S|`` and ``angle(S)``
+    (:func:`~metaqsm_bids.steps.phase.complex_to_polar`).
     """
 
     input_spec = _PrepareMEGREInputSpec
@@ -153,40 +157,31 @@ class PrepareMEGRE(_QSMInterface):
         first = self.inputs.real_files[0] if complex_parts else self.inputs.magnitude_files[0]
         reference = nib.load(first)
         shape = reference.shape[:3]
+        sign = dict(phase_sign=self.inputs.phase_sign,
+                    phase_sign_provenance=_defined(self.inputs.phase_sign_provenance))
         if complex_parts:
-            reals, real_names = _load_echo_volumes(self.inputs.real_files, shape)
+            reals, _ = _load_echo_volumes(self.inputs.real_files, shape)
             imags, _ = _load_echo_volumes(self.inputs.imag_files, shape)
-            magnitudes = [np.hypot(np.asarray(re, np.float32), np.asarray(im, np.float32)) for re, im in zip(reals, imags)]
-            phases = [np.arctan2(np.asarray(im, np.float64), np.asarray(re, np.float64)) for re, im in zip(reals, imags)]
-            phases = [np.where(p >= np.pi, -np.pi, p).astype(np.float32) for p in phases]
-            names = real_names
-            provenance = {"Method": "magnitude and phase of real + i imaginary", "Input": "part-real, part-imag"}
+            self._check_echo_count(first, reals)
+            echoes = complex_to_polar(reals, imags, **sign)
         else:
             mags, names = _load_echo_volumes(self.inputs.magnitude_files, shape)
             raw_phases, phase_names = _load_echo_volumes(self.inputs.phase_files, shape)
             if len(raw_phases) != len(mags):
                 raise ValueError(f"{self.inputs.phase_files[0]}: {len(raw_phases)} phase volumes but "
                                  f"{len(mags)} magnitude volumes")
-            magnitudes = [np.asarray(m, np.float32) for m in mags]
-            phases, info = echoes_to_rad(raw_phases, self.inputs.phase_units, phase_names)
-            provenance = {"Method": "one known phase convention for all echoes (metaqsm_bids.qsm.field.phase.echoes_to_rad)",
-                          "Input": "part-mag, part-phase",
-                          "PhaseUnits": self.inputs.phase_units or "inferred from range", **info}
-        if len(magnitudes) != self.inputs.n_echoes:
-            raise ValueError(f"{first}: the files hold {len(magnitudes)} echo volumes but the sidecars give "
-                             f"{self.inputs.n_echoes} echo times")
-        for name, mag in zip(names, magnitudes):
-            if mag.min() < 0:
-                raise ValueError(f"{name}: magnitude has negative values (min {float(mag.min()):g}); "
-                                 "is this a real part? name it part-real")
-        phases = [apply_phase_sign(p, self.inputs.phase_sign) for p in phases]
-        self._results["magnitude_file"] = _save(np.stack(magnitudes, -1), reference, "magnitude.nii")
-        self._results["phase_file"] = _save(np.stack(phases, -1), reference, "phase_rad.nii")
-        sign = {"PhaseSignFactor": self.inputs.phase_sign}
-        if isdefined(self.inputs.phase_sign_provenance):
-            sign.update(self.inputs.phase_sign_provenance)
+            self._check_echo_count(first, mags)
+            echoes = scale_phase(mags, raw_phases, self.inputs.phase_units, names=names, phase_names=phase_names,
+                                 **sign)
+        self._results["magnitude_file"] = _save(echoes.magnitude, reference, "magnitude.nii")
+        self._results["phase_file"] = _save(echoes.phase_rad, reference, "phase_rad.nii")
         # what the input lacks (Units, a known vendor) is said once, in the run's Warnings (MEGRERun.warnings)
-        return {**provenance, **sign}
+        return echoes.provenance
+
+    def _check_echo_count(self, first, volumes):
+        if len(volumes) != self.inputs.n_echoes:
+            raise ValueError(f"{first}: the files hold {len(volumes)} echo volumes but the sidecars give "
+                             f"{self.inputs.n_echoes} echo times")
 
 
 class _BrainMaskInputSpec(_QSMInputSpec):
@@ -202,7 +197,8 @@ class _BrainMaskOutputSpec(TraitedSpec):
 
 
 class BrainMask(_QSMInterface):
-    """Brain mask from the root-sum-of-squares magnitude over echoes, or a user's mask."""
+    """Brain mask from the root-sum-of-squares magnitude over echoes
+    (:func:`~metaqsm_bids.steps.brain_mask.compute_brain_mask`), or a user's mask."""
 
     input_spec = _BrainMaskInputSpec
     output_spec = _BrainMaskOutputSpec
@@ -218,29 +214,15 @@ class BrainMask(_QSMInterface):
                 )
             mask = np.asarray(user.dataobj).reshape(img.shape[:3]) > 0
             provenance = {"Method": "user-provided", "File": self.inputs.user_mask_file}
+            if not mask.any():
+                raise ValueError(f"{self.inputs.user_mask_file}: the brain mask is empty")
+            provenance["Voxels"] = int(mask.sum())
         else:
-            voxel_size, _ = _geometry(img)
-            magnitude = np.asarray(img.dataobj, dtype=np.float32)
-            rss = np.sqrt((magnitude ** 2).sum(-1))
-            mask = brain_mask(rss, voxel_size, axial_axis=physics.axial_axis(img.affine))
-            provenance = {"Method": "magnitude threshold + morphology (metaqsm_bids.qsm.mask.brain.brain_mask)",
-                          "Input": "root-sum-of-squares magnitude over echoes"}
-            tes = self.inputs.echo_times_s if isdefined(self.inputs.echo_times_s) else []
-            removed = False
-            if len(tes) > 1:
-                mask, removed = remove_extracerebral_csf(mask, magnitude, tes, voxel_size,
-                                                         b0_tesla=self.inputs.field_strength_t)
-            provenance["ExtracerebralCSF"] = (
-                "removed: voxels with R2* below {:g} s^-1 outside the brain closed by 3 mm, and voxels "
-                "within {:g} mm of its surface with S0 below {:g} x the deep brain's "
-                "(metaqsm_bids.qsm.mask.brain.remove_extracerebral_csf)".format(
-                    CSF_R2STAR_HZ_AT_3T * self.inputs.field_strength_t / 3.0, CSF_S0_RIM_MM,
-                    CSF_S0_FRACTION) if removed
-                else "kept (one echo, or the decay could not tell CSF from tissue)")
-        if not mask.any():
-            raise ValueError(f"{self.inputs.user_mask_file}: the brain mask is empty"
-                             if isdefined(self.inputs.user_mask_file) else "the brain mask is empty")
-        provenance["Voxels"] = int(mask.sum())
+            _, magnitude = _load(self.inputs.magnitude_file)
+            echo_times_s = _defined(self.inputs.echo_times_s) or []
+            mask, provenance = compute_brain_mask(magnitude, _geometry(img)[0], echo_times_s,
+                                                  self.inputs.field_strength_t,
+                                                  axial_axis=physics.axial_axis(img.affine))
         self._results["mask_file"] = _save(mask, img, "brain_mask.nii", np.uint8)
         return provenance
 
@@ -249,8 +231,8 @@ class _TotalFieldInputSpec(_QSMInputSpec):
     magnitude_file = File(exists=True, mandatory=True, desc="4D magnitude")
     phase_file = File(exists=True, mandatory=True, desc="4D phase (rad)")
     echo_times_s = traits.List(traits.Float, mandatory=True, desc="echo times (s)")
-    bipolar = traits.Enum("auto", "on", "off", usedefault=True,
-                          desc="odd/even echo phase correction (metaqsm_bids.qsm.field.bipolar.correct_bipolar)")
+    bipolar = _choice(DEFAULT_BIPOLAR, BIPOLAR_MODES,
+                      desc="odd/even echo phase correction (metaqsm_bids.qsm.field.bipolar.correct_bipolar)")
 
 
 class _TotalFieldOutputSpec(TraitedSpec):
@@ -261,7 +243,8 @@ class _TotalFieldOutputSpec(TraitedSpec):
 
 
 class TotalField(_QSMInterface):
-    """Multi-echo field map: unwrapping + weighted echo fit, phase offset at TE=0 removed.
+    """Multi-echo field map: unwrapping + weighted echo fit, phase offset at TE=0 removed
+    (:func:`~metaqsm_bids.steps.total_field.estimate_total_field`).
 
     Also writes the root-sum-of-squares magnitude over echoes, the weight later steps take."""
 
@@ -269,31 +252,22 @@ class TotalField(_QSMInterface):
     output_spec = _TotalFieldOutputSpec
 
     def _compute(self):
-        mag_img = nib.load(self.inputs.magnitude_file)
-        magnitude = np.asarray(mag_img.dataobj, dtype=np.float32)
-        phase = np.asarray(nib.load(self.inputs.phase_file).dataobj, dtype=np.float32)
-        voxel_size, _ = _geometry(mag_img)
-        phase, bipolar = correct_bipolar(magnitude, phase, self.inputs.echo_times_s, voxel_size, self.inputs.bipolar)
-        fit = fit_total_field(magnitude, phase, self.inputs.echo_times_s, voxel_size)
-        self._results["field_file"] = _save(fit.field_hz, mag_img, "total_field_hz.nii")
-        self._results["magnitude_rss_file"] = _save(np.sqrt((magnitude ** 2).sum(-1)), mag_img, "magnitude_rss.nii")
-        self._results["residual_file"] = _save(fit.residual_rad, mag_img, "fit_residual_rad.nii")
-        provenance = {
-            "Method": "Laplacian unwrapping of the echo-difference field + magnitude-weighted linear fit over echoes"
-            if magnitude.shape[-1] > 1 else "Laplacian unwrapping of a single echo, divided by 2*pi*TE",
-            "EchoTime": list(self.inputs.echo_times_s),
-            "BipolarCorrection": bipolar,
-            "Units": "Hz",
-        }
-        return provenance  # a single echo's offset left in the field: said in the run's Warnings
+        mag_img, magnitude = _load(self.inputs.magnitude_file)
+        _, phase = _load(self.inputs.phase_file)
+        maps = estimate_total_field(magnitude, phase, self.inputs.echo_times_s, _geometry(mag_img)[0],
+                                    self.inputs.bipolar)
+        self._results["field_file"] = _save(maps.field_hz, mag_img, "total_field_hz.nii")
+        self._results["magnitude_rss_file"] = _save(maps.magnitude_rss, mag_img, "magnitude_rss.nii")
+        self._results["residual_file"] = _save(maps.residual_rad, mag_img, "fit_residual_rad.nii")
+        return maps.provenance  # a single echo's offset left in the field: said in the run's Warnings
 
 
 class _R2StarMapInputSpec(_QSMInputSpec):
     magnitude_file = File(exists=True, mandatory=True, desc="4D magnitude (echo last)")
     mask_file = File(exists=True, mandatory=True, desc="brain mask: R2* and T2* are 0 outside it")
     echo_times_s = traits.List(traits.Float, mandatory=True, minlen=2, desc="echo times (s), two or more")
-    method = traits.Enum(*R2STAR_METHODS, usedefault=True,
-                         desc="fit of three or more echoes (metaqsm_bids.qsm.field.relaxometry)")
+    method = _choice(DEFAULT_R2STAR_METHOD, R2STAR_METHODS,
+                     desc="fit of three or more echoes (metaqsm_bids.qsm.field.relaxometry)")
 
 
 class _R2StarMapOutputSpec(TraitedSpec):
@@ -304,7 +278,7 @@ class _R2StarMapOutputSpec(TraitedSpec):
 
 class R2StarMap(_QSMInterface):
     """R2* (1/s) and T2* (s) maps of the multi-echo magnitude in the brain mask
-    (:func:`~metaqsm_bids.qsm.field.relaxometry.estimate_r2star`). Needs two echoes or more: the workflow
+    (:func:`~metaqsm_bids.steps.relaxometry.r2star_maps`). Needs two echoes or more: the workflow
     has no such node for a single echo."""
 
     input_spec = _R2StarMapInputSpec
@@ -313,25 +287,18 @@ class R2StarMap(_QSMInterface):
     def _compute(self):
         img, magnitude = _load(self.inputs.magnitude_file)  # 4D: the node exists for two echoes or more
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
-        result = estimate_r2star(magnitude, self.inputs.echo_times_s, mask=mask, method=self.inputs.method)
-        self._results["r2star_file"] = _save(result.r2star_hz, img, "r2star_hz.nii")
-        self._results["t2star_file"] = _save(result.t2star_s, img, "t2star_s.nii")
-        inside = result.r2star_hz[mask]
-        return {
-            "Method": result.method,
-            **result.parameters,
-            "Input": "magnitude of every echo, in the brain mask",
-            "MedianR2starInMaskHz": round(float(np.median(inside)), 3) if inside.size else None,
-        }
+        r2star, t2star, provenance = r2star_maps(magnitude, self.inputs.echo_times_s, mask, self.inputs.method)
+        self._results["r2star_file"] = _save(r2star, img, "r2star_hz.nii")
+        self._results["t2star_file"] = _save(t2star, img, "t2star_s.nii")
+        return provenance
 
 
 class _SWIInputSpec(_QSMInputSpec):
     magnitude_file = File(exists=True, mandatory=True, desc="root-sum-of-squares magnitude over echoes")
     local_field_file = File(exists=True, mandatory=True, desc="local field (Hz), 0 outside the QSM mask")
     echo_times_s = traits.List(traits.Float, mandatory=True, minlen=1, desc="echo times (s)")
-    phase_sign = traits.Enum(DEFAULT_SWI_PHASE_SIGN, *(c for c in SWI_PHASE_SIGNS if c != DEFAULT_SWI_PHASE_SIGN),
-                             usedefault=True,
-                             desc="sign of the SWI phase the mask darkens (metaqsm_bids.qsm.field.swi)")
+    phase_sign = _choice(DEFAULT_SWI_PHASE_SIGN, SWI_PHASE_SIGNS,
+                         desc="sign of the SWI phase the mask darkens (metaqsm_bids.qsm.field.swi)")
     slab_mm = traits.Float(MIP_SLAB_MM, usedefault=True, desc="thickness (mm) of the mIP's slab")
 
 
@@ -364,8 +331,8 @@ class SWI(_QSMInterface):
 class _ChiReferenceInputSpec(_QSMInputSpec):
     chimap_file = File(exists=True, mandatory=True, desc="susceptibility (ppm) from the inversion")
     mask_file = File(exists=True, mandatory=True, desc="the QSM mask")
-    region = traits.Enum(DEFAULT_REFERENCE, *(c for c in REFERENCE_CHOICES if c != DEFAULT_REFERENCE), usedefault=True,
-                         desc="reference region (metaqsm_bids.qsm.reference)")
+    region = _choice(DEFAULT_REFERENCE, REFERENCE_CHOICES,
+                     desc="reference region (metaqsm_bids.qsm.reference)")
     r2star_file = File(exists=True, desc="R2* (1/s): finds the ventricular CSF of region 'csf'")
     field_strength_t = traits.Float(3.0, usedefault=True, desc="B0 (T), which CSF's R2* threshold scales with")
 
@@ -377,8 +344,9 @@ class _ChiReferenceOutputSpec(TraitedSpec):
 
 
 class ChiReference(_QSMInterface):
-    """The Chimap less its mean over the reference region (:func:`~metaqsm_bids.qsm.reference.reference_chi`):
-    the QSM mask (``brain``), the ventricular CSF found from the R2* map (``csf``) or none."""
+    """The Chimap less its mean over the reference region
+    (:func:`~metaqsm_bids.steps.reference.reference_susceptibility`): the QSM mask (``brain``), the ventricular
+    CSF found from the R2* map (``csf``) or none."""
 
     input_spec = _ChiReferenceInputSpec
     output_spec = _ChiReferenceOutputSpec
@@ -386,23 +354,12 @@ class ChiReference(_QSMInterface):
     def _compute(self):
         img, chi = _load(self.inputs.chimap_file)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
-        region = self.inputs.region
         r2star = _load(self.inputs.r2star_file)[1] if isdefined(self.inputs.r2star_file) else None
-        chi, reference, mean = reference_chi(chi, mask, region, r2star_hz=r2star, voxel_size_mm=_geometry(img)[0],
-                                             b0_tesla=self.inputs.field_strength_t)
+        chi, reference, provenance = reference_susceptibility(chi, mask, self.inputs.field_strength_t,
+                                                              self.inputs.region, r2star_hz=r2star,
+                                                              voxel_size_mm=_geometry(img)[0])
         self._results["chimap_file"] = _save(chi, img, "chimap_referenced_ppm.nii")
-        method = {
-            "brain": "mean over the QSM mask (the whole brain)",
-            "csf": "mean over the ventricular CSF: R2* at most {:g} 1/s deeper than {:g} of the QSM mask's largest "
-                   "depth, connected pieces of at least {:g} of the largest (metaqsm_bids.qsm.reference."
-                   "ventricular_csf)".format(CSF_R2STAR_HZ_AT_3T * self.inputs.field_strength_t / 3.0,
-                                             CSF_MIN_DEPTH_FRACTION, CSF_MIN_PIECE_FRACTION),
-            "none": "none: the inversion's output (mean 0 in the QSM mask, as every inversion sets it)",
-        }[region]
-        provenance = {"Region": region, "Method": method}
-        if region != "none":
-            provenance.update(MeanBeforeReferencingPpm=mean, Voxels=int(reference.sum()))
-        if region == "csf":
+        if self.inputs.region == "csf":
             self._results["reference_mask_file"] = _save(reference, img, "reference_mask.nii", np.uint8)
         return provenance
 
@@ -440,8 +397,9 @@ class BackgroundRemoval(_QSMInterface):
         voxel_size, b0_dir = _geometry(img)
         _, rss = _load(self.inputs.magnitude_file)
         residual = _load(self.inputs.residual_file)[1] if isdefined(self.inputs.residual_file) else None
-        out = estimate_local_field(self.inputs.method, field_hz, brain, rss, voxel_size, b0_dir, residual_rad=residual,
-                                   parameters=_defined(self.inputs.parameters))
+        out = estimate_local_field(self.inputs.method, field_hz, brain, rss, voxel_size, b0_dir,
+                                   parameters=_defined(self.inputs.parameters),
+                                   reliability=reliability_map(brain, rss, residual))
         self._results["local_field_file"] = _save(out.local_field, img, "local_field_hz.nii")
         self._results["mask_file"] = _save(out.qsm_mask, img, "qsm_mask.nii", np.uint8)
         self._results["reliable_mask_file"] = _save(out.reliable, img, "reliable_mask.nii", np.uint8)
@@ -457,8 +415,8 @@ class _DipoleInversionInputSpec(_QSMInputSpec):
     field_strength_t = traits.Float(mandatory=True, desc="B0 (T)")
     method = traits.Str(mandatory=True, desc="dipole inversion method (metaqsm_bids.qsm.inversion.registry.INVERSIONS)")
     parameters = traits.Dict(desc="the method's parameters (its spec's defaults for what it lacks)")
-    device = traits.Enum("auto", "cpu", "cuda", usedefault=True,
-                         desc="torch device; 'auto' is resolved on the machine that runs the node")
+    device = _choice(DEFAULT_DEVICE, DEVICE_CHOICES,
+                     desc="torch device; 'auto' is resolved on the machine that runs the node")
 
 
 class _DipoleInversionOutputSpec(TraitedSpec):

@@ -10,8 +10,11 @@ from ..io.derivatives import raw_uris
 from ..interfaces.qsm import (SWI, BackgroundRemoval, BrainMask, ChiReference, DipoleInversion, PrepareMEGRE, R2StarMap,
                               TotalField)
 from ..qsm.background.registry import BACKGROUND_REMOVALS, DEFAULT_BACKGROUND_REMOVAL
+from ..qsm.field.bipolar import DEFAULT_BIPOLAR
+from ..qsm.field.relaxometry import DEFAULT_METHOD as DEFAULT_R2STAR_METHOD
 from ..qsm.field.swi import DEFAULT_SWI_PHASE_SIGN, MIP_SLAB_MM
 from ..qsm.inversion.registry import DEFAULT_INVERSION, INVERSIONS
+from ..qsm.network.device import DEFAULT_DEVICE
 from ..qsm.reference import DEFAULT_REFERENCE
 from ..qsm.spec import lookup
 from .spaces import init_template_wf
@@ -60,8 +63,9 @@ def _inversion_node(run, inversion, parameters, *, source, device, omp_nthreads,
 
 
 def init_qsm_wf(run, *, bids_dir, output_dir, inversion=DEFAULT_INVERSION, inversion_params=None,
-                bfr=DEFAULT_BACKGROUND_REMOVAL, bfr_params=None, bipolar="auto", user_mask_file=None, device="auto",
-                omp_nthreads=1, output_spaces=None, name=None, r2star_method="loglinear",
+                bfr=DEFAULT_BACKGROUND_REMOVAL, bfr_params=None, bipolar=DEFAULT_BIPOLAR, user_mask_file=None,
+                device=DEFAULT_DEVICE, omp_nthreads=1, output_spaces=None, name=None,
+                r2star_method=DEFAULT_R2STAR_METHOD,
                 reference=DEFAULT_REFERENCE, swi_phase_sign=DEFAULT_SWI_PHASE_SIGN, mip_slab_mm=MIP_SLAB_MM):
     """Build the workflow for one :class:`~metaqsm_bids.io.inputs.MEGRERun`.
 

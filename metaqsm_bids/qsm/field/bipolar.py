@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: ``--bipolar`` choices (:func:`correct_bipolar`'s ``mode``) and the default.
+BIPOLAR_MODES = ("auto", "on", "off")
+DEFAULT_BIPOLAR = "auto"
 #: ``auto`` removes the error when its largest absolute value (rad) over voxels with signal exceeds this:
 #: 0.02 rad is about 5% of the error that changed chi by 0.034 ppm, so below it chi changes by < 0.002 ppm.
 BIPOLAR_THRESHOLD_RAD = 0.02
@@ -127,7 +130,7 @@ def remove_bipolar_error(phase_rad, error, voxel_size_mm):
     return phase
 
 
-def correct_bipolar(magnitude, phase_rad, echo_times_s, voxel_size_mm, mode="auto"):
+def correct_bipolar(magnitude, phase_rad, echo_times_s, voxel_size_mm, mode=DEFAULT_BIPOLAR):
     """Apply the bipolar correction as ``--bipolar`` ``mode`` asks; returns ``(phase, provenance dict)``.
 
     ``off``: nothing. ``on``: estimate and remove (3+ equally spaced echoes needed, else
@@ -135,7 +138,7 @@ def correct_bipolar(magnitude, phase_rad, echo_times_s, voxel_size_mm, mode="aut
     absolute value over the voxels with signal exceeds :data:`BIPOLAR_THRESHOLD_RAD`; with
     fewer or unequally spaced echoes, nothing (it cannot be told from the field).
     """
-    if mode not in ("auto", "on", "off"):
+    if mode not in BIPOLAR_MODES:
         raise ValueError(f"bipolar mode must be 'auto', 'on' or 'off', got {mode!r}")
     if mode == "off":
         return phase_rad, {"Mode": "off", "Applied": False}

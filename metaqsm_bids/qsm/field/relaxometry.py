@@ -63,9 +63,11 @@ def equally_spaced(echo_times_s, rtol=EQUAL_SPACING_RTOL):
 
 #: ``method`` choices of :func:`estimate_r2star` (the fit asked for, with three or more echoes).
 METHOD_CHOICES = ("loglinear", "arlo")
+#: The fit asked for by default (``--r2star-method``).
+DEFAULT_METHOD = "loglinear"
 
 
-def method_for(echo_times_s, method="loglinear"):
+def method_for(echo_times_s, method=DEFAULT_METHOD):
     """The method :func:`estimate_r2star` uses for these echo times when ``method`` is asked for
     (:data:`METHOD_CHOICES`); None for a single echo. ARLO needs 3 or more equally spaced echoes, else
     the weighted log-linear fit; two echoes always take the closed form."""
@@ -179,7 +181,7 @@ def t2star_from_r2star(r2star_hz, mask=None, cap_s=T2STAR_MAX_S):
     return t2.astype(np.float32)
 
 
-def estimate_r2star(magnitude, echo_times_s, mask=None, method="loglinear", r2star_range_hz=R2STAR_RANGE_HZ):
+def estimate_r2star(magnitude, echo_times_s, mask=None, method=DEFAULT_METHOD, r2star_range_hz=R2STAR_RANGE_HZ):
     """R2* and T2* maps of the 4D magnitude (i, j, k, echo) in ``mask`` (all voxels if None).
 
     The method follows ``method`` and the echoes (:func:`method_for`; see the module's docstring); one echo

@@ -1,7 +1,11 @@
 """Choosing the torch device."""
 
+#: ``--device`` choices and the default (``auto``: CUDA when usable, else the CPU).
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DEFAULT_DEVICE = "auto"
 
-def resolve_device(requested="auto"):
+
+def resolve_device(requested=DEFAULT_DEVICE):
     """``auto`` -> ``cuda`` when a CUDA device is usable, else ``cpu``; ``cuda`` without one is an error."""
     import torch
 
