@@ -8,6 +8,8 @@ size; what the second opening cut off is kept when skull and scalp enclose it. A
 radii are in mm, so anisotropic voxels are handled exactly through Euclidean
 distance maps.
 """
+from typing import NamedTuple
+
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -128,6 +130,29 @@ def _axial_brain_mask(magnitude, voxel_size_mm, smoothing_mm, erosion_mm, neck_f
     The extra-cerebral CSF is as bright as tissue and stays in the mask. Raises
     ValueError when no brain is found.
     """
+    image, voxel = _checked_input(magnitude, voxel_size_mm)
+    foreground = _bright_region(image, voxel, smoothing_mm)
+    # work on the foreground's bounding box padded by one background voxel,
+    # so that voxels beyond the array edge count as background
+    box = ndi.find_objects(foreground.astype(np.uint8))[0]
+    region = np.pad(foreground[box], 1)
+    depth = _edt(region, voxel)
+    head = _head(region, voxel, erosion_mm)
+    centre = np.array(head.centre) * head.stride
+    brain = _scalp_cut(region, depth, centre, voxel, erosion_mm)
+    _neck_cut(brain, depth, head, erosion_mm, neck_fraction)
+    brain = _component_nearest(brain, centre, voxel)
+    # the box keeps one background voxel around the brain for the filling
+    inner = _box(brain, (1, 1, 1))
+    brain[inner] = _fill_slices(ndi.binary_fill_holes(brain[inner]))
+
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[box] = brain[1:-1, 1:-1, 1:-1]
+    return mask
+
+
+def _checked_input(magnitude, voxel_size_mm):
+    """``magnitude`` as a float32 array and ``voxel_size_mm`` as a float array, or ValueError where either is unusable."""
     image = np.asarray(magnitude, dtype=np.float32)
     if image.ndim != 3:
         raise ValueError(f"magnitude must be a 3D volume, got shape {image.shape}")
@@ -136,19 +161,30 @@ def _axial_brain_mask(magnitude, voxel_size_mm, smoothing_mm, erosion_mm, neck_f
     voxel = np.asarray(voxel_size_mm, dtype=float)
     if voxel.shape != (3,) or not np.all(voxel > 0):
         raise ValueError(f"voxel_size_mm must be 3 positive lengths, got {voxel_size_mm!r}")
+    return image, voxel
 
+
+def _bright_region(image, voxel, smoothing_mm):
+    """Step 1 of :func:`_axial_brain_mask`: the smoothed image above its Otsu threshold."""
     smooth = ndi.gaussian_filter(image, sigma=smoothing_mm / voxel)
     values = np.minimum(smooth, np.percentile(smooth, 99.9))
     if values.max() <= values.min():
         raise ValueError("magnitude is constant (below its 99.9th percentile): no brain to mask")
-    foreground = smooth > _otsu_threshold(values)
+    return smooth > _otsu_threshold(values)
 
-    # work on the foreground's bounding box padded by one background voxel,
-    # so that voxels beyond the array edge count as background
-    box = ndi.find_objects(foreground.astype(np.uint8))[0]
-    region = np.pad(foreground[box], 1)
-    depth = _edt(region, voxel)
 
+class _Head(NamedTuple):
+    """Step 2 of :func:`_axial_brain_mask`: the head on the coarse grid ``region[::stride]``."""
+
+    stride: np.ndarray  #: coarse grid step (voxels) per axis
+    voxel: np.ndarray  #: the coarse grid's voxel edges (mm)
+    centre: tuple  #: the head's deepest point (coarse voxel index)
+    radius: float  #: its depth (mm)
+    outside: np.ndarray  #: coarse voxels near the background of their slice outside the head
+
+
+def _head(region, voxel, erosion_mm):
+    """Step 2 of :func:`_axial_brain_mask` on ``region`` (the bright region, padded by background)."""
     stride = np.maximum(1, np.floor(max(voxel.max(), _COARSE_MM) / voxel)).astype(int)
     coarse = tuple(slice(None, None, s) for s in stride)
     coarse_voxel = voxel * stride
@@ -163,11 +199,12 @@ def _axial_brain_mask(magnitude, voxel_size_mm, smoothing_mm, erosion_mm, neck_f
     # near the background of each slice outside the head (slices beyond the field of view excluded):
     # within erosion_mm, as the opening's balls may stop short of the skin, and one voxel at least
     outside = _edt(head | ~head.any(axis=(0, 1)), coarse_voxel) <= max(erosion_mm, coarse_voxel.max())
-    outside = outside[crop]
-    centre_coarse = np.unravel_index(np.argmax(head_depth), head_depth.shape)
-    head_radius = head_depth[centre_coarse]
-    centre = np.array(centre_coarse) * stride
+    centre = np.unravel_index(np.argmax(head_depth), head_depth.shape)
+    return _Head(stride, coarse_voxel, centre, head_depth[centre], outside[crop])
 
+
+def _scalp_cut(region, depth, centre, voxel, erosion_mm):
+    """Step 3 of :func:`_axial_brain_mask`: the opening of ``region`` by ``erosion_mm`` nearest ``centre``."""
     core = depth > erosion_mm
     if not core.any():
         raise ValueError(
@@ -178,32 +215,28 @@ def _axial_brain_mask(magnitude, voxel_size_mm, smoothing_mm, erosion_mm, neck_f
     near = _box(core, np.ceil(erosion_mm / voxel).astype(int) + 1)
     brain = np.zeros_like(region)
     brain[near] = (_edt(~core[near], voxel) <= erosion_mm) & region[near]
+    return brain
 
+
+def _neck_cut(brain, depth, head, erosion_mm, neck_fraction):
+    """Step 4 of :func:`_axial_brain_mask`, on ``brain`` in place; ``depth`` is the bright region's."""
+    coarse = tuple(slice(None, None, s) for s in head.stride)
     brain_coarse = brain[coarse]
     depth_coarse = np.where(brain_coarse, depth[coarse], 0.0)
-    radius = min(neck_fraction * head_radius, 0.5 * depth_coarse.max())
+    radius = min(neck_fraction * head.radius, 0.5 * depth_coarse.max())
     cores, _ = ndi.label(depth_coarse > radius)
     # the opening split among the cores: each voxel goes to its nearest core, whose balls can touch
-    to_core, nearest = ndi.distance_transform_edt(cores == 0, sampling=coarse_voxel, return_indices=True)
+    to_core, nearest = ndi.distance_transform_edt(cores == 0, sampling=head.voxel, return_indices=True)
     owner = np.where((to_core <= radius) & brain_coarse, cores[tuple(nearest)], 0)
-    central = owner == owner[_nearest_voxel(cores > 0, centre_coarse, coarse_voxel)]
+    central = owner == owner[_nearest_voxel(cores > 0, head.centre, head.voxel)]
     surface = central & ~ndi.binary_erosion(central)
     # in a skull-stripped image the brain's surface is the head's: no skull, so no neck to cut
-    if np.count_nonzero(surface & outside) < 0.5 * np.count_nonzero(surface):
-        keep = _edt(~central, coarse_voxel) <= erosion_mm
+    if np.count_nonzero(surface & head.outside) < 0.5 * np.count_nonzero(surface):
+        keep = _edt(~central, head.voxel) <= erosion_mm
         thin, _ = ndi.label(brain_coarse & (owner == 0) & ~keep)
         for pieces in (np.where(keep, 0, owner), thin):
-            keep |= (pieces > 0) & ~np.isin(pieces, pieces[outside])
-        brain &= keep[np.ix_(*(np.arange(n) // s for n, s in zip(region.shape, stride)))]
-
-    brain = _component_nearest(brain, centre, voxel)
-    # the box keeps one background voxel around the brain for the filling
-    inner = _box(brain, (1, 1, 1))
-    brain[inner] = _fill_slices(ndi.binary_fill_holes(brain[inner]))
-
-    mask = np.zeros(image.shape, dtype=bool)
-    mask[box] = brain[1:-1, 1:-1, 1:-1]
-    return mask
+            keep |= (pieces > 0) & ~np.isin(pieces, pieces[head.outside])
+        brain &= keep[np.ix_(*(np.arange(n) // s for n, s in zip(brain.shape, head.stride)))]
 
 
 def decay_fit(magnitude, echo_times_s):
