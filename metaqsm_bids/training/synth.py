@@ -263,27 +263,69 @@ def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, condit
     fine_voxel = tuple(v / s for v in voxel)
 
     base, origin_mm, inside_mm = mni_base()
-    # crop frame (mm): centred on a random brain point, rotated, elastically distorted
+    axes, mni = _crop_frame(rng, fine_shape, fine_voxel, inside_mm)
+    gm, wm, csf, brain = _tissue_maps(base, origin_mm, mni, hard_edges)
+    chi, magnitude = _tissue_contrast(rng, gm, wm, csf, mni)
+    if texture_ppm is not None:
+        chi += (gm + wm) * _texture_ppm(fine_shape, fine_voxel, rng, rng.uniform(*texture_ppm), rng.uniform(1.0, 3.0))
+    mask_fine = brain > 0.5
+    _paint_veins(chi, axes, rng, int(rng.integers(0, max_veins + 1)), (0.3, 0.5), magnitude)
+    _paint_shapes(chi, mask_fine, axes, rng, int(rng.integers(0, max_shapes + 1)), lesion_ppm, magnitude)
+    _paint_shapes(None, mask_fine, axes, rng, int(rng.integers(0, 3)), None, magnitude)
+    chi = (chi * mask_fine).numpy()
+    magnitude = (magnitude * _receive_bias(fine_shape, rng)).numpy()
+
+    pad = [n // 4 for n in fine_shape]
+    field = forward_field_ppm(chi, fine_voxel, b0, pad_voxels=pad)
+    if edge_background is not None:
+        edge_sources = _edge_sources(mask_fine.numpy(), fine_voxel, rng)
+        edge_field = forward_field_ppm(edge_sources, fine_voxel, b0, pad_voxels=pad)
+    factor = (s, s, s)
+    mask = _block_mean(mask_fine.numpy().astype(np.float32), factor) > 0.5
+    chi_s = _block_mean(chi, factor)
+    field_s = _block_mean(field, factor) + rng.normal(0, rng.uniform(*noise_ppm), shape)
+    mag_s = _noisy_magnitude(rng, _block_mean(magnitude, factor), mask, magnitude_snr)
+    if mask.any():
+        edge = _block_mean(edge_field, factor) if edge_background is not None else None
+        _add_backgrounds(rng, field_s, mask, voxel, background, edge, edge_background)
+    return Sample(field_ppm=(field_s * mask).astype(np.float32), chi_ppm=(chi_s * mask).astype(np.float32),
+                  mask=mask, voxel_size_mm=voxel, b0_dir=tuple(float(x) for x in b0),
+                  magnitude=(mag_s * mask).astype(np.float32))
+
+
+def _crop_frame(rng, fine_shape, fine_voxel, inside_mm):
+    """The crop's fine-grid axes (mm, centred on the crop) and the MNI mm of every fine voxel (three tensors):
+    the crop is centred on a random brain point (one of ``inside_mm``), rotated and elastically distorted."""
     axes = [(torch.arange(n, dtype=torch.float32) - (n - 1) / 2) * d for n, d in zip(fine_shape, fine_voxel)]
     centre = inside_mm[rng.integers(len(inside_mm))] + rng.normal(0, 3, 3)
     rot = torch.from_numpy(_rotation(rng, 15.0).astype(np.float32))
     amplitude = rng.uniform(0.0, 4.0)
     coarse = torch.from_numpy(rng.normal(0, amplitude, (1, 3, 4, 4, 4)).astype(np.float32))
     disp = F.interpolate(coarse, size=fine_shape, mode="trilinear", align_corners=True)[0]
-    mni = []  # MNI mm of every fine voxel
+    mni = []
     for m in range(3):
         mni.append(axes[0].view(-1, 1, 1) * rot[m, 0] + axes[1].view(1, -1, 1) * rot[m, 1]
-               + axes[2].view(1, 1, -1) * rot[m, 2] + disp[m] + float(centre[m]))
+                   + axes[2].view(1, 1, -1) * rot[m, 2] + disp[m] + float(centre[m]))
+    return axes, mni
+
+
+def _tissue_maps(base, origin_mm, mni, hard_edges):
+    """The template's GM, WM, CSF and brain maps (:func:`mni_base`, voxel 0 at ``origin_mm``) sampled at ``mni``;
+    with ``hard_edges`` each voxel one tissue, as a label map gives (the template's soft partial volumes off)."""
     size = base.shape[2:]
     norm = [2 * (g - float(origin_mm[m])) / (size[m] - 1) - 1 for m, g in enumerate(mni)]
     sampled = F.grid_sample(base, torch.stack(norm[::-1], dim=-1)[None], mode="bilinear",
                             padding_mode="zeros", align_corners=True)[0]
     gm, wm, csf, brain = sampled
-    if hard_edges:  # each fine voxel one tissue, as a label map gives (the template's soft partial volumes off)
+    if hard_edges:
         tissue = torch.argmax(torch.stack([csf, wm, gm]), dim=0)
         csf, wm, gm = [(tissue == t).float() * (brain > 0.5) for t in range(3)]
+    return gm, wm, csf, brain
 
-    # random contrast: tissue values and a global gain; the magnitude's tissue intensities
+
+def _tissue_contrast(rng, gm, wm, csf, mni):
+    """Susceptibility and magnitude (tensors) from the tissue maps: random tissue values, the deep grey
+    :data:`NUCLEI` at their MNI positions (``mni``: the MNI mm of each voxel), a random global susceptibility gain."""
     chi = gm * rng.uniform(0.0, 0.05) + wm * rng.uniform(-0.06, -0.01) + csf * rng.uniform(-0.01, 0.01)
     magnitude = gm * rng.uniform(0.7, 1.1) + wm * rng.uniform(0.5, 1.0) + csf * rng.uniform(0.2, 1.2)
     lo = [float(g.min()) for g in mni]
@@ -297,39 +339,28 @@ def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, condit
             chi[q <= 1] = float(rng.uniform(*value_range))
             magnitude[q <= 1] *= float(rng.uniform(0.5, 1.0))  # iron shortens T2*
     chi *= float(rng.uniform(0.6, 1.6))
-    if texture_ppm is not None:
-        chi += (gm + wm) * _texture_ppm(fine_shape, fine_voxel, rng, rng.uniform(*texture_ppm), rng.uniform(1.0, 3.0))
-    mask_fine = brain > 0.5
-    _paint_veins(chi, axes, rng, int(rng.integers(0, max_veins + 1)), (0.3, 0.5), magnitude)
-    _paint_shapes(chi, mask_fine, axes, rng, int(rng.integers(0, max_shapes + 1)), lesion_ppm, magnitude)
-    _paint_shapes(None, mask_fine, axes, rng, int(rng.integers(0, 3)), None, magnitude)
-    chi = (chi * mask_fine).numpy()
-    magnitude = (magnitude * _receive_bias(fine_shape, rng)).numpy()
+    return chi, magnitude
 
-    field = forward_field_ppm(chi, fine_voxel, b0, pad_voxels=[n // 4 for n in fine_shape])
-    if edge_background is not None:
-        edge_field = forward_field_ppm(_edge_sources(mask_fine.numpy(), fine_voxel, rng), fine_voxel, b0,
-                                       pad_voxels=[n // 4 for n in fine_shape])
-    factor = (s, s, s)
-    mask = _block_mean(mask_fine.numpy().astype(np.float32), factor) > 0.5
-    chi_s = _block_mean(chi, factor)
-    field_s = _block_mean(field, factor) + rng.normal(0, rng.uniform(*noise_ppm), shape)
-    mag_s = _block_mean(magnitude, factor)
-    level = float(mag_s[mask].mean()) if mask.any() else 1.0
-    mag_s = np.abs(mag_s + rng.normal(0, level / rng.uniform(*magnitude_snr), shape)) / max(level, 1e-6)
-    if mask.any():
-        field_s -= field_s[mask].mean()
-        rms = float(np.sqrt(np.mean(field_s[mask] ** 2)))
-        field_s += rng.uniform(*background) * rms * _harmonic_background(shape, voxel, mask, rng)
-        if edge_background is not None:
-            edge = _block_mean(edge_field, factor)
-            edge -= edge[mask].mean()
-            edge_rms = float(np.sqrt(np.mean(edge[mask] ** 2)))
-            if edge_rms > 0:
-                field_s += rng.uniform(*edge_background) * rms / edge_rms * edge
-    return Sample(field_ppm=(field_s * mask).astype(np.float32), chi_ppm=(chi_s * mask).astype(np.float32),
-                  mask=mask, voxel_size_mm=voxel, b0_dir=tuple(float(x) for x in b0),
-                  magnitude=(mag_s * mask).astype(np.float32))
+
+def _noisy_magnitude(rng, magnitude, mask, snr_range):
+    """``magnitude`` plus Gaussian noise at a random SNR (mean in ``mask`` over noise s.d.) from ``snr_range``,
+    its absolute value, scaled to a mean of about 1 in ``mask``."""
+    level = float(magnitude[mask].mean()) if mask.any() else 1.0
+    return np.abs(magnitude + rng.normal(0, level / rng.uniform(*snr_range), magnitude.shape)) / max(level, 1e-6)
+
+
+def _add_backgrounds(rng, field, mask, voxel, background, edge, edge_background):
+    """Demean ``field`` in ``mask`` (non-empty) and add to it, in place, a harmonic background and (``edge``
+    not None) the field ``edge`` of the edge sources, at random RMS (ranges ``background`` and
+    ``edge_background``) relative to the field's."""
+    field -= field[mask].mean()
+    rms = float(np.sqrt(np.mean(field[mask] ** 2)))
+    field += rng.uniform(*background) * rms * _harmonic_background(mask.shape, voxel, mask, rng)
+    if edge is not None:
+        edge -= edge[mask].mean()
+        edge_rms = float(np.sqrt(np.mean(edge[mask] ** 2)))
+        if edge_rms > 0:
+            field += rng.uniform(*edge_background) * rms / edge_rms * edge
 
 
 def augment(sample, flips=(), negate=False):
