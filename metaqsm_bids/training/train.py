@@ -337,35 +337,15 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
     cfg = {**DEFAULTS, **cfg}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run_file, last = out / "run.json", out / "last.pt"
+    last = out / "last.pt"
     if resume and last.exists():
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        old = {**LEGACY_DEFAULTS, **ckpt["train_cfg"]}
-        # a key the checkpoint lacks (a run from before that setting existed) counts as changed
-        changed = [k for k in NETWORK_KEYS + ("patch", "batch_size", "seed", "supersample", "init_from", "dc_weight",
-                                              "grad_weight", "tissue_only_fraction", "network_data_consistency",
-                                              "texture_ppm", "hard_edges_fraction", "edge_background",
-                                              "lesion_ppm", "ema")
-                   if k not in old or _norm(old[k]) != _norm(cfg[k])]
-        if changed:
-            raise ValueError(f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}")
-        cfg = {**old, **{k: cfg[k] for k in ("steps", "val_every", "ckpt_every", "reuse")}}
-        model = build_network({k: cfg[k] for k in NETWORK_KEYS})
-        model.load_state_dict(ckpt["model"])
+        cfg, model = _resumed_network(cfg, ckpt)
         step, best, wall = ckpt["step"], ckpt["best_nrmse"], ckpt["wall_s"]
     elif last.exists():
         raise ValueError(f"{out} already holds a run (last.pt): pass --resume to continue it or choose another --out")
     else:
-        torch.manual_seed(cfg["seed"])
-        model = build_network({k: cfg[k] for k in NETWORK_KEYS})
-        if (parent is None) != (cfg["init_from"] is None):
-            raise ValueError("a run from a parent model needs both the parent network and its lineage (init_from)")
-        if parent is not None:
-            if parent.config["input"] != model.config["input"]:
-                parent = widen_input(parent, model.config["input"])  # new input channels start at zero weight
-            if parent.config != model.config:
-                raise ValueError(f"the parent's network settings {parent.config} differ from the run's {model.config}")
-            model.load_state_dict(parent.state_dict())  # the parent's exact (float16-stored) weights, as float32
+        model = _new_network(cfg, parent)
         ckpt, step, best, wall = None, 0, math.inf, 0.0
     model.to(device).train()
     average = None
@@ -377,41 +357,17 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
     optimiser = torch.optim.RMSprop(model.parameters(), lr=cfg["lr"], alpha=cfg["rmsprop_alpha"])
     if ckpt is not None:
         optimiser.load_state_dict(ckpt["optimizer"])
-    run = json.loads(run_file.read_text()) if run_file.exists() else {"train_cfg": cfg, "commands": []}
-    run["train_cfg"] = cfg
-    run["commands"].append({"command": command or " ".join(sys.argv), "start_step": step,
-                            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            "hardware": hardware_description(device)})
-    run_file.write_text(json.dumps(run, indent=2))
+    _record_command(out / "run.json", cfg, command, step, device)
 
     val_set = validation_set(cfg)
-    reg_params = model.regularised_parameters()
     bar = _Progress(step, cfg["steps"], progress)
     offset = cfg["init_from"]["steps"] if cfg["init_from"] else 0  # data and schedule go on from the parent's
     t_start = time.time()
     with open(out / "log.jsonl", "a") as log:
         while step < cfg["steps"]:
-            lr = cfg["lr"] * cfg["lr_decay"] ** ((offset + step) // cfg["lr_decay_steps"])
-            for group in optimiser.param_groups:
-                group["lr"] = lr
-            t0 = time.time()
-            batch = _to(training_batch(cfg, offset + step), device)
-            t_data = time.time() - t0
-            terms = training_loss(predict(model, batch, cfg), batch, cfg)
-            reg = sum(p.pow(2).sum() for p in reg_params)
-            loss = terms["loss"] + cfg["l2"] * reg
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            if average is not None:
-                with torch.no_grad():
-                    for a, p in zip(average.parameters(), model.parameters()):
-                        a.lerp_(p, 1.0 - cfg["ema"])
+            loss = _train_step(model, average, optimiser, cfg, step, offset, device, log)
             step += 1
-            log.write(json.dumps({"step": step, "loss": loss.item(),
-                                  **{k: v.item() for k, v in terms.items() if k != "loss"}, "l2": reg.item(),
-                                  "lr": lr, "data_s": round(t_data, 3), "step_s": round(time.time() - t0, 3)}) + "\n")
-            bar.update(step, loss.item())
+            bar.update(step, loss)
             if step % cfg["val_every"] == 0 or step == cfg["steps"]:
                 log.flush()
                 scored = average if average is not None else model
@@ -426,6 +382,76 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
                 _save(last, model, optimiser, cfg, step, best, wall + time.time() - t_start, None, average)
     bar.close()
     return {"step": step, "best_nrmse": best, "wall_s": wall + time.time() - t_start}
+
+
+#: Settings a resumed run must share with its checkpoint besides :data:`NETWORK_KEYS`: they shape the data or the loss.
+RESUME_FIXED_KEYS = ("patch", "batch_size", "seed", "supersample", "init_from", "dc_weight", "grad_weight",
+                     "tissue_only_fraction", "network_data_consistency", "texture_ppm", "hard_edges_fraction",
+                     "edge_background", "lesion_ppm", "ema")
+
+
+def _resumed_network(cfg, ckpt):
+    """The run's config and network from checkpoint ``ckpt``; only ``steps`` and the cadences come from ``cfg``,
+    any other setting that differs from the checkpoint's is a ValueError."""
+    old = {**LEGACY_DEFAULTS, **ckpt["train_cfg"]}
+    # a key the checkpoint lacks (a run from before that setting existed) counts as changed
+    changed = [k for k in NETWORK_KEYS + RESUME_FIXED_KEYS if k not in old or _norm(old[k]) != _norm(cfg[k])]
+    if changed:
+        raise ValueError(f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}")
+    cfg = {**old, **{k: cfg[k] for k in ("steps", "val_every", "ckpt_every", "reuse")}}
+    model = build_network({k: cfg[k] for k in NETWORK_KEYS})
+    model.load_state_dict(ckpt["model"])
+    return cfg, model
+
+
+def _new_network(cfg, parent):
+    """A new run's network: seeded random weights, or ``parent``'s (its input widened where ``cfg`` asks more)."""
+    torch.manual_seed(cfg["seed"])
+    model = build_network({k: cfg[k] for k in NETWORK_KEYS})
+    if (parent is None) != (cfg["init_from"] is None):
+        raise ValueError("a run from a parent model needs both the parent network and its lineage (init_from)")
+    if parent is not None:
+        if parent.config["input"] != model.config["input"]:
+            parent = widen_input(parent, model.config["input"])  # new input channels start at zero weight
+        if parent.config != model.config:
+            raise ValueError(f"the parent's network settings {parent.config} differ from the run's {model.config}")
+        model.load_state_dict(parent.state_dict())  # the parent's exact (float16-stored) weights, as float32
+    return model
+
+
+def _record_command(run_file, cfg, command, step, device):
+    """Write ``cfg`` to ``run_file`` (run.json) and append this command, its start step, date and hardware."""
+    run = json.loads(run_file.read_text()) if run_file.exists() else {"train_cfg": cfg, "commands": []}
+    run["train_cfg"] = cfg
+    run["commands"].append({"command": command or " ".join(sys.argv), "start_step": step,
+                            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            "hardware": hardware_description(device)})
+    run_file.write_text(json.dumps(run, indent=2))
+
+
+def _train_step(model, average, optimiser, cfg, step, offset, device, log):
+    """The run's step ``step`` (0-based): one optimiser step on batch ``offset + step`` with the learning rate
+    decayed to it, the moving ``average`` (if any) updated, the step's line written to ``log``; returns the loss."""
+    lr = cfg["lr"] * cfg["lr_decay"] ** ((offset + step) // cfg["lr_decay_steps"])
+    for group in optimiser.param_groups:
+        group["lr"] = lr
+    t0 = time.time()
+    batch = _to(training_batch(cfg, offset + step), device)
+    t_data = time.time() - t0
+    terms = training_loss(predict(model, batch, cfg), batch, cfg)
+    reg = sum(p.pow(2).sum() for p in model.regularised_parameters())
+    loss = terms["loss"] + cfg["l2"] * reg
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    if average is not None:
+        with torch.no_grad():
+            for a, p in zip(average.parameters(), model.parameters()):
+                a.lerp_(p, 1.0 - cfg["ema"])
+    log.write(json.dumps({"step": step + 1, "loss": loss.item(),
+                          **{k: v.item() for k, v in terms.items() if k != "loss"}, "l2": reg.item(),
+                          "lr": lr, "data_s": round(t_data, 3), "step_s": round(time.time() - t0, 3)}) + "\n")
+    return loss.item()
 
 
 def _norm(value):
