@@ -125,73 +125,20 @@ def main(argv=None):
     import torch
 
     from ..qsm.network.device import resolve_device
-    from ..training.train import export_model, load_parent, train
+    from ..training.train import export_model, train
 
-    cfg = {
-        "arch": args.arch, "channels": args.channels, "fold": args.fold, "hidden": args.hidden,
-        "conditioning": args.conditioning, "fixed_voxel_size_mm": args.fixed_voxel_size, "input": args.input, "steps": args.steps,
-        "batch_size": args.batch_size, "patch": list(args.patch), "lr": args.lr, "lr_decay": args.lr_decay,
-        "lr_decay_steps": args.lr_decay_steps, "l2": args.l2, "val_every": args.val_every,
-        "ckpt_every": args.ckpt_every, "val_samples": args.val_samples, "seed": args.seed, "reuse": args.reuse,
-        "dc_weight": args.dc_weight, "grad_weight": args.grad_weight,
-        "tissue_only_fraction": args.tissue_only_fraction, "network_data_consistency": args.network_data_consistency,
-        "supersample": args.supersample, "texture_ppm": args.texture_ppm, "hard_edges_fraction": args.hard_edges_fraction,
-        "edge_background": args.edge_background, "lesion_ppm": list(args.lesion_ppm), "ema": args.ema,
-    }
-    parent = None
-    if args.init_from:
-        try:
-            parent, parent_meta, cfg["init_from"] = load_parent(args.init_from)
-        except ValueError as err:
-            print(f"metaqsm-train: --init-from: {err}", file=sys.stderr)
-            return 2
-        given = _given_options(argv, (*ARCHITECTURE_OPTIONS, *SCHEDULE_OPTIONS))
-        widened = "input" in given and extends_input(cfg["input"], parent.config["input"])
-        conflicts = [f"{_option(dest)} {_words(cfg[key])} (the parent's: {_words(parent.config[key])})"
-                     for dest, key in ARCHITECTURE_OPTIONS.items()
-                     if dest in given and _words(cfg[key]) != _words(parent.config[key])
-                     and not (dest == "input" and widened)]
-        if conflicts:
-            print(f"metaqsm-train: --init-from {args.init_from} fixes the architecture; drop or correct "
-                  f"{'; '.join(conflicts)}", file=sys.stderr)
-            return 2
-        cfg.update({key: parent.config[key] for key in ARCHITECTURE_OPTIONS.values() if not (key == "input" and widened)})
-        cfg.update({key: parent_meta["recipe"][key] for key in SCHEDULE_OPTIONS
-                    if key not in given and key in parent_meta["recipe"]})
-    if cfg["arch"] == "mesa" and cfg["fixed_voxel_size_mm"] is None:
-        print("metaqsm-train: --arch mesa needs --fixed-voxel-size", file=sys.stderr)
+    cfg = _config(args)
+    try:
+        parent = _from_parent(cfg, args, argv)
+    except _OptionError as err:
+        print(f"metaqsm-train: {err}", file=sys.stderr)
         return 2
-    for option, fraction in (("--tissue-only-fraction", args.tissue_only_fraction),
-                             ("--hard-edges-fraction", args.hard_edges_fraction)):
-        if not 0.0 <= fraction <= 1.0:
-            print(f"metaqsm-train: {option} must be within 0-1", file=sys.stderr)
-            return 2
-    if not 0.0 <= args.ema < 1.0:
-        print("metaqsm-train: --ema must be 0 (off) or a decay below 1", file=sys.stderr)
-        return 2
-    if not args.lesion_ppm[0] <= args.lesion_ppm[1]:
-        print("metaqsm-train: --lesion-ppm needs LO <= HI", file=sys.stderr)
-        return 2
-    if args.supersample < 1:
-        print("metaqsm-train: --supersample must be 1 or more", file=sys.stderr)
-        return 2
-    for option, value, meaning in (("--edge-background", args.edge_background, "0 (none) or a positive relative RMS"),
-                                   ("--texture", args.texture_ppm, "0 (none) or a positive standard deviation in ppm"),
-                                   ("--network-data-consistency", args.network_data_consistency,
-                                    "0 (off) or a positive number")):
-        if value < 0 or not math.isfinite(value):
-            print(f"metaqsm-train: {option} must be {meaning}", file=sys.stderr)
-            return 2
-    if args.reuse < 1:
-        print("metaqsm-train: --reuse must be 1 or more", file=sys.stderr)
+    error = _option_error(cfg, args)
+    if error:
+        print(f"metaqsm-train: {error}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    multiple = cfg["fold"] * 2 ** (len(cfg["channels"]) - 1)
-    if any(n % multiple for n in args.patch):
-        print(f"metaqsm-train: --patch sizes must be multiples of {multiple} for --fold {cfg['fold']} and "
-              f"{len(cfg['channels'])} levels", file=sys.stderr)
-        return 2
     command = shlex.join(["metaqsm-train", *(sys.argv[1:] if argv is None else argv)])
     try:
         device = resolve_device(args.device)
@@ -207,6 +154,80 @@ def main(argv=None):
         print(f"metaqsm-train: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+class _OptionError(ValueError):
+    """An option the run cannot take (exit status 2)."""
+
+
+def _config(args):
+    """The training config (:data:`~metaqsm_bids.training.train.DEFAULTS`' keys) from the parsed options."""
+    return {
+        "arch": args.arch, "channels": args.channels, "fold": args.fold, "hidden": args.hidden,
+        "conditioning": args.conditioning, "fixed_voxel_size_mm": args.fixed_voxel_size, "input": args.input, "steps": args.steps,
+        "batch_size": args.batch_size, "patch": list(args.patch), "lr": args.lr, "lr_decay": args.lr_decay,
+        "lr_decay_steps": args.lr_decay_steps, "l2": args.l2, "val_every": args.val_every,
+        "ckpt_every": args.ckpt_every, "val_samples": args.val_samples, "seed": args.seed, "reuse": args.reuse,
+        "dc_weight": args.dc_weight, "grad_weight": args.grad_weight,
+        "tissue_only_fraction": args.tissue_only_fraction, "network_data_consistency": args.network_data_consistency,
+        "supersample": args.supersample, "texture_ppm": args.texture_ppm, "hard_edges_fraction": args.hard_edges_fraction,
+        "edge_background": args.edge_background, "lesion_ppm": list(args.lesion_ppm), "ema": args.ema,
+    }
+
+
+def _from_parent(cfg, args, argv):
+    """With ``--init-from``: the parent network, its lineage, architecture and (where not given) schedule set in
+    ``cfg``; None without. An architecture option given that differs from the parent's is an :class:`_OptionError`."""
+    if not args.init_from:
+        return None
+    from ..training.train import load_parent
+
+    try:
+        parent, parent_meta, cfg["init_from"] = load_parent(args.init_from)
+    except ValueError as err:
+        raise _OptionError(f"--init-from: {err}") from err
+    given = _given_options(argv, (*ARCHITECTURE_OPTIONS, *SCHEDULE_OPTIONS))
+    widened = "input" in given and extends_input(cfg["input"], parent.config["input"])
+    conflicts = [f"{_option(dest)} {_words(cfg[key])} (the parent's: {_words(parent.config[key])})"
+                 for dest, key in ARCHITECTURE_OPTIONS.items()
+                 if dest in given and _words(cfg[key]) != _words(parent.config[key])
+                 and not (dest == "input" and widened)]
+    if conflicts:
+        raise _OptionError(f"--init-from {args.init_from} fixes the architecture; drop or correct "
+                           f"{'; '.join(conflicts)}")
+    cfg.update({key: parent.config[key] for key in ARCHITECTURE_OPTIONS.values() if not (key == "input" and widened)})
+    cfg.update({key: parent_meta["recipe"][key] for key in SCHEDULE_OPTIONS
+                if key not in given and key in parent_meta["recipe"]})
+    return parent
+
+
+def _option_error(cfg, args):
+    """What is wrong with the options (the first thing found), or None."""
+    if cfg["arch"] == "mesa" and cfg["fixed_voxel_size_mm"] is None:
+        return "--arch mesa needs --fixed-voxel-size"
+    for option, fraction in (("--tissue-only-fraction", args.tissue_only_fraction),
+                             ("--hard-edges-fraction", args.hard_edges_fraction)):
+        if not 0.0 <= fraction <= 1.0:
+            return f"{option} must be within 0-1"
+    if not 0.0 <= args.ema < 1.0:
+        return "--ema must be 0 (off) or a decay below 1"
+    if not args.lesion_ppm[0] <= args.lesion_ppm[1]:
+        return "--lesion-ppm needs LO <= HI"
+    if args.supersample < 1:
+        return "--supersample must be 1 or more"
+    for option, value, meaning in (("--edge-background", args.edge_background, "0 (none) or a positive relative RMS"),
+                                   ("--texture", args.texture_ppm, "0 (none) or a positive standard deviation in ppm"),
+                                   ("--network-data-consistency", args.network_data_consistency,
+                                    "0 (off) or a positive number")):
+        if value < 0 or not math.isfinite(value):
+            return f"{option} must be {meaning}"
+    if args.reuse < 1:
+        return "--reuse must be 1 or more"
+    multiple = cfg["fold"] * 2 ** (len(cfg["channels"]) - 1)
+    if any(n % multiple for n in args.patch):
+        return (f"--patch sizes must be multiples of {multiple} for --fold {cfg['fold']} and "
+                f"{len(cfg['channels'])} levels")
+    return None
 
 
 if __name__ == "__main__":
