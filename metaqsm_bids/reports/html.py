@@ -143,44 +143,64 @@ def _reliability_figure(run, stats, figure):
 
 
 def _run_section(run, stats, warnings, figures, ranges, output_dir):
-    sidecar = run.provenance
-    parts = [f"<h2 id=\"{_e(run.name)}\">Run {_e(run.name)}</h2>\n", _warnings_html(warnings)]
-    parts.append(
+    """One run's section of the report: its warnings, figures, checks, timings, parameters and files."""
+    return "".join([f"<h2 id=\"{_e(run.name)}\">Run {_e(run.name)}</h2>\n", _warnings_html(warnings),
+                    _figures_html(run, stats, figures, ranges), _checks_html(run, stats), _timings_html(run),
+                    _parameters_html(run.provenance), _files_html(run, output_dir)])
+
+
+def _figures_html(run, stats, figures, ranges):
+    """The run's figures: orthogonal views, and the Chimap, R2* and SWI mIP mosaics and reliability map it has."""
+    parts = [
         f"<figure><img src=\"{_e(figures['overview'])}\" alt=\"orthogonal views of {_e(run.name)}\">"
         "<figcaption>Rows: RSS magnitude with the brain mask (red) and the QSM mask (cyan) outlined; total field "
         f"(Hz, shown on ±{ranges['total_field']:g} Hz) in the brain mask; local field after background "
         f"removal (Hz, ±{ranges['local_field']:g} Hz) in the QSM mask; susceptibility (ppm) on the "
         f"<b>fixed range {ranges['chimap'][0]:g} to {ranges['chimap'][1]:g} ppm</b> in the QSM mask. Views cross "
         "at the centre of the QSM mask, cropped to the brain. Neurological convention: the subject's left is on "
-        "the left.</figcaption></figure>\n")
+        "the left.</figcaption></figure>\n"]
     if "mosaic" in figures:
         parts.append(f"<figure><img src=\"{_e(figures['mosaic'])}\" alt=\"Chimap mosaic of {_e(run.name)}\">"
                      f"<figcaption>Axial Chimap slices on the fixed range {ranges['chimap'][0]:g} to "
                      f"{ranges['chimap'][1]:g} ppm; black is outside the QSM mask.</figcaption></figure>\n")
     if "r2star" in figures:
-        fit = run.sidecars.get("r2star", {}).get("R2starFit", {})
-        low, high = ranges["r2star"]
-        parts.append(f"<figure><img src=\"{_e(figures['r2star'])}\" alt=\"R2* mosaic of {_e(run.name)}\">"
-                     f"<figcaption><b>R2*</b> (<code>R2starmap</code>, 1/s; T2* = 1/R2* in <code>T2starmap</code>, s) "
-                     f"by the {_e(fit.get('Method', 'fit'))} of the {len(fit.get('EchoTime') or [])} echoes' "
-                     f"magnitude, in the brain mask, on the fixed range {low:g} to {high:g} s<sup>-1</sup> (grey "
-                     "matter 15-20, white matter 20-25, iron-rich nuclei 30-50 s<sup>-1</sup> at 3 T; veins and "
-                     "haemorrhages saturate); black is outside the brain mask.</figcaption></figure>\n")
+        parts.append(_r2star_figure(run, figures["r2star"], ranges["r2star"]))
     if "mip" in figures:
-        swi = run.sidecars.get("mip", {})
-        params, slab = swi.get("SWI", {}), swi.get("MinimumIntensityProjection", {})
-        te_ms = 1000 * params["EchoTimeUsed"] if "EchoTimeUsed" in params else None
-        parts.append(f"<figure><img src=\"{_e(figures['mip'])}\" alt=\"SWI mIP mosaic of {_e(run.name)}\">"
-                     "<figcaption><b>SWI minimum-intensity projection</b> (<code>desc-mip_T2starw</code>; the SWI "
-                     "in <code>desc-swi_T2starw</code>, arbitrary units): the RSS magnitude times the phase mask "
-                     f"of the local field at TE {_fmt(te_ms, 'g')} ms "
-                     f"(power {_e(params.get('PhaseMaskPower', 'n/a'))}, {_e(params.get('PhaseMaskSign', 'n/a'))} "
-                     f"phase darkened), minimum over {_fmt(slab.get('SlabThicknessMm'), 'g')} mm slabs; shown on "
-                     f"{ranges['mip'][0]:g} to {ranges['mip'][1]:g} in the brain mask (black outside). Veins "
-                     "are the dark lines.</figcaption></figure>\n")
+        parts.append(_mip_figure(run, figures["mip"], ranges["mip"]))
     if "reliability" in figures:
         parts.append(_reliability_figure(run, stats, figures["reliability"]))
+    return "".join(parts)
 
+
+def _r2star_figure(run, figure, r2star_range):
+    """The R2* mosaic ``figure`` shown on ``r2star_range`` (1/s), captioned with the fit from the run's sidecar."""
+    fit = run.sidecars.get("r2star", {}).get("R2starFit", {})
+    low, high = r2star_range
+    return (f"<figure><img src=\"{_e(figure)}\" alt=\"R2* mosaic of {_e(run.name)}\">"
+            f"<figcaption><b>R2*</b> (<code>R2starmap</code>, 1/s; T2* = 1/R2* in <code>T2starmap</code>, s) "
+            f"by the {_e(fit.get('Method', 'fit'))} of the {len(fit.get('EchoTime') or [])} echoes' "
+            f"magnitude, in the brain mask, on the fixed range {low:g} to {high:g} s<sup>-1</sup> (grey "
+            "matter 15-20, white matter 20-25, iron-rich nuclei 30-50 s<sup>-1</sup> at 3 T; veins and "
+            "haemorrhages saturate); black is outside the brain mask.</figcaption></figure>\n")
+
+
+def _mip_figure(run, figure, mip_range):
+    """The SWI mIP mosaic ``figure`` shown on ``mip_range``, captioned with the SWI settings from the run's sidecar."""
+    swi = run.sidecars.get("mip", {})
+    params, slab = swi.get("SWI", {}), swi.get("MinimumIntensityProjection", {})
+    te_ms = 1000 * params["EchoTimeUsed"] if "EchoTimeUsed" in params else None
+    return (f"<figure><img src=\"{_e(figure)}\" alt=\"SWI mIP mosaic of {_e(run.name)}\">"
+            "<figcaption><b>SWI minimum-intensity projection</b> (<code>desc-mip_T2starw</code>; the SWI "
+            "in <code>desc-swi_T2starw</code>, arbitrary units): the RSS magnitude times the phase mask "
+            f"of the local field at TE {_fmt(te_ms, 'g')} ms "
+            f"(power {_e(params.get('PhaseMaskPower', 'n/a'))}, {_e(params.get('PhaseMaskSign', 'n/a'))} "
+            f"phase darkened), minimum over {_fmt(slab.get('SlabThicknessMm'), 'g')} mm slabs; shown on "
+            f"{mip_range[0]:g} to {mip_range[1]:g} in the brain mask (black outside). Veins "
+            "are the dark lines.</figcaption></figure>\n")
+
+
+def _checks_html(run, stats):
+    """The run's checks table: mask sizes, the reliability map, χ statistics and each registration's Dice."""
     def stat(key, spec, scale=1):
         return _fmt(stats[key] * scale if key in stats else None, spec)
 
@@ -200,16 +220,26 @@ def _run_section(run, stats, warnings, figures, ranges, output_dir):
         rows.append((_e(f"Registration to {template}"), _e(
             f"{', '.join(registration.get('Stages', []))}; Dice of the brain mask with the template's "
             f"{_fmt(registration.get('BrainMaskDice'), '.3f')}")))
-    parts.append("<h3>Checks</h3>\n" + _table(["Quantity", "Value"], rows))
+    return "<h3>Checks</h3>\n" + _table(["Quantity", "Value"], rows)
+
+
+def _timings_html(run):
+    """The run's processing-time table (each step's wall time and what it covers); empty without timings."""
     timings = content.run_timings(run)
-    if timings:
-        total = sum(seconds for _, seconds in timings)
-        rows = [(_e(step), f"{seconds:.2f}", _e(content.STEP_MEASURES.get(step, _template_measure(step))))
-                for step, seconds in timings]
-        rows.append(("<b>total</b>", f"<b>{total:.2f}</b>", "the steps above (not the scheduling between them)"))
-        parts.append("<h3>Processing time</h3>\n<p>Wall time of each step's computation, reading its inputs "
-                     "included: phase scaling is the step that reads the raw, compressed NIfTI files.</p>\n"
-                     + _table(["Step", "Seconds", "What the time covers"], rows, numeric=(1,)))
+    if not timings:
+        return ""
+    total = sum(seconds for _, seconds in timings)
+    rows = [(_e(step), f"{seconds:.2f}", _e(content.STEP_MEASURES.get(step, _template_measure(step))))
+            for step, seconds in timings]
+    rows.append(("<b>total</b>", f"<b>{total:.2f}</b>", "the steps above (not the scheduling between them)"))
+    return ("<h3>Processing time</h3>\n<p>Wall time of each step's computation, reading its inputs "
+            "included: phase scaling is the step that reads the raw, compressed NIfTI files.</p>\n"
+            + _table(["Step", "Seconds", "What the time covers"], rows, numeric=(1,)))
+
+
+def _parameters_html(sidecar):
+    """The parameters and versions table from the run's provenance ``sidecar``, steps in pipeline order; empty
+    without any."""
     rows = []
     for step in [s for s in content.STEP_ORDER if s in sidecar] + sorted(
             k for k, v in sidecar.items() if isinstance(v, dict) and k not in content.STEP_ORDER):
@@ -220,8 +250,11 @@ def _run_section(run, stats, warnings, figures, ranges, output_dir):
         if key in sidecar:
             rows.append(("Acquisition" if key != "SoftwareVersions" else "Software", _e(key),
                          _e(content.format_value(sidecar[key]))))
-    if rows:
-        parts.append("<h3>Parameters and versions</h3>\n" + _table(["Step", "Parameter", "Value"], rows))
+    return "<h3>Parameters and versions</h3>\n" + _table(["Step", "Parameter", "Value"], rows) if rows else ""
+
+
+def _files_html(run, output_dir):
+    """The run's files table: each map (in each space) and transform, linked relative to ``output_dir``."""
     def link(path):
         return f"<a href=\"{_e(path.relative_to(output_dir).as_posix())}\">{_e(path.name)}</a>"
 
@@ -231,8 +264,7 @@ def _run_section(run, stats, warnings, figures, ranges, output_dir):
               for space, paths in sorted(run.spaces.items()) for kind, path in paths.items()]
     files += [(_e(f"transform orig to {template}"), link(path))
               for template, (path, _) in sorted(run.transforms.items())]
-    parts.append("<h3>Files</h3>\n" + _table(["Map", "File"], files))
-    return "".join(parts)
+    return "<h3>Files</h3>\n" + _table(["Map", "File"], files)
 
 
 def _r2star_fit(run):
