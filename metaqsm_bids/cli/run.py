@@ -314,19 +314,24 @@ def pipeline_settings(opts):
 
 def run_participant(opts):
     """Participant level: reconstruct every selected run; one failure does not stop the others."""
-    from nipype import config as nipype_config
-    from nipype import logging as nipype_logging
-
-    from ..io.inputs import (BIDSInputError, bare_label, check_bids_filters, check_participant_folders, index_dataset,
-                          load_bids_filters, participant_labels)
-    from ..io.derivatives import ensure_dataset_description
-    from ..io.validation import validate_input
-    from ..reports import write_subject_report
-    from ..workflows.base import init_metaqsm_wf
-    from .plugins import add_resource_hints, make_runner, stop_runner
-
     _check_writable(opts.output_dir, "output directory")
     _check_writable(opts.work_dir, "work directory")
+    runs_by_subject, user_masks, failed = _select_runs(opts)
+    if failed and opts.stop_on_first_crash:
+        runs_by_subject = {}  # nothing is processed
+    if runs_by_subject:
+        _run_workflow(opts, runs_by_subject, user_masks, failed)
+    _report_subjects(opts, runs_by_subject, failed)
+    return 1 if failed else 0
+
+
+def _select_runs(opts):
+    """The selected runs by subject, the user's masks and the subjects already failed (subject -> reason), after
+    checking the participants' folders, the filters and (unless skipped) validating the dataset."""
+    from ..io.inputs import (bare_label, check_bids_filters, check_participant_folders, index_dataset,
+                             load_bids_filters, participant_labels)
+    from ..io.validation import validate_input
+
     filters = load_bids_filters(opts.bids_filter_file) if opts.bids_filter_file else {}  # before the long indexing
     log_file = _start_log_file(opts.work_dir)
     LOGGER.debug("metaqsm %s; log file %s", " ".join(sys.argv), log_file)
@@ -342,52 +347,71 @@ def run_participant(opts):
     if filters:
         check_bids_filters(filters, opts.bids_filter_file, layout)
     subjects = participant_labels(layout, opts.participant_label)
-    runs_by_subject, user_masks, failed = _collect(opts, layout, subjects, filters, unreadable)
-    if failed and opts.stop_on_first_crash:
-        runs_by_subject = {}  # nothing is processed
+    return _collect(opts, layout, subjects, filters, unreadable)
 
-    if runs_by_subject:
-        try:
-            ensure_dataset_description(opts.output_dir, opts.bids_dir)
-        except OSError as err:
-            raise BIDSInputError(f"{err.filename or opts.output_dir}: cannot write the output directory: "
-                                 f"{err.strerror or err}") from err
-        crash_dir = opts.work_dir / "crash"
-        crash_dir.mkdir(parents=True, exist_ok=True)
-        nipype_config.update_config({
-            "execution": {
-                "crashdump_dir": str(crash_dir),
-                "crashfile_format": "txt",
-                "stop_on_first_crash": opts.stop_on_first_crash,
-                "create_report": False,
-                "write_provenance": False,
-                # nipype's default 2 s scheduler poll dominates small runs (25 s -> 6 s for the demo);
-                # cluster plugins poll the scheduler on their own interval
-                "poll_sleep_duration": 0.1,
-            },
-            "monitoring": {"enabled": False},
-            "logging": {level: ("INFO", "INFO", "DEBUG")[min(opts.verbose, 2)]
-                        for level in ("workflow_level", "interface_level", "utils_level")},
-        })
-        nipype_logging.update_logging(nipype_config)
-        _route_nipype_logging(opts.verbose)
-        wf = init_metaqsm_wf(runs_by_subject, work_dir=opts.work_dir, user_masks=user_masks, **qsm_options(opts))
-        add_resource_hints(wf, opts.plugin)
-        started = time.time() - 1
-        runner = make_runner(opts.plugin, {**opts.plugin_args, "status_callback": _check_stopped})
-        try:
-            wf.run(plugin=runner)
-        except (Stopped, Exception) as err:  # nipype: "Workflow did not execute cleanly" (or the node's error)
-            if _stopped_by:  # stopped; or a step run in this process took the stop for its own failure
-                stop_runner(runner)
-                raise Stopped(_stopped_by[0]) from err
-            reasons = _crash_reasons(crash_dir, started)
-            if not reasons:
-                raise
-            LOGGER.debug("nipype: %s", err, exc_info=True)
-            for subject, reason in reasons.items():
-                failed[subject] = reason
-                runs_by_subject.pop(subject, None)
+
+def _configure_nipype(opts, crash_dir):
+    """nipype's execution (crash files in ``crash_dir``, a short poll), monitoring and logging settings for the run."""
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    nipype_config.update_config({
+        "execution": {
+            "crashdump_dir": str(crash_dir),
+            "crashfile_format": "txt",
+            "stop_on_first_crash": opts.stop_on_first_crash,
+            "create_report": False,
+            "write_provenance": False,
+            # nipype's default 2 s scheduler poll dominates small runs (25 s -> 6 s for the demo);
+            # cluster plugins poll the scheduler on their own interval
+            "poll_sleep_duration": 0.1,
+        },
+        "monitoring": {"enabled": False},
+        "logging": {level: ("INFO", "INFO", "DEBUG")[min(opts.verbose, 2)]
+                    for level in ("workflow_level", "interface_level", "utils_level")},
+    })
+    nipype_logging.update_logging(nipype_config)
+    _route_nipype_logging(opts.verbose)
+
+
+def _run_workflow(opts, runs_by_subject, user_masks, failed):
+    """Build and run the workflow of ``runs_by_subject``; a subject whose step crashed moves from
+    ``runs_by_subject`` to ``failed`` (in place) with the crash's reason."""
+    from ..io.derivatives import ensure_dataset_description
+    from ..io.inputs import BIDSInputError
+    from ..workflows.base import init_metaqsm_wf
+    from .plugins import add_resource_hints, make_runner, stop_runner
+
+    try:
+        ensure_dataset_description(opts.output_dir, opts.bids_dir)
+    except OSError as err:
+        raise BIDSInputError(f"{err.filename or opts.output_dir}: cannot write the output directory: "
+                             f"{err.strerror or err}") from err
+    crash_dir = opts.work_dir / "crash"
+    crash_dir.mkdir(parents=True, exist_ok=True)
+    _configure_nipype(opts, crash_dir)
+    wf = init_metaqsm_wf(runs_by_subject, work_dir=opts.work_dir, user_masks=user_masks, **qsm_options(opts))
+    add_resource_hints(wf, opts.plugin)
+    started = time.time() - 1
+    runner = make_runner(opts.plugin, {**opts.plugin_args, "status_callback": _check_stopped})
+    try:
+        wf.run(plugin=runner)
+    except (Stopped, Exception) as err:  # nipype: "Workflow did not execute cleanly" (or the node's error)
+        if _stopped_by:  # stopped; or a step run in this process took the stop for its own failure
+            stop_runner(runner)
+            raise Stopped(_stopped_by[0]) from err
+        reasons = _crash_reasons(crash_dir, started)
+        if not reasons:
+            raise
+        LOGGER.debug("nipype: %s", err, exc_info=True)
+        for subject, reason in reasons.items():
+            failed[subject] = reason
+            runs_by_subject.pop(subject, None)
+
+
+def _report_subjects(opts, runs_by_subject, failed):
+    """Each subject's report (where it has outputs) and its console line, OK or FAILED with the reason."""
+    from ..reports import write_subject_report
 
     for subject in sorted(set(runs_by_subject) | set(failed)):
         if (opts.output_dir / f"sub-{subject}").exists():
@@ -397,7 +421,6 @@ def run_participant(opts):
             print(f"sub-{subject}: FAILED: {failed[subject]}", file=sys.stderr)
         else:
             print(f"sub-{subject}: OK ({len(runs_by_subject[subject])} run(s)) -> {opts.output_dir}")
-    return 1 if failed else 0
 
 
 def run_group(opts):
