@@ -83,6 +83,12 @@ class _QSMInputSpec(BaseInterfaceInputSpec):
     source_file = traits.Str(desc="input file named in error messages")
 
 
+class _QSMOutputSpec(TraitedSpec):
+    """What every :class:`_QSMInterface` outputs besides its files: the provenance it records."""
+
+    provenance = traits.Dict(desc="method, parameters, diagnostics and ElapsedSeconds, for the derivative sidecars")
+
+
 class _QSMInterface(SimpleInterface):
     """Runs ``_compute`` inside a thread limit and records its wall time in the provenance."""
 
@@ -114,10 +120,9 @@ class _PrepareMEGREInputSpec(_QSMInputSpec):
     phase_sign_provenance = traits.Dict(desc="why that factor (metaqsm_bids.qsm.field.phase_sign.PhaseSign.provenance)")
 
 
-class _PrepareMEGREOutputSpec(TraitedSpec):
+class _PrepareMEGREOutputSpec(_QSMOutputSpec):
     magnitude_file = File(exists=True, desc="4D magnitude (echo last)")
     phase_file = File(exists=True, desc="4D phase in rad (echo last)")
-    provenance = traits.Dict()
 
 
 def _load_echo_volumes(files, shape):
@@ -191,9 +196,8 @@ class _BrainMaskInputSpec(_QSMInputSpec):
     field_strength_t = traits.Float(3.0, usedefault=True, desc="B0 (T), which R2* scales with")
 
 
-class _BrainMaskOutputSpec(TraitedSpec):
+class _BrainMaskOutputSpec(_QSMOutputSpec):
     mask_file = File(exists=True)
-    provenance = traits.Dict()
 
 
 class BrainMask(_QSMInterface):
@@ -235,11 +239,10 @@ class _TotalFieldInputSpec(_QSMInputSpec):
                       desc="odd/even echo phase correction (metaqsm_bids.qsm.field.bipolar.correct_bipolar)")
 
 
-class _TotalFieldOutputSpec(TraitedSpec):
+class _TotalFieldOutputSpec(_QSMOutputSpec):
     field_file = File(exists=True, desc="total field (Hz)")
     magnitude_rss_file = File(exists=True, desc="root-sum-of-squares magnitude over echoes")
     residual_file = File(exists=True, desc="RMS phase residual of the echo fit (rad)")
-    provenance = traits.Dict()
 
 
 class TotalField(_QSMInterface):
@@ -270,10 +273,9 @@ class _R2StarMapInputSpec(_QSMInputSpec):
                      desc="fit of three or more echoes (metaqsm_bids.qsm.field.relaxometry)")
 
 
-class _R2StarMapOutputSpec(TraitedSpec):
+class _R2StarMapOutputSpec(_QSMOutputSpec):
     r2star_file = File(exists=True, desc="R2* (1/s)")
     t2star_file = File(exists=True, desc="T2* (s)")
-    provenance = traits.Dict()
 
 
 class R2StarMap(_QSMInterface):
@@ -302,11 +304,10 @@ class _SWIInputSpec(_QSMInputSpec):
     slab_mm = traits.Float(MIP_SLAB_MM, usedefault=True, desc="thickness (mm) of the mIP's slab")
 
 
-class _SWIOutputSpec(TraitedSpec):
+class _SWIOutputSpec(_QSMOutputSpec):
     swi_file = File(exists=True, desc="SWI (arbitrary units)")
     mip_file = File(exists=True, desc="minimum-intensity projection of the SWI (arbitrary units)")
     mip_parameters = traits.Dict(desc="the projection's slab (sidecar-ready)")
-    provenance = traits.Dict()
 
 
 class SWI(_QSMInterface):
@@ -337,10 +338,9 @@ class _ChiReferenceInputSpec(_QSMInputSpec):
     field_strength_t = traits.Float(3.0, usedefault=True, desc="B0 (T), which CSF's R2* threshold scales with")
 
 
-class _ChiReferenceOutputSpec(TraitedSpec):
+class _ChiReferenceOutputSpec(_QSMOutputSpec):
     chimap_file = File(exists=True, desc="susceptibility (ppm) relative to the region")
     reference_mask_file = File(exists=True, desc="the region, when it is not the QSM mask itself (csf)")
-    provenance = traits.Dict()
 
 
 class ChiReference(_QSMInterface):
@@ -375,11 +375,10 @@ class _BackgroundRemovalInputSpec(_QSMInputSpec):
     parameters = traits.Dict(desc="the method's parameters (its spec's defaults for what it lacks)")
 
 
-class _BackgroundRemovalOutputSpec(TraitedSpec):
+class _BackgroundRemovalOutputSpec(_QSMOutputSpec):
     local_field_file = File(exists=True, desc="local field (Hz) on the QSM mask")
     mask_file = File(exists=True, desc="the QSM mask: where the local field and the susceptibility are defined")
     reliable_mask_file = File(exists=True, desc="the brain mask's voxels that passed the reliability test")
-    provenance = traits.Dict()
 
 
 class BackgroundRemoval(_QSMInterface):
@@ -419,9 +418,8 @@ class _DipoleInversionInputSpec(_QSMInputSpec):
                      desc="torch device; 'auto' is resolved on the machine that runs the node")
 
 
-class _DipoleInversionOutputSpec(TraitedSpec):
+class _DipoleInversionOutputSpec(_QSMOutputSpec):
     chimap_file = File(exists=True, desc="susceptibility (ppm)")
-    provenance = traits.Dict()
 
 
 class DipoleInversion(_QSMInterface):
