@@ -298,3 +298,17 @@ def test_mask_does_not_depend_on_storage_orientation():
     stored = np.transpose(magnitude, (2, 1, 0))
     sagittal = brain_mask(stored, (3.0, 3.0, 3.0), axial_axis=axial_axis(sagittal_affine))
     assert np.array_equal(np.transpose(sagittal, (2, 1, 0)), axial)
+
+
+def test_user_brain_mask_reshapes_names_its_file_and_refuses_an_empty_one():
+    from metaqsm_bids.steps.brain_mask import user_brain_mask
+    stored = np.zeros((4, 5, 6, 1), np.uint8)  # a mask stored with a trailing axis, as some tools write it
+    stored[1:3, 2:4, 3, 0] = 2
+    mask, provenance = user_brain_mask(stored, (4, 5, 6), "mask.nii.gz")
+    assert mask.shape == (4, 5, 6) and mask.dtype == bool and mask.sum() == 4
+    assert provenance == {"Method": "user-provided", "File": "mask.nii.gz", "Voxels": 4}
+    assert user_brain_mask(stored, (4, 5, 6))[1] == {"Method": "user-provided", "Voxels": 4}
+    with pytest.raises(ValueError, match=r"^mask\.nii\.gz: the brain mask is empty$"):
+        user_brain_mask(np.zeros((4, 5, 6)), (4, 5, 6), "mask.nii.gz")
+    with pytest.raises(ValueError, match=r"^the brain mask is empty$"):
+        user_brain_mask(np.zeros((4, 5, 6)), (4, 5, 6))

@@ -28,7 +28,7 @@ from ..qsm.field.relaxometry import DEFAULT_METHOD as DEFAULT_R2STAR_METHOD, MET
 from ..qsm.field.swi import DEFAULT_SWI_PHASE_SIGN, MIP_SLAB_MM, SWI_PHASE_SIGNS, swi
 from ..qsm.network.device import DEFAULT_DEVICE, DEVICE_CHOICES
 from ..qsm.reference import DEFAULT_REFERENCE, REFERENCE_CHOICES
-from ..steps.brain_mask import compute_brain_mask
+from ..steps.brain_mask import compute_brain_mask, user_brain_mask
 from ..steps.inversion import invert_local_field
 from ..steps.local_field import estimate_local_field, reliability_map
 from ..steps.phase import complex_to_polar, scale_phase
@@ -216,11 +216,7 @@ class BrainMask(_QSMInterface):
                     f"{self.inputs.user_mask_file}: mask grid {user.shape[:3]} does not match "
                     f"{self.inputs.source_file} {img.shape[:3]} (shape and affine must agree)"
                 )
-            mask = np.asarray(user.dataobj).reshape(img.shape[:3]) > 0
-            provenance = {"Method": "user-provided", "File": self.inputs.user_mask_file}
-            if not mask.any():
-                raise ValueError(f"{self.inputs.user_mask_file}: the brain mask is empty")
-            provenance["Voxels"] = int(mask.sum())
+            mask, provenance = user_brain_mask(user.dataobj, img.shape[:3], self.inputs.user_mask_file)
         else:
             _, magnitude = _load(self.inputs.magnitude_file)
             echo_times_s = _defined(self.inputs.echo_times_s) or []

@@ -14,6 +14,16 @@ def magnitude_rss(magnitude):
     return np.sqrt((magnitude ** 2).sum(-1))
 
 
+def user_brain_mask(mask, shape, source=None):
+    """``(mask, provenance)`` of a user's brain mask: ``mask`` (any numeric array) reshaped to the run's 3D
+    ``shape``, brain where > 0; ``source`` (its file, if any) is named in the provenance and in the ValueError an
+    empty mask raises."""
+    mask = np.asarray(mask).reshape(shape) > 0
+    if not mask.any():
+        raise ValueError(f"{source}: the brain mask is empty" if source else "the brain mask is empty")
+    return mask, {"Method": "user-provided", **({"File": source} if source else {}), "Voxels": int(mask.sum())}
+
+
 def compute_brain_mask(magnitude, voxel_size_mm, echo_times_s, b0_tesla, axial_axis=2):
     """``(mask, provenance)``: the brain mask (bool) of the 4D ``magnitude`` (echo last) and what its sidecar records.
 

@@ -24,7 +24,7 @@ from ..qsm.field.relaxometry import DEFAULT_METHOD as DEFAULT_R2STAR_METHOD
 from ..qsm.inversion.registry import DEFAULT_INVERSION
 from ..qsm.network.device import DEFAULT_DEVICE
 from ..qsm.reference import DEFAULT_REFERENCE
-from .brain_mask import compute_brain_mask
+from .brain_mask import compute_brain_mask, user_brain_mask
 from .inversion import invert_local_field
 from .local_field import estimate_local_field, reliability_map
 from .phase import scale_phase
@@ -115,10 +115,7 @@ def local_field_maps(magnitudes, phases, echo_times_s, affine, b0_tesla, *, phas
         mask, provenance["BrainMask"] = compute_brain_mask(echoes.magnitude, voxel_size, tes, b0_tesla,
                                                            axial_axis=physics.axial_axis(affine))
     else:
-        mask = np.asarray(brain_mask).reshape(echoes.magnitude.shape[:3]) > 0
-        if not mask.any():
-            raise ValueError("the brain mask is empty")
-        provenance["BrainMask"] = {"Method": "user-provided", "Voxels": int(mask.sum())}
+        mask, provenance["BrainMask"] = user_brain_mask(brain_mask, echoes.magnitude.shape[:3])
     maps = estimate_total_field(echoes.magnitude, echoes.phase_rad, tes, voxel_size, bipolar)
     provenance["TotalField"] = maps.provenance
     reliability = reliability_map(mask, maps.magnitude_rss, maps.residual_rad)
