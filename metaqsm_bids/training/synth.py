@@ -39,6 +39,8 @@ from scipy import ndimage
 
 from ..qsm.core.dipole import forward_field_ppm
 
+#: Range (ppm) of the random shapes' (bleeds', calcifications') susceptibility unless asked otherwise: metaqsm-v3's.
+LESION_PPM = (-0.3, 0.6)
 #: Voxel-size sampling box (mm): the paper's (0.5-1.0, 0.5-1.0, 2.0-4.0) widened to near-isotropic 0.6-1.2 mm.
 VOXEL_RANGE_MM = ((0.5, 1.2), (0.5, 1.2), (0.6, 4.0))
 #: Largest angle (deg) between B0 and the k axis for the voxel+b0 variant.
@@ -240,7 +242,7 @@ def _edge_sources(mask_fine, fine_voxel_mm, rng):
 def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, conditioning="voxel+b0",
                 supersample=2, noise_ppm=(0.0, 0.004), max_shapes=6, max_veins=4, background=(0.0, 0.5),
                 magnitude_snr=(20.0, 200.0), hard_edges=False, texture_ppm=None, edge_background=None,
-                lesion_ppm=(-0.3, 0.6)):
+                lesion_ppm=LESION_PPM):
     """One synthetic (local field, susceptibility, mask) crop of ``shape`` voxels.
 
     ``voxel_size_mm``/``b0_dir`` default to random draws (B0 stays +k for ``conditioning='voxel'``);

@@ -65,7 +65,7 @@ from ..qsm.core.dipole import dipole_kernel, padded_shape
 from ..qsm.network.deepqsm import file_sha256, load_model, model_info, network_input
 from ..qsm.network.networks import (DEFAULT_CONFIG, build_network, encode_condition, load_network, save_network,
                                     widen_input)
-from .synth import augment, make_sample
+from .synth import LESION_PPM, augment, make_sample
 
 #: Held-out validation resolutions (mm): clinical 2D-like, the paper's SWI protocol, isotropic research data.
 VALIDATION_VOXELS = ((0.5, 0.5, 2.0), (0.76, 0.76, 3.0), (1.0, 1.0, 1.0), (0.75, 0.75, 1.5))
@@ -76,12 +76,13 @@ DEFAULTS = {
     "lr_decay": 0.98, "lr_decay_steps": 200, "l2": 0.01, "rmsprop_alpha": 0.9,
     "val_every": 250, "ckpt_every": 250, "val_samples": 2, "seed": 0, "supersample": 2, "init_from": None,
     "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0, "network_data_consistency": 0.0,
-    "texture_ppm": 0.0, "hard_edges_fraction": 0.0, "edge_background": 0.0, "lesion_ppm": [-0.3, 0.6], "ema": 0.0,
+    "texture_ppm": 0.0, "hard_edges_fraction": 0.0, "edge_background": 0.0, "lesion_ppm": list(LESION_PPM),
+    "ema": 0.0,
 }
 #: Settings a run from before they existed trained with.
 LEGACY_DEFAULTS = {"init_from": None, "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0,
                    "network_data_consistency": 0.0, "texture_ppm": 0.0, "hard_edges_fraction": 0.0,
-                   "edge_background": 0.0, "lesion_ppm": [-0.3, 0.6], "ema": 0.0}
+                   "edge_background": 0.0, "lesion_ppm": list(LESION_PPM), "ema": 0.0}
 #: A tissue-only crop: no bleed/calcification shapes and at most one vein (``make_sample``'s limits).
 TISSUE_ONLY = {"max_shapes": 0, "max_veins": 1}
 
@@ -131,7 +132,7 @@ def _dc_shape(shape):
 @functools.lru_cache(maxsize=8)  # made batches that the next ``reuse`` - 1 steps use again (a few kB-MB each)
 def _made_samples(seed, group, batch_size, patch, fixed_voxel_size_mm, conditioning, supersample,
                   tissue_only_fraction=0.0, texture_ppm=0.0, hard_edges_fraction=0.0, edge_background=0.0,
-                  lesion_ppm=(-0.3, 0.6)):
+                  lesion_ppm=LESION_PPM):
     rng = np.random.default_rng([seed, group])
     samples = []
     for _ in range(batch_size):
