@@ -421,6 +421,8 @@ def test_cli_refuses_bad_crop_options(tmp_path, capsys, option, value, words):
 def test_cli_refuses_an_empty_lesion_range(tmp_path, capsys):
     assert train_main(["--out", str(tmp_path / "run"), "--lesion-ppm", "1.2", "-0.6"]) == 2
     assert "--lesion-ppm needs LO <= HI" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert train_main(["--out", str(tmp_path / "run"), "--lesion-radius-mm", "0", "12"]) == 2
+    assert "--lesion-radius-mm needs 0 < LO <= HI" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_lesion_range_sets_the_shapes_susceptibility():
@@ -433,6 +435,26 @@ def test_lesion_range_sets_the_shapes_susceptibility():
     assert all(float(s.chi_ppm.max()) <= 3.0 + 1e-6 for s in strong)
     cfg = {**DEFAULTS, **TINY}
     legacy = {k: v for k, v in cfg.items() if k != "lesion_ppm"}
+    assert torch.equal(training_batch(cfg, 0)["x"], training_batch(legacy, 0)["x"])
+
+
+def test_lesion_radius_range_sets_the_shapes_size():
+    """``lesion_radius_mm`` sets the shapes' semi-axes: a shape whose semi-axes are all R (a sphere, a cube, a
+    cylinder of radius and half-height R, any rotation) holds the ball of radius R and lies within sqrt(3) R of its
+    centre; the default is the data stream of runs from before the setting."""
+    from metaqsm_bids.training.synth import _paint_shapes
+    axes = [torch.arange(-20, 21, dtype=torch.float32) * 0.5] * 3  # 0.5 mm voxels, 20 mm box
+    x, y, z = torch.meshgrid(*axes, indexing="ij")
+    r = torch.sqrt(x ** 2 + y ** 2 + z ** 2)
+    centre_only = (r == 0)
+    for radius in (2.0, 6.0):
+        chi, magnitude = torch.zeros(r.shape), torch.ones(r.shape)
+        _paint_shapes(chi, centre_only, axes, np.random.default_rng(3), 1, (5.0, 5.0), magnitude,
+                      radius_mm=(radius, radius))
+        painted = chi == 5.0
+        assert painted[r <= radius - 1e-3].all() and not painted[r > np.sqrt(3) * radius + 1e-3].any()
+    cfg = {**DEFAULTS, **TINY}
+    legacy = {k: v for k, v in cfg.items() if k != "lesion_radius_mm"}
     assert torch.equal(training_batch(cfg, 0)["x"], training_batch(legacy, 0)["x"])
 
 

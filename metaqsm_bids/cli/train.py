@@ -82,6 +82,9 @@ def build_parser():
     p.add_argument("--lesion-ppm", type=float, nargs=2, default=DEFAULTS["lesion_ppm"], metavar=("LO", "HI"),
                    help="range of the random shapes' (bleeds', calcifications') susceptibility, ppm; the sign "
                         "augmentation (--reuse > 1) mirrors it (default: %(default)s)")
+    p.add_argument("--lesion-radius-mm", type=float, nargs=2, default=DEFAULTS["lesion_radius_mm"],
+                   metavar=("LO", "HI"), help="range of each semi-axis of the random shapes, mm (a large haemorrhage "
+                   "is 10 mm or more) (default: %(default)s)")
     p.add_argument("--ema", type=float, default=DEFAULTS["ema"], metavar="DECAY",
                    help="keep a moving average of the weights (e.g. 0.999: over about 1,000 steps); validation scores "
                         "it and best.pt (what --export writes) holds it; 0 (default): the raw weights")
@@ -171,7 +174,8 @@ def _config(args):
         "dc_weight": args.dc_weight, "grad_weight": args.grad_weight,
         "tissue_only_fraction": args.tissue_only_fraction, "network_data_consistency": args.network_data_consistency,
         "supersample": args.supersample, "texture_ppm": args.texture_ppm, "hard_edges_fraction": args.hard_edges_fraction,
-        "edge_background": args.edge_background, "lesion_ppm": list(args.lesion_ppm), "ema": args.ema,
+        "edge_background": args.edge_background, "lesion_ppm": list(args.lesion_ppm),
+        "lesion_radius_mm": list(args.lesion_radius_mm), "ema": args.ema,
     }
 
 
@@ -213,6 +217,8 @@ def _option_error(cfg, args):
         return "--ema must be 0 (off) or a decay below 1"
     if not args.lesion_ppm[0] <= args.lesion_ppm[1]:
         return "--lesion-ppm needs LO <= HI"
+    if not 0.0 < args.lesion_radius_mm[0] <= args.lesion_radius_mm[1]:
+        return "--lesion-radius-mm needs 0 < LO <= HI"
     if args.supersample < 1:
         return "--supersample must be 1 or more"
     for option, value, meaning in (("--edge-background", args.edge_background, "0 (none) or a positive relative RMS"),

@@ -41,6 +41,8 @@ from ..qsm.core.dipole import forward_field_ppm
 
 #: Range (ppm) of the random shapes' (bleeds', calcifications') susceptibility unless asked otherwise: metaqsm-v3's.
 LESION_PPM = (-0.3, 0.6)
+#: Range of each semi-axis (mm) of the random shapes (metaqsm-v3's crops: up to 16 mm across).
+LESION_RADIUS_MM = (0.75, 8.0)
 #: Voxel-size sampling box (mm): the paper's (0.5-1.0, 0.5-1.0, 2.0-4.0) widened to near-isotropic 0.6-1.2 mm.
 VOXEL_RANGE_MM = ((0.5, 1.2), (0.5, 1.2), (0.6, 4.0))
 #: Largest angle (deg) between B0 and the k axis for the voxel+b0 variant.
@@ -137,11 +139,12 @@ def _block_mean(x, factor):
     return x.reshape(i, factor[0], j, factor[1], k, factor[2]).mean(axis=(1, 3, 5))
 
 
-def _paint_shapes(chi, mask, axes, rng, n_shapes, value_range, magnitude, visible=0.8):
+def _paint_shapes(chi, mask, axes, rng, n_shapes, value_range, magnitude, visible=0.8, radius_mm=LESION_RADIUS_MM):
     """Overwrite ``chi`` (torch, fine grid) inside random ellipsoids, spheres, cuboids and cylinders.
 
     With probability ``visible`` a shape also sets its own ``magnitude`` intensity (0.1-1.3), else
-    it leaves the magnitude as it was. ``chi=None`` paints magnitude-only shapes (``visible`` 1).
+    it leaves the magnitude as it was. ``chi=None`` paints magnitude-only shapes (``visible`` 1). Each
+    semi-axis is drawn from ``radius_mm``.
     """
     where = torch.nonzero(mask)
     if len(where) == 0:
@@ -150,7 +153,7 @@ def _paint_shapes(chi, mask, axes, rng, n_shapes, value_range, magnitude, visibl
         centre_idx = where[rng.integers(len(where))]
         centre = torch.stack([ax[i] for ax, i in zip(axes, centre_idx)])
         kind = rng.choice(["ellipsoid", "sphere", "cuboid", "cylinder"])
-        radii = rng.uniform(0.75, 8.0, 3)
+        radii = rng.uniform(*radius_mm, 3)
         if kind == "sphere":
             radii[:] = radii[0]
         reach = float(np.linalg.norm(radii))
@@ -242,7 +245,7 @@ def _edge_sources(mask_fine, fine_voxel_mm, rng):
 def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, conditioning="voxel+b0",
                 supersample=2, noise_ppm=(0.0, 0.004), max_shapes=6, max_veins=4, background=(0.0, 0.5),
                 magnitude_snr=(20.0, 200.0), hard_edges=False, texture_ppm=None, edge_background=None,
-                lesion_ppm=LESION_PPM):
+                lesion_ppm=LESION_PPM, lesion_radius_mm=LESION_RADIUS_MM):
     """One synthetic (local field, susceptibility, mask) crop of ``shape`` voxels.
 
     ``voxel_size_mm``/``b0_dir`` default to random draws (B0 stays +k for ``conditioning='voxel'``);
@@ -251,7 +254,7 @@ def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, condit
     ``edge_background`` (optional) the range of the RMS, relative to the local field's, of the field of random
     sources in a shell just outside the mask (:func:`_edge_sources`), also added to the field but not to the label;
     ``magnitude_snr`` the range of the magnitude's mean over its noise s.d.; ``lesion_ppm`` the range of the
-    random shapes' (bleeds', calcifications') susceptibility. Fields are demeaned
+    random shapes' (bleeds', calcifications') susceptibility and ``lesion_radius_mm`` that of their semi-axes (mm). Fields are demeaned
     inside the mask (the mean local field is not determined by the susceptibility). Deterministic
     for a given ``rng`` state.
     """
@@ -272,7 +275,8 @@ def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, condit
         chi += (gm + wm) * _texture_ppm(fine_shape, fine_voxel, rng, rng.uniform(*texture_ppm), rng.uniform(1.0, 3.0))
     mask_fine = brain > 0.5
     _paint_veins(chi, axes, rng, int(rng.integers(0, max_veins + 1)), (0.3, 0.5), magnitude)
-    _paint_shapes(chi, mask_fine, axes, rng, int(rng.integers(0, max_shapes + 1)), lesion_ppm, magnitude)
+    _paint_shapes(chi, mask_fine, axes, rng, int(rng.integers(0, max_shapes + 1)), lesion_ppm, magnitude,
+                  radius_mm=lesion_radius_mm)
     _paint_shapes(None, mask_fine, axes, rng, int(rng.integers(0, 3)), None, magnitude)
     chi = (chi * mask_fine).numpy()
     magnitude = (magnitude * _receive_bias(fine_shape, rng)).numpy()

@@ -21,7 +21,8 @@ of its crops tissue only it did worse on the heads, as did the loss terms above 
 outside the mask, what background removal leaves near the brain's edge (:func:`~metaqsm_bids.training.synth.make_sample`);
 the validation crops are made the same way. ``lesion_ppm`` is the range of the random shapes' susceptibility
 (bleeds, calcifications; metaqsm-v3's crops: -0.3 to 0.6 ppm, mirrored by the sign augmentation), which a clinical
-haemorrhage (up to ~1.2 ppm) or calcification (to -1 ppm) exceeds.
+haemorrhage (up to ~1.2 ppm) or calcification (to -1 ppm) exceeds; ``lesion_radius_mm`` the range of their
+semi-axes (metaqsm-v3's: 0.75-8 mm, smaller than a large haemorrhage).
 
 With ``ema`` (a decay, e.g. 0.999) a moving average of the weights is kept beside them (Polyak averaging): at batch 1
 and a small learning rate the raw weights' scores on the heads swing 1-2 points between checkpoints; validation
@@ -65,7 +66,7 @@ from ..qsm.core.dipole import dipole_kernel, padded_shape
 from ..qsm.network.deepqsm import file_sha256, load_model, model_info, network_input
 from ..qsm.network.networks import (DEFAULT_CONFIG, build_network, encode_condition, load_network, save_network,
                                     widen_input)
-from .synth import LESION_PPM, augment, make_sample
+from .synth import LESION_PPM, LESION_RADIUS_MM, augment, make_sample
 
 #: Held-out validation resolutions (mm): clinical 2D-like, the paper's SWI protocol, isotropic research data.
 VALIDATION_VOXELS = ((0.5, 0.5, 2.0), (0.76, 0.76, 3.0), (1.0, 1.0, 1.0), (0.75, 0.75, 1.5))
@@ -77,12 +78,13 @@ DEFAULTS = {
     "val_every": 250, "ckpt_every": 250, "val_samples": 2, "seed": 0, "supersample": 2, "init_from": None,
     "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0, "network_data_consistency": 0.0,
     "texture_ppm": 0.0, "hard_edges_fraction": 0.0, "edge_background": 0.0, "lesion_ppm": list(LESION_PPM),
-    "ema": 0.0,
+    "lesion_radius_mm": list(LESION_RADIUS_MM), "ema": 0.0,
 }
 #: Settings a run from before they existed trained with.
 LEGACY_DEFAULTS = {"init_from": None, "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0,
                    "network_data_consistency": 0.0, "texture_ppm": 0.0, "hard_edges_fraction": 0.0,
-                   "edge_background": 0.0, "lesion_ppm": list(LESION_PPM), "ema": 0.0}
+                   "edge_background": 0.0, "lesion_ppm": list(LESION_PPM),
+                   "lesion_radius_mm": list(LESION_RADIUS_MM), "ema": 0.0}
 #: A tissue-only crop: no bleed/calcification shapes and at most one vein (``make_sample``'s limits).
 TISSUE_ONLY = {"max_shapes": 0, "max_veins": 1}
 
@@ -132,14 +134,15 @@ def _dc_shape(shape):
 @functools.lru_cache(maxsize=8)  # made batches that the next ``reuse`` - 1 steps use again (a few kB-MB each)
 def _made_samples(seed, group, batch_size, patch, fixed_voxel_size_mm, conditioning, supersample,
                   tissue_only_fraction=0.0, texture_ppm=0.0, hard_edges_fraction=0.0, edge_background=0.0,
-                  lesion_ppm=LESION_PPM):
+                  lesion_ppm=LESION_PPM, lesion_radius_mm=LESION_RADIUS_MM):
     rng = np.random.default_rng([seed, group])
     samples = []
     for _ in range(batch_size):
         # drawn only when asked for, so that runs without them keep their data stream
         limits = TISSUE_ONLY if tissue_only_fraction and rng.random() < tissue_only_fraction else {}
         samples.append(make_sample(rng, patch, voxel_size_mm=fixed_voxel_size_mm, conditioning=conditioning,
-                                   supersample=supersample, lesion_ppm=lesion_ppm, **limits,
+                                   supersample=supersample, lesion_ppm=lesion_ppm,
+                                   lesion_radius_mm=lesion_radius_mm, **limits,
                                    **_crop_options(rng, texture_ppm, hard_edges_fraction, edge_background)))
     return tuple(samples)
 
@@ -158,6 +161,11 @@ def _crop_options(rng, texture_ppm, hard_edges_fraction, edge_background):
     return style
 
 
+def _lesion_ranges(cfg):
+    """The random shapes' susceptibility (ppm) and semi-axis (mm) ranges of run ``cfg`` (a legacy run's where absent)."""
+    return tuple(tuple(cfg.get(key, LEGACY_DEFAULTS[key])) for key in ("lesion_ppm", "lesion_radius_mm"))
+
+
 def training_batch(cfg, step):
     """The batch for ``step``: a pure function of ``cfg['seed']``, ``cfg['reuse']`` and ``step``.
 
@@ -170,7 +178,7 @@ def training_batch(cfg, step):
                             tuple(fixed) if fixed is not None else None, cfg["conditioning"], cfg["supersample"],
                             cfg.get("tissue_only_fraction", 0.0), cfg.get("texture_ppm", 0.0),
                             cfg.get("hard_edges_fraction", 0.0), cfg.get("edge_background", 0.0),
-                            tuple(cfg.get("lesion_ppm", LEGACY_DEFAULTS["lesion_ppm"])))
+                            *_lesion_ranges(cfg))
     if reuse > 1:
         rng = np.random.default_rng([cfg["seed"], step, 0, 1])  # length 4: no maker's (2) or validation's (3) key
         samples = [augment(s, [a for a in range(3) if rng.random() < 0.5], rng.random() < 0.5) for s in samples]
@@ -186,7 +194,7 @@ def validation_set(cfg):
         rng = np.random.default_rng([cfg["seed"], 7919, v_idx])
         samples = [make_sample(rng, cfg["patch"], voxel_size_mm=voxel, conditioning=cfg["conditioning"],
                                supersample=cfg["supersample"],
-                               lesion_ppm=tuple(cfg.get("lesion_ppm", LEGACY_DEFAULTS["lesion_ppm"])),
+                               **dict(zip(("lesion_ppm", "lesion_radius_mm"), _lesion_ranges(cfg))),
                                **_crop_options(rng, cfg.get("texture_ppm", 0.0), cfg.get("hard_edges_fraction", 0.0),
                                                cfg.get("edge_background", 0.0)))
                    for _ in range(cfg["val_samples"])]
@@ -388,7 +396,7 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
 #: Settings a resumed run must share with its checkpoint besides :data:`NETWORK_KEYS`: they shape the data or the loss.
 RESUME_FIXED_KEYS = ("patch", "batch_size", "seed", "supersample", "init_from", "dc_weight", "grad_weight",
                      "tissue_only_fraction", "network_data_consistency", "texture_ppm", "hard_edges_fraction",
-                     "edge_background", "lesion_ppm", "ema")
+                     "edge_background", "lesion_ppm", "lesion_radius_mm", "ema")
 
 
 def _resumed_network(cfg, ckpt):
