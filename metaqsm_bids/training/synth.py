@@ -254,9 +254,9 @@ def make_sample(rng, shape=(64, 64, 32), voxel_size_mm=None, b0_dir=None, condit
     ``edge_background`` (optional) the range of the RMS, relative to the local field's, of the field of random
     sources in a shell just outside the mask (:func:`_edge_sources`), also added to the field but not to the label;
     ``magnitude_snr`` the range of the magnitude's mean over its noise s.d.; ``lesion_ppm`` the range of the
-    random shapes' (bleeds', calcifications') susceptibility and ``lesion_radius_mm`` that of their semi-axes (mm). Fields are demeaned
-    inside the mask (the mean local field is not determined by the susceptibility). Deterministic
-    for a given ``rng`` state.
+    random shapes' (bleeds', calcifications') susceptibility and ``lesion_radius_mm`` that of their semi-axes
+    (mm). Fields are demeaned inside the mask (the mean local field is not determined by the susceptibility).
+    Deterministic for a given ``rng`` state.
     """
     shape = tuple(int(n) for n in shape)
     voxel = tuple(float(v) for v in (voxel_size_mm if voxel_size_mm is not None else random_voxel_size(rng)))

@@ -162,7 +162,7 @@ def _crop_options(rng, texture_ppm, hard_edges_fraction, edge_background):
 
 
 def _lesion_ranges(cfg):
-    """The random shapes' susceptibility (ppm) and semi-axis (mm) ranges of run ``cfg`` (a legacy run's where absent)."""
+    """The random shapes' susceptibility (ppm) and semi-axis (mm) ranges of ``cfg`` (a legacy run's where absent)."""
     return tuple(tuple(cfg.get(key, LEGACY_DEFAULTS[key])) for key in ("lesion_ppm", "lesion_radius_mm"))
 
 
