@@ -162,8 +162,8 @@ def _crop_options(rng, texture_ppm, hard_edges_fraction, edge_background):
 
 
 def _lesion_ranges(cfg):
-    """The random shapes' susceptibility (ppm) and semi-axis (mm) ranges of ``cfg`` (a legacy run's where absent)."""
-    return tuple(tuple(cfg.get(key, LEGACY_DEFAULTS[key])) for key in ("lesion_ppm", "lesion_radius_mm"))
+    """``make_sample``'s ``lesion_ppm`` and ``lesion_radius_mm`` of ``cfg`` (tuples; a legacy run's where absent)."""
+    return {key: tuple(cfg.get(key, LEGACY_DEFAULTS[key])) for key in ("lesion_ppm", "lesion_radius_mm")}
 
 
 def training_batch(cfg, step):
@@ -178,7 +178,7 @@ def training_batch(cfg, step):
                             tuple(fixed) if fixed is not None else None, cfg["conditioning"], cfg["supersample"],
                             cfg.get("tissue_only_fraction", 0.0), cfg.get("texture_ppm", 0.0),
                             cfg.get("hard_edges_fraction", 0.0), cfg.get("edge_background", 0.0),
-                            *_lesion_ranges(cfg))
+                            **_lesion_ranges(cfg))
     if reuse > 1:
         rng = np.random.default_rng([cfg["seed"], step, 0, 1])  # length 4: no maker's (2) or validation's (3) key
         samples = [augment(s, [a for a in range(3) if rng.random() < 0.5], rng.random() < 0.5) for s in samples]
@@ -194,7 +194,7 @@ def validation_set(cfg):
         rng = np.random.default_rng([cfg["seed"], 7919, v_idx])
         samples = [make_sample(rng, cfg["patch"], voxel_size_mm=voxel, conditioning=cfg["conditioning"],
                                supersample=cfg["supersample"],
-                               **dict(zip(("lesion_ppm", "lesion_radius_mm"), _lesion_ranges(cfg))),
+                               **_lesion_ranges(cfg),
                                **_crop_options(rng, cfg.get("texture_ppm", 0.0), cfg.get("hard_edges_fraction", 0.0),
                                                cfg.get("edge_background", 0.0)))
                    for _ in range(cfg["val_samples"])]
