@@ -1,0 +1,78 @@
+"""PDF's CG with and without its source preconditioner (issue 31), side by side in one process, interleaved, each
+timed ``--repeats`` times (median), on the stage benchmark's qsm-forward heads, from two fields:
+
+* ``true``: the TRUE total field on the true brain mask, magnitude weights (RSS over echoes);
+* ``pipeline``: the pipeline's own total field (echo fit of the raw phase), on its QSM region with weight 0 on the
+  unreliable voxels, as :func:`~metaqsm_bids.steps.local_field.estimate_local_field` runs PDF (before completion).
+
+Prints per protocol, field and variant: CG iterations, median seconds, the time ratio to plain CG, and the local
+field's relative error against the true local field (demeaned; in the brain, or in the reliable voxels of the QSM
+region for ``pipeline``) and TKD's NRMSE % of it (``bench_stages.score``, in the same region).
+
+    python benchmarks/pdf_speed.py --cache bench_cache/qsmforward
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_stages import mask_stage, relative_error, score  # noqa: E402
+from qsmforward_heads import B0_TESLA, PROTOCOLS, simulate  # noqa: E402
+
+from metaqsm_bids.qsm.background.pdf import SOURCE_SCALE_MM, pdf  # noqa: E402
+from metaqsm_bids.qsm.core import physics  # noqa: E402
+from metaqsm_bids.qsm.inversion.tkd import tkd  # noqa: E402
+from metaqsm_bids.steps.local_field import reliability_map  # noqa: E402
+from metaqsm_bids.steps.total_field import estimate_total_field  # noqa: E402
+
+VARIANTS = {"plain CG (before)": None, f"preconditioned, {SOURCE_SCALE_MM:g} mm (default)": SOURCE_SCALE_MM}
+
+
+def inputs(sim, field_kind, voxel):
+    """(total field Hz, PDF's mask, its weight, the region scored) for ``field_kind``."""
+    rss = np.sqrt((sim.magnitude ** 2).sum(-1)).astype(np.float32)
+    if field_kind == "true":
+        return sim.total_field_hz, sim.brain_mask, rss, sim.brain_mask
+    _, brain = mask_stage(sim, voxel)
+    maps = estimate_total_field(sim.magnitude, sim.phase_rad, sim.protocol.echo_times_s, voxel)
+    reliability = reliability_map(brain, maps.magnitude_rss, maps.residual_rad)
+    region, reliable = reliability.qsm_region, reliability.reliable
+    return maps.field_hz, region, np.where(reliable, maps.magnitude_rss, 0), region & reliable
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", default="bench_cache/qsmforward")
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    parser.add_argument("--fields", nargs="+", default=["true", "pipeline"], choices=["true", "pipeline"])
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args(argv)
+    print("| protocol | field | variant | iterations | seconds (median) | time ratio | relative error | TKD NRMSE % |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.protocols:
+        sim = simulate(name, args.cache)
+        voxel, b0 = physics.voxel_size_mm(sim.affine), physics.b0_direction_voxel(sim.affine)
+        for field_kind in args.fields:
+            field, mask, weight, scored = inputs(sim, field_kind, voxel)
+            times = {label: [] for label in VARIANTS}
+            results = {}
+            for _ in range(args.repeats):
+                for label, scale in VARIANTS.items():
+                    start = time.perf_counter()
+                    results[label] = pdf(field, mask, voxel, b0, magnitude=weight, source_scale_mm=scale)
+                    times[label].append(time.perf_counter() - start)
+            base = statistics.median(times[next(iter(VARIANTS))])
+            for label, result in results.items():
+                seconds = statistics.median(times[label])
+                chi = tkd(physics.field_hz_to_ppm(result.local_field, B0_TESLA), scored, voxel, b0)
+                print(f"| {name} | {field_kind} | {label} | {result.iterations} | {seconds:.1f} | "
+                      f"{base / seconds:.2f}x | {relative_error(result.local_field, sim.local_field_hz, scored):.4f} | "
+                      f"{score(chi, sim, scored)['nrmse']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
