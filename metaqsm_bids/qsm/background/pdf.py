@@ -19,9 +19,11 @@ CG runs to ``tol`` = 1e-3 here; ``max_iter`` = 500 is a cap (a small 1.8 mm slab
 CG is right-preconditioned by a prior on the sources' size: it solves for ``y`` with ``chi_b = S y``,
 ``S = sqrt(1 + d / source_scale_mm)`` and ``d`` the distance (mm) to the mask. The far sources make the smooth
 part of the background, whose components have the smallest eigenvalues of the normal operator and converge last;
-lifting them reaches the same accuracy in 25-35 % fewer iterations on the stage benchmark's heads (BENCHMARKS.md).
-The local field is the same at convergence: two solutions differ only by sources whose field in the mask is zero.
-(A Jacobi preconditioner, which damps the far sources, takes 10x more iterations.)
+lifting them, CG reaches its tolerance in 10-33 % fewer iterations on the stage benchmark's heads, at the same or
+lower TKD NRMSE (BENCHMARKS.md). Both forms solve the same normal equations: at exact convergence the local field
+would be the same (the solutions differ only by sources whose field in the mask is zero); stopped at the tolerance,
+the two local fields differ by a few % of the local field's norm, at the same error. (A Jacobi preconditioner,
+which damps the far sources, converges far more slowly.)
 
 The background also holds a polynomial ``P c`` of degree ``polynomial_order`` in mm (the
 shim's fit, and the phase's unknown constant, which no dipole outside the mask can make):
