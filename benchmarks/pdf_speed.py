@@ -1,4 +1,4 @@
-"""PDF's CG with and without its source preconditioner (issue 31), side by side in one process, interleaved, each
+"""PDF's CG with and without its source preconditioner (``pdf(..., source_scale_mm=...)``, issue 31), side by side in one process, interleaved, each
 timed ``--repeats`` times (median), on the stage benchmark's qsm-forward heads, from two fields:
 
 * ``true``: the TRUE total field on the true brain mask, magnitude weights (RSS over echoes);
@@ -29,7 +29,7 @@ from metaqsm_bids.qsm.inversion.tkd import tkd  # noqa: E402
 from metaqsm_bids.steps.local_field import reliability_map  # noqa: E402
 from metaqsm_bids.steps.total_field import estimate_total_field  # noqa: E402
 
-VARIANTS = {"plain CG (before)": None, f"preconditioned, {SOURCE_SCALE_MM:g} mm (default)": SOURCE_SCALE_MM}
+VARIANTS = {"plain CG (default)": None, f"preconditioned, {SOURCE_SCALE_MM:g} mm (option)": SOURCE_SCALE_MM}
 
 
 def inputs(sim, field_kind, voxel):

@@ -300,7 +300,6 @@ _PARAMETER_WORDS = {"Tikhonov": ("Tikhonov regularisation", ""),
                     "Threshold": ("threshold", ""),
                     "PolynomialOrder": ("a background polynomial of degree", ""),
                     "PadVoxels": ("room for the outside dipoles", " voxels per side"),
-                    "SourceScaleMm": ("CG preconditioned by the distance to the mask, length", " mm"),
                     "Weighting": ("weighting", "")}
 
 

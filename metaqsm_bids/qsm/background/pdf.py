@@ -16,14 +16,15 @@ run to 1e-3 (60-100 iterations on the stage benchmark's heads) TKD's NRMSE is 1-
 lower at every protocol, and within a point of that when run on to 4e-4 (BENCHMARKS.md). So
 CG runs to ``tol`` = 1e-3 here; ``max_iter`` = 500 is a cap (a small 1.8 mm slab needed 290).
 
-CG is right-preconditioned by a prior on the sources' size: it solves for ``y`` with ``chi_b = S y``,
-``S = sqrt(1 + d / source_scale_mm)`` and ``d`` the distance (mm) to the mask. The far sources make the smooth
-part of the background, whose components have the smallest eigenvalues of the normal operator and converge last;
-lifting them, CG reaches its tolerance in 10-33 % fewer iterations on the stage benchmark's heads, at the same or
-lower TKD NRMSE (BENCHMARKS.md). Both forms solve the same normal equations: at exact convergence the local field
-would be the same (the solutions differ only by sources whose field in the mask is zero); stopped at the tolerance,
-the two local fields differ by a few % of the local field's norm, at the same error. (A Jacobi preconditioner,
-which damps the far sources, converges far more slowly.)
+With ``source_scale_mm`` set, CG is right-preconditioned by a prior on the sources' size: it solves for ``y``
+with ``chi_b = S y``, ``S = sqrt(1 + d / source_scale_mm)`` and ``d`` the distance (mm) to the mask. The far sources
+make the smooth part of the background, whose components have the smallest eigenvalues of the normal operator and
+converge last; lifting them, CG reaches its tolerance in 10-33 % fewer iterations on the stage benchmark's heads, at
+the same or lower TKD NRMSE (BENCHMARKS.md). It is not the default: on the CLI tests' 64 mm heads, most of whose brain
+lies near the mask's edge, the map's correlation with the truth drops by 0.02-0.03. Both forms solve the same normal
+equations (their solutions differ only by sources whose field in the mask is zero); stopped at the tolerance, the
+two local fields differ by a few % of the local field's norm. (A Jacobi preconditioner, which damps the far
+sources, converges far more slowly.)
 
 The background also holds a polynomial ``P c`` of degree ``polynomial_order`` in mm (the
 shim's fit, and the phase's unknown constant, which no dipole outside the mask can make):
@@ -50,12 +51,12 @@ from .common import BackgroundRemoval, check_field_and_mask
 
 log = logging.getLogger(__name__)
 
-#: The length (mm) of PDF's source preconditioner (module text): 2-5 mm measured alike.
+#: The length (mm) of PDF's source preconditioner as measured (module text; 2-5 mm measured alike): an option.
 SOURCE_SCALE_MM = 5.0
 
 
 def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None, tol=1e-3, max_iter=500,
-        pad_voxels=20, polynomial_order=2, source_scale_mm=SOURCE_SCALE_MM):
+        pad_voxels=20, polynomial_order=2, source_scale_mm=None):
     """PDF background field removal; units preserved (Hz in, Hz out).
 
     ``b0_dir``: unit B0 vector in voxel axes. ``magnitude`` (optional, 3D): noise weight,
@@ -64,7 +65,7 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     ``pad_voxels`` (per side, int or 3 ints) is the room for the background dipoles around
     the mask's bounding box. Values of ``total_field`` outside ``mask`` are ignored.
     ``polynomial_order`` (0, 1 or 2): the degree of the polynomial in the background model
-    (0: the constant alone). ``source_scale_mm``: the preconditioner's length (mm, module text); None: plain CG.
+    (0: the constant alone). ``source_scale_mm``: the preconditioner's length (mm, module text); None (default): plain CG.
 
     Returns a :class:`~metaqsm_bids.qsm.background.common.BackgroundRemoval` whose ``mask`` is ``mask``
     (PDF needs no erosion) and whose ``relative_residual`` is CG's.
@@ -134,7 +135,8 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
                              {"Tolerance": tol, "MaxIterations": max_iter,
                               "PadVoxels": [int(s.start) for s in box.inner],
                               "Weighting": "uniform" if magnitude is None else "magnitude",
-                              "PolynomialOrder": polynomial_order, "SourceScaleMm": source_scale_mm})
+                              "PolynomialOrder": polynomial_order,
+                              **({"SourceScaleMm": source_scale_mm} if source_scale_mm is not None else {})})
 
 
 def distance_to_mask_mm(mask, voxel_size_mm, block_mm=4.0):
