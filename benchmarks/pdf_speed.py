@@ -1,5 +1,6 @@
-"""PDF's CG with and without its source preconditioner (``pdf(..., source_scale_mm=...)``, issue 31), side by side in one process, interleaved, each
-timed ``--repeats`` times (median), on the stage benchmark's qsm-forward heads, from two fields:
+"""PDF's CG with and without its source preconditioner (``pdf(..., source_scale_mm=...)``, issue 31), side by
+side in one process, interleaved, each timed ``--repeats`` times (median), on the stage benchmark's qsm-forward
+heads, from two fields:
 
 * ``true``: the TRUE total field on the true brain mask, magnitude weights (RSS over echoes);
 * ``pipeline``: the pipeline's own total field (echo fit of the raw phase), on its QSM region with weight 0 on the

@@ -65,7 +65,8 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     ``pad_voxels`` (per side, int or 3 ints) is the room for the background dipoles around
     the mask's bounding box. Values of ``total_field`` outside ``mask`` are ignored.
     ``polynomial_order`` (0, 1 or 2): the degree of the polynomial in the background model
-    (0: the constant alone). ``source_scale_mm``: the preconditioner's length (mm, module text); None (default): plain CG.
+    (0: the constant alone). ``source_scale_mm``: the preconditioner's length (mm, module text); None
+    (default): plain CG.
 
     Returns a :class:`~metaqsm_bids.qsm.background.common.BackgroundRemoval` whose ``mask`` is ``mask``
     (PDF needs no erosion) and whose ``relative_residual`` is CG's.
