@@ -27,6 +27,7 @@ from qsmforward_heads import B0_TESLA, PROTOCOLS, simulate  # noqa: E402
 from metaqsm_bids.qsm.background.pdf import SOURCE_SCALE_MM, pdf  # noqa: E402
 from metaqsm_bids.qsm.core import physics  # noqa: E402
 from metaqsm_bids.qsm.inversion.tkd import tkd  # noqa: E402
+from metaqsm_bids.steps.brain_mask import magnitude_rss  # noqa: E402
 from metaqsm_bids.steps.local_field import reliability_map  # noqa: E402
 from metaqsm_bids.steps.total_field import estimate_total_field  # noqa: E402
 
@@ -35,9 +36,8 @@ VARIANTS = {"plain CG (default)": None, f"preconditioned, {SOURCE_SCALE_MM:g} mm
 
 def inputs(sim, field_kind, voxel):
     """(total field Hz, PDF's mask, its weight, the region scored) for ``field_kind``."""
-    rss = np.sqrt((sim.magnitude ** 2).sum(-1)).astype(np.float32)
     if field_kind == "true":
-        return sim.total_field_hz, sim.brain_mask, rss, sim.brain_mask
+        return sim.total_field_hz, sim.brain_mask, magnitude_rss(sim.magnitude), sim.brain_mask
     _, brain = mask_stage(sim, voxel)
     maps = estimate_total_field(sim.magnitude, sim.phase_rad, sim.protocol.echo_times_s, voxel)
     reliability = reliability_map(brain, maps.magnitude_rss, maps.residual_rad)
