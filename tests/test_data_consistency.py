@@ -7,6 +7,7 @@ from metaqsm_bids.qsm.core.dipole import dipole_kernel, forward_field_ppm
 from metaqsm_bids.qsm.inversion.consistency import data_consistency
 from metaqsm_bids.qsm.inversion.registry import invert
 from metaqsm_bids.qsm.network.deepqsm import load_model, predict_chi
+from metaqsm_bids.qsm.network.models import METAQSM_MODEL
 from tests.test_inversion import CASES, phantom, unit
 
 #: A periodic full-FOV case (fast FFT lengths, no padding: the box is the volume): anisotropic voxels, oblique B0.
@@ -91,13 +92,14 @@ def test_metaqsm_option_applies_the_step_to_the_network_map():
     shape, voxel, b0 = CASES["isotropic"]
     chi, mask, _ = phantom(shape, voxel)
     field = forward_field_ppm(chi, voxel, b0) * mask
-    common = {"device": "cpu", "orientations": "canonical"}
+    magnitude = mask.astype(np.float32)  # uniform: the shipped model takes a magnitude
+    common = {"device": "cpu", "orientations": "canonical", "magnitude": magnitude}
     plain = invert("metaqsm", field, mask, voxel, b0, data_consistency_lambda=None, **common)
     info = {}
     fitted = invert("metaqsm", field, mask, voxel, b0, data_consistency_lambda=0.01, info=info, **common)
-    network = predict_chi(load_model(), field, mask, voxel, b0)  # one pass, as "canonical"
+    network = predict_chi(load_model(), field, mask, voxel, b0, magnitude=magnitude)  # one pass, as "canonical"
     expected = data_consistency(network, field, mask, voxel, b0, 0.01)
     expected[mask] -= expected[mask].mean()
     np.testing.assert_allclose(fitted, expected, atol=1e-5)
-    assert abs(fitted[mask].mean()) < 1e-6 and info["Model"] == "metaqsm-v3"
+    assert abs(fitted[mask].mean()) < 1e-6 and info["Model"] == METAQSM_MODEL
     assert nrmse(fitted, chi, mask) < nrmse(plain, chi, mask)

@@ -117,21 +117,27 @@ def test_load_model_checks_sha256(tmp_path, net):
         load_model("absent", "cpu", tmp_path)
 
 
-#: Where a shipped network does not beat iLSQR on both scores on these crops yet (issue 32): metaqsm-v3 at 1 mm
-#: isotropic (NRMSE / HFEN 76.5 / 48.6 % against iLSQR's 70.3 / 43.9 %) and at 0.75x0.75x1.5 (53.2 / 38.9 against
-#: 55.5 / 37.0: HFEN). Asserted as it is, so that a model that closes a gap fails here until its entry goes.
-BEHIND_ILSQR = {(METAQSM_MODEL, (1.0, 1.0, 1.0)), (METAQSM_MODEL, (0.75, 0.75, 1.5))}
+#: Where a shipped network does not beat a classical inversion on a score on these crops yet (issue 32), as
+#: (model, voxel size) -> {inversion: score}: metaqsm-v4 at 1 mm isotropic (NRMSE / HFEN 82.5 / 52.4 % against
+#: TKD's 83.2 / 51.0 and iLSQR's 80.3 / 52.8) and at 0.5x0.5x2 (54.8 / 50.6 against iLSQR's 57.2 / 45.9).
+#: Asserted as it is, so that a model that closes a gap fails here until its entry goes.
+BEHIND = {(METAQSM_MODEL, (1.0, 1.0, 1.0)): {"tkd": "hfen", "ilsqr": "nrmse"},
+          (METAQSM_MODEL, (0.5, 0.5, 2.0)): {"ilsqr": "hfen"}}
+#: Held-out crops as large as the training's (128x128x64): the shipped networks see up to 65 voxels each side,
+#: and on crops smaller than that they answer the crop's edges (BENCHMARKS.md, "Why more training made the heads
+#: worse"; metaqsm-v4 on 64x64x32 crops: HFEN above TKD's at all four resolutions).
+CROP_SHAPE = (128, 128, 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, voxel", [
     *[(METAQSM_MODEL, v) for v in ((0.5, 0.5, 2.0), (0.76, 0.76, 3.0), (1.0, 1.0, 1.0), (0.75, 0.75, 1.5))],
     (MESAQSM_MODEL, (0.76, 0.76, 3.0)),
 ])
 def test_shipped_models_beat_tkd_and_ilsqr(name, voxel):
-    """The shipped networks on held-out synthetic crops (64x64x32, a seed stream training never uses),
-    B0 within 30 deg of the slice axis: lower NRMSE and HFEN than TKD (threshold 0.2) and iLSQR (its defaults)
-    at every resolution they serve but :data:`BEHIND_ILSQR` (metaqsm-v3: validation NRMSE 51.9 % mean vs TKD
-    60.5 %, see its .json)."""
+    """The shipped networks on held-out synthetic crops (:data:`CROP_SHAPE`, a seed stream training never uses),
+    B0 within 30 deg of the slice axis, the magnitude given: lower NRMSE and HFEN than TKD (threshold 0.2) and
+    iLSQR (its defaults) at every resolution they serve but :data:`BEHIND`."""
     pytest.importorskip("nilearn")
     from qsm_ci.qsm_eval import hfen, nrmse_challenge
 
@@ -143,15 +149,18 @@ def test_shipped_models_beat_tkd_and_ilsqr(name, voxel):
     assert deepqsm.model_info(name)["sha256"] == model_sha256(name)
     scores = {"net": [], "tkd": [], "ilsqr": []}
     for seed in (0, 1):
-        s = make_sample(np.random.default_rng([2024, seed]), (64, 64, 32), voxel_size_mm=voxel,
+        s = make_sample(np.random.default_rng([2024, seed]), CROP_SHAPE, voxel_size_mm=voxel,
                         conditioning=model.config["conditioning"])
         for key, chi in (("net", predict_chi(model, s.field_ppm, s.mask, voxel, s.b0_dir, magnitude=s.magnitude)),
                          ("tkd", tkd(s.field_ppm, s.mask, voxel, s.b0_dir)),
                          ("ilsqr", ilsqr(s.field_ppm, s.mask, voxel, s.b0_dir))):
             scores[key].append((nrmse_challenge(chi, s.chi_ppm, s.mask)[0], hfen(chi, s.chi_ppm, s.mask)))
-    net, tkd_scores, ilsqr_scores = (np.mean(scores[k], axis=0) for k in ("net", "tkd", "ilsqr"))
-    assert np.all(net < tkd_scores), (name, voxel, net, tkd_scores)
-    if (name, voxel) in BEHIND_ILSQR:
-        assert not np.all(net < ilsqr_scores), f"{name} now beats iLSQR at {voxel}: remove it from BEHIND_ILSQR"
-    else:
-        assert np.all(net < ilsqr_scores), (name, voxel, net, ilsqr_scores)
+    mean = {k: dict(zip(("nrmse", "hfen"), np.mean(v, axis=0))) for k, v in scores.items()}
+    behind = BEHIND.get((name, voxel), {})
+    for baseline in ("tkd", "ilsqr"):
+        for score in ("nrmse", "hfen"):
+            ahead = mean["net"][score] < mean[baseline][score]
+            if behind.get(baseline) == score:
+                assert not ahead, f"{name} now beats {baseline} on {score} at {voxel}: remove it from BEHIND"
+            else:
+                assert ahead, (name, voxel, baseline, score, mean)

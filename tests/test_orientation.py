@@ -1,6 +1,6 @@
 """The network's map does not depend on how the volume is stored: axial, flipped, sagittal, transposed.
 
-One phantom head, its local field computed once, stored in several orientations (the voxel
+One phantom head, its local field and magnitude computed once, stored in several orientations (the voxel
 size and B0 direction expressed in each storage's axes, as the affine would give them); the
 shipped Meta-QSM map of each, mapped back, is compared with the axial one.
 """
@@ -27,19 +27,20 @@ def head():
     b0 = physics.b0_direction_voxel(phantom.affine)
     mask = phantom.brain_mask
     field = (forward_field_ppm(phantom.chi_ppm * mask, voxel, b0) * mask).astype(np.float32)
-    return load_model(METAQSM_MODEL), field, mask, voxel, b0
+    magnitude = (phantom.m0 * np.exp(-0.02 * phantom.r2star_hz)).astype(np.float32)  # a 20 ms echo's
+    return load_model(METAQSM_MODEL), field, mask, voxel, b0, magnitude
 
 
 def _stored(head, storage, orientations):
     """Chi of ``storage`` of the head, mapped back to the axial axes."""
-    net, field, mask, voxel, b0 = head
+    net, field, mask, voxel, b0, magnitude = head
     order, flipped = STORAGES[storage]
-    f, m = np.transpose(field, order), np.transpose(mask, order)
+    f, m, g = (np.transpose(a, order) for a in (field, mask, magnitude))
     v, b = tuple(voxel[a] for a in order), np.asarray(b0)[list(order)].copy()
     if flipped:
-        f, m = np.flip(f, flipped), np.flip(m, flipped)
+        f, m, g = (np.flip(a, flipped) for a in (f, m, g))
         b[list(flipped)] *= -1
-    chi = predict_chi(net, f.copy(), m.copy(), v, b, orientations=orientations)
+    chi = predict_chi(net, f.copy(), m.copy(), v, b, orientations=orientations, magnitude=g.copy())
     if flipped:
         chi = np.flip(chi, flipped)
     return np.transpose(chi, np.argsort(order))
@@ -49,16 +50,16 @@ def _stored(head, storage, orientations):
                                                    ("sagittal flipped", "flips"), ("transposed", "all"),
                                                    ("slices reversed", "pair")])
 def test_every_storage_gives_the_axial_map(head, storage, orientations):
-    net, field, mask, voxel, b0 = head
-    axial = predict_chi(net, field, mask, voxel, b0, orientations=orientations)
+    net, field, mask, voxel, b0, magnitude = head
+    axial = predict_chi(net, field, mask, voxel, b0, orientations=orientations, magnitude=magnitude)
     chi = _stored(head, storage, orientations)
     assert np.abs(chi - axial)[mask].max() < 1e-5  # float rounding of the average only
 
 
 def test_one_pass_is_not_invariant(head):
     """Without the averaging the network sees a flipped head differently (why the default averages)."""
-    net, field, mask, voxel, b0 = head
-    axial = predict_chi(net, field, mask, voxel, b0, orientations="canonical")
+    net, field, mask, voxel, b0, magnitude = head
+    axial = predict_chi(net, field, mask, voxel, b0, orientations="canonical", magnitude=magnitude)
     flipped = _stored(head, "flipped", "canonical")
     assert np.abs(flipped - axial)[mask].max() > 1e-3
     # the canonical axis order alone already makes sagittal storage the axial problem
@@ -68,14 +69,16 @@ def test_one_pass_is_not_invariant(head):
 @pytest.mark.parametrize("storage", ["flipped", "sagittal flipped", "transposed"])
 def test_default_pair_bound(head, storage):
     """The pipeline's default (``pair``, 2 passes) is not exactly invariant to in-plane flips or swaps; its
-    bound, measured on this head: max 0.0125 / 0.0125 / 0.0133 ppm, correlation 0.9969 / 0.9969 / 0.9978
-    (one pass: 0.021 / 0.017 / 0.017 ppm, 0.9936 / 0.9958 / 0.9967)."""
-    net, field, mask, voxel, b0 = head
+    bound, measured on this head with metaqsm-v4: max 0.036 / 0.036 / 0.039 ppm, correlation 0.988 / 0.988 /
+    0.987 (one pass: 0.048 / 0.038 / 0.036 ppm, 0.976 / 0.983 / 0.983). metaqsm-v3 gave 0.013 ppm and 0.997 on
+    this small head (48x48x24); on the stage benchmark's qsm-forward heads the two are alike (BENCHMARKS.md,
+    "Orientation passes")."""
+    net, field, mask, voxel, b0, magnitude = head
     assert DEFAULT_ORIENTATIONS == "pair"
-    axial = predict_chi(net, field, mask, voxel, b0, orientations="pair")
+    axial = predict_chi(net, field, mask, voxel, b0, orientations="pair", magnitude=magnitude)
     chi = _stored(head, storage, "pair")
-    assert np.abs(chi - axial)[mask].max() < 0.016
-    assert np.corrcoef(chi[mask], axial[mask])[0, 1] > 0.996
+    assert np.abs(chi - axial)[mask].max() < 0.045
+    assert np.corrcoef(chi[mask], axial[mask])[0, 1] > 0.985
 
 
 def test_transforms():
