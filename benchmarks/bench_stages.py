@@ -174,7 +174,10 @@ def _bfr_label(method, resharp_radius_mm):
 def _variants(method, orientations, metaqsm_model=None, network_lambda=None):
     """``(row name, parameters, options)`` of :func:`~metaqsm_bids.steps.inversion.invert_local_field` per network
     orientation setting (and Meta-QSM's model when one is named), the networks followed by the data-consistency
-    step of ``network_lambda`` (None: off); one row with the CLI's defaults otherwise."""
+    step of ``network_lambda`` (None: off); MEDI with and without its edge mask; one row with the CLI's defaults
+    otherwise."""
+    if method == "medi":  # and without its edge mask (plain TV): what the magnitude's edges are worth to it
+        return [(method, {}, {}), ("medi (no edge mask)", {}, {"edge_percentage": 0.0})]
     if method not in NETWORK_INVERSIONS:
         return [(method, {}, {})]
     model = {"model": metaqsm_model} if method == "metaqsm" and metaqsm_model else {}

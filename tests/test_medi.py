@@ -65,6 +65,17 @@ def test_edge_mask_marks_the_strongest_gradients():
     assert np.mean(~smooth[across]) > 0.97
     assert np.mean(~smooth[:, mask]) < 0.35
     assert np.count_nonzero(~edge_mask(magnitude, mask, voxel, 0.3)) == pytest.approx(0.3 * mask.sum(), abs=2)
+    assert edge_mask(magnitude, mask, voxel, 0.0).all()  # no edges: plain total variation
+
+
+def test_medi_without_edges_blurs_what_the_edges_keep():
+    """Without its edge mask (plain TV, ``edge_percentage=0``) MEDI still inverts the sphere phantom, less well:
+    the edges are the magnitude's prior knowledge, an oracle here (the spheres' edges are the magnitude's).
+    Measured NRMSE 0.077 with edges, 0.097 without."""
+    field, mask, _, _, magnitude, voxel, b0, nrmse = _setup("isotropic")
+    errors = [nrmse(medi(field, mask, voxel, b0, magnitude=magnitude, delta_te_s=DELTA_TE,
+                         b0_tesla=B0_TESLA, edge_percentage=p)) for p in (0.9, 0.0)]
+    assert errors[0] < errors[1] < 0.15
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -315,6 +315,25 @@ def test_tissue_only_crops():
     assert torch.equal(training_batch(cfg, 0)["x"], training_batch({**cfg, "tissue_only_fraction": 0.0}, 0)["x"])
 
 
+def test_small_patch_batches(tmp_path, capsys):
+    """``small_patch_fraction`` of the batches are ``small_patch`` crops (1: all, stacked as one size); 0 or no
+    ``small_patch``: the data stream of runs from before the setting. A resumed run must keep it."""
+    cfg = {**DEFAULTS, **TINY}
+    small = {**cfg, "small_patch": [8, 8, 8], "small_patch_fraction": 1.0}
+    assert tuple(training_batch(small, 0)["x"].shape[2:]) == (8, 8, 8)
+    assert tuple(training_batch(cfg, 0)["x"].shape[2:]) == (16, 16, 8)
+    assert torch.equal(training_batch(cfg, 1)["x"], training_batch({**small, "small_patch_fraction": 0.0}, 1)["x"])
+    mixed = {**small, "small_patch_fraction": 0.5}
+    sizes = {tuple(training_batch(mixed, step)["x"].shape[2:]) for step in range(12)}
+    assert sizes == {(8, 8, 8), (16, 16, 8)}
+    train({**mixed, "steps": 2}, tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="small_patch"):
+        train({**cfg, "steps": 4}, tmp_path / "run", resume=True, progress=False)
+    assert train_main(["--out", str(tmp_path / "bad"), "--small-patch", "60", "64", "32",
+                       "--small-patch-fraction", "0.3"]) == 2
+    assert "--small-patch sizes must be multiples of 8" in capsys.readouterr().err
+
+
 def test_texture_has_the_asked_spread_and_width():
     """The tissue texture: standard deviation as asked (ppm), smooth over its correlation width, deterministic."""
     from metaqsm_bids.training.synth import _texture_ppm
@@ -412,7 +431,8 @@ def test_data_consistency_layer_is_the_inference_step():
     ("--network-data-consistency", "-1", "--network-data-consistency must be 0 (off) or a positive number"),
     ("--hard-edges-fraction", "1.5", "--hard-edges-fraction must be within 0-1"),
     ("--supersample", "0", "--supersample must be 1 or more"),
-    ("--ema", "1", "--ema must be 0 (off) or a decay below 1")])
+    ("--ema", "1", "--ema must be 0 (off) or a decay below 1"),
+    ("--small-patch-fraction", "0.3", "--small-patch and --small-patch-fraction go together")])
 def test_cli_refuses_bad_crop_options(tmp_path, capsys, option, value, words):
     assert train_main(["--out", str(tmp_path / "run"), option, value]) == 2
     assert words in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -40,6 +40,11 @@ def build_parser():
                         "following) and sign: making samples costs more than the step on a CPU")
     p.add_argument("--patch", type=int, nargs=3, default=DEFAULTS["patch"], metavar=("I", "J", "K"),
                    help="training crop size in voxels (each a multiple of fold * 2**(levels - 1))")
+    p.add_argument("--small-patch", type=int, nargs=3, default=DEFAULTS["small_patch"], metavar=("I", "J", "K"),
+                   help="a second, smaller crop size in voxels (same multiple as --patch) for --small-patch-fraction "
+                        "of the batches: volumes about as small as the network's view (slabs, small fields of view)")
+    p.add_argument("--small-patch-fraction", type=float, default=DEFAULTS["small_patch_fraction"], metavar="P",
+                   help="fraction of batches made of --small-patch crops (validation keeps --patch)")
     p.add_argument("--channels", type=int, nargs="+", default=DEFAULTS["channels"],
                    help="U-Net width of each level, top first (their number is the number of levels)")
     p.add_argument("--fold", type=int, default=DEFAULTS["fold"],
@@ -176,6 +181,8 @@ def _config(args):
         "supersample": args.supersample, "texture_ppm": args.texture_ppm, "hard_edges_fraction": args.hard_edges_fraction,
         "edge_background": args.edge_background, "lesion_ppm": list(args.lesion_ppm),
         "lesion_radius_mm": list(args.lesion_radius_mm), "ema": args.ema,
+        "small_patch": list(args.small_patch) if args.small_patch else None,
+        "small_patch_fraction": args.small_patch_fraction,
     }
 
 
@@ -210,7 +217,8 @@ def _option_error(cfg, args):
     if cfg["arch"] == "mesa" and cfg["fixed_voxel_size_mm"] is None:
         return "--arch mesa needs --fixed-voxel-size"
     for option, fraction in (("--tissue-only-fraction", args.tissue_only_fraction),
-                             ("--hard-edges-fraction", args.hard_edges_fraction)):
+                             ("--hard-edges-fraction", args.hard_edges_fraction),
+                             ("--small-patch-fraction", args.small_patch_fraction)):
         if not 0.0 <= fraction <= 1.0:
             return f"{option} must be within 0-1"
     if not 0.0 <= args.ema < 1.0:
@@ -230,9 +238,12 @@ def _option_error(cfg, args):
     if args.reuse < 1:
         return "--reuse must be 1 or more"
     multiple = cfg["fold"] * 2 ** (len(cfg["channels"]) - 1)
-    if any(n % multiple for n in args.patch):
-        return (f"--patch sizes must be multiples of {multiple} for --fold {cfg['fold']} and "
-                f"{len(cfg['channels'])} levels")
+    for option, patch in (("--patch", args.patch), ("--small-patch", args.small_patch or ())):
+        if any(n % multiple for n in patch):
+            return (f"{option} sizes must be multiples of {multiple} for --fold {cfg['fold']} and "
+                    f"{len(cfg['channels'])} levels")
+    if bool(args.small_patch) != bool(args.small_patch_fraction):
+        return "--small-patch and --small-patch-fraction go together"
     return None
 
 

@@ -24,6 +24,11 @@ the validation crops are made the same way. ``lesion_ppm`` is the range of the r
 haemorrhage (up to ~1.2 ppm) or calcification (to -1 ppm) exceeds; ``lesion_radius_mm`` the range of their
 semi-axes (metaqsm-v3's: 0.75-8 mm, smaller than a large haemorrhage).
 
+``small_patch_fraction`` of the made batches are crops of ``small_patch`` voxels instead of ``patch``: a
+network trained on 128x128x64 crops only (metaqsm-v4) does worse than one trained on 64x64x32 crops on volumes
+about as small as its view (a slab, a small field of view; BENCHMARKS.md, "Where v4 is worse than v3"). The
+validation crops keep ``patch``.
+
 With ``ema`` (a decay, e.g. 0.999) a moving average of the weights is kept beside them (Polyak averaging): at batch 1
 and a small learning rate the raw weights' scores on the heads swing 1-2 points between checkpoints; validation
 scores the average and ``best.pt`` (what is exported) holds it, ``last.pt`` both.
@@ -78,13 +83,14 @@ DEFAULTS = {
     "val_every": 250, "ckpt_every": 250, "val_samples": 2, "seed": 0, "supersample": 2, "init_from": None,
     "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0, "network_data_consistency": 0.0,
     "texture_ppm": 0.0, "hard_edges_fraction": 0.0, "edge_background": 0.0, "lesion_ppm": list(LESION_PPM),
-    "lesion_radius_mm": list(LESION_RADIUS_MM), "ema": 0.0,
+    "lesion_radius_mm": list(LESION_RADIUS_MM), "ema": 0.0, "small_patch": None, "small_patch_fraction": 0.0,
 }
 #: Settings a run from before they existed trained with.
 LEGACY_DEFAULTS = {"init_from": None, "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0,
                    "network_data_consistency": 0.0, "texture_ppm": 0.0, "hard_edges_fraction": 0.0,
                    "edge_background": 0.0, "lesion_ppm": list(LESION_PPM),
-                   "lesion_radius_mm": list(LESION_RADIUS_MM), "ema": 0.0}
+                   "lesion_radius_mm": list(LESION_RADIUS_MM), "ema": 0.0, "small_patch": None,
+                   "small_patch_fraction": 0.0}
 #: A tissue-only crop: no bleed/calcification shapes and at most one vein (``make_sample``'s limits).
 TISSUE_ONLY = {"max_shapes": 0, "max_veins": 1}
 
@@ -134,8 +140,11 @@ def _dc_shape(shape):
 @functools.lru_cache(maxsize=8)  # made batches that the next ``reuse`` - 1 steps use again (a few kB-MB each)
 def _made_samples(seed, group, batch_size, patch, fixed_voxel_size_mm, conditioning, supersample,
                   tissue_only_fraction=0.0, texture_ppm=0.0, hard_edges_fraction=0.0, edge_background=0.0,
-                  lesion_ppm=LESION_PPM, lesion_radius_mm=LESION_RADIUS_MM):
+                  lesion_ppm=LESION_PPM, lesion_radius_mm=LESION_RADIUS_MM, small_patch=None, small_patch_fraction=0.0):
     rng = np.random.default_rng([seed, group])
+    # drawn only when asked for, so that runs without it keep their data stream; one size per batch (stacked)
+    if small_patch_fraction and rng.random() < small_patch_fraction:
+        patch = small_patch
     samples = []
     for _ in range(batch_size):
         # drawn only when asked for, so that runs without them keep their data stream
@@ -166,6 +175,13 @@ def _lesion_ranges(cfg):
     return {key: tuple(cfg.get(key, LEGACY_DEFAULTS[key])) for key in ("lesion_ppm", "lesion_radius_mm")}
 
 
+def _small_patch(cfg):
+    """``_made_samples``' ``small_patch`` (a tuple) and ``small_patch_fraction`` of ``cfg`` (none where absent)."""
+    small = cfg.get("small_patch")
+    return {"small_patch": tuple(small) if small else None,
+            "small_patch_fraction": cfg.get("small_patch_fraction", 0.0) if small else 0.0}
+
+
 def training_batch(cfg, step):
     """The batch for ``step``: a pure function of ``cfg['seed']``, ``cfg['reuse']`` and ``step``.
 
@@ -178,7 +194,7 @@ def training_batch(cfg, step):
                             tuple(fixed) if fixed is not None else None, cfg["conditioning"], cfg["supersample"],
                             cfg.get("tissue_only_fraction", 0.0), cfg.get("texture_ppm", 0.0),
                             cfg.get("hard_edges_fraction", 0.0), cfg.get("edge_background", 0.0),
-                            **_lesion_ranges(cfg))
+                            **_lesion_ranges(cfg), **_small_patch(cfg))
     if reuse > 1:
         rng = np.random.default_rng([cfg["seed"], step, 0, 1])  # length 4: no maker's (2) or validation's (3) key
         samples = [augment(s, [a for a in range(3) if rng.random() < 0.5], rng.random() < 0.5) for s in samples]
@@ -396,7 +412,7 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
 #: Settings a resumed run must share with its checkpoint besides :data:`NETWORK_KEYS`: they shape the data or the loss.
 RESUME_FIXED_KEYS = ("patch", "batch_size", "seed", "supersample", "init_from", "dc_weight", "grad_weight",
                      "tissue_only_fraction", "network_data_consistency", "texture_ppm", "hard_edges_fraction",
-                     "edge_background", "lesion_ppm", "lesion_radius_mm", "ema")
+                     "edge_background", "lesion_ppm", "lesion_radius_mm", "ema", "small_patch", "small_patch_fraction")
 
 
 def _resumed_network(cfg, ckpt):

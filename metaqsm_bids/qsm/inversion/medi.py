@@ -36,7 +36,11 @@ def edge_mask(magnitude, mask, voxel_size_mm, edge_percentage=0.9):
     ``gradient_mask`` convention (its default 0.9, "the percentage of voxels considered
     to be edges"): with three components per voxel, 0.9 marks 30 % of the gradient
     components as edges. The toolbox reaches the threshold by 5 % steps; here it is exact.
+    ``edge_percentage`` 0: no edges (every component True): MEDI's prior becomes plain total variation,
+    which owes nothing to the magnitude (what its edges are worth on a head, BENCHMARKS.md).
     """
+    if edge_percentage == 0:
+        return np.ones((3, *np.shape(mask)), dtype=bool)
     grad = np.abs(gradient(np.where(mask, magnitude, 0).astype(np.float32), voxel_size_mm))
     n_edges = int(round(edge_percentage * np.count_nonzero(mask)))
     if not 0 < n_edges < grad.size:
