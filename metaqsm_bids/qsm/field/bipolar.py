@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .unwrap import unit_phasor, wrap_phase
+
 #: ``--bipolar`` choices (:func:`correct_bipolar`'s ``mode``) and the default.
 BIPOLAR_MODES = ("auto", "on", "off")
 DEFAULT_BIPOLAR = "auto"
@@ -70,6 +72,32 @@ def _coordinates(shape, voxel_size_mm):
             for axis, (n, d) in enumerate(zip(shape, voxel_size_mm))]
 
 
+def _ramp(gradient, coords):
+    """``g . (r - centre)`` (float32, rad) on the grid of ``coords`` (:func:`_coordinates`)."""
+    return sum(np.float32(g) * c.astype(np.float32) for g, c in zip(gradient, coords))
+
+
+def _weighted_plane_fit(weight, values, coords):
+    """``(c0, g_i, g_j, g_k)`` minimising ``sum weight (values - c0 - g . r)^2`` over the grid, from the normal
+    equations, whose sums separate along the axes (``r``'s components each vary along one axis only): marginals
+    of ``weight`` instead of an n x 4 design matrix (two 0.5 GB arrays on a 0.5x0.5x2 mm head)."""
+    axes = [c.ravel() for c in coords]
+
+    def marginal(array, kept):
+        return array.sum(axis=tuple(a for a in range(3) if a not in kept), dtype=np.float64)
+
+    gram, rhs = np.empty((4, 4)), np.empty(4)
+    weighted = weight * values
+    gram[0, 0], rhs[0] = weight.sum(dtype=np.float64), weighted.sum(dtype=np.float64)
+    for a in range(3):
+        gram[0, a + 1] = gram[a + 1, 0] = marginal(weight, (a,)) @ axes[a]
+        rhs[a + 1] = marginal(weighted, (a,)) @ axes[a]
+        gram[a + 1, a + 1] = marginal(weight, (a,)) @ axes[a] ** 2
+        for b in range(a + 1, 3):
+            gram[a + 1, b + 1] = gram[b + 1, a + 1] = axes[a] @ marginal(weight, (a, b)) @ axes[b]
+    return np.linalg.lstsq(gram, rhs, rcond=None)[0]
+
+
 def estimate_bipolar_error(magnitude, phase_rad, echo_times_s, voxel_size_mm):
     """The :class:`BipolarError` of 4D magnitude and phase (rad), echo last, with 3+ equally spaced echoes (s)."""
     magnitude = np.asarray(magnitude, np.float32)
@@ -85,30 +113,32 @@ def estimate_bipolar_error(magnitude, phase_rad, echo_times_s, voxel_size_mm):
     if not peak > 0:
         raise ValueError("magnitude is zero everywhere")
 
-    def signal(n):  # one echo at a time: no 4D complex copy
-        return (magnitude[..., n] / np.float32(peak)) * np.exp(1j * phase[..., n]).astype(np.complex64)
+    def signal(n):
+        return (magnitude[..., n] / np.float32(peak)) * unit_phasor(phase[..., n])
 
-    z = np.zeros(shape, np.complex128)
+    # each echo's signal made once, three held at a time (no 4D complex copy)
+    z = np.zeros(shape, np.complex64)
+    window = [signal(0), signal(1)]
     for n in range(phase.shape[3] - 2):
-        second = signal(n) * signal(n + 2) * np.conj(signal(n + 1)) ** 2
+        window.append(signal(n + 2))
+        second = window[0] * window[2] * np.conj(window[1]) ** 2
         # 0-based n even: echoes n+1, n+3 odd around an even one: the second difference is -2e
         z += np.conj(second) if n % 2 == 0 else second
+        window.pop(0)
+    del window, second
 
     gradient = np.zeros(3)
     for axis in range(3):
         lead = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
         trail = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
-        gradient[axis] = np.angle(np.sum(z[lead] * np.conj(z[trail]))) / (2 * voxel[axis])
+        gradient[axis] = np.angle(np.sum(z[lead] * np.conj(z[trail]), dtype=np.complex128)) / (2 * voxel[axis])
     coords = _coordinates(shape, voxel)
-    ramp = sum(g * c for g, c in zip(gradient, coords))
-    offset = np.angle(np.sum(z * np.exp(-2j * ramp))) / 2
+    offset = float(np.angle(np.sum(z * unit_phasor(-2 * _ramp(gradient, coords)), dtype=np.complex128))) / 2
     # one weighted least-squares step on the residual phase, now small everywhere that matters
     weight = np.abs(z)
-    residual = np.angle(z * np.exp(-2j * (offset + ramp))) / 2
-    keep = weight > 1e-6 * weight.max()
-    design = np.stack([np.ones(int(keep.sum()))] + [np.broadcast_to(c, shape)[keep] for c in coords], axis=1)
-    sqrt_w = np.sqrt(weight[keep])
-    step, *_ = np.linalg.lstsq(design * sqrt_w[:, None], residual[keep] * sqrt_w, rcond=None)
+    residual = np.angle(z * unit_phasor(-2 * (offset + _ramp(gradient, coords)))) / 2
+    weight[weight <= 1e-6 * weight.max()] = 0
+    step = _weighted_plane_fit(weight, residual, coords)
     offset += step[0]
     gradient += step[1:]
     # e is defined up to pi (2e is measured): keep the offset in (-pi/2, pi/2]
@@ -125,8 +155,8 @@ def remove_bipolar_error(phase_rad, error, voxel_size_mm):
     phase = np.array(phase_rad, dtype=np.float32)
     e = error.map(phase.shape[:3], voxel_size_mm)
     for n in range(1, phase.shape[3], 2):
-        corrected = np.angle(np.exp(1j * (phase[..., n] - e)))
-        phase[..., n] = np.where(corrected >= np.pi, -np.pi, corrected)
+        corrected = wrap_phase(phase[..., n] - e)
+        phase[..., n] = np.where(corrected >= np.float32(np.pi), -np.float32(np.pi), corrected)
     return phase
 
 

@@ -38,8 +38,23 @@ import scipy.fft as sfft
 
 
 def wrap_phase(phase_rad):
-    """Phase (rad) wrapped to [-pi, pi], computed in float32 for float32 input."""
-    return np.mod(phase_rad + np.float32(np.pi), np.float32(2 * np.pi)) - np.float32(np.pi)
+    """Phase (rad) wrapped to [-pi, pi], in the input's float precision (float32 for float32 input): the nearest
+    multiple of 2*pi subtracted (np.round is ~20x faster than np.mod on a head's volume)."""
+    phase = np.asarray(phase_rad)
+    if phase.dtype.kind != "f":
+        phase = phase.astype(np.float64)
+    scalar = phase.dtype.type
+    return phase - scalar(2 * np.pi) * np.round(phase * scalar(1 / (2 * np.pi)))
+
+
+def unit_phasor(phase_rad):
+    """``exp(i phase)`` (complex64) of radians, from their cosine and sine in float32 (numpy's complex exp is
+    ~10x slower)."""
+    phase = np.asarray(phase_rad, np.float32)
+    out = np.empty(phase.shape, np.complex64)
+    out.real = np.cos(phase)
+    out.imag = np.sin(phase)
+    return out
 
 
 def _check_voxel_size(voxel_size_mm):
