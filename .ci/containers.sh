@@ -27,6 +27,11 @@ if [ "$(id -u)" = 0 ]; then RUN_AS=1000:1000; else RUN_AS="$(id -u):$(id -g)"; f
 # Chimap of the container vs the pip run: largest |difference| in ppm allowed (measured: see the README)
 CHI_TOL=${METAQSM_CI_CHI_TOL:-1e-5}
 export CONTAINERS_CONF=$ROOT/.ci/containers.conf
+# OpenBLAS picks its kernels by the CPU it detects unless OPENBLAS_CORETYPE says (some machines set it): the
+# containers get this environment's OPENBLAS_* so that they run the pip run's kernels; with other kernels the
+# rounding differs and PDF's float32 CG carries it to 0.008 ppm in the demo's Chimap (Haswell against SkylakeX)
+BLAS_ENV=()
+for var in $(compgen -e | grep '^OPENBLAS_' || true); do BLAS_ENV+=(-e "$var"); done
 mkdir -p "$CACHE" "$WORK"
 
 TIMES=()
@@ -115,7 +120,7 @@ checksums demo_bids >bids.before
 mkdir out
 chown "$RUN_AS" out
 t=$(now)
-podman run --rm -u "$RUN_AS" -v "$WORK/demo_bids:/data/bids:ro" -v "$WORK/out:/data/out" "$IMAGE" \
+podman run --rm -u "$RUN_AS" "${BLAS_ENV[@]}" -v "$WORK/demo_bids:/data/bids:ro" -v "$WORK/out:/data/out" "$IMAGE" \
     /data/bids /data/out participant >container.log 2>&1 || { cat container.log; fail "the container's participant run"; }
 took "podman run, participant" "$t"
 t=$(now)
@@ -208,7 +213,7 @@ echo 'user:x:$gid:' >>/etc/group; exec setpriv --reuid=$uid --regid=$gid --clear
         local options=()
         while [ "$1" != -- ]; do options+=("$1"); shift; done
         shift
-        podman run --rm --privileged -e HOME=/sif/home -w /sif/home -v "$WORK/sif:/sif" "${options[@]}" \
+        podman run --rm --privileged "${BLAS_ENV[@]}" -e HOME=/sif/home -w /sif/home -v "$WORK/sif:/sif" "${options[@]}" \
             "$apptainer" sh -c "$as_user" sh apptainer "$@"
     }
     # can apptainer run a container here at all? (a directory of Debian's base as the image)
