@@ -27,7 +27,8 @@ method's mask and the true brain eroded by one voxel). Modes:
 * ``composed``: the real ``metaqsm`` CLI from the raw phase, default options but ``--inversion``.
 
 Usage: python benchmarks/bench_lesions.py [--cache DIR] [--protocols ...] [--inversions tkd metaqsm]
-           [--modes true-local before pipeline composed] [--json results.json]
+           [--modes true-local before pipeline composed] [--network-data-consistency LAMBDA]
+           [--network-data-consistency-edge-mm MM] [--realistic-magnitude] [--json results.json]
 """
 import argparse
 import json
@@ -60,9 +61,9 @@ SHELL_MM = 5.0
 WHOLE_BRAIN = ("nrmse", "hfen", "xsim", "nrmse_blood", "calc_streak")
 
 
-def lesion_map(sim, cache):
+def lesion_map(sim):
     """Lesion index (n: ``LESIONS[n - 1]``) on the acquisition grid, resized as qsm-forward resizes its seg."""
-    path = Path(cache) / f"{sim.protocol.name}-lesions" / "lesion_index.nii.gz"
+    path = Path(sim.bids_dir).parent / "lesion_index.nii.gz"  # beside the simulation
     if not path.exists():
         head = mni_head(sim.protocol.phantom_mm, lesions=True)
         resized = qf.resize(nib.Nifti1Image(head.lesion.astype(np.float32), head.affine),
@@ -125,14 +126,19 @@ def main(argv=None):
     parser.add_argument("--network-data-consistency", type=float, metavar="LAMBDA", default=DEFAULT_LAMBDA,
                         help="the networks' k-space data-consistency step (the CLI's option of the same name and "
                              "default; 0: off) in the true-local, before and pipeline modes")
+    parser.add_argument("--network-data-consistency-edge-mm", type=float, metavar="MM",
+                        help="its field weighted down within MM of the mask's edge (the CLI's option; off by default, "
+                             "as there)")
+    parser.add_argument("--realistic-magnitude", action="store_true",
+                        help="the heads whose magnitude is no oracle for chi (mni_head's realistic_magnitude)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args(argv)
     results = {}
     with sfft.set_workers(args.threads):
         for name in args.protocols:
-            sim = simulate(name, args.cache, lesions=True)
-            index = lesion_map(sim, args.cache)
+            sim = simulate(name, args.cache, lesions=True, realistic_magnitude=args.realistic_magnitude)
+            index = lesion_map(sim)
             voxel = physics.voxel_size_mm(sim.affine)
             b0_dir = physics.b0_direction_voxel(sim.affine)
             tes = sim.protocol.echo_times_s
@@ -142,7 +148,8 @@ def main(argv=None):
 
             def parameters(method):
                 """The inversion's parameters: the networks' data-consistency step as ``--network-data-consistency``."""
-                return INVERSIONS[method].own({"data_consistency_lambda": args.network_data_consistency or None})
+                return INVERSIONS[method].own({"data_consistency_lambda": args.network_data_consistency or None,
+                                               "data_consistency_edge_mm": args.network_data_consistency_edge_mm or None})
 
             def invert(method, local_hz, mask):
                 """The CLI's inversion step."""
@@ -169,7 +176,7 @@ def main(argv=None):
                         maps["pipeline", method] = chi, pipeline.qsm_mask, time.perf_counter() - start
             if "composed" in args.modes:
                 for method in args.inversions:
-                    maps["composed", method] = run_cli(sim, method, Path(args.cache) / f"{name}-lesions" / "cli")
+                    maps["composed", method] = run_cli(sim, method, Path(sim.bids_dir).parent / "cli")
             res = results[name] = {}
             print("\n  whole brain")
             print("  | mode | inversion | " + " | ".join(WHOLE_BRAIN) + " | coverage | seconds |")

@@ -48,7 +48,7 @@ in %, DGM linearity |1 - slope|.
 
 Usage: python benchmarks/bench_stages.py [--cache DIR] [--protocols ...] [--inversions ...]
            [--composed ...] [--stages field mask bfr inversion pipeline composed] [--pipeline-bfr METHOD]
-           [--resharp-radius-mm R] [--data-consistency LAMBDA ...] [--network-orientations ...] [--metaqsm-model NAME] [--realistic-magnitude] [--warped] [--json results.json]
+           [--resharp-radius-mm R] [--data-consistency LAMBDA ...] [--network-data-consistency-edge-mm MM] [--network-orientations ...] [--metaqsm-model NAME] [--realistic-magnitude] [--warped] [--json results.json]
 """
 import argparse
 import json
@@ -171,10 +171,10 @@ def _bfr_label(method, resharp_radius_mm):
     return f"resharp {resharp_radius_mm:g} mm" if method == "resharp" else method
 
 
-def _variants(method, orientations, metaqsm_model=None, network_lambda=None):
+def _variants(method, orientations, metaqsm_model=None, network_lambda=None, network_edge_mm=None):
     """``(row name, parameters, options)`` of :func:`~metaqsm_bids.steps.inversion.invert_local_field` per network
     orientation setting (and Meta-QSM's model when one is named), the networks followed by the data-consistency
-    step of ``network_lambda`` (None: off); MEDI with and without its edge mask; one row with the CLI's defaults
+    step of ``network_lambda`` (None: off; its field weighted down within ``network_edge_mm`` of the edge); MEDI with and without its edge mask; one row with the CLI's defaults
     otherwise."""
     if method == "medi":  # and without its edge mask (plain TV): what the magnitude's edges are worth to it
         return [(method, {}, {}), ("medi (no edge mask)", {}, {"edge_percentage": 0.0})]
@@ -183,7 +183,8 @@ def _variants(method, orientations, metaqsm_model=None, network_lambda=None):
     model = {"model": metaqsm_model} if method == "metaqsm" and metaqsm_model else {}
     name = f"{method} {metaqsm_model}" if model else method
     return [(f"{name} ({o})" if len(orientations) > 1 else name,
-             {"orientations": o, "data_consistency_lambda": network_lambda}, model) for o in orientations]
+             {"orientations": o, "data_consistency_lambda": network_lambda,
+              "data_consistency_edge_mm": network_edge_mm}, model) for o in orientations]
 
 
 def _invert(method, local_hz, mask, voxel, b0_dir, rss, tes, parameters, options):
@@ -205,13 +206,14 @@ def _consistency_rows(method, chi, local_ppm, mask, voxel, b0_dir, lambdas, sim,
     return rows
 
 
-def inversion_stage(sim, voxel, b0_dir, methods, rss, lambdas, orientations, metaqsm_model=None, network_lambda=None):
+def inversion_stage(sim, voxel, b0_dir, methods, rss, lambdas, orientations, metaqsm_model=None, network_lambda=None,
+                    network_edge_mm=None):
     brain = sim.brain_mask
     local_ppm = physics.field_hz_to_ppm(sim.local_field_hz, B0_TESLA)
     tes = sim.protocol.echo_times_s
     rows = {}
     for method in methods:
-        for name, parameters, options in _variants(method, orientations, metaqsm_model, network_lambda):
+        for name, parameters, options in _variants(method, orientations, metaqsm_model, network_lambda, network_edge_mm):
             start = time.perf_counter()
             chi = _invert(method, sim.local_field_hz, brain, voxel, b0_dir, rss, tes, parameters, options)
             rows[name] = {**score(chi, sim, brain), "seconds": time.perf_counter() - start}
@@ -230,7 +232,7 @@ def pipeline_inputs(sim):
 
 
 def pipeline_stage(sim, voxel, b0_dir, methods, bfr_method, resharp_radius_mm, lambdas, orientations,
-                   metaqsm_model=None, network_lambda=None):
+                   metaqsm_model=None, network_lambda=None, network_edge_mm=None):
     """The CLI's participant run in this process, from the raw files (what ``composed`` runs through the CLI, minus
     the I/O): :func:`~metaqsm_bids.steps.pipeline.local_field_maps` once, then
     :func:`~metaqsm_bids.steps.pipeline.susceptibility` per inversion (and network setting)."""
@@ -245,7 +247,7 @@ def pipeline_stage(sim, voxel, b0_dir, methods, bfr_method, resharp_radius_mm, l
               "coverage": float(np.count_nonzero(qsm_mask & sim.brain_mask) / sim.brain_mask.sum()),
               "excluded": float(np.count_nonzero(mask & ~fields.reliable_mask) / mask.sum())}
     for method in methods:
-        for name, parameters, options in _variants(method, orientations, metaqsm_model, network_lambda):
+        for name, parameters, options in _variants(method, orientations, metaqsm_model, network_lambda, network_edge_mm):
             start = time.perf_counter()
             chi = susceptibility(fields, inversion=method, inversion_params=parameters,
                                  inversion_options=options).chimap
@@ -315,6 +317,10 @@ def main(argv=None):
     parser.add_argument("--network-data-consistency", type=float, metavar="LAMBDA",
                         default=cli.get_default("network_data_consistency"),
                         help="the networks' own data-consistency step, the CLI's option (default the CLI's; 0: off)")
+    parser.add_argument("--network-data-consistency-edge-mm", type=float, metavar="MM",
+                        default=cli.get_default("network_data_consistency_edge_mm"),
+                        help="the networks' data-consistency step with the field weighted down within MM of the "
+                             "mask's edge, the CLI's option (default the CLI's; 0: the closed form)")
     parser.add_argument("--network-orientations", nargs="+", choices=ORIENTATIONS,
                         default=[cli.get_default("network_orientations")],
                         help="score the network inversions with each of these (the CLI's --network-orientations)")
@@ -363,14 +369,16 @@ def main(argv=None):
             if "inversion" in args.stages:
                 res["inversion"] = inversion_stage(sim, voxel, b0_dir, args.inversions, rss, args.data_consistency,
                                                    args.network_orientations, args.metaqsm_model,
-                                                   args.network_data_consistency or None)
+                                                   args.network_data_consistency or None,
+                                                   args.network_data_consistency_edge_mm or None)
                 _print_table("inversion from the true local field (true brain mask)", res["inversion"],
                              METRICS + ("seconds",))
             if "pipeline" in args.stages:
                 res["pipeline"] = pipeline_stage(sim, voxel, b0_dir, args.composed, args.pipeline_bfr,
                                                  args.resharp_radius_mm, args.data_consistency,
                                                  args.network_orientations, args.metaqsm_model,
-                                                 args.network_data_consistency or None)
+                                                 args.network_data_consistency or None,
+                                                 args.network_data_consistency_edge_mm or None)
                 _print_table(f"pipeline steps in-process from raw phase ({bfr_label})", res["pipeline"],
                              METRICS + ("dice", "coverage", "excluded", "seconds"))
             if "composed" in args.stages:

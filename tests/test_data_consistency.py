@@ -103,3 +103,59 @@ def test_metaqsm_option_applies_the_step_to_the_network_map():
     np.testing.assert_allclose(fitted, expected, atol=1e-5)
     assert abs(fitted[mask].mean()) < 1e-6 and info["Model"] == METAQSM_MODEL
     assert nrmse(fitted, chi, mask) < nrmse(plain, chi, mask)
+
+
+@pytest.mark.parametrize("edge_mm", [1.0, 3.0])
+def test_edge_weighted_step_solves_its_normal_equations(edge_mm):
+    """With ``edge_mm`` the output is the solution of (D' W^2 D + lambda) chi = D' W^2 f + lambda chi_net on the box,
+    W = min(1, depth / edge_mm) in the mask and 0 outside, checked against a dense solve on a small box (the
+    conjugate gradient's tolerance 1e-3 on the preconditioned residual: measured relative error 2-4e-4 in 6-7
+    iterations)."""
+    shape, voxel, b0 = (10, 9, 8), (1.0, 1.2, 1.5), tuple(unit((0.1, 0.2, 0.95)))
+    grid = np.indices(shape) - (np.array(shape) - 1)[:, None, None, None] / 2
+    mask = (grid ** 2).sum(0) <= 3.2 ** 2
+    rng = np.random.default_rng(5)
+    field, chi_net = (np.where(mask, rng.standard_normal(shape), 0).astype(np.float32) for _ in range(2))
+    lam = 0.1
+    info = {}
+    out = data_consistency(chi_net, field, mask, voxel, b0, lam, pad_voxels=2, edge_mm=edge_mm, info=info)
+
+    from scipy import ndimage as ndi
+
+    from metaqsm_bids.qsm.core.grid import PaddedBox
+    box = PaddedBox(mask, 2)
+    kernel = dipole_kernel(box.shape, voxel, b0)
+    n = int(np.prod(box.shape))
+    dipole = np.real(np.fft.ifftn(kernel[..., None] * np.fft.fftn(np.eye(n).reshape(*box.shape, n), axes=(0, 1, 2)),
+                                  axes=(0, 1, 2))).reshape(n, n)
+    w2 = box.embed(np.minimum(1, ndi.distance_transform_edt(mask, sampling=voxel) / edge_mm) ** 2).ravel()
+    solution = np.linalg.solve(dipole.T @ (w2[:, None] * dipole) + lam * np.eye(n),
+                               dipole.T @ (w2 * box.embed(field).ravel()) + lam * box.embed(chi_net).ravel())
+    expected = box.extract(solution.reshape(box.shape))
+    expected[~mask] = 0
+    assert np.linalg.norm(out - expected) < 1e-3 * np.linalg.norm(expected)
+    assert 0 < info["Iterations"] <= 30 and info["RelativeResidual"] <= 1e-3
+
+
+def test_edge_weighted_step_trusts_the_field_less_at_the_edge():
+    """A field error confined to the mask's outer 2 mm (what background removal leaves) moves the weighted step's
+    map less than the closed form's, and an exact field gives the same map with either."""
+    shape, voxel, b0 = CASES["isotropic"]
+    chi, mask, _ = phantom(shape, voxel)
+    from scipy import ndimage as ndi
+    depth = ndi.distance_transform_edt(mask, sampling=voxel)
+    field = forward_field_ppm(chi, voxel, b0) * mask
+    error = np.where(mask & (depth <= 2.0), 0.05, 0).astype(np.float32)
+    chi_net = (0.9 * chi).astype(np.float32)
+    moved = {}
+    for edge_mm in (None, 4.0):
+        clean = data_consistency(chi_net, field, mask, voxel, b0, 0.1, edge_mm=edge_mm)
+        moved[edge_mm] = np.linalg.norm((data_consistency(chi_net, field + error, mask, voxel, b0, 0.1,
+                                                          edge_mm=edge_mm) - clean)[mask])
+        assert nrmse(clean, chi, mask) < nrmse(chi_net, chi, mask)
+    assert moved[4.0] < 0.5 * moved[None]
+
+
+def test_edge_weighted_step_rejects_a_bad_distance():
+    with pytest.raises(ValueError, match="edge distance"):
+        data_consistency(np.zeros(SHAPE), np.zeros(SHAPE), FULL, VOXEL, B0, 0.1, edge_mm=0.0)

@@ -26,11 +26,17 @@ class NetworkParameters:
         "(dimensionless; the field decides where the dipole kernel's square exceeds it; see "
         "metaqsm_bids.qsm.inversion.consistency)", words="then pulled onto the field by a k-space data-consistency "
         "step, lambda", option="--network-data-consistency", check="positive_or_off", metavar="LAMBDA")
+    data_consistency_edge_mm: float = parameter(
+        None, "weigh the field down within this distance of the mask's edge in the data-consistency step, where "
+        "background removal leaves most of its error (mm; 0: the closed form, the field weighted 1 everywhere; see "
+        "metaqsm_bids.qsm.inversion.consistency)", unit="mm", words="with the field weighted down within the "
+        "mask's outer", option="--network-data-consistency-edge-mm", check="positive_or_off", metavar="MM")
 
 
 def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=METAQSM_MODEL, device="auto",
             orientations=NetworkParameters.orientations,
-            data_consistency_lambda=NetworkParameters.data_consistency_lambda, magnitude=None, info=None):
+            data_consistency_lambda=NetworkParameters.data_consistency_lambda,
+            data_consistency_edge_mm=NetworkParameters.data_consistency_edge_mm, magnitude=None, info=None):
     """Meta-QSM: the shipped weight-predicting U-Net (one model for every voxel size and B0 direction); ppm in,
     ppm out.
 
@@ -40,7 +46,8 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
     is 2 passes; ``flips`` makes the map independent of flipped or reordered storage at 8 passes' cost).
     ``data_consistency_lambda`` (dimensionless, > 0; default :data:`.consistency.DEFAULT_LAMBDA`; None: off)
     follows the network with the closed-form k-space data-consistency step :func:`.consistency.data_consistency`,
-    which fits the field wherever the dipole kernel's square exceeds about this value.
+    which fits the field wherever the dipole kernel's square exceeds about this value; ``data_consistency_edge_mm``
+    (mm; None: off) weighs the field down within that distance of the mask's edge in it.
     ``magnitude`` (the RSS magnitude, same shape) is an input of ``field+tkd+magnitude`` models
     (required by them; the others ignore it). Like the other methods the result is demeaned inside the mask.
     ``info`` receives the model name, its sha256 and the device used.
@@ -56,26 +63,30 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
         raise ValueError(f"model {model} takes the magnitude image as an input: pass `magnitude`")
     chi = predict_chi(net, local_field_ppm, mask, voxel_size_mm, b0_dir, device=device, orientations=orientations,
                       magnitude=magnitude if takes_magnitude else None)
+    solver = {}
     if data_consistency_lambda is not None:
-        chi = data_consistency(chi, local_field_ppm, mask, voxel_size_mm, b0_dir, data_consistency_lambda)
+        chi = data_consistency(chi, local_field_ppm, mask, voxel_size_mm, b0_dir, data_consistency_lambda,
+                               edge_mm=data_consistency_edge_mm, info=solver)
     inside = np.asarray(mask, bool)
     chi[inside] -= chi[inside].mean(dtype=np.float64)
     if info is not None:
         # load_model checked the file against this recorded sha256
         info.update({"Model": model, "ModelSHA256": model_info(model)["sha256"], "Device": device,
                      "OrientationPasses": len(orientation_transforms(b0_dir, orientations)),
-                     "DataConsistencyLambda": data_consistency_lambda})
+                     "DataConsistencyLambda": data_consistency_lambda,
+                     **({"DataConsistencyIterations": solver["Iterations"]} if solver else {})})
     return chi
 
 
 def mesaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=MESAQSM_MODEL, device="auto",
             orientations=NetworkParameters.orientations,
-            data_consistency_lambda=NetworkParameters.data_consistency_lambda, magnitude=None, info=None):
+            data_consistency_lambda=NetworkParameters.data_consistency_lambda,
+            data_consistency_edge_mm=NetworkParameters.data_consistency_edge_mm, magnitude=None, info=None):
     """Mesa-QSM, the control: the same U-Net with plain convolutions, trained at one voxel size
     (warns at any other); see :func:`metaqsm`."""
     return metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir, model=model, device=device,
-                   orientations=orientations, data_consistency_lambda=data_consistency_lambda, magnitude=magnitude,
-                   info=info)
+                   orientations=orientations, data_consistency_lambda=data_consistency_lambda,
+                   data_consistency_edge_mm=data_consistency_edge_mm, magnitude=magnitude, info=info)
 
 
 #: What both networks cite: the paper, and TKD, the network's input channel.
