@@ -148,8 +148,9 @@ def main(argv=None):
 
             def parameters(method):
                 """The inversion's parameters: the networks' data-consistency step as ``--network-data-consistency``."""
-                return INVERSIONS[method].own({"data_consistency_lambda": args.network_data_consistency or None,
-                                               "data_consistency_edge_mm": args.network_data_consistency_edge_mm or None})
+                return INVERSIONS[method].own({
+                    "data_consistency_lambda": args.network_data_consistency or None,
+                    "data_consistency_edge_mm": args.network_data_consistency_edge_mm or None})
 
             def invert(method, local_hz, mask):
                 """The CLI's inversion step."""

@@ -48,7 +48,8 @@ in %, DGM linearity |1 - slope|.
 
 Usage: python benchmarks/bench_stages.py [--cache DIR] [--protocols ...] [--inversions ...]
            [--composed ...] [--stages field mask bfr inversion pipeline composed] [--pipeline-bfr METHOD]
-           [--resharp-radius-mm R] [--data-consistency LAMBDA ...] [--network-data-consistency-edge-mm MM] [--network-orientations ...] [--metaqsm-model NAME] [--realistic-magnitude] [--warped] [--json results.json]
+           [--resharp-radius-mm R] [--data-consistency LAMBDA ...] [--network-data-consistency-edge-mm MM]
+           [--network-orientations ...] [--metaqsm-model NAME] [--realistic-magnitude] [--warped] [--json results.json]
 """
 import argparse
 import json
@@ -174,8 +175,8 @@ def _bfr_label(method, resharp_radius_mm):
 def _variants(method, orientations, metaqsm_model=None, network_lambda=None, network_edge_mm=None):
     """``(row name, parameters, options)`` of :func:`~metaqsm_bids.steps.inversion.invert_local_field` per network
     orientation setting (and Meta-QSM's model when one is named), the networks followed by the data-consistency
-    step of ``network_lambda`` (None: off; its field weighted down within ``network_edge_mm`` of the edge); MEDI with and without its edge mask; one row with the CLI's defaults
-    otherwise."""
+    step of ``network_lambda`` (None: off; its field weighted down within ``network_edge_mm`` of the edge); MEDI
+    with and without its edge mask; one row with the CLI's defaults otherwise."""
     if method == "medi":  # and without its edge mask (plain TV): what the magnitude's edges are worth to it
         return [(method, {}, {}), ("medi (no edge mask)", {}, {"edge_percentage": 0.0})]
     if method not in NETWORK_INVERSIONS:

@@ -102,7 +102,8 @@ def dataset(tmp_path_factory):
 
 
 def _expected_parameters(opts):
-    network = {"orientations": opts.network_orientations, "data_consistency_lambda": opts.network_data_consistency}
+    network = {"orientations": opts.network_orientations, "data_consistency_lambda": opts.network_data_consistency,
+               "data_consistency_edge_mm": opts.network_data_consistency_edge_mm}
     return {"tkd": {"threshold": opts.tkd_threshold}, "medi": {"lambda_": opts.medi_lambda},
             "metaqsm": network, "mesaqsm": network}.get(opts.inversion, {})
 
