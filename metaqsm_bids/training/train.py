@@ -27,7 +27,8 @@ semi-axes (metaqsm-v3's: 0.75-8 mm, smaller than a large haemorrhage).
 ``small_patch_fraction`` of the made batches are crops of ``small_patch`` voxels instead of ``patch``: a
 network trained on 128x128x64 crops only (metaqsm-v4) does worse than one trained on 64x64x32 crops on volumes
 about as small as its view (a slab, a small field of view; BENCHMARKS.md, "Where v4 is worse than v3"). The
-validation crops keep ``patch``.
+validation crops keep ``patch``. metaqsm-v5 trained from v4 with 30 % of 64x64x32 batches: better on the heads,
+not on 64x64x32 crops (BENCHMARKS.md, "metaqsm-v5").
 
 With ``ema`` (a decay, e.g. 0.999) a moving average of the weights is kept beside them (Polyak averaging): at batch 1
 and a small learning rate the raw weights' scores on the heads swing 1-2 points between checkpoints; validation
