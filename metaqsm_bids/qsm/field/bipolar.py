@@ -133,10 +133,12 @@ def estimate_bipolar_error(magnitude, phase_rad, echo_times_s, voxel_size_mm):
         trail = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
         gradient[axis] = np.angle(np.sum(z[lead] * np.conj(z[trail]), dtype=np.complex128)) / (2 * voxel[axis])
     coords = _coordinates(shape, voxel)
-    offset = float(np.angle(np.sum(z * unit_phasor(-2 * _ramp(gradient, coords)), dtype=np.complex128))) / 2
+    ramp = _ramp(gradient, coords)
+    offset = float(np.angle(np.sum(z * unit_phasor(-2 * ramp), dtype=np.complex128))) / 2
     # one weighted least-squares step on the residual phase, now small everywhere that matters
     weight = np.abs(z)
-    residual = np.angle(z * unit_phasor(-2 * (offset + _ramp(gradient, coords)))) / 2
+    residual = np.angle(z * unit_phasor(-2 * (offset + ramp))) / 2
+    del ramp
     weight[weight <= 1e-6 * weight.max()] = 0
     step = _weighted_plane_fit(weight, residual, coords)
     offset += step[0]
