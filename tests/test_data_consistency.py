@@ -2,8 +2,10 @@
 import numpy as np
 import pytest
 import scipy.fft as sfft
+from scipy import ndimage as ndi
 
 from metaqsm_bids.qsm.core.dipole import dipole_kernel, forward_field_ppm
+from metaqsm_bids.qsm.core.grid import PaddedBox
 from metaqsm_bids.qsm.inversion.consistency import data_consistency
 from metaqsm_bids.qsm.inversion.registry import invert
 from metaqsm_bids.qsm.network.deepqsm import load_model, predict_chi
@@ -120,9 +122,6 @@ def test_edge_weighted_step_solves_its_normal_equations(edge_mm):
     info = {}
     out = data_consistency(chi_net, field, mask, voxel, b0, lam, pad_voxels=2, edge_mm=edge_mm, info=info)
 
-    from scipy import ndimage as ndi
-
-    from metaqsm_bids.qsm.core.grid import PaddedBox
     box = PaddedBox(mask, 2)
     kernel = dipole_kernel(box.shape, voxel, b0)
     n = int(np.prod(box.shape))
@@ -139,10 +138,9 @@ def test_edge_weighted_step_solves_its_normal_equations(edge_mm):
 
 def test_edge_weighted_step_trusts_the_field_less_at_the_edge():
     """A field error confined to the mask's outer 2 mm (what background removal leaves) moves the weighted step's
-    map less than the closed form's, and an exact field gives the same map with either."""
+    map less than the closed form's; with the exact field either step improves the network's map."""
     shape, voxel, b0 = CASES["isotropic"]
     chi, mask, _ = phantom(shape, voxel)
-    from scipy import ndimage as ndi
     depth = ndi.distance_transform_edt(mask, sampling=voxel)
     field = forward_field_ppm(chi, voxel, b0) * mask
     error = np.where(mask & (depth <= 2.0), 0.05, 0).astype(np.float32)
@@ -159,3 +157,26 @@ def test_edge_weighted_step_trusts_the_field_less_at_the_edge():
 def test_edge_weighted_step_rejects_a_bad_distance():
     with pytest.raises(ValueError, match="edge distance"):
         data_consistency(np.zeros(SHAPE), np.zeros(SHAPE), FULL, VOXEL, B0, 0.1, edge_mm=0.0)
+
+
+def test_edge_weighted_step_counts_the_field_of_view_edge_as_an_edge():
+    """A mask cut by the field of view (a slab): its voxels on the array's faces are at the edge (``depth_mm``:
+    1 voxel deep there, not the distance to the mask's other faces), so the weighted step trusts the field less
+    there too: an error on the cut face moves the map less than the closed form's."""
+    from metaqsm_bids.qsm.core.smv import depth_mm
+    full = np.ones((5, 6, 7), bool)
+    depth = depth_mm(full, (1.0, 2.0, 3.0))
+    assert depth[0, 3, 3] == 1.0 and depth[2, 0, 3] == 2.0 and depth[2, 3, 0] == 3.0 and depth[2, 3, 3] == 3.0
+    shape, voxel, b0 = CASES["isotropic"]
+    chi, mask, _ = phantom(shape, voxel)
+    slab = mask[..., shape[2] // 2:]  # cut through the middle: its lowest slice holds the widest cross-section
+    field = forward_field_ppm(chi, voxel, b0)[..., shape[2] // 2:] * slab
+    error = np.zeros_like(field)
+    error[..., 0] = np.where(slab[..., 0], 0.05, 0)
+    chi_net = (0.9 * chi[..., shape[2] // 2:]).astype(np.float32)
+    moved = {}
+    for edge_mm in (None, 4.0):
+        clean = data_consistency(chi_net, field, slab, voxel, b0, 0.1, edge_mm=edge_mm)
+        moved[edge_mm] = np.linalg.norm((data_consistency(chi_net, field + error, slab, voxel, b0, 0.1,
+                                                          edge_mm=edge_mm) - clean)[slab])
+    assert moved[4.0] < 0.5 * moved[None]

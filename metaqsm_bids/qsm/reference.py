@@ -20,6 +20,7 @@ The mean over the region is taken before subtracting and returned in ppm; chi st
 import numpy as np
 from scipy import ndimage as ndi
 
+from .core.smv import depth_mm
 from .mask.brain import CSF_R2STAR_HZ_AT_3T
 
 #: ``--reference`` choices.
@@ -48,7 +49,7 @@ def ventricular_csf(r2star_hz, qsm_mask, voxel_size_mm, b0_tesla=3.0):
     r2star = np.asarray(r2star_hz, dtype=np.float32)
     if r2star.shape != mask.shape:
         raise ValueError(f"R2* map {r2star.shape} and QSM mask {mask.shape} differ in shape")
-    depth = ndi.distance_transform_edt(np.pad(mask, 1), sampling=voxel_size_mm)[1:-1, 1:-1, 1:-1]
+    depth = depth_mm(mask, voxel_size_mm)
     threshold = CSF_R2STAR_HZ_AT_3T * b0_tesla / 3.0
     candidates = mask & (depth > CSF_MIN_DEPTH_FRACTION * depth.max()) & (r2star <= threshold)
     labels, n = ndi.label(candidates)

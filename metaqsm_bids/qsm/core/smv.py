@@ -2,6 +2,7 @@
 (RESHARP, V-SHARP, iLSQR's fast QSM)."""
 import numpy as np
 import scipy.fft as sfft
+from scipy import ndimage as ndi
 
 from .grid import PaddedBox
 
@@ -87,3 +88,10 @@ def erode_mask(mask, voxel_size_mm, radius_mm):
     mask = _check_mask(mask)
     box, _, eroded = _erode_in_box(mask, voxel_size_mm, radius_mm)
     return box.extract(eroded)
+
+
+def depth_mm(mask, voxel_size_mm):
+    """Distance (mm) of each voxel of ``mask`` to the nearest voxel outside it (0 outside); voxels beyond the
+    array count as outside, so a mask cut by the field of view has its edge there too."""
+    padded = np.pad(np.asarray(mask, bool), 1)
+    return ndi.distance_transform_edt(padded, sampling=voxel_size_mm)[1:-1, 1:-1, 1:-1]

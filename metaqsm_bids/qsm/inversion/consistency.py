@@ -12,19 +12,19 @@ one back, on the same padded box as TKD and L2 (the field counts as 0 outside th
 as in those inversions).
 
 With ``edge_mm`` the field's term is weighted, ``||W (D * chi - f)||^2`` with ``W = min(1, depth / edge_mm)``
-inside the mask (depth: the distance to the mask's edge, mm) and 0 outside: the field counts only where it
-was measured, and less within ``edge_mm`` of the edge, where background removal leaves most of its error
-(BENCHMARKS.md, "Where PDF's error is": half of PDF's squared error lies in the outer 3 mm). No longer
-diagonal in k-space, it is solved by conjugate gradient on the half spectrum, from ``chi_net``, with
-``(D^2 + lambda)^(-1/2)`` on both sides (the closed form's inverse: exact for a weight of 1 everywhere):
-one FFT pair per iteration.
+inside the mask (depth: the distance to the mask's edge in mm, the field of view's edge included) and 0
+outside: the field counts only where it was measured, and less within ``edge_mm`` of the edge, where
+background removal leaves most of its error (BENCHMARKS.md, "Where PDF's error is": half of PDF's squared
+error lies in the outer 3 mm). No longer diagonal in k-space, it is solved by conjugate gradient on the half
+spectrum, from ``chi_net``, with ``(D^2 + lambda)^(-1/2)`` on both sides (the closed form's inverse: exact for a
+weight of 1 everywhere): one FFT pair per iteration.
 """
 import numpy as np
 import scipy.fft as sfft
-from scipy import ndimage as ndi
 
 from ..core.dipole import dipole_kernel
 from ..core.grid import PaddedBox
+from ..core.smv import depth_mm
 from ..core.solvers import _half_spectrum_dot, conjugate_gradient
 from .common import check_inputs
 
@@ -64,8 +64,7 @@ def data_consistency(chi_net_ppm, local_field_ppm, mask, voxel_size_mm, b0_dir, 
     box = PaddedBox(mask, pad_voxels)
     kernel = dipole_kernel(box.shape, voxel, b0, half=True)
     if edge_mm is not None:
-        depth = ndi.distance_transform_edt(mask, sampling=voxel)
-        weight = np.minimum(np.float32(1), (depth / edge_mm).astype(np.float32))
+        weight = np.minimum(np.float32(1), (depth_mm(mask, voxel) / edge_mm).astype(np.float32))
         chi = box.extract(_weighted_solution(box.embed(field), box.embed(np.where(mask, chi_net, np.float32(0))),
                                              box.embed(weight * weight), kernel, np.float32(lambda_), info))
         chi[~mask] = 0.0
