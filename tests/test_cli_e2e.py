@@ -127,7 +127,9 @@ def test_chimap_matches_truth(processed):
         # of it within 6 mm of the edge, 0.31 / 0.27 / 0.33 (TKD 0.34 / 0.30 / 0.37; metaqsm-v3 0.34 / 0.31 /
         # 0.37). Heads this small are smaller than what metaqsm-v4 sees around a voxel (it was trained on
         # 128x128x64 crops); on the qsm-forward heads and on their slabs down to 32 mm it beats TKD
-        # (BENCHMARKS.md, "metaqsm-v4"). metaqsm-v5 (its recipe with a share of 64x64x32 crops) passes the same bounds.
+        # (BENCHMARKS.md, "metaqsm-v4"). metaqsm-v5 (its recipe with a share of 64x64x32 crops) with the default
+        # edge-weighted data consistency (4 mm): 0.74 / 0.64 / 0.69 deep, 0.31 / 0.27 / 0.33 in the whole mask
+        # (the closed form: the same to 0.01).
         deep = mask & erode_mask(brain, voxel_size_mm(chimap.affine), 6.0)
         chi, truth = chimap.get_fdata(), truth_img.get_fdata()
         assert np.corrcoef(chi[deep], truth[deep])[0, 1] > 0.6, prefix

@@ -9,7 +9,7 @@ from ..network.models import (DEFAULT_ORIENTATIONS, MESAQSM_MODEL, METAQSM_MODEL
                               TKD_THRESHOLD)
 from ..spec import MethodSpec, parameter
 from . import tkd
-from .consistency import DEFAULT_LAMBDA, data_consistency
+from .consistency import DEFAULT_EDGE_MM, DEFAULT_LAMBDA, data_consistency
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class NetworkParameters:
         "metaqsm_bids.qsm.inversion.consistency)", words="then pulled onto the field by a k-space data-consistency "
         "step, lambda", option="--network-data-consistency", check="positive_or_off", metavar="LAMBDA")
     data_consistency_edge_mm: float = parameter(
-        None, "weigh the field down within this distance of the mask's edge in the data-consistency step, where "
+        DEFAULT_EDGE_MM, "weigh the field down within this distance of the mask's edge in the data-consistency step, where "
         "background removal leaves most of its error (mm; 0: the closed form, the field weighted 1 everywhere; see "
         "metaqsm_bids.qsm.inversion.consistency)", unit="mm", words="with the field weighted down within the "
         "mask's outer", option="--network-data-consistency-edge-mm", check="positive_or_off", metavar="MM")
@@ -47,7 +47,8 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
     ``data_consistency_lambda`` (dimensionless, > 0; default :data:`.consistency.DEFAULT_LAMBDA`; None: off)
     follows the network with the closed-form k-space data-consistency step :func:`.consistency.data_consistency`,
     which fits the field wherever the dipole kernel's square exceeds about this value; ``data_consistency_edge_mm``
-    (mm; None: off) weighs the field down within that distance of the mask's edge in it.
+    (mm; default :data:`.consistency.DEFAULT_EDGE_MM`; None: the closed form) weighs the field down within that
+    distance of the mask's edge in it.
     ``magnitude`` (the RSS magnitude, same shape) is an input of ``field+tkd+magnitude`` models
     (required by them; the others ignore it). Like the other methods the result is demeaned inside the mask.
     ``info`` receives the model name, its sha256 and the device used.
