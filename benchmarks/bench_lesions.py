@@ -52,7 +52,7 @@ from score import read_output  # noqa: E402
 from metaqsm_bids.qsm.background.registry import remove_background  # noqa: E402
 from metaqsm_bids.qsm.core import physics  # noqa: E402
 from metaqsm_bids.qsm.field.reliability import reliable_voxels  # noqa: E402
-from metaqsm_bids.qsm.inversion.consistency import DEFAULT_LAMBDA  # noqa: E402
+from metaqsm_bids.qsm.inversion.consistency import DEFAULT_EDGE_MM, DEFAULT_LAMBDA  # noqa: E402
 from metaqsm_bids.qsm.inversion.registry import INVERSIONS  # noqa: E402
 from metaqsm_bids.sim.mni_head import LESIONS, mni_head  # noqa: E402
 from metaqsm_bids.steps.pipeline import local_field_maps, susceptibility  # noqa: E402
@@ -126,9 +126,9 @@ def main(argv=None):
     parser.add_argument("--network-data-consistency", type=float, metavar="LAMBDA", default=DEFAULT_LAMBDA,
                         help="the networks' k-space data-consistency step (the CLI's option of the same name and "
                              "default; 0: off) in the true-local, before and pipeline modes")
-    parser.add_argument("--network-data-consistency-edge-mm", type=float, metavar="MM",
-                        help="its field weighted down within MM of the mask's edge (the CLI's option; off by default, "
-                             "as there)")
+    parser.add_argument("--network-data-consistency-edge-mm", type=float, metavar="MM", default=DEFAULT_EDGE_MM,
+                        help="its field weighted down within MM of the mask's edge (the CLI's option and default; "
+                             "0: the closed form)")
     parser.add_argument("--realistic-magnitude", action="store_true",
                         help="the heads whose magnitude is no oracle for chi (mni_head's realistic_magnitude)")
     parser.add_argument("--threads", type=int, default=2)

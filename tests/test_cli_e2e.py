@@ -128,8 +128,8 @@ def test_chimap_matches_truth(processed):
         # 0.37). Heads this small are smaller than what metaqsm-v4 sees around a voxel (it was trained on
         # 128x128x64 crops); on the qsm-forward heads and on their slabs down to 32 mm it beats TKD
         # (BENCHMARKS.md, "metaqsm-v4"). metaqsm-v5 (its recipe with a share of 64x64x32 crops) with the default
-        # edge-weighted data consistency (4 mm): 0.74 / 0.64 / 0.69 deep, 0.31 / 0.27 / 0.33 in the whole mask
-        # (the closed form: the same to 0.01).
+        # edge-weighted data consistency (4 mm, one majorize-minimize step): 0.74 / 0.64 / 0.69 deep, 0.31 / 0.26 /
+        # 0.32 in the whole mask (the closed form: within 0.01 of these).
         deep = mask & erode_mask(brain, voxel_size_mm(chimap.affine), 6.0)
         chi, truth = chimap.get_fdata(), truth_img.get_fdata()
         assert np.corrcoef(chi[deep], truth[deep])[0, 1] > 0.6, prefix

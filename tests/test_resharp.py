@@ -12,7 +12,7 @@ from metaqsm_bids.qsm.core.dipole import forward_field_ppm
 from metaqsm_bids.qsm.core.physics import field_ppm_to_hz
 from metaqsm_bids.qsm.background.common import BackgroundRemoval
 from metaqsm_bids.qsm.background.resharp import resharp
-from metaqsm_bids.qsm.core.smv import erode_mask, smv_kernel
+from metaqsm_bids.qsm.core.smv import depth_mm, distance_mm, erode_mask, smv_kernel
 
 VOXEL_MM = np.array([0.75, 0.75, 2.0])
 SHAPE = (96, 128, 44)
@@ -104,6 +104,30 @@ def test_erosion_matches_binary_erosion_and_treats_the_array_edge_as_outside():
     expected = ndi.binary_erosion(mask, ball, border_value=0)
     assert expected.any()
     np.testing.assert_array_equal(erode_mask(mask, VOXEL_MM, 6.0), expected)
+
+
+@pytest.mark.parametrize("voxel", [(1.0, 1.0, 1.0), (0.75, 0.75, 3.0), (0.5, 0.6, 2.0), (1.2, 1.2, 2.4)])
+@pytest.mark.parametrize("cap_mm", [2.0, 3.0, 4.0, 8.0])
+def test_capped_distance_is_scipys_up_to_the_cap(voxel, cap_mm):
+    """``distance_mm`` with a cap: scipy's Euclidean distance (to the last bit or one ulp) wherever that is at most
+    the cap, above the cap elsewhere, so every threshold at or below the cap selects the same voxels (3 mm = 4 x
+    0.75 mm lies exactly on the cap)."""
+    mask = ndi.gaussian_filter(np.random.default_rng(3).normal(size=(64, 64, 32)), 4) > -0.01
+    exact = ndi.distance_transform_edt(mask, sampling=voxel)
+    capped = distance_mm(mask, voxel, cap_mm)
+    near = exact <= cap_mm
+    assert near.sum() > 1000 and (~near).sum() > 100
+    np.testing.assert_allclose(capped[near], exact[near], rtol=1e-15, atol=0)
+    assert np.all(capped[~near] > cap_mm)
+    for threshold in (0.5 * cap_mm, cap_mm):
+        np.testing.assert_array_equal(capped <= threshold, exact <= threshold)
+    np.testing.assert_array_equal(distance_mm(mask, voxel), exact)
+    # depth_mm: the same on the mask's bounding box, the array's edge counting as outside
+    edged = ndi.distance_transform_edt(np.pad(mask, 1), sampling=voxel)[1:-1, 1:-1, 1:-1]
+    assert np.any(edged < exact)  # the mask reaches the array's edge
+    within = edged <= cap_mm
+    np.testing.assert_allclose(depth_mm(mask, voxel, cap_mm)[within], edged[within], rtol=1e-15, atol=0)
+    np.testing.assert_array_equal(depth_mm(mask, voxel), edged)
 
 
 # ---------------------------------------------------------------- RESHARP

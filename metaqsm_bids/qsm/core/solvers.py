@@ -26,18 +26,16 @@ def gradient_adjoint(g, voxel_size_mm):
     return out
 
 
-def conjugate_gradient(apply_a, b, tol, max_iter, x0=None, dot=None):
-    """Solve ``A x = b`` (A symmetric positive semi-definite) by conjugate gradient.
+def conjugate_gradient(apply_a, b, tol, max_iter):
+    """Solve ``A x = b`` (A symmetric positive semi-definite) by conjugate gradient from 0.
 
     Stops once ``||b - A x|| <= tol ||b||`` (the recursive residual) or after ``max_iter``
-    iterations. ``dot(x, y)`` is the inner product (default: the real one, accumulated in
-    float64). Returns ``(x, iterations, relative residual)``.
+    iterations. Returns ``(x, iterations, relative residual)``.
     """
-    if dot is None:
-        def dot(x, y):
-            return float(np.vdot(x, y).real)
-    x = np.zeros_like(b) if x0 is None else x0.copy()
-    residual = b - apply_a(x) if x0 is not None else b.copy()
+    def dot(x, y):
+        return float(np.vdot(x, y).real)
+    x = np.zeros_like(b)
+    residual = b.copy()
     b_norm = np.sqrt(dot(b, b))
     if b_norm == 0:
         return x, 0, 0.0

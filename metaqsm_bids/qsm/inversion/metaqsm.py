@@ -64,18 +64,16 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
         raise ValueError(f"model {model} takes the magnitude image as an input: pass `magnitude`")
     chi = predict_chi(net, local_field_ppm, mask, voxel_size_mm, b0_dir, device=device, orientations=orientations,
                       magnitude=magnitude if takes_magnitude else None)
-    solver = {}
     if data_consistency_lambda is not None:
         chi = data_consistency(chi, local_field_ppm, mask, voxel_size_mm, b0_dir, data_consistency_lambda,
-                               edge_mm=data_consistency_edge_mm, info=solver)
+                               edge_mm=data_consistency_edge_mm)
     inside = np.asarray(mask, bool)
     chi[inside] -= chi[inside].mean(dtype=np.float64)
     if info is not None:
         # load_model checked the file against this recorded sha256
         info.update({"Model": model, "ModelSHA256": model_info(model)["sha256"], "Device": device,
                      "OrientationPasses": len(orientation_transforms(b0_dir, orientations)),
-                     "DataConsistencyLambda": data_consistency_lambda,
-                     **({"DataConsistencyIterations": solver["Iterations"]} if solver else {})})
+                     "DataConsistencyLambda": data_consistency_lambda})
     return chi
 
 

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..core.smv import distance_mm
 from ..field.relaxometry import weighted_loglinear_fit
 
 #: Steps at the scale of the head run on a grid of voxels about this size (mm) or the largest voxel edge.
@@ -35,11 +36,6 @@ def _otsu_threshold(values, bins=256):
     between = weight_low * weight_high * (mean_low - mean_high) ** 2
     # the split lies after bin i: values above edges[i + 1] form the high class
     return float(edges[int(np.argmax(between[:-1])) + 1])
-
-
-def _edt(mask, voxel):
-    """Distance (mm) from each True voxel of ``mask`` to the nearest False one."""
-    return ndi.distance_transform_edt(mask, sampling=voxel)
 
 
 def _nearest_voxel(mask, point, voxel):
@@ -136,7 +132,7 @@ def _axial_brain_mask(magnitude, voxel_size_mm, smoothing_mm, erosion_mm, neck_f
     # so that voxels beyond the array edge count as background
     box = ndi.find_objects(foreground.astype(np.uint8))[0]
     region = np.pad(foreground[box], 1)
-    depth = _edt(region, voxel)
+    depth = distance_mm(region, voxel)
     head = _head(region, voxel, erosion_mm)
     centre = np.array(head.centre) * head.stride
     brain = _scalp_cut(region, depth, centre, voxel, erosion_mm)
@@ -193,12 +189,14 @@ def _head(region, voxel, erosion_mm):
     # that the array's edge counts as outside
     pad = np.ceil(_HEAD_CLOSING_MM / coarse_voxel).astype(int) + 1
     crop = tuple(slice(p, -p) for p in pad)
-    grown = _edt(~np.pad(region[coarse], [(p, p) for p in pad]), coarse_voxel) <= _HEAD_CLOSING_MM
-    head = _fill_slices(_edt(grown, coarse_voxel) > _HEAD_CLOSING_MM)
-    head_depth = _edt(head, coarse_voxel)[crop]
+    padded = np.pad(region[coarse], [(p, p) for p in pad])
+    grown = distance_mm(~padded, coarse_voxel, _HEAD_CLOSING_MM) <= _HEAD_CLOSING_MM
+    head = _fill_slices(distance_mm(grown, coarse_voxel, _HEAD_CLOSING_MM) > _HEAD_CLOSING_MM)
+    head_depth = distance_mm(head, coarse_voxel)[crop]
     # near the background of each slice outside the head (slices beyond the field of view excluded):
     # within erosion_mm, as the opening's balls may stop short of the skin, and one voxel at least
-    outside = _edt(head | ~head.any(axis=(0, 1)), coarse_voxel) <= max(erosion_mm, coarse_voxel.max())
+    near_mm = max(erosion_mm, coarse_voxel.max())
+    outside = distance_mm(head | ~head.any(axis=(0, 1)), coarse_voxel, near_mm) <= near_mm
     centre = np.unravel_index(np.argmax(head_depth), head_depth.shape)
     return _Head(stride, coarse_voxel, centre, head_depth[centre], outside[crop])
 
@@ -214,7 +212,7 @@ def _scalp_cut(region, depth, centre, voxel, erosion_mm):
     # the dilation back reaches erosion_mm beyond the core: distances on that box only
     near = _box(core, np.ceil(erosion_mm / voxel).astype(int) + 1)
     brain = np.zeros_like(region)
-    brain[near] = (_edt(~core[near], voxel) <= erosion_mm) & region[near]
+    brain[near] = (distance_mm(~core[near], voxel, erosion_mm) <= erosion_mm) & region[near]
     return brain
 
 
@@ -232,7 +230,7 @@ def _neck_cut(brain, depth, head, erosion_mm, neck_fraction):
     surface = central & ~ndi.binary_erosion(central)
     # in a skull-stripped image the brain's surface is the head's: no skull, so no neck to cut
     if np.count_nonzero(surface & head.outside) < 0.5 * np.count_nonzero(surface):
-        keep = _edt(~central, head.voxel) <= erosion_mm
+        keep = distance_mm(~central, head.voxel, erosion_mm) <= erosion_mm
         thin, _ = ndi.label(brain_coarse & (owner == 0) & ~keep)
         for pieces in (np.where(keep, 0, owner), thin):
             keep |= (pieces > 0) & ~np.isin(pieces, pieces[head.outside])
@@ -295,12 +293,12 @@ def remove_extracerebral_csf(mask, magnitude, echo_times_s, voxel_size_mm, b0_te
     reach = np.ceil(sulcus_mm / voxel).astype(int) + 1
     box = _box(mask, reach)
     region = np.pad(tissue[box], [(r, r) for r in reach])
-    grown = _edt(~region, voxel) <= sulcus_mm
-    closed = _edt(grown, voxel) > sulcus_mm
+    grown = distance_mm(~region, voxel, sulcus_mm) <= sulcus_mm
+    closed = distance_mm(grown, voxel, sulcus_mm) > sulcus_mm
     closed = ndi.binary_fill_holes(closed)[tuple(slice(r, -r) for r in reach)]
     closed &= mask[box]
     # the box's margin outside the mask is background, so distances and holes are the whole array's
-    depth = _edt(closed, voxel)
+    depth = distance_mm(closed, voxel, max(_S0_REFERENCE_DEPTH_MM, CSF_S0_RIM_MM))
     deep = depth > _S0_REFERENCE_DEPTH_MM
     if deep.any():
         s0_box = s0[box]
