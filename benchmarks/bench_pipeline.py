@@ -17,7 +17,7 @@ seconds over the sum of the steps' seconds of the first run (the whole participa
 
 Usage: python benchmarks/bench_pipeline.py [--threads 2] [--keep DIR]
            [--runs tkd metaqsm metaqsm:flips ilsqr medi]   (METHOD[:NETWORK_ORIENTATIONS])
-           [--qsmforward-cache DIR [--protocols 0.76x0.76x3 0.5x0.5x2 ...]]
+           [--qsmforward-cache DIR [--protocols 0.76x0.76x3 0.5x0.5x2 ...] [--realistic-magnitude]]
 Targets (2-core CPU; issue 31/32): the whole participant <= 30 s (0.76x0.76x3; <= 90 s at 0.5x0.5x2), peak
 memory <= 3 GiB; Meta-QSM's inversion within 10x TKD's.
 """
@@ -109,6 +109,8 @@ def main(argv=None):
     parser.add_argument("--qsmforward-cache", type=Path,
                         help="run on the stage benchmark's qsm-forward heads, simulated into (or read from) this folder")
     parser.add_argument("--protocols", nargs="+", help="with --qsmforward-cache: which heads (default: all four)")
+    parser.add_argument("--realistic-magnitude", action="store_true",
+                        help="with --qsmforward-cache: the heads whose magnitude is no oracle for chi")
     opts = parser.parse_args(argv)
     root = opts.keep or Path(tempfile.mkdtemp(prefix="metaqsm-bench-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -119,7 +121,7 @@ def main(argv=None):
         from qsmforward_heads import PROTOCOLS, SUBJECT as QSMFORWARD_SUBJECT, simulate
 
         for name in opts.protocols or list(PROTOCOLS):
-            sim = simulate(name, opts.qsmforward_cache)
+            sim = simulate(name, opts.qsmforward_cache, realistic_magnitude=opts.realistic_magnitude)
             shape = sim.brain_mask.shape
             print(f"== {name}: {shape[0]}x{shape[1]}x{shape[2]} voxels, {len(sim.protocol.echo_times_s)} echoes")
 
