@@ -27,9 +27,9 @@ class NetworkParameters:
         "metaqsm_bids.qsm.inversion.consistency)", words="then pulled onto the field by a k-space data-consistency "
         "step, lambda", option="--network-data-consistency", check="positive_or_off", metavar="LAMBDA")
     data_consistency_edge_mm: float = parameter(
-        DEFAULT_EDGE_MM, "weigh the field down within this distance of the mask's edge in the data-consistency step, where "
-        "background removal leaves most of its error (mm; 0: the closed form, the field weighted 1 everywhere; see "
-        "metaqsm_bids.qsm.inversion.consistency)", unit="mm", words="with the field weighted down within the "
+        DEFAULT_EDGE_MM, "weigh the field down within this distance of the mask's edge in the data-consistency step, "
+        "where background removal leaves most of its error (off: the closed form, the field weighted 1 everywhere; "
+        "see metaqsm_bids.qsm.inversion.consistency)", unit="mm", words="with the field weighted down within the "
         "mask's outer", option="--network-data-consistency-edge-mm", check="positive_or_off", metavar="MM")
 
 
@@ -45,7 +45,7 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
     averages over (:func:`metaqsm_bids.qsm.network.deepqsm.orientation_transforms`; the default ``pair``
     is 2 passes; ``flips`` makes the map independent of flipped or reordered storage at 8 passes' cost).
     ``data_consistency_lambda`` (dimensionless, > 0; default :data:`.consistency.DEFAULT_LAMBDA`; None: off)
-    follows the network with the closed-form k-space data-consistency step :func:`.consistency.data_consistency`,
+    follows the network with the k-space data-consistency step :func:`.consistency.data_consistency`,
     which fits the field wherever the dipole kernel's square exceeds about this value; ``data_consistency_edge_mm``
     (mm; default :data:`.consistency.DEFAULT_EDGE_MM`; None: the closed form) weighs the field down within that
     distance of the mask's edge in it.
