@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ..qsm.core.dipole import forward_field_ppm
+from ..qsm.core.smv import distance_mm
 
 #: Range (ppm) of the random shapes' (bleeds', calcifications') susceptibility unless asked otherwise: metaqsm-v3's.
 LESION_PPM = (-0.3, 0.6)
@@ -236,7 +237,7 @@ def _edge_sources(mask_fine, fine_voxel_mm, rng):
     a random level plus a smooth texture, whose field inside the mask is harmonic and strongest near its edge,
     like what background removal leaves there (PDF's error is the harmonic field of the mask's surroundings,
     most of it within a few mm of the edge; BENCHMARKS.md, "Where PDF's error is")."""
-    outside = ndimage.distance_transform_edt(~mask_fine, sampling=fine_voxel_mm)
+    outside = distance_mm(~mask_fine, fine_voxel_mm, cap_mm=EDGE_SHELL_MM[1])  # exact up to the widest shell
     shell = (outside > 0) & (outside <= rng.uniform(*EDGE_SHELL_MM))
     texture = _texture_ppm(mask_fine.shape, fine_voxel_mm, rng, 1.0, rng.uniform(1.5, 4.0)).numpy()
     return np.where(shell, texture + np.float32(rng.uniform(-1.0, 1.0)), np.float32(0)).astype(np.float32)
