@@ -395,8 +395,11 @@ def test_edge_background_is_harmonic_strongest_at_the_edge_and_scaled():
     assert np.abs(ndimage.laplace(field))[deep].mean() < 0.02 * np.abs(ndimage.laplace(field))[~m].mean()
 
 
-def test_data_consistency_layer_is_the_inference_step():
-    # the layer the network trains through against the numpy step inference applies (same padded grid)
+@pytest.mark.parametrize("edge_mm", [0.0, 2.0])
+def test_data_consistency_layer_is_the_inference_step(edge_mm):
+    # the layer the network trains through against the numpy step inference applies (on its default box): the
+    # closed form, and the edge-weighted step on a mask with a hole (an edge inside the crop; the bounding box, and so
+    # inference's padded box, stays the crop's)
     from metaqsm_bids.qsm.inversion.consistency import data_consistency
     from metaqsm_bids.training.synth import Sample
     from metaqsm_bids.training.train import _as_tensors, data_consistency_layer, predict
@@ -404,19 +407,25 @@ def test_data_consistency_layer_is_the_inference_step():
     voxel, b0 = (0.76, 0.76, 3.0), (0.26, -0.1, 0.96)
     shape = (16, 12, 8)
     mask = np.ones(shape, bool)
-    field = rng.normal(size=shape).astype(np.float32)
+    if edge_mm:
+        mask[6:10, 4:8, 3:6] = False
+    field = rng.normal(size=shape).astype(np.float32) * mask
     chi_net = rng.normal(size=shape).astype(np.float32)
     sample = Sample(field_ppm=field, chi_ppm=np.zeros(shape, np.float32), mask=mask, voxel_size_mm=voxel,
                     b0_dir=b0, magnitude=None)
-    cfg = {**DEFAULTS, "network_data_consistency": 0.1}
+    cfg = {**DEFAULTS, "network_data_consistency": 0.1, "network_data_consistency_edge_mm": edge_mm}
     batch = _as_tensors([sample], cfg)
-    scale = float(np.std(field))  # network_input's normalisation: the demeaned field's RMS
-    assert np.allclose(batch["x"][0, 0].numpy() * scale, field - field.mean(), atol=1e-5)
+    assert (batch["weight2"] is None) == (not edge_mm)
+    scale = float(np.std(field[mask]))  # network_input's normalisation: the demeaned field's RMS
+    assert np.allclose(batch["x"][0, 0].numpy()[mask] * scale, field[mask] - field[mask].mean(), atol=1e-5)
     pred = torch.from_numpy(chi_net)[None, None]
     got = data_consistency_layer(pred, batch, 0.1)[0, 0].numpy() * scale
     expected = data_consistency(chi_net * scale, batch["x"][0, 0].numpy() * scale, mask, voxel, b0, 0.1,
-                                pad_voxels=[n // 2 for n in shape])
+                                edge_mm=edge_mm or None)
     assert np.allclose(got, expected, atol=1e-4 * np.abs(expected).max())
+    if edge_mm:  # the weighting changes the answer (else this test could not tell the two steps apart)
+        closed = data_consistency_layer(pred, {**batch, "weight2": None}, 0.1)[0, 0].numpy() * scale
+        assert np.abs(closed - expected).max() > 0.05 * np.abs(expected).max()
 
     class Echo(torch.nn.Module):  # a "network" that returns chi_net, to check predict() applies the step
         def forward(self, x, cond):
@@ -429,6 +438,8 @@ def test_data_consistency_layer_is_the_inference_step():
     ("--texture", "-0.01", "--texture must be 0 (none) or a positive standard deviation in ppm"),
     ("--edge-background", "nan", "--edge-background must be 0 (none) or a positive relative RMS"),
     ("--network-data-consistency", "-1", "--network-data-consistency must be 0 (off) or a positive number"),
+    ("--network-data-consistency-edge-mm", "inf",
+     "--network-data-consistency-edge-mm must be 0 (the closed form) or a positive distance"),
     ("--hard-edges-fraction", "1.5", "--hard-edges-fraction must be within 0-1"),
     ("--supersample", "0", "--supersample must be 1 or more"),
     ("--ema", "1", "--ema must be 0 (off) or a decay below 1"),

@@ -96,6 +96,10 @@ def build_parser():
     p.add_argument("--network-data-consistency", type=float, default=DEFAULTS["network_data_consistency"],
                    metavar="LAMBDA", help="train through the k-space data-consistency step that inference then "
                    "applies (metaqsm's --network-data-consistency LAMBDA); 0: off")
+    p.add_argument("--network-data-consistency-edge-mm", type=float,
+                   default=DEFAULTS["network_data_consistency_edge_mm"], metavar="MM",
+                   help="with --network-data-consistency: train through the edge-weighted step instead (metaqsm's "
+                        "--network-data-consistency-edge-mm MM, its default); 0: the closed form")
     p.add_argument("--l2", type=float, default=DEFAULTS["l2"], help="L2 strength on the convolution/predictor weights")
     p.add_argument("--val-every", type=int, default=DEFAULTS["val_every"], help="validate every N steps")
     p.add_argument("--ckpt-every", type=int, default=DEFAULTS["ckpt_every"], help="checkpoint every N steps")
@@ -178,6 +182,7 @@ def _config(args):
         "ckpt_every": args.ckpt_every, "val_samples": args.val_samples, "seed": args.seed, "reuse": args.reuse,
         "dc_weight": args.dc_weight, "grad_weight": args.grad_weight,
         "tissue_only_fraction": args.tissue_only_fraction, "network_data_consistency": args.network_data_consistency,
+        "network_data_consistency_edge_mm": args.network_data_consistency_edge_mm,
         "supersample": args.supersample, "texture_ppm": args.texture_ppm, "hard_edges_fraction": args.hard_edges_fraction,
         "edge_background": args.edge_background, "lesion_ppm": list(args.lesion_ppm),
         "lesion_radius_mm": list(args.lesion_radius_mm), "ema": args.ema,
@@ -232,7 +237,9 @@ def _option_error(cfg, args):
     for option, value, meaning in (("--edge-background", args.edge_background, "0 (none) or a positive relative RMS"),
                                    ("--texture", args.texture_ppm, "0 (none) or a positive standard deviation in ppm"),
                                    ("--network-data-consistency", args.network_data_consistency,
-                                    "0 (off) or a positive number")):
+                                    "0 (off) or a positive number"),
+                                   ("--network-data-consistency-edge-mm", args.network_data_consistency_edge_mm,
+                                    "0 (the closed form) or a positive distance")):
         if value < 0 or not math.isfinite(value):
             return f"{option} must be {meaning}"
     if args.reuse < 1:

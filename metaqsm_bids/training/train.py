@@ -7,7 +7,10 @@ finite differences (:func:`gradient_error_l1`: blurred edges), plus L2 on the we
 
 With ``network_data_consistency`` (lambda) the network trains through the k-space data-consistency
 step (:func:`data_consistency_layer`) that inference applies after it with the same lambda
-(``metaqsm --network-data-consistency``), and is scored (validation) after it.
+(``metaqsm --network-data-consistency``), and is scored (validation) after it; with
+``network_data_consistency_edge_mm`` too, through the edge-weighted step that inference applies by default
+(``--network-data-consistency-edge-mm``: the field weighted down within that distance of the mask's edge, one
+majorize-minimize step; :func:`~metaqsm_bids.qsm.inversion.consistency.edge_weighted_steps`).
 
 ``tissue_only_fraction`` of the made crops are tissue only (:data:`TISSUE_ONLY`: no bleed or
 calcification shapes, at most one vein). With the default mix (0-6 shapes up to 0.6 ppm and 0-4
@@ -69,6 +72,7 @@ import numpy as np
 import torch
 
 from ..qsm.core.dipole import dipole_kernel, padded_shape
+from ..qsm.core.smv import depth_mm
 from ..qsm.network.deepqsm import file_sha256, load_model, model_info, network_input
 from ..qsm.network.networks import (DEFAULT_CONFIG, build_network, encode_condition, load_network, save_network,
                                     widen_input)
@@ -83,13 +87,14 @@ DEFAULTS = {
     "lr_decay": 0.98, "lr_decay_steps": 200, "l2": 0.01, "rmsprop_alpha": 0.9,
     "val_every": 250, "ckpt_every": 250, "val_samples": 2, "seed": 0, "supersample": 2, "init_from": None,
     "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0, "network_data_consistency": 0.0,
-    "texture_ppm": 0.0, "hard_edges_fraction": 0.0, "edge_background": 0.0, "lesion_ppm": list(LESION_PPM),
-    "lesion_radius_mm": list(LESION_RADIUS_MM), "ema": 0.0, "small_patch": None, "small_patch_fraction": 0.0,
+    "network_data_consistency_edge_mm": 0.0, "texture_ppm": 0.0, "hard_edges_fraction": 0.0, "edge_background": 0.0,
+    "lesion_ppm": list(LESION_PPM), "lesion_radius_mm": list(LESION_RADIUS_MM), "ema": 0.0, "small_patch": None,
+    "small_patch_fraction": 0.0,
 }
 #: Settings a run from before they existed trained with.
 LEGACY_DEFAULTS = {"init_from": None, "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0,
-                   "network_data_consistency": 0.0, "texture_ppm": 0.0, "hard_edges_fraction": 0.0,
-                   "edge_background": 0.0, "lesion_ppm": list(LESION_PPM),
+                   "network_data_consistency": 0.0, "network_data_consistency_edge_mm": 0.0, "texture_ppm": 0.0,
+                   "hard_edges_fraction": 0.0, "edge_background": 0.0, "lesion_ppm": list(LESION_PPM),
                    "lesion_radius_mm": list(LESION_RADIUS_MM), "ema": 0.0, "small_patch": None,
                    "small_patch_fraction": 0.0}
 #: A tissue-only crop: no bleed/calcification shapes and at most one vein (``make_sample``'s limits).
@@ -116,19 +121,27 @@ def load_parent(name):
 
 def _as_tensors(samples, cfg):
     """Stack samples into normalised network inputs, labels, masks and condition vectors."""
-    xs, ys, ms, conds, kernels = [], [], [], [], []
+    xs, ys, ms, conds, kernels, step_kernels, weights = [], [], [], [], [], [], []
+    edge_mm = cfg.get("network_data_consistency_edge_mm", 0.0) if cfg.get("network_data_consistency", 0.0) else 0.0
     for s in samples:
         x, scale = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, cfg["input"], s.magnitude)
         xs.append(x)
         ys.append(s.chi_ppm / scale if scale > 0 else np.zeros_like(s.chi_ppm))
         ms.append(s.mask.astype(np.float32))
         conds.append(encode_condition(s.voxel_size_mm, s.b0_dir, cfg["conditioning"]))
-        if cfg.get("dc_weight", 0.0) or cfg.get("network_data_consistency", 0.0):
+        if cfg.get("dc_weight", 0.0):
             kernels.append(dipole_kernel(_dc_shape(s.mask.shape), s.voxel_size_mm, s.b0_dir, half=True))
+        if cfg.get("network_data_consistency", 0.0):
+            step_kernels.append(dipole_kernel(_step_shape(s.mask.shape), s.voxel_size_mm, s.b0_dir, half=True))
+        if edge_mm:
+            weight = np.minimum(1.0, depth_mm(s.mask, s.voxel_size_mm, edge_mm) / edge_mm).astype(np.float32)
+            weights.append(weight * weight)
     batch = {k: torch.from_numpy(np.stack(v))[:, None] for k, v in (("y", ys), ("mask", ms))}
     batch["x"] = torch.from_numpy(np.stack(xs))
     batch["cond"] = torch.stack(conds) if cfg["arch"] == "meta" else None
     batch["kernel"] = torch.from_numpy(np.stack(kernels))[:, None] if kernels else None
+    batch["step_kernel"] = torch.from_numpy(np.stack(step_kernels))[:, None] if step_kernels else None
+    batch["weight2"] = torch.from_numpy(np.stack(weights))[:, None] if weights else None
     return batch
 
 
@@ -136,6 +149,12 @@ def _dc_shape(shape):
     """The FFT grid of the model loss: each axis padded by half its length (the dipole field of a
     crop's sources reaches past the crop; without padding it would fold back in)."""
     return padded_shape(shape, [n // 2 for n in shape])
+
+
+def _step_shape(shape):
+    """The FFT grid of the data-consistency step: each axis padded by a quarter of its length per side, the box
+    inference's step runs on (:class:`~metaqsm_bids.qsm.core.grid.PaddedBox`'s default) for a mask across the crop."""
+    return padded_shape(shape, [n // 4 for n in shape])
 
 
 @functools.lru_cache(maxsize=8)  # made batches that the next ``reuse`` - 1 steps use again (a few kB-MB each)
@@ -220,17 +239,27 @@ def validation_set(cfg):
 
 
 def data_consistency_layer(pred, batch, lambda_):
-    """The closed-form k-space data-consistency step of inference
+    """The k-space data-consistency step of inference
     (:func:`~metaqsm_bids.qsm.inversion.consistency.data_consistency`) in torch, so that the network
     trains through it: ``IFFT((D FFT(f) + lambda FFT(pred)) / (D^2 + lambda))`` inside the masks, with
-    ``f`` the normalised field (input channel 0) and the kernels in ``batch['kernel']`` (half spectra on
-    :func:`_dc_shape`). The network then only has to be right where the field says little (near the
-    magic-angle cone): elsewhere the step replaces its output by the field's answer."""
+    ``f`` the normalised field (input channel 0) and the kernels in ``batch['step_kernel']`` (half spectra on
+    :func:`_step_shape`). The network then only has to be right where the field says little (near the
+    magic-angle cone): elsewhere the step replaces its output by the field's answer. With ``batch['weight2']``
+    (the squared edge weight, :func:`_as_tensors`) it is inference's edge-weighted step instead: ``f`` replaced by
+    ``W^2 f + (1 - W^2) D pred``, the network's own field where the field is not trusted."""
     shape = pred.shape[2:]
-    fshape, dims = _dc_shape(shape), (2, 3, 4)
-    kernel, mask = batch["kernel"], batch["mask"]
-    spectrum = torch.fft.rfftn(batch["x"][:, :1] * mask, s=fshape, dim=dims) * kernel \
-        + lambda_ * torch.fft.rfftn(pred * mask, s=fshape, dim=dims)
+    fshape, dims = _step_shape(shape), (2, 3, 4)
+    kernel, mask = batch["step_kernel"], batch["mask"]
+    prior = torch.fft.rfftn(pred * mask, s=fshape, dim=dims)
+    field = batch["x"][:, :1] * mask
+    if batch.get("weight2") is not None:
+        pad = [x for n, m in zip(reversed(shape), reversed(fshape)) for x in (0, m - n)]
+        weight2 = torch.nn.functional.pad(batch["weight2"], pad)
+        own_field = torch.fft.irfftn(prior * kernel, s=fshape, dim=dims)
+        target = torch.nn.functional.pad(field, pad) * weight2 + (1 - weight2) * own_field
+        spectrum = torch.fft.rfftn(target, dim=dims) * kernel + lambda_ * prior
+    else:
+        spectrum = torch.fft.rfftn(field, s=fshape, dim=dims) * kernel + lambda_ * prior
     chi = torch.fft.irfftn(spectrum / (kernel ** 2 + lambda_), s=fshape, dim=dims)
     return chi[..., : shape[0], : shape[1], : shape[2]] * mask
 
@@ -412,8 +441,9 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
 
 #: Settings a resumed run must share with its checkpoint besides :data:`NETWORK_KEYS`: they shape the data or the loss.
 RESUME_FIXED_KEYS = ("patch", "batch_size", "seed", "supersample", "init_from", "dc_weight", "grad_weight",
-                     "tissue_only_fraction", "network_data_consistency", "texture_ppm", "hard_edges_fraction",
-                     "edge_background", "lesion_ppm", "lesion_radius_mm", "ema", "small_patch", "small_patch_fraction")
+                     "tissue_only_fraction", "network_data_consistency", "network_data_consistency_edge_mm",
+                     "texture_ppm", "hard_edges_fraction", "edge_background", "lesion_ppm", "lesion_radius_mm", "ema",
+                     "small_patch", "small_patch_fraction")
 
 
 def _resumed_network(cfg, ckpt):

@@ -9,11 +9,15 @@ solved by conjugate gradient on the normal equations ``M' D W^2 D M' chi_b = M' 
 the dipole fields of outside sources are not all the harmonic fields, PDF keeps a local
 field's part that an outside dipole cannot make, e.g. near the mask's edge, where
 SMV methods must erode. ``W`` is the noise weight: the signal magnitude (the field's noise
-s.d. is ~ 1 / magnitude), or uniform. The padding follows the MEDI toolbox's ``PDF.m``: the
-mask's bounding box padded to hold the outside dipoles (40 voxels per axis in all, 20 per
-side here). The toolbox's 30 CG iterations stop short on a head (relative residual ~3e-3):
-run to 1e-3 (60-100 iterations on the stage benchmark's heads) TKD's NRMSE is 1-2.6 points
-lower at every protocol, and within a point of that when run on to 4e-4 (BENCHMARKS.md). So
+s.d. is ~ 1 / magnitude), or uniform. The padding follows the MEDI toolbox's ``PDF.m`` (the
+mask's bounding box padded to hold the outside dipoles, 20 voxels per side) on the finest axis,
+and the same length in mm on the others: 20 voxels of 3 mm slices reach 60 mm beyond the brain,
+where sources make a field in it smooth enough for nearer ones to make as well; with 6 slices
+instead of 20 the local field is the same (relative error and TKD's NRMSE within 0.003 and 0.07
+points on the stage benchmark's heads) in a third fewer voxels (BENCHMARKS.md, "PDF's padding in
+mm"). The toolbox's 30 CG iterations stop short on a head (relative residual ~3e-3): run to 1e-3
+(60-100 iterations on the stage benchmark's heads) TKD's NRMSE is 1-2.6 points lower at every
+protocol, and within a point of that when run on to 4e-4 (BENCHMARKS.md). So
 CG runs to ``tol`` = 1e-3 here; ``max_iter`` = 500 is a cap (a small 1.8 mm slab needed 290).
 
 With ``source_scale_mm`` set, CG is right-preconditioned by a prior on the sources' size: it solves for ``y``
@@ -51,19 +55,21 @@ from .common import BackgroundRemoval, check_field_and_mask
 
 log = logging.getLogger(__name__)
 
+#: PDF's padding per side, in voxels of the finest axis (module text).
+PAD_FINEST_VOXELS = 20
 #: The length (mm) of PDF's source preconditioner as measured (module text; 2-5 mm measured alike): an option.
 SOURCE_SCALE_MM = 5.0
 
 
 def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None, tol=1e-3, max_iter=500,
-        pad_voxels=20, polynomial_order=2, source_scale_mm=None):
+        pad_voxels=None, polynomial_order=2, source_scale_mm=None):
     """PDF background field removal; units preserved (Hz in, Hz out).
 
     ``b0_dir``: unit B0 vector in voxel axes. ``magnitude`` (optional, 3D): noise weight,
     normalised to mean 1 in the mask; uniform if None. CG stops once the relative
     residual of the normal equations is below ``tol`` or after ``max_iter`` iterations.
     ``pad_voxels`` (per side, int or 3 ints) is the room for the background dipoles around
-    the mask's bounding box. Values of ``total_field`` outside ``mask`` are ignored.
+    the mask's bounding box (default: :func:`default_padding`). Values of ``total_field`` outside ``mask`` are ignored.
     ``polynomial_order`` (0, 1 or 2): the degree of the polynomial in the background model
     (0: the constant alone). ``source_scale_mm``: the preconditioner's length (mm, module text); None
     (default): plain CG.
@@ -91,6 +97,8 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     if polynomial_order not in (0, 1, 2):
         raise ValueError(f"polynomial_order must be 0, 1 or 2, got {polynomial_order!r}")
 
+    if pad_voxels is None:
+        pad_voxels = default_padding(voxel)
     box = PaddedBox(mask, np.broadcast_to(np.asarray(pad_voxels, int), (3,)))
     shape = box.shape
     kernel = dipole_kernel(shape, voxel, b0, half=True)
@@ -138,6 +146,13 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
                               "Weighting": "uniform" if magnitude is None else "magnitude",
                               "PolynomialOrder": polynomial_order,
                               **({"SourceScaleMm": source_scale_mm} if source_scale_mm is not None else {})})
+
+
+def default_padding(voxel_size_mm):
+    """PDF's padding per side (voxels): :data:`PAD_FINEST_VOXELS` voxels of the finest axis, the same length (mm,
+    rounded up) on the others (module text)."""
+    voxel = np.asarray(voxel_size_mm, float)
+    return [int(np.ceil(PAD_FINEST_VOXELS * voxel.min() / v - 1e-6)) for v in voxel]
 
 
 def distance_to_mask_mm(mask, voxel_size_mm, block_mm=4.0):

@@ -31,8 +31,12 @@ from .networks import INPUTS, VOXEL_CENTRE_MM, VOXEL_HALF_RANGE_MM, encode_condi
 MODELS_DIR = Path(__file__).resolve().parents[2] / "data" / "models"
 #: Voxels of context kept around the mask's bounding box (the network only runs there).
 CONTEXT_VOXELS = 8
-#: Padded box voxels above which inference runs in overlapping patches (metaqsm-v3 on the 256x256x64 benchmark head: 0.49 GiB peak).
-MAX_PATCH_VOXELS = 256 * 256 * 96
+#: Padded box voxels above which inference runs in overlapping patches, to bound its memory: at the limit about
+#: 2.5 GiB (metaqsm-v5, `pair`, on the 0.5x0.5x2 head's 304x384x96 box: 1.2 GiB above its inputs, 105 B per voxel).
+#: Patches cost time: each carries the receptive radius (~65 voxels) of context, so that box in patches of at most
+#: 256x256x96 (the limit before) took 2.1x the time of one box (0.75x0.75x1.5's 208x264x120: 1.5x), at no less
+#: memory (BENCHMARKS.md, "Meta-QSM in one box").
+MAX_PATCH_VOXELS = 24 * 2 ** 20
 
 
 def normalise_field(local_field_ppm, mask):
