@@ -304,7 +304,7 @@ def main(argv=None):
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
     parser.add_argument("--stages", nargs="+", default=["field", "mask", "bfr", "inversion", "composed"])
     parser.add_argument("--bfr", nargs="+", default=sorted(BACKGROUND_REMOVALS))
-    parser.add_argument("--inversions", nargs="+", default=["tkd", "l2", "ilsqr", "medi", "mesaqsm", "metaqsm"],
+    parser.add_argument("--inversions", nargs="+", default=["tkd", "l2", "tv", "ilsqr", "medi", "mesaqsm", "metaqsm"],
                         choices=sorted(INVERSIONS))
     parser.add_argument("--composed", nargs="+", default=["tkd", "metaqsm"], choices=sorted(INVERSIONS))
     parser.add_argument("--resharp-radius-mm", type=float, default=cli.get_default("bfr_radius_mm"),

@@ -27,3 +27,19 @@ def test_network_data_consistency_default_and_off(tmp_path):
         except SystemExit:
             continue
         raise AssertionError(f"{bad} accepted")
+
+
+def test_whole_number_parameters(tmp_path, capsys):
+    # a parameter checked as positive_int (TV-ADMM's iterations) parses to an int and refuses 0 and fractions
+    parser = build_parser()
+    base = [str(tmp_path), str(tmp_path / "out"), "participant", "--inversion", "tv"]
+    assert parser.parse_args(base).tv_iterations == 5
+    parsed = parser.parse_args(base + ["--tv-iterations", "12"]).tv_iterations
+    assert parsed == 12 and isinstance(parsed, int)
+    for bad in ("0", "2.5", "x"):
+        try:
+            parser.parse_args(base + ["--tv-iterations", bad])
+        except SystemExit:
+            assert "must be a whole number > 0" in capsys.readouterr().err
+            continue
+        raise AssertionError(f"{bad} accepted")

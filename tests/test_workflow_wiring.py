@@ -105,6 +105,7 @@ def _expected_parameters(opts):
     network = {"orientations": opts.network_orientations, "data_consistency_lambda": opts.network_data_consistency,
                "data_consistency_edge_mm": opts.network_data_consistency_edge_mm}
     return {"tkd": {"threshold": opts.tkd_threshold}, "medi": {"lambda_": opts.medi_lambda},
+            "tv": {"alpha": opts.tv_alpha, "iterations": opts.tv_iterations},
             "metaqsm": network, "mesaqsm": network}.get(opts.inversion, {})
 
 

@@ -37,6 +37,16 @@ def _positive_float(value):
     return number
 
 
+def _positive_int(value):
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value}: must be a whole number > 0") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be a whole number > 0")
+    return number
+
+
 def _lambda_or_off(value):
     """A positive finite weight, or 0 for off (returned as None)."""
     number = float(value)
@@ -46,7 +56,8 @@ def _lambda_or_off(value):
 
 
 #: Argument types of the parameters' checks (:data:`metaqsm_bids.qsm.spec.CHECKS`).
-_CHECK_TYPES = {"positive": _positive_float, "positive_or_off": _lambda_or_off, None: float}
+_CHECK_TYPES = {"positive": _positive_float, "positive_int": _positive_int, "positive_or_off": _lambda_or_off,
+                None: float}
 
 
 def _dest(option):

@@ -297,7 +297,7 @@ def format_value(value):
 _PARAMETER_WORDS = {"Tikhonov": ("Tikhonov regularisation", ""),
                     "Tolerance": ("tolerance", ""), "MaxIterations": ("at most", " iterations"),
                     "OrientationPasses": ("network passes", ""), "Lambda": ("lambda", ""),
-                    "Threshold": ("threshold", ""),
+                    "Threshold": ("threshold", ""), "Rho": ("ADMM penalty", ""),
                     "PolynomialOrder": ("a background polynomial of degree", ""),
                     "PadVoxels": ("room for the outside dipoles", " voxels per side"),
                     "Weighting": ("weighting", "")}
@@ -310,7 +310,8 @@ def _parameters_text(step, spec=None):
     prose = {**own, **{k: words for k, words in _PARAMETER_WORDS.items() if k not in own}}
     keys = [k for k in prose if k in step] + sorted(k for k in step if k not in prose)
     for key, value in ((k, step[k]) for k in keys):
-        if key not in _NOT_PARAMETERS and value is not None:  # None: a step switched off, not said
+        # a method's own setting is said even where its key is elsewhere a diagnostic (TV-ADMM's Iterations)
+        if (key in own or key not in _NOT_PARAMETERS) and value is not None:  # None: a step switched off, not said
             words, unit = prose.get(key, (key, ""))
             items.append(f"{words} {format_value(value)}{unit}")
     return f" ({'; '.join(items)})" if items else ""

@@ -8,10 +8,10 @@ relative because the dipole kernel vanishes at k = 0); the caller records the me
 import inspect
 
 from ..spec import lookup, registry
-from . import ilsqr, l2, medi, metaqsm, tkd
+from . import ilsqr, l2, medi, metaqsm, tkd, tv
 
 #: Dipole inversion specs by name: a new method is one module and one entry here.
-INVERSIONS = registry(tkd.SPEC, l2.SPEC, ilsqr.SPEC, medi.SPEC, metaqsm.METAQSM_SPEC, metaqsm.MESAQSM_SPEC)
+INVERSIONS = registry(tkd.SPEC, l2.SPEC, tv.SPEC, ilsqr.SPEC, medi.SPEC, metaqsm.METAQSM_SPEC, metaqsm.MESAQSM_SPEC)
 #: The methods that run a network (they take a torch ``device``).
 NETWORK_INVERSIONS = tuple(name for name, spec in INVERSIONS.items() if "device" in spec.inputs)
 #: The CLI's and the workflow's dipole inversion: the shipped Meta-QSM network.
