@@ -72,7 +72,7 @@ import numpy as np
 import torch
 
 from ..qsm.core.dipole import dipole_kernel, padded_shape
-from ..qsm.core.smv import depth_mm
+from ..qsm.inversion.consistency import edge_weight
 from ..qsm.network.deepqsm import file_sha256, load_model, model_info, network_input
 from ..qsm.network.networks import (DEFAULT_CONFIG, build_network, encode_condition, load_network, save_network,
                                     widen_input)
@@ -134,7 +134,7 @@ def _as_tensors(samples, cfg):
         if cfg.get("network_data_consistency", 0.0):
             step_kernels.append(dipole_kernel(_step_shape(s.mask.shape), s.voxel_size_mm, s.b0_dir, half=True))
         if edge_mm:
-            weight = np.minimum(1.0, depth_mm(s.mask, s.voxel_size_mm, edge_mm) / edge_mm).astype(np.float32)
+            weight = edge_weight(s.mask, s.voxel_size_mm, edge_mm)
             weights.append(weight * weight)
     batch = {k: torch.from_numpy(np.stack(v))[:, None] for k, v in (("y", ys), ("mask", ms))}
     batch["x"] = torch.from_numpy(np.stack(xs))

@@ -69,7 +69,8 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     normalised to mean 1 in the mask; uniform if None. CG stops once the relative
     residual of the normal equations is below ``tol`` or after ``max_iter`` iterations.
     ``pad_voxels`` (per side, int or 3 ints) is the room for the background dipoles around
-    the mask's bounding box (default: :func:`default_padding`). Values of ``total_field`` outside ``mask`` are ignored.
+    the mask's bounding box (default: :func:`default_padding`). Values of ``total_field`` outside ``mask`` are
+    ignored.
     ``polynomial_order`` (0, 1 or 2): the degree of the polynomial in the background model
     (0: the constant alone). ``source_scale_mm``: the preconditioner's length (mm, module text); None
     (default): plain CG.

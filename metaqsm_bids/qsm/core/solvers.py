@@ -3,26 +3,40 @@ product of real fields held as rfftn half spectra (MEDI, iLSQR, RESHARP, PDF).""
 import numpy as np
 
 
-def gradient(x, voxel_size_mm):
-    """Forward differences (per mm) along each axis, stacked as ``(3, *x.shape)``; 0 on the last plane."""
+def _planes(axis, first, second):
+    """Index tuples of the slices ``first`` and ``second`` along ``axis``."""
+    return (tuple(first if a == axis else slice(None) for a in range(3)),
+            tuple(second if a == axis else slice(None) for a in range(3)))
+
+
+def gradient(x, voxel_size_mm, circular=False):
+    """Forward differences (per mm) along each axis, stacked as ``(3, *x.shape)``; on the last plane 0, or with
+    ``circular`` the difference to the first plane (the gradient an FFT diagonalises)."""
     out = np.zeros((3, *x.shape), dtype=x.dtype)
     for axis, d in enumerate(voxel_size_mm):
-        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
-        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
+        hi, lo = _planes(axis, slice(1, None), slice(None, -1))
         np.subtract(x[hi], x[lo], out=out[axis][lo])
+        if circular:
+            first, last = _planes(axis, slice(0, 1), slice(-1, None))
+            np.subtract(x[first], x[last], out=out[axis][last])
         out[axis] *= x.dtype.type(1.0 / d)
     return out
 
 
-def gradient_adjoint(g, voxel_size_mm):
-    """Adjoint of :func:`gradient` (minus the backward-difference divergence), same shape as one component."""
+def gradient_adjoint(g, voxel_size_mm, circular=False):
+    """Adjoint of :func:`gradient` with the same ``circular`` (minus the backward-difference divergence), same shape
+    as one component."""
     out = np.zeros(g.shape[1:], dtype=g.dtype)
     for axis, d in enumerate(voxel_size_mm):
-        hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
-        lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
+        hi, lo = _planes(axis, slice(1, None), slice(None, -1))
         scaled = g[axis][lo] * g.dtype.type(1.0 / d)
         out[lo] -= scaled
         out[hi] += scaled
+        if circular:
+            first, last = _planes(axis, slice(0, 1), slice(-1, None))
+            wrapped = g[axis][last] * g.dtype.type(1.0 / d)
+            out[last] -= wrapped
+            out[first] += wrapped
     return out
 
 

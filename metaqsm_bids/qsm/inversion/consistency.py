@@ -75,12 +75,18 @@ def data_consistency(chi_net_ppm, local_field_ppm, mask, voxel_size_mm, b0_dir, 
     if edge_mm is None:
         spectrum = _closed_form(sfft.rfftn(field_box), prior, kernel, np.float32(lambda_))
     else:
-        weight = np.minimum(np.float32(1), (depth_mm(mask, voxel, edge_mm) / edge_mm).astype(np.float32))
+        weight = edge_weight(mask, voxel, edge_mm)
         spectrum = edge_weighted_steps(field_box, prior, box.embed(weight * weight), kernel, np.float32(lambda_),
                                        prior, EDGE_STEPS)
     chi = box.extract(sfft.irfftn(spectrum, s=box.shape).astype(np.float32, copy=False))
     chi[~mask] = 0.0
     return chi
+
+
+def edge_weight(mask, voxel_size_mm, edge_mm):
+    """``W = min(1, depth / edge_mm)`` in ``mask`` (depth: mm to its edge, the field of view's included), 0 outside
+    (float32; module text)."""
+    return np.minimum(np.float32(1), (depth_mm(mask, voxel_size_mm, edge_mm) / edge_mm).astype(np.float32))
 
 
 def _closed_form(field_spectrum, prior, kernel, lambda_):

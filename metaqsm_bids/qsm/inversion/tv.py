@@ -22,6 +22,7 @@ import scipy.fft as sfft
 
 from ..core.dipole import dipole_kernel
 from ..core.grid import PaddedBox
+from ..core.solvers import gradient, gradient_adjoint
 from ..spec import MethodSpec, parameter
 from .common import check_inputs, zero_mean_in_mask
 from .l2 import SPEC as L2_SPEC
@@ -38,37 +39,6 @@ class TVParameters:
     alpha: float = parameter(2e-4, "TV-ADMM regularisation weight (field and chi in ppm, gradient per mm)",
                              words="TV weight", check="positive")
     iterations: int = parameter(5, "TV-ADMM iterations", words="iterations", check="positive_int")
-
-
-def _planes(axis, first, second):
-    """Index tuples of planes ``first`` and ``second`` (slices) along ``axis``."""
-    return (tuple(first if a == axis else slice(None) for a in range(3)),
-            tuple(second if a == axis else slice(None) for a in range(3)))
-
-
-def circular_gradient(x, voxel_size_mm):
-    """Forward differences (per mm) along each axis, wrapping around (``(3, *x.shape)``)."""
-    out = np.empty((3, *x.shape), dtype=x.dtype)
-    for axis, d in enumerate(voxel_size_mm):
-        hi, lo = _planes(axis, slice(1, None), slice(None, -1))
-        first, last = _planes(axis, slice(0, 1), slice(-1, None))
-        np.subtract(x[hi], x[lo], out=out[axis][lo])
-        np.subtract(x[first], x[last], out=out[axis][last])
-        out[axis] *= x.dtype.type(1.0 / d)
-    return out
-
-
-def circular_gradient_adjoint(g, voxel_size_mm):
-    """Adjoint of :func:`circular_gradient` (minus the circular backward-difference divergence)."""
-    out = np.zeros(g.shape[1:], dtype=g.dtype)
-    for axis, d in enumerate(voxel_size_mm):
-        hi, lo = _planes(axis, slice(1, None), slice(None, -1))
-        first, last = _planes(axis, slice(0, 1), slice(-1, None))
-        component = g[axis] * g.dtype.type(1.0 / d)
-        out -= component
-        out[hi] += component[lo]
-        out[first] += component[last]
-    return out
 
 
 def tv_admm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), alpha=2e-4, iterations=5,
@@ -93,18 +63,18 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), alpha=
     threshold = np.float32(alpha) / rho
     z = u = None
     for iteration in range(int(iterations)):
-        spectrum = field_term if z is None else field_term + rho * sfft.rfftn(circular_gradient_adjoint(z - u, voxel))
+        spectrum = field_term
+        if z is not None:
+            spectrum = spectrum + rho * sfft.rfftn(gradient_adjoint(z - u, voxel, circular=True))
         chi = sfft.irfftn(spectrum / denominator, s=box.shape).astype(np.float32, copy=False)
         if iteration < iterations - 1:
-            v = circular_gradient(chi, voxel)
+            v = gradient(chi, voxel, circular=True)
             if u is not None:
                 v += u
             # shrink(v, t) = v - clip(v, -t, t): the new u is the clipped part, z the rest
             u = np.clip(v, -threshold, threshold)
             z = v - u
-    chi = box.extract(chi)
-    chi[~mask] = 0.0
-    zero_mean_in_mask(chi, mask)
+    chi = zero_mean_in_mask(box.extract(chi), mask)
     if info is not None:
         info["Rho"] = float(rho)
     return chi
