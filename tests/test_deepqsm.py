@@ -102,6 +102,24 @@ def test_magnitude_input_is_normalised_and_follows_the_storage():
     assert np.allclose(flipped[::-1], chi, atol=1e-5 * np.abs(chi).max())
 
 
+def test_tv_channel_is_tv_admm_of_the_field_in_ppm():
+    """field+tv+magnitude's channel 1 is TV-ADMM (its defaults) of the demeaned field in ppm over the RMS: the
+    same whatever the field's scale is normalised from (TV-ADMM's alpha is per ppm, so it is not scale-free)."""
+    from metaqsm_bids.qsm.inversion.tv import tv_admm
+
+    field, mask = field_and_mask((24, 20, 12), seed=5)
+    magnitude = np.ones(mask.shape, np.float32)
+    voxel, b0 = (0.8, 0.8, 2.0), (0.1, 0.0, 0.99)
+    x, scale = network_input(field, mask, voxel, b0, "field+tv+magnitude", magnitude)
+    centred = np.where(mask, field - field[mask].mean(), 0).astype(np.float32)
+    expected = tv_admm(centred, mask, voxel, b0) / scale
+    assert x.shape == (3, *mask.shape)
+    assert np.allclose(x[1], expected, atol=1e-5 * np.abs(expected).max())
+    # TV-ADMM of the field x 10 is not 10 x TV-ADMM of the field: the channel differs from a scaled field's
+    x10, scale10 = network_input(10 * field, mask, voxel, b0, "field+tv+magnitude", magnitude)
+    assert scale10 == pytest.approx(10 * scale, rel=1e-5) and np.abs(x10[1] - x[1]).max() > 1e-3
+
+
 def test_load_model_checks_sha256(tmp_path, net):
     save_network(net, tmp_path / "m.pt")
     (tmp_path / "m.json").write_text(json.dumps({"sha256": deepqsm.file_sha256(tmp_path / "m.pt")}))

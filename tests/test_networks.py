@@ -159,6 +159,26 @@ def test_widened_input_starts_as_its_parent(arch):
         widen_input(child, "field+tkd")
 
 
+def test_swapped_estimate_keeps_the_weights_and_the_residual():
+    """A field+tkd+magnitude network started as field+tv+magnitude has its weights and adds its correction to
+    channel 1, now TV-ADMM's map (either way round); fewer channels are refused."""
+    torch.manual_seed(3)
+    parent = UNet3d({"channels": [2, 3], "hidden": 4, "input": "field+tkd+magnitude"})
+    with torch.no_grad():
+        for p in parent.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    child = widen_input(parent, "field+tv+magnitude")
+    assert child.config == {**parent.config, "input": "field+tv+magnitude"} and child.residual
+    x, c = torch.randn(1, 3, 8, 8, 4), cond((0.5, 0.5, 2))
+    with torch.no_grad():
+        assert torch.equal(child(x, c), parent(x, c))
+        x2 = x.clone()
+        x2[:, 1] += 1.0  # a different estimate: the output follows it
+        assert not torch.allclose(child(x2, c), child(x, c))
+    assert extends_input("field+tkd+magnitude", "field+tv+magnitude")
+    assert not extends_input("field+tkd", "field+tv+magnitude")
+
+
 def test_input_shape_must_fit_the_pooling_grid():
     net = UNet3d({"channels": [2, 3], "fold": 2, "hidden": 4})
     with pytest.raises(ValueError, match="multiple of 4"):

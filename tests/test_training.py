@@ -209,6 +209,14 @@ def test_init_from_an_exported_model(tmp_path, capsys):
     after = predict_chi(mag_net, s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, magnitude=s.magnitude)
     assert np.allclose(after, before, rtol=0, atol=1e-5 * np.abs(before).max())
 
+    # or swap its estimate channel: a field+tkd+magnitude parent starts a field+tv+magnitude run with its weights
+    assert train_main(_tiny_cli(tmp_path / "tv", "--steps", "1", "--init-from", str(models / "mag.pt"),
+                                "--input", "field+tv+magnitude", "--lr", "0", "--export", "tv",
+                                "--export-dir", str(models))) == 0
+    tv_net = load_model("tv", "cpu", models)
+    assert tv_net.config == {**mag_net.config, "input": "field+tv+magnitude"}
+    assert all(torch.equal(a, b) for a, b in zip(tv_net.state_dict().values(), mag_net.state_dict().values()))
+
     capsys.readouterr()
     assert train_main(_tiny_cli(tmp_path / "narrow", "--init-from", str(models / "mag.pt"), "--input", "field+tkd")) == 2
     assert "--input field+tkd (the parent's: field+tkd+magnitude)" in capsys.readouterr().err

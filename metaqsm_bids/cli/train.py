@@ -27,7 +27,7 @@ def build_parser():
     p.add_argument("--init-from", metavar="NAME",
                    help="start a new run from the weights of model NAME (one in the package data, or the path "
                         "of an exported NAME.pt with its NAME.json beside it), with its architecture "
-                        "(architecture options may only repeat it, but --input may extend its input) and, unless given, its learning-rate "
+                        "(architecture options may only repeat it, but --input may extend its input or swap its estimate) and, unless given, its learning-rate "
                         "schedule; batches and the learning rate continue from its step count. The optimiser "
                         "restarts warm: fresh RMSprop state (the state is not exported: it would double a "
                         "model's size), learning rate continued from the parent's schedule position. The "
@@ -59,8 +59,9 @@ def build_parser():
     p.add_argument("--input", choices=sorted(INPUTS), default=DEFAULTS["input"],
                    help="network input: the local field (the paper's); the field and its TKD inverse "
                         "with the network learning TKD's correction (residual); or those and the magnitude "
-                        "image (where edges are). With --init-from it may extend the parent's input: the new "
-                        "channels start with zero weights")
+                        "image (where edges are); or TV-ADMM's map in TKD's place. With --init-from it may extend "
+                        "the parent's input (the new channels start with zero weights) or swap TKD and TV-ADMM "
+                        "(the same weights)")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"],
                    help="initial RMSprop learning rate (with --init-from: the parent's unless given)")
     p.add_argument("--lr-decay", type=float, default=DEFAULTS["lr_decay"],

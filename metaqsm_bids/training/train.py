@@ -51,7 +51,8 @@ allows and which teaches the network that how a volume is stored does not matter
 
 A run can start from an exported model's weights (cumulative training, ``init_from``): it
 takes the parent's architecture (or widens its input, :func:`~metaqsm_bids.qsm.network.networks.widen_input`:
-a ``field+tkd`` parent can start a ``field+tkd+magnitude`` run), and its batches and learning-rate schedule continue from the
+a ``field+tkd`` parent can start a ``field+tkd+magnitude`` run, a ``field+tkd+magnitude`` one a ``field+tv+magnitude``
+run), and its batches and learning-rate schedule continue from the
 parent's step count, so the run goes on where the parent's data stream and schedule stopped.
 The optimiser restarts warm (fresh RMSprop state): the state is not exported, because for
 metaqsm-v3 (6.7 M parameters, 13.4 MB as float16) RMSprop's running squares alone would add
@@ -468,7 +469,7 @@ def _new_network(cfg, parent):
         raise ValueError("a run from a parent model needs both the parent network and its lineage (init_from)")
     if parent is not None:
         if parent.config["input"] != model.config["input"]:
-            parent = widen_input(parent, model.config["input"])  # new input channels start at zero weight
+            parent = widen_input(parent, model.config["input"])  # new channels start at zero weight; a swapped estimate keeps its
         if parent.config != model.config:
             raise ValueError(f"the parent's network settings {parent.config} differ from the run's {model.config}")
         model.load_state_dict(parent.state_dict())  # the parent's exact (float16-stored) weights, as float32

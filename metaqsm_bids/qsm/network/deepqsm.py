@@ -8,8 +8,9 @@ exact training command, steps, wall time, hardware and validation scores).
 The network sees the local field normalised per volume: demeaned inside the mask
 (``D(0) = 0``, so the mean field carries no susceptibility information) and divided
 by its RMS there -- plus, for ``input='field+tkd'`` models, the TKD inverse of that
-normalised field as a second channel, and for ``field+tkd+magnitude`` models the magnitude
-image divided by its mean in the mask as a third. The problem is linear, so the output is
+normalised field as a second channel (``field+tv+magnitude``: TV-ADMM's map of the field in ppm, divided by that
+RMS), and for ``*+magnitude``
+models the magnitude image divided by its mean in the mask as a third. The problem is linear, so the output is
 multiplied back by that RMS; the network therefore does not depend on the field's
 overall scale (field strength, units, contrast).
 """
@@ -25,6 +26,7 @@ import torch
 from ..core.grid import PaddedBox
 from ..inversion.common import check_inputs
 from ..inversion.tkd import tkd
+from ..inversion.tv import TVParameters, tv_admm
 from .models import DEFAULT_ORIENTATIONS, METAQSM_MODEL, ORIENTATIONS, TKD_THRESHOLD
 from .networks import INPUTS, VOXEL_CENTRE_MM, VOXEL_HALF_RANGE_MM, encode_condition, load_network
 
@@ -62,14 +64,19 @@ def network_input(local_field_ppm, mask, voxel_size_mm, b0_dir, input_kind, magn
     """Input channels (C, I, J, K float32) for a network with config ``input`` and the RMS (ppm) divided out.
 
     Channel 0 is :func:`normalise_field`; ``field+tkd`` adds TKD (threshold
-    :data:`.models.TKD_THRESHOLD`) of that normalised field; ``field+tkd+magnitude`` adds
-    :func:`normalise_magnitude` of ``magnitude`` (required for it, same shape).
+    :data:`.models.TKD_THRESHOLD`) of that normalised field, ``field+tv+magnitude`` TV-ADMM's map (its default
+    settings) of the demeaned field in ppm divided by the RMS;
+    ``*+magnitude`` adds :func:`normalise_magnitude` of ``magnitude`` (required for it, same shape).
     """
     channels = INPUTS[input_kind]
     x, scale = normalise_field(local_field_ppm, mask)
     out = [x]
     if "tkd" in channels:
         out.append(tkd(x, mask, voxel_size_mm, b0_dir, threshold=TKD_THRESHOLD) if scale > 0 else np.zeros_like(x))
+    if "tv" in channels:
+        # on the field in ppm, then normalised: TV-ADMM is not scale-free (its alpha and rho are per ppm)
+        out.append(tv_admm(x * scale, mask, voxel_size_mm, b0_dir, alpha=TVParameters.alpha,
+                           iterations=TVParameters.iterations) / scale if scale > 0 else np.zeros_like(x))
     if "magnitude" in channels:
         if magnitude is None or np.shape(magnitude) != np.shape(mask):
             raise ValueError(f"a network with input {input_kind!r} needs the magnitude image, of the field's shape")
@@ -180,36 +187,40 @@ def predict_chi(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1
     The physics does not depend on how the volume is stored (axis order and direction,
     with B0 and the voxel size expressed in the same axes); a network does. The network
     runs on each of :func:`orientation_transforms` (``orientations``) of the volume -- each
-    reordered/flipped copy with its own voxel size and B0 in its own axes, padded from its own
-    mask -- and the results, mapped back, are averaged. For two storages of one volume that
-    differ by flips (``flips``) or by any axis order and flips (``all``), the passes are the
-    same set, so the averages agree to float rounding. Costs one network pass per transform
+    reordered/flipped copy with its own voxel size and B0 in its own axes -- and the results,
+    mapped back, are averaged. The input channels (:func:`network_input`) are made once and
+    reordered/flipped with the volume: TKD and TV-ADMM of a flipped or reordered field (B0 and the
+    voxel size following) are the same map flipped or reordered, to float rounding. For two storages of
+    one volume that differ by flips (``flips``) or by any axis order and flips (``all``), the passes are
+    the same set, so the averages agree to float rounding. Costs one network pass per transform
     (the default here is one; the pipeline's :func:`~metaqsm_bids.qsm.inversion.metaqsm` uses
-    :data:`DEFAULT_ORIENTATIONS`).
-    Other arguments (``magnitude``: for a magnitude-input model): see :func:`predict_stored`.
+    :data:`DEFAULT_ORIENTATIONS`). ``magnitude`` (same shape): the magnitude image, required by a
+    ``*+magnitude`` model, ignored by the others; for the rest see :func:`predict_stored`.
     """
     field, mask, voxel, b0 = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
-    transforms = orientation_transforms(b0, orientations)
+    x, scale = network_input(field, mask, voxel, b0, model.config["input"], magnitude)
     total = np.zeros(field.shape, np.float64)
+    if scale == 0:
+        return total.astype(np.float32)
+    transforms = orientation_transforms(b0, orientations)
     for order, flipped in transforms:
-        volumes = [np.transpose(a, order) if a is not None else None for a in (field, mask, magnitude)]
+        channels, m = np.transpose(x, (0, *(a + 1 for a in order))), np.transpose(mask, order)
         v, b = tuple(voxel[a] for a in order), np.asarray(b0)[list(order)].copy()
         if flipped:
-            volumes = [np.flip(a, flipped) if a is not None else None for a in volumes]
+            channels, m = np.flip(channels, tuple(a + 1 for a in flipped)), np.flip(m, flipped)
             b[list(flipped)] *= -1
-        f, m, mag = (np.ascontiguousarray(a) if a is not None else None for a in volumes)
-        chi = predict_stored(model, f, m, v, b, device, max_patch_voxels, blend_voxels, magnitude=mag)
+        out = predict_stored(model, np.ascontiguousarray(channels), np.ascontiguousarray(m), v, b, device,
+                             max_patch_voxels, blend_voxels)
         if flipped:
-            chi = np.flip(chi, flipped)
-        total += np.transpose(chi, np.argsort(order))
-    return (total / len(transforms)).astype(np.float32)
+            out = np.flip(out, flipped)
+        total += np.transpose(out, np.argsort(order))
+    return (total * (scale / len(transforms))).astype(np.float32)
 
 
-def predict_stored(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), device="cpu",
-                   max_patch_voxels=MAX_PATCH_VOXELS, blend_voxels=8, magnitude=None):
-    """Susceptibility (ppm, float32, zero outside ``mask``) from a local field (ppm) with a network,
-    in the volume's stored orientation (one pass). ``magnitude`` (same shape): the magnitude image,
-    required by a ``field+tkd+magnitude`` model, ignored by the others.
+def predict_stored(model, x, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), device="cpu",
+                   max_patch_voxels=MAX_PATCH_VOXELS, blend_voxels=8):
+    """The network's output in the normalised units of its input channels ``x`` ((C, I, J, K) from
+    :func:`network_input`; float32, zero outside ``mask``), in the volume's stored orientation (one pass).
 
     Any matrix size: the mask's bounding box plus :data:`CONTEXT_VOXELS` is zero-padded to the U-Net's
     multiple, run, and placed back.
@@ -220,9 +231,10 @@ def predict_stored(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0
     analytic inversions the output is not demeaned: the network was trained on absolute
     susceptibility (CSF near 0 ppm).
     """
-    field, mask, voxel, b0_dir = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
+    mask = np.asarray(mask, bool)
     cfg = model.config
-    voxel = np.asarray(voxel, dtype=float)
+    voxel = np.asarray(voxel_size_mm, dtype=float)
+    b0_dir = np.asarray(b0_dir, dtype=float)
     if cfg["arch"] == "mesa":
         trained = np.asarray(cfg["fixed_voxel_size_mm"])
         if not np.allclose(voxel, trained, rtol=0.05):
@@ -243,10 +255,7 @@ def predict_stored(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0
                           f"what this model was trained for ({max_tilt:.0f} deg): consider resampling to the "
                           "B0-aligned frame", stacklevel=2)
 
-    x, scale = network_input(field, mask, voxel, b0_dir, cfg["input"], magnitude)
-    chi = np.zeros(field.shape, dtype=np.float32)
-    if scale == 0:
-        return chi
+    chi = np.zeros(mask.shape, dtype=np.float32)
     # only the mask's bounding box (plus context) is run, zero-padded to the U-Net's multiple
     box = PaddedBox(mask, CONTEXT_VOXELS, multiple=model.multiple)
     xp = np.stack([box.embed(c) for c in x])
@@ -279,5 +288,5 @@ def predict_stored(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0
                         out[sl] += w * run(xp[(slice(None),) + sl])
                         total[sl] += w
             out /= total
-    chi[mask] = box.extract(out)[mask] * scale
+    chi[mask] = box.extract(out)[mask]
     return chi

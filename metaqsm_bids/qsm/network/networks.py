@@ -15,9 +15,11 @@ a zero-initialised last layer so an untrained network returns TKD). The dipole p
 the predicted kernels, and the network learns the correction TKD needs (its
 underestimation, streaks, noise), which a small network learns in CPU-hours.
 ``field+tkd+magnitude`` adds the magnitude image as a third channel: where the
-susceptibility may have edges, which is MEDI's prior. :func:`widen_input` starts such a
+susceptibility may have edges, which is MEDI's prior. ``field+tv+magnitude`` has TV-ADMM's map
+(:mod:`metaqsm_bids.qsm.inversion.tv`) in TKD's place: the network corrects a better estimate,
+whose streaks and underestimation are already smaller. :func:`widen_input` starts such a
 network from a trained one with fewer input channels (the new channels' weights zero, so
-it begins as its parent).
+it begins as its parent) or with the other estimate channel (the same weights).
 
 Speed (config ``fold``): the input's ``fold``-cubed voxel blocks are folded into channels
 before the first convolution and the last layer predicts one output per voxel of each
@@ -41,7 +43,10 @@ from torch import nn
 
 CONDITIONINGS = {"voxel": 3, "voxel+b0": 6}
 #: Network input variants -> their channels, in order (a variant's channels extend the one before).
-INPUTS = {"field": ("field",), "field+tkd": ("field", "tkd"), "field+tkd+magnitude": ("field", "tkd", "magnitude")}
+INPUTS = {"field": ("field",), "field+tkd": ("field", "tkd"), "field+tkd+magnitude": ("field", "tkd", "magnitude"),
+          "field+tv+magnitude": ("field", "tv", "magnitude")}
+#: Closed-form estimate channels (channel 1) the U-Net's output is added to: TKD, or TV-ADMM's map.
+ESTIMATES = ("tkd", "tv")
 #: Voxel-size normalisation (mm): centre and half-width of the training range (0.5-1.2, 0.5-1.2, 0.6-4.0).
 VOXEL_CENTRE_MM = (0.85, 0.85, 2.3)
 VOXEL_HALF_RANGE_MM = (0.35, 0.35, 1.7)
@@ -210,8 +215,8 @@ class UNet3d(nn.Module):
 
     @property
     def residual(self):
-        """Whether the output is the TKD channel plus the U-Net's correction."""
-        return "tkd" in INPUTS[self.config["input"]]
+        """Whether the output is the estimate channel (TKD or TV-ADMM) plus the U-Net's correction."""
+        return any(estimate in INPUTS[self.config["input"]] for estimate in ESTIMATES)
 
     @property
     def multiple(self):
@@ -311,18 +316,25 @@ def build_network(config):
     return UNet3d(config)
 
 
+def _roles(input_kind):
+    """The input's channels with either estimate named ``estimate`` (the role the residual gives it)."""
+    return tuple("estimate" if c in ESTIMATES else c for c in INPUTS[input_kind])
+
+
 def extends_input(input_kind, parent_input):
-    """Whether input variant ``input_kind`` has ``parent_input``'s channels first, and more."""
-    old, new = INPUTS[parent_input], INPUTS[input_kind]
-    return len(new) > len(old) and new[:len(old)] == old
+    """Whether a network taking ``input_kind`` can start from one taking ``parent_input``: the parent's channels
+    come first and more follow, or the channels are the same but for the estimate (TKD or TV-ADMM)."""
+    old, new = _roles(parent_input), _roles(input_kind)
+    return new[:len(old)] == old and INPUTS[input_kind] != INPUTS[parent_input]
 
 
 def widen_input(parent, input_kind):
-    """A copy of ``parent`` taking the input variant ``input_kind``, whose channels extend the parent's.
+    """A copy of ``parent`` taking the input variant ``input_kind``, which :func:`extends_input` the parent's.
 
-    Every weight is the parent's; the first convolution's kernels for the new channels (its
+    Every weight is the parent's; the first convolution's kernels for new channels (its
     weight predictor's rows for them, for a WP-Conv) are zero, so the new network computes
-    exactly what the parent does until training gives the new channels a use.
+    exactly what the parent does until training gives the new channels a use. A swapped estimate
+    channel keeps the parent's weights: the network starts as the parent's correction of the other estimate.
     """
     if not extends_input(input_kind, parent.config["input"]):
         raise ValueError(f"input {input_kind!r} does not extend the parent's {parent.config['input']!r}")
