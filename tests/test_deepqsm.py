@@ -183,3 +183,19 @@ def test_shipped_models_beat_tkd_and_ilsqr(name, voxel):
                 assert not ahead, f"{name} now beats {baseline} on {score} at {voxel}: remove it from BEHIND"
             else:
                 assert ahead, (name, voxel, baseline, score, mean)
+
+
+def test_network_specs_name_what_the_shipped_models_refine():
+    """The methods' descriptions and citations (report, sidecars) name the estimate each shipped model's output
+    is added to, as its weights' own config says."""
+    from metaqsm_bids.qsm.inversion.metaqsm import MESAQSM_SPEC, METAQSM_SPEC
+    from metaqsm_bids.qsm.inversion.tkd import SPEC as TKD_SPEC
+    from metaqsm_bids.qsm.inversion.tv import SPEC as TV_SPEC
+    from metaqsm_bids.qsm.network.networks import INPUTS
+
+    for spec, name in ((METAQSM_SPEC, METAQSM_MODEL), (MESAQSM_SPEC, MESAQSM_MODEL)):
+        channels = INPUTS[load_model(name).config["input"]]
+        assert ("TV-ADMM" in spec.description) == ("tv" in channels)
+        assert ("TKD" in spec.description) == ("tkd" in channels)
+        estimate = TV_SPEC if "tv" in channels else TKD_SPEC
+        assert set(estimate.citations) <= set(spec.citations)

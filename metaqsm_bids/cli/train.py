@@ -6,7 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..qsm.network.deepqsm import MODELS_DIR
+from ..qsm.network.models import MODELS_DIR
 from ..qsm.network.networks import INPUTS, extends_input
 
 #: Architecture options (argparse dest -> network config key): with --init-from they come from the parent.

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..network.models import (DEFAULT_ORIENTATIONS, MESAQSM_MODEL, METAQSM_MODEL, ORIENTATIONS, PAPER,
-                              TKD_THRESHOLD)
+                              TKD_THRESHOLD, shipped_input)
 from ..spec import MethodSpec, parameter
-from . import tkd
+from . import tkd, tv
+from .tv import TVParameters
 from .consistency import DEFAULT_EDGE_MM, DEFAULT_LAMBDA, data_consistency
 
 
@@ -88,15 +89,22 @@ def mesaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
                    data_consistency_edge_mm=data_consistency_edge_mm, magnitude=magnitude, info=info)
 
 
-#: What both networks cite: the paper, and TKD, the network's input channel.
-_CITATIONS = {"metaqsm": PAPER, **tkd.SPEC.citations}
+def _refines(model):
+    """What a shipped network's output is added to, in words, and the citations of that method and the paper."""
+    if "tv" in shipped_input(model).split("+"):  # an input variant names its channels
+        return (f"TV-ADMM's map (alpha {TVParameters.alpha:g}, {TVParameters.iterations} iterations)",
+                {"metaqsm": PAPER, **tv.SPEC.citations})
+    return f"TKD, threshold {TKD_THRESHOLD:g}", {"metaqsm": PAPER, **tkd.SPEC.citations}
 
+
+_METAQSM_REFINES, _METAQSM_CITATIONS = _refines(METAQSM_MODEL)
+_MESAQSM_REFINES, _MESAQSM_CITATIONS = _refines(MESAQSM_MODEL)
 METAQSM_SPEC = MethodSpec(
     name="metaqsm", function=metaqsm, display_name="Meta-QSM",
-    description=f"the Meta-QSM network (weight-predicting U-Net refining TKD, threshold {TKD_THRESHOLD:g})",
-    citations=_CITATIONS, parameters=NetworkParameters, inputs=("magnitude", "device"))
+    description=f"the Meta-QSM network (weight-predicting U-Net refining {_METAQSM_REFINES})",
+    citations=_METAQSM_CITATIONS, parameters=NetworkParameters, inputs=("magnitude", "device"))
 MESAQSM_SPEC = MethodSpec(
     name="mesaqsm", function=mesaqsm, display_name="Mesa-QSM",
-    description="the Mesa-QSM network (the Meta-QSM U-Net with plain convolutions, one resolution, refining TKD, "
-                f"threshold {TKD_THRESHOLD:g})",
-    citations=_CITATIONS, parameters=NetworkParameters, inputs=("magnitude", "device"))
+    description=f"the Mesa-QSM network (the Meta-QSM U-Net with plain convolutions, one resolution, refining "
+                f"{_MESAQSM_REFINES})",
+    citations=_MESAQSM_CITATIONS, parameters=NetworkParameters, inputs=("magnitude", "device"))

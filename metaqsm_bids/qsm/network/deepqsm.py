@@ -27,10 +27,9 @@ from ..core.grid import PaddedBox
 from ..inversion.common import check_inputs
 from ..inversion.tkd import tkd
 from ..inversion.tv import TVParameters, tv_admm
-from .models import DEFAULT_ORIENTATIONS, METAQSM_MODEL, ORIENTATIONS, TKD_THRESHOLD
+from .models import DEFAULT_ORIENTATIONS, METAQSM_MODEL, MODELS_DIR, ORIENTATIONS, TKD_THRESHOLD
 from .networks import INPUTS, VOXEL_CENTRE_MM, VOXEL_HALF_RANGE_MM, encode_condition, load_network
 
-MODELS_DIR = Path(__file__).resolve().parents[2] / "data" / "models"
 #: Voxels of context kept around the mask's bounding box (the network only runs there).
 CONTEXT_VOXELS = 8
 #: Padded box voxels above which inference runs in overlapping patches, to bound its memory: at the limit about

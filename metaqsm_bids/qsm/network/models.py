@@ -1,5 +1,10 @@
 """The shipped networks' names, inference settings and paper (torch-free, so the inversion specs and the CLI
 can name them without loading torch)."""
+import json
+from pathlib import Path
+
+#: Where the shipped models live: ``<name>.pt`` (config and weights) beside ``<name>.json`` (metadata).
+MODELS_DIR = Path(__file__).resolve().parents[2] / "data" / "models"
 #: The paper that describes the networks (its title and corresponding author: what its text gives).
 PAPER = ("Meta-QSM: An Image-Resolution-Arbitrary Network for QSM Reconstruction. "
          "Corresponding author: Kevin M. Koch (kmkoch@mcw.edu).")
@@ -16,3 +21,8 @@ ORIENTATIONS = ("canonical", "pair", "flips", "all")
 DEFAULT_ORIENTATIONS = "pair"
 #: TKD threshold of the ``field+tkd`` input channel (the TKD baseline's), fixed by the training.
 TKD_THRESHOLD = 0.2
+
+
+def shipped_input(name):
+    """A shipped model's input variant (``config.input`` in its ``.json``), read without torch."""
+    return json.loads((MODELS_DIR / f"{name}.json").read_text())["config"]["input"]
