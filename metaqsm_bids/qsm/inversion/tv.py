@@ -57,23 +57,30 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), alpha=
     box = PaddedBox(mask, pad_voxels)
     kernel = dipole_kernel(box.shape, voxel, b0, half=True)
     rho = np.float32(RHO_PER_ALPHA * alpha)
-    field_term = kernel * sfft.rfftn(box.embed(field))
     denominator = kernel ** 2 + rho * gradient_power(box.shape, voxel)
     denominator[0, 0, 0] = 1.0  # numerator is 0 there: the mean is set below
+    inverse = np.reciprocal(denominator)  # a real product per iteration, not a complex division
+    l2_spectrum = kernel * inverse * sfft.rfftn(box.embed(field))  # the field's share of every chi update
     threshold = np.float32(alpha) / rho
-    z = u = None
+    u = w = None  # w = z - u, all the chi update needs of z
     for iteration in range(int(iterations)):
-        spectrum = field_term
-        if z is not None:
-            spectrum = spectrum + rho * sfft.rfftn(gradient_adjoint(z - u, voxel, circular=True))
-        chi = sfft.irfftn(spectrum / denominator, s=box.shape).astype(np.float32, copy=False)
+        if w is None:
+            spectrum = l2_spectrum
+        else:
+            w *= rho
+            spectrum = sfft.rfftn(gradient_adjoint(w, voxel, circular=True))
+            spectrum *= inverse
+            spectrum += l2_spectrum
+        chi = sfft.irfftn(spectrum, s=box.shape).astype(np.float32, copy=False)
         if iteration < iterations - 1:
             v = gradient(chi, voxel, circular=True)
             if u is not None:
                 v += u
-            # shrink(v, t) = v - clip(v, -t, t): the new u is the clipped part, z the rest
+            # shrink(v, t) = v - clip(v, -t, t): the new u is the clipped part, z = v - u the rest
             u = np.clip(v, -threshold, threshold)
-            z = v - u
+            v -= u
+            v -= u
+            w = v
     chi = zero_mean_in_mask(box.extract(chi), mask)
     if info is not None:
         info["Rho"] = float(rho)
