@@ -469,7 +469,8 @@ def _new_network(cfg, parent):
         raise ValueError("a run from a parent model needs both the parent network and its lineage (init_from)")
     if parent is not None:
         if parent.config["input"] != model.config["input"]:
-            parent = widen_input(parent, model.config["input"])  # new channels start at zero weight; a swapped estimate keeps its
+            # new input channels start at zero weight; a swapped estimate channel keeps its weights
+            parent = widen_input(parent, model.config["input"])
         if parent.config != model.config:
             raise ValueError(f"the parent's network settings {parent.config} differ from the run's {model.config}")
         model.load_state_dict(parent.state_dict())  # the parent's exact (float16-stored) weights, as float32
