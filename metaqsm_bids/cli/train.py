@@ -27,8 +27,8 @@ def build_parser():
     p.add_argument("--init-from", metavar="NAME",
                    help="start a new run from the weights of model NAME (one in the package data, or the path "
                         "of an exported NAME.pt with its NAME.json beside it), with its architecture "
-                        "(architecture options may only repeat it, but --input may extend its input or swap its estimate) and, unless given, its learning-rate "
-                        "schedule; batches and the learning rate continue from its step count. The optimiser "
+                        "(architecture options may only repeat it, but --input may extend its input or swap its "
+                        "estimate) and, unless given, its learning-rate schedule; batches and the learning rate continue from its step count. The optimiser "
                         "restarts warm: fresh RMSprop state (the state is not exported: it would double a "
                         "model's size), learning rate continued from the parent's schedule position. The "
                         "exported .json records init_from and the cumulative steps and wall time")

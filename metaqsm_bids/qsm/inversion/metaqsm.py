@@ -50,7 +50,7 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
     which fits the field wherever the dipole kernel's square exceeds about this value; ``data_consistency_edge_mm``
     (mm; default :data:`.consistency.DEFAULT_EDGE_MM`; None: the closed form) weighs the field down within that
     distance of the mask's edge in it.
-    ``magnitude`` (the RSS magnitude, same shape) is an input of ``field+tkd+magnitude`` models
+    ``magnitude`` (the RSS magnitude, same shape) is an input of ``*+magnitude`` models
     (required by them; the others ignore it). Like the other methods the result is demeaned inside the mask.
     ``info`` receives the model name, its sha256 and the device used.
     """

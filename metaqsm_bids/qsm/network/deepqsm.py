@@ -8,11 +8,11 @@ exact training command, steps, wall time, hardware and validation scores).
 The network sees the local field normalised per volume: demeaned inside the mask
 (``D(0) = 0``, so the mean field carries no susceptibility information) and divided
 by its RMS there -- plus, for ``input='field+tkd'`` models, the TKD inverse of that
-normalised field as a second channel (``field+tv+magnitude``: TV-ADMM's map of the field in ppm, divided by that
-RMS), and for ``*+magnitude``
-models the magnitude image divided by its mean in the mask as a third. The problem is linear, so the output is
-multiplied back by that RMS; the network therefore does not depend on the field's
-overall scale (field strength, units, contrast).
+normalised field as a second channel (``field+tv+magnitude``: TV-ADMM's map of the field in ppm,
+divided by that RMS), and for ``*+magnitude`` models the magnitude image divided by its mean in
+the mask as a third. The problem is linear, so the output is multiplied back by that RMS; a TKD-input
+network therefore does not depend on the field's overall scale (field strength, units, contrast). A TV-input
+one does, through TV-ADMM's weight, which is per ppm of field: its input must be the local field in ppm.
 """
 import hashlib
 import json
