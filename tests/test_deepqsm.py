@@ -191,7 +191,7 @@ def test_network_specs_name_what_the_shipped_models_refine():
     from metaqsm_bids.qsm.inversion.metaqsm import MESAQSM_SPEC, METAQSM_SPEC
     from metaqsm_bids.qsm.inversion.tkd import SPEC as TKD_SPEC
     from metaqsm_bids.qsm.inversion.tv import SPEC as TV_SPEC
-    from metaqsm_bids.qsm.network.networks import INPUTS
+    from metaqsm_bids.qsm.network.models import INPUTS
 
     for spec, name in ((METAQSM_SPEC, METAQSM_MODEL), (MESAQSM_SPEC, MESAQSM_MODEL)):
         channels = INPUTS[load_model(name).config["input"]]

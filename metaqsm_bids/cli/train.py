@@ -6,8 +6,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..qsm.network.models import MODELS_DIR
-from ..qsm.network.networks import INPUTS, extends_input
+from ..qsm.network.models import INPUTS, MODELS_DIR
+from ..qsm.network.networks import extends_input
 
 #: Architecture options (argparse dest -> network config key): with --init-from they come from the parent.
 ARCHITECTURE_OPTIONS = {"arch": "arch", "channels": "channels", "fold": "fold", "hidden": "hidden",

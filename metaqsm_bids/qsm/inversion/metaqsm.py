@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..network.models import (DEFAULT_ORIENTATIONS, MESAQSM_MODEL, METAQSM_MODEL, ORIENTATIONS, PAPER,
-                              TKD_THRESHOLD, shipped_input)
+from ..network.models import (DEFAULT_ORIENTATIONS, INPUTS, MESAQSM_MODEL, METAQSM_MODEL, ORIENTATIONS,
+                              PAPER, TKD_THRESHOLD, shipped_input)
 from ..spec import MethodSpec, parameter
 from . import tkd, tv
 from .tv import TVParameters
@@ -56,7 +56,6 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
     """
     from ..network.deepqsm import load_model, model_info, orientation_transforms, predict_chi  # torch loads here
     from ..network.device import resolve_device
-    from ..network.networks import INPUTS
 
     device = resolve_device(device)
     net = load_model(model, device=device)
@@ -91,7 +90,7 @@ def mesaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
 
 def _refines(model):
     """What a shipped network's output is added to, in words, and the citations of that method and the paper."""
-    if "tv" in shipped_input(model).split("+"):  # an input variant names its channels
+    if "tv" in INPUTS[shipped_input(model)]:
         return (f"TV-ADMM's map (alpha {TVParameters.alpha:g}, {TVParameters.iterations} iterations)",
                 {"metaqsm": PAPER, **tv.SPEC.citations})
     return f"TKD, threshold {TKD_THRESHOLD:g}", {"metaqsm": PAPER, **tkd.SPEC.citations}

@@ -41,8 +41,8 @@ class TVParameters:
     iterations: int = parameter(5, "TV-ADMM iterations", words="iterations", check="positive_int")
 
 
-def tv_admm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), alpha=2e-4, iterations=5,
-            pad_voxels=None, info=None):
+def tv_admm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), alpha=TVParameters.alpha,
+            iterations=TVParameters.iterations, pad_voxels=None, info=None):
     """TV-regularised dipole inversion by ADMM (module text); ppm in, ppm out.
 
     ``alpha`` (> 0) weighs ``||G chi||_1`` (G in 1/mm, chi and field in ppm); ``iterations`` (>= 1) ADMM

@@ -27,8 +27,8 @@ from ..core.grid import PaddedBox
 from ..inversion.common import check_inputs
 from ..inversion.tkd import tkd
 from ..inversion.tv import TVParameters, tv_admm
-from .models import DEFAULT_ORIENTATIONS, METAQSM_MODEL, MODELS_DIR, ORIENTATIONS, TKD_THRESHOLD
-from .networks import INPUTS, VOXEL_CENTRE_MM, VOXEL_HALF_RANGE_MM, encode_condition, load_network
+from .models import DEFAULT_ORIENTATIONS, INPUTS, METAQSM_MODEL, MODELS_DIR, ORIENTATIONS, TKD_THRESHOLD
+from .networks import VOXEL_CENTRE_MM, VOXEL_HALF_RANGE_MM, encode_condition, load_network
 
 #: Voxels of context kept around the mask's bounding box (the network only runs there).
 CONTEXT_VOXELS = 8

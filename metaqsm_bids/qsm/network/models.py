@@ -1,5 +1,5 @@
-"""The shipped networks' names, inference settings and paper (torch-free, so the inversion specs and the CLI
-can name them without loading torch)."""
+"""The shipped networks' names, input variants, inference settings and paper (torch-free, so the inversion specs
+and the CLI can name them without loading torch)."""
 import json
 from pathlib import Path
 
@@ -21,6 +21,11 @@ ORIENTATIONS = ("canonical", "pair", "flips", "all")
 DEFAULT_ORIENTATIONS = "pair"
 #: TKD threshold of the ``field+tkd`` input channel (the TKD baseline's), fixed by the training.
 TKD_THRESHOLD = 0.2
+#: Network input variants (a model config's ``input``) -> their channels, in order.
+INPUTS = {"field": ("field",), "field+tkd": ("field", "tkd"), "field+tkd+magnitude": ("field", "tkd", "magnitude"),
+          "field+tv+magnitude": ("field", "tv", "magnitude")}
+#: Closed-form estimate channels (channel 1) the U-Net's output is added to: TKD, or TV-ADMM's map.
+ESTIMATES = ("tkd", "tv")
 
 
 def shipped_input(name):

@@ -41,12 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import ESTIMATES, INPUTS
+
 CONDITIONINGS = {"voxel": 3, "voxel+b0": 6}
-#: Network input variants -> their channels, in order (a variant's channels extend the one before).
-INPUTS = {"field": ("field",), "field+tkd": ("field", "tkd"), "field+tkd+magnitude": ("field", "tkd", "magnitude"),
-          "field+tv+magnitude": ("field", "tv", "magnitude")}
-#: Closed-form estimate channels (channel 1) the U-Net's output is added to: TKD, or TV-ADMM's map.
-ESTIMATES = ("tkd", "tv")
 #: Voxel-size normalisation (mm): centre and half-width of the training range (0.5-1.2, 0.5-1.2, 0.6-4.0).
 VOXEL_CENTRE_MM = (0.85, 0.85, 2.3)
 VOXEL_HALF_RANGE_MM = (0.35, 0.35, 1.7)
