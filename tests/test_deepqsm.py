@@ -103,7 +103,7 @@ def test_magnitude_input_is_normalised_and_follows_the_storage():
 
 
 def test_tv_channel_is_tv_admm_of_the_field_in_ppm():
-    """field+tv+magnitude's channel 1 is TV-ADMM (its defaults) of the demeaned field in ppm over the RMS: the
+    """field+tv+magnitude's channel 1 is TV-ADMM (alpha its default) of the demeaned field in ppm over the RMS: the
     same whatever the field's scale is normalised from (TV-ADMM's alpha is per ppm, so it is not scale-free)."""
     from metaqsm_bids.qsm.inversion.tv import tv_admm
 
@@ -115,6 +115,11 @@ def test_tv_channel_is_tv_admm_of_the_field_in_ppm():
     expected = tv_admm(centred, mask, voxel, b0) / scale
     assert x.shape == (3, *mask.shape)
     assert np.allclose(x[1], expected, atol=1e-5 * np.abs(expected).max())
+    # a model config's tv_iterations: that many ADMM iterations (five where a config does not say)
+    x2, _ = network_input(field, mask, voxel, b0, "field+tv+magnitude", magnitude, tv_iterations=2)
+    expected2 = tv_admm(centred, mask, voxel, b0, iterations=2) / scale
+    assert np.allclose(x2[1], expected2, atol=1e-5 * np.abs(expected2).max())
+    assert np.abs(x2[1] - x[1]).max() > 1e-2 * np.abs(expected).max()
     # TV-ADMM of the field x 10 is not 10 x TV-ADMM of the field: the channel differs from a scaled field's
     x10, scale10 = network_input(10 * field, mask, voxel, b0, "field+tv+magnitude", magnitude)
     assert scale10 == pytest.approx(10 * scale, rel=1e-5) and np.abs(x10[1] - x[1]).max() > 1e-3

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("nilearn")  # the template is a train/test dependency
 
 from metaqsm_bids.cli.train import main as train_main  # noqa: E402
-from metaqsm_bids.qsm.network.deepqsm import load_model, predict_chi  # noqa: E402
+from metaqsm_bids.qsm.network.deepqsm import load_model, network_input, predict_chi  # noqa: E402
 from metaqsm_bids.qsm.core.dipole import forward_field_ppm  # noqa: E402
 from metaqsm_bids.qsm.network.networks import build_network  # noqa: E402
 from metaqsm_bids.training.synth import VOXEL_RANGE_MM, make_sample, random_b0_dir  # noqa: E402
@@ -216,6 +216,23 @@ def test_init_from_an_exported_model(tmp_path, capsys):
     tv_net = load_model("tv", "cpu", models)
     assert tv_net.config == {**mag_net.config, "input": "field+tv+magnitude"}
     assert all(torch.equal(a, b) for a, b in zip(tv_net.state_dict().values(), mag_net.state_dict().values()))
+    # and the TV channel's iterations: the parent's unless given, any when given, the same weights either way
+    assert tv_net.config["tv_iterations"] == 5
+    assert train_main(_tiny_cli(tmp_path / "tv2", "--steps", "1", "--init-from", str(models / "tv.pt"),
+                                "--tv-iterations", "2", "--lr", "0", "--export", "tv2",
+                                "--export-dir", str(models))) == 0
+    assert train_main(_tiny_cli(tmp_path / "tv2b", "--steps", "1", "--init-from", str(models / "tv2.pt"),
+                                "--lr", "0", "--export", "tv2b", "--export-dir", str(models))) == 0
+    for name in ("tv2", "tv2b"):
+        net = load_model(name, "cpu", models)
+        assert net.config == {**tv_net.config, "tv_iterations": 2}
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), tv_net.state_dict().values()))
+    # the channel the network refines is TV-ADMM's map with those iterations
+    x5, _ = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, "field+tv+magnitude", s.magnitude, 5)
+    x2, _ = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, "field+tv+magnitude", s.magnitude, 2)
+    chi5 = predict_chi(tv_net, s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, magnitude=s.magnitude)
+    chi2 = predict_chi(net, s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, magnitude=s.magnitude)
+    assert np.abs(x5[1] - x2[1]).max() > 1e-3 and np.abs(chi5 - chi2).max() > 1e-4
 
     capsys.readouterr()
     assert train_main(_tiny_cli(tmp_path / "narrow", "--init-from", str(models / "mag.pt"), "--input", "field+tkd")) == 2

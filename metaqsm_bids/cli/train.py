@@ -14,6 +14,8 @@ ARCHITECTURE_OPTIONS = {"arch": "arch", "channels": "channels", "fold": "fold", 
                         "conditioning": "conditioning", "fixed_voxel_size": "fixed_voxel_size_mm", "input": "input"}
 #: Learning-rate schedule options: with --init-from they default to the parent's recipe.
 SCHEDULE_OPTIONS = ("lr", "lr_decay", "lr_decay_steps")
+#: Input options: with --init-from they default to the parent's, and may differ from it (the weights do not change).
+INPUT_OPTIONS = ("tv_iterations",)
 
 
 def build_parser():
@@ -62,6 +64,9 @@ def build_parser():
                         "image (where edges are); or TV-ADMM's map in TKD's place. With --init-from it may extend "
                         "the parent's input (the new channels start with zero weights) or swap TKD and TV-ADMM "
                         "(the same weights)")
+    p.add_argument("--tv-iterations", type=int, default=DEFAULTS["tv_iterations"], metavar="N",
+                   help="ADMM iterations of the TV-ADMM input channel (with --init-from it may differ from the "
+                        "parent's: the weights do not depend on it)")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"],
                    help="initial RMSprop learning rate (with --init-from: the parent's unless given)")
     p.add_argument("--lr-decay", type=float, default=DEFAULTS["lr_decay"],
@@ -177,7 +182,8 @@ def _config(args):
     """The training config (:data:`~metaqsm_bids.training.train.DEFAULTS`' keys) from the parsed options."""
     return {
         "arch": args.arch, "channels": args.channels, "fold": args.fold, "hidden": args.hidden,
-        "conditioning": args.conditioning, "fixed_voxel_size_mm": args.fixed_voxel_size, "input": args.input, "steps": args.steps,
+        "conditioning": args.conditioning, "fixed_voxel_size_mm": args.fixed_voxel_size, "input": args.input,
+        "tv_iterations": args.tv_iterations, "steps": args.steps,
         "batch_size": args.batch_size, "patch": list(args.patch), "lr": args.lr, "lr_decay": args.lr_decay,
         "lr_decay_steps": args.lr_decay_steps, "l2": args.l2, "val_every": args.val_every,
         "ckpt_every": args.ckpt_every, "val_samples": args.val_samples, "seed": args.seed, "reuse": args.reuse,
@@ -203,7 +209,7 @@ def _from_parent(cfg, args, argv):
         parent, parent_meta, cfg["init_from"] = load_parent(args.init_from)
     except ValueError as err:
         raise _OptionError(f"--init-from: {err}") from err
-    given = _given_options(argv, (*ARCHITECTURE_OPTIONS, *SCHEDULE_OPTIONS))
+    given = _given_options(argv, (*ARCHITECTURE_OPTIONS, *SCHEDULE_OPTIONS, *INPUT_OPTIONS))
     widened = "input" in given and extends_input(cfg["input"], parent.config["input"])
     conflicts = [f"{_option(dest)} {_words(cfg[key])} (the parent's: {_words(parent.config[key])})"
                  for dest, key in ARCHITECTURE_OPTIONS.items()
@@ -215,6 +221,7 @@ def _from_parent(cfg, args, argv):
     cfg.update({key: parent.config[key] for key in ARCHITECTURE_OPTIONS.values() if not (key == "input" and widened)})
     cfg.update({key: parent_meta["recipe"][key] for key in SCHEDULE_OPTIONS
                 if key not in given and key in parent_meta["recipe"]})
+    cfg.update({key: parent.config[key] for key in INPUT_OPTIONS if key not in given})
     return parent
 
 
@@ -245,6 +252,8 @@ def _option_error(cfg, args):
             return f"{option} must be {meaning}"
     if args.reuse < 1:
         return "--reuse must be 1 or more"
+    if args.tv_iterations < 1:
+        return "--tv-iterations must be 1 or more"
     multiple = cfg["fold"] * 2 ** (len(cfg["channels"]) - 1)
     for option, patch in (("--patch", args.patch), ("--small-patch", args.small_patch or ())):
         if any(n % multiple for n in patch):

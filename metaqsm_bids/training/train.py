@@ -75,8 +75,9 @@ import torch
 from ..qsm.core.dipole import dipole_kernel, padded_shape
 from ..qsm.inversion.consistency import edge_weight
 from ..qsm.network.deepqsm import file_sha256, load_model, model_info, network_input
-from ..qsm.network.networks import (DEFAULT_CONFIG, build_network, encode_condition, load_network, save_network,
-                                    widen_input)
+from ..qsm.network.models import TV_INPUT_ITERATIONS
+from ..qsm.network.networks import (DEFAULT_CONFIG, INPUT_SETTINGS, build_network, encode_condition, load_network,
+                                    save_network, widen_input)
 from .synth import LESION_PPM, LESION_RADIUS_MM, augment, make_sample
 
 #: Held-out validation resolutions (mm): clinical 2D-like, the paper's SWI protocol, isotropic research data.
@@ -97,7 +98,7 @@ LEGACY_DEFAULTS = {"init_from": None, "reuse": 1, "dc_weight": 0.0, "grad_weight
                    "network_data_consistency": 0.0, "network_data_consistency_edge_mm": 0.0, "texture_ppm": 0.0,
                    "hard_edges_fraction": 0.0, "edge_background": 0.0, "lesion_ppm": list(LESION_PPM),
                    "lesion_radius_mm": list(LESION_RADIUS_MM), "ema": 0.0, "small_patch": None,
-                   "small_patch_fraction": 0.0}
+                   "small_patch_fraction": 0.0, "tv_iterations": TV_INPUT_ITERATIONS}
 #: A tissue-only crop: no bleed/calcification shapes and at most one vein (``make_sample``'s limits).
 TISSUE_ONLY = {"max_shapes": 0, "max_veins": 1}
 
@@ -125,7 +126,8 @@ def _as_tensors(samples, cfg):
     xs, ys, ms, conds, kernels, step_kernels, weights = [], [], [], [], [], [], []
     edge_mm = cfg.get("network_data_consistency_edge_mm", 0.0) if cfg.get("network_data_consistency", 0.0) else 0.0
     for s in samples:
-        x, scale = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, cfg["input"], s.magnitude)
+        x, scale = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, cfg["input"], s.magnitude,
+                                 cfg["tv_iterations"])
         xs.append(x)
         ys.append(s.chi_ppm / scale if scale > 0 else np.zeros_like(s.chi_ppm))
         ms.append(s.mask.astype(np.float32))
@@ -471,7 +473,7 @@ def _new_network(cfg, parent):
         if parent.config["input"] != model.config["input"]:
             # new input channels start at zero weight; a swapped estimate channel keeps its weights
             parent = widen_input(parent, model.config["input"])
-        if parent.config != model.config:
+        if any(parent.config[k] != v for k, v in model.config.items() if k not in INPUT_SETTINGS):
             raise ValueError(f"the parent's network settings {parent.config} differ from the run's {model.config}")
         model.load_state_dict(parent.state_dict())  # the parent's exact (float16-stored) weights, as float32
     return model

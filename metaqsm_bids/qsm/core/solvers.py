@@ -9,34 +9,40 @@ def _planes(axis, first, second):
             tuple(second if a == axis else slice(None) for a in range(3)))
 
 
-def gradient(x, voxel_size_mm, circular=False):
+def gradient(x, voxel_size_mm, circular=False, out=None):
     """Forward differences (per mm) along each axis, stacked as ``(3, *x.shape)``; on the last plane 0, or with
-    ``circular`` the difference to the first plane (the gradient an FFT diagonalises)."""
-    out = np.zeros((3, *x.shape), dtype=x.dtype)
+    ``circular`` the difference to the first plane (the gradient an FFT diagonalises). ``out`` (optional, that
+    shape and ``x``'s dtype) receives them: solvers that iterate reuse one buffer instead of allocating."""
+    if out is None:
+        out = np.empty((3, *x.shape), dtype=x.dtype)
     for axis, d in enumerate(voxel_size_mm):
         hi, lo = _planes(axis, slice(1, None), slice(None, -1))
+        first, last = _planes(axis, slice(0, 1), slice(-1, None))
         np.subtract(x[hi], x[lo], out=out[axis][lo])
         if circular:
-            first, last = _planes(axis, slice(0, 1), slice(-1, None))
             np.subtract(x[first], x[last], out=out[axis][last])
+        else:
+            out[axis][last] = 0
         out[axis] *= x.dtype.type(1.0 / d)
     return out
 
 
-def gradient_adjoint(g, voxel_size_mm, circular=False):
+def gradient_adjoint(g, voxel_size_mm, circular=False, out=None):
     """Adjoint of :func:`gradient` with the same ``circular`` (minus the backward-difference divergence), same shape
-    as one component."""
-    out = np.zeros(g.shape[1:], dtype=g.dtype)
+    as one component; ``out`` (optional) receives it, as in :func:`gradient`."""
+    if out is None:
+        out = np.empty(g.shape[1:], dtype=g.dtype)
+    out.fill(0)
+    scaled = np.empty_like(out)
     for axis, d in enumerate(voxel_size_mm):
         hi, lo = _planes(axis, slice(1, None), slice(None, -1))
-        scaled = g[axis][lo] * g.dtype.type(1.0 / d)
-        out[lo] -= scaled
-        out[hi] += scaled
+        np.multiply(g[axis], g.dtype.type(1.0 / d), out=scaled)
+        out[lo] -= scaled[lo]
+        out[hi] += scaled[lo]
         if circular:
             first, last = _planes(axis, slice(0, 1), slice(-1, None))
-            wrapped = g[axis][last] * g.dtype.type(1.0 / d)
-            out[last] -= wrapped
-            out[first] += wrapped
+            out[last] -= scaled[last]
+            out[first] += scaled[last]
     return out
 
 

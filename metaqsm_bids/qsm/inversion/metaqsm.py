@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..network.models import (DEFAULT_ORIENTATIONS, INPUTS, MESAQSM_MODEL, METAQSM_MODEL, ORIENTATIONS,
-                              PAPER, TKD_THRESHOLD, shipped_input)
+                              PAPER, TKD_THRESHOLD, TV_INPUT_ITERATIONS, shipped_config)
 from ..spec import MethodSpec, parameter
 from . import tkd, tv
 from .tv import TVParameters
@@ -90,8 +90,10 @@ def mesaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
 
 def _refines(model):
     """What a shipped network's output is added to, in words, and the citations of that method and the paper."""
-    if "tv" in INPUTS[shipped_input(model)]:
-        return (f"TV-ADMM's map (alpha {TVParameters.alpha:g}, {TVParameters.iterations} iterations)",
+    config = shipped_config(model)
+    if "tv" in INPUTS[config["input"]]:
+        iterations = config.get("tv_iterations", TV_INPUT_ITERATIONS)
+        return (f"TV-ADMM's map (alpha {TVParameters.alpha:g}, {iterations} iterations)",
                 {"metaqsm": PAPER, **tv.SPEC.citations})
     return f"TKD, threshold {TKD_THRESHOLD:g}", {"metaqsm": PAPER, **tkd.SPEC.citations}
 

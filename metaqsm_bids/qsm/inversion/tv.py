@@ -62,22 +62,27 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), alpha=
     inverse = np.reciprocal(denominator)  # a real product per iteration, not a complex division
     l2_spectrum = kernel * inverse * sfft.rfftn(box.embed(field))  # the field's share of every chi update
     threshold = np.float32(alpha) / rho
-    u = w = None  # w = z - u, all the chi update needs of z
+    # buffers reused across iterations (fresh arrays of this size cost page faults each time): u, and w = z - u,
+    # all the chi update needs of z, held in the gradient's buffer
+    u = w = divergence = None
     for iteration in range(int(iterations)):
         if w is None:
             spectrum = l2_spectrum
         else:
             w *= rho
-            spectrum = sfft.rfftn(gradient_adjoint(w, voxel, circular=True))
+            divergence = gradient_adjoint(w, voxel, circular=True, out=divergence)
+            spectrum = sfft.rfftn(divergence)
             spectrum *= inverse
             spectrum += l2_spectrum
         chi = sfft.irfftn(spectrum, s=box.shape).astype(np.float32, copy=False)
         if iteration < iterations - 1:
-            v = gradient(chi, voxel, circular=True)
-            if u is not None:
+            v = gradient(chi, voxel, circular=True, out=w)
+            if u is None:
+                u = np.clip(v, -threshold, threshold)
+            else:
                 v += u
+                np.clip(v, -threshold, threshold, out=u)
             # shrink(v, t) = v - clip(v, -t, t): the new u is the clipped part, z = v - u the rest
-            u = np.clip(v, -threshold, threshold)
             v -= u
             v -= u
             w = v

@@ -26,8 +26,11 @@ INPUTS = {"field": ("field",), "field+tkd": ("field", "tkd"), "field+tkd+magnitu
           "field+tv+magnitude": ("field", "tv", "magnitude")}
 #: Closed-form estimate channels (channel 1) the U-Net's output is added to: TKD, or TV-ADMM's map.
 ESTIMATES = ("tkd", "tv")
+#: ADMM iterations of the ``tv`` input channel (a model config's ``tv_iterations``) where a config does not say:
+#: the five metaqsm-v6 was trained with (TV-ADMM's own default then).
+TV_INPUT_ITERATIONS = 5
 
 
-def shipped_input(name):
-    """A shipped model's input variant (``config.input`` in its ``.json``), read without torch."""
-    return json.loads((MODELS_DIR / f"{name}.json").read_text())["config"]["input"]
+def shipped_config(name):
+    """A shipped model's network config (``config`` in its ``.json``), read without torch."""
+    return json.loads((MODELS_DIR / f"{name}.json").read_text())["config"]

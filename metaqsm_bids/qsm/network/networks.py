@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import ESTIMATES, INPUTS
+from .models import ESTIMATES, INPUTS, TV_INPUT_ITERATIONS
 
 CONDITIONINGS = {"voxel": 3, "voxel+b0": 6}
 #: Voxel-size normalisation (mm): centre and half-width of the training range (0.5-1.2, 0.5-1.2, 0.6-4.0).
@@ -180,7 +180,8 @@ class UNet3d(nn.Module):
     first; their number is the number of levels), ``fold`` (voxel block edge folded into
     channels at the input, 1 for none), ``hidden`` (predictor width), ``conditioning``
     ('voxel' or 'voxel+b0'), ``fixed_voxel_size_mm`` (mesa: the one resolution it was
-    trained for, else None), ``input`` (a key of :data:`INPUTS`). Input is (B, C, I, J, K)
+    trained for, else None), ``input`` (a key of :data:`INPUTS`), ``tv_iterations`` (the ``tv`` channel's ADMM
+    iterations; the weights do not depend on it). Input is (B, C, I, J, K)
     with the C channels of :data:`INPUTS` and each spatial size a multiple of :attr:`multiple`;
     output is (B, 1, I, J, K) in the input's (normalised) units.
     """
@@ -283,7 +284,9 @@ class UNet3d(nn.Module):
 
 #: The network config keys and their defaults (the shipped metaqsm-v5's and v6's architecture, the paper's input).
 DEFAULT_CONFIG = {"arch": "meta", "channels": (16, 32, 64), "fold": 2, "hidden": 16, "conditioning": "voxel+b0",
-                  "fixed_voxel_size_mm": None, "input": "field"}
+                  "fixed_voxel_size_mm": None, "input": "field", "tv_iterations": TV_INPUT_ITERATIONS}
+#: Config keys that change what the input channels hold, not the weights' shapes: a run from a parent may change them.
+INPUT_SETTINGS = ("tv_iterations",)
 
 
 def normalise_config(config):
@@ -302,9 +305,9 @@ def normalise_config(config):
     if isinstance(cfg["channels"], (int, np.integer)) or not len(cfg["channels"]):
         raise ValueError(f"channels must be a list of widths, one per level, got {cfg['channels']!r}")
     cfg["channels"] = [int(c) for c in cfg["channels"]]
-    cfg["fold"], cfg["hidden"] = int(cfg["fold"]), int(cfg["hidden"])
-    if min(cfg["channels"]) < 1 or cfg["fold"] < 1 or cfg["hidden"] < 1:
-        raise ValueError("channels, fold and hidden must be at least 1")
+    cfg["fold"], cfg["hidden"], cfg["tv_iterations"] = int(cfg["fold"]), int(cfg["hidden"]), int(cfg["tv_iterations"])
+    if min(cfg["channels"]) < 1 or cfg["fold"] < 1 or cfg["hidden"] < 1 or cfg["tv_iterations"] < 1:
+        raise ValueError("channels, fold, hidden and tv_iterations must be at least 1")
     return cfg
 
 
@@ -370,6 +373,8 @@ def save_network(model, path, half=False):
 def load_network(path, map_location="cpu"):
     """Rebuild a network saved by :func:`save_network`, in eval mode."""
     blob = torch.load(path, map_location=map_location, weights_only=True)
-    model = UNet3d(blob["config"])
-    model.load_state_dict(blob["state_dict"])
+    with torch.device("meta"):  # no random initialisation to overwrite (half of the load's time)
+        model = UNet3d(blob["config"])
+    model.to_empty(device=map_location)
+    model.load_state_dict(blob["state_dict"])  # every parameter, cast to float32
     return model.eval()
