@@ -112,12 +112,14 @@ def test_tv_channel_is_tv_admm_of_the_field_in_ppm():
     voxel, b0 = (0.8, 0.8, 2.0), (0.1, 0.0, 0.99)
     x, scale = network_input(field, mask, voxel, b0, "field+tv+magnitude", magnitude)
     centred = np.where(mask, field - field[mask].mean(), 0).astype(np.float32)
-    expected = tv_admm(centred, mask, voxel, b0) / scale
+    # where a model config does not say: metaqsm-v6's 5 iterations with rho = 100 alpha
+    expected = tv_admm(centred, mask, voxel, b0, iterations=5, rho_per_alpha=100.0) / scale
     assert x.shape == (3, *mask.shape)
     assert np.allclose(x[1], expected, atol=1e-5 * np.abs(expected).max())
-    # a model config's tv_iterations: that many ADMM iterations (five where a config does not say)
-    x2, _ = network_input(field, mask, voxel, b0, "field+tv+magnitude", magnitude, tv_iterations=2)
-    expected2 = tv_admm(centred, mask, voxel, b0, iterations=2) / scale
+    # a model config's tv_iterations and tv_rho_per_alpha: those ADMM settings
+    x2, _ = network_input(field, mask, voxel, b0, "field+tv+magnitude", magnitude, tv_iterations=2,
+                          tv_rho_per_alpha=30.0)
+    expected2 = tv_admm(centred, mask, voxel, b0, iterations=2, rho_per_alpha=30.0) / scale
     assert np.allclose(x2[1], expected2, atol=1e-5 * np.abs(expected2).max())
     assert np.abs(x2[1] - x[1]).max() > 1e-2 * np.abs(expected).max()
     # TV-ADMM of the field x 10 is not 10 x TV-ADMM of the field: the channel differs from a scaled field's

@@ -216,20 +216,20 @@ def test_init_from_an_exported_model(tmp_path, capsys):
     tv_net = load_model("tv", "cpu", models)
     assert tv_net.config == {**mag_net.config, "input": "field+tv+magnitude"}
     assert all(torch.equal(a, b) for a, b in zip(tv_net.state_dict().values(), mag_net.state_dict().values()))
-    # and the TV channel's iterations: the parent's unless given, any when given, the same weights either way
-    assert tv_net.config["tv_iterations"] == 5
+    # and the TV channel's settings: the parent's unless given, any when given, the same weights either way
+    assert (tv_net.config["tv_iterations"], tv_net.config["tv_rho_per_alpha"]) == (5, 50.0)  # TV-ADMM's defaults
     assert train_main(_tiny_cli(tmp_path / "tv2", "--steps", "1", "--init-from", str(models / "tv.pt"),
-                                "--tv-iterations", "2", "--lr", "0", "--export", "tv2",
+                                "--tv-iterations", "2", "--tv-rho-per-alpha", "30", "--lr", "0", "--export", "tv2",
                                 "--export-dir", str(models))) == 0
     assert train_main(_tiny_cli(tmp_path / "tv2b", "--steps", "1", "--init-from", str(models / "tv2.pt"),
                                 "--lr", "0", "--export", "tv2b", "--export-dir", str(models))) == 0
     for name in ("tv2", "tv2b"):
         net = load_model(name, "cpu", models)
-        assert net.config == {**tv_net.config, "tv_iterations": 2}
+        assert net.config == {**tv_net.config, "tv_iterations": 2, "tv_rho_per_alpha": 30.0}
         assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), tv_net.state_dict().values()))
     # the channel the network refines is TV-ADMM's map with those iterations
-    x5, _ = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, "field+tv+magnitude", s.magnitude, 5)
-    x2, _ = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, "field+tv+magnitude", s.magnitude, 2)
+    x5, _ = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, "field+tv+magnitude", s.magnitude, 5, 50.0)
+    x2, _ = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, "field+tv+magnitude", s.magnitude, 2, 30.0)
     chi5 = predict_chi(tv_net, s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, magnitude=s.magnitude)
     chi2 = predict_chi(net, s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, magnitude=s.magnitude)
     assert np.abs(x5[1] - x2[1]).max() > 1e-3 and np.abs(chi5 - chi2).max() > 1e-4

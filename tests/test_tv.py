@@ -34,9 +34,10 @@ def test_first_iteration_is_the_closed_form_l2():
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_tv_recovers_piecewise_constant_spheres_better_than_tkd_and_l2(case):
-    """Noise-free field of the sphere phantom (piecewise constant: TV's prior). With the defaults, NRMSE against the
-    truth (demeaned in the mask) measured 10-14 % against TKD's 31-33 % and L2's 29-33 %; tolerance: below 0.6x the
-    better of the two. Each sphere's mean within 0.015 ppm of its truth (measured at most 0.008)."""
+    """Noise-free field of the sphere phantom (piecewise constant: TV's prior). With the defaults (rho = 50 alpha),
+    NRMSE against the truth (demeaned in the mask) measured 9-13 % (10-14 % with rho = 100 alpha) against TKD's 31-33 %
+    and L2's 29-33 %; tolerance: below 0.6x the better of the two. Each sphere's mean within 0.015 ppm of its truth
+    (measured at most 0.009)."""
     shape, voxel, b0 = CASES[case]
     chi, mask, labels = phantom(shape, voxel)
     field = forward_field_ppm(chi, voxel, b0) * mask
@@ -44,7 +45,7 @@ def test_tv_recovers_piecewise_constant_spheres_better_than_tkd_and_l2(case):
     info = {}
     est = invert("tv", field, mask, voxel, b0, info=info)
     assert est.dtype == np.float32 and not est[~mask].any() and abs(est[mask].mean()) < 1e-6
-    assert info == {"Rho": pytest.approx(0.02)}
+    assert info == {"Rho": pytest.approx(0.01)}
 
     def nrmse(x):
         return np.linalg.norm(x[mask] - truth[mask]) / np.linalg.norm(truth[mask])

@@ -15,7 +15,7 @@ ARCHITECTURE_OPTIONS = {"arch": "arch", "channels": "channels", "fold": "fold", 
 #: Learning-rate schedule options: with --init-from they default to the parent's recipe.
 SCHEDULE_OPTIONS = ("lr", "lr_decay", "lr_decay_steps")
 #: Input options: with --init-from they default to the parent's, and may differ from it (the weights do not change).
-INPUT_OPTIONS = ("tv_iterations",)
+INPUT_OPTIONS = ("tv_iterations", "tv_rho_per_alpha")
 
 
 def build_parser():
@@ -65,8 +65,10 @@ def build_parser():
                         "the parent's input (the new channels start with zero weights) or swap TKD and TV-ADMM "
                         "(the same weights)")
     p.add_argument("--tv-iterations", type=int, default=DEFAULTS["tv_iterations"], metavar="N",
-                   help="ADMM iterations of the TV-ADMM input channel (with --init-from it may differ from the "
-                        "parent's: the weights do not depend on it)")
+                   help="ADMM iterations of the TV-ADMM input channel (TV-ADMM's default; with --init-from the "
+                        "parent's unless given, and it may differ from the parent's: the weights do not depend on it)")
+    p.add_argument("--tv-rho-per-alpha", type=float, default=DEFAULTS["tv_rho_per_alpha"], metavar="R",
+                   help="the TV-ADMM input channel's ADMM penalty over its alpha (as --tv-iterations)")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"],
                    help="initial RMSprop learning rate (with --init-from: the parent's unless given)")
     p.add_argument("--lr-decay", type=float, default=DEFAULTS["lr_decay"],
@@ -183,7 +185,7 @@ def _config(args):
     return {
         "arch": args.arch, "channels": args.channels, "fold": args.fold, "hidden": args.hidden,
         "conditioning": args.conditioning, "fixed_voxel_size_mm": args.fixed_voxel_size, "input": args.input,
-        "tv_iterations": args.tv_iterations, "steps": args.steps,
+        "tv_iterations": args.tv_iterations, "tv_rho_per_alpha": args.tv_rho_per_alpha, "steps": args.steps,
         "batch_size": args.batch_size, "patch": list(args.patch), "lr": args.lr, "lr_decay": args.lr_decay,
         "lr_decay_steps": args.lr_decay_steps, "l2": args.l2, "val_every": args.val_every,
         "ckpt_every": args.ckpt_every, "val_samples": args.val_samples, "seed": args.seed, "reuse": args.reuse,
@@ -254,6 +256,8 @@ def _option_error(cfg, args):
         return "--reuse must be 1 or more"
     if args.tv_iterations < 1:
         return "--tv-iterations must be 1 or more"
+    if not (args.tv_rho_per_alpha > 0 and math.isfinite(args.tv_rho_per_alpha)):
+        return "--tv-rho-per-alpha must be positive"
     multiple = cfg["fold"] * 2 ** (len(cfg["channels"]) - 1)
     for option, patch in (("--patch", args.patch), ("--small-patch", args.small_patch or ())):
         if any(n % multiple for n in patch):

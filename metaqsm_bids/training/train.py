@@ -75,7 +75,8 @@ import torch
 from ..qsm.core.dipole import dipole_kernel, padded_shape
 from ..qsm.inversion.consistency import edge_weight
 from ..qsm.network.deepqsm import file_sha256, load_model, model_info, network_input
-from ..qsm.network.models import TV_INPUT_ITERATIONS
+from ..qsm.inversion.tv import RHO_PER_ALPHA, TVParameters
+from ..qsm.network.models import TV_INPUT_ITERATIONS, TV_INPUT_RHO_PER_ALPHA
 from ..qsm.network.networks import (DEFAULT_CONFIG, INPUT_SETTINGS, build_network, encode_condition, load_network,
                                     save_network, widen_input)
 from .synth import LESION_PPM, LESION_RADIUS_MM, augment, make_sample
@@ -83,9 +84,10 @@ from .synth import LESION_PPM, LESION_RADIUS_MM, augment, make_sample
 #: Held-out validation resolutions (mm): clinical 2D-like, the paper's SWI protocol, isotropic research data.
 VALIDATION_VOXELS = ((0.5, 0.5, 2.0), (0.76, 0.76, 3.0), (1.0, 1.0, 1.0), (0.75, 0.75, 1.5))
 NETWORK_KEYS = tuple(DEFAULT_CONFIG)
-#: Training settings; the network's are :data:`DEFAULT_CONFIG`'s, with the residual-TKD input shipped.
+#: Training settings; the network's are :data:`DEFAULT_CONFIG`'s, with the residual-TKD input shipped and a TV-ADMM
+#: input channel made with TV-ADMM's own defaults.
 DEFAULTS = {
-    **DEFAULT_CONFIG, "input": "field+tkd", "steps": 20000, "batch_size": 2, "patch": [64, 64, 32], "lr": 1e-4,
+    **DEFAULT_CONFIG, "input": "field+tkd", "tv_iterations": TVParameters.iterations, "tv_rho_per_alpha": RHO_PER_ALPHA, "steps": 20000, "batch_size": 2, "patch": [64, 64, 32], "lr": 1e-4,
     "lr_decay": 0.98, "lr_decay_steps": 200, "l2": 0.01, "rmsprop_alpha": 0.9,
     "val_every": 250, "ckpt_every": 250, "val_samples": 2, "seed": 0, "supersample": 2, "init_from": None,
     "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0, "network_data_consistency": 0.0,
@@ -98,7 +100,8 @@ LEGACY_DEFAULTS = {"init_from": None, "reuse": 1, "dc_weight": 0.0, "grad_weight
                    "network_data_consistency": 0.0, "network_data_consistency_edge_mm": 0.0, "texture_ppm": 0.0,
                    "hard_edges_fraction": 0.0, "edge_background": 0.0, "lesion_ppm": list(LESION_PPM),
                    "lesion_radius_mm": list(LESION_RADIUS_MM), "ema": 0.0, "small_patch": None,
-                   "small_patch_fraction": 0.0, "tv_iterations": TV_INPUT_ITERATIONS}
+                   "small_patch_fraction": 0.0, "tv_iterations": TV_INPUT_ITERATIONS,
+                   "tv_rho_per_alpha": TV_INPUT_RHO_PER_ALPHA}
 #: A tissue-only crop: no bleed/calcification shapes and at most one vein (``make_sample``'s limits).
 TISSUE_ONLY = {"max_shapes": 0, "max_veins": 1}
 
@@ -127,7 +130,7 @@ def _as_tensors(samples, cfg):
     edge_mm = cfg.get("network_data_consistency_edge_mm", 0.0) if cfg.get("network_data_consistency", 0.0) else 0.0
     for s in samples:
         x, scale = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, cfg["input"], s.magnitude,
-                                 cfg["tv_iterations"])
+                                 cfg["tv_iterations"], cfg["tv_rho_per_alpha"])
         xs.append(x)
         ys.append(s.chi_ppm / scale if scale > 0 else np.zeros_like(s.chi_ppm))
         ms.append(s.mask.astype(np.float32))

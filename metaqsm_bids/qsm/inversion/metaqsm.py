@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..network.models import (DEFAULT_ORIENTATIONS, INPUTS, MESAQSM_MODEL, METAQSM_MODEL, ORIENTATIONS,
-                              PAPER, TKD_THRESHOLD, TV_INPUT_ITERATIONS, shipped_config)
+                              PAPER, TKD_THRESHOLD, TV_INPUT_ITERATIONS, TV_INPUT_RHO_PER_ALPHA,
+                              shipped_config)
 from ..spec import MethodSpec, parameter
 from . import tkd, tv
 from .tv import TVParameters
@@ -93,7 +94,8 @@ def _refines(model):
     config = shipped_config(model)
     if "tv" in INPUTS[config["input"]]:
         iterations = config.get("tv_iterations", TV_INPUT_ITERATIONS)
-        return (f"TV-ADMM's map (alpha {TVParameters.alpha:g}, {iterations} iterations)",
+        rho = config.get("tv_rho_per_alpha", TV_INPUT_RHO_PER_ALPHA)
+        return (f"TV-ADMM's map (alpha {TVParameters.alpha:g}, rho {rho:g} alpha, {iterations} iterations)",
                 {"metaqsm": PAPER, **tv.SPEC.citations})
     return f"TKD, threshold {TKD_THRESHOLD:g}", {"metaqsm": PAPER, **tkd.SPEC.citations}
 

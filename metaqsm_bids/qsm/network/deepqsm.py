@@ -28,7 +28,7 @@ from ..inversion.common import check_inputs
 from ..inversion.tkd import tkd
 from ..inversion.tv import TVParameters, tv_admm
 from .models import (DEFAULT_ORIENTATIONS, INPUTS, METAQSM_MODEL, MODELS_DIR, ORIENTATIONS, TKD_THRESHOLD,
-                     TV_INPUT_ITERATIONS)
+                     TV_INPUT_ITERATIONS, TV_INPUT_RHO_PER_ALPHA)
 from .networks import VOXEL_CENTRE_MM, VOXEL_HALF_RANGE_MM, encode_condition, load_network
 
 #: Voxels of context kept around the mask's bounding box (the network only runs there).
@@ -61,12 +61,13 @@ def normalise_magnitude(magnitude, mask):
 
 
 def network_input(local_field_ppm, mask, voxel_size_mm, b0_dir, input_kind, magnitude=None,
-                  tv_iterations=TV_INPUT_ITERATIONS):
+                  tv_iterations=TV_INPUT_ITERATIONS, tv_rho_per_alpha=TV_INPUT_RHO_PER_ALPHA):
     """Input channels (C, I, J, K float32) for a network with config ``input`` and the RMS (ppm) divided out.
 
     Channel 0 is :func:`normalise_field`; ``field+tkd`` adds TKD (threshold
     :data:`.models.TKD_THRESHOLD`) of that normalised field, ``field+tv+magnitude`` TV-ADMM's map (its default
-    alpha, ``tv_iterations`` iterations: the model config's) of the demeaned field in ppm divided by the RMS;
+    alpha, ``tv_iterations`` iterations and penalty ``tv_rho_per_alpha``: the model config's) of the demeaned field in
+    ppm divided by the RMS;
     ``*+magnitude`` adds :func:`normalise_magnitude` of ``magnitude`` (required for it, same shape).
     """
     channels = INPUTS[input_kind]
@@ -77,7 +78,8 @@ def network_input(local_field_ppm, mask, voxel_size_mm, b0_dir, input_kind, magn
     if "tv" in channels:
         # on the field in ppm, then normalised: TV-ADMM is not scale-free (its alpha and rho are per ppm)
         out.append(tv_admm(x * scale, mask, voxel_size_mm, b0_dir, alpha=TVParameters.alpha,
-                           iterations=tv_iterations) / scale if scale > 0 else np.zeros_like(x))
+                           iterations=tv_iterations, rho_per_alpha=tv_rho_per_alpha) / scale
+                   if scale > 0 else np.zeros_like(x))
     if "magnitude" in channels:
         if magnitude is None or np.shape(magnitude) != np.shape(mask):
             raise ValueError(f"a network with input {input_kind!r} needs the magnitude image, of the field's shape")
@@ -199,7 +201,8 @@ def predict_chi(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1
     ``*+magnitude`` model, ignored by the others; for the rest see :func:`predict_stored`.
     """
     field, mask, voxel, b0 = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
-    x, scale = network_input(field, mask, voxel, b0, model.config["input"], magnitude, model.config["tv_iterations"])
+    x, scale = network_input(field, mask, voxel, b0, model.config["input"], magnitude, model.config["tv_iterations"],
+                             model.config["tv_rho_per_alpha"])
     total = np.zeros(field.shape, np.float64)
     if scale == 0:
         return total.astype(np.float32)

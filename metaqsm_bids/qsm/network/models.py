@@ -26,9 +26,10 @@ INPUTS = {"field": ("field",), "field+tkd": ("field", "tkd"), "field+tkd+magnitu
           "field+tv+magnitude": ("field", "tv", "magnitude")}
 #: Closed-form estimate channels (channel 1) the U-Net's output is added to: TKD, or TV-ADMM's map.
 ESTIMATES = ("tkd", "tv")
-#: ADMM iterations of the ``tv`` input channel (a model config's ``tv_iterations``) where a config does not say:
-#: the five metaqsm-v6 was trained with (TV-ADMM's own default then).
+#: ADMM iterations and penalty over alpha of the ``tv`` input channel (a model config's ``tv_iterations`` and
+#: ``tv_rho_per_alpha``) where a config does not say: what metaqsm-v6 was trained with (TV-ADMM's defaults then).
 TV_INPUT_ITERATIONS = 5
+TV_INPUT_RHO_PER_ALPHA = 100.0
 
 
 def shipped_config(name):

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import ESTIMATES, INPUTS, TV_INPUT_ITERATIONS
+from .models import ESTIMATES, INPUTS, TV_INPUT_ITERATIONS, TV_INPUT_RHO_PER_ALPHA
 
 CONDITIONINGS = {"voxel": 3, "voxel+b0": 6}
 #: Voxel-size normalisation (mm): centre and half-width of the training range (0.5-1.2, 0.5-1.2, 0.6-4.0).
@@ -180,8 +180,8 @@ class UNet3d(nn.Module):
     first; their number is the number of levels), ``fold`` (voxel block edge folded into
     channels at the input, 1 for none), ``hidden`` (predictor width), ``conditioning``
     ('voxel' or 'voxel+b0'), ``fixed_voxel_size_mm`` (mesa: the one resolution it was
-    trained for, else None), ``input`` (a key of :data:`INPUTS`), ``tv_iterations`` (the ``tv`` channel's ADMM
-    iterations; the weights do not depend on it). Input is (B, C, I, J, K)
+    trained for, else None), ``input`` (a key of :data:`INPUTS`), ``tv_iterations`` and ``tv_rho_per_alpha`` (the
+    ``tv`` channel's ADMM iterations and penalty; the weights do not depend on them). Input is (B, C, I, J, K)
     with the C channels of :data:`INPUTS` and each spatial size a multiple of :attr:`multiple`;
     output is (B, 1, I, J, K) in the input's (normalised) units.
     """
@@ -284,9 +284,10 @@ class UNet3d(nn.Module):
 
 #: The network config keys and their defaults (the shipped metaqsm-v5's and v6's architecture, the paper's input).
 DEFAULT_CONFIG = {"arch": "meta", "channels": (16, 32, 64), "fold": 2, "hidden": 16, "conditioning": "voxel+b0",
-                  "fixed_voxel_size_mm": None, "input": "field", "tv_iterations": TV_INPUT_ITERATIONS}
+                  "fixed_voxel_size_mm": None, "input": "field", "tv_iterations": TV_INPUT_ITERATIONS,
+                  "tv_rho_per_alpha": TV_INPUT_RHO_PER_ALPHA}
 #: Config keys that change what the input channels hold, not the weights' shapes: a run from a parent may change them.
-INPUT_SETTINGS = ("tv_iterations",)
+INPUT_SETTINGS = ("tv_iterations", "tv_rho_per_alpha")
 
 
 def normalise_config(config):
@@ -308,6 +309,9 @@ def normalise_config(config):
     cfg["fold"], cfg["hidden"], cfg["tv_iterations"] = int(cfg["fold"]), int(cfg["hidden"]), int(cfg["tv_iterations"])
     if min(cfg["channels"]) < 1 or cfg["fold"] < 1 or cfg["hidden"] < 1 or cfg["tv_iterations"] < 1:
         raise ValueError("channels, fold, hidden and tv_iterations must be at least 1")
+    cfg["tv_rho_per_alpha"] = float(cfg["tv_rho_per_alpha"])
+    if not cfg["tv_rho_per_alpha"] > 0:
+        raise ValueError(f"tv_rho_per_alpha must be positive, got {cfg['tv_rho_per_alpha']!r}")
     return cfg
 
 
