@@ -87,7 +87,8 @@ NETWORK_KEYS = tuple(DEFAULT_CONFIG)
 #: Training settings; the network's are :data:`DEFAULT_CONFIG`'s, with the residual-TKD input shipped and a TV-ADMM
 #: input channel made with TV-ADMM's own defaults.
 DEFAULTS = {
-    **DEFAULT_CONFIG, "input": "field+tkd", "tv_iterations": TVParameters.iterations, "tv_rho_per_alpha": RHO_PER_ALPHA, "steps": 20000, "batch_size": 2, "patch": [64, 64, 32], "lr": 1e-4,
+    **DEFAULT_CONFIG, "input": "field+tkd", "tv_iterations": TVParameters.iterations, "tv_rho_per_alpha": RHO_PER_ALPHA,
+    "steps": 20000, "batch_size": 2, "patch": [64, 64, 32], "lr": 1e-4,
     "lr_decay": 0.98, "lr_decay_steps": 200, "l2": 0.01, "rmsprop_alpha": 0.9,
     "val_every": 250, "ckpt_every": 250, "val_samples": 2, "seed": 0, "supersample": 2, "init_from": None,
     "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0, "network_data_consistency": 0.0,
