@@ -6,7 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..qsm.network.models import INPUTS, MODELS_DIR
+from ..qsm.network.models import INPUTS, MODELS_DIR, TV_INPUT_DEFAULTS
 from ..qsm.network.networks import extends_input
 
 #: Architecture options (argparse dest -> network config key): with --init-from they come from the parent.
@@ -15,7 +15,7 @@ ARCHITECTURE_OPTIONS = {"arch": "arch", "channels": "channels", "fold": "fold", 
 #: Learning-rate schedule options: with --init-from they default to the parent's recipe.
 SCHEDULE_OPTIONS = ("lr", "lr_decay", "lr_decay_steps")
 #: Input options: with --init-from they default to the parent's, and may differ from it (the weights do not change).
-INPUT_OPTIONS = ("tv_iterations", "tv_rho_per_alpha")
+INPUT_OPTIONS = tuple(TV_INPUT_DEFAULTS)
 
 
 def build_parser():

@@ -76,9 +76,9 @@ from ..qsm.core.dipole import dipole_kernel, padded_shape
 from ..qsm.inversion.consistency import edge_weight
 from ..qsm.network.deepqsm import file_sha256, load_model, model_info, network_input
 from ..qsm.inversion.tv import RHO_PER_ALPHA, TVParameters
-from ..qsm.network.models import TV_INPUT_ITERATIONS, TV_INPUT_RHO_PER_ALPHA
-from ..qsm.network.networks import (DEFAULT_CONFIG, INPUT_SETTINGS, build_network, encode_condition, load_network,
-                                    save_network, widen_input)
+from ..qsm.network.models import TV_INPUT_DEFAULTS
+from ..qsm.network.networks import (DEFAULT_CONFIG, build_network, encode_condition, load_network, save_network,
+                                    widen_input)
 from .synth import LESION_PPM, LESION_RADIUS_MM, augment, make_sample
 
 #: Held-out validation resolutions (mm): clinical 2D-like, the paper's SWI protocol, isotropic research data.
@@ -101,8 +101,7 @@ LEGACY_DEFAULTS = {"init_from": None, "reuse": 1, "dc_weight": 0.0, "grad_weight
                    "network_data_consistency": 0.0, "network_data_consistency_edge_mm": 0.0, "texture_ppm": 0.0,
                    "hard_edges_fraction": 0.0, "edge_background": 0.0, "lesion_ppm": list(LESION_PPM),
                    "lesion_radius_mm": list(LESION_RADIUS_MM), "ema": 0.0, "small_patch": None,
-                   "small_patch_fraction": 0.0, "tv_iterations": TV_INPUT_ITERATIONS,
-                   "tv_rho_per_alpha": TV_INPUT_RHO_PER_ALPHA}
+                   "small_patch_fraction": 0.0, **TV_INPUT_DEFAULTS}
 #: A tissue-only crop: no bleed/calcification shapes and at most one vein (``make_sample``'s limits).
 TISSUE_ONLY = {"max_shapes": 0, "max_veins": 1}
 
@@ -477,7 +476,7 @@ def _new_network(cfg, parent):
         if parent.config["input"] != model.config["input"]:
             # new input channels start at zero weight; a swapped estimate channel keeps its weights
             parent = widen_input(parent, model.config["input"])
-        if any(parent.config[k] != v for k, v in model.config.items() if k not in INPUT_SETTINGS):
+        if any(parent.config[k] != v for k, v in model.config.items() if k not in TV_INPUT_DEFAULTS):
             raise ValueError(f"the parent's network settings {parent.config} differ from the run's {model.config}")
         model.load_state_dict(parent.state_dict())  # the parent's exact (float16-stored) weights, as float32
     return model

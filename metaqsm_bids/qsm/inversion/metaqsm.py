@@ -6,8 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..network.models import (DEFAULT_ORIENTATIONS, INPUTS, MESAQSM_MODEL, METAQSM_MODEL, ORIENTATIONS,
-                              PAPER, TKD_THRESHOLD, TV_INPUT_ITERATIONS, TV_INPUT_RHO_PER_ALPHA,
-                              shipped_config)
+                              PAPER, TKD_THRESHOLD, shipped_config)
 from ..spec import MethodSpec, parameter
 from . import tkd, tv
 from .tv import TVParameters
@@ -93,9 +92,8 @@ def _refines(model):
     """What a shipped network's output is added to, in words, and the citations of that method and the paper."""
     config = shipped_config(model)
     if "tv" in INPUTS[config["input"]]:
-        iterations = config.get("tv_iterations", TV_INPUT_ITERATIONS)
-        rho = config.get("tv_rho_per_alpha", TV_INPUT_RHO_PER_ALPHA)
-        return (f"TV-ADMM's map (alpha {TVParameters.alpha:g}, rho {rho:g} alpha, {iterations} iterations)",
+        return (f"TV-ADMM's map (alpha {TVParameters.alpha:g}, rho {config['tv_rho_per_alpha']:g} alpha, "
+                f"{config['tv_iterations']} iterations)",
                 {"metaqsm": PAPER, **tv.SPEC.citations})
     return f"TKD, threshold {TKD_THRESHOLD:g}", {"metaqsm": PAPER, **tkd.SPEC.citations}
 

@@ -28,7 +28,7 @@ from ..inversion.common import check_inputs
 from ..inversion.tkd import tkd
 from ..inversion.tv import TVParameters, tv_admm
 from .models import (DEFAULT_ORIENTATIONS, INPUTS, METAQSM_MODEL, MODELS_DIR, ORIENTATIONS, TKD_THRESHOLD,
-                     TV_INPUT_ITERATIONS, TV_INPUT_RHO_PER_ALPHA)
+                     TV_INPUT_DEFAULTS)
 from .networks import VOXEL_CENTRE_MM, VOXEL_HALF_RANGE_MM, encode_condition, load_network
 
 #: Voxels of context kept around the mask's bounding box (the network only runs there).
@@ -61,7 +61,8 @@ def normalise_magnitude(magnitude, mask):
 
 
 def network_input(local_field_ppm, mask, voxel_size_mm, b0_dir, input_kind, magnitude=None,
-                  tv_iterations=TV_INPUT_ITERATIONS, tv_rho_per_alpha=TV_INPUT_RHO_PER_ALPHA):
+                  tv_iterations=TV_INPUT_DEFAULTS["tv_iterations"],
+                  tv_rho_per_alpha=TV_INPUT_DEFAULTS["tv_rho_per_alpha"]):
     """Input channels (C, I, J, K float32) for a network with config ``input`` and the RMS (ppm) divided out.
 
     Channel 0 is :func:`normalise_field`; ``field+tkd`` adds TKD (threshold

@@ -26,12 +26,13 @@ INPUTS = {"field": ("field",), "field+tkd": ("field", "tkd"), "field+tkd+magnitu
           "field+tv+magnitude": ("field", "tv", "magnitude")}
 #: Closed-form estimate channels (channel 1) the U-Net's output is added to: TKD, or TV-ADMM's map.
 ESTIMATES = ("tkd", "tv")
-#: ADMM iterations and penalty over alpha of the ``tv`` input channel (a model config's ``tv_iterations`` and
-#: ``tv_rho_per_alpha``) where a config does not say: what metaqsm-v6 was trained with (TV-ADMM's defaults then).
-TV_INPUT_ITERATIONS = 5
-TV_INPUT_RHO_PER_ALPHA = 100.0
+#: The ``tv`` input channel's settings, model config keys: ADMM iterations and penalty over alpha. They change what
+#: the channel holds, not the weights' shapes (a training run from a parent may change them). Their values here are
+#: those of a config that does not say: what metaqsm-v6 was trained with (TV-ADMM's defaults then).
+TV_INPUT_DEFAULTS = {"tv_iterations": 5, "tv_rho_per_alpha": 100.0}
 
 
 def shipped_config(name):
-    """A shipped model's network config (``config`` in its ``.json``), read without torch."""
-    return json.loads((MODELS_DIR / f"{name}.json").read_text())["config"]
+    """A shipped model's network config (``config`` in its ``.json``, :data:`TV_INPUT_DEFAULTS` where it does not
+    say), read without torch."""
+    return {**TV_INPUT_DEFAULTS, **json.loads((MODELS_DIR / f"{name}.json").read_text())["config"]}

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import ESTIMATES, INPUTS, TV_INPUT_ITERATIONS, TV_INPUT_RHO_PER_ALPHA
+from .models import ESTIMATES, INPUTS, TV_INPUT_DEFAULTS
 
 CONDITIONINGS = {"voxel": 3, "voxel+b0": 6}
 #: Voxel-size normalisation (mm): centre and half-width of the training range (0.5-1.2, 0.5-1.2, 0.6-4.0).
@@ -284,10 +284,7 @@ class UNet3d(nn.Module):
 
 #: The network config keys and their defaults (the shipped metaqsm-v5 to v7's architecture, the paper's input).
 DEFAULT_CONFIG = {"arch": "meta", "channels": (16, 32, 64), "fold": 2, "hidden": 16, "conditioning": "voxel+b0",
-                  "fixed_voxel_size_mm": None, "input": "field", "tv_iterations": TV_INPUT_ITERATIONS,
-                  "tv_rho_per_alpha": TV_INPUT_RHO_PER_ALPHA}
-#: Config keys that change what the input channels hold, not the weights' shapes: a run from a parent may change them.
-INPUT_SETTINGS = ("tv_iterations", "tv_rho_per_alpha")
+                  "fixed_voxel_size_mm": None, "input": "field", **TV_INPUT_DEFAULTS}
 
 
 def normalise_config(config):
