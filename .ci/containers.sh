@@ -78,6 +78,8 @@ took "base image" "$t"
 # pip inside the build gets this machine's pip configuration (one merged pip.conf) and the wheel
 # folders and CA bundle it names, mounted read-only for the build only.
 t=$(now)
+# the image this build replaces: removed after it, so repeated runs do not fill the disk (2 GB each)
+previous=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 mkdir -p "$WORK/pip"
 mounts=()
 while read -r mount; do mounts+=(-v "$mount"); done < <(python3 .ci/pip_mounts.py "$WORK/pip")
@@ -85,6 +87,9 @@ nice -n 10 podman build --quiet ${METAQSM_CI_NO_CACHE:+--no-cache} --build-arg B
     --build-arg TEMPLATES= "${mounts[@]}" -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
     || { tail -40 "$WORK/build.log"; fail "podman build"; }
 took "podman build" "$t"
+if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect --format '{{.Id}}' "$IMAGE")" ]; then
+    podman rmi --force "$previous" >/dev/null 2>&1 || say "could not remove the previous image $previous"
+fi
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 say "image $IMAGE: $((size / 1000000)) MB"
 [ "$(podman run --rm "$IMAGE" --version)" = "metaqsm $VERSION" ] || fail "the image's metaqsm --version"

@@ -20,7 +20,9 @@ import math
 import os
 import signal
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from traceback import format_exception
 
 _MP_CONTEXTS = ("fork", "spawn", "forkserver")
 #: Memory (GB) of a node's own Python process before any data: numpy, scipy, nipype and CPU torch
@@ -203,13 +205,31 @@ def _worker_initializer(cwd, parent):
         _stop_worker()
 
 
+def _run_task(run_node, node, updatehash, taskid):
+    """nipype's MultiProc ``run_node`` in a worker, its own failures returned as the node's: it catches the
+    node's error but then reads the node's result file, which raises where none could be written (a full
+    disk), and a task that raises is never marked done: nipype waited for it for ever."""
+    try:
+        return run_node(node, updatehash, taskid)
+    except Exception:
+        return {"result": None, "traceback": format_exception(*sys.exc_info()), "taskid": taskid}
+
+
+class _Pool(ProcessPoolExecutor):
+    """MultiProc's process pool: workers started by :func:`_worker_initializer`, tasks run by :func:`_run_task`."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        return super().submit(_run_task, fn, *args, **kwargs)
+
+
 def make_runner(plugin, plugin_args):
     """The nipype plugin object that runs the workflow (``wf.run(plugin=...)``).
 
     MultiProc's process pool starts its workers with :func:`_worker_initializer`, so none outlives
-    metaqsm; :func:`stop_runner` ends them when metaqsm is stopped. Other plugins are nipype's own.
+    metaqsm; :func:`stop_runner` ends them when metaqsm is stopped. A task that fails outside its node
+    (:func:`_run_task`) or whose worker died fails its node, instead of leaving nipype waiting for it.
+    Other plugins are nipype's own.
     """
-    from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     from nipype.pipeline import plugins
@@ -218,9 +238,23 @@ def make_runner(plugin, plugin_args):
     if plugin == "MultiProc":
         context = get_context(plugin_args.get("mp_context"))
         runner.pool.shutdown()  # nipype's pool has started no worker yet: replaced by one whose workers are tied
-        runner.pool = ProcessPoolExecutor(
+        runner.pool = _Pool(
             max_workers=runner.processors, initializer=_worker_initializer, mp_context=context,
             initargs=(os.getcwd(), None if context.get_start_method() == "forkserver" else os.getpid()))
+        record = runner._async_callback
+
+        def record_failures_too(future):  # a worker killed (e.g. out of memory): the pool fails its tasks
+            if future.cancelled():  # stopped: stop_runner says so
+                return None
+            if future.exception() is None:
+                return record(future)
+            taskid = next((task for task, submitted in runner._task_obj.items() if submitted is future), None)
+            if taskid is not None:
+                error = future.exception()
+                runner._taskresult[taskid] = {"result": None, "taskid": taskid, "traceback": format_exception(
+                    type(error), error, error.__traceback__)}
+
+        runner._async_callback = record_failures_too
     return runner
 
 

@@ -5,6 +5,7 @@ participant. Tracebacks and nipype's own messages go to the log file in ``<work_
 and to nipype's crash files in ``<work_dir>/crash/``; ``-v`` adds nipype's progress messages
 (not its crash reports) to the console.
 """
+import errno
 import logging
 import os
 import re
@@ -24,6 +25,20 @@ OTHER_LOGGERS = ("nibabel.global", "concurrent.futures")
 _CONSOLE_FORMAT = logging.Formatter("%(asctime)s [metaqsm] %(levelname)s: %(message)s", "%H:%M:%S")
 _FILE_FORMAT = logging.Formatter("%(asctime)s [%(name)s] %(levelname)s: %(message)s")
 _log_handler = None  # the log file's handler, once the work directory is known to be writable
+
+
+class _LogFile(logging.FileHandler):
+    """The log file's handler. Once it cannot write (the disk full), records go on to the console alone: a
+    failing log file must not print logging's own tracebacks there, nor raise from a flush."""
+
+    def handleError(self, record):
+        pass
+
+    def flush(self):
+        try:
+            super().flush()
+        except OSError:
+            pass
 
 
 class Stopped(BaseException):
@@ -109,7 +124,13 @@ def main(argv=None):
                      opts.work_dir)
         return 128 + stop.signum
     except Exception as err:  # a bug or an environment problem: one line here, the traceback in a file
-        LOGGER.error("unexpected %s: %s (traceback in %s)", type(err).__name__, err, _save_traceback())
+        where = _save_traceback()
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            LOGGER.error("no space left on the device%s: free some, or give the output folder and the work "
+                         "folder (-w %s) room elsewhere; the same command then resumes the run (traceback in %s)",
+                         f" writing {err.filename}" if err.filename else "", opts.work_dir, where)
+        else:
+            LOGGER.error("unexpected %s: %s (traceback in %s)", type(err).__name__, err, where)
         return 1
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -121,16 +142,20 @@ def main(argv=None):
 
 
 def _save_traceback():
-    """Write the current exception's traceback to the log file (or a temporary file); returns its path."""
+    """Write the current exception's traceback to the log file (or a temporary file); returns its path, or
+    "no file" where neither can be written (a full disk)."""
     text = traceback.format_exc()
-    if _log_handler is not None:
-        _log_handler.stream.write(text)
-        _log_handler.flush()
-        return _log_handler.baseFilename
-    fd, path = tempfile.mkstemp(prefix="metaqsm-traceback-", suffix=".txt")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    return path
+    try:
+        if _log_handler is not None:
+            _log_handler.stream.write(text)
+            logging.FileHandler.flush(_log_handler)  # raises where the text did not reach the file
+            return _log_handler.baseFilename
+        fd, path = tempfile.mkstemp(prefix="metaqsm-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return path
+    except OSError:
+        return "no file: it could not be written"
 
 
 def _check_writable(path, what):
@@ -154,7 +179,7 @@ def _start_log_file(work_dir):
     logs = Path(work_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / f"metaqsm_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}.log"
-    _log_handler = logging.FileHandler(path, delay=False)
+    _log_handler = _LogFile(path, delay=False)
     _log_handler.setFormatter(_FILE_FORMAT)
     _log_handler.setLevel(logging.DEBUG)
     LOGGER.addHandler(_log_handler)
@@ -247,8 +272,14 @@ def _crash_reasons(crash_dir, since):
         text = crash.read_text(errors="replace")
         node = re.search(r"^Node: (\S+)", text, re.M)
         errors = re.findall(r"^\s*(\w+(?:Error|Exception)): (.+)$", text, re.M)  # nipype indents with a tab
-        node_name = node.group(1) if node else "?"
-        message = f"{errors[-1][0]}: {errors[-1][1]}" if errors else text.strip().splitlines()[-1].strip()
+        # an empty crash file (a full disk) names its node in the file name only, without the participant's
+        named = re.search(r"-(\w+)-[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}\.txt$", crash.name)
+        node_name = node.group(1) if node else named.group(1) if named else "?"
+        lines = text.strip().splitlines()
+        if f"[Errno {errno.ENOSPC}]" in text or not lines:  # the error that follows it is a missing result file
+            message = "no space left on the device"
+        else:
+            message = f"{errors[-1][0]}: {errors[-1][1]}" if errors else lines[-1].strip()
         subject = re.search(r"\.sub_([A-Za-z0-9]+)_wf\.", node_name)  # see subject_workflow_name
         key = subject.group(1) if subject else "?"
         reasons.setdefault(key, f"step {node_name.split('.')[-1]} failed: {message} (details: {crash})")
@@ -404,6 +435,9 @@ def _run_workflow(opts, runs_by_subject, user_masks, failed):
         if not reasons:
             raise
         LOGGER.debug("nipype: %s", err, exc_info=True)
+        unattributed = reasons.pop("?", None)  # a crash file naming no participant: none of them is known whole
+        for subject in runs_by_subject if unattributed else ():
+            reasons.setdefault(subject, unattributed)
         for subject, reason in reasons.items():
             failed[subject] = reason
             runs_by_subject.pop(subject, None)
