@@ -122,7 +122,7 @@ def _image(path, data):
     return str(path)
 
 
-@pytest.mark.parametrize("optional", [False, True], ids=["one echo", "csf reference"])
+@pytest.mark.parametrize("optional", [False, True], ids=["one echo", "csf reference, three writer threads"])
 def test_sink_writes_only_spec_kinds(tmp_path, optional):
     from metaqsm_bids.interfaces.sink import WriteRunDerivatives
 
@@ -141,7 +141,7 @@ def test_sink_writes_only_spec_kinds(tmp_path, optional):
         local_field_file=image, qsm_mask_file=binary, chimap_file=image, swi_file=image, mip_file=image,
         mask_provenance={}, phase_provenance={}, field_provenance={}, bfr_provenance={}, inversion_provenance={},
         reference_provenance={"Region": "csf" if optional else "brain"}, swi_provenance={}, mip_parameters={},
-        acquisition={"EchoTime": [0.01], "MagneticFieldStrength": 3.0})
+        acquisition={"EchoTime": [0.01], "MagneticFieldStrength": 3.0}, num_threads=3 if optional else 1)
     if optional:
         inputs.update(r2star_file=image, t2star_file=image, r2star_provenance={}, reference_mask_file=binary)
     result = WriteRunDerivatives(**inputs).run(cwd=str(work))
@@ -154,6 +154,7 @@ def test_sink_writes_only_spec_kinds(tmp_path, optional):
     for kind, path in written.items():
         assert parse_output_name(path.rsplit("/", 1)[1]) == (kind, {"subject": "01", "session": "2", "run": "3"})
         assert nib.load(path).get_data_dtype() == (np.uint8 if OUTPUTS[kind].mask else np.float32)
+        assert np.array_equal(nib.load(path).get_fdata(), mask if OUTPUTS[kind].mask else 0.5 * mask)
         sidecar = json.loads(sidecar_path(path).read_text())
         if kind != "chimap":  # worded for the reference region
             assert sidecar["Description"] == OUTPUTS[kind].description

@@ -136,7 +136,7 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion=DEFAULT_INVERSION, inver
     sink = pe.Node(WriteRunDerivatives(
         output_dir=str(output_dir), bids_dir=str(bids_dir), entities=run.entities,
         source_files=run.source_files,
-        acquisition=_acquisition(run, bids_dir),
+        acquisition=_acquisition(run, bids_dir), num_threads=omp_nthreads,
     ), name="ds_run", run_without_submitting=True)
 
     wf.connect([
