@@ -1,5 +1,6 @@
 """The output spec (metaqsm_bids.io.outputs): every kind's file name, the name builder and its inverse, and the
 writers that name files through it (the sink, the template spaces, the group summary)."""
+import errno
 import json
 import sys
 import types
@@ -8,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from metaqsm_bids.io.derivatives import group_summary
+from metaqsm_bids.io.derivatives import group_summary, write_json
 from metaqsm_bids.io.outputs import (ENTITY_ORDER, OUTPUTS, TEMPLATE_OUTPUTS, output_name, output_path,
                                      parse_output_name, run_name, sidecar_path)
 
@@ -122,10 +123,8 @@ def _image(path, data):
     return str(path)
 
 
-@pytest.mark.parametrize("optional", [False, True], ids=["one echo", "csf reference, three writer threads"])
-def test_sink_writes_only_spec_kinds(tmp_path, optional):
-    from metaqsm_bids.interfaces.sink import WriteRunDerivatives
-
+def _sink_inputs(tmp_path, optional):
+    """The sink's inputs on a 6x5x4 grid: every float image 0.5 in a box, every mask 1 there; and that mask."""
     bids, out, work = tmp_path / "bids", tmp_path / "out", tmp_path / "work"
     raw = bids / "sub-01" / "ses-2" / "anat"
     raw.mkdir(parents=True)
@@ -144,7 +143,16 @@ def test_sink_writes_only_spec_kinds(tmp_path, optional):
         acquisition={"EchoTime": [0.01], "MagneticFieldStrength": 3.0}, num_threads=3 if optional else 1)
     if optional:
         inputs.update(r2star_file=image, t2star_file=image, r2star_provenance={}, reference_mask_file=binary)
-    result = WriteRunDerivatives(**inputs).run(cwd=str(work))
+    return inputs, mask
+
+
+@pytest.mark.parametrize("optional", [False, True], ids=["one echo", "csf reference, three writer threads"])
+def test_sink_writes_only_spec_kinds(tmp_path, optional):
+    from metaqsm_bids.interfaces.sink import WriteRunDerivatives
+
+    inputs, mask = _sink_inputs(tmp_path, optional)
+    out = tmp_path / "out"
+    result = WriteRunDerivatives(**inputs).run(cwd=str(tmp_path / "work"))
     written = result.outputs.out_files
     expected = {kind for kind, output in OUTPUTS.items() if output.written == "always"
                 or optional and output.written in ("two echoes or more", "reference csf")}
@@ -159,6 +167,24 @@ def test_sink_writes_only_spec_kinds(tmp_path, optional):
         if kind != "chimap":  # worded for the reference region
             assert sidecar["Description"] == OUTPUTS[kind].description
     assert (out / ".bidsignore").read_text().splitlines() == list(OUTPUTS["fit_residual"].bidsignore)
+
+
+def test_a_sink_that_cannot_finish_leaves_none_of_the_runs_files(tmp_path, monkeypatch):
+    from metaqsm_bids.interfaces import sink
+
+    inputs, _ = _sink_inputs(tmp_path, True)
+    calls = []
+
+    def full_disk_at_the_fourth_sidecar(path, data):
+        calls.append(path)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write_json(path, data)
+    monkeypatch.setattr(sink, "write_json", full_disk_at_the_fourth_sidecar)
+    with pytest.raises(OSError, match="No space left"):
+        sink.WriteRunDerivatives(**inputs).run(cwd=str(tmp_path / "work"))
+    left = [p.name for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name != ".bidsignore"]
+    assert len(calls) >= 4 and left == []
 
 
 def test_group_summary_finds_runs_by_the_spec(tmp_path):

@@ -104,17 +104,25 @@ class WriteRunDerivatives(SimpleInterface):
         common = {"SoftwareVersions": software_versions(), **inputs.acquisition}
         ensure_bidsignore(out, [pattern for kind in paths for pattern in OUTPUTS[kind].bidsignore])
 
+        written = []
+
         def write(kind):
             write_nifti(paths[kind], images[kind], reference.affine, np.uint8 if OUTPUTS[kind].mask else np.float32)
+            written.append(paths[kind])
             write_json(sidecar_path(paths[kind]), {**common, **sidecars[kind]})
+            written.append(sidecar_path(paths[kind]))
 
         # compressing the float volumes is most of the sink's time (0.4 s each at 233x282x65)
         pool = ThreadPoolExecutor(max(1, inputs.num_threads))
         try:
-            for written in [pool.submit(write, kind) for kind in sorted(paths, key=lambda k: -images[k].nbytes)]:
-                written.result()
-        finally:  # stopped or failed: the files not started are not written; those started finish whole
-            pool.shutdown(cancel_futures=True)
+            for task in [pool.submit(write, kind) for kind in sorted(paths, key=lambda k: -images[k].nbytes)]:
+                task.result()
+        except BaseException:  # e.g. a full disk: the run leaves none of its derivatives, not some
+            pool.shutdown(cancel_futures=True)  # the files not started are not written; those started finish
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+        pool.shutdown()
         self._results["out_files"] = {k: str(v) for k, v in paths.items()}
         return runtime
 
