@@ -16,6 +16,12 @@ def _fails(x):
     raise OSError(28, "No space left on device")
 
 
+def _dies(x):
+    import os
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+
+
 @pytest.fixture
 def alarm():
     """Fail the test, instead of hanging it, after 120 s."""
@@ -44,6 +50,16 @@ def test_a_task_failing_outside_its_node_fails_the_node_under_multiproc(tmp_path
         wf.run(plugin=runner)
     (crash,) = (tmp_path / "crash").glob("crash-*-full-*.txt")
     assert "FileNotFoundError" in crash.read_text()
+
+
+def test_a_task_whose_worker_died_fails_its_node(tmp_path, alarm):
+    wf = pe.Workflow("wf", base_dir=str(tmp_path / "work"))
+    wf.config["execution"].update(crashdump_dir=str(tmp_path / "crash"), crashfile_format="txt")
+    node = pe.Node(Function(input_names=["x"], output_names=["y"], function=_dies), name="killed")
+    node.inputs.x = 1
+    wf.add_nodes([node])
+    with pytest.raises(RuntimeError, match="BrokenProcessPool"):
+        wf.run(plugin=make_runner("MultiProc", {"n_procs": 2, "mp_context": "fork"}))
 
 
 def test_crash_reasons_name_a_full_disk_and_the_step_of_an_empty_crash_file(tmp_path):

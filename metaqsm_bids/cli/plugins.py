@@ -248,7 +248,8 @@ def make_runner(plugin, plugin_args):
                 return None
             if future.exception() is None:
                 return record(future)
-            taskid = next((task for task, submitted in runner._task_obj.items() if submitted is future), None)
+            # list(): one step under the GIL, while the main thread may be adding tasks
+            taskid = next((task for task, submitted in list(runner._task_obj.items()) if submitted is future), None)
             if taskid is not None:
                 error = future.exception()
                 runner._taskresult[taskid] = {"result": None, "taskid": taskid, "traceback": format_exception(
