@@ -205,30 +205,14 @@ def _worker_initializer(cwd, parent):
         _stop_worker()
 
 
-def _run_task(run_node, node, updatehash, taskid):
-    """nipype's MultiProc ``run_node`` in a worker, its own failures returned as the node's: it catches the
-    node's error but then reads the node's result file, which raises where none could be written (a full
-    disk), and a task that raises is never marked done: nipype waited for it for ever."""
-    try:
-        return run_node(node, updatehash, taskid)
-    except Exception:
-        return {"result": None, "traceback": format_exception(*sys.exc_info()), "taskid": taskid}
-
-
-class _Pool(ProcessPoolExecutor):
-    """MultiProc's process pool: workers started by :func:`_worker_initializer`, tasks run by :func:`_run_task`."""
-
-    def submit(self, fn, /, *args, **kwargs):
-        return super().submit(_run_task, fn, *args, **kwargs)
-
-
 def make_runner(plugin, plugin_args):
     """The nipype plugin object that runs the workflow (``wf.run(plugin=...)``).
 
     MultiProc's process pool starts its workers with :func:`_worker_initializer`, so none outlives
-    metaqsm; :func:`stop_runner` ends them when metaqsm is stopped. A task that fails outside its node
-    (:func:`_run_task`) or whose worker died fails its node, instead of leaving nipype waiting for it.
-    Other plugins are nipype's own.
+    metaqsm; :func:`stop_runner` ends them when metaqsm is stopped. A task that raises fails its node, instead
+    of leaving nipype waiting for it for ever: nipype's ``run_node`` catches the node's error but then reads the
+    node's result file, which raises where none could be written (a full disk), and a worker that died (out of
+    memory, killed) fails its tasks. Other plugins are nipype's own.
     """
     from multiprocessing import get_context
 
@@ -238,16 +222,17 @@ def make_runner(plugin, plugin_args):
     if plugin == "MultiProc":
         context = get_context(plugin_args.get("mp_context"))
         runner.pool.shutdown()  # nipype's pool has started no worker yet: replaced by one whose workers are tied
-        runner.pool = _Pool(
+        runner.pool = ProcessPoolExecutor(
             max_workers=runner.processors, initializer=_worker_initializer, mp_context=context,
             initargs=(os.getcwd(), None if context.get_start_method() == "forkserver" else os.getpid()))
         record = runner._async_callback
 
-        def record_failures_too(future):  # a worker killed (e.g. out of memory): the pool fails its tasks
+        def record_failures_too(future):
             if future.cancelled():  # stopped: stop_runner says so
-                return None
+                return
             if future.exception() is None:
-                return record(future)
+                record(future)
+                return
             # list(): one step under the GIL, while the main thread may be adding tasks
             taskid = next((task for task, submitted in list(runner._task_obj.items()) if submitted is future), None)
             if taskid is not None:

@@ -148,7 +148,7 @@ def _save_traceback():
     try:
         if _log_handler is not None:
             _log_handler.stream.write(text)
-            logging.FileHandler.flush(_log_handler)  # raises where the text did not reach the file
+            _log_handler.stream.flush()  # raises where the text did not reach the file (_LogFile.flush would not)
             return _log_handler.baseFilename
         fd, path = tempfile.mkstemp(prefix="metaqsm-traceback-", suffix=".txt")
         with os.fdopen(fd, "w") as f:
