@@ -35,12 +35,14 @@ from .common import check_inputs
 #: the pipeline's own local field on the heads with lesions, 0-0.8 worse on those without, and the large
 #: haemorrhage's value from 1.08-1.17 to 1.03-1.08 of its truth.
 DEFAULT_LAMBDA = 0.1
-#: The networks' default edge distance (mm; ``--network-data-consistency-edge-mm``). With metaqsm-v5 on the
+#: The networks' default edge distance (mm; ``--network-data-consistency-edge-mm``). 4 mm with metaqsm-v5 on the
 #: realistic-magnitude heads at all four protocols (BENCHMARKS.md, "The data-consistency step with the field
 #: weighted down at the edge"): 0.6-1.5 NRMSE points better than the closed form from the pipeline's own local
 #: field (0.2-0.7 on the heads with lesions), 0.1-0.5 worse from the true local field, no lesion core moved by more
-#: than 0.01 of its truth.
-DEFAULT_EDGE_MM = 4.0
+#: than 0.01 of its truth. 6 mm with metaqsm-v9 (BENCHMARKS.md, "metaqsm-v9"): 0.3-0.5 better than 4 mm from the
+#: pipeline's field (0.2-0.3 with lesions; XSIM at 1 mm above MEDI's), 0.1-0.5 worse from the true local field, no
+#: lesion core moved by 0.01.
+DEFAULT_EDGE_MM = 6.0
 #: Majorize-minimize steps of the edge-weighted form. One: from the pipeline's local field (PDF) on the
 #: realistic-magnitude heads it scores as the weighted objective's minimiser (by conjugate gradient: 4-7 FFT pairs
 #: more) to 0.02 NRMSE points, 0.1-0.4 behind it from the true local field, for one FFT pair more than the closed
