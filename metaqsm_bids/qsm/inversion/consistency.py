@@ -40,8 +40,8 @@ DEFAULT_LAMBDA = 0.1
 #: weighted down at the edge"): 0.6-1.5 NRMSE points better than the closed form from the pipeline's own local
 #: field (0.2-0.7 on the heads with lesions), 0.1-0.5 worse from the true local field, no lesion core moved by more
 #: than 0.01 of its truth. 6 mm with metaqsm-v9 (BENCHMARKS.md, "metaqsm-v9"): 0.3-0.5 better than 4 mm from the
-#: pipeline's field (0.2-0.3 with lesions; XSIM at 1 mm above MEDI's), 0.1-0.5 worse from the true local field, no
-#: lesion core moved by 0.01.
+#: pipeline's field (0.2-0.3 with lesions; XSIM at 1 mm above MEDI's), 0.2-0.5 worse from the true local field, no
+#: lesion core moved (to 0.01 of its truth).
 DEFAULT_EDGE_MM = 6.0
 #: Majorize-minimize steps of the edge-weighted form. One: from the pipeline's local field (PDF) on the
 #: realistic-magnitude heads it scores as the weighted objective's minimiser (by conjugate gradient: 4-7 FFT pairs
