@@ -2,8 +2,10 @@
 import numpy as np
 import pytest
 
-from metaqsm_bids.qsm.background.completion import complete_local_field
-from metaqsm_bids.qsm.core.dipole import forward_field_ppm
+from metaqsm_bids.qsm.background.completion import ALPHA, PAD_VOXELS, complete_local_field
+from metaqsm_bids.qsm.core.dipole import dipole_kernel, forward_field_ppm
+from metaqsm_bids.qsm.core.grid import PaddedBox
+from metaqsm_bids.qsm.core.solvers import gradient
 from metaqsm_bids.qsm.inversion.tkd import tkd
 
 VOXEL = (1.0, 1.0, 2.0)
@@ -56,3 +58,34 @@ def test_nothing_to_complete_and_bad_inputs():
         complete_local_field(field, mask, np.zeros_like(mask), VOXEL)
     with pytest.raises(ValueError, match="share a shape"):
         complete_local_field(field, mask, mask[:, :, :4], VOXEL)
+
+
+def test_completion_matches_a_dense_float64_solve():
+    """The completion's CG (its smoothness term applied in k-space) against the same problem solved densely in
+    float64, ``(A^T A + alpha G^T G) chi = A^T f`` with ``A`` the dipole field at the reliable voxels of a source in
+    the mask and ``G`` the plain forward differences, on a 10x10x6 mask with an oblique B0: the completed voxels'
+    field differs by 2e-6 of its norm (tolerance 1e-4; with the smoothing in mm instead of per voxel: 0.42)."""
+    shape, voxel, b0 = (10, 10, 6), (1.0, 1.2, 2.0), (0.3, -0.4, 0.87)
+    g = np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij")
+    mask = (g[0] / 4.2) ** 2 + (g[1] / 4.2) ** 2 + (g[2] / 2.6) ** 2 < 1
+    missing = mask & ((g[0] - 1) ** 2 + g[1] ** 2 + g[2] ** 2 <= 2.5 ** 2)
+    field = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    out, info = complete_local_field(field, mask, mask & ~missing, voxel, b0, tol=1e-6, max_iter=1000)
+    assert info["CompletedVoxels"] == missing.sum() and info["RelativeResidual"] < 1e-6
+
+    box = PaddedBox(mask, PAD_VOXELS)
+    kernel = dipole_kernel(box.shape, voxel, np.asarray(b0) / np.linalg.norm(b0), half=True)
+    sources = np.argwhere(box.embed(mask, bool))
+    dipoles, differences = [], []
+    for position in sources:
+        unit_source = np.zeros(box.shape)
+        unit_source[tuple(position)] = 1.0
+        dipoles.append(np.fft.irfftn(np.fft.rfftn(unit_source) * kernel, s=box.shape, axes=(0, 1, 2)).ravel())
+        differences.append(gradient(unit_source, (1.0, 1.0, 1.0)).ravel())
+    dipoles, differences = np.array(dipoles).T, np.array(differences).T
+    fitted = box.embed(mask & ~missing, bool).ravel()
+    a = dipoles[fitted]
+    chi = np.linalg.solve(a.T @ a + ALPHA * differences.T @ differences, a.T @ box.embed(field).ravel()[fitted])
+    expected = (dipoles @ chi)[box.embed(missing, bool).ravel()]
+    got = box.embed(out).ravel()[box.embed(missing, bool).ravel()]
+    assert np.linalg.norm(got - expected) < 1e-4 * np.linalg.norm(expected)

@@ -4,9 +4,10 @@ import pytest
 
 from metaqsm_bids.qsm.core.dipole import dipole_kernel, forward_field_ppm
 from metaqsm_bids.qsm.core.grid import PaddedBox
+from metaqsm_bids.qsm.core.solvers import gradient_power
 from metaqsm_bids.qsm.inversion.registry import INVERSIONS, invert
 from metaqsm_bids.qsm.inversion.tkd import tkd
-from metaqsm_bids.qsm.inversion.l2 import gradient_power, l2
+from metaqsm_bids.qsm.inversion.l2 import l2
 from tests.test_inversion import CASES, SPHERES, phantom, unit
 
 

@@ -28,7 +28,7 @@ import scipy.fft as sfft
 
 from ..core.dipole import dipole_kernel
 from ..core.grid import PaddedBox
-from ..core.solvers import conjugate_gradient, gradient, gradient_adjoint
+from ..core.solvers import conjugate_gradient, gradient_power
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,24 @@ def complete_local_field(local_field, mask, reliable, voxel_size_mm, b0_dir=(0.0
     kernel = dipole_kernel(shape, voxel_size_mm, b0_dir, half=True).astype(np.float32)
     inside, weight = box.embed(mask, bool), box.embed(fitted)
 
-    def convolve(x):
-        return sfft.irfftn(sfft.rfftn(x) * kernel, s=shape).astype(np.float32)
+    # G^T G is diagonal in k-space (x is 0 on the box's border, so the circular differences are the plain ones):
+    # added to the spectrum the operator transforms anyway, it costs no FFT
+    smoothing = np.float32(alpha) * gradient_power(shape, _UNIT)
+
+    def convolve(x):  # float32 in and out, the spectrum transformed back in place
+        spectrum = sfft.rfftn(x)
+        spectrum *= kernel
+        return sfft.irfftn(spectrum, s=shape, overwrite_x=True)
 
     def normal_operator(x):
-        x = x * inside
-        out = convolve(weight * convolve(x))
-        out += np.float32(alpha) * gradient_adjoint(gradient(x, _UNIT), _UNIT)
+        spectrum = sfft.rfftn(x * inside)
+        fitted_field = sfft.irfftn(spectrum * kernel, s=shape)
+        fitted_field *= weight
+        out_spectrum = sfft.rfftn(fitted_field)
+        out_spectrum *= kernel
+        spectrum *= smoothing
+        out_spectrum += spectrum
+        out = sfft.irfftn(out_spectrum, s=shape, overwrite_x=True)
         out *= inside
         return out
 

@@ -109,24 +109,32 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
         if not source_scale_mm > 0:
             raise ValueError(f"source_scale_mm must be positive or None, got {source_scale_mm!r}")
         sources_scale *= np.sqrt(1 + distance_to_mask_mm(inside, voxel) / source_scale_mm).astype(np.float32)
-    w = box.embed(weight)[inside].astype(np.float64)
+    w = box.embed(weight)[inside]
     basis = polynomial_basis(np.argwhere(inside) * voxel, polynomial_order)
-    q, r = np.linalg.qr(w[:, None] * basis)  # an orthonormal basis of W P's span
-
-    def project(values):
-        """Q: the part of weighted in-mask values that no polynomial makes."""
-        return values - q @ (q.T @ values)
+    # an orthonormal basis of B = W P's span from its Gram matrix (a Householder QR of the tall B took ~1 s), less
+    # the directions a degenerate mask (a single slice) does not span; kept as float32 rows: Q's two products per
+    # iteration are memory-bound (BENCHMARKS.md, "PDF's iteration")
+    b = w[:, None] * basis
+    gram_values, gram_vectors = np.linalg.eigh(b.T @ b)
+    spanned = gram_values > gram_values.max() * 1e-10
+    gram_values, gram_vectors = gram_values[spanned], gram_vectors[:, spanned]
+    q_rows = ((gram_vectors / np.sqrt(gram_values)).T @ b.T).astype(np.float32)
+    del b
+    weighted = np.zeros(shape, np.float32)  # W Q W x's buffer: zero outside the mask, each call overwrites inside
 
     def convolve(x):
         spectrum = sfft.rfftn(x)
         spectrum *= kernel
-        return sfft.irfftn(spectrum, s=shape)
+        return sfft.irfftn(spectrum, s=shape, overwrite_x=True)
 
     def weigh(x):
-        """W Q W x for a box array, zero outside the mask."""
-        out = np.zeros(shape, np.float32)
-        out[inside] = w * project(w * x[inside])
-        return out
+        """W Q W x for a box array, zero outside the mask (in a buffer the next call overwrites)."""
+        values = x[inside]
+        values *= w
+        values -= (q_rows @ values) @ q_rows  # Q: the part no polynomial makes
+        values *= w
+        weighted[inside] = values
+        return weighted
 
     def normal_operator(y):
         out = convolve(weigh(convolve(sources_scale * y)))
@@ -137,7 +145,8 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     rhs = convolve(weigh(field_box)) * sources_scale
     y, iterations, residual = conjugate_gradient(normal_operator, rhs, tol, max_iter)
     remainder = (field_box - convolve(sources_scale * y))[inside].astype(np.float64)
-    coefficients = np.linalg.lstsq(r, q.T @ (w * remainder), rcond=None)[0]
+    # the polynomial's weighted fit, c = (B^T B)^+ B^T W remainder, in float64
+    coefficients = gram_vectors @ ((gram_vectors.T @ (basis.T @ (w * w * remainder))) / gram_values)
     local = np.zeros(shape, np.float32)
     local[inside] = remainder - basis @ coefficients
     log.info("PDF: %d CG iterations, relative residual %.3g", iterations, residual)

@@ -1,6 +1,8 @@
-"""Shared iterative-solver pieces: finite differences, conjugate gradient and the inner
-product of real fields held as rfftn half spectra (MEDI, iLSQR, RESHARP, PDF)."""
+"""Shared iterative-solver pieces: finite differences and their k-space power, conjugate gradient and the inner
+product of real fields held as rfftn half spectra (MEDI, iLSQR, RESHARP, PDF, L2, TV-ADMM, the field's completion)."""
 import numpy as np
+
+from .dipole import kspace_grid
 
 
 def _planes(axis, first, second):
@@ -44,6 +46,18 @@ def gradient_adjoint(g, voxel_size_mm, circular=False, out=None):
             out[last] -= scaled[last]
             out[first] += scaled[last]
     return out
+
+
+def gradient_power(shape, voxel_size_mm, half=True):
+    """``|G(k)|^2`` (1/mm^2, float32, FFT order) of the forward-difference gradient in mm (:func:`gradient` with
+    ``circular``: ``G^T G`` is this product in k-space).
+
+    ``half=True`` returns the ``rfftn`` half spectrum (last axis ``shape[2] // 2 + 1``).
+    """
+    grid = kspace_grid(shape, voxel_size_mm)
+    if half:
+        grid[2] = grid[2][..., : shape[2] // 2 + 1]
+    return sum((2.0 * np.sin(np.pi * k * d) / d) ** 2 for k, d in zip(grid, voxel_size_mm)).astype(np.float32)
 
 
 def conjugate_gradient(apply_a, b, tol, max_iter):

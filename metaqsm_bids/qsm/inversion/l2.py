@@ -10,21 +10,11 @@ smoothing in mm whatever the voxel size. Both terms are diagonal in k-space: one
 import numpy as np
 import scipy.fft as sfft
 
-from ..core.dipole import dipole_kernel, kspace_grid
+from ..core.dipole import dipole_kernel
 from ..core.grid import PaddedBox
+from ..core.solvers import gradient_power
 from ..spec import MethodSpec
 from .common import check_inputs, zero_mean_in_mask
-
-
-def gradient_power(shape, voxel_size_mm, half=True):
-    """``|G(k)|^2`` (1/mm^2, float32, FFT order) of the forward-difference gradient in mm.
-
-    ``half=True`` returns the ``rfftn`` half spectrum (last axis ``shape[2] // 2 + 1``).
-    """
-    grid = kspace_grid(shape, voxel_size_mm)
-    if half:
-        grid[2] = grid[2][..., : shape[2] // 2 + 1]
-    return sum((2.0 * np.sin(np.pi * k * d) / d) ** 2 for k, d in zip(grid, voxel_size_mm)).astype(np.float32)
 
 
 def l2(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), lambda_=1e-2, pad_voxels=None, info=None):

@@ -3,7 +3,7 @@
     chi = argmin 1/2 ||D * chi - f||^2 + alpha ||G chi||_1
 
 with ``G`` the forward-difference gradient in mm (circular on the FFT box, so that ``G^T G`` is diagonal in k-space,
-``|G(k)|^2`` as in :func:`~metaqsm_bids.qsm.inversion.l2.gradient_power`) and ``||.||_1`` anisotropic (each
+``|G(k)|^2`` as in :func:`~metaqsm_bids.qsm.core.solvers.gradient_power`) and ``||.||_1`` anisotropic (each
 component). ADMM splits ``z = G chi`` with penalty ``rho``:
 
     chi <- IFFT( (D FFT(f) + rho conj(G) FFT(z - u)) / (D^2 + rho |G|^2) )      (closed form: one FFT pair)
@@ -25,11 +25,10 @@ import scipy.fft as sfft
 
 from ..core.dipole import dipole_kernel
 from ..core.grid import PaddedBox
-from ..core.solvers import gradient, gradient_adjoint
+from ..core.solvers import gradient, gradient_adjoint, gradient_power
 from ..spec import MethodSpec, parameter
 from .common import check_inputs, zero_mean_in_mask
 from .l2 import SPEC as L2_SPEC
-from .l2 import gradient_power
 
 #: ADMM's penalty over the TV weight (module text).
 RHO_PER_ALPHA = 50.0
