@@ -26,7 +26,7 @@ import logging
 import numpy as np
 import scipy.fft as sfft
 
-from ..core.dipole import dipole_kernel
+from ..core.dipole import dipole_convolve, dipole_kernel
 from ..core.grid import PaddedBox
 from ..core.solvers import conjugate_gradient, gradient_power
 
@@ -72,14 +72,9 @@ def complete_local_field(local_field, mask, reliable, voxel_size_mm, b0_dir=(0.0
     # added to the spectrum the operator transforms anyway, it costs no FFT
     smoothing = np.float32(alpha) * gradient_power(shape, _UNIT)
 
-    def convolve(x):  # float32 in and out, the spectrum transformed back in place
-        spectrum = sfft.rfftn(x)
-        spectrum *= kernel
-        return sfft.irfftn(spectrum, s=shape, overwrite_x=True)
-
     def normal_operator(x):
         spectrum = sfft.rfftn(x * inside)
-        fitted_field = sfft.irfftn(spectrum * kernel, s=shape)
+        fitted_field = sfft.irfftn(spectrum * kernel, s=shape, overwrite_x=True)
         fitted_field *= weight
         out_spectrum = sfft.rfftn(fitted_field)
         out_spectrum *= kernel
@@ -89,9 +84,9 @@ def complete_local_field(local_field, mask, reliable, voxel_size_mm, b0_dir=(0.0
         out *= inside
         return out
 
-    rhs = convolve(weight * box.embed(np.where(fitted, field, 0))) * inside
+    rhs = dipole_convolve(weight * box.embed(np.where(fitted, field, 0)), kernel) * inside
     chi, iterations, residual = conjugate_gradient(normal_operator, rhs, tol, max_iter)
-    predicted = box.extract(convolve(chi * inside))
+    predicted = box.extract(dipole_convolve(chi * inside, kernel))
     log.info("local field completed in %d voxels: %d CG iterations, relative residual %.3g", missing.sum(),
              iterations, residual)
     info.update(Iterations=int(iterations), RelativeResidual=float(residual))

@@ -44,10 +44,9 @@ outside dipoles cannot make it and, without ``P``, PDF leaves it in the local fi
 import logging
 
 import numpy as np
-import scipy.fft as sfft
 from scipy import ndimage as ndi
 
-from ..core.dipole import dipole_kernel
+from ..core.dipole import dipole_convolve, dipole_kernel
 from ..core.grid import PaddedBox
 from ..core.solvers import conjugate_gradient
 from ..spec import MethodSpec
@@ -122,11 +121,6 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     del b
     weighted = np.zeros(shape, np.float32)  # W Q W x's buffer: zero outside the mask, each call overwrites inside
 
-    def convolve(x):
-        spectrum = sfft.rfftn(x)
-        spectrum *= kernel
-        return sfft.irfftn(spectrum, s=shape, overwrite_x=True)
-
     def weigh(x):
         """W Q W x for a box array, zero outside the mask (in a buffer the next call overwrites)."""
         values = x[inside]
@@ -137,14 +131,14 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
         return weighted
 
     def normal_operator(y):
-        out = convolve(weigh(convolve(sources_scale * y)))
+        out = dipole_convolve(weigh(dipole_convolve(sources_scale * y, kernel)), kernel)
         out *= sources_scale
         return out
 
     field_box = box.embed(np.where(mask, field, 0))
-    rhs = convolve(weigh(field_box)) * sources_scale
+    rhs = dipole_convolve(weigh(field_box), kernel) * sources_scale
     y, iterations, residual = conjugate_gradient(normal_operator, rhs, tol, max_iter)
-    remainder = (field_box - convolve(sources_scale * y))[inside].astype(np.float64)
+    remainder = (field_box - dipole_convolve(sources_scale * y, kernel))[inside].astype(np.float64)
     # the polynomial's weighted fit, c = (B^T B)^+ B^T W remainder, in float64
     coefficients = gram_vectors @ ((gram_vectors.T @ (basis.T @ (w * w * remainder))) / gram_values)
     local = np.zeros(shape, np.float32)

@@ -53,6 +53,14 @@ def padded_shape(shape, pad_voxels):
     return tuple(sfft.next_fast_len(int(n) + 2 * int(p), real=True) for n, p in zip(shape, pad_voxels))
 
 
+def dipole_convolve(x, kernel_half):
+    """``x`` (a box array) circularly convolved with the dipole kernel given as its ``rfftn`` half spectrum
+    (:func:`dipole_kernel` with ``half``): one FFT pair, the product transformed back in place."""
+    spectrum = sfft.rfftn(x)
+    spectrum *= kernel_half
+    return sfft.irfftn(spectrum, s=x.shape, overwrite_x=True)
+
+
 def forward_field_ppm(chi_ppm, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), pad_voxels=None):
     """Field perturbation (ppm of B0) produced by a susceptibility map (ppm).
 

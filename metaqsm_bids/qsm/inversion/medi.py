@@ -14,9 +14,8 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.fft as sfft
 
-from ..core.dipole import dipole_kernel
+from ..core.dipole import dipole_convolve, dipole_kernel
 from ..core.grid import PaddedBox
 from ..core.physics import GAMMA_HZ_PER_T
 from ..core.solvers import conjugate_gradient, gradient, gradient_adjoint
@@ -144,11 +143,6 @@ def _gauss_newton(phase, weight, smooth, kernel, voxel, lam2, beta, max_iter, to
     weight2 = weight ** 2
     weight_norm = float(np.linalg.norm(weight))
 
-    def convolve(x):
-        spectrum = sfft.rfftn(x)
-        spectrum *= kernel
-        return sfft.irfftn(spectrum, s=shape)
-
     def data_residual(dx_phase):
         return float(np.linalg.norm(weight * np.abs(np.exp(1j * (dx_phase - phase)) - 1))) / weight_norm
 
@@ -163,19 +157,19 @@ def _gauss_newton(phase, weight, smooth, kernel, voxel, lam2, beta, max_iter, to
             grad = gradient(dx, voxel)
             grad *= tv_weight
             out = gradient_adjoint(grad, voxel)
-            data = convolve(dx)
+            data = dipole_convolve(dx, kernel)
             data *= weight2
-            data = convolve(data)
+            data = dipole_convolve(data, kernel)
             data *= lam2
             out += data
             return out
 
         # gradient of the cost at x: the data term's is D^T (w^2 sin(D*x - phi)) (|exp| = 1)
         rhs = gradient_adjoint(tv_weight * gradient(x, voxel), voxel)
-        rhs += lam2 * convolve(weight2 * np.sin(dipole_x - phase))
+        rhs += lam2 * dipole_convolve(weight2 * np.sin(dipole_x - phase), kernel)
         dx, cg_iterations, cg_residual = conjugate_gradient(normal_operator, -rhs, cg_tol, cg_max_iter)
         x += dx
-        dipole_x = convolve(x)
+        dipole_x = dipole_convolve(x, kernel)
         x_norm = float(np.linalg.norm(x))
         ratio = float(np.linalg.norm(dx)) / x_norm if x_norm else 0.0  # x = 0: a zero field, solved
         residuals.append(data_residual(dipole_x))
