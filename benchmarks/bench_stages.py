@@ -176,9 +176,12 @@ def _variants(method, orientations, metaqsm_model=None, network_lambda=None, net
     """``(row name, parameters, options)`` of :func:`~metaqsm_bids.steps.inversion.invert_local_field` per network
     orientation setting (and Meta-QSM's model when one is named), the networks followed by the data-consistency
     step of ``network_lambda`` (None: off; its field weighted down within ``network_edge_mm`` of the edge); MEDI
-    with and without its edge mask; one row with the CLI's defaults otherwise."""
+    with and without its edge mask; TV-ADMM with and without the magnitude's weighting; one row with the CLI's
+    defaults otherwise."""
     if method == "medi":  # and without its edge mask (plain TV): what the magnitude's edges are worth to it
         return [(method, {}, {}), ("medi (no edge mask)", {}, {"edge_percentage": 0.0})]
+    if method == "tv":  # and weighted by the magnitude, with MEDI's edge mask (MEDI's prior, TV-ADMM's cost x2)
+        return [(method, {}, {}), ("tv (magnitude weighting)", {"weighting": "magnitude"}, {})]
     if method not in NETWORK_INVERSIONS:
         return [(method, {}, {})]
     model = {"model": metaqsm_model} if method == "metaqsm" and metaqsm_model else {}

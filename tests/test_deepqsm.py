@@ -103,8 +103,9 @@ def test_magnitude_input_is_normalised_and_follows_the_storage():
 
 
 def test_tv_channel_is_tv_admm_of_the_field_in_ppm():
-    """field+tv+magnitude's channel 1 is TV-ADMM (alpha its default) of the demeaned field in ppm over the RMS: the
-    same whatever the field's scale is normalised from (TV-ADMM's alpha is per ppm, so it is not scale-free)."""
+    """field+tv+magnitude's channel 1 is TV-ADMM (alpha its default; the config's iterations, penalty and data
+    weighting) of the demeaned field in ppm over the RMS: the same whatever the field's scale is normalised from
+    (TV-ADMM's alpha is per ppm, so it is not scale-free)."""
     from metaqsm_bids.qsm.inversion.tv import tv_admm
 
     field, mask = field_and_mask((24, 20, 12), seed=5)
@@ -122,6 +123,15 @@ def test_tv_channel_is_tv_admm_of_the_field_in_ppm():
     expected2 = tv_admm(centred, mask, voxel, b0, iterations=2, rho_per_alpha=30.0) / scale
     assert np.allclose(x2[1], expected2, atol=1e-5 * np.abs(expected2).max())
     assert np.abs(x2[1] - x[1]).max() > 1e-2 * np.abs(expected).max()
+    # a model config's tv_weighting: the data term weighted by the magnitude (which it then needs)
+    textured = (1.0 + 0.5 * (field > np.median(field[mask]))).astype(np.float32)
+    xw, _ = network_input(field, mask, voxel, b0, "field+tv+magnitude", textured, tv_weighting="magnitude")
+    expected_w = tv_admm(centred, mask, voxel, b0, iterations=5, rho_per_alpha=100.0, weighting="magnitude",
+                         magnitude=textured) / scale
+    assert np.allclose(xw[1], expected_w, atol=1e-5 * np.abs(expected_w).max())
+    assert np.abs(xw[1] - network_input(field, mask, voxel, b0, "field+tv+magnitude", textured)[0][1]).max() > 1e-3
+    with pytest.raises(ValueError, match="needs the magnitude image"):
+        network_input(field, mask, voxel, b0, "field+tv+magnitude", None, tv_weighting="magnitude")
     # TV-ADMM of the field x 10 is not 10 x TV-ADMM of the field: the channel differs from a scaled field's
     x10, scale10 = network_input(10 * field, mask, voxel, b0, "field+tv+magnitude", magnitude)
     assert scale10 == pytest.approx(10 * scale, rel=1e-5) and np.abs(x10[1] - x[1]).max() > 1e-3

@@ -227,6 +227,14 @@ def test_init_from_an_exported_model(tmp_path, capsys):
         net = load_model(name, "cpu", models)
         assert net.config == {**tv_net.config, "tv_iterations": 2, "tv_rho_per_alpha": 30.0}
         assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), tv_net.state_dict().values()))
+    # and its data weighting, from the parent's none
+    assert train_main(_tiny_cli(tmp_path / "tvw", "--steps", "1", "--init-from", str(models / "tv.pt"),
+                                "--tv-weighting", "magnitude", "--lr", "0", "--export", "tvw",
+                                "--export-dir", str(models))) == 0
+    tvw_net = load_model("tvw", "cpu", models)
+    assert tv_net.config["tv_weighting"] == "none"
+    assert tvw_net.config == {**tv_net.config, "tv_weighting": "magnitude"}
+    assert all(torch.equal(a, b) for a, b in zip(tvw_net.state_dict().values(), tv_net.state_dict().values()))
     # the channel the network refines is TV-ADMM's map with those iterations
     x5, _ = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, "field+tv+magnitude", s.magnitude, 5, 50.0)
     x2, _ = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, "field+tv+magnitude", s.magnitude, 2, 30.0)

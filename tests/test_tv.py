@@ -1,5 +1,7 @@
 """TV-ADMM inversion: its gradient's adjoint, its first iteration (the closed-form L2), a piecewise-constant phantom
-(where total variation is the right prior), and actionable errors."""
+(where total variation is the right prior), the data term weighted by the magnitude (the same minimiser where the
+weights are 1, scale-free in the magnitude, better where the magnitude marks the unreliable field), and actionable
+errors."""
 import numpy as np
 import pytest
 
@@ -55,7 +57,48 @@ def test_tv_recovers_piecewise_constant_spheres_better_than_tkd_and_l2(case):
     assert np.abs(means).max() < 0.015
 
 
+def test_weighted_tv_with_unit_weights_is_tv_admm():
+    """On a box that is the whole mask (no padding) with a constant magnitude, the weights are 1 everywhere and the
+    edge mask marks nothing: with mu = 1 the split's ``y - s`` stays the field, so each iterate is TV-ADMM's
+    (y_k+1 - s_k+1 = (f + D chi + s_k) / 2 - (s_k + D chi - f) / 2 = f). Measured 2e-7 of the norm after 5 and 40
+    iterations; bound 1e-5."""
+    shape, voxel, b0 = (16, 16, 12), (0.9, 1.0, 1.6), (0.2, -0.1, 0.97)
+    chi = np.zeros(shape, np.float32)
+    chi[4:9, 5:11, 3:7], chi[10:14, 2:6, 6:10] = 0.1, -0.05
+    mask = np.ones(shape, bool)
+    field = forward_field_ppm(chi, voxel, np.asarray(b0) / np.linalg.norm(b0)).astype(np.float32)
+    magnitude = np.full(shape, 3.0, np.float32)
+    for iterations in (5, 40):
+        plain = tv_admm(field, mask, voxel, b0, iterations=iterations, pad_voxels=0)
+        weighted = tv_admm(field, mask, voxel, b0, iterations=iterations, pad_voxels=0, weighting="magnitude",
+                           magnitude=magnitude)
+        assert np.linalg.norm(weighted - plain) < 1e-5 * np.linalg.norm(plain)
+
+
+def test_weighted_tv_is_free_of_the_magnitudes_scale_and_trusts_it():
+    """The weights are the magnitude over its mean in the mask and the edge mask a quantile of its gradient: the
+    magnitude x 7 gives the same map. Where the magnitude is low (a strong source whose signal decays, as a vein's
+    or a bleed's) its field weighs less: with the field there corrupted, the weighted map is closer to the truth than
+    TV-ADMM's (sphere phantom, noise of s.d. 0.05 ppm on the sphere of 0.2 ppm whose magnitude is 0.05: NRMSE measured
+    0.27 against 0.67; bound 0.7x)."""
+    shape, voxel, b0 = CASES["anisotropic-oblique"]
+    chi, mask, labels = phantom(shape, voxel)
+    field = forward_field_ppm(chi, voxel, b0) * mask
+    magnitude = np.where(labels == 3, 0.05, 1.0).astype(np.float32)  # the strongest sphere (0.2 ppm) is dark
+    rng = np.random.default_rng(1)
+    corrupted = np.where(labels == 3, field + rng.normal(0, 0.05, shape), field).astype(np.float32)
+    weighted = tv_admm(corrupted, mask, voxel, b0, weighting="magnitude", magnitude=magnitude)
+    assert np.array_equal(weighted, tv_admm(corrupted, mask, voxel, b0, weighting="magnitude", magnitude=7 * magnitude))
+    truth = chi - chi[mask].mean()
+
+    def nrmse(x):
+        return np.linalg.norm(x[mask] - truth[mask]) / np.linalg.norm(truth[mask])
+    assert nrmse(weighted) < 0.7 * nrmse(tv_admm(corrupted, mask, voxel, b0))
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    ({"weighting": "magnitude"}, "weighted TV-ADMM needs the magnitude image"),
+    ({"weighting": "snr"}, "weighting must be one of"),
     ({"alpha": 0.0}, "alpha must be positive"),
     ({"iterations": 0}, "iterations must be a positive integer"),
     ({"iterations": 2.5}, "iterations must be a positive integer")])
@@ -69,3 +112,5 @@ def test_tv_is_registered_with_its_parameters():
     spec = INVERSIONS["tv"]
     assert spec.display_name == "TV-ADMM" and "bilgic2014" in spec.citations
     assert spec.option(spec.parameters.__dataclass_fields__["iterations"]) == "--tv-iterations"
+    assert spec.option(spec.parameters.__dataclass_fields__["weighting"]) == "--tv-weighting"
+    assert spec.inputs == ("magnitude",) and spec.settings().weighting == "none"

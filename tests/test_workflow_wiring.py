@@ -81,7 +81,7 @@ TEMPLATE_EDGES = {
 
 
 #: The inversions given the magnitude.
-MAGNITUDE_USERS = ("medi", "metaqsm", "mesaqsm")
+MAGNITUDE_USERS = ("medi", "tv", "metaqsm", "mesaqsm")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def _expected_parameters(opts):
     network = {"orientations": opts.network_orientations, "data_consistency_lambda": opts.network_data_consistency,
                "data_consistency_edge_mm": opts.network_data_consistency_edge_mm}
     return {"tkd": {"threshold": opts.tkd_threshold}, "medi": {"lambda_": opts.medi_lambda},
-            "tv": {"alpha": opts.tv_alpha, "iterations": opts.tv_iterations},
+            "tv": {"alpha": opts.tv_alpha, "iterations": opts.tv_iterations, "weighting": opts.tv_weighting},
             "metaqsm": network, "mesaqsm": network}.get(opts.inversion, {})
 
 

@@ -6,6 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..qsm.inversion.tv import WEIGHTINGS
 from ..qsm.network.models import INPUTS, MODELS_DIR, TV_INPUT_DEFAULTS
 from ..qsm.network.networks import extends_input
 
@@ -69,6 +70,9 @@ def build_parser():
                         "parent's unless given, and it may differ from the parent's: the weights do not depend on it)")
     p.add_argument("--tv-rho-per-alpha", type=float, default=DEFAULTS["tv_rho_per_alpha"], metavar="R",
                    help="the TV-ADMM input channel's ADMM penalty over its alpha (as --tv-iterations)")
+    p.add_argument("--tv-weighting", choices=WEIGHTINGS, default=DEFAULTS["tv_weighting"],
+                   help="the TV-ADMM input channel's data weighting: 'magnitude' weighs its data term by the magnitude "
+                        "and gives its TV term MEDI's edge mask (as --tv-iterations)")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"],
                    help="initial RMSprop learning rate (with --init-from: the parent's unless given)")
     p.add_argument("--lr-decay", type=float, default=DEFAULTS["lr_decay"],
@@ -185,7 +189,8 @@ def _config(args):
     return {
         "arch": args.arch, "channels": args.channels, "fold": args.fold, "hidden": args.hidden,
         "conditioning": args.conditioning, "fixed_voxel_size_mm": args.fixed_voxel_size, "input": args.input,
-        "tv_iterations": args.tv_iterations, "tv_rho_per_alpha": args.tv_rho_per_alpha, "steps": args.steps,
+        "tv_iterations": args.tv_iterations, "tv_rho_per_alpha": args.tv_rho_per_alpha,
+        "tv_weighting": args.tv_weighting, "steps": args.steps,
         "batch_size": args.batch_size, "patch": list(args.patch), "lr": args.lr, "lr_decay": args.lr_decay,
         "lr_decay_steps": args.lr_decay_steps, "l2": args.l2, "val_every": args.val_every,
         "ckpt_every": args.ckpt_every, "val_samples": args.val_samples, "seed": args.seed, "reuse": args.reuse,

@@ -88,7 +88,7 @@ NETWORK_KEYS = tuple(DEFAULT_CONFIG)
 #: input channel made with TV-ADMM's own defaults.
 DEFAULTS = {
     **DEFAULT_CONFIG, "input": "field+tkd", "tv_iterations": TVParameters.iterations, "tv_rho_per_alpha": RHO_PER_ALPHA,
-    "steps": 20000, "batch_size": 2, "patch": [64, 64, 32], "lr": 1e-4,
+    "tv_weighting": TVParameters.weighting, "steps": 20000, "batch_size": 2, "patch": [64, 64, 32], "lr": 1e-4,
     "lr_decay": 0.98, "lr_decay_steps": 200, "l2": 0.01, "rmsprop_alpha": 0.9,
     "val_every": 250, "ckpt_every": 250, "val_samples": 2, "seed": 0, "supersample": 2, "init_from": None,
     "reuse": 1, "dc_weight": 0.0, "grad_weight": 0.0, "tissue_only_fraction": 0.0, "network_data_consistency": 0.0,
@@ -130,7 +130,7 @@ def _as_tensors(samples, cfg):
     edge_mm = cfg.get("network_data_consistency_edge_mm", 0.0) if cfg.get("network_data_consistency", 0.0) else 0.0
     for s in samples:
         x, scale = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, cfg["input"], s.magnitude,
-                                 cfg["tv_iterations"], cfg["tv_rho_per_alpha"])
+                                 cfg["tv_iterations"], cfg["tv_rho_per_alpha"], cfg["tv_weighting"])
         xs.append(x)
         ys.append(s.chi_ppm / scale if scale > 0 else np.zeros_like(s.chi_ppm))
         ms.append(s.mask.astype(np.float32))

@@ -25,7 +25,11 @@ from .common import check_inputs, zero_mean_in_mask
 log = logging.getLogger(__name__)
 
 
-def edge_mask(magnitude, mask, voxel_size_mm, edge_percentage=0.9):
+#: MEDI's default edge percentage (:func:`edge_mask`), the MEDI toolbox's.
+EDGE_PERCENTAGE = 0.9
+
+
+def edge_mask(magnitude, mask, voxel_size_mm, edge_percentage=EDGE_PERCENTAGE):
     """MEDI's binary gradient weight ``M_G`` (bool, ``(3, *shape)``): False on edges, True elsewhere.
 
     The components of the magnitude gradient (of ``magnitude * mask``, per mm) larger
@@ -57,7 +61,7 @@ class MEDIParameters:
 
 
 def medi(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None, delta_te_s=None,
-         b0_tesla=None, lambda_=MEDIParameters.lambda_, edge_percentage=0.9, max_iter=10, tol=0.1, cg_max_iter=100,
+         b0_tesla=None, lambda_=MEDIParameters.lambda_, edge_percentage=EDGE_PERCENTAGE, max_iter=10, tol=0.1, cg_max_iter=100,
          cg_tol=0.01, beta=1e-6, pad_voxels=None, dtype=np.float32, info=None):
     """MEDI dipole inversion (MEDI toolbox ``MEDI_L1`` defaults); ppm in, ppm out.
 
@@ -93,7 +97,7 @@ def medi(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude
     ||w||`` before each step and after the last) and ``Lambda``.
     """
     field, mask, voxel, b0 = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
-    magnitude = _check_magnitude(magnitude, mask)
+    magnitude = check_magnitude(magnitude, mask)
     if delta_te_s is None or b0_tesla is None:
         raise ValueError("MEDI needs delta_te_s (echo spacing, s) and b0_tesla: its lambda is defined on the phase "
                          "in rad accumulated over delta_te_s at b0_tesla")
@@ -118,10 +122,11 @@ def medi(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude
     return chi
 
 
-def _check_magnitude(magnitude, mask):
+def check_magnitude(magnitude, mask, method="MEDI"):
     """``magnitude`` as an array, checked: given, of the mask's shape, finite, non-negative, not all 0 in the mask."""
     if magnitude is None:
-        raise ValueError("MEDI needs the magnitude image (keyword `magnitude`) for its edge mask and noise weighting")
+        raise ValueError(f"{method} needs the magnitude image (keyword `magnitude`) for its edge mask and noise "
+                         "weighting")
     magnitude = np.asarray(magnitude)
     if magnitude.shape != mask.shape:
         raise ValueError(f"magnitude shape {magnitude.shape} does not match the local field shape {mask.shape}")

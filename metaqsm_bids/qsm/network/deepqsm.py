@@ -62,13 +62,13 @@ def normalise_magnitude(magnitude, mask):
 
 def network_input(local_field_ppm, mask, voxel_size_mm, b0_dir, input_kind, magnitude=None,
                   tv_iterations=TV_INPUT_DEFAULTS["tv_iterations"],
-                  tv_rho_per_alpha=TV_INPUT_DEFAULTS["tv_rho_per_alpha"]):
+                  tv_rho_per_alpha=TV_INPUT_DEFAULTS["tv_rho_per_alpha"], tv_weighting=TV_INPUT_DEFAULTS["tv_weighting"]):
     """Input channels (C, I, J, K float32) for a network with config ``input`` and the RMS (ppm) divided out.
 
     Channel 0 is :func:`normalise_field`; ``field+tkd`` adds TKD (threshold
     :data:`.models.TKD_THRESHOLD`) of that normalised field, ``field+tv+magnitude`` TV-ADMM's map (its default
-    alpha, ``tv_iterations`` iterations and penalty ``tv_rho_per_alpha``: the model config's) of the demeaned field in
-    ppm divided by the RMS;
+    alpha, ``tv_iterations`` iterations and penalty ``tv_rho_per_alpha``, and data weighting ``tv_weighting``: the model
+    config's) of the demeaned field in ppm divided by the RMS;
     ``*+magnitude`` adds :func:`normalise_magnitude` of ``magnitude`` (required for it, same shape).
     """
     channels = INPUTS[input_kind]
@@ -76,14 +76,16 @@ def network_input(local_field_ppm, mask, voxel_size_mm, b0_dir, input_kind, magn
     out = [x]
     if "tkd" in channels:
         out.append(tkd(x, mask, voxel_size_mm, b0_dir, threshold=TKD_THRESHOLD) if scale > 0 else np.zeros_like(x))
+    if ("magnitude" in channels or ("tv" in channels and tv_weighting != "none")) and (
+            magnitude is None or np.shape(magnitude) != np.shape(mask)):
+        raise ValueError(f"a network with input {input_kind!r} needs the magnitude image, of the field's shape")
     if "tv" in channels:
         # on the field in ppm, then normalised: TV-ADMM is not scale-free (its alpha and rho are per ppm)
         out.append(tv_admm(x * scale, mask, voxel_size_mm, b0_dir, alpha=TVParameters.alpha,
-                           iterations=tv_iterations, rho_per_alpha=tv_rho_per_alpha) / scale
+                           iterations=tv_iterations, rho_per_alpha=tv_rho_per_alpha, weighting=tv_weighting,
+                           magnitude=magnitude) / scale
                    if scale > 0 else np.zeros_like(x))
     if "magnitude" in channels:
-        if magnitude is None or np.shape(magnitude) != np.shape(mask):
-            raise ValueError(f"a network with input {input_kind!r} needs the magnitude image, of the field's shape")
         out.append(normalise_magnitude(magnitude, mask))
     return np.stack(out), scale
 
@@ -203,7 +205,7 @@ def predict_chi(model, local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1
     """
     field, mask, voxel, b0 = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
     x, scale = network_input(field, mask, voxel, b0, model.config["input"], magnitude, model.config["tv_iterations"],
-                             model.config["tv_rho_per_alpha"])
+                             model.config["tv_rho_per_alpha"], model.config["tv_weighting"])
     total = np.zeros(field.shape, np.float64)
     if scale == 0:
         return total.astype(np.float32)

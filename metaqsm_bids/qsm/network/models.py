@@ -26,10 +26,12 @@ INPUTS = {"field": ("field",), "field+tkd": ("field", "tkd"), "field+tkd+magnitu
           "field+tv+magnitude": ("field", "tv", "magnitude")}
 #: Closed-form estimate channels (channel 1) the U-Net's output is added to: TKD, or TV-ADMM's map.
 ESTIMATES = ("tkd", "tv")
-#: The ``tv`` input channel's settings, model config keys: ADMM iterations and penalty over alpha. They change what
-#: the channel holds, not the weights' shapes (a training run from a parent may change them). Their values here are
-#: those of a config that does not say: what metaqsm-v6 was trained with (TV-ADMM's defaults then).
-TV_INPUT_DEFAULTS = {"tv_iterations": 5, "tv_rho_per_alpha": 100.0}
+#: The ``tv`` input channel's settings, model config keys: ADMM iterations, penalty over alpha, and data weighting
+#: (``tv_admm``'s ``weighting``: "magnitude", its data term weighted by the magnitude and MEDI's edge mask on its TV
+#: term). They change what the channel holds, not the weights' shapes (a training run
+#: from a parent may change them). Their values here are those of a config that does not say: what metaqsm-v6 was
+#: trained with (TV-ADMM's defaults then).
+TV_INPUT_DEFAULTS = {"tv_iterations": 5, "tv_rho_per_alpha": 100.0, "tv_weighting": "none"}
 
 
 def shipped_config(name):

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..inversion.tv import WEIGHTINGS
 from .models import ESTIMATES, INPUTS, TV_INPUT_DEFAULTS
 
 CONDITIONINGS = {"voxel": 3, "voxel+b0": 6}
@@ -180,8 +181,9 @@ class UNet3d(nn.Module):
     first; their number is the number of levels), ``fold`` (voxel block edge folded into
     channels at the input, 1 for none), ``hidden`` (predictor width), ``conditioning``
     ('voxel' or 'voxel+b0'), ``fixed_voxel_size_mm`` (mesa: the one resolution it was
-    trained for, else None), ``input`` (a key of :data:`INPUTS`), ``tv_iterations`` and ``tv_rho_per_alpha`` (the
-    ``tv`` channel's ADMM iterations and penalty; the weights do not depend on them). Input is (B, C, I, J, K)
+    trained for, else None), ``input`` (a key of :data:`INPUTS`), ``tv_iterations``, ``tv_rho_per_alpha`` and
+    ``tv_weighting`` (the ``tv`` channel's ADMM iterations, penalty and data weighting; the weights do not depend
+    on them). Input is (B, C, I, J, K)
     with the C channels of :data:`INPUTS` and each spatial size a multiple of :attr:`multiple`;
     output is (B, 1, I, J, K) in the input's (normalised) units.
     """
@@ -309,6 +311,8 @@ def normalise_config(config):
     cfg["tv_rho_per_alpha"] = float(cfg["tv_rho_per_alpha"])
     if not cfg["tv_rho_per_alpha"] > 0:
         raise ValueError(f"tv_rho_per_alpha must be positive, got {cfg['tv_rho_per_alpha']!r}")
+    if cfg["tv_weighting"] not in WEIGHTINGS:
+        raise ValueError(f"tv_weighting must be one of {WEIGHTINGS}, got {cfg['tv_weighting']!r}")
     return cfg
 
 
