@@ -29,7 +29,8 @@ split as in FANSI's weighted-linear form (Milovic et al. 2018, MRM 80:814) with 
 from ``y = f, s = 0``; two FFT pairs an iteration. The gradient components where the magnitude has an edge are left
 unpenalised (MEDI's edge mask, :func:`~metaqsm_bids.qsm.inversion.medi.edge_mask`, with MEDI's edge percentage). From the
 stage benchmark's true local fields (realistic-magnitude heads, five iterations, MEDI's edge percentage 0.9) this
-is TV-ADMM's cost twice and MEDI's accuracy (BENCHMARKS.md, "TV-ADMM weighted by the magnitude").
+costs 1.4-2x TV-ADMM's time and closes about half its gap to MEDI (BENCHMARKS.md, "TV-ADMM weighted by the
+magnitude").
 """
 from dataclasses import dataclass
 
@@ -47,7 +48,8 @@ from .medi import check_magnitude, edge_mask
 #: ADMM's penalty over the TV weight (module text).
 RHO_PER_ALPHA = 50.0
 #: The weighted data term's ADMM penalty ``mu`` (module text), in the units of the squared weights (mean 1 in the
-#: mask): 1 keeps the unweighted update's balance ``D^2 + rho |G|^2``; 0.1 and 3 measured worse (BENCHMARKS.md).
+#: mask): 1 keeps the unweighted update's balance ``D^2 + rho |G|^2``; 0.3 measured within 0.4 NRMSE points of it
+#: either way, 3 worse by 0.5-9 (BENCHMARKS.md).
 DATA_PENALTY = 1.0
 #: ``weighting`` choices (module text).
 WEIGHTINGS = ("none", "magnitude")
@@ -86,49 +88,55 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), alpha=
     kernel = dipole_kernel(box.shape, voxel, b0, half=True)
     if not rho_per_alpha > 0:
         raise ValueError(f"TV-ADMM rho_per_alpha must be positive, got {rho_per_alpha!r}")
-    rho = np.float32(rho_per_alpha * alpha)
-    denominator = kernel ** 2 + rho * gradient_power(box.shape, voxel)
-    denominator[0, 0, 0] = 1.0  # numerator is 0 there: the mean is set below
-    inverse = np.reciprocal(denominator)  # a real product per iteration, not a complex division
-    l2_spectrum = kernel * inverse * sfft.rfftn(box.embed(field))  # the field's share of every chi update
-    threshold = np.float32(alpha) / rho
     if weighting not in WEIGHTINGS:
         raise ValueError(f"TV-ADMM weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    rho = np.float32(rho_per_alpha * alpha)
+    threshold = np.float32(alpha) / rho
     if weighting == "magnitude":
-        return _weighted(field, mask, voxel, box, kernel, rho, threshold, iterations,
-                         check_magnitude(magnitude, mask, "weighted TV-ADMM"), info)
-    # buffers reused across iterations (fresh arrays of this size cost page faults each time): u, and w = z - u,
-    # all the chi update needs of z, held in the gradient's buffer
-    u = w = divergence = None
-    for iteration in range(int(iterations)):
-        if w is None:
-            spectrum = l2_spectrum
-        else:
-            w *= rho
-            divergence = gradient_adjoint(w, voxel, circular=True, out=divergence)
-            spectrum = sfft.rfftn(divergence)
-            spectrum *= inverse
-            spectrum += l2_spectrum
-        chi = sfft.irfftn(spectrum, s=box.shape).astype(np.float32, copy=False)
-        if iteration < iterations - 1:
-            v = gradient(chi, voxel, circular=True, out=w)
-            if u is None:
-                u = np.clip(v, -threshold, threshold)
+        chi = _weighted(field, mask, voxel, box, kernel, rho, threshold, iterations,
+                        check_magnitude(magnitude, mask, "weighted TV-ADMM"))
+    else:
+        denominator = kernel ** 2 + rho * gradient_power(box.shape, voxel)
+        denominator[0, 0, 0] = 1.0  # numerator is 0 there: the mean is set below
+        inverse = np.reciprocal(denominator)  # a real product per iteration, not a complex division
+        l2_spectrum = kernel * inverse * sfft.rfftn(box.embed(field))  # the field's share of every chi update
+        u = w = divergence = None  # buffers reused across iterations (see _shrink)
+        for iteration in range(int(iterations)):
+            if w is None:
+                spectrum = l2_spectrum
             else:
-                v += u
-                np.clip(v, -threshold, threshold, out=u)
-            # shrink(v, t) = v - clip(v, -t, t): the new u is the clipped part, z = v - u the rest
-            v -= u
-            v -= u
-            w = v
+                w *= rho
+                divergence = gradient_adjoint(w, voxel, circular=True, out=divergence)
+                spectrum = sfft.rfftn(divergence)
+                spectrum *= inverse
+                spectrum += l2_spectrum
+            chi = sfft.irfftn(spectrum, s=box.shape).astype(np.float32, copy=False)
+            if iteration < iterations - 1:
+                u, w = _shrink(chi, voxel, threshold, u, w)
     chi = zero_mean_in_mask(box.extract(chi), mask)
     if info is not None:
         info["Rho"] = float(rho)
     return chi
 
 
-def _weighted(field, mask, voxel, box, kernel, rho, threshold, iterations, magnitude, info):
-    """:func:`tv_admm` with the data term weighted by ``magnitude`` (module text)."""
+def _shrink(chi, voxel, threshold, u, w):
+    """ADMM's ``z`` and ``u`` updates after a chi update: ``v = G chi + u``, ``z = shrink(v, threshold)``, ``u = v -
+    z``. Returns ``(u, w)`` with ``w = z - u``, all the next chi update needs of ``z``, in ``w``'s buffer (fresh arrays
+    of this size cost page faults each iteration); ``u`` and ``w`` None on the first call."""
+    v = gradient(chi, voxel, circular=True, out=w)
+    if u is None:
+        u = np.clip(v, -threshold, threshold)
+    else:
+        v += u
+        np.clip(v, -threshold, threshold, out=u)
+    # shrink(v, t) = v - clip(v, -t, t): the new u is the clipped part, z = v - u the rest
+    v -= u
+    v -= u
+    return u, v
+
+
+def _weighted(field, mask, voxel, box, kernel, rho, threshold, iterations, magnitude):
+    """:func:`tv_admm`'s chi on ``box`` with the data term weighted by ``magnitude`` (module text)."""
     inside = box.embed(mask) > 0
     magnitude = box.embed(magnitude)
     weight2 = np.where(inside, magnitude / magnitude[inside].mean(dtype=np.float64), 0).astype(np.float32) ** 2
@@ -138,11 +146,10 @@ def _weighted(field, mask, voxel, box, kernel, rho, threshold, iterations, magni
     denominator[0, 0, 0] = 1.0  # numerator is 0 there: the mean is set below
     inverse = np.reciprocal(denominator)
     weighted_field = weight2 * box.embed(field)
-    y, s = box.embed(field), np.zeros(box.shape, np.float32)
+    y_minus_s, s = box.embed(field), np.zeros(box.shape, np.float32)  # y = f, s = 0
     u = w = divergence = None
     for iteration in range(int(iterations)):
-        y -= s
-        spectrum = sfft.rfftn(y)
+        spectrum = sfft.rfftn(y_minus_s)
         spectrum *= mu * kernel
         if w is not None:
             w *= rho
@@ -151,26 +158,13 @@ def _weighted(field, mask, voxel, box, kernel, rho, threshold, iterations, magni
         spectrum *= inverse
         chi = sfft.irfftn(spectrum, s=box.shape).astype(np.float32, copy=False)
         if iteration == iterations - 1:
-            break
+            return chi
         spectrum *= kernel
-        field_of_chi = sfft.irfftn(spectrum, s=box.shape, overwrite_x=True).astype(np.float32, copy=False)
-        # y <- (W^2 f + mu (D chi + s)) / (W^2 + mu), s <- s + D chi - y; y's buffer holds y - s on entry
-        s += field_of_chi
+        s += sfft.irfftn(spectrum, s=box.shape, overwrite_x=True).astype(np.float32, copy=False)  # s + D chi
         y = (weighted_field + mu * s) / (weight2 + mu)
         s -= y
-        v = gradient(chi, voxel, circular=True, out=w)
-        if u is None:
-            u = np.clip(v, -threshold, threshold)
-        else:
-            v += u
-            np.clip(v, -threshold, threshold, out=u)
-        v -= u
-        v -= u
-        w = v
-    chi = zero_mean_in_mask(box.extract(chi), mask)
-    if info is not None:
-        info["Rho"] = float(rho)
-    return chi
+        y_minus_s = np.subtract(y, s, out=y)
+        u, w = _shrink(chi, voxel, threshold, u, w)
 
 
 SPEC = MethodSpec(
