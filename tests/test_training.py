@@ -275,6 +275,31 @@ def test_augmentations_keep_the_physics():
         augment(s, (3,))
 
 
+@pytest.mark.parametrize("input_kind, weighting", [("field+tkd", "none"), ("field+tv+magnitude", "none"),
+                                                   ("field+tv+magnitude", "magnitude")])
+def test_input_channels_augment_with_their_sample(input_kind, weighting):
+    """A made sample's input channels, reversed and negated as the sample is (``augment_input``), are the channels of
+    the augmented sample: the field exactly, TKD and TV-ADMM (plain or weighted, with its edge mask) up to float
+    rounding (measured <= 5e-7 of their largest value; bound 1e-4), so reused batches need them made once."""
+    from metaqsm_bids.qsm.network.deepqsm import network_input
+    from metaqsm_bids.training.synth import augment
+    from metaqsm_bids.training.train import augment_input
+
+    s = make_sample(np.random.default_rng(11), shape=(32, 32, 16), voxel_size_mm=(0.8, 1.0, 1.6),
+                    b0_dir=(0.3, -0.2, 0.93))
+    x, scale = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, input_kind, s.magnitude,
+                             tv_weighting=weighting)
+    for flips, negate in (((0,), False), ((1, 2), True), ((), True), ((0, 1, 2), False)):
+        a = augment(s, flips, negate)
+        expected, a_scale = network_input(a.field_ppm, a.mask, a.voxel_size_mm, a.b0_dir, input_kind, a.magnitude,
+                                          tv_weighting=weighting)
+        got = augment_input(x, input_kind, flips, negate)
+        assert a_scale == pytest.approx(scale, rel=1e-6)
+        np.testing.assert_array_equal(got[0], expected[0])
+        for c in range(1, len(x)):
+            assert np.abs(got[c] - expected[c]).max() <= 1e-4 * np.abs(expected[c]).max()
+
+
 def test_reused_batches_share_made_samples_and_differ_by_augmentation():
     """With reuse r, steps r*g .. r*g+r-1 train on the samples made for group g (those of step g at r = 1), each
     step stored differently; batches stay a pure function of (seed, reuse, step)."""

@@ -76,7 +76,7 @@ from ..qsm.core.dipole import dipole_kernel, padded_shape
 from ..qsm.inversion.consistency import edge_weight
 from ..qsm.network.deepqsm import file_sha256, load_model, model_info, network_input
 from ..qsm.inversion.tv import RHO_PER_ALPHA, TVParameters
-from ..qsm.network.models import TV_INPUT_DEFAULTS
+from ..qsm.network.models import INPUTS, TV_INPUT_DEFAULTS
 from ..qsm.network.networks import (DEFAULT_CONFIG, build_network, encode_condition, load_network, save_network,
                                     widen_input)
 from .synth import LESION_PPM, LESION_RADIUS_MM, augment, make_sample
@@ -124,13 +124,19 @@ def load_parent(name):
     return model, meta, lineage
 
 
-def _as_tensors(samples, cfg):
-    """Stack samples into normalised network inputs, labels, masks and condition vectors."""
+def _network_input(sample, cfg):
+    """:func:`~metaqsm_bids.qsm.network.deepqsm.network_input` of ``sample`` with ``cfg``'s input settings."""
+    return network_input(sample.field_ppm, sample.mask, sample.voxel_size_mm, sample.b0_dir, cfg["input"],
+                         sample.magnitude, cfg["tv_iterations"], cfg["tv_rho_per_alpha"], cfg["tv_weighting"])
+
+
+def _as_tensors(samples, cfg, inputs=None):
+    """Stack samples into normalised network inputs, labels, masks and condition vectors; ``inputs``: the samples'
+    ``(channels, scale)`` when already made (else made here)."""
     xs, ys, ms, conds, kernels, step_kernels, weights = [], [], [], [], [], [], []
     edge_mm = cfg.get("network_data_consistency_edge_mm", 0.0) if cfg.get("network_data_consistency", 0.0) else 0.0
-    for s in samples:
-        x, scale = network_input(s.field_ppm, s.mask, s.voxel_size_mm, s.b0_dir, cfg["input"], s.magnitude,
-                                 cfg["tv_iterations"], cfg["tv_rho_per_alpha"], cfg["tv_weighting"])
+    for i, s in enumerate(samples):
+        x, scale = inputs[i] if inputs is not None else _network_input(s, cfg)
         xs.append(x)
         ys.append(s.chi_ppm / scale if scale > 0 else np.zeros_like(s.chi_ppm))
         ms.append(s.mask.astype(np.float32))
@@ -208,23 +214,54 @@ def _small_patch(cfg):
             "small_patch_fraction": cfg.get("small_patch_fraction", 0.0) if small else 0.0}
 
 
+@functools.lru_cache(maxsize=8)  # the made batches' input channels, for the next ``reuse`` - 1 steps
+def _made_inputs(made, input_kind, tv_iterations, tv_rho_per_alpha, tv_weighting):
+    """The network inputs ``(channels, scale)`` of ``_made_samples(*made)``."""
+    cfg = {"input": input_kind, "tv_iterations": tv_iterations, "tv_rho_per_alpha": tv_rho_per_alpha,
+           "tv_weighting": tv_weighting}
+    return tuple(_network_input(s, cfg) for s in _made_samples(*made))
+
+
+def augment_input(channels, input_kind, flips=(), negate=False):
+    """A sample's input ``channels`` (:func:`~metaqsm_bids.qsm.network.deepqsm.network_input`) as they are for the
+    sample augmented alike (:func:`~metaqsm_bids.training.synth.augment`): reversed along ``flips``, and with
+    ``negate`` every channel but the magnitude negated. Exact for the field; for the TKD and TV-ADMM channels up to float rounding
+    (both are odd in the field, and a reversal with B0 following maps their kernels, gradients' pairs and edge
+    masks onto the reversed ones); the scale (the field's RMS in the mask) is unchanged."""
+    axes = tuple(sorted({int(a) + 1 for a in flips}))
+    out = np.flip(channels, axes) if axes else channels
+    if negate:
+        sign = np.array([1 if name == "magnitude" else -1 for name in INPUTS[input_kind]], np.float32)
+        out = out * sign[:, None, None, None]
+    return np.ascontiguousarray(out)
+
+
 def training_batch(cfg, step):
     """The batch for ``step``: a pure function of ``cfg['seed']``, ``cfg['reuse']`` and ``step``.
 
     With ``reuse`` r the samples made for steps ``r*g .. r*g + r - 1`` are the same (those of step
     ``g`` with r = 1), each step augmenting them anew (random axis reversals and sign); r = 1 gives
-    the made samples as they are."""
+    the made samples as they are. Their input channels are made once per made batch and augmented with them (the
+    TV-ADMM channel costs more than making the crop)."""
     reuse = int(cfg.get("reuse", 1))
     fixed = cfg["fixed_voxel_size_mm"]
-    samples = _made_samples(cfg["seed"], step // reuse, cfg["batch_size"], tuple(cfg["patch"]),
-                            tuple(fixed) if fixed is not None else None, cfg["conditioning"], cfg["supersample"],
-                            cfg.get("tissue_only_fraction", 0.0), cfg.get("texture_ppm", 0.0),
-                            cfg.get("hard_edges_fraction", 0.0), cfg.get("edge_background", 0.0),
-                            **_lesion_ranges(cfg), **_small_patch(cfg))
+    lesions, small = _lesion_ranges(cfg), _small_patch(cfg)
+    made = (cfg["seed"], step // reuse, cfg["batch_size"], tuple(cfg["patch"]),
+            tuple(fixed) if fixed is not None else None, cfg["conditioning"], cfg["supersample"],
+            cfg.get("tissue_only_fraction", 0.0), cfg.get("texture_ppm", 0.0), cfg.get("hard_edges_fraction", 0.0),
+            cfg.get("edge_background", 0.0), lesions["lesion_ppm"], lesions["lesion_radius_mm"],
+            small["small_patch"], small["small_patch_fraction"])
+    samples = _made_samples(*made)
+    inputs = _made_inputs(made, cfg["input"], cfg["tv_iterations"], cfg["tv_rho_per_alpha"], cfg["tv_weighting"])
     if reuse > 1:
         rng = np.random.default_rng([cfg["seed"], step, 0, 1])  # length 4: no maker's (2) or validation's (3) key
-        samples = [augment(s, [a for a in range(3) if rng.random() < 0.5], rng.random() < 0.5) for s in samples]
-    return _as_tensors(samples, cfg)
+        augmented_samples, augmented_inputs = [], []
+        for s, (x, scale) in zip(samples, inputs):
+            flips, negate = [a for a in range(3) if rng.random() < 0.5], rng.random() < 0.5
+            augmented_samples.append(augment(s, flips, negate))
+            augmented_inputs.append((augment_input(x, cfg["input"], flips, negate), scale))
+        samples, inputs = augmented_samples, augmented_inputs
+    return _as_tensors(samples, cfg, inputs)
 
 
 def validation_set(cfg):
