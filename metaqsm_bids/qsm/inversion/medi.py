@@ -48,7 +48,10 @@ def edge_mask(magnitude, mask, voxel_size_mm, edge_percentage=EDGE_PERCENTAGE):
     n_edges = int(round(edge_percentage * np.count_nonzero(mask)))
     if not 0 < n_edges < grad.size:
         raise ValueError(f"edge_percentage {edge_percentage!r} leaves no edge or no smooth gradient component")
-    threshold = np.partition(grad.ravel(), grad.size - n_edges)[grad.size - n_edges]
+    # the (size - n_edges)-th smallest component, sought among the non-zero ones only (most of a padded box is 0)
+    nonzero = grad[grad > 0]
+    rank = nonzero.size - n_edges
+    threshold = np.partition(nonzero, rank)[rank] if rank >= 0 else 0.0
     return grad <= threshold
 
 
