@@ -153,12 +153,13 @@ def test_load_model_checks_sha256(tmp_path, net):
 
 
 #: Where a shipped network does not beat a classical inversion on a score on these crops yet (issue 32), as
-#: (model, voxel size) -> {inversion: score}: metaqsm-v9 at 0.5x0.5x2 on HFEN (NRMSE / HFEN 49.5 / 49.1 % against
-#: iLSQR's 57.2 / 45.9; TKD's 59.7 / 51.5, behind it; TV-ADMM, its input, 59.3 / 48.1: the network refines TV's
-#: map, whose HFEN it does not keep; metaqsm-v8 the same, v7 52.3 / 50.7). metaqsm-v6 was behind TKD there too (53.3 / 52.1), metaqsm-v5 at 1 mm
-#: isotropic (81.9 / 52.3 against TKD's 83.2 / 51.0 and iLSQR's 80.3 / 52.8; v9: 52.4 / 45.4). Asserted as it is,
-#: so that a model that closes a gap fails here until its entry goes.
-BEHIND = {(METAQSM_MODEL, (0.5, 0.5, 2.0)): {"ilsqr": "hfen"}}
+#: (model, voxel size) -> {inversion: score}: none since metaqsm-v10 (NRMSE / HFEN % 42.6 / 38.9, 45.7 / 30.5,
+#: 48.3 / 33.1, 41.3 / 30.0 at 0.5x0.5x2, 0.76x0.76x3, 1 mm, 0.75x0.75x1.5). metaqsm-v9 was behind iLSQR's HFEN at
+#: 0.5x0.5x2 (49.5 / 49.1 % against iLSQR's 57.2 / 45.9; TKD's 59.7 / 51.5; TV-ADMM, its input, 59.3 / 48.1; v8
+#: the same, v7 52.3 / 50.7), metaqsm-v6 behind TKD there too (53.3 / 52.1), metaqsm-v5 at 1 mm isotropic (81.9 /
+#: 52.3 against TKD's 83.2 / 51.0 and iLSQR's 80.3 / 52.8). Asserted as it is, so that a model that closes a gap
+#: fails here until its entry goes.
+BEHIND = {}
 #: Held-out crops as large as the training's (128x128x64): the shipped networks see up to 65 voxels each side,
 #: and on crops smaller than that they answer the crop's edges (BENCHMARKS.md, "Why more training made the heads
 #: worse"; metaqsm-v4 and v5 on 64x64x32 crops: HFEN above TKD's at all four resolutions).

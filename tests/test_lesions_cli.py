@@ -8,7 +8,7 @@ QSM mask (the haemorrhage's core read ~0 ppm). Bounds on the core means: 20 % fo
 each inversion has a bias of its own on strong sources that no upstream step can undo, measured from the
 TRUE local field on the stage benchmark's heads (BENCHMARKS.md, "Lesions"): TKD -17 % on the 0.8 ppm
 haemorrhage, Meta-QSM -3 % to +3 % (metaqsm-v4; metaqsm-v3 +9 % to +20 %). Measured here with metaqsm-v9 (6 mm edge):
-haemorrhage +11 %, calcification +22 % (4 mm: the same to 0.1 %).
+haemorrhage +11 %, calcification +22 % (4 mm: the same to 0.1 %); metaqsm-v10 passes (its values not recorded).
 """
 import nibabel as nib
 import numpy as np

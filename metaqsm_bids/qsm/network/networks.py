@@ -284,7 +284,7 @@ class UNet3d(nn.Module):
         return self.run(x, self.predict_weights(cond))
 
 
-#: The network config keys and their defaults (the shipped metaqsm-v5 to v9's architecture, the paper's input).
+#: The network config keys and their defaults (the shipped metaqsm-v5 to v10's architecture, the paper's input).
 DEFAULT_CONFIG = {"arch": "meta", "channels": (16, 32, 64), "fold": 2, "hidden": 16, "conditioning": "voxel+b0",
                   "fixed_voxel_size_mm": None, "input": "field", **TV_INPUT_DEFAULTS}
 
