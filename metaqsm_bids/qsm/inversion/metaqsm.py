@@ -92,7 +92,8 @@ def _refines(model):
     """What a shipped network's output is added to, in words, and the citations of that method and the paper."""
     config = shipped_config(model)
     if "tv" in INPUTS[config["input"]]:
-        weighting = ", data term weighted by the magnitude" if config["tv_weighting"] == "magnitude" else ""
+        weighting = (", data term weighted by the magnitude, MEDI's edge mask" if config["tv_weighting"] == "magnitude"
+                     else "")
         return (f"TV-ADMM's map (alpha {TVParameters.alpha:g}, rho {config['tv_rho_per_alpha']:g} alpha, "
                 f"{config['tv_iterations']} iterations{weighting})",
                 {"metaqsm": PAPER, **tv.SPEC.citations})

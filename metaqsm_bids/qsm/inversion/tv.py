@@ -43,6 +43,7 @@ from ..core.solvers import gradient, gradient_adjoint, gradient_power
 from ..spec import MethodSpec, parameter
 from .common import check_inputs, zero_mean_in_mask
 from .l2 import SPEC as L2_SPEC
+from .medi import SPEC as MEDI_SPEC
 from .medi import check_magnitude, edge_mask
 
 #: ADMM's penalty over the TV weight (module text).
@@ -169,7 +170,8 @@ def _weighted(field, mask, voxel, box, kernel, rho, threshold, iterations, magni
 
 SPEC = MethodSpec(
     name="tv", function=tv_admm, display_name="TV-ADMM", description="total-variation inversion by ADMM",
-    citations={**L2_SPEC.citations,  # the weighted form's splitting
+    citations={**L2_SPEC.citations,  # the weighted form's edge mask and noise weight (MEDI's), and its splitting
+               "liu2011": MEDI_SPEC.citations["liu2011"],
                "milovic2018": "Milovic C, Bilgic B, Zhao B, Acosta-Cabronero J, Tejos C. Fast nonlinear susceptibility "
                               "inversion with variational regularization. Magn Reson Med. 2018;80(2):814-821."},
     parameters=TVParameters, inputs=("magnitude",))
