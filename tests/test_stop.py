@@ -55,3 +55,18 @@ def test_a_stop_is_raised_at_once_elsewhere(handlers):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(2)
     assert time.monotonic() - started < 1
+
+
+def test_a_stop_waits_until_a_destructor_has_returned(handlers, capsys):
+    """The signal arrives while an object's ``__del__`` runs (as during garbage collection in nibabel's
+    OrderedSet): what a destructor raises Python ignores, printing a traceback; the stop comes once it has
+    returned, with nothing printed."""
+    class SignalWhileDeleting:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.3)
+
+    with pytest.raises(run.Stopped):
+        SignalWhileDeleting()  # deleted at once: its __del__ runs here
+        time.sleep(2)
+    assert "Traceback" not in capsys.readouterr().err

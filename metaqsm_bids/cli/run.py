@@ -59,8 +59,11 @@ _STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
 def _interruptible(frame):
-    """Whether no frame of the stack runs the code of one of :data:`_NOT_INTERRUPTED`."""
+    """Whether no frame of the stack runs the code of one of :data:`_NOT_INTERRUPTED` or a destructor (``__del__``:
+    Python ignores what it raises, printing a traceback, and the stop would wait for the next node)."""
     while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return False
         path = Path(frame.f_code.co_filename)
         if path.is_relative_to(_STDLIB) and path.relative_to(_STDLIB).parts[0].removesuffix(".py") in \
                 _NOT_INTERRUPTED or frame.f_code.co_filename.startswith("<frozen importlib"):
