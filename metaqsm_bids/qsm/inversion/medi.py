@@ -64,8 +64,8 @@ class MEDIParameters:
 
 
 def medi(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None, delta_te_s=None,
-         b0_tesla=None, lambda_=MEDIParameters.lambda_, edge_percentage=EDGE_PERCENTAGE, max_iter=10, tol=0.1, cg_max_iter=100,
-         cg_tol=0.01, beta=1e-6, pad_voxels=None, dtype=np.float32, info=None):
+         b0_tesla=None, lambda_=MEDIParameters.lambda_, edge_percentage=EDGE_PERCENTAGE, max_iter=10, tol=0.1,
+         cg_max_iter=100, cg_tol=0.01, beta=1e-6, pad_voxels=None, dtype=np.float32, info=None):
     """MEDI dipole inversion (MEDI toolbox ``MEDI_L1`` defaults); ppm in, ppm out.
 
     ``magnitude`` (3D, same shape; e.g. the root-sum-of-squares over echoes) gives the

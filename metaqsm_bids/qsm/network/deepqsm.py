@@ -62,7 +62,8 @@ def normalise_magnitude(magnitude, mask):
 
 def network_input(local_field_ppm, mask, voxel_size_mm, b0_dir, input_kind, magnitude=None,
                   tv_iterations=TV_INPUT_DEFAULTS["tv_iterations"],
-                  tv_rho_per_alpha=TV_INPUT_DEFAULTS["tv_rho_per_alpha"], tv_weighting=TV_INPUT_DEFAULTS["tv_weighting"]):
+                  tv_rho_per_alpha=TV_INPUT_DEFAULTS["tv_rho_per_alpha"],
+                  tv_weighting=TV_INPUT_DEFAULTS["tv_weighting"]):
     """Input channels (C, I, J, K float32) for a network with config ``input`` and the RMS (ppm) divided out.
 
     Channel 0 is :func:`normalise_field`; ``field+tkd`` adds TKD (threshold
