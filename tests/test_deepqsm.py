@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from metaqsm_bids.qsm.network import deepqsm
-from metaqsm_bids.qsm.network.deepqsm import load_model, model_sha256, network_input, normalise_field, predict_chi
+from metaqsm_bids.qsm.network.deepqsm import (load_model, model_sha256, network_input, normalise_field, predict_chi,
+                                            tv_channel_padding)
 from metaqsm_bids.qsm.network.models import MESAQSM_MODEL, METAQSM_MODEL
 from metaqsm_bids.qsm.network.networks import UNet3d, save_network
 
@@ -104,11 +105,16 @@ def test_magnitude_input_is_normalised_and_follows_the_storage():
 
 def test_tv_channel_is_tv_admm_of_the_field_in_ppm():
     """field+tv+magnitude's channel 1 is TV-ADMM (alpha its default; the config's iterations, penalty and data
-    weighting) of the demeaned field in ppm over the RMS: the same whatever the field's scale is normalised from
-    (TV-ADMM's alpha is per ppm, so it is not scale-free)."""
-    from metaqsm_bids.qsm.inversion.tv import tv_admm
+    weighting; on a box padded by an eighth of the mask's) of the demeaned field in ppm over the RMS: the same whatever
+    the field's scale is normalised from (TV-ADMM's alpha is per ppm, so it is not scale-free)."""
+    from metaqsm_bids.qsm.inversion.tv import tv_admm as tv_admm_default_box
+
+    def tv_admm(*args, **kwargs):
+        return tv_admm_default_box(*args, pad_voxels=tv_channel_padding(mask), **kwargs)
 
     field, mask = field_and_mask((24, 20, 12), seed=5)
+    lengths = [np.ptp(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))) + 1 for axis in range(3)]
+    assert tv_channel_padding(mask) == [n // 8 for n in lengths]
     magnitude = np.ones(mask.shape, np.float32)
     voxel, b0 = (0.8, 0.8, 2.0), (0.1, 0.0, 0.99)
     x, scale = network_input(field, mask, voxel, b0, "field+tv+magnitude", magnitude)
