@@ -8,7 +8,7 @@ from metaqsm_bids.qsm.core.dipole import dipole_kernel, forward_field_ppm
 from metaqsm_bids.qsm.core.grid import PaddedBox
 from metaqsm_bids.qsm.inversion.consistency import DEFAULT_EDGE_MM, data_consistency, edge_weighted_steps
 from metaqsm_bids.qsm.inversion.registry import invert
-from metaqsm_bids.qsm.network.deepqsm import load_model, predict_chi
+from metaqsm_bids.qsm.network.deepqsm import fft_padding, load_model, predict_chi
 from metaqsm_bids.qsm.network.models import METAQSM_MODEL
 from tests.test_inversion import CASES, phantom, unit
 
@@ -90,7 +90,8 @@ def test_rejects_bad_input(lam, chi_shape, message):
 
 def test_metaqsm_option_applies_the_step_to_the_network_map():
     """``data_consistency_lambda`` of the Meta-QSM inversion: on, the network's map (absolute, before the
-    demeaning) goes through the step, with the default edge weighting, then is demeaned; here it also helps."""
+    demeaning) goes through the step, with the default edge weighting on Meta-QSM's FFT box, then is demeaned; here it
+    also helps."""
     shape, voxel, b0 = CASES["isotropic"]
     chi, mask, _ = phantom(shape, voxel)
     field = forward_field_ppm(chi, voxel, b0) * mask
@@ -100,7 +101,8 @@ def test_metaqsm_option_applies_the_step_to_the_network_map():
     info = {}
     fitted = invert("metaqsm", field, mask, voxel, b0, data_consistency_lambda=0.01, info=info, **common)
     network = predict_chi(load_model(), field, mask, voxel, b0, magnitude=magnitude)  # one pass, as "canonical"
-    expected = data_consistency(network, field, mask, voxel, b0, 0.01, edge_mm=DEFAULT_EDGE_MM)
+    expected = data_consistency(network, field, mask, voxel, b0, 0.01, pad_voxels=fft_padding(mask),
+                                edge_mm=DEFAULT_EDGE_MM)
     expected[mask] -= expected[mask].mean()
     np.testing.assert_allclose(fitted, expected, atol=1e-5)
     assert abs(fitted[mask].mean()) < 1e-6 and info["Model"] == METAQSM_MODEL

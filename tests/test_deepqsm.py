@@ -7,7 +7,7 @@ import torch
 
 from metaqsm_bids.qsm.network import deepqsm
 from metaqsm_bids.qsm.network.deepqsm import (load_model, model_sha256, network_input, normalise_field, predict_chi,
-                                            tv_channel_padding)
+                                            fft_padding)
 from metaqsm_bids.qsm.network.models import MESAQSM_MODEL, METAQSM_MODEL
 from metaqsm_bids.qsm.network.networks import UNet3d, save_network
 
@@ -110,11 +110,11 @@ def test_tv_channel_is_tv_admm_of_the_field_in_ppm():
     from metaqsm_bids.qsm.inversion.tv import tv_admm as tv_admm_default_box
 
     def tv_admm(*args, **kwargs):
-        return tv_admm_default_box(*args, pad_voxels=tv_channel_padding(mask), **kwargs)
+        return tv_admm_default_box(*args, pad_voxels=fft_padding(mask), **kwargs)
 
     field, mask = field_and_mask((24, 20, 12), seed=5)
     lengths = [np.ptp(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))) + 1 for axis in range(3)]
-    assert tv_channel_padding(mask) == [n // 8 for n in lengths]
+    assert fft_padding(mask) == [n // 8 for n in lengths]
     magnitude = np.ones(mask.shape, np.float32)
     voxel, b0 = (0.8, 0.8, 2.0), (0.1, 0.0, 0.99)
     x, scale = network_input(field, mask, voxel, b0, "field+tv+magnitude", magnitude)

@@ -105,6 +105,10 @@ def test_save_then_load_gives_identical_output(tmp_path):
         half = load_network(tmp_path / "half.pt")
         ref = net(x, c)
         assert (half(x, c) - ref).abs().max() <= 5e-3 * ref.abs().max()
+    # loaded in place of the meta-device build: real float32 tensors, trainable (training starts from shipped models)
+    for loaded in (again, half):
+        assert all(p.dtype == torch.float32 and not p.is_meta and p.requires_grad for p in loaded.parameters())
+        assert not any(b.is_meta for b in loaded.buffers())
     assert (tmp_path / "half.pt").stat().st_size < 0.6 * (tmp_path / "net.pt").stat().st_size
 
 

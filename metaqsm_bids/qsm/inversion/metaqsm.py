@@ -46,15 +46,16 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
     averages over (:func:`metaqsm_bids.qsm.network.deepqsm.orientation_transforms`; the default ``pair``
     is 2 passes; ``flips`` makes the map independent of flipped or reordered storage at 8 passes' cost).
     ``data_consistency_lambda`` (dimensionless, > 0; default :data:`.consistency.DEFAULT_LAMBDA`; None: off)
-    follows the network with the k-space data-consistency step :func:`.consistency.data_consistency`,
-    which fits the field wherever the dipole kernel's square exceeds about this value; ``data_consistency_edge_mm``
+    follows the network with the k-space data-consistency step :func:`.consistency.data_consistency` (on the FFT box
+    of :func:`~metaqsm_bids.qsm.network.deepqsm.fft_padding`), which fits the field wherever the dipole kernel's square exceeds about this value; ``data_consistency_edge_mm``
     (mm; default :data:`.consistency.DEFAULT_EDGE_MM`; None: the closed form) weighs the field down within that
     distance of the mask's edge in it.
     ``magnitude`` (the RSS magnitude, same shape) is an input of ``*+magnitude`` models
     (required by them; the others ignore it). Like the other methods the result is demeaned inside the mask.
     ``info`` receives the model name, its sha256 and the device used.
     """
-    from ..network.deepqsm import load_model, model_info, orientation_transforms, predict_chi  # torch loads here
+    # torch loads here
+    from ..network.deepqsm import fft_padding, load_model, model_info, orientation_transforms, predict_chi
     from ..network.device import resolve_device
 
     device = resolve_device(device)
@@ -66,7 +67,7 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
                       magnitude=magnitude if takes_magnitude else None)
     if data_consistency_lambda is not None:
         chi = data_consistency(chi, local_field_ppm, mask, voxel_size_mm, b0_dir, data_consistency_lambda,
-                               edge_mm=data_consistency_edge_mm)
+                               pad_voxels=fft_padding(np.asarray(mask, bool)), edge_mm=data_consistency_edge_mm)
     inside = np.asarray(mask, bool)
     chi[inside] -= chi[inside].mean(dtype=np.float64)
     if info is not None:

@@ -39,12 +39,12 @@ CONTEXT_VOXELS = 8
 #: 256x256x96 (the limit before) took 2.1x the time of one box (0.75x0.75x1.5's 208x264x120: 1.5x), at no less
 #: memory (BENCHMARKS.md, "Meta-QSM in one box").
 MAX_PATCH_VOXELS = 24 * 2 ** 20
-#: The TV-ADMM channel's FFT box: the mask's bounding box padded by this fraction of its length per side, half
-#: TV-ADMM's own quarter. The weighted channel's ADMM was most of Meta-QSM's time; on this box metaqsm-v10 (trained on
-#: the quarter's) scored within 0.04 NRMSE points from the true local field and 0.5 from the pipeline's at the stage
-#: benchmark's four protocols, where a sixteenth lost 0.6-0.7 at 0.5x0.5x2 (BENCHMARKS.md, "The TV channel on a
-#: tighter box").
-TV_CHANNEL_PAD_FRACTION = 0.125
+#: Meta-QSM's own FFT boxes (its TV-ADMM channel's, its data-consistency step's): the mask's bounding box padded by
+#: this fraction of its length per side, half TV-ADMM's and TKD's quarter. The weighted channel's ADMM was most of
+#: Meta-QSM's time; on these boxes metaqsm-v10 (trained on the quarter's channel) scored within 0.04 NRMSE points from
+#: the true local field and 0.5 from the pipeline's at the stage benchmark's four protocols, where a sixteenth lost
+#: 0.6-0.7 at 0.5x0.5x2 (BENCHMARKS.md, "The TV channel on a tighter box").
+FFT_PAD_FRACTION = 0.125
 
 
 def normalise_field(local_field_ppm, mask):
@@ -66,9 +66,9 @@ def normalise_magnitude(magnitude, mask):
     return np.where(mask, magnitude / level, np.float32(0)) if level > 0 else np.zeros_like(magnitude)
 
 
-def tv_channel_padding(mask):
-    """Voxels per side by which the TV-ADMM channel pads the mask's bounding box (:data:`TV_CHANNEL_PAD_FRACTION`)."""
-    return [int((s.stop - s.start) * TV_CHANNEL_PAD_FRACTION) for s in PaddedBox(mask).crop]
+def fft_padding(mask):
+    """Voxels per side by which Meta-QSM's FFT boxes pad the mask's bounding box (:data:`FFT_PAD_FRACTION`)."""
+    return [int((s.stop - s.start) * FFT_PAD_FRACTION) for s in PaddedBox(mask).crop]
 
 
 def network_input(local_field_ppm, mask, voxel_size_mm, b0_dir, input_kind, magnitude=None,
@@ -80,7 +80,7 @@ def network_input(local_field_ppm, mask, voxel_size_mm, b0_dir, input_kind, magn
     Channel 0 is :func:`normalise_field`; ``field+tkd`` adds TKD (threshold
     :data:`.models.TKD_THRESHOLD`) of that normalised field, ``field+tv+magnitude`` TV-ADMM's map (its default
     alpha, ``tv_iterations`` iterations and penalty ``tv_rho_per_alpha``, and data weighting ``tv_weighting``: the model
-    config's; on the box of :func:`tv_channel_padding`) of the demeaned field in ppm divided by the RMS;
+    config's; on the box of :func:`fft_padding`) of the demeaned field in ppm divided by the RMS;
     ``*+magnitude`` adds :func:`normalise_magnitude` of ``magnitude`` (required for it, same shape).
     """
     channels = INPUTS[input_kind]
@@ -95,7 +95,7 @@ def network_input(local_field_ppm, mask, voxel_size_mm, b0_dir, input_kind, magn
         # on the field in ppm, then normalised: TV-ADMM is not scale-free (its alpha and rho are per ppm)
         out.append(tv_admm(x * scale, mask, voxel_size_mm, b0_dir, alpha=TVParameters.alpha,
                            iterations=tv_iterations, rho_per_alpha=tv_rho_per_alpha, weighting=tv_weighting,
-                           magnitude=magnitude, pad_voxels=tv_channel_padding(mask)) / scale
+                           magnitude=magnitude, pad_voxels=fft_padding(mask)) / scale
                    if scale > 0 else np.zeros_like(x))
     if "magnitude" in channels:
         out.append(normalise_magnitude(magnitude, mask))
