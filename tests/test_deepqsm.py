@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from metaqsm_bids.qsm.network import deepqsm
-from metaqsm_bids.qsm.network.deepqsm import (load_model, model_sha256, network_input, normalise_field, predict_chi,
-                                            fft_padding)
+from metaqsm_bids.qsm.network.deepqsm import (fft_padding, load_model, model_sha256, network_input, normalise_field,
+                                            predict_chi)
 from metaqsm_bids.qsm.network.models import MESAQSM_MODEL, METAQSM_MODEL
 from metaqsm_bids.qsm.network.networks import UNet3d, save_network
 

@@ -47,9 +47,9 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
     is 2 passes; ``flips`` makes the map independent of flipped or reordered storage at 8 passes' cost).
     ``data_consistency_lambda`` (dimensionless, > 0; default :data:`.consistency.DEFAULT_LAMBDA`; None: off)
     follows the network with the k-space data-consistency step :func:`.consistency.data_consistency` (on the FFT box
-    of :func:`~metaqsm_bids.qsm.network.deepqsm.fft_padding`), which fits the field wherever the dipole kernel's square exceeds about this value; ``data_consistency_edge_mm``
-    (mm; default :data:`.consistency.DEFAULT_EDGE_MM`; None: the closed form) weighs the field down within that
-    distance of the mask's edge in it.
+    of :func:`~metaqsm_bids.qsm.network.deepqsm.fft_padding`), which fits the field wherever the dipole kernel's
+    square exceeds about this value; ``data_consistency_edge_mm`` (mm; default :data:`.consistency.DEFAULT_EDGE_MM`;
+    None: the closed form) weighs the field down within that distance of the mask's edge in it.
     ``magnitude`` (the RSS magnitude, same shape) is an input of ``*+magnitude`` models
     (required by them; the others ignore it). Like the other methods the result is demeaned inside the mask.
     ``info`` receives the model name, its sha256 and the device used.

@@ -41,9 +41,9 @@ CONTEXT_VOXELS = 8
 MAX_PATCH_VOXELS = 24 * 2 ** 20
 #: Meta-QSM's own FFT boxes (its TV-ADMM channel's, its data-consistency step's): the mask's bounding box padded by
 #: this fraction of its length per side, half TV-ADMM's and TKD's quarter. The weighted channel's ADMM was most of
-#: Meta-QSM's time; on these boxes metaqsm-v10 (trained on the quarter's channel) scored within 0.04 NRMSE points from
-#: the true local field and 0.5 from the pipeline's at the stage benchmark's four protocols, where a sixteenth lost
-#: 0.6-0.7 at 0.5x0.5x2 (BENCHMARKS.md, "The TV channel on a tighter box").
+#: Meta-QSM's time; on these boxes metaqsm-v10 (trained on the quarter's channel) scored within 0.07 NRMSE points from
+#: the true local field and 0.55 from the pipeline's at the stage benchmark's four protocols, where a sixteenth's
+#: channel lost 0.6-0.7 at 0.5x0.5x2 (BENCHMARKS.md, "The TV channel on a tighter box").
 FFT_PAD_FRACTION = 0.125
 
 
