@@ -226,8 +226,8 @@ def augment_input(channels, input_kind, flips=(), negate=False):
     """A sample's input ``channels`` (:func:`~metaqsm_bids.qsm.network.deepqsm.network_input`) as they are for the
     sample augmented alike (:func:`~metaqsm_bids.training.synth.augment`): reversed along ``flips``, and with
     ``negate`` every channel but the magnitude negated. Exact for the field; for the TKD and TV-ADMM channels up to
-    float rounding (both are odd in the field, and a reversal with B0 following maps their kernels, gradients' pairs and edge
-    masks onto the reversed ones); the scale (the field's RMS in the mask) is unchanged."""
+    float rounding (both are odd in the field, and a reversal with B0 following maps their kernels, gradients' pairs
+    and edge masks onto the reversed ones); the scale (the field's RMS in the mask) is unchanged."""
     axes = tuple(sorted({int(a) + 1 for a in flips}))
     out = np.flip(channels, axes) if axes else channels
     if negate:

@@ -65,10 +65,10 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
         raise ValueError(f"model {model} takes the magnitude image as an input: pass `magnitude`")
     chi = predict_chi(net, local_field_ppm, mask, voxel_size_mm, b0_dir, device=device, orientations=orientations,
                       magnitude=magnitude if takes_magnitude else None)
+    inside = np.asarray(mask, bool)
     if data_consistency_lambda is not None:
         chi = data_consistency(chi, local_field_ppm, mask, voxel_size_mm, b0_dir, data_consistency_lambda,
-                               pad_voxels=fft_padding(np.asarray(mask, bool)), edge_mm=data_consistency_edge_mm)
-    inside = np.asarray(mask, bool)
+                               pad_voxels=fft_padding(inside), edge_mm=data_consistency_edge_mm)
     chi[inside] -= chi[inside].mean(dtype=np.float64)
     if info is not None:
         # load_model checked the file against this recorded sha256

@@ -28,8 +28,8 @@ split as in FANSI's weighted-linear form (Milovic et al. 2018, MRM 80:814) with 
 
 from ``y = f, s = 0``; two FFT pairs an iteration. The gradient components where the magnitude has an edge are left
 unpenalised (MEDI's edge mask, :func:`~metaqsm_bids.qsm.inversion.medi.edge_mask`, with MEDI's edge percentage).
-From the stage benchmark's true local fields (realistic-magnitude heads, five iterations, MEDI's edge percentage 0.9) this
-costs 1.4-2x TV-ADMM's time and closes about half its gap to MEDI (BENCHMARKS.md, "TV-ADMM weighted by the
+From the stage benchmark's true local fields (realistic-magnitude heads, five iterations, MEDI's edge percentage
+0.9) this costs 1.4-2x TV-ADMM's time and closes about half its gap to MEDI (BENCHMARKS.md, "TV-ADMM weighted by the
 magnitude").
 """
 from dataclasses import dataclass
