@@ -49,7 +49,8 @@ in %, DGM linearity |1 - slope|.
 Usage: python benchmarks/bench_stages.py [--cache DIR] [--protocols ...] [--inversions ...]
            [--composed ...] [--stages field mask bfr inversion pipeline composed] [--pipeline-bfr METHOD]
            [--resharp-radius-mm R] [--data-consistency LAMBDA ...] [--network-data-consistency-edge-mm MM]
-           [--network-orientations ...] [--metaqsm-model NAME] [--realistic-magnitude] [--warped] [--json results.json]
+           [--network-orientations ...] [--network-tv-refinement N ...] [--metaqsm-model NAME]
+           [--realistic-magnitude] [--warped] [--json results.json]
 """
 import argparse
 import json
@@ -74,6 +75,7 @@ from metaqsm_bids.qsm.core import physics  # noqa: E402
 from metaqsm_bids.qsm.inversion.consistency import data_consistency  # noqa: E402
 from metaqsm_bids.qsm.inversion.registry import INVERSIONS, NETWORK_INVERSIONS  # noqa: E402
 from metaqsm_bids.qsm.inversion.tkd import tkd  # noqa: E402
+from metaqsm_bids.qsm.inversion.tv import DEFAULT_TV_REFINEMENT  # noqa: E402
 from metaqsm_bids.qsm.network.models import ORIENTATIONS  # noqa: E402
 from metaqsm_bids.qsm.mask.brain import brain_mask  # noqa: E402
 from metaqsm_bids.steps.brain_mask import compute_brain_mask, magnitude_rss  # noqa: E402
@@ -172,9 +174,10 @@ def _bfr_label(method, resharp_radius_mm):
     return f"resharp {resharp_radius_mm:g} mm" if method == "resharp" else method
 
 
-def _variants(method, orientations, metaqsm_model=None, network_lambda=None, network_edge_mm=None):
+def _variants(method, orientations, metaqsm_model=None, network_lambda=None, network_edge_mm=None, refinements=None):
     """``(row name, parameters, options)`` of :func:`~metaqsm_bids.steps.inversion.invert_local_field` per network
-    orientation setting (and Meta-QSM's model when one is named), the networks followed by the data-consistency
+    orientation setting and TV refinement (``refinements``: iterations, None off; default the CLI's) (and Meta-QSM's
+    model when one is named), the networks followed by the data-consistency
     step of ``network_lambda`` (None: off; its field weighted down within ``network_edge_mm`` of the edge); MEDI
     with and without its edge mask; TV-ADMM with and without the magnitude's weighting; one row with the CLI's
     defaults otherwise."""
@@ -186,9 +189,13 @@ def _variants(method, orientations, metaqsm_model=None, network_lambda=None, net
         return [(method, {}, {})]
     model = {"model": metaqsm_model} if method == "metaqsm" and metaqsm_model else {}
     name = f"{method} {metaqsm_model}" if model else method
-    return [(f"{name} ({o})" if len(orientations) > 1 else name,
+    refinements = [DEFAULT_TV_REFINEMENT] if refinements is None else refinements
+    return [(name + "".join(f" ({part})" for part, several in ((o, len(orientations) > 1),
+                                                               (f"refinement {r or 'off'}", len(refinements) > 1))
+                            if several),
              {"orientations": o, "data_consistency_lambda": network_lambda,
-              "data_consistency_edge_mm": network_edge_mm}, model) for o in orientations]
+              "data_consistency_edge_mm": network_edge_mm, "tv_refinement": r}, model)
+            for o in orientations for r in refinements]
 
 
 def _invert(method, local_hz, mask, voxel, b0_dir, rss, tes, parameters, options):
@@ -211,13 +218,14 @@ def _consistency_rows(method, chi, local_ppm, mask, voxel, b0_dir, lambdas, sim,
 
 
 def inversion_stage(sim, voxel, b0_dir, methods, rss, lambdas, orientations, metaqsm_model=None, network_lambda=None,
-                    network_edge_mm=None):
+                    network_edge_mm=None, refinements=None):
     brain = sim.brain_mask
     local_ppm = physics.field_hz_to_ppm(sim.local_field_hz, B0_TESLA)
     tes = sim.protocol.echo_times_s
     rows = {}
     for method in methods:
-        for name, parameters, options in _variants(method, orientations, metaqsm_model, network_lambda, network_edge_mm):
+        for name, parameters, options in _variants(method, orientations, metaqsm_model, network_lambda, network_edge_mm,
+                                                   refinements):
             start = time.perf_counter()
             chi = _invert(method, sim.local_field_hz, brain, voxel, b0_dir, rss, tes, parameters, options)
             rows[name] = {**score(chi, sim, brain), "seconds": time.perf_counter() - start}
@@ -236,7 +244,7 @@ def pipeline_inputs(sim):
 
 
 def pipeline_stage(sim, voxel, b0_dir, methods, bfr_method, resharp_radius_mm, lambdas, orientations,
-                   metaqsm_model=None, network_lambda=None, network_edge_mm=None):
+                   metaqsm_model=None, network_lambda=None, network_edge_mm=None, refinements=None):
     """The CLI's participant run in this process, from the raw files (what ``composed`` runs through the CLI, minus
     the I/O): :func:`~metaqsm_bids.steps.pipeline.local_field_maps` once, then
     :func:`~metaqsm_bids.steps.pipeline.susceptibility` per inversion (and network setting)."""
@@ -251,7 +259,8 @@ def pipeline_stage(sim, voxel, b0_dir, methods, bfr_method, resharp_radius_mm, l
               "coverage": float(np.count_nonzero(qsm_mask & sim.brain_mask) / sim.brain_mask.sum()),
               "excluded": float(np.count_nonzero(mask & ~fields.reliable_mask) / mask.sum())}
     for method in methods:
-        for name, parameters, options in _variants(method, orientations, metaqsm_model, network_lambda, network_edge_mm):
+        for name, parameters, options in _variants(method, orientations, metaqsm_model, network_lambda, network_edge_mm,
+                                                   refinements):
             start = time.perf_counter()
             chi = susceptibility(fields, inversion=method, inversion_params=parameters,
                                  inversion_options=options).chimap
@@ -325,6 +334,10 @@ def main(argv=None):
                         default=cli.get_default("network_data_consistency_edge_mm"),
                         help="the networks' data-consistency step with the field weighted down within MM of the "
                              "mask's edge, the CLI's option (default the CLI's; 0: the closed form)")
+    parser.add_argument("--network-tv-refinement", nargs="+", type=int, metavar="N",
+                        default=[cli.get_default("network_tv_refinement") or 0],
+                        help="score the network inversions with each of these TV refinements (the CLI's "
+                             "--network-tv-refinement; 0: off)")
     parser.add_argument("--network-orientations", nargs="+", choices=ORIENTATIONS,
                         default=[cli.get_default("network_orientations")],
                         help="score the network inversions with each of these (the CLI's --network-orientations)")
@@ -374,7 +387,8 @@ def main(argv=None):
                 res["inversion"] = inversion_stage(sim, voxel, b0_dir, args.inversions, rss, args.data_consistency,
                                                    args.network_orientations, args.metaqsm_model,
                                                    args.network_data_consistency or None,
-                                                   args.network_data_consistency_edge_mm or None)
+                                                   args.network_data_consistency_edge_mm or None,
+                                                   [r or None for r in args.network_tv_refinement])
                 _print_table("inversion from the true local field (true brain mask)", res["inversion"],
                              METRICS + ("seconds",))
             if "pipeline" in args.stages:
@@ -382,7 +396,8 @@ def main(argv=None):
                                                  args.resharp_radius_mm, args.data_consistency,
                                                  args.network_orientations, args.metaqsm_model,
                                                  args.network_data_consistency or None,
-                                                 args.network_data_consistency_edge_mm or None)
+                                                 args.network_data_consistency_edge_mm or None,
+                                                 [r or None for r in args.network_tv_refinement])
                 _print_table(f"pipeline steps in-process from raw phase ({bfr_label})", res["pipeline"],
                              METRICS + ("dice", "coverage", "excluded", "seconds"))
             if "composed" in args.stages:

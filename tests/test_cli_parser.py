@@ -29,6 +29,22 @@ def test_network_data_consistency_default_and_off(tmp_path):
         raise AssertionError(f"{bad} accepted")
 
 
+def test_network_tv_refinement_count_or_off(tmp_path):
+    # a parameter checked as count_or_off parses to an int, 0 to None (off), and refuses negatives and fractions
+    from metaqsm_bids.qsm.inversion.tv import DEFAULT_TV_REFINEMENT
+    parser = build_parser()
+    base = [str(tmp_path), str(tmp_path / "out"), "participant"]
+    assert parser.parse_args(base).network_tv_refinement == DEFAULT_TV_REFINEMENT
+    assert parser.parse_args(base + ["--network-tv-refinement", "3"]).network_tv_refinement == 3
+    assert parser.parse_args(base + ["--network-tv-refinement", "0"]).network_tv_refinement is None
+    for bad in ("-1", "1.5", "x"):
+        try:
+            parser.parse_args(base + ["--network-tv-refinement", bad])
+        except SystemExit:
+            continue
+        raise AssertionError(f"{bad} accepted")
+
+
 def test_whole_number_parameters(tmp_path, capsys):
     # a parameter checked as positive_int (TV-ADMM's iterations) parses to an int and refuses 0 and fractions
     parser = build_parser()

@@ -6,8 +6,10 @@ from scipy import ndimage as ndi
 
 from metaqsm_bids.qsm.core.dipole import dipole_kernel, forward_field_ppm
 from metaqsm_bids.qsm.core.grid import PaddedBox
-from metaqsm_bids.qsm.inversion.consistency import DEFAULT_EDGE_MM, data_consistency, edge_weighted_steps
-from metaqsm_bids.qsm.inversion.registry import invert
+from metaqsm_bids.qsm.inversion.consistency import (DEFAULT_EDGE_MM, DEFAULT_LAMBDA, data_consistency,
+                                                    edge_weighted_steps)
+from metaqsm_bids.qsm.inversion.registry import INVERSIONS, invert
+from metaqsm_bids.qsm.inversion.tv import DEFAULT_TV_REFINEMENT, tv_refine
 from metaqsm_bids.qsm.network.deepqsm import fft_padding, load_model, predict_chi
 from metaqsm_bids.qsm.network.models import METAQSM_MODEL
 from tests.test_inversion import CASES, phantom, unit
@@ -91,12 +93,12 @@ def test_rejects_bad_input(lam, chi_shape, message):
 def test_metaqsm_option_applies_the_step_to_the_network_map():
     """``data_consistency_lambda`` of the Meta-QSM inversion: on, the network's map (absolute, before the
     demeaning) goes through the step, with the default edge weighting on Meta-QSM's FFT box, then is demeaned; here it
-    also helps."""
+    also helps (the TV refinement after it off)."""
     shape, voxel, b0 = CASES["isotropic"]
     chi, mask, _ = phantom(shape, voxel)
     field = forward_field_ppm(chi, voxel, b0) * mask
     magnitude = mask.astype(np.float32)  # uniform: the shipped model takes a magnitude
-    common = {"device": "cpu", "orientations": "canonical", "magnitude": magnitude}
+    common = {"device": "cpu", "orientations": "canonical", "magnitude": magnitude, "tv_refinement": None}
     plain = invert("metaqsm", field, mask, voxel, b0, data_consistency_lambda=None, **common)
     info = {}
     fitted = invert("metaqsm", field, mask, voxel, b0, data_consistency_lambda=0.01, info=info, **common)
@@ -107,6 +109,27 @@ def test_metaqsm_option_applies_the_step_to_the_network_map():
     np.testing.assert_allclose(fitted, expected, atol=1e-5)
     assert abs(fitted[mask].mean()) < 1e-6 and info["Model"] == METAQSM_MODEL
     assert nrmse(fitted, chi, mask) < nrmse(plain, chi, mask)
+
+
+def test_metaqsm_tv_refinement_refines_the_steps_map():
+    """``tv_refinement``: the data-consistency step's map is refined by :func:`tv_refine` (on Meta-QSM's FFT box,
+    with the magnitude), then demeaned; it needs the magnitude even for a model that does not take it."""
+    shape, voxel, b0 = CASES["anisotropic-oblique"]
+    chi, mask, _ = phantom(shape, voxel)
+    field = forward_field_ppm(chi, voxel, b0) * mask
+    magnitude = np.where(mask, 1.0 + 0.1 * (chi > 0), 0).astype(np.float32)
+    common = {"device": "cpu", "orientations": "canonical"}
+    info = {}
+    refined = invert("metaqsm", field, mask, voxel, b0, tv_refinement=2, magnitude=magnitude, info=info, **common)
+    network = predict_chi(load_model(), field, mask, voxel, b0, magnitude=magnitude)
+    stepped = data_consistency(network, field, mask, voxel, b0, DEFAULT_LAMBDA, pad_voxels=fft_padding(mask),
+                               edge_mm=DEFAULT_EDGE_MM)
+    expected = tv_refine(stepped, field, mask, voxel, b0, magnitude, 2, pad_voxels=fft_padding(mask))
+    expected[mask] -= expected[mask].mean()
+    np.testing.assert_allclose(refined, expected, atol=1e-5)
+    assert info["Model"] == METAQSM_MODEL and INVERSIONS["metaqsm"].settings().tv_refinement == DEFAULT_TV_REFINEMENT
+    with pytest.raises(ValueError, match="the TV refinement weighs the field by the magnitude image"):
+        invert("mesaqsm", field, mask, voxel, b0, tv_refinement=2, **common)
 
 
 def _dense_problem(edge_mm, seed=5):

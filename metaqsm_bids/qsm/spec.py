@@ -26,7 +26,7 @@ INPUTS = MappingProxyType({
     "device": "the torch device: auto, cpu or cuda",
 })
 #: Checks a parameter's value may ask for (``check`` of :func:`parameter`).
-CHECKS = ("positive", "positive_int", "positive_or_off")
+CHECKS = ("positive", "positive_int", "positive_or_off", "count_or_off")
 
 
 def parameter(default, help, *, unit="", words=None, option=None, check=None, choices=None, metavar=None):
@@ -36,7 +36,7 @@ def parameter(default, help, *, unit="", words=None, option=None, check=None, ch
     ``words``: what the methods text says before its value (default: ``help``); ``option``: the CLI option
     (default ``--<method>-<name>``, see :meth:`MethodSpec.option`); ``check``: one of :data:`CHECKS`
     (``positive_int``: a whole number > 0; ``positive_or_off``: a value > 0, or None, given as 0 on the command
-    line), or ``choices``: its allowed values;
+    line; ``count_or_off``: a whole number > 0, or None, given as 0), or ``choices``: its allowed values;
     ``metavar``: the value's name in the CLI's help.
     """
     if check not in (None, *CHECKS):

@@ -1,6 +1,7 @@
 """Dipole inversion by the shipped networks: Meta-QSM (one model for every voxel size and B0 direction) and its
 Mesa-QSM control (plain convolutions, trained at one voxel size), optionally followed by the closed-form k-space
-data-consistency step (:mod:`.consistency`). torch and the models load only when a network is called."""
+data-consistency step (:mod:`.consistency`) and the TV refinement on the field's high-pass (:func:`.tv.tv_refine`).
+torch and the models load only when a network is called."""
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,7 +10,7 @@ from ..network.models import (DEFAULT_ORIENTATIONS, INPUTS, MESAQSM_MODEL, METAQ
                               PAPER, TKD_THRESHOLD, shipped_config)
 from ..spec import MethodSpec, parameter
 from . import tkd, tv
-from .tv import TVParameters
+from .tv import DEFAULT_TV_REFINEMENT, TVParameters
 from .consistency import DEFAULT_EDGE_MM, DEFAULT_LAMBDA, data_consistency
 
 
@@ -32,12 +33,18 @@ class NetworkParameters:
         "where background removal leaves most of its error (off: the closed form, the field weighted 1 everywhere; "
         "see metaqsm_bids.qsm.inversion.consistency)", unit="mm", words="with the field weighted down within the "
         "mask's outer", option="--network-data-consistency-edge-mm", check="positive_or_off", metavar="MM")
+    tv_refinement: int = parameter(
+        DEFAULT_TV_REFINEMENT, "iterations of the magnitude-weighted TV-ADMM that refine the network's map last, "
+        "fitting the field's high-pass (blind to harmonic background residuals; see "
+        "metaqsm_bids.qsm.inversion.tv.tv_refine)", words="then refined by magnitude-weighted TV-ADMM on the "
+        "field's high-pass, iterations", option="--network-tv-refinement", check="count_or_off", metavar="N")
 
 
 def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=METAQSM_MODEL, device="auto",
             orientations=NetworkParameters.orientations,
             data_consistency_lambda=NetworkParameters.data_consistency_lambda,
-            data_consistency_edge_mm=NetworkParameters.data_consistency_edge_mm, magnitude=None, info=None):
+            data_consistency_edge_mm=NetworkParameters.data_consistency_edge_mm,
+            tv_refinement=NetworkParameters.tv_refinement, magnitude=None, info=None):
     """Meta-QSM: the shipped weight-predicting U-Net (one model for every voxel size and B0 direction); ppm in,
     ppm out.
 
@@ -50,6 +57,8 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
     of :func:`~metaqsm_bids.qsm.network.deepqsm.fft_padding`), which fits the field wherever the dipole kernel's
     square exceeds about this value; ``data_consistency_edge_mm`` (mm; default :data:`.consistency.DEFAULT_EDGE_MM`;
     None: the closed form) weighs the field down within that distance of the mask's edge in it.
+    ``tv_refinement`` (iterations, >= 1; None: off) refines the map last by :func:`.tv.tv_refine` (on the same box),
+    which needs ``magnitude``.
     ``magnitude`` (the RSS magnitude, same shape) is an input of ``*+magnitude`` models
     (required by them; the others ignore it). Like the other methods the result is demeaned inside the mask.
     ``info`` receives the model name, its sha256 and the device used.
@@ -61,14 +70,18 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
     device = resolve_device(device)
     net = load_model(model, device=device)
     takes_magnitude = "magnitude" in INPUTS[net.config["input"]]
-    if takes_magnitude and magnitude is None:
-        raise ValueError(f"model {model} takes the magnitude image as an input: pass `magnitude`")
+    if (takes_magnitude or tv_refinement) and magnitude is None:
+        raise ValueError(f"model {model} takes the magnitude image as an input: pass `magnitude`" if takes_magnitude
+                         else "the TV refinement weighs the field by the magnitude image: pass `magnitude`")
     chi = predict_chi(net, local_field_ppm, mask, voxel_size_mm, b0_dir, device=device, orientations=orientations,
                       magnitude=magnitude if takes_magnitude else None)
     inside = np.asarray(mask, bool)
     if data_consistency_lambda is not None:
         chi = data_consistency(chi, local_field_ppm, mask, voxel_size_mm, b0_dir, data_consistency_lambda,
                                pad_voxels=fft_padding(inside), edge_mm=data_consistency_edge_mm)
+    if tv_refinement:
+        chi = tv.tv_refine(chi, local_field_ppm, inside, voxel_size_mm, b0_dir, magnitude, tv_refinement,
+                           pad_voxels=fft_padding(inside))
     chi[inside] -= chi[inside].mean(dtype=np.float64)
     if info is not None:
         # load_model checked the file against this recorded sha256
@@ -81,12 +94,14 @@ def metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=
 def mesaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), model=MESAQSM_MODEL, device="auto",
             orientations=NetworkParameters.orientations,
             data_consistency_lambda=NetworkParameters.data_consistency_lambda,
-            data_consistency_edge_mm=NetworkParameters.data_consistency_edge_mm, magnitude=None, info=None):
+            data_consistency_edge_mm=NetworkParameters.data_consistency_edge_mm,
+            tv_refinement=NetworkParameters.tv_refinement, magnitude=None, info=None):
     """Mesa-QSM, the control: the same U-Net with plain convolutions, trained at one voxel size
     (warns at any other); see :func:`metaqsm`."""
     return metaqsm(local_field_ppm, mask, voxel_size_mm, b0_dir, model=model, device=device,
                    orientations=orientations, data_consistency_lambda=data_consistency_lambda,
-                   data_consistency_edge_mm=data_consistency_edge_mm, magnitude=magnitude, info=info)
+                   data_consistency_edge_mm=data_consistency_edge_mm, tv_refinement=tv_refinement, magnitude=magnitude,
+                   info=info)
 
 
 def _refines(model):
