@@ -1,7 +1,11 @@
 """``metaqsm --help`` and the parser, without running anything."""
 import re
 
+import pytest
+
 from metaqsm_bids.cli.parser import build_parser
+from metaqsm_bids.qsm.inversion.consistency import DEFAULT_LAMBDA
+from metaqsm_bids.qsm.inversion.tv import DEFAULT_TV_REFINEMENT
 
 
 def test_help_names_each_default_once():
@@ -14,35 +18,24 @@ def test_help_names_each_default_once():
         assert words in flat, words
 
 
-def test_network_data_consistency_default_and_off(tmp_path):
-    from metaqsm_bids.qsm.inversion.consistency import DEFAULT_LAMBDA
+@pytest.mark.parametrize("option, default, value, parsed, bads", [
+    # a positive_or_off weight: a float, 0 for off
+    ("--network-data-consistency", DEFAULT_LAMBDA, "0.3", 0.3, ("-1", "inf", "nan")),
+    # a count_or_off parameter: an int, 0 for off; negatives and fractions refused
+    ("--network-tv-refinement", DEFAULT_TV_REFINEMENT, "3", 3, ("-1", "1.5", "x"))])
+def test_off_options_default_value_and_off(tmp_path, option, default, value, parsed, bads):
     parser = build_parser()
     base = [str(tmp_path), str(tmp_path / "out"), "participant"]
-    assert parser.parse_args(base).network_data_consistency == DEFAULT_LAMBDA
-    assert parser.parse_args(base + ["--network-data-consistency", "0.3"]).network_data_consistency == 0.3
-    assert parser.parse_args(base + ["--network-data-consistency", "0"]).network_data_consistency is None
-    for bad in ("-1", "inf", "nan"):
+    dest = option.lstrip("-").replace("-", "_")
+    assert getattr(parser.parse_args(base), dest) == default
+    assert getattr(parser.parse_args(base + [option, value]), dest) == parsed
+    assert getattr(parser.parse_args(base + [option, "0"]), dest) is None
+    for bad in bads:
         try:
-            parser.parse_args(base + ["--network-data-consistency", bad])
+            parser.parse_args(base + [option, bad])
         except SystemExit:
             continue
-        raise AssertionError(f"{bad} accepted")
-
-
-def test_network_tv_refinement_count_or_off(tmp_path):
-    # a parameter checked as count_or_off parses to an int, 0 to None (off), and refuses negatives and fractions
-    from metaqsm_bids.qsm.inversion.tv import DEFAULT_TV_REFINEMENT
-    parser = build_parser()
-    base = [str(tmp_path), str(tmp_path / "out"), "participant"]
-    assert parser.parse_args(base).network_tv_refinement == DEFAULT_TV_REFINEMENT
-    assert parser.parse_args(base + ["--network-tv-refinement", "3"]).network_tv_refinement == 3
-    assert parser.parse_args(base + ["--network-tv-refinement", "0"]).network_tv_refinement is None
-    for bad in ("-1", "1.5", "x"):
-        try:
-            parser.parse_args(base + ["--network-tv-refinement", bad])
-        except SystemExit:
-            continue
-        raise AssertionError(f"{bad} accepted")
+        raise AssertionError(f"{option} {bad} accepted")
 
 
 def test_whole_number_parameters(tmp_path, capsys):
