@@ -61,13 +61,17 @@ RHO_PER_ALPHA = 50.0
 #: mask): 1 keeps the unweighted update's balance ``D^2 + rho |G|^2``; 0.3 measured within 0.4 NRMSE points of it
 #: either way, 3 worse by 0.5-9 (BENCHMARKS.md).
 DATA_PENALTY = 1.0
-#: :func:`tv_refine`'s sphere radius (mm) and prior weight (dimensionless, as the data term's squared weights). After
+#: :func:`tv_refine`'s sphere radii (mm) and prior weight (dimensionless, as the data term's squared weights). After
 #: metaqsm-v10 and its data-consistency step on the realistic-magnitude heads (BENCHMARKS.md, "Meta-QSM refined on
 #: the field's high-pass"), from the pipeline's own local field NRMSE fell with the weight (0.1 / 0.03 / 0.01 / 0.003 /
 #: 0.001 at 6-8 mm, three iterations: 35.7 / 34.8 / 34.0 / 32.9 / 31.8 % at 1 mm) while from the true local field it
-#: rose below 0.01 (21.0 / 21.0 / 21.1 / 21.3 / 21.4; at 0.76x0.76x3 0.003 -> 0.001 lost 0.2-0.3); radii of 6-10 mm
-#: were within 0.5 points of each other at both protocols, 4 mm up to 0.6 worse than 8 mm.
-REFINE_SMV_RADIUS_MM = 8.0
+#: rose below 0.01 (21.0 / 21.0 / 21.1 / 21.3 / 21.4; at 0.76x0.76x3 0.003 -> 0.001 lost 0.2-0.3); one radius of 6-10
+#: mm measured within 0.5 points of another at both protocols, 4 mm up to 0.6 worse than 8 mm. The 4 mm shell within
+#: 8 mm of the mask's edge (V-SHARP's shells) gained 0.3-0.9 from the true local field and 0.1-0.5 from the pipeline's
+#: at 0.5x0.5x2, 1 mm and 0.75x0.75x1.5, and lost 0.1-0.7 at 0.76x0.76x3, where a 4 mm sphere spans three slices (and a
+#: 6 mm one lost too): a smaller sphere than :data:`REFINE_MIN_RADIUS_VOXELS` voxel edges is not used.
+REFINE_SMV_RADII_MM = (8.0, 4.0)
+REFINE_MIN_RADIUS_VOXELS = 2.0
 REFINE_PRIOR_WEIGHT = 0.003
 #: The networks' default :func:`tv_refine` iterations (``--network-tv-refinement``; None: off): two measured level with
 #: three (0.4 better to 0.4 worse) and five worse from the true local field at 1 mm (22.5 against 21.3 %).
@@ -141,25 +145,30 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), alpha=
 
 
 def tv_refine(chi_ppm, local_field_ppm, mask, voxel_size_mm, b0_dir, magnitude, iterations,
-              smv_radius_mm=REFINE_SMV_RADIUS_MM, prior_weight=REFINE_PRIOR_WEIGHT, alpha=TVParameters.alpha,
+              smv_radii_mm=REFINE_SMV_RADII_MM, prior_weight=REFINE_PRIOR_WEIGHT, alpha=TVParameters.alpha,
               rho_per_alpha=RHO_PER_ALPHA, pad_voxels=None):
     """``chi_ppm`` (a network's map) refined by ``iterations`` (>= 1) of the magnitude-weighted TV-ADMM started from
     it, on the field's high-pass: ppm in, ppm out.
 
-    The data term is ``1/2 ||W (H D chi - H f)||^2`` with ``H = 1 - S`` (``S``: the spherical mean over
-    ``smv_radius_mm``, > 0), ``W`` the magnitude weight of :func:`tv_admm` on the voxels whose sphere lies in the
-    mask (where ``H f`` is known) and 0 elsewhere. A field harmonic in the mask, what background removal leaves
-    behind, equals its spherical mean there (``H f = 0``), so this term does not see it; ``H`` also weakens the
-    lowest frequencies (``~ |k|^2 r^2``), which ``prior_weight / 2 ||chi - chi_ppm||^2`` (> 0, dimensionless: chi
-    and the field are both in ppm) keeps at the starting map's. The TV term is TV-ADMM's with MEDI's edge mask; the
-    split is :func:`tv_admm`'s weighted one, its first chi ``chi_ppm``. Returns chi (float32, 0 outside the mask; not
-    demeaned: its mean over the FFT box, on the mask's bounding box padded by ``pad_voxels``, is ``chi_ppm``'s).
+    The data term is ``sum_r 1/2 ||W_r (H_r D chi - H_r f)||^2`` with ``H_r = 1 - S_r`` (``S_r``: the spherical mean
+    over radius ``r`` of ``smv_radii_mm``, decreasing, > 0; after the first, only those of at least
+    :data:`REFINE_MIN_RADIUS_VOXELS` times the largest voxel edge, measured worse where they span three slices) and
+    ``W_r`` the magnitude weight of :func:`tv_admm` on the voxels whose sphere of radius ``r`` lies in the mask but not
+    that of the radius before (V-SHARP's rule: each voxel with the largest sphere that fits) and 0 elsewhere. A field harmonic in the mask, what background removal
+    leaves behind, equals its spherical means there (``H_r f = 0``), so this term does not see it; ``H_r`` also
+    weakens the lowest frequencies (``~ |k|^2 r^2``), which ``prior_weight / 2 ||chi - chi_ppm||^2`` (> 0,
+    dimensionless: chi and the field are both in ppm) keeps at the starting map's. The TV term is TV-ADMM's with
+    MEDI's edge mask; the split is :func:`tv_admm`'s weighted one, one ``y`` and ``s`` per radius, its first chi
+    ``chi_ppm``. Returns chi (float32, 0 outside the mask; not demeaned: its mean over the FFT box, on the mask's
+    bounding box padded by ``pad_voxels``, is ``chi_ppm``'s).
     """
     if int(iterations) != iterations or iterations < 1:
         raise ValueError(f"TV refinement iterations must be a positive integer, got {iterations!r}")
-    if not (smv_radius_mm > 0 and prior_weight > 0 and alpha > 0 and rho_per_alpha > 0):
-        raise ValueError("TV refinement needs positive smv_radius_mm, prior_weight, alpha and rho_per_alpha, got "
-                         f"{smv_radius_mm!r}, {prior_weight!r}, {alpha!r}, {rho_per_alpha!r}")
+    radii = tuple(float(r) for r in np.atleast_1d(smv_radii_mm))
+    if not (radii and radii[-1] > 0 and all(np.diff(radii) < 0) and prior_weight > 0 and alpha > 0
+            and rho_per_alpha > 0):
+        raise ValueError("TV refinement needs positive decreasing smv_radii_mm and positive prior_weight, alpha and "
+                         f"rho_per_alpha, got {smv_radii_mm!r}, {prior_weight!r}, {alpha!r}, {rho_per_alpha!r}")
     field, mask, voxel, b0 = check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
     magnitude = check_magnitude(magnitude, mask, "TV refinement")
     start = np.asarray(chi_ppm, dtype=np.float32)
@@ -167,13 +176,18 @@ def tv_refine(chi_ppm, local_field_ppm, mask, voxel_size_mm, b0_dir, magnitude, 
         raise ValueError(f"the map to refine must be finite in the mask and of the field's shape {mask.shape}, got "
                          f"shape {start.shape}")
     box = PaddedBox(mask, pad_voxels)
-    high_pass = 1 - smv_kernel(box.shape, voxel, smv_radius_mm, rfft=True)
-    field_box = sfft.irfftn(high_pass * sfft.rfftn(box.embed(field)), s=box.shape).astype(np.float32, copy=False)
     rho = np.float32(rho_per_alpha * alpha)
     weight2, threshold = _magnitude_terms(box.embed(magnitude), box.embed(mask) > 0, voxel, np.float32(alpha) / rho)
-    weight2 *= box.embed(erode_mask(mask, voxel, smv_radius_mm))
-    kernel = high_pass * dipole_kernel(box.shape, voxel, b0, half=True)
-    chi = box.extract(_weighted_admm(field_box, kernel, weight2, threshold, voxel, rho, iterations,
+    field_spectrum = sfft.rfftn(box.embed(field))
+    dipole = dipole_kernel(box.shape, voxel, b0, half=True)
+    terms, fitted = [], np.zeros(mask.shape, bool)
+    for radius in radii[:1] + tuple(r for r in radii[1:] if r >= REFINE_MIN_RADIUS_VOXELS * max(voxel)):
+        high_pass = 1 - smv_kernel(box.shape, voxel, radius, rfft=True)
+        shell = erode_mask(mask, voxel, radius) & ~fitted
+        fitted |= shell
+        terms.append((sfft.irfftn(high_pass * field_spectrum, s=box.shape).astype(np.float32, copy=False),
+                      high_pass * dipole, weight2 * box.embed(shell)))
+    chi = box.extract(_weighted_admm(terms, threshold, voxel, rho, iterations,
                                      start=box.embed(np.where(mask, start, np.float32(0))),
                                      prior_weight=prior_weight))
     chi[~mask] = 0.0
@@ -199,7 +213,7 @@ def _shrink(chi, voxel, threshold, u, w):
 def _weighted(field, mask, voxel, box, kernel, rho, threshold, iterations, magnitude):
     """:func:`tv_admm`'s chi on ``box`` with the data term weighted by ``magnitude`` (module text)."""
     weight2, threshold = _magnitude_terms(box.embed(magnitude), box.embed(mask) > 0, voxel, threshold)
-    return _weighted_admm(box.embed(field), kernel, weight2, threshold, voxel, rho, iterations)
+    return _weighted_admm([(box.embed(field), kernel, weight2)], threshold, voxel, rho, iterations)
 
 
 def _magnitude_terms(magnitude, inside, voxel, threshold):
@@ -209,39 +223,59 @@ def _magnitude_terms(magnitude, inside, voxel, threshold):
     return weight2, threshold * edge_mask(magnitude, inside, voxel).astype(np.float32)
 
 
-def _weighted_admm(field, kernel, weight2, threshold, voxel, rho, iterations, start=None, prior_weight=0.0):
-    """The weighted-linear ADMM (module text) of ``1/2 ||sqrt(weight2) (K chi - field)||^2 + ||threshold rho G
-    chi||_1`` (``K``: ``kernel``, a real half spectrum; ``field`` and ``weight2`` real box arrays, ``field`` consumed)
-    on the box: ``iterations`` chi updates from ``y = field, s = 0``, or with ``start`` (a box array) from that map as
-    the first chi, with ``prior_weight / 2 ||chi - start||^2`` added (:func:`tv_refine`). Returns the last chi."""
+def _weighted_admm(terms, threshold, voxel, rho, iterations, start=None, prior_weight=0.0):
+    """The weighted-linear ADMM (module text) of ``sum_t 1/2 ||sqrt(weight2_t) (K_t chi - field_t)||^2 + ||threshold
+    rho G chi||_1`` on the box, ``terms`` a list of ``(field_t, K_t, weight2_t)`` (``K_t`` a real half spectrum,
+    ``field_t`` and ``weight2_t`` real box arrays, ``field_t`` consumed), each data term split with its own ``y_t``
+    and ``s_t``, so the chi update stays one division by ``mu sum_t K_t^2 + rho |G|^2 + lam``: ``iterations`` chi
+    updates from ``y_t = field_t, s_t = 0``, or with ``start`` (a box array) from that map as the first chi, with
+    ``prior_weight / 2 ||chi - start||^2`` added (:func:`tv_refine`). Returns the last chi."""
+    shape = terms[0][0].shape
     mu, lam = np.float32(DATA_PENALTY), np.float32(prior_weight)
-    denominator = mu * kernel ** 2 + rho * gradient_power(field.shape, voxel) + lam
+    denominator = mu * terms[0][1] ** 2 + rho * gradient_power(shape, voxel) + lam
+    for _, kernel, _ in terms[1:]:
+        denominator += mu * kernel ** 2
     # without a prior the numerator is 0 at k = 0 (the mean is set by the caller); with one the mean is start's
     denominator[0, 0, 0] = lam if lam else 1.0
     inverse = np.reciprocal(denominator)
-    weighted_field = weight2 * field
-    s = np.zeros(field.shape, np.float32)
+    # made once, and buffers reused: a fresh box-sized array costs its page faults every iteration
+    mu_kernels = [mu * kernel for _, kernel, _ in terms]
+    weighted_fields = [weight2 * field for field, _, weight2 in terms]
+    weight_denominators = [weight2 + mu for _, _, weight2 in terms]
+    s = [np.zeros(shape, np.float32) for _ in terms]
+    ys = [np.empty(shape, np.float32) for _ in terms]
+    product = np.empty_like(terms[0][1], np.complex64) if len(terms) > 1 else None
     u = w = divergence = prior = None
 
     def data_and_tv_updates(chi, spectrum):
-        """y, s (from chi's half spectrum ``spectrum``, consumed) and z, u: returns the next ``y - s``, u, w."""
+        """y_t, s_t (from chi's half spectrum ``spectrum``, consumed) and z, u: returns the next ``y_t - s_t`` (in
+        ``ys``), u, w."""
         nonlocal u, w
-        spectrum *= kernel
-        np.add(s, sfft.irfftn(spectrum, s=field.shape, overwrite_x=True), out=s, casting="same_kind")  # s + K chi
-        y = (weighted_field + mu * s) / (weight2 + mu)
-        np.subtract(s, y, out=s)
+        for t, (_, kernel, _) in enumerate(terms):
+            np.multiply(spectrum, kernel, out=product if t < len(terms) - 1 else spectrum)
+            np.add(s[t], sfft.irfftn(product if t < len(terms) - 1 else spectrum, s=shape, overwrite_x=True),
+                   out=s[t], casting="same_kind")  # s + K chi
+            y = np.multiply(s[t], mu, out=ys[t])
+            y += weighted_fields[t]
+            y /= weight_denominators[t]  # (W^2 f + mu (K chi + s)) / (W^2 + mu)
+            np.subtract(s[t], y, out=s[t])
+            np.subtract(y, s[t], out=y)
         u, w = _shrink(chi, voxel, threshold, u, w)
-        return np.subtract(y, s, out=y)
+        return ys
 
     if start is None:
-        y_minus_s = field  # y = f, s = 0
+        y_minus_s = [field for field, _, _ in terms]  # y = f, s = 0
     else:
         spectrum = sfft.rfftn(start)
         prior = lam * spectrum if lam else None
         y_minus_s = data_and_tv_updates(start, spectrum)
     for iteration in range(int(iterations)):
-        spectrum = sfft.rfftn(y_minus_s)
-        spectrum *= mu * kernel
+        spectrum = sfft.rfftn(y_minus_s[0])
+        spectrum *= mu_kernels[0]
+        for difference, mu_kernel in zip(y_minus_s[1:], mu_kernels[1:]):
+            term = sfft.rfftn(difference)
+            term *= mu_kernel
+            spectrum += term
         if w is not None:
             w *= rho
             divergence = gradient_adjoint(w, voxel, circular=True, out=divergence)
@@ -249,7 +283,7 @@ def _weighted_admm(field, kernel, weight2, threshold, voxel, rho, iterations, st
         if prior is not None:
             spectrum += prior
         spectrum *= inverse
-        chi = sfft.irfftn(spectrum, s=field.shape).astype(np.float32, copy=False)
+        chi = sfft.irfftn(spectrum, s=shape).astype(np.float32, copy=False)
         if iteration == iterations - 1:
             return chi
         y_minus_s = data_and_tv_updates(chi, spectrum)
