@@ -154,13 +154,13 @@ def tv_refine(chi_ppm, local_field_ppm, mask, voxel_size_mm, b0_dir, magnitude, 
     over radius ``r`` of ``smv_radii_mm``, decreasing, > 0; after the first, only those of at least
     :data:`REFINE_MIN_RADIUS_VOXELS` times the largest voxel edge, measured worse where they span three slices) and
     ``W_r`` the magnitude weight of :func:`tv_admm` on the voxels whose sphere of radius ``r`` lies in the mask but not
-    that of the radius before (V-SHARP's rule: each voxel with the largest sphere that fits) and 0 elsewhere. A field harmonic in the mask, what background removal
-    leaves behind, equals its spherical means there (``H_r f = 0``), so this term does not see it; ``H_r`` also
-    weakens the lowest frequencies (``~ |k|^2 r^2``), which ``prior_weight / 2 ||chi - chi_ppm||^2`` (> 0,
-    dimensionless: chi and the field are both in ppm) keeps at the starting map's. The TV term is TV-ADMM's with
-    MEDI's edge mask; the split is :func:`tv_admm`'s weighted one, one ``y`` and ``s`` per radius, its first chi
-    ``chi_ppm``. Returns chi (float32, 0 outside the mask; not demeaned: its mean over the FFT box, on the mask's
-    bounding box padded by ``pad_voxels``, is ``chi_ppm``'s).
+    that of the radius before (V-SHARP's rule: each voxel with the largest sphere that fits) and 0 elsewhere. A field
+    harmonic in the mask, what background removal leaves behind, equals its spherical means there (``H_r f = 0``), so
+    this term does not see it; ``H_r`` also weakens the lowest frequencies (``~ |k|^2 r^2``), which ``prior_weight /
+    2 ||chi - chi_ppm||^2`` (> 0, dimensionless: chi and the field are both in ppm) keeps at the starting map's. The
+    TV term is TV-ADMM's with MEDI's edge mask; the split is :func:`tv_admm`'s weighted one, one ``y`` and ``s`` per
+    radius, its first chi ``chi_ppm``. Returns chi (float32, 0 outside the mask; not demeaned: its mean over the FFT
+    box, on the mask's bounding box padded by ``pad_voxels``, is ``chi_ppm``'s).
     """
     if int(iterations) != iterations or iterations < 1:
         raise ValueError(f"TV refinement iterations must be a positive integer, got {iterations!r}")
