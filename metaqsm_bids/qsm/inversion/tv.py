@@ -252,9 +252,9 @@ def _weighted_admm(terms, threshold, voxel, rho, iterations, start=None, prior_w
         ``ys``), u, w."""
         nonlocal u, w
         for t, (_, kernel, _) in enumerate(terms):
-            np.multiply(spectrum, kernel, out=product if t < len(terms) - 1 else spectrum)
-            np.add(s[t], sfft.irfftn(product if t < len(terms) - 1 else spectrum, s=shape, overwrite_x=True),
-                   out=s[t], casting="same_kind")  # s + K chi
+            # the last term consumes the spectrum
+            k_chi = np.multiply(spectrum, kernel, out=product if t < len(terms) - 1 else spectrum)
+            np.add(s[t], sfft.irfftn(k_chi, s=shape, overwrite_x=True), out=s[t], casting="same_kind")  # s + K chi
             y = np.multiply(s[t], mu, out=ys[t])
             y += weighted_fields[t]
             y /= weight_denominators[t]  # (W^2 f + mu (K chi + s)) / (W^2 + mu)
