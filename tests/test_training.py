@@ -1,5 +1,6 @@
 """Synthetic data, the training loop (loss goes down, resume is exact) and the CLI with export."""
 import json
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from metaqsm_bids.qsm.network.deepqsm import load_model, network_input, predict_
 from metaqsm_bids.qsm.core.dipole import forward_field_ppm  # noqa: E402
 from metaqsm_bids.qsm.network.networks import build_network  # noqa: E402
 from metaqsm_bids.training.synth import VOXEL_RANGE_MM, make_sample, random_b0_dir  # noqa: E402
-from metaqsm_bids.training.train import DEFAULTS, NETWORK_KEYS, masked_l1, train, training_batch  # noqa: E402
+from metaqsm_bids.training.train import (DEFAULTS, NETWORK_KEYS, DataWorkers, masked_l1, train,  # noqa: E402
+                                         training_batch)
 
 TINY = {"channels": [2, 3], "fold": 2, "hidden": 4, "batch_size": 2, "patch": [16, 16, 8], "val_samples": 1,
         "val_every": 2, "ckpt_every": 2}
@@ -118,6 +120,32 @@ def test_resume_continues_exactly(tmp_path):
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-7)
     assert len(json.loads((tmp_path / "b" / "run.json").read_text())["commands"]) == 2
+
+
+@pytest.mark.slow  # two pools of spawned workers, each importing torch: ~30 s
+def test_data_workers_make_the_same_batches_and_the_same_run(tmp_path):
+    """Batches made ahead by worker processes are those made in-process, so a run trains the same network; leaving
+    the workers' context leaves no process behind."""
+    torch.set_num_threads(1)
+    cfg = {**DEFAULTS, **TINY, "reuse": 2}
+    with DataWorkers(2) as made:
+        ahead = [training_batch(cfg, step, made) for step in range(7)]
+    assert not multiprocessing.active_children()
+    for step, batch in enumerate(ahead):
+        here = training_batch(cfg, step)
+        assert all(torch.equal(batch[k], here[k]) for k in here if isinstance(here[k], torch.Tensor))
+    runs = [train({**TINY, "steps": 4, "reuse": 2}, tmp_path / str(workers), progress=False, command="test",
+                  data_workers=workers) for workers in (0, 1)]
+    assert runs[0]["best_nrmse"] == runs[1]["best_nrmse"] and not multiprocessing.active_children()
+    a, b = (torch.load(tmp_path / str(workers) / "last.pt", weights_only=False)["model"] for workers in (0, 1))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_data_workers_need_a_positive_count(tmp_path):
+    with pytest.raises(ValueError, match="data workers"):
+        DataWorkers(0)
+    assert train_main(["--out", str(tmp_path / "x"), "--data-workers", "-1"]) == 2
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_trains_and_exports(tmp_path):

@@ -14,15 +14,15 @@ MultiProc's worker processes die with metaqsm (:func:`make_runner`): on Linux th
 each one SIGTERM when metaqsm ends, even by SIGKILL, and a worker told to stop removes the file it
 is writing and exits at once.
 """
-import ctypes
 import getpass
 import math
 import os
 import signal
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from traceback import format_exception
+
+from ..io.processes import end_with_parent
 
 _MP_CONTEXTS = ("fork", "spawn", "forkserver")
 #: Memory (GB) of a node's own Python process before any data: numpy, scipy, nipype and CPU torch
@@ -177,10 +177,6 @@ def add_resource_hints(workflow, plugin):
         node.plugin_args = {**node.plugin_args, "sbatch_args": " " + node_sbatch_args(node)}
 
 
-#: prctl(2) option: the signal the kernel sends this process when its parent ends.
-_PR_SET_PDEATHSIG = 1
-
-
 def _stop_worker(signum=signal.SIGTERM, frame=None):
     """A worker told to stop: remove its half-written derivative, exit at once (no Python cleanup)."""
     from ..io.derivatives import discard_partial_writes
@@ -197,11 +193,7 @@ def _worker_initializer(cwd, parent):
     process_initializer(cwd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: metaqsm stops them
     signal.signal(signal.SIGTERM, _stop_worker)
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if parent is not None and os.getppid() != parent:  # metaqsm ended before the signal was set
+    if not end_with_parent(signal.SIGTERM, parent):  # metaqsm ended before the signal was set
         _stop_worker()
 
 

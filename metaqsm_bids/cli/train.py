@@ -118,6 +118,9 @@ def build_parser():
     p.add_argument("--val-samples", type=int, default=DEFAULTS["val_samples"], help="validation crops per resolution")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--data-workers", type=int, default=0, metavar="N",
+                   help="make the batches ahead in N worker processes, one CPU thread each (0: in the training "
+                        "process between steps); the same batches either way")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--export", metavar="NAME", help="after training, export the best checkpoint as NAME")
     p.add_argument("--export-dir", type=Path, default=MODELS_DIR, help="where --export writes NAME.pt and NAME.json")
@@ -167,7 +170,7 @@ def main(argv=None):
     try:
         device = resolve_device(args.device)
         state = train(cfg, args.out, resume=args.resume, device=device, progress=not args.no_progress,
-                      command=command, parent=parent)
+                      command=command, parent=parent, data_workers=args.data_workers)
         lineage = f" (cumulative {cfg['init_from']['steps'] + state['step']} from {cfg['init_from']['name']})" \
             if parent is not None else ""
         print(f"step {state['step']}{lineage}, best validation NRMSE {state['best_nrmse']:.1f} %, "
@@ -259,6 +262,8 @@ def _option_error(cfg, args):
             return f"{option} must be {meaning}"
     if args.reuse < 1:
         return "--reuse must be 1 or more"
+    if args.data_workers < 0:
+        return "--data-workers must be 0 (none) or more"
     if args.tv_iterations < 1:
         return "--tv-iterations must be 1 or more"
     if not (args.tv_rho_per_alpha > 0 and math.isfinite(args.tv_rho_per_alpha)):
