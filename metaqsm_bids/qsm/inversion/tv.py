@@ -73,6 +73,11 @@ DATA_PENALTY = 1.0
 REFINE_SMV_RADII_MM = (8.0, 4.0)
 REFINE_MIN_RADIUS_VOXELS = 2.0
 REFINE_PRIOR_WEIGHT = 0.003
+#: :func:`tv_refine`'s ADMM penalty over its alpha: twice TV-ADMM's (:data:`RHO_PER_ALPHA`). After metaqsm-v10 on the
+#: realistic-magnitude heads (BENCHMARKS.md, "The refinement's penalty"), 100 against 50 was 0.6-0.9 NRMSE points
+#: better from the true local field at 0.5x0.5x2, 0.76x0.76x3 and 0.75x0.75x1.5 and 0.3-0.4 from the pipeline's at all
+#: four protocols, 0.5 worse from the true local field at 1 mm; 20 and 200 worse than 100 at 1 mm and 0.76x0.76x3.
+REFINE_RHO_PER_ALPHA = 100.0
 #: The networks' default :func:`tv_refine` iterations (``--network-tv-refinement``; None: off): two measured level with
 #: three (0.4 better to 0.4 worse) and five worse from the true local field at 1 mm (22.5 against 21.3 %).
 DEFAULT_TV_REFINEMENT = 2
@@ -146,7 +151,7 @@ def tv_admm(local_field_ppm, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), alpha=
 
 def tv_refine(chi_ppm, local_field_ppm, mask, voxel_size_mm, b0_dir, magnitude, iterations,
               smv_radii_mm=REFINE_SMV_RADII_MM, prior_weight=REFINE_PRIOR_WEIGHT, alpha=TVParameters.alpha,
-              rho_per_alpha=RHO_PER_ALPHA, pad_voxels=None):
+              rho_per_alpha=REFINE_RHO_PER_ALPHA, pad_voxels=None):
     """``chi_ppm`` (a network's map) refined by ``iterations`` (>= 1) of the magnitude-weighted TV-ADMM started from
     it, on the field's high-pass: ppm in, ppm out.
 
@@ -158,8 +163,9 @@ def tv_refine(chi_ppm, local_field_ppm, mask, voxel_size_mm, b0_dir, magnitude, 
     harmonic in the mask, what background removal leaves behind, equals its spherical means there (``H_r f = 0``), so
     this term does not see it; ``H_r`` also weakens the lowest frequencies (``~ |k|^2 r^2``), which ``prior_weight /
     2 ||chi - chi_ppm||^2`` (> 0, dimensionless: chi and the field are both in ppm) keeps at the starting map's. The
-    TV term is TV-ADMM's with MEDI's edge mask; the split is :func:`tv_admm`'s weighted one, one ``y`` and ``s`` per
-    radius, its first chi ``chi_ppm``. Returns chi (float32, 0 outside the mask; not demeaned: its mean over the FFT
+    TV term is TV-ADMM's with MEDI's edge mask; the split is :func:`tv_admm`'s weighted one (its penalty
+    ``rho_per_alpha`` times ``alpha``, :data:`REFINE_RHO_PER_ALPHA`), one ``y`` and ``s`` per radius, its first chi
+    ``chi_ppm``. Returns chi (float32, 0 outside the mask; not demeaned: its mean over the FFT
     box, on the mask's bounding box padded by ``pad_voxels``, is ``chi_ppm``'s).
     """
     if int(iterations) != iterations or iterations < 1:
