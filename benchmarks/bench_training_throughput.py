@@ -74,7 +74,8 @@ def main(argv=None):
             model = load_model(args.model, "cpu").train()
             cfg = {**DEFAULTS, **template.config, **chosen, "batch_size": args.batch_size, "patch": args.patch,
                    "supersample": args.supersample, "reuse": reuse, "seed": 12345}
-            name = f"{reuse}, inputs remade" if remade else f"{reuse}, {workers} data workers" if workers else f"{reuse}"
+            name = (f"{reuse}, inputs remade" if remade else f"{reuse}, {workers} data workers" if workers
+                    else f"{reuse}")
             runs[name] = {"cfg": cfg, "model": model, "opt": torch.optim.RMSprop(model.parameters(), lr=1e-5),
                           "data": [], "total": [], "batch": remade_inputs_batch if remade else training_batch,
                           "reuse": reuse, "workers": workers, "made": None}
