@@ -528,9 +528,10 @@ def train(cfg, out_dir, resume=False, device="cpu", progress=True, command=None,
     bar = _Progress(step, cfg["steps"], progress)
     offset = cfg["init_from"]["steps"] if cfg["init_from"] else 0  # data and schedule go on from the parent's
     t_start = time.time()
-    with open(out / "log.jsonl", "a") as log, DataWorkers(data_workers) if data_workers else nullcontext() as made:
+    with (open(out / "log.jsonl", "a") as log,
+          DataWorkers(data_workers) if data_workers else nullcontext(_in_process) as made):
         while step < cfg["steps"]:
-            loss = _train_step(model, average, optimiser, cfg, step, offset, device, log, made or _in_process)
+            loss = _train_step(model, average, optimiser, cfg, step, offset, device, log, made)
             step += 1
             bar.update(step, loss)
             if step % cfg["val_every"] == 0 or step == cfg["steps"]:

@@ -165,8 +165,8 @@ def tv_refine(chi_ppm, local_field_ppm, mask, voxel_size_mm, b0_dir, magnitude, 
     2 ||chi - chi_ppm||^2`` (> 0, dimensionless: chi and the field are both in ppm) keeps at the starting map's. The
     TV term is TV-ADMM's with MEDI's edge mask; the split is :func:`tv_admm`'s weighted one (its penalty
     ``rho_per_alpha`` times ``alpha``, :data:`REFINE_RHO_PER_ALPHA`), one ``y`` and ``s`` per radius, its first chi
-    ``chi_ppm``. Returns chi (float32, 0 outside the mask; not demeaned: its mean over the FFT
-    box, on the mask's bounding box padded by ``pad_voxels``, is ``chi_ppm``'s).
+    ``chi_ppm``. Returns chi (float32, 0 outside the mask; not demeaned: its mean over the FFT box, on the mask's
+    bounding box padded by ``pad_voxels``, is ``chi_ppm``'s).
     """
     if int(iterations) != iterations or iterations < 1:
         raise ValueError(f"TV refinement iterations must be a positive integer, got {iterations!r}")
