@@ -597,3 +597,46 @@ def test_ema_is_the_weights_moving_average_and_resumes_exactly(tmp_path):
     for key in a["ema"]:
         torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=1e-5, atol=1e-7)
     assert any(not torch.equal(a["ema"][key], a["model"][key]) for key in a["ema"])
+
+
+def test_average_of_exported_models(tmp_path):
+    """--average writes the mean of the sources' weights (a model soup), records each source's lineage and commands,
+    counts a parent that is also a source once in the training time, continues from the latest source's step count,
+    and refuses sources of different architectures or an averaging without --export."""
+    torch.set_num_threads(1)
+    models = tmp_path / "models"
+    tiny = ("--channels", "2", "3", "--hidden", "4", "--export-dir", str(models))
+    assert train_main(_tiny_cli(tmp_path / "parent", "--steps", "2", *tiny, "--export", "parent")) == 0
+    assert train_main(_tiny_cli(tmp_path / "child", "--steps", "2", "--init-from", str(models / "parent.pt"), *tiny,
+                                "--export", "child")) == 0
+    assert train_main(_tiny_cli(tmp_path / "other", "--steps", "1", "--seed", "5", *tiny, "--export", "other")) == 0
+    names = ("parent", "child", "other")
+    assert train_main(["--average", *(str(models / f"{name}.pt") for name in names), "--export", "soup",
+                       "--export-dir", str(models)]) == 0
+    states = [load_model(name, "cpu", models).state_dict() for name in (*names, "soup")]
+    assert any(not torch.equal(states[0][key], states[2][key]) for key in states[0])
+    for key, value in states[3].items():  # the mean, as float16 (how models ship)
+        assert torch.allclose(value, sum(state[key] for state in states[:3]) / 3, rtol=2e-3, atol=1e-6)
+    meta = json.loads((models / "soup.json").read_text())
+    metas = {name: json.loads((models / f"{name}.json").read_text()) for name in names}
+    assert [source["name"] for source in meta["average_of"]] == list(names)
+    assert meta["average_of"][1]["commands"] == metas["child"]["commands"]
+    assert meta["average_of"][1]["init_from"]["name"] == "parent"
+    assert meta["commands"][0]["command"].startswith("metaqsm-train --average")
+    assert set(meta["validation"]["scores"]) == set(metas["parent"]["validation"]["scores"])
+    assert meta["cumulative_steps"] == max(metas[name]["cumulative_steps"] for name in names)
+    assert meta["cumulative_wall_time_s"] == pytest.approx(
+        metas["parent"]["wall_time_s"] + metas["child"]["wall_time_s"] + metas["other"]["wall_time_s"], abs=0.2)
+    # a run from the average continues from its step count
+    assert train_main(_tiny_cli(tmp_path / "from-soup", "--steps", "1", "--init-from", str(models / "soup.pt"))) == 0
+    run = json.loads((tmp_path / "from-soup" / "run.json").read_text())
+    assert run["train_cfg"]["init_from"]["steps"] == meta["cumulative_steps"]
+
+    assert train_main(_tiny_cli(tmp_path / "wide", "--steps", "1", "--channels", "2", "4", "--hidden", "4",
+                                "--export", "wide", "--export-dir", str(models))) == 0
+    assert train_main(["--average", str(models / "parent.pt"), str(models / "wide.pt"), "--export", "x",
+                       "--export-dir", str(models)]) == 1
+    assert train_main(["--average", str(models / "parent.pt"), str(models / "child.pt")]) == 2
+    assert train_main(["--average", str(models / "parent.pt"), str(models / "child.pt"), "--export", "y", "--out",
+                       str(tmp_path / "y")]) == 2
+    assert not (models / "x.pt").exists() and not (models / "y.pt").exists()

@@ -25,7 +25,8 @@ def build_parser():
 
     p = argparse.ArgumentParser(prog="metaqsm-train", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, logs); keep it out of the repo")
+    p.add_argument("--out", type=Path, help="run directory (checkpoints, logs); keep it out of the repo (required "
+                                           "unless --average)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--init-from", metavar="NAME",
                    help="start a new run from the weights of model NAME (one in the package data, or the path "
@@ -123,6 +124,10 @@ def build_parser():
                         "process between steps); the same batches either way")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--export", metavar="NAME", help="after training, export the best checkpoint as NAME")
+    p.add_argument("--average", nargs="+", metavar="MODEL",
+                   help="instead of training: export as --export NAME the mean of these models' weights (shipped "
+                        "names or exported .pt paths, one architecture; runs from one parent: a model soup), "
+                        "validated on the first one's validation crops")
     p.add_argument("--export-dir", type=Path, default=MODELS_DIR, help="where --export writes NAME.pt and NAME.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     return p
@@ -152,8 +157,23 @@ def main(argv=None):
     import torch
 
     from ..qsm.network.device import resolve_device
-    from ..training.train import export_model, train
+    from ..training.train import average_models, export_model, train
 
+    command = shlex.join(["metaqsm-train", *(sys.argv[1:] if argv is None else argv)])
+    if args.average:
+        if not args.export or args.out or args.resume or args.init_from:
+            print("metaqsm-train: --average takes --export NAME (and --export-dir), no --out, --resume or --init-from",
+                  file=sys.stderr)
+            return 2
+        try:
+            print(f"exported {average_models(args.average, args.export, args.export_dir, command)}")
+        except ValueError as err:
+            print(f"metaqsm-train: {err}", file=sys.stderr)
+            return 1
+        return 0
+    if not args.out:
+        print("metaqsm-train: --out is required", file=sys.stderr)
+        return 2
     cfg = _config(args)
     try:
         parent = _from_parent(cfg, args, argv)
@@ -166,7 +186,6 @@ def main(argv=None):
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = shlex.join(["metaqsm-train", *(sys.argv[1:] if argv is None else argv)])
     try:
         device = resolve_device(args.device)
         state = train(cfg, args.out, resume=args.resume, device=device, progress=not args.no_progress,

@@ -672,3 +672,57 @@ def export_model(run_dir, name, models_dir, checkpoint="best"):
     }
     (models_dir / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return pt
+
+
+def average_models(sources, name, models_dir, command=None):
+    """Write ``<name>.pt`` and ``<name>.json``: the mean of the weights of the exported models ``sources`` (each a
+    model in the package data or the path of an exported ``NAME.pt``, its ``NAME.json`` beside it; one architecture).
+
+    Runs that start from one parent (``init_from``) stay in its basin, so their average is a network too, often a
+    better one than each (a "model soup": Wortsman et al. 2022, ICML): where fine-tunings of one model trade one kind
+    of input for another, the average keeps most of each one's gain. The ``.json`` records each source's name, sha256,
+    lineage, steps and commands (``average_of``), the command that averaged them, and the validation scores of the
+    average on the first source's validation crops (its recipe's seed and sizes, as its run made them).
+    """
+    if len(sources) < 2:
+        raise ValueError("averaging takes two or more models")
+    loaded = [load_parent(source) for source in sources]
+    configs = {json.dumps(model.config, sort_keys=True) for model, _, _ in loaded}
+    if len(configs) > 1:
+        raise ValueError(f"the models to average differ in architecture or input: {sorted(configs)}")
+    states = [model.state_dict() for model, _, _ in loaded]
+    model = loaded[0][0]
+    model.load_state_dict({key: sum(state[key].double() for state in states).div(len(states)).to(value.dtype)
+                           for key, value in states[0].items()})
+    models_dir = Path(models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    pt = models_dir / f"{name}.pt"
+    save_network(model, pt, half=True)
+    first = loaded[0][1]
+    cfg = {**DEFAULTS, **LEGACY_DEFAULTS, **first["recipe"], **model.config}
+    try:  # scored as it ships (float16 weights); no .pt left without its .json
+        scores = evaluate(load_network(pt), validation_set(cfg), "cpu", cfg)
+    except BaseException:
+        pt.unlink()
+        raise
+    sources_meta = [{"name": lineage["name"], "sha256": lineage["sha256"], "cumulative_steps": lineage["steps"],
+                     "cumulative_wall_time_s": lineage["wall_time_s"], "init_from": source_meta.get("init_from"),
+                     "commands": source_meta["commands"]} for _, source_meta, lineage in loaded]
+    # training time once: each source's own run, and the parents that are not sources themselves
+    own = {source["sha256"]: source["cumulative_wall_time_s"] - (source["init_from"] or {}).get("wall_time_s", 0.0)
+           for source in sources_meta}
+    parents = {source["init_from"]["sha256"]: source["init_from"]["wall_time_s"] for source in sources_meta
+               if source["init_from"] and source["init_from"]["sha256"] not in own}
+    meta = {
+        "name": name, "sha256": file_sha256(pt), "config": model.config, "average_of": sources_meta,
+        "commands": [{"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}],
+        "hardware": hardware_description("cpu"), "recipe": first["recipe"],
+        "steps": 0, "wall_time_s": 0.0,  # trained none itself
+        # where a run from this model continues the batches and the learning-rate schedule: the latest source's
+        "cumulative_steps": max(source["cumulative_steps"] for source in sources_meta),
+        "cumulative_wall_time_s": round(sum(own.values()) + sum(parents.values()), 1),
+        "validation": {"mean_nrmse": float(np.mean([score["nrmse"] for score in scores.values()])), "scores": scores},
+        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (models_dir / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return pt

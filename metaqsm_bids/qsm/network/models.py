@@ -10,7 +10,7 @@ PAPER = ("Meta-QSM: An Image-Resolution-Arbitrary Network for QSM Reconstruction
          "Corresponding author: Kevin M. Koch (kmkoch@mcw.edu).")
 #: Shipped networks (metaqsm_bids/data/models): Meta-QSM, one model for every voxel size and B0
 #: direction, and its Mesa-QSM control, trained for 0.76x0.76x3 mm only.
-METAQSM_MODEL = "metaqsm-v10"
+METAQSM_MODEL = "metaqsm-v11"
 MESAQSM_MODEL = "mesaqsm-v3"
 
 #: ``orientations`` of :func:`~metaqsm_bids.qsm.network.deepqsm.predict_chi`: the storage orientations a
