@@ -21,14 +21,15 @@ method's mask and the true brain eroded by one voxel). Modes:
 * ``before``: the pipeline's steps in-process as they were before lesions were kept (the pipeline's brain mask
   and total field, then the reliability map as the QSM mask: PDF fitted and the inversion run on the reliable
   voxels only);
-* ``pipeline``: the CLI's participant run in-process, default options but ``--inversion``
+* ``pipeline``: the CLI's participant run in-process, default options but ``--inversion`` (and ``--pipeline-bfr``)
   (:func:`metaqsm_bids.steps.pipeline.local_field_maps` then :func:`~metaqsm_bids.steps.pipeline.susceptibility`:
   the same numbers as ``composed``);
 * ``composed``: the real ``metaqsm`` CLI from the raw phase, default options but ``--inversion``.
 
 Usage: python benchmarks/bench_lesions.py [--cache DIR] [--protocols ...] [--inversions tkd metaqsm]
            [--modes true-local before pipeline composed] [--network-data-consistency LAMBDA]
-           [--network-data-consistency-edge-mm MM] [--realistic-magnitude] [--json results.json]
+           [--network-data-consistency-edge-mm MM] [--pipeline-bfr METHOD] [--realistic-magnitude]
+           [--json results.json]
 """
 import argparse
 import json
@@ -49,7 +50,8 @@ from bench_stages import _invert, pipeline_inputs, score  # noqa: E402
 from qsmforward_heads import PROTOCOLS, SUBJECT, simulate  # noqa: E402
 from score import read_output  # noqa: E402
 
-from metaqsm_bids.qsm.background.registry import remove_background  # noqa: E402
+from metaqsm_bids.qsm.background.registry import (BACKGROUND_REMOVALS, DEFAULT_BACKGROUND_REMOVAL,  # noqa: E402
+                                                   remove_background)
 from metaqsm_bids.qsm.core import physics  # noqa: E402
 from metaqsm_bids.qsm.field.reliability import reliable_voxels  # noqa: E402
 from metaqsm_bids.qsm.inversion.consistency import DEFAULT_EDGE_MM, DEFAULT_LAMBDA  # noqa: E402
@@ -131,6 +133,8 @@ def main(argv=None):
                              "0: the closed form)")
     parser.add_argument("--realistic-magnitude", action="store_true",
                         help="the heads whose magnitude is no oracle for chi (mni_head's realistic_magnitude)")
+    parser.add_argument("--pipeline-bfr", default=DEFAULT_BACKGROUND_REMOVAL, choices=sorted(BACKGROUND_REMOVALS),
+                        help="background removal of the pipeline mode (the CLI's --bfr; its default: PDF)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args(argv)
@@ -161,7 +165,7 @@ def main(argv=None):
                     chi = invert(method, sim.local_field_hz, sim.brain_mask)
                     maps["true-local", method] = chi, sim.brain_mask, time.perf_counter() - start
             if {"before", "pipeline"} & set(args.modes):
-                pipeline = local_field_maps(**pipeline_inputs(sim))  # the CLI's defaults: PDF
+                pipeline = local_field_maps(**pipeline_inputs(sim), bfr=args.pipeline_bfr)  # the CLI's defaults
                 if "before" in args.modes:
                     reliable = reliable_voxels(pipeline.brain_mask, pipeline.magnitude_rss, pipeline.fit_residual_rad)
                     bfr = remove_background("pdf", pipeline.total_field_hz, reliable, voxel, b0_dir,

@@ -147,7 +147,7 @@ def bfr_stage(sim, voxel, b0_dir, methods, rss, resharp_radius_mm):
     for method in methods:
         start = time.perf_counter()
         result = remove_background_field(method, sim.total_field_hz, brain, voxel, b0_dir, magnitude=rss,
-                                         parameters=_bfr_parameters(method, resharp_radius_mm))
+                                         parameters=_bfr_parameters(method, resharp_radius_mm), b0_tesla=B0_TESLA)
         wall = time.perf_counter() - start
         region = result.mask
         chi = tkd(physics.field_hz_to_ppm(result.local_field, B0_TESLA), region, voxel, b0_dir)
@@ -268,7 +268,7 @@ def pipeline_stage(sim, voxel, b0_dir, methods, bfr_method, resharp_radius_mm, l
             rows.update(_consistency_rows(method, chi, local_ppm, qsm_mask, voxel, b0_dir, lambdas, sim, common))
     # the yardstick: the same background removal and inversion from the true total field and true mask
     truth = remove_background_field(bfr_method, sim.total_field_hz, sim.brain_mask, voxel, b0_dir, magnitude=rss,
-                                    parameters=_bfr_parameters(bfr_method, resharp_radius_mm))
+                                    parameters=_bfr_parameters(bfr_method, resharp_radius_mm), b0_tesla=B0_TESLA)
     chi = _invert("tkd", truth.local_field, truth.mask, voxel, b0_dir, rss, tes, {}, {})
     rows["tkd from the true total field"] = {
         **score(chi, sim, truth.mask), "coverage": float(truth.mask.sum() / sim.brain_mask.sum())}

@@ -124,7 +124,7 @@ def test_sidecars_and_methods_text_of_the_new_methods(registered, tmp_path, monk
     files = {"field": _image(tmp_path / "field.nii", field), "brain": _image(tmp_path / "brain.nii", brain),
              "rss": _image(tmp_path / "rss.nii", np.ones(shape))}
     bfr = BackgroundRemoval(field_file=files["field"], mask_file=files["brain"], magnitude_file=files["rss"],
-                            method="demeaned", parameters={"offset_hz": 1.5}).run().outputs
+                            field_strength_t=3.0, method="demeaned", parameters={"offset_hz": 1.5}).run().outputs
     assert bfr.provenance["Method"] == "DEMEAN" and bfr.provenance["OffsetHz"] == 1.5
     inversion = DipoleInversion(local_field_file=bfr.local_field_file, mask_file=bfr.mask_file,
                                 magnitude_file=files["rss"], field_strength_t=3.0, method="scaled",

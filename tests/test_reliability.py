@@ -72,7 +72,7 @@ def test_background_removal_writes_the_map_it_used(tmp_path, monkeypatch):
         files[name] = str(tmp_path / f"{name}.nii")
         nib.save(nib.Nifti1Image(np.asarray(data, np.float32), np.eye(4)), files[name])
     result = BackgroundRemoval(field_file=files["field"], mask_file=files["brain"], magnitude_file=files["rss"],
-                               residual_file=files["residual"], method="pdf").run()
+                               residual_file=files["residual"], field_strength_t=3.0, method="pdf").run()
     written = np.asarray(nib.load(result.outputs.reliable_mask_file).dataobj)
     assert written.dtype == np.uint8
     np.testing.assert_array_equal(written > 0, reliable_voxels(brain, rss, residual))

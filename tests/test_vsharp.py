@@ -75,7 +75,7 @@ def test_registry_runs_every_method_with_b0_dir(phantom):  # noqa: F811
     """Every registered method takes b0_dir and gives what the function gives when called directly."""
     mask, background_hz, local_hz = phantom
     total = background_hz + local_hz
-    assert set(BACKGROUND_REMOVALS) == {"resharp", "vsharp", "pdf", "lbv"}
+    assert set(BACKGROUND_REMOVALS) == {"resharp", "vsharp", "pdf", "lbv", "tfi"}
     direct = {"resharp": resharp(total, mask, VOXEL_MM, radius_mm=4.0), "vsharp": vsharp(total, mask, VOXEL_MM),
               "pdf": pdf(total, mask, VOXEL_MM, (0.0, 0.0, 1.0), max_iter=5)}
     params = {"resharp": {"radius_mm": 4.0}, "vsharp": {}, "pdf": {"max_iter": 5}}
@@ -86,5 +86,5 @@ def test_registry_runs_every_method_with_b0_dir(phantom):  # noqa: F811
 
 
 def test_registry_rejects_unknown_method():
-    with pytest.raises(ValueError, match="unknown background field removal 'sharp'.*pdf, resharp, vsharp"):
+    with pytest.raises(ValueError, match="unknown background field removal 'sharp'.*pdf, resharp, tfi, vsharp"):
         remove_background("sharp", np.zeros((8, 8, 8)), np.ones((8, 8, 8), bool), (1.0, 1.0, 1.0))

@@ -366,6 +366,7 @@ class _BackgroundRemovalInputSpec(_QSMInputSpec):
     magnitude_file = File(exists=True, mandatory=True,
                           desc="RSS magnitude: the reliability test, and the weight of methods that use one (PDF)")
     residual_file = File(exists=True, desc="echo-fit residual (rad), for the reliability test")
+    field_strength_t = traits.Float(mandatory=True, desc="B0 (T), for the methods whose spec takes it (TFI)")
     method = traits.Str(mandatory=True, desc="background field removal method "
                                              "(metaqsm_bids.qsm.background.registry.BACKGROUND_REMOVALS)")
     parameters = traits.Dict(desc="the method's parameters (its spec's defaults for what it lacks)")
@@ -394,7 +395,8 @@ class BackgroundRemoval(_QSMInterface):
         residual = _load(self.inputs.residual_file)[1] if isdefined(self.inputs.residual_file) else None
         out = estimate_local_field(self.inputs.method, field_hz, brain, rss, voxel_size, b0_dir,
                                    parameters=_defined(self.inputs.parameters),
-                                   reliability=reliability_map(brain, rss, residual))
+                                   reliability=reliability_map(brain, rss, residual),
+                                   b0_tesla=self.inputs.field_strength_t)
         self._results["local_field_file"] = _save(out.local_field, img, "local_field_hz.nii")
         self._results["mask_file"] = _save(out.qsm_mask, img, "qsm_mask.nii", np.uint8)
         self._results["reliable_mask_file"] = _save(out.reliable, img, "reliable_mask.nii", np.uint8)

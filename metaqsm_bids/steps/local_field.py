@@ -6,7 +6,7 @@ background removal on the reliable voxels, and the local field completed over th
   removal fits only there;
 * the QSM mask is the brain mask less the voids reaching its surface
   (:func:`~metaqsm_bids.qsm.field.reliability.qsm_region`): lesions, whatever their field, stay;
-* a method that takes a noise weight (its spec's ``magnitude`` input: PDF, the default) runs on the whole QSM
+* a method that takes a noise weight (its spec's ``magnitude`` input: PDF, the default, and TFI) runs on the whole QSM
   mask with weight 0 on unreliable voxels: its background sources are outside the brain, never in a lesion (a
   source PDF may place in a lesion takes the lesion's own field for background); the others (the SMV methods
   RESHARP and V-SHARP, and LBV) need the field in every voxel they filter, so they run on the reliable voxels
@@ -72,24 +72,26 @@ def reliability_map(brain_mask, magnitude_rss, residual_rad=None):
 
 
 def remove_background_field(method, total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None,
-                            parameters=None):
+                            parameters=None, b0_tesla=None):
     """Background removal ``method`` alone on ``mask`` (no reliability map, no completion), given the inputs its
-    spec takes: ``b0_dir``, and ``magnitude`` as its noise weight. ``parameters``: its settings (a dict; its spec's
-    defaults for what it lacks). Returns its :class:`~metaqsm_bids.qsm.background.common.BackgroundRemoval`."""
+    spec takes: ``b0_dir``, ``magnitude`` as its noise weight, ``b0_tesla``. ``parameters``: its settings (a dict;
+    its spec's defaults for what it lacks). Returns its
+    :class:`~metaqsm_bids.qsm.background.common.BackgroundRemoval`."""
     spec = lookup(BACKGROUND_REMOVALS, method, "background field removal")
-    available = {"b0_dir": b0_dir, "magnitude": magnitude}
+    available = {"b0_dir": b0_dir, "magnitude": magnitude, "b0_tesla": b0_tesla}
     return spec.function(total_field, mask, voxel_size_mm, **vars(spec.settings(parameters)),
                          **spec.keyword_inputs(available))
 
 
 def estimate_local_field(method, total_field, brain_mask, magnitude_rss, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0),
-                         residual_rad=None, parameters=None, reliability=None):
+                         residual_rad=None, parameters=None, reliability=None, b0_tesla=None):
     """Local field on the QSM mask from the total field (any unit) by background removal ``method``.
 
     ``magnitude_rss``: the RSS magnitude over echoes (the reliability test; the noise weight of the methods that
     take one); ``residual_rad``: the echo fit's residual (rad), or None for no residual test; ``parameters``: the
     method's settings (a dict; its spec's defaults for what it lacks); ``reliability``: the
-    :func:`reliability_map` of these (computed here when None). See the module text.
+    :func:`reliability_map` of these (computed here when None); ``b0_tesla``: B0 (T), for the methods whose spec
+    takes it (TFI). See the module text.
     """
     spec = lookup(BACKGROUND_REMOVALS, method, "background field removal")
     settings = spec.settings(parameters)
@@ -99,10 +101,12 @@ def estimate_local_field(method, total_field, brain_mask, magnitude_rss, voxel_s
     reliable, region = reliability.reliable, reliability.qsm_region
     if "magnitude" in spec.inputs:
         result = remove_background_field(method, total_field, region, voxel_size_mm, b0_dir,
-                                         magnitude=np.where(reliable, rss, 0), parameters=parameters)
+                                         magnitude=np.where(reliable, rss, 0), parameters=parameters,
+                                         b0_tesla=b0_tesla)
         qsm_mask, fitted = result.mask, result.mask & reliable
     else:
-        result = remove_background_field(method, total_field, reliable, voxel_size_mm, b0_dir, parameters=parameters)
+        result = remove_background_field(method, total_field, reliable, voxel_size_mm, b0_dir, parameters=parameters,
+                                         b0_tesla=b0_tesla)
         qsm_mask, fitted = ndi.binary_fill_holes(result.mask) & region, result.mask
     local, completion = complete_local_field(result.local_field, qsm_mask, fitted, voxel_size_mm, b0_dir)
     provenance = {

@@ -121,7 +121,7 @@ def local_field_maps(magnitudes, phases, echo_times_s, affine, b0_tesla, *, phas
     reliability = reliability_map(mask, maps.magnitude_rss, maps.residual_rad)
     provenance["Reliability"] = reliability.provenance
     local = estimate_local_field(bfr, maps.field_hz, mask, maps.magnitude_rss, voxel_size, b0_dir,
-                                 parameters=bfr_params, reliability=reliability)
+                                 parameters=bfr_params, reliability=reliability, b0_tesla=b0_tesla)
     provenance["BackgroundFieldRemoval"] = {**local.provenance, "Units": "Hz"}
     r2star = t2star = None
     if len(tes) > 1:  # as the workflow: one echo has no decay to fit

@@ -124,7 +124,7 @@ def init_qsm_wf(run, *, bids_dir, output_dir, inversion=DEFAULT_INVERSION, inver
                                num_threads=omp_nthreads),
                     name="total_field", mem_gb=mem_gb, n_procs=omp_nthreads)
     bfr = pe.Node(BackgroundRemoval(source_file=source, method=bfr, parameters=dict(bfr_params or {}),
-                                    num_threads=omp_nthreads),
+                                    field_strength_t=run.field_strength_t, num_threads=omp_nthreads),
                   name="background_removal", mem_gb=mem_gb / 2, n_procs=omp_nthreads)
     invert = _inversion_node(run, inversion, inversion_params, source=source, device=device,
                              omp_nthreads=omp_nthreads, mem_gb=mem_gb / 2)

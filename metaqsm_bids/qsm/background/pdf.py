@@ -108,41 +108,18 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
         if not source_scale_mm > 0:
             raise ValueError(f"source_scale_mm must be positive or None, got {source_scale_mm!r}")
         sources_scale *= np.sqrt(1 + distance_to_mask_mm(inside, voxel) / source_scale_mm).astype(np.float32)
-    w = box.embed(weight)[inside]
-    basis = polynomial_basis(np.argwhere(inside) * voxel, polynomial_order)
-    # an orthonormal basis of B = W P's span from its Gram matrix (a Householder QR of the tall B took ~1 s), less
-    # the directions a degenerate mask (a single slice) does not span; kept as float32 rows: Q's two products per
-    # iteration are memory-bound (BENCHMARKS.md, "PDF's iteration")
-    b = w[:, None] * basis
-    gram_values, gram_vectors = np.linalg.eigh(b.T @ b)
-    spanned = gram_values > gram_values.max() * 1e-10
-    gram_values, gram_vectors = gram_values[spanned], gram_vectors[:, spanned]
-    q_rows = ((gram_vectors / np.sqrt(gram_values)).T @ b.T).astype(np.float32)
-    del b
-    weighted = np.zeros(shape, np.float32)  # W Q W x's buffer: zero outside the mask, each call overwrites inside
-
-    def weigh(x):
-        """W Q W x for a box array, zero outside the mask (in a buffer the next call overwrites)."""
-        values = x[inside]
-        values *= w
-        values -= (q_rows @ values) @ q_rows  # Q: the part no polynomial makes
-        values *= w
-        weighted[inside] = values
-        return weighted
+    polynomial = WeightedPolynomial(inside, box.embed(weight)[inside], voxel, polynomial_order)
 
     def normal_operator(y):
-        out = dipole_convolve(weigh(dipole_convolve(sources_scale * y, kernel)), kernel)
+        out = dipole_convolve(polynomial.weigh(dipole_convolve(sources_scale * y, kernel)), kernel)
         out *= sources_scale
         return out
 
     field_box = box.embed(np.where(mask, field, 0))
-    rhs = dipole_convolve(weigh(field_box), kernel) * sources_scale
+    rhs = dipole_convolve(polynomial.weigh(field_box), kernel) * sources_scale
     y, iterations, residual = conjugate_gradient(normal_operator, rhs, tol, max_iter)
-    remainder = (field_box - dipole_convolve(sources_scale * y, kernel))[inside].astype(np.float64)
-    # the polynomial's weighted fit, c = (B^T B)^+ B^T W remainder, in float64
-    coefficients = gram_vectors @ ((gram_vectors.T @ (basis.T @ (w * w * remainder))) / gram_values)
     local = np.zeros(shape, np.float32)
-    local[inside] = remainder - basis @ coefficients
+    local[inside] = polynomial.remove((field_box - dipole_convolve(sources_scale * y, kernel))[inside])
     log.info("PDF: %d CG iterations, relative residual %.3g", iterations, residual)
     return BackgroundRemoval(box.extract(local), mask, iterations, residual,
                              {"Tolerance": tol, "MaxIterations": max_iter,
@@ -150,6 +127,41 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
                               "Weighting": "uniform" if magnitude is None else "magnitude",
                               "PolynomialOrder": polynomial_order,
                               **({"SourceScaleMm": source_scale_mm} if source_scale_mm is not None else {})})
+
+
+class WeightedPolynomial:
+    """The polynomial of PDF's background model on the voxels ``inside`` a box, with noise weights ``w`` (one per such
+    voxel, float32): :meth:`weigh` applies ``W Q W`` and :meth:`remove` takes the polynomial's weighted fit out of a
+    remainder (module text; TFI, :mod:`.tfi`, shares them)."""
+
+    def __init__(self, inside, w, voxel_size_mm, order):
+        self.inside, self.w = inside, w
+        self.basis = polynomial_basis(np.argwhere(inside) * voxel_size_mm, order)
+        # an orthonormal basis of B = W P's span from its Gram matrix (a Householder QR of the tall B took ~1 s), less
+        # the directions a degenerate mask (a single slice) does not span; kept as float32 rows: Q's two products per
+        # iteration are memory-bound (BENCHMARKS.md, "PDF's iteration")
+        b = w[:, None] * self.basis
+        values, vectors = np.linalg.eigh(b.T @ b)
+        spanned = values > values.max() * 1e-10
+        self._values, self._vectors = values[spanned], vectors[:, spanned]
+        self._rows = ((self._vectors / np.sqrt(self._values)).T @ b.T).astype(np.float32)
+        self._weighted = np.zeros(inside.shape, np.float32)  # weigh's buffer: zero outside, each call overwrites inside
+
+    def weigh(self, x):
+        """``W Q W x`` for a box array, zero outside ``inside`` (in a buffer the next call overwrites)."""
+        values = x[self.inside]
+        values *= self.w
+        values -= (self._rows @ values) @ self._rows  # Q: the part no polynomial makes
+        values *= self.w
+        self._weighted[self.inside] = values
+        return self._weighted
+
+    def remove(self, remainder):
+        """``remainder`` (the values inside) less the polynomial's weighted fit ``P c``, ``c = (B^T B)^+ B^T W
+        remainder``, in float64."""
+        remainder = np.asarray(remainder, np.float64)
+        c = self._vectors @ ((self._vectors.T @ (self.basis.T @ (self.w * self.w * remainder))) / self._values)
+        return remainder - self.basis @ c
 
 
 def default_padding(voxel_size_mm):

@@ -2,14 +2,14 @@
 
 Each method's module declares its :class:`~metaqsm_bids.qsm.spec.MethodSpec` (``SPEC``); this registry lists
 them. A method is called as ``f(total_field, mask, voxel_size_mm, **parameters, **inputs)`` with the inputs its
-spec names (``b0_dir``, ``magnitude``) and returns a
+spec names (``b0_dir``, ``magnitude``, ``b0_tesla``) and returns a
 :class:`~metaqsm_bids.qsm.background.common.BackgroundRemoval`.
 """
 from ..spec import lookup, registry
-from . import lbv, pdf, resharp, vsharp
+from . import lbv, pdf, resharp, tfi, vsharp
 
 #: Background field removal specs by name: a new method is one module and one entry here.
-BACKGROUND_REMOVALS = registry(pdf.SPEC, resharp.SPEC, vsharp.SPEC, lbv.SPEC)
+BACKGROUND_REMOVALS = registry(pdf.SPEC, resharp.SPEC, vsharp.SPEC, lbv.SPEC, tfi.SPEC)
 #: The CLI's and the workflow's background field removal.
 DEFAULT_BACKGROUND_REMOVAL = "pdf"
 
