@@ -15,8 +15,8 @@ the sources' field and the polynomial.
 Why: PDF fits the background with the outside sources alone, and so takes for background every part of the local
 field that outside sources can also make (a harmonic field in the mask, largest at its edge: BENCHMARKS.md, "a
 harmonic clean-up after PDF"); here the susceptibility inside competes for that part under a total-variation prior.
-Here TFI serves as a background removal: the local field goes to the chosen inversion (the map TFI fits inside is
-not kept).
+In this app TFI serves as a background removal: the local field goes to the chosen inversion (the map TFI fits
+inside is not kept).
 
 Solved by lagged diffusivity, as MEDI (:mod:`~metaqsm_bids.qsm.inversion.medi`): each of ``steps`` fixes
 the TV term's weights ``M_G / sqrt(|M_G G y|^2 + beta)`` at the current ``y`` and runs CG on the quadratic from it,
