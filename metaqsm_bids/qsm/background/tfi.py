@@ -71,7 +71,7 @@ def tfi(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     ``edge_percentage``: MEDI's (0: no edges, plain TV); ``pad_voxels`` and ``polynomial_order``: as PDF's
     (:func:`~metaqsm_bids.qsm.background.pdf.pdf`). Returns a
     :class:`~metaqsm_bids.qsm.background.common.BackgroundRemoval` on ``mask`` whose ``iterations`` are the CG
-    iterations of all steps and ``relative_residual`` the last step's.
+    iterations of all steps and ``relative_residual`` that of the last step's normal equations at the result.
     """
     field, mask = check_field_and_mask(total_field, mask)
     magnitude = check_magnitude(magnitude, mask, "TFI")
@@ -104,7 +104,7 @@ def tfi(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     y = np.zeros(box.shape, np.float32)
     tv_weight, work = np.empty_like(smooth), np.empty_like(smooth)
     adjoint = np.empty(crop_mask.shape, np.float32)
-    total_cg, residual = 0, 0.0
+    total_cg = 0
     for step in range(int(steps)):
         gradient(y[crop], voxel, out=tv_weight)
         tv_weight *= smooth
@@ -123,12 +123,15 @@ def tfi(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
             return out
 
         # CG from the current y: solve for the update
-        update, cg_iterations, residual = conjugate_gradient(
+        update, cg_iterations, _ = conjugate_gradient(
             normal_operator, rhs - normal_operator(y), 0.0, FIRST_CG_ITERATIONS if step == 0 else CG_ITERATIONS)
         y += update
         total_cg += cg_iterations
-        log.info("TFI step %d: %d CG iterations, relative residual %.3g, update ratio %.3g", step + 1, cg_iterations,
-                 residual, float(np.linalg.norm(update) / max(np.linalg.norm(y), 1e-30)))
+        log.info("TFI step %d: %d CG iterations, update ratio %.3g", step + 1, cg_iterations,
+                 float(np.linalg.norm(update) / max(np.linalg.norm(y), 1e-30)))
+    # the last step's normal equations at the solution (the same quantity as PDF's relative residual)
+    rhs_norm = float(np.linalg.norm(rhs))
+    residual = float(np.linalg.norm(rhs - normal_operator(y))) / rhs_norm if rhs_norm else 0.0
 
     sources = np.where(inside, 0, scale * y).astype(np.float32)
     local = np.zeros(box.shape, np.float32)
