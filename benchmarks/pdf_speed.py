@@ -26,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_stages import mask_stage, relative_error, score  # noqa: E402
 from qsmforward_heads import B0_TESLA, PROTOCOLS, simulate  # noqa: E402
 
-from metaqsm_bids.qsm.background.pdf import SOURCE_SCALE_MM, default_padding, pdf  # noqa: E402
+from metaqsm_bids.qsm.background.pdf import SOURCE_SCALE_MM, padded_box, pdf  # noqa: E402
 from metaqsm_bids.qsm.core import physics  # noqa: E402
-from metaqsm_bids.qsm.core.grid import PaddedBox  # noqa: E402
 from metaqsm_bids.qsm.inversion.tkd import tkd  # noqa: E402
 from metaqsm_bids.steps.brain_mask import magnitude_rss  # noqa: E402
 from metaqsm_bids.steps.local_field import reliability_map  # noqa: E402
@@ -78,7 +77,7 @@ def main(argv=None):
             base = statistics.median(times[next(iter(variants))])
             for label, result in results.items():
                 seconds = statistics.median(times[label])
-                box = PaddedBox(mask, variants[label].get("pad_voxels", default_padding(voxel))).shape
+                box = padded_box(mask, voxel, variants[label].get("pad_voxels")).shape
                 chi = tkd(physics.field_hz_to_ppm(result.local_field, B0_TESLA), scored, voxel, b0)
                 print(f"| {name} | {field_kind} | {label} | {'x'.join(map(str, box))} | {result.iterations} | "
                       f"{seconds:.1f} | "

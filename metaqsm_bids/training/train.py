@@ -713,16 +713,17 @@ def average_models(sources, name, models_dir, command=None):
            for source in sources_meta}
     parents = {source["init_from"]["sha256"]: source["init_from"]["wall_time_s"] for source in sources_meta
                if source["init_from"] and source["init_from"]["sha256"] not in own}
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta = {
         "name": name, "sha256": file_sha256(pt), "config": model.config, "average_of": sources_meta,
-        "commands": [{"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}],
+        "commands": [{"command": command, "date": now}],
         "hardware": hardware_description("cpu"), "recipe": first["recipe"],
         "steps": 0, "wall_time_s": 0.0,  # trained none itself
         # where a run from this model continues the batches and the learning-rate schedule: the latest source's
         "cumulative_steps": max(source["cumulative_steps"] for source in sources_meta),
         "cumulative_wall_time_s": round(sum(own.values()) + sum(parents.values()), 1),
         "validation": {"mean_nrmse": float(np.mean([score["nrmse"] for score in scores.values()])), "scores": scores},
-        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "exported": now,
     }
     (models_dir / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return pt

@@ -97,9 +97,7 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     if polynomial_order not in (0, 1, 2):
         raise ValueError(f"polynomial_order must be 0, 1 or 2, got {polynomial_order!r}")
 
-    if pad_voxels is None:
-        pad_voxels = default_padding(voxel)
-    box = PaddedBox(mask, np.broadcast_to(np.asarray(pad_voxels, int), (3,)))
+    box = padded_box(mask, voxel, pad_voxels)
     shape = box.shape
     kernel = dipole_kernel(shape, voxel, b0, half=True)
     inside = box.embed(mask, bool)
@@ -162,6 +160,14 @@ class WeightedPolynomial:
         remainder = np.asarray(remainder, np.float64)
         c = self._vectors @ ((self._vectors.T @ (self.basis.T @ (self.w * self.w * remainder))) / self._values)
         return remainder - self.basis @ c
+
+
+def padded_box(mask, voxel_size_mm, pad_voxels=None):
+    """PDF's FFT box: ``mask``'s bounding box padded by ``pad_voxels`` per side (an int or 3; default
+    :func:`default_padding`), room for the background sources."""
+    if pad_voxels is None:
+        pad_voxels = default_padding(voxel_size_mm)
+    return PaddedBox(mask, np.broadcast_to(np.asarray(pad_voxels, int), (3,)))
 
 
 def default_padding(voxel_size_mm):

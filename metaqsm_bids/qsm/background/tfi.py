@@ -31,13 +31,12 @@ import numpy as np
 
 from ..core import physics
 from ..core.dipole import dipole_convolve, dipole_kernel
-from ..core.grid import PaddedBox
 from ..core.solvers import conjugate_gradient, gradient, gradient_adjoint
 from ..inversion.medi import EDGE_PERCENTAGE, check_magnitude, edge_mask
 from ..spec import MethodSpec, parameter
 from .common import BackgroundRemoval, check_field_and_mask
 from .pdf import SPEC as PDF_SPEC
-from .pdf import WeightedPolynomial, default_padding
+from .pdf import WeightedPolynomial, padded_box
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +83,7 @@ def tfi(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
         raise ValueError(f"TFI needs alpha > 0, preconditioner > 0 and steps >= 1, got {alpha!r}, {preconditioner!r}, "
                          f"{steps!r}")
 
-    box = PaddedBox(mask, np.broadcast_to(np.asarray(default_padding(voxel) if pad_voxels is None else pad_voxels,
-                                                     int), (3,)))
+    box = padded_box(mask, voxel, pad_voxels)
     kernel = dipole_kernel(box.shape, voxel, b0_dir, half=True)
     inside = box.embed(mask, bool)
     scale = np.where(inside, 1, preconditioner).astype(np.float32)
