@@ -16,6 +16,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage as ndi
 
+from ..core.grid import voxel_size_array
 from ..spec import MethodSpec
 from .common import BackgroundRemoval, check_field_and_mask
 
@@ -61,9 +62,7 @@ def lbv(total_field, mask, voxel_size_mm, tol=1e-4, max_iter=500, peel=1):
     eroded by 1 + ``peel`` voxels).
     """
     field, mask = check_field_and_mask(total_field, mask)
-    voxel = np.asarray(voxel_size_mm, dtype=float)
-    if voxel.shape != (3,) or not np.all(voxel > 0):
-        raise ValueError(f"voxel_size_mm must be 3 positive lengths, got {voxel_size_mm!r}")
+    voxel = voxel_size_array(voxel_size_mm)
     if peel < 0:
         raise ValueError(f"peel must be >= 0 voxels, got {peel!r}")
     found = ndi.find_objects(mask.astype(np.uint8))[0]

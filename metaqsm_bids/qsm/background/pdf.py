@@ -47,7 +47,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..core.dipole import dipole_convolve, dipole_kernel
-from ..core.grid import PaddedBox
+from ..core.grid import PaddedBox, unit_b0, voxel_size_array
 from ..core.solvers import conjugate_gradient
 from ..spec import MethodSpec
 from .common import BackgroundRemoval, check_field_and_mask
@@ -78,12 +78,8 @@ def pdf(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     (PDF needs no erosion) and whose ``relative_residual`` is CG's.
     """
     field, mask = check_field_and_mask(total_field, mask)
-    voxel = np.asarray(voxel_size_mm, dtype=float)
-    if voxel.shape != (3,) or not np.all(voxel > 0):
-        raise ValueError(f"voxel_size_mm must be 3 positive lengths, got {voxel_size_mm!r}")
-    b0 = np.asarray(b0_dir, dtype=float)
-    if b0.shape != (3,) or not np.linalg.norm(b0) > 0:
-        raise ValueError(f"b0_dir must be a non-zero 3-vector, got {b0_dir!r}")
+    voxel = voxel_size_array(voxel_size_mm)
+    b0 = unit_b0(b0_dir)
     if magnitude is None:
         weight = mask.astype(np.float32)
     else:

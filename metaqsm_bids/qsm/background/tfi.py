@@ -31,6 +31,7 @@ import numpy as np
 
 from ..core import physics
 from ..core.dipole import dipole_convolve, dipole_kernel
+from ..core.grid import voxel_size_array
 from ..core.solvers import conjugate_gradient, gradient, gradient_adjoint
 from ..inversion.medi import EDGE_PERCENTAGE, check_magnitude, edge_mask
 from ..spec import MethodSpec, parameter
@@ -74,9 +75,7 @@ def tfi(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     """
     field, mask = check_field_and_mask(total_field, mask)
     magnitude = check_magnitude(magnitude, mask, "TFI")
-    voxel = np.asarray(voxel_size_mm, dtype=float)
-    if voxel.shape != (3,) or not np.all(voxel > 0):
-        raise ValueError(f"voxel_size_mm must be 3 positive lengths, got {voxel_size_mm!r}")
+    voxel = voxel_size_array(voxel_size_mm)
     if b0_tesla is None or not b0_tesla > 0:
         raise ValueError(f"TFI needs b0_tesla > 0 (its alpha is defined on the field in ppm), got {b0_tesla!r}")
     if not (alpha > 0 and preconditioner > 0) or int(steps) != steps or steps < 1:

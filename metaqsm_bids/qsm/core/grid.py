@@ -4,6 +4,24 @@ import numpy as np
 from .dipole import padded_shape
 
 
+def voxel_size_array(voxel_size_mm):
+    """``voxel_size_mm`` as a float64 array of 3 edge lengths (mm); ValueError unless they are 3 positive finite
+    numbers. Every step that takes a voxel size checks it here."""
+    voxel = np.asarray(voxel_size_mm, dtype=np.float64)
+    if voxel.shape != (3,) or not np.all(np.isfinite(voxel) & (voxel > 0)):
+        raise ValueError(f"voxel_size_mm must be 3 positive lengths, got {voxel_size_mm!r}")
+    return voxel
+
+
+def unit_b0(b0_dir):
+    """``b0_dir`` (B0's direction in voxel axes) as a float64 unit 3-vector; ValueError unless it is a finite non-zero
+    3-vector."""
+    b0 = np.asarray(b0_dir, dtype=np.float64)
+    if b0.shape != (3,) or not np.all(np.isfinite(b0)) or not np.linalg.norm(b0) > 0:
+        raise ValueError(f"b0_dir must be a non-zero 3-vector, got {b0_dir!r}")
+    return b0 / np.linalg.norm(b0)
+
+
 class PaddedBox:
     """The mask's bounding box, zero-padded by ``pad_voxels`` on each side, on a fast FFT grid
     (or, with ``multiple``, on the next multiple of it: a U-Net's pooling grid).

@@ -4,14 +4,12 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage as ndi
 
-from .grid import PaddedBox
+from .grid import PaddedBox, voxel_size_array
 
 
 def _sphere_half_extent(voxel_size_mm, radius_mm):
     """Validate the geometry; return voxel sizes (mm) and the voxels the sphere reaches along each axis."""
-    voxel = np.asarray(voxel_size_mm, dtype=float)
-    if voxel.shape != (3,) or not np.all(voxel > 0):
-        raise ValueError(f"voxel_size_mm must be 3 positive lengths, got {voxel_size_mm!r}")
+    voxel = voxel_size_array(voxel_size_mm)
     if not radius_mm > 0:
         raise ValueError(f"SMV radius must be positive, got {radius_mm!r} mm")
     # the tolerance keeps voxels lying exactly on the sphere (e.g. 6 mm = 8 x 0.75 mm)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .unwrap import _check_voxel_size, laplacian_unwrap, snap_to_wraps, wrap_phase
+from ..core.grid import voxel_size_array
+from .unwrap import laplacian_unwrap, snap_to_wraps, wrap_phase
 
 #: Relative tolerance for an echo spacing to count as equal to the first one (TEs in sidecars are rounded).
 SPACING_TOLERANCE = 0.01
@@ -59,7 +60,7 @@ def _validate(magnitude, phase_rad, echo_times_s, voxel_size_mm):
         raise ValueError(f"{phase.shape[3]} echoes in the images but {tes.size} echo times given: {tes.tolist()}")
     if not np.all(np.isfinite(tes)) or not np.all(tes > 0) or not np.all(np.diff(tes) > 0):
         raise ValueError(f"echo times must be positive and strictly increasing (s), got {tes.tolist()}")
-    voxel = _check_voxel_size(voxel_size_mm)
+    voxel = voxel_size_array(voxel_size_mm)
     # echo first and contiguous: every step below works on whole echoes
     magnitude = np.ascontiguousarray(np.moveaxis(magnitude, 3, 0), dtype=np.float32)
     phase = np.ascontiguousarray(np.moveaxis(phase, 3, 0), dtype=np.float32)

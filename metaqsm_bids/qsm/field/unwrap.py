@@ -36,6 +36,8 @@ close, and :func:`snap_to_wraps` turns it into an exact unwrapping.
 import numpy as np
 import scipy.fft as sfft
 
+from ..core.grid import voxel_size_array
+
 
 def wrap_phase(phase_rad):
     """Phase (rad) wrapped to [-pi, pi], in the input's float precision (float32 for float32 input): the nearest
@@ -55,13 +57,6 @@ def unit_phasor(phase_rad):
     out.real = np.cos(phase)
     out.imag = np.sin(phase)
     return out
-
-
-def _check_voxel_size(voxel_size_mm):
-    voxel = np.asarray(voxel_size_mm, dtype=float)
-    if voxel.shape != (3,) or not np.all(voxel > 0):
-        raise ValueError(f"voxel_size_mm must be 3 positive lengths, got {voxel_size_mm!r}")
-    return voxel
 
 
 def _axis_slices(axis, part):
@@ -155,7 +150,7 @@ def laplacian_unwrap(phase_rad, voxel_size_mm, weight=None, iterations=3):
         raise ValueError(f"phase must have at least 2 voxels along each axis, got shape {phase.shape}")
     if not np.all(np.isfinite(phase)):
         raise ValueError("phase has NaN or infinite values")
-    voxel = _check_voxel_size(voxel_size_mm)
+    voxel = voxel_size_array(voxel_size_mm)
     if weight is not None:
         weight = np.asarray(weight, dtype=np.float32)
         if weight.shape != phase.shape:

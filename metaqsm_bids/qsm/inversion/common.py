@@ -1,6 +1,8 @@
 """What every dipole inversion shares: the check of its inputs and the convention of its output."""
 import numpy as np
 
+from ..core.grid import unit_b0, voxel_size_array
+
 
 def check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir):
     """Validate an inversion's inputs.
@@ -19,14 +21,9 @@ def check_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir):
         raise ValueError("mask is empty: no voxel to invert")
     if not np.all(np.isfinite(field[mask])):
         raise ValueError("local field has NaN or infinite values inside the mask")
-    voxel = np.asarray(voxel_size_mm, dtype=float)
-    if voxel.shape != (3,) or not np.all(voxel > 0):
-        raise ValueError(f"voxel_size_mm must be 3 positive lengths, got {voxel_size_mm!r}")
-    b0 = np.asarray(b0_dir, dtype=float)
-    if b0.shape != (3,) or not np.all(np.isfinite(b0)) or not np.linalg.norm(b0) > 0:
-        raise ValueError(f"b0_dir must be a non-zero 3-vector, got {b0_dir!r}")
+    voxel = voxel_size_array(voxel_size_mm)
     field = np.where(mask, field.astype(np.float32, copy=False), np.float32(0))
-    return field, mask, tuple(voxel), b0 / np.linalg.norm(b0)
+    return field, mask, tuple(voxel), unit_b0(b0_dir)
 
 
 def zero_mean_in_mask(chi, mask):

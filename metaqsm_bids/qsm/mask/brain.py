@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..core.grid import voxel_size_array
 from ..core.smv import distance_mm
 from ..field.relaxometry import weighted_loglinear_fit
 
@@ -154,9 +155,7 @@ def _checked_input(magnitude, voxel_size_mm):
         raise ValueError(f"magnitude must be a 3D volume, got shape {image.shape}")
     if not np.all(np.isfinite(image)):
         raise ValueError("magnitude has NaN or infinite values")
-    voxel = np.asarray(voxel_size_mm, dtype=float)
-    if voxel.shape != (3,) or not np.all(voxel > 0):
-        raise ValueError(f"voxel_size_mm must be 3 positive lengths, got {voxel_size_mm!r}")
+    voxel = voxel_size_array(voxel_size_mm)
     return image, voxel
 
 

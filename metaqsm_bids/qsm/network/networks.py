@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.grid import unit_b0, voxel_size_array
 from ..inversion.tv import WEIGHTINGS
 from .models import ESTIMATES, INPUTS, TV_INPUT_DEFAULTS
 
@@ -59,15 +60,10 @@ def encode_condition(voxel_size_mm, b0_dir, conditioning, voxel_centre_mm=VOXEL_
     """
     if conditioning not in CONDITIONINGS:
         raise ValueError(f"conditioning must be one of {sorted(CONDITIONINGS)}, got {conditioning!r}")
-    voxel = np.asarray(voxel_size_mm, dtype=np.float64)
-    if voxel.shape != (3,) or not np.all(voxel > 0):
-        raise ValueError(f"voxel_size_mm must be 3 positive lengths, got {voxel_size_mm!r}")
+    voxel = voxel_size_array(voxel_size_mm)
     parts = [(voxel - np.asarray(voxel_centre_mm)) / np.asarray(voxel_half_range_mm)]
     if conditioning == "voxel+b0":
-        b0 = np.asarray(b0_dir, dtype=np.float64)
-        if b0.shape != (3,) or not np.linalg.norm(b0) > 0:
-            raise ValueError(f"b0_dir must be a non-zero 3-vector, got {b0_dir!r}")
-        b0 = b0 / np.linalg.norm(b0)
+        b0 = unit_b0(b0_dir)
         parts.append(b0 * np.sign(b0[np.argmax(np.abs(b0))]))
     return torch.from_numpy(np.concatenate(parts).astype(np.float32))
 
