@@ -361,9 +361,11 @@ def test_other_methods_through_cli(inversion, bfr, min_corr, small_dataset, tmp_
         assert sidecar["DipoleInversion"]["Lambda"] == 1000.0 and "lambda_" not in sidecar["DipoleInversion"]
     if inversion == "tkd":
         assert sidecar["DipoleInversion"]["Threshold"] == 0.2 and "threshold" not in sidecar["DipoleInversion"]
-    if bfr == "tfi":  # its settings, and its CG iterations over all steps
+    if bfr == "tfi":  # its settings, and its CG iterations over all steps (on the coarse grid too, where there is one)
         bfr_sidecar = sidecar["BackgroundFieldRemoval"]
-        assert (bfr_sidecar["Alpha"], bfr_sidecar["Steps"], bfr_sidecar["Iterations"]) == (1e-3, 6, 60 + 5 * 30)
+        assert (bfr_sidecar["Alpha"], bfr_sidecar["Steps"], bfr_sidecar["CoarseSteps"]) == (1e-3, 3, 6)
+        assert bfr_sidecar["CoarseFactors"] == [2, 2, 1] and bfr_sidecar["Iterations"] == (60 + 5 * 30) + 3 * 30
+        assert sidecar["BackgroundFieldRemoval"]["CompletionIterations"] == 0
     chi = nib.load(_path(out, prefix, "chimap")).get_fdata()
     mask = np.asarray(nib.load(_path(out, prefix, "qsm_mask")).dataobj) > 0
     truth = nib.load(small_dataset / TRUTH / "sub-01/anat/sub-01_Chimap.nii.gz").get_fdata()

@@ -162,7 +162,8 @@ def test_workflow_wiring(dataset, bfr, inversion, spaces):
         bfr_node, invert = nodes[prefix + "background_removal"], nodes[prefix + "dipole_inversion"]
         assert bfr_node.inputs.method == bfr
         assert bfr_node.inputs.parameters == {"resharp": {"radius_mm": opts.bfr_radius_mm},
-                                              "tfi": {"alpha": opts.tfi_alpha, "steps": opts.tfi_steps},
+                                              "tfi": {"alpha": opts.tfi_alpha, "steps": opts.tfi_steps,
+                                                      "coarse_steps": opts.tfi_coarse_steps},
                                               }.get(bfr, {})
         assert bfr_node.inputs.field_strength_t == run.field_strength_t
         assert invert.inputs.method == inversion

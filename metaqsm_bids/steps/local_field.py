@@ -12,7 +12,8 @@ background removal on the reliable voxels, and the local field completed over th
   RESHARP and V-SHARP, and LBV) need the field in every voxel they filter, so they run on the reliable voxels
   and their mask's inner holes join the QSM mask;
 * the local field of the QSM mask's voxels that background removal did not fit is completed from
-  the rest (:func:`~metaqsm_bids.qsm.background.completion.complete_local_field`).
+  the rest (:func:`~metaqsm_bids.qsm.background.completion.complete_local_field`), or, where the method fitted the
+  susceptibility inside the mask too (TFI), by that susceptibility's field.
 """
 from dataclasses import dataclass
 
@@ -108,18 +109,23 @@ def estimate_local_field(method, total_field, brain_mask, magnitude_rss, voxel_s
         result = remove_background_field(method, total_field, reliable, voxel_size_mm, b0_dir, parameters=parameters,
                                          b0_tesla=b0_tesla)
         qsm_mask, fitted = ndi.binary_fill_holes(result.mask) & region, result.mask
-    local, completion = complete_local_field(result.local_field, qsm_mask, fitted, voxel_size_mm, b0_dir)
+    if result.fitted_field is None:
+        local, completion = complete_local_field(result.local_field, qsm_mask, fitted, voxel_size_mm, b0_dir)
+        how = ("the field of the susceptibility fitted to the reliable voxels' local field (weighted least squares, "
+               "gradient penalty {:g}; metaqsm_bids.qsm.background.completion)".format(COMPLETION_ALPHA))
+    else:  # the method fitted the susceptibility inside too (TFI): its field is the completion
+        missing = qsm_mask & ~fitted
+        local = np.where(fitted, result.local_field, np.where(missing, result.fitted_field, 0))
+        completion = {"CompletedVoxels": int(missing.sum()), "Iterations": 0, "RelativeResidual": 0.0}
+        how = "the field of the susceptibility the background removal fitted inside the mask"
     provenance = {
         **spec.sidecar(settings),
         **(result.parameters or {}),
         "Iterations": int(result.iterations),
         "RelativeResidual": float(result.relative_residual),
         **reliability.provenance,
-        "UnreliableVoxels": (
-            "left out of the background removal's fit; those in the QSM mask (CompletedVoxels) get the field "
-            "of the susceptibility fitted to the reliable voxels' local field (weighted least squares, "
-            "gradient penalty {:g}; metaqsm_bids.qsm.background.completion) and are inverted with the "
-            "rest".format(COMPLETION_ALPHA)),
+        "UnreliableVoxels": (f"left out of the background removal's fit; those in the QSM mask (CompletedVoxels) get "
+                             f"{how} and are inverted with the rest"),
         "CompletedVoxels": completion["CompletedVoxels"],
         "CompletionIterations": completion["Iterations"],
     }
