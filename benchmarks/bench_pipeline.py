@@ -13,11 +13,12 @@ metrics of the Chimap against the truth (``benchmarks/score.py``).
 With ``--qsmforward-cache DIR`` it runs the same on the stage benchmark's qsm-forward heads instead
 (``benchmarks/qsmforward_heads.py``, simulated into DIR once; ``--protocols`` chooses them), one work folder
 per protocol, and scores as the stage benchmark does (``bench_stages.score``). Each step's share is its
-seconds over the sum of the steps' seconds of the first run (the whole participant).
+seconds over the sum of the steps' seconds of the first run (the whole participant). ``--bfr pdf tfi`` runs the set
+once per background removal there (a work folder each), one after the other on each head.
 
 Usage: python benchmarks/bench_pipeline.py [--threads 2] [--keep DIR]
            [--runs tkd metaqsm metaqsm:flips ilsqr medi]   (METHOD[:NETWORK_ORIENTATIONS])
-           [--qsmforward-cache DIR [--protocols 0.76x0.76x3 0.5x0.5x2 ...] [--realistic-magnitude]]
+           [--qsmforward-cache DIR [--protocols 0.76x0.76x3 0.5x0.5x2 ...] [--realistic-magnitude] [--bfr pdf tfi]]
 Targets (2-core CPU; issue 31/32): the whole participant <= 30 s (0.76x0.76x3; <= 90 s at 0.5x0.5x2), peak
 memory <= 3 GiB; Meta-QSM's inversion within 10x TKD's.
 """
@@ -46,13 +47,16 @@ STEPS = (("PhaseScaling", "phase"), ("BrainMask", "mask"), ("TotalField", "field
          ("BackgroundFieldRemoval", "bfr"), ("DipoleInversion", "inversion"))
 
 
-def run_cli(bids_dir, out, work, method, orientations, threads):
-    """One participant run under ``/usr/bin/time -v``: (wall s, peak RSS GiB)."""
+def run_cli(bids_dir, out, work, method, orientations, threads, bfr=None):
+    """One participant run under ``/usr/bin/time -v`` (``bfr``: its ``--bfr``, None for the default): (wall s, peak
+    RSS GiB)."""
     exe = Path(sys.executable).with_name("metaqsm")
     command = [str(exe), str(bids_dir), str(out), "participant", "-w", str(work), "--inversion", method,
                "--nprocs", "1", "--omp-nthreads", str(threads)]
     if orientations:
         command += ["--network-orientations", orientations]
+    if bfr:
+        command += ["--bfr", bfr]
     start = time.perf_counter()
     result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -69,15 +73,16 @@ def step_seconds(sidecar):
             for key, name in STEPS}
 
 
-def bench_participant(bids_dir, subject, root, runs, threads, score):
-    """Run the CLI on ``subject`` of ``bids_dir`` once per setting of ``runs`` (one work folder in ``root``):
+def bench_participant(bids_dir, subject, root, runs, threads, score, bfr=None):
+    """Run the CLI on ``subject`` of ``bids_dir`` once per setting of ``runs`` (one work folder in ``root``; ``bfr``:
+    the runs' ``--bfr``, None for the default):
     rows (label, wall s, peak GiB, step seconds, background removal iterations, metrics from
     ``score(output_dir)``)."""
     rows = []
     for setting in runs:
         method, _, orientations = setting.partition(":")
         out = root / f"out-{setting.replace(':', '-')}"
-        wall, peak = run_cli(bids_dir, out, root / "work", method, orientations, threads)
+        wall, peak = run_cli(bids_dir, out, root / "work", method, orientations, threads, bfr)
         sidecar = json.loads(sidecar_path(output_path(out, "chimap", subject)).read_text())
         passes = sidecar.get("DipoleInversion", {}).get("OrientationPasses")
         label = setting + (f" ({passes} pass{'es' if passes > 1 else ''})" if passes else "")
@@ -109,6 +114,8 @@ def main(argv=None):
     parser.add_argument("--qsmforward-cache", type=Path,
                         help="run on the stage benchmark's qsm-forward heads, simulated into (or read from) this folder")
     parser.add_argument("--protocols", nargs="+", help="with --qsmforward-cache: which heads (default: all four)")
+    parser.add_argument("--bfr", nargs="+", default=[None],
+                        help="background removals to run the set with, one after another (default: the CLI's)")
     parser.add_argument("--realistic-magnitude", action="store_true",
                         help="with --qsmforward-cache: the heads whose magnitude is no oracle for chi")
     opts = parser.parse_args(argv)
@@ -129,9 +136,12 @@ def main(argv=None):
                 chi = read_output(out, "chimap", QSMFORWARD_SUBJECT, np.float32)
                 return score(chi, sim, read_output(out, "qsm_mask", QSMFORWARD_SUBJECT) > 0)
 
-            print_rows(bench_participant(sim.bids_dir, QSMFORWARD_SUBJECT, root / name, opts.runs, opts.threads,
-                                         score_head))
-            print()
+            for bfr in opts.bfr:
+                if bfr:
+                    print(f"-- --bfr {bfr}")
+                print_rows(bench_participant(sim.bids_dir, QSMFORWARD_SUBJECT, root / name / (bfr or "default"),
+                                             opts.runs, opts.threads, score_head, bfr))
+                print()
     else:
         bids_dir = root / "bids"
         start = time.perf_counter()

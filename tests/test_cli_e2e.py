@@ -80,8 +80,9 @@ def test_every_derivative_and_sidecar(processed):
         assert chimap["Units"] == "ppm"
         assert chimap["DipoleInversion"]["Method"] == "Meta-QSM" and chimap["DipoleInversion"]["Model"] == METAQSM_MODEL
         bfr = chimap["BackgroundFieldRemoval"]
-        assert bfr["Method"] == "PDF" and bfr["PolynomialOrder"] == 2 and "RadiusMm" not in bfr
-        assert 0 < bfr["Iterations"] < bfr["MaxIterations"] and bfr["RelativeResidual"] < bfr["Tolerance"]
+        # TFI, the default: 6 steps on the coarse grid (these voxels are at most 1.1 mm in plane), 3 on the image's
+        assert bfr["Method"] == "TFI" and bfr["PolynomialOrder"] == 2 and bfr["CoarseFactors"] == [2, 2, 1]
+        assert bfr["Iterations"] == (60 + 5 * 30) + 3 * 30
         assert any(s.startswith("bids:raw:") and "part-phase" in s for s in chimap["Sources"])
         for kind in ("total_field", "local_field"):
             assert json.loads(_path(out, prefix, kind, ".json").read_text())["Units"] == "Hz"
@@ -120,7 +121,7 @@ def test_chimap_matches_truth(processed):
         raw = nib.load(bids_dir / (prefix.format(dt="anat") + "_echo-1_part-phase_MEGRE.nii.gz"))
         assert np.allclose(chimap.affine, raw.affine, atol=1e-4) and chimap.shape == raw.shape
         brain = nib.load(bids_dir / TRUTH / (prefix.format(dt="anat") + "_desc-brain_mask.nii.gz")).get_fdata() > 0
-        # PDF (the default) keeps the brain whole: measured 0.99 of it in each run
+        # TFI (the default), as PDF, keeps the brain whole: measured 0.99 of it in each run
         assert np.count_nonzero(mask & brain) > 0.95 * brain.sum()
         # deeper than 6 mm (where RESHARP, the default before, kept its mask, and scored > 0.6) measured with
         # metaqsm-v4 0.74 / 0.64 / 0.69 (TKD 0.74 / 0.67 / 0.71); in the whole mask of these 64 mm heads, over half
@@ -130,11 +131,14 @@ def test_chimap_matches_truth(processed):
         # (BENCHMARKS.md, "metaqsm-v4"). metaqsm-v5 (its recipe with a share of 64x64x32 crops) with the default
         # edge-weighted data consistency (4 mm, one majorize-minimize step): 0.74 / 0.64 / 0.69 deep, 0.31 / 0.26 /
         # 0.32 in the whole mask (the closed form: within 0.01 of these). metaqsm-v9 with the 6 mm edge: 0.85 / 0.78 /
-        # 0.82 deep, 0.35 / 0.31 / 0.38 in the whole mask; metaqsm-v10 passes (its values not recorded).
+        # 0.82 deep, 0.35 / 0.31 / 0.38 in the whole mask; metaqsm-v10 passes (its values not recorded). metaqsm-v11
+        # with PDF 0.89 / 0.82 / 0.87 deep, 0.44 / 0.39 / 0.47 in the whole mask; with TFI (the default since the
+        # twenty-fourth session) 0.91 / 0.85 / 0.89 and 0.50 / 0.42 / 0.53 (TKD 0.77 / 0.70 / 0.73 and 0.44 / 0.36 /
+        # 0.44): the bounds raised to 0.75 and 0.35.
         deep = mask & erode_mask(brain, voxel_size_mm(chimap.affine), 6.0)
         chi, truth = chimap.get_fdata(), truth_img.get_fdata()
-        assert np.corrcoef(chi[deep], truth[deep])[0, 1] > 0.6, prefix
-        assert np.corrcoef(chi[mask], truth[mask])[0, 1] > 0.25, prefix
+        assert np.corrcoef(chi[deep], truth[deep])[0, 1] > 0.75, prefix
+        assert np.corrcoef(chi[mask], truth[mask])[0, 1] > 0.35, prefix
         sidecar = json.loads(_path(out, prefix, "chimap", ".json").read_text())
         # the default inversion is the shipped Meta-QSM, named by its sha256
         assert sidecar["DipoleInversion"]["Method"] == "Meta-QSM"
@@ -314,12 +318,15 @@ def test_single_echo_run(tmp_path):
     truth = nib.load(bids_dir / TRUTH / "sub-01/anat/sub-01_Chimap.nii.gz").get_fdata()
     brain = nib.load(bids_dir / TRUTH / "sub-01/anat/sub-01_desc-brain_mask.nii.gz").get_fdata() > 0
     deep = mask & erode_mask(brain, voxel_size_mm(nib.load(_path(out, prefix, "chimap")).affine), 6.0)
-    # one echo: no echo-fit residual flags the rim's bad voxels, and PDF (the default) keeps them. Measured on
-    # this 58 mm head: correlation 0.55 deeper than 6 mm and 0.19 in the whole mask (97 % of the brain);
-    # RESHARP 0.76 in its 34 %. On the benchmark's 0.76x0.76x3 head with its first echo only, PDF and
-    # RESHARP are level (TKD NRMSE 141 and 142 %, BENCHMARKS.md)
-    assert np.corrcoef(chi[deep], truth[deep])[0, 1] > 0.45
-    assert np.corrcoef(chi[mask], truth[mask])[0, 1] > 0.15
+    # one echo: no echo-fit residual flags the rim's bad voxels, and the background removal keeps them. Measured
+    # on this 58 mm head: correlation 0.55 deeper than 6 mm and 0.19 in the whole mask (97 % of the brain) with
+    # PDF and metaqsm-v4; RESHARP 0.76 in its 34 %. With metaqsm-v11: PDF 0.74 / 0.195, TFI (the default since the
+    # twenty-fourth session) 0.81 / 0.150: deeper better, the whole mask worse, as TFI's sources outside no longer
+    # absorb the rim's bad field (the tissue inside competes for it, so it stays in the local field); the whole-mask
+    # bound lowered from 0.15 to 0.1 for that, the deep one raised from 0.45 to 0.7. On the benchmark's 0.76x0.76x3
+    # head with its first echo only, PDF and RESHARP are level (TKD NRMSE 141 and 142 %, BENCHMARKS.md)
+    assert np.corrcoef(chi[deep], truth[deep])[0, 1] > 0.7
+    assert np.corrcoef(chi[mask], truth[mask])[0, 1] > 0.1
 
 
 def test_session_label_and_bids_filter_file(processed, tmp_path):
@@ -340,7 +347,8 @@ def test_session_label_and_bids_filter_file(processed, tmp_path):
 
 
 # measured correlations with the truth on this subject: l2+vsharp 0.355, ilsqr+pdf 0.387, medi+resharp 0.849,
-# tkd+resharp 0.706, tkd+tfi 0.401 (tkd+pdf 0.326). V-SHARP and PDF trail RESHARP on the head phantom (most of its
+# tkd+resharp 0.706, tkd+tfi 0.409 (0.401 with its 6 steps on its own grid before the coarse start; tkd+pdf 0.326).
+# V-SHARP and PDF trail RESHARP on the head phantom (most of its
 # small brain is near the edge, which RESHARP erodes); see issue 4's notes.
 @pytest.mark.parametrize("inversion, bfr, min_corr", [("l2", "vsharp", 0.25), ("ilsqr", "pdf", 0.25),
                                                       ("medi", "resharp", 0.75), ("tkd", "resharp", 0.6),
@@ -365,7 +373,6 @@ def test_other_methods_through_cli(inversion, bfr, min_corr, small_dataset, tmp_
         bfr_sidecar = sidecar["BackgroundFieldRemoval"]
         assert (bfr_sidecar["Alpha"], bfr_sidecar["Steps"], bfr_sidecar["CoarseSteps"]) == (1e-3, 3, 6)
         assert bfr_sidecar["CoarseFactors"] == [2, 2, 1] and bfr_sidecar["Iterations"] == (60 + 5 * 30) + 3 * 30
-        assert sidecar["BackgroundFieldRemoval"]["CompletionIterations"] == 0
     chi = nib.load(_path(out, prefix, "chimap")).get_fdata()
     mask = np.asarray(nib.load(_path(out, prefix, "qsm_mask")).dataobj) > 0
     truth = nib.load(small_dataset / TRUTH / "sub-01/anat/sub-01_Chimap.nii.gz").get_fdata()

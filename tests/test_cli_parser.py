@@ -14,7 +14,7 @@ def test_help_names_each_default_once():
     for option in re.split(r"\n  (?=-)", text):  # one chunk per option
         assert len(re.findall(r"default", option)) <= 1, option
     flat = " ".join(text.split())
-    for words in ("default: all", "(default: 0.2)", "(default: pdf)", "default: ./work", "default: orig"):
+    for words in ("default: all", "(default: 0.2)", "(default: tfi)", "default: ./work", "default: orig"):
         assert words in flat, words
 
 

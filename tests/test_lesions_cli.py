@@ -10,7 +10,9 @@ TRUE local field on the stage benchmark's heads (BENCHMARKS.md, "Lesions"): TKD 
 haemorrhage, Meta-QSM -3 % to +3 % (metaqsm-v4; metaqsm-v3 +9 % to +20 %). Measured here with metaqsm-v9 (6 mm edge):
 haemorrhage +11 %, calcification +22 % (4 mm: the same to 0.1 %). metaqsm-v10 with the TV refinement on the field's
 high-pass (the default since the nineteenth session): haemorrhage +8.3 %, calcification +29.2 % (without it +7.3 % and
-+22.7 %, the bound then 25 %; metaqsm-v11: +9.9 % and +29.0 %). The calcification is dark in the magnitude (a
++22.7 %, the bound then 25 %; metaqsm-v11: +9.9 % and +29.0 %; with TFI, the default background removal since the
+twenty-fourth session: +11.3 % and +29.1 %, TKD -8.1 % and +23.1 %, with PDF -9.5 % and +23.2 %). The calcification
+is dark in the magnitude (a
 quarter of its surroundings), so every
 inversion weighted by the magnitude leans on the field around it: on this subject's local field MEDI gives +25.2 %,
 the magnitude-weighted TV-ADMM +37.9 %, TKD +23.2 %; on the stage benchmark's heads with lesions the refinement kept

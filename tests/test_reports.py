@@ -111,15 +111,18 @@ def test_report_states_ranges_parameters_timings_and_citations(processed):
     sidecar = json.loads((out / "sub-01/ses-1/anat/sub-01_ses-1_Chimap.json").read_text())
     for step in ("PhaseScaling", "BrainMask", "TotalField", "BackgroundFieldRemoval", "DipoleInversion"):
         assert f"<td>{step}</td><td class=\"num\">{sidecar[step]['ElapsedSeconds']:.2f}</td>" in text, step
-    assert "threshold 0.2" in text and "a background polynomial of degree 2" in text  # TKD's and PDF's, in prose
+    assert "threshold 0.2" in text and "a background polynomial of degree 2" in text  # TKD's and TFI's, in prose
+    assert "preconditioner outside the mask 30" in text  # TFI's fixed settings, in prose too
     assert "reading and decompressing every echo" in text and "What the time covers" in text  # what a row measures
     assert sidecar["SoftwareVersions"] in text
-    for reference in ("Meta-QSM", "projection onto dipole fields (PDF). NMR Biomed", "Shmueli K",
+    for reference in ("Meta-QSM", "Preconditioned total field inversion (TFI)",
+                      "projection onto dipole fields (PDF). NMR Biomed", "Shmueli K",
                       "Schofield MA, Zhu Y"):
         assert reference in text, reference
     # citations are numbered in order: the method paper first
     assert re.search(r"metaqsm \S+ \[1\]", text)
-    assert "projection onto dipole fields (PDF) [3]" in text and "(TKD) [4]" in text
+    # TFI (the default background removal) cites its paper and PDF's, whose model it extends
+    assert "less the sources&#x27; field [3, 4]" in text and "(TKD) [5]" in text
 
 
 def test_r2star_panel_shows_the_map_with_its_units(processed):

@@ -213,7 +213,7 @@ def run_checks(run, images):
                 warnings.append(f"the QSM mask keeps only {100 * stats['qsm_fraction_of_brain']:.0f}% of the brain "
                                 "mask: many voxels without signal reach the brain mask's surface (see the "
                                 "reliability map), or the background-removal kernel is large for this field of view (with --bfr resharp "
-                                "or vsharp; PDF, the default, does not erode)")
+                                "or vsharp; TFI, the default, and PDF do not erode)")
         if not qsm.any():
             warnings.append("the QSM mask is empty: no susceptibility values")
     for kind in ("total_field", "local_field", "chimap", "r2star"):
@@ -300,6 +300,10 @@ _PARAMETER_WORDS = {"Tikhonov": ("Tikhonov regularisation", ""),
                     "Threshold": ("threshold", ""), "Rho": ("ADMM penalty", ""),
                     "PolynomialOrder": ("a background polynomial of degree", ""),
                     "PadVoxels": ("room for the outside dipoles", " voxels per side"),
+                    "Preconditioner": ("preconditioner outside the mask", ""),
+                    "FirstCGIterations": ("CG iterations in the first step", ""),
+                    "CGIterations": ("in each later one", ""), "CoarseFactors": ("coarse-grid blocks of", " voxels"),
+                    "EdgePercentage": ("MEDI's edge percentage", ""),
                     "Weighting": ("weighting", "")}
 
 

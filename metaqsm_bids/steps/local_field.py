@@ -6,14 +6,13 @@ background removal on the reliable voxels, and the local field completed over th
   removal fits only there;
 * the QSM mask is the brain mask less the voids reaching its surface
   (:func:`~metaqsm_bids.qsm.field.reliability.qsm_region`): lesions, whatever their field, stay;
-* a method that takes a noise weight (its spec's ``magnitude`` input: PDF, the default, and TFI) runs on the whole QSM
+* a method that takes a noise weight (its spec's ``magnitude`` input: TFI, the default, and PDF) runs on the whole QSM
   mask with weight 0 on unreliable voxels: its background sources are outside the brain, never in a lesion (a
   source PDF may place in a lesion takes the lesion's own field for background); the others (the SMV methods
   RESHARP and V-SHARP, and LBV) need the field in every voxel they filter, so they run on the reliable voxels
   and their mask's inner holes join the QSM mask;
 * the local field of the QSM mask's voxels that background removal did not fit is completed from
-  the rest (:func:`~metaqsm_bids.qsm.background.completion.complete_local_field`), or, where the method fitted the
-  susceptibility inside the mask too (TFI), by that susceptibility's field.
+  the rest (:func:`~metaqsm_bids.qsm.background.completion.complete_local_field`).
 """
 from dataclasses import dataclass
 
@@ -109,23 +108,18 @@ def estimate_local_field(method, total_field, brain_mask, magnitude_rss, voxel_s
         result = remove_background_field(method, total_field, reliable, voxel_size_mm, b0_dir, parameters=parameters,
                                          b0_tesla=b0_tesla)
         qsm_mask, fitted = ndi.binary_fill_holes(result.mask) & region, result.mask
-    if result.fitted_field is None:
-        local, completion = complete_local_field(result.local_field, qsm_mask, fitted, voxel_size_mm, b0_dir)
-        how = ("the field of the susceptibility fitted to the reliable voxels' local field (weighted least squares, "
-               "gradient penalty {:g}; metaqsm_bids.qsm.background.completion)".format(COMPLETION_ALPHA))
-    else:  # the method fitted the susceptibility inside too (TFI): its field is the completion
-        missing = qsm_mask & ~fitted
-        local = np.where(fitted, result.local_field, np.where(missing, result.fitted_field, 0))
-        completion = {"CompletedVoxels": int(missing.sum()), "Iterations": 0, "RelativeResidual": 0.0}
-        how = "the field of the susceptibility the background removal fitted inside the mask"
+    local, completion = complete_local_field(result.local_field, qsm_mask, fitted, voxel_size_mm, b0_dir)
     provenance = {
         **spec.sidecar(settings),
         **(result.parameters or {}),
         "Iterations": int(result.iterations),
         "RelativeResidual": float(result.relative_residual),
         **reliability.provenance,
-        "UnreliableVoxels": (f"left out of the background removal's fit; those in the QSM mask (CompletedVoxels) get "
-                             f"{how} and are inverted with the rest"),
+        "UnreliableVoxels": (
+            "left out of the background removal's fit; those in the QSM mask (CompletedVoxels) get the field "
+            "of the susceptibility fitted to the reliable voxels' local field (weighted least squares, "
+            "gradient penalty {:g}; metaqsm_bids.qsm.background.completion) and are inverted with the "
+            "rest".format(COMPLETION_ALPHA)),
         "CompletedVoxels": completion["CompletedVoxels"],
         "CompletionIterations": completion["Iterations"],
     }

@@ -14,9 +14,7 @@ class BackgroundRemoval:
     ``mask`` (the eroded mask, the only region where it is defined); its mean is
     arbitrary, like that of any field recovered from phase. ``iterations`` and
     ``relative_residual`` (``||b - A f|| / ||b||`` of the normal equations) describe
-    the conjugate-gradient solve, whose settings are in ``parameters``. ``fitted_field``: for a method that fits the
-    susceptibility inside the mask too (TFI), that susceptibility's field (same units, zero outside ``mask``), which
-    stands for the local field where the fit had no data (weight 0); None for the others.
+    the conjugate-gradient solve, whose settings are in ``parameters``.
     """
 
     local_field: np.ndarray
@@ -24,7 +22,6 @@ class BackgroundRemoval:
     iterations: int
     relative_residual: float
     parameters: dict  # the solver settings used: Tikhonov, Tolerance, MaxIterations
-    fitted_field: np.ndarray = None
 
 
 def check_field_and_mask(total_field, mask):

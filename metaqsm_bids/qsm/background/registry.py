@@ -11,7 +11,7 @@ from . import lbv, pdf, resharp, tfi, vsharp
 #: Background field removal specs by name: a new method is one module and one entry here.
 BACKGROUND_REMOVALS = registry(pdf.SPEC, resharp.SPEC, vsharp.SPEC, lbv.SPEC, tfi.SPEC)
 #: The CLI's and the workflow's background field removal.
-DEFAULT_BACKGROUND_REMOVAL = "pdf"
+DEFAULT_BACKGROUND_REMOVAL = "tfi"
 
 
 def remove_background(method, total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), **params):

@@ -26,10 +26,10 @@ weights ``M_G / sqrt(|M_G G y|^2 + beta)`` at the current ``y`` and runs CG on t
 far sources and the tissue's smooth part are found there at a fraction of the cost; their fit, interpolated onto the
 acquisition grid, starts its ``steps``. Where no axis is that fine, all steps run on the acquisition grid.
 
-The susceptibility fitted inside also completes the local field: the voxels of the mask left out of the fit (weight
-0: unreliable) get its field, ``D * chi`` there (``BackgroundRemoval.fitted_field``), instead of the separate
-completion's (:mod:`.completion`). The defaults (``alpha``, ``P``, the steps and iteration counts) were measured on the
-stage benchmark's heads (BENCHMARKS.md, "Background removal: total field inversion").
+The defaults (``alpha``, ``P``, the steps and iteration counts) were measured on the stage benchmark's heads
+(BENCHMARKS.md, "Background removal: total field inversion"). The voxels left out of the fit (weight 0: unreliable)
+are completed afterwards like every method's (:mod:`.completion`): the field of the susceptibility TFI fits inside
+measured worse there on the lesion heads' strong lesions (BENCHMARKS.md, "TFI on a coarse grid first").
 """
 import logging
 from dataclasses import dataclass
@@ -136,15 +136,13 @@ class _Problem:
         rhs_norm = float(np.linalg.norm(self.rhs))
         return float(np.linalg.norm(self.rhs - self.normal_operator(y))) / rhs_norm if rhs_norm else 0.0
 
-    def fields(self, y):
-        """The local field (the field less the sources' and the polynomial) and the fitted susceptibility's field,
-        both ppm on the mask's bounding box."""
+    def local_field(self, y):
+        """The field less the sources' and the polynomial (ppm) on the mask's bounding box."""
         sources = np.where(self.inside, 0, self.scale * y).astype(np.float32)
         local = np.zeros(self.box.shape, np.float32)
         local[self.inside] = self.polynomial.remove(
             (self.field - dipole_convolve(sources, self.kernel))[self.inside])
-        tissue = dipole_convolve(np.where(self.inside, y, 0).astype(np.float32), self.kernel)
-        return self.box.extract(local), self.box.extract(tissue)
+        return self.box.extract(local)
 
 
 def _block_means(field_ppm, mask, weight, magnitude, factors):
@@ -215,9 +213,10 @@ def tfi(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     ``steps`` (>= 1): lagged-diffusivity steps on the acquisition grid, after ``coarse_steps`` (None or 0: none) on
     the coarse grid (module text); ``preconditioner``: ``P`` outside the mask; ``edge_percentage``: MEDI's (0: no
     edges, plain TV); ``pad_voxels`` and ``polynomial_order``: as PDF's (:func:`~metaqsm_bids.qsm.background.pdf.pdf`;
-    the coarse grid's padding is as long in mm). Returns a :class:`~metaqsm_bids.qsm.background.common.BackgroundRemoval`
-    on ``mask`` with its ``fitted_field`` (Hz), whose ``iterations`` are the CG iterations of all steps and
-    ``relative_residual`` that of the last step's normal equations at the result.
+    the coarse grid's padding is as long in mm). Returns a
+    :class:`~metaqsm_bids.qsm.background.common.BackgroundRemoval` on ``mask`` whose ``iterations`` are the CG
+    iterations of all steps (coarse ones included) and ``relative_residual`` that of the last step's normal
+    equations at the result.
     """
     field, mask = check_field_and_mask(total_field, mask)
     magnitude = check_magnitude(magnitude, mask, "TFI")
@@ -249,14 +248,12 @@ def tfi(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     else:  # no axis fine enough (or a mask thinner than a block): every step on the acquisition grid
         factors, steps = (1, 1, 1), steps + coarse_steps
     total_cg += fine.solve(y, int(steps))
-    local, tissue = fine.fields(y)
-    to_hz = physics.field_ppm_to_hz
-    return BackgroundRemoval(to_hz(local, b0_tesla).astype(np.float32), mask, total_cg, fine.relative_residual(y),
+    local_hz = physics.field_ppm_to_hz(fine.local_field(y), b0_tesla).astype(np.float32)
+    return BackgroundRemoval(local_hz, mask, total_cg, fine.relative_residual(y),
                              {"Preconditioner": preconditioner, "FirstCGIterations": FIRST_CG_ITERATIONS,
                               "CGIterations": CG_ITERATIONS, "CoarseFactors": list(factors),
                               "EdgePercentage": edge_percentage, "PadVoxels": [int(s.start) for s in fine.box.inner],
-                              "Weighting": "magnitude", "PolynomialOrder": polynomial_order},
-                             fitted_field=np.where(mask, to_hz(tissue, b0_tesla), 0).astype(np.float32))
+                              "Weighting": "magnitude", "PolynomialOrder": polynomial_order})
 
 
 SPEC = MethodSpec(

@@ -6,7 +6,7 @@ makes them:
 
 * **Phase.** Haacke high-pass filters the phase to remove the background field (the filter size sets which
   structures stay). metaqsm has the background-free field already: the **local field** (Hz) of background
-  field removal (``--bfr``, PDF by default), so **no filter** is applied and no filter size is chosen here. It
+  field removal (``--bfr``, TFI by default), so **no filter** is applied and no filter size is chosen here. It
   is turned into the phase of one echo time, ``phi = -2 pi f TE`` (rad): SWI's convention, a right-handed
   system in which paramagnetic tissue (veins; ``f > 0`` in metaqsm's field, see
   :mod:`metaqsm_bids.qsm.field.phase_sign`) has **negative** phase. The vendor's stored sign was resolved
