@@ -56,7 +56,7 @@ def test_the_coarse_start_gives_the_local_field_of_steps_on_this_grid_alone(phan
     """The default (6 steps on the coarse grid, 3 on this one) against 9 steps on this grid alone (the reference
     solver; 6 of them, the previous default, took 1.7x the default's time on the stage benchmark's 1 mm head): local
     fields 0.034 of the local field's norm apart (tolerance 0.05), relative errors 0.102 and 0.093. A grid with no
-    axis finer than 1.25 mm runs every step on itself; so does a mask too thin for a coarse voxel (one slice)."""
+    axis of at most 1.25 mm runs every step on itself; so does a mask too thin for a coarse voxel (one slice)."""
     mask, background_hz, local_hz = phantom
     magnitude = mask.astype(np.float32)
     total = background_hz + local_hz

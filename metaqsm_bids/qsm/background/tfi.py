@@ -21,7 +21,7 @@ inside is not kept).
 Solved by lagged diffusivity, as MEDI (:mod:`~metaqsm_bids.qsm.inversion.medi`): each step fixes the TV term's
 weights ``M_G / sqrt(|M_G G y|^2 + beta)`` at the current ``y`` and runs CG on the quadratic from it,
 :data:`FIRST_CG_ITERATIONS` iterations for the first (from zero: PDF's fit with the tissue's map beside it), then
-:data:`CG_ITERATIONS` each. The first ``coarse_steps`` run on a grid twice as coarse along the axes finer than
+:data:`CG_ITERATIONS` each. The first ``coarse_steps`` run on a grid twice as coarse along the axes of at most
 :data:`COARSE_BELOW_MM` (block means of the field, weighted by the magnitude; an 8th of the voxels at 1 mm): the
 far sources and the tissue's smooth part are found there at a fraction of the cost; their fit, interpolated onto the
 acquisition grid, starts its ``steps``. Where no axis is that fine, all steps run on the acquisition grid.
@@ -55,7 +55,8 @@ FIRST_CG_ITERATIONS = 60
 CG_ITERATIONS = 30
 #: The smoothing of the L1 norm (ppm^2/mm^2): MEDI's 1e-6 rad^2/mm^2 at 3 T and 5 ms (4 rad per ppm).
 BETA = 6e-8
-#: Axes with voxels at most this long (mm) are halved in resolution for the coarse steps (module text).
+#: Axes with voxels at most this long (mm) are halved in resolution for the coarse steps (module text): the
+#: stage benchmark's in-plane 0.5-0.76 mm and isotropic 1 mm; not 1.5-3 mm slices.
 COARSE_BELOW_MM = 1.25
 
 
@@ -68,8 +69,8 @@ class TFIParameters:
     steps: int = parameter(3, "TFI's lagged-diffusivity steps on the acquisition grid (each fixes the TV term's "
                               "weights and runs CG)", words="lagged-diffusivity steps", check="positive_int")
     coarse_steps: int = parameter(6, "TFI's lagged-diffusivity steps first on a grid twice as coarse along the axes "
-                                     "finer than 1.25 mm (0: none)", words="coarse-grid steps before them",
-                                  check="count_or_off")
+                                     f"of at most {COARSE_BELOW_MM:g} mm",
+                                  words="coarse-grid steps before them", check="count_or_off")
 
 
 def coarse_factors(voxel_size_mm):
@@ -160,8 +161,8 @@ def _block_means(field_ppm, mask, weight, magnitude, factors):
     inside = means(mask)
     weight_sum = means(np.where(mask, weight, 0))
     coarse_mask = inside > 0.5
-    field = np.where(coarse_mask & (weight_sum > 0), means(weight * field_ppm) / np.where(weight_sum > 0, weight_sum,
-                                                                                          1), 0)
+    weighted = weight_sum > 0
+    field = np.where(coarse_mask & weighted, means(weight * field_ppm) / np.where(weighted, weight_sum, 1), 0)
     per_voxel = np.where(inside > 0, inside, 1)
     coarse_weight = np.where(coarse_mask, weight_sum / per_voxel, 0)
     coarse_magnitude = np.where(coarse_mask, means(np.where(mask, magnitude, 0)) / per_voxel, 0)
