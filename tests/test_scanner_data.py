@@ -237,7 +237,10 @@ def scanner_forms(tmp_path_factory):
     _write_4d(bids, "ref", "fourd")
     _write_contrast_runs(bids, "ref", "ce")
     _write_one_echo(bids, "ref", "one")
-    common = ["-w", work, "--inversion", "tkd", "--nprocs", "2", "--omp-nthreads", "1", "--skip-bids-validation"]
+    # TKD and PDF, linear in the field, so that the inputs' forms compare exactly (TFI, the default background
+    # removal, is not: its TV weight is on the field in ppm, so a different B0 is not a mere scale of its result)
+    common = ["-w", work, "--inversion", "tkd", "--bfr", "pdf", "--nprocs", "2", "--omp-nthreads", "1",
+              "--skip-bids-validation"]
     auto = run_cli("metaqsm", bids, out, "participant", *common, "--participant-label",
                    "ref", "siemens", "unknown", "freq", "int", "bipolar", "realimag", "fourd", "ce", "one")
     assert auto.returncode == 0, auto.stdout + auto.stderr[-4000:]
