@@ -106,8 +106,8 @@ OUTPUTS = _outputs(
     Output("qsm_mask", "anat", "mask", "qsm", "nearest", template=True,
            description="Where the local field and the susceptibility map are defined: the brain mask less its "
                        "signal voids that reach its surface (bone, sinus air) with TFI and PDF; with RESHARP, "
-                       "V-SHARP and LBV, the reliability map less what they could not keep (the kernel's erosion, LBV's "
-                       "boundary layer), its inner holes filled."),
+                       "V-SHARP and LBV, the reliability map less what they could not keep (the kernel's erosion, "
+                       "LBV's boundary layer), its inner holes filled."),
     Output("chimap", "anat", "Chimap", template=True,
            description="Magnetic susceptibility map (ppm), relative to the reference region "
                        "(SusceptibilityReference)."),

@@ -239,7 +239,7 @@ def tfi(total_field, mask, voxel_size_mm, b0_dir=(0.0, 0.0, 1.0), magnitude=None
     total_cg = 0
     coarse_inputs = _block_means(field_ppm, mask, weight, magnitude, factors) if coarse_steps and max(factors) > 1 \
         else None
-    if coarse_inputs is not None and coarse_inputs[1].any():
+    if coarse_inputs is not None and coarse_inputs[1].any():  # [1]: the coarse mask
         coarse_pad = None if pad_voxels is None else -(-np.broadcast_to(pad_voxels, (3,)) // np.asarray(factors))
         coarse = _Problem(*coarse_inputs, voxel * factors, *settings, coarse_pad, polynomial_order)
         coarse_y = np.zeros(coarse.box.shape, np.float32)
